@@ -1,0 +1,361 @@
+//! The request/response API between the CNI binary and the agent.
+//!
+//! One request per connection on a unix stream socket: a little-endian `u32`
+//! length, then that many bytes of JSON. An ADD/DEL/CHECK carries the pod's
+//! netns as an fd (SCM_RIGHTS) on the first bytes, so the agent needs no
+//! view of the host's netns mounts. Both sides state their API version; a
+//! mismatch is answered with both numbers, never guessed around.
+
+use std::{
+    io::{IoSlice, IoSliceMut, Read, Write},
+    net::Ipv4Addr,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+        unix::net::UnixStream,
+    },
+};
+
+use ipnet::Ipv4Net;
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+
+/// Version of this request/response API.
+pub const API_VERSION: u32 = 1;
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/railnet/agent.sock";
+
+/// Largest message either side accepts.
+pub const MAX_MESSAGE: u32 = 1 << 20;
+
+/// A CNI error code (spec section "Error").
+pub mod code {
+    /// Incompatible CNI version.
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// Unsupported field in the network configuration.
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    /// Container unknown or does not exist.
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    /// Invalid necessary environment variables.
+    pub const INVALID_ENV: u32 = 4;
+    /// I/O failure.
+    pub const IO: u32 = 5;
+    /// Failed to decode content.
+    pub const DECODE: u32 = 6;
+    /// Invalid network config.
+    pub const INVALID_CONFIG: u32 = 7;
+    /// Try again later.
+    pub const TRY_AGAIN: u32 = 11;
+    /// railnet: no address left in the pools tried.
+    pub const POOL_EXHAUSTED: u32 = 101;
+    /// railnet: the kernel refused an interface, address, route or program.
+    pub const DATAPLANE: u32 = 102;
+    /// railnet: the client and agent speak different API versions.
+    pub const API_MISMATCH: u32 = 103;
+}
+
+/// What the CNI asks for.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct Request {
+    /// The sender's [`API_VERSION`].
+    pub api: u32,
+    /// The sender's package version, quoted in mismatch errors.
+    pub client: String,
+    /// The operation.
+    pub op: Op,
+}
+
+/// Operations.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Op {
+    /// Wire an interface; the netns fd travels with the request.
+    Add(Attachment),
+    /// Undo an ADD; a netns fd travels with it when the netns still exists.
+    Del(Attachment),
+    /// Answer whether the agent is ready (CNI STATUS).
+    Status,
+}
+
+/// One attachment of one pod to one rail network.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct Attachment {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// The network config exactly as read from stdin.
+    pub netconf: serde_json::Value,
+}
+
+/// The agent's answer.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    /// Success; ADD carries its result.
+    Ok {
+        /// The agent's [`API_VERSION`].
+        api: u32,
+        /// ADD's result; `None` for DEL and STATUS.
+        result: Option<AddResult>,
+    },
+    /// Failure, in CNI error terms.
+    Error(ApiError),
+}
+
+/// A CNI error as the agent reports it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, thiserror::Error)]
+#[error("{msg}{}", if details.is_empty() { String::new() } else { format!(": {details}") })]
+pub struct ApiError {
+    /// CNI error code, see [`code`].
+    pub code: u32,
+    /// Short message.
+    pub msg: String,
+    /// What a person needs to act.
+    pub details: String,
+}
+
+impl ApiError {
+    /// Builds an error.
+    pub fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+}
+
+/// ADD's result, in CNI 1.0 shape (the CNI converts it to the asked version).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct AddResult {
+    /// The pod interface.
+    pub interface: ResultInterface,
+    /// Its IPv4 address and gateway.
+    pub address: Ipv4Net,
+    /// Rail gateway, if the pool has one.
+    pub gateway: Option<Ipv4Addr>,
+    /// Routes installed in the pod for this rail.
+    pub routes: Vec<ResultRoute>,
+}
+
+/// An interface in a CNI result.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ResultInterface {
+    /// Name in the pod.
+    pub name: String,
+    /// MAC address.
+    pub mac: String,
+    /// MTU.
+    pub mtu: u32,
+}
+
+/// A route in a CNI result.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ResultRoute {
+    /// Destination.
+    pub dst: Ipv4Net,
+    /// Next hop.
+    pub gw: Option<Ipv4Addr>,
+    /// Metric.
+    pub priority: u32,
+}
+
+impl AddResult {
+    /// The result as CNI JSON of `version` (0.3.1 and 0.4.0 carry an IP
+    /// `version` field and `interface` index; 1.x drops the former).
+    pub fn to_cni(&self, version: &str, sandbox: &str) -> serde_json::Value {
+        use serde_json::json;
+        let mut ip = json!({
+            "address": self.address.to_string(),
+            "interface": 0,
+        });
+        if let Some(gw) = self.gateway {
+            ip["gateway"] = json!(gw.to_string());
+        }
+        if version.starts_with("0.") {
+            ip["version"] = json!("4");
+        }
+        let routes: Vec<_> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let mut v = json!({ "dst": r.dst.to_string() });
+                if let Some(gw) = r.gw {
+                    v["gw"] = json!(gw.to_string());
+                }
+                if !version.starts_with("0.") {
+                    v["priority"] = json!(r.priority);
+                }
+                v
+            })
+            .collect();
+        let mut iface = json!({
+            "name": self.interface.name,
+            "mac": self.interface.mac,
+            "sandbox": sandbox,
+        });
+        if !version.starts_with("0.") {
+            iface["mtu"] = json!(self.interface.mtu);
+        }
+        json!({
+            "cniVersion": version,
+            "interfaces": [iface],
+            "ips": [ip],
+            "routes": routes,
+        })
+    }
+}
+
+/// Errors of the wire protocol itself.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The socket failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// A message larger than [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is over the {MAX_MESSAGE}-byte limit")]
+    TooLarge(u32),
+    /// Bytes that are not the expected JSON.
+    #[error("malformed message: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Sends one message, with `fd` attached to its first bytes.
+pub fn send<T: Serialize>(
+    stream: &mut UnixStream,
+    msg: &T,
+    fd: Option<BorrowedFd<'_>>,
+) -> Result<(), WireError> {
+    let body = serde_json::to_vec(msg)?;
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    let header = len.to_le_bytes();
+    let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&header)],
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(std::io::Error::from)?;
+    if sent < header.len() {
+        stream.write_all(&header[sent..])?;
+    }
+    stream.write_all(&body)?;
+    Ok(())
+}
+
+/// Receives one message and the fd that came with it, if any.
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    stream: &mut UnixStream,
+) -> Result<(T, Option<OwnedFd>), WireError> {
+    let mut header = [0u8; 4];
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let (got, fds) = {
+        let mut iov = [IoSliceMut::new(&mut header)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                fds.extend(raw);
+            }
+        }
+        (msg.bytes, fds)
+    };
+    // SAFETY: SCM_RIGHTS handed us these fds; nobody else owns them.
+    let mut owned: Vec<OwnedFd> = fds
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if got == 0 {
+        return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    stream.read_exact(&mut header[got..])?;
+    let len = u32::from_le_bytes(header);
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len as usize];
+    stream.read_exact(&mut body)?;
+    let msg = serde_json::from_slice(&body)?;
+    // Only the first fd means anything; extra ones are closed by the drop.
+    let fd = if owned.is_empty() {
+        None
+    } else {
+        Some(owned.swap_remove(0))
+    };
+    Ok((msg, fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn request_and_fd_cross_a_socket() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let req = Request {
+            api: API_VERSION,
+            client: "test".into(),
+            op: Op::Add(Attachment {
+                container_id: "c1".into(),
+                ifname: "net1".into(),
+                netconf: serde_json::json!({"name": "rail1"}),
+            }),
+        };
+        let file = std::fs::File::open("/proc/self/ns/net").unwrap();
+        send(&mut a, &req, Some(file.as_fd())).unwrap();
+        let (got, fd): (Request, _) = recv(&mut b).unwrap();
+        assert_eq!(got, req);
+        assert!(fd.is_some(), "the netns fd must travel with the request");
+    }
+
+    #[test]
+    fn oversized_and_garbage_messages_are_refused() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&(MAX_MESSAGE + 1).to_le_bytes()).unwrap();
+        assert!(matches!(
+            recv::<Request>(&mut b),
+            Err(WireError::TooLarge(_))
+        ));
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&3u32.to_le_bytes()).unwrap();
+        a.write_all(b"{x}").unwrap();
+        assert!(matches!(recv::<Request>(&mut b), Err(WireError::Decode(_))));
+    }
+
+    #[test]
+    fn results_follow_the_asked_version() {
+        let r = AddResult {
+            interface: ResultInterface {
+                name: "net1".into(),
+                mac: "02:00:00:00:00:01".into(),
+                mtu: 1500,
+            },
+            address: "172.16.11.10/24".parse().unwrap(),
+            gateway: Some("172.16.11.254".parse().unwrap()),
+            routes: vec![],
+        };
+        let old = r.to_cni("0.3.1", "/proc/1/ns/net");
+        assert_eq!(old["ips"][0]["version"], "4");
+        let new = r.to_cni("1.0.0", "/proc/1/ns/net");
+        assert!(new["ips"][0].get("version").is_none());
+        assert_eq!(new["cniVersion"], "1.0.0");
+    }
+}

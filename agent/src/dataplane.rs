@@ -1,0 +1,292 @@
+//! The pod's tc program: load, attach, fill, pin, and take it all away.
+//!
+//! Each pod gets its own maps, pinned under `<pin root>/<containerID>/maps/`,
+//! and one TCX link per Ethernet rail interface under `…/links/<ifname>`.
+//! Pins keep the program attached and its maps alive while the agent
+//! restarts; removing the pin files detaches and frees them. Everything here
+//! runs on a thread inside the pod's netns: interface names resolve there,
+//! and a TCX link binds the ifindex of the calling thread's netns.
+
+use std::{
+    fs, io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions},
+};
+use ipnet::Ipv4Net;
+use railnet_common::{
+    LAYOUT_VERSION, MAP_COUNTERS, MAP_META, MAP_RAIL_SOURCES, MAP_RDMA_CIDRS, Meta,
+    PROGRAM_RAIL_EGRESS, RailSource, Verdict, counter_index,
+};
+
+use crate::bpf_object;
+
+/// Default directory for the pods' pins.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/railnet";
+
+/// One rail of one pod, as the program needs it.
+#[derive(Clone, Debug)]
+pub struct RailAttachment {
+    /// Pod interface name.
+    pub ifname: String,
+    /// Its ifindex in the pod netns.
+    pub ifindex: u32,
+    /// Rail number K.
+    pub rail: u32,
+    /// The pod's address on the rail, with the rail subnet's prefix.
+    pub address: Ipv4Net,
+    /// Rail gateway.
+    pub gateway: Option<Ipv4Addr>,
+    /// RDMA CIDRs; empty means the rail's own subnet.
+    pub rdma_cidrs: Vec<Ipv4Net>,
+}
+
+/// Errors loading, attaching or pinning.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The agent was built without the program.
+    #[error(transparent)]
+    Stub(#[from] bpf_object::StubObject),
+    /// The pin directory.
+    #[error("bpffs {path}: {source}; is bpffs mounted (`mount -t bpf bpf /sys/fs/bpf`)?")]
+    Pins {
+        /// Path.
+        path: String,
+        /// Error.
+        source: io::Error,
+    },
+    /// aya refused to load the object.
+    #[error("loading the rail program: {0}")]
+    Load(String),
+    /// Attaching to an interface.
+    #[error("attaching the rail program to {ifname} egress: {why}")]
+    Attach {
+        /// Interface.
+        ifname: String,
+        /// aya's error.
+        why: String,
+    },
+    /// Programming a map.
+    #[error("programming map {map}: {why}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// aya's error.
+        why: String,
+    },
+}
+
+fn ip_key(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+/// Where one pod's pins live.
+#[derive(Clone, Debug)]
+pub struct PodPins {
+    dir: PathBuf,
+}
+
+impl PodPins {
+    /// The pins of `container_id` under `root`. The ID was validated by the
+    /// caller to be a plain file name.
+    pub fn new(root: &Path, container_id: &str) -> Self {
+        Self {
+            dir: root.join(container_id),
+        }
+    }
+
+    /// The pod's pin directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map_path(&self, name: &str) -> PathBuf {
+        self.dir.join("maps").join(name)
+    }
+
+    fn link_path(&self, ifname: &str) -> PathBuf {
+        self.dir.join("links").join(ifname)
+    }
+
+    fn pin_err(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
+        move |source| DataplaneError::Pins {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Loads (or re-opens) the pod's maps, programs rail `att` into them,
+    /// attaches a program instance to `att.ifname` egress and pins its link.
+    /// Must run inside the pod netns.
+    pub fn attach(&self, att: &RailAttachment) -> Result<(), DataplaneError> {
+        let object = bpf_object::object()?;
+        for sub in ["maps", "links"] {
+            let p = self.dir.join(sub);
+            fs::create_dir_all(&p).map_err(Self::pin_err(&p))?;
+        }
+        let paths: Vec<(&str, PathBuf)> =
+            [MAP_RAIL_SOURCES, MAP_RDMA_CIDRS, MAP_COUNTERS, MAP_META]
+                .into_iter()
+                .map(|n| (n, self.map_path(n)))
+                .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(object)
+            .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
+
+        let map_err = |map: &'static str| {
+            move |e: aya::maps::MapError| DataplaneError::Map {
+                map,
+                why: e.to_string(),
+            }
+        };
+        let mut meta: Array<_, Meta> =
+            Array::try_from(ebpf.map_mut(MAP_META).expect("META in object"))
+                .map_err(map_err(MAP_META))?;
+        meta.set(
+            0,
+            Meta {
+                layout_version: LAYOUT_VERSION,
+                _pad: 0,
+            },
+            0,
+        )
+        .map_err(map_err(MAP_META))?;
+        let mut cidrs: LpmTrie<_, u32, u8> =
+            LpmTrie::try_from(ebpf.map_mut(MAP_RDMA_CIDRS).expect("RDMA_CIDRS in object"))
+                .map_err(map_err(MAP_RDMA_CIDRS))?;
+        let rdma: Vec<Ipv4Net> = if att.rdma_cidrs.is_empty() {
+            vec![att.address.trunc()]
+        } else {
+            att.rdma_cidrs.iter().map(|c| c.trunc()).collect()
+        };
+        for net in &rdma {
+            let key = Key::new(u32::from(net.prefix_len()), ip_key(net.network()));
+            cidrs.insert(&key, 1, 0).map_err(map_err(MAP_RDMA_CIDRS))?;
+        }
+        let mut sources: HashMap<_, u32, RailSource> = HashMap::try_from(
+            ebpf.map_mut(MAP_RAIL_SOURCES)
+                .expect("RAIL_SOURCES in object"),
+        )
+        .map_err(map_err(MAP_RAIL_SOURCES))?;
+        let subnet = att.address.trunc();
+        let source = RailSource {
+            ifindex: att.ifindex,
+            rail: att.rail,
+            gateway: att.gateway.map(ip_key).unwrap_or(0),
+            subnet: ip_key(subnet.network()),
+            mask: ip_key(subnet.netmask()),
+            _pad: 0,
+        };
+        sources
+            .insert(ip_key(att.address.addr()), source, 0)
+            .map_err(map_err(MAP_RAIL_SOURCES))?;
+
+        let attach_err = |why: String| DataplaneError::Attach {
+            ifname: att.ifname.clone(),
+            why,
+        };
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM_RAIL_EGRESS)
+            .expect("rail_egress in object")
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+        prog.load()
+            .map_err(|e| attach_err(format!("verifier: {e:#}")))?;
+        let link_path = self.link_path(&att.ifname);
+        // A stale pin of the same name (a retried ADD) is replaced.
+        let _ = fs::remove_file(&link_path);
+        let id = prog
+            .attach_with_options(
+                &att.ifname,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| attach_err(format!("{e:#}")))?;
+        let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+        let link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+        link.pin(&link_path)
+            .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
+        Ok(())
+    }
+
+    /// Detaches the program from `ifname` and forgets the rail's source
+    /// entry. When no rail of the pod is left, removes the pod's pins.
+    /// Best effort and idempotent: returns every error, keeps going.
+    pub fn detach(&self, ifname: &str, ifindex: Option<u32>) -> Vec<String> {
+        let mut errors = Vec::new();
+        match fs::remove_file(self.link_path(ifname)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("unpin link of {ifname}: {e}")),
+        }
+        if let Some(ifindex) = ifindex
+            && let Ok(data) = MapData::from_pin(self.map_path(MAP_RAIL_SOURCES))
+            && let Ok(map) = Map::from_map_data(data)
+            && let Ok(mut sources) = HashMap::<_, u32, RailSource>::try_from(map)
+        {
+            let stale: Vec<u32> = sources
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, v)| v.ifindex == ifindex)
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                if let Err(e) = sources.remove(&k) {
+                    errors.push(format!("forget rail source of {ifname}: {e}"));
+                }
+            }
+        }
+        let links_left = fs::read_dir(self.dir.join("links"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if links_left == 0 {
+            errors.extend(self.remove());
+        }
+        errors
+    }
+
+    /// Removes every pin of the pod (its links detach, its maps are freed).
+    pub fn remove(&self) -> Vec<String> {
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => vec![],
+            Err(e) if e.kind() == io::ErrorKind::NotFound => vec![],
+            Err(e) => vec![format!("remove {}: {e}", self.dir.display())],
+        }
+    }
+
+    /// The pod's counters summed over CPUs: (rail, verdict, packets), only
+    /// the non-zero ones.
+    pub fn counters(&self) -> Result<Vec<(u32, Verdict, u64)>, DataplaneError> {
+        let err = |e: aya::maps::MapError| DataplaneError::Map {
+            map: MAP_COUNTERS,
+            why: e.to_string(),
+        };
+        let data = MapData::from_pin(self.map_path(MAP_COUNTERS)).map_err(err)?;
+        let map = Map::from_map_data(data).map_err(err)?;
+        let counters: PerCpuArray<_, u64> = PerCpuArray::try_from(map).map_err(err)?;
+        let mut out = Vec::new();
+        for rail in 0..=railnet_common::MAX_RAIL {
+            for verdict in Verdict::ALL {
+                let per_cpu = counters
+                    .get(&counter_index(rail, verdict), 0)
+                    .map_err(err)?;
+                let total: u64 = per_cpu.iter().sum();
+                if total > 0 {
+                    out.push((rail, verdict, total));
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,278 @@
+//! Address pools and allocation.
+//!
+//! This is the foundation's allocator: pools come from the agent's config
+//! file, allocations live in memory keyed by (container ID, interface). The
+//! durable embedded store and the Kubernetes store go behind the same calls.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Mutex,
+};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// A pool as written in the agent's config (field names as SpiderIPPool's).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Pool name, referenced by a network's `ippools`.
+    pub name: String,
+    /// The subnet.
+    pub subnet: Ipv4Net,
+    /// Address ranges `a-b` or single addresses; the whole subnet if empty.
+    #[serde(default)]
+    pub ips: Vec<String>,
+    /// Addresses never handed out.
+    #[serde(default, rename = "excludeIPs")]
+    pub exclude_ips: Vec<Ipv4Addr>,
+    /// The rail gateway.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// A validated pool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    /// Name.
+    pub name: String,
+    /// Subnet.
+    pub subnet: Ipv4Net,
+    /// Gateway.
+    pub gateway: Option<Ipv4Addr>,
+    ranges: Vec<(u32, u32)>,
+    excluded: BTreeSet<u32>,
+}
+
+/// Pool definition and allocation errors.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IpamError {
+    /// A range that does not parse or leaves the subnet.
+    #[error("pool {pool}: range {range:?} {why}")]
+    Range {
+        /// Pool name.
+        pool: String,
+        /// The range as written.
+        range: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// Gateway outside the subnet.
+    #[error("pool {pool}: gateway {gateway} is outside subnet {subnet}")]
+    Gateway {
+        /// Pool name.
+        pool: String,
+        /// Gateway.
+        gateway: Ipv4Addr,
+        /// Subnet.
+        subnet: Ipv4Net,
+    },
+    /// Two pools of one name.
+    #[error("pool {0} is defined twice")]
+    Duplicate(String),
+    /// A network names a pool that does not exist.
+    #[error("no pool named {0:?} in the agent's config; known pools: {1}")]
+    UnknownPool(String, String),
+    /// Every pool tried is full.
+    #[error("no free address in pools {0}")]
+    Exhausted(String),
+}
+
+impl Pool {
+    /// Validates a spec: every range and the gateway inside the subnet.
+    pub fn new(spec: PoolSpec) -> Result<Self, IpamError> {
+        let net = spec.subnet.trunc();
+        let inside = |a: Ipv4Addr| net.contains(&a);
+        let mut ranges = Vec::new();
+        for range in &spec.ips {
+            let bad = |why: &str| IpamError::Range {
+                pool: spec.name.clone(),
+                range: range.clone(),
+                why: why.into(),
+            };
+            let (a, b) = match range.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (range.trim(), range.trim()),
+            };
+            let a: Ipv4Addr = a.parse().map_err(|_| bad("is not an IPv4 address range"))?;
+            let b: Ipv4Addr = b.parse().map_err(|_| bad("is not an IPv4 address range"))?;
+            if !inside(a) || !inside(b) {
+                return Err(bad(&format!("is not inside subnet {net}")));
+            }
+            if u32::from(a) > u32::from(b) {
+                return Err(bad("ends before it starts"));
+            }
+            ranges.push((u32::from(a), u32::from(b)));
+        }
+        if ranges.is_empty() {
+            ranges.push((u32::from(net.network()), u32::from(net.broadcast())));
+        }
+        if let Some(gateway) = spec.gateway
+            && !inside(gateway)
+        {
+            return Err(IpamError::Gateway {
+                pool: spec.name,
+                gateway,
+                subnet: net,
+            });
+        }
+        let mut excluded: BTreeSet<u32> = spec.exclude_ips.iter().map(|a| u32::from(*a)).collect();
+        if net.prefix_len() < 31 {
+            excluded.insert(u32::from(net.network()));
+            excluded.insert(u32::from(net.broadcast()));
+        }
+        if let Some(gw) = spec.gateway {
+            excluded.insert(u32::from(gw));
+        }
+        Ok(Self {
+            name: spec.name,
+            subnet: net,
+            gateway: spec.gateway,
+            ranges,
+            excluded,
+        })
+    }
+
+    fn candidates(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ranges
+            .iter()
+            .flat_map(|&(a, b)| a..=b)
+            .filter(|a| !self.excluded.contains(a))
+    }
+}
+
+/// An address handed to one attachment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Allocation {
+    /// The pool it came from.
+    pub pool: Pool,
+    /// The address.
+    pub address: Ipv4Addr,
+}
+
+/// Pools plus the allocations made from them.
+#[derive(Debug, Default)]
+pub struct Ipam {
+    pools: BTreeMap<String, Pool>,
+    held: Mutex<BTreeMap<(String, String), (String, Ipv4Addr)>>,
+}
+
+impl Ipam {
+    /// Builds the allocator over validated pools.
+    pub fn new(specs: Vec<PoolSpec>) -> Result<Self, IpamError> {
+        let mut pools = BTreeMap::new();
+        for spec in specs {
+            let pool = Pool::new(spec)?;
+            if pools.contains_key(&pool.name) {
+                return Err(IpamError::Duplicate(pool.name));
+            }
+            pools.insert(pool.name.clone(), pool);
+        }
+        Ok(Self {
+            pools,
+            held: Mutex::default(),
+        })
+    }
+
+    /// Allocates for (container, ifname) from the first pool of `names` with
+    /// room; a repeated call for the same key returns the same address.
+    pub fn allocate(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        names: &[String],
+    ) -> Result<Allocation, IpamError> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (container_id.to_owned(), ifname.to_owned());
+        if let Some((pool, address)) = held.get(&key) {
+            return Ok(Allocation {
+                pool: self.pools[pool].clone(),
+                address: *address,
+            });
+        }
+        for name in names {
+            let pool = self.pools.get(name).ok_or_else(|| {
+                IpamError::UnknownPool(
+                    name.clone(),
+                    self.pools.keys().cloned().collect::<Vec<_>>().join(", "),
+                )
+            })?;
+            let used: BTreeSet<u32> = held
+                .values()
+                .filter(|(p, _)| p == name)
+                .map(|(_, a)| u32::from(*a))
+                .collect();
+            if let Some(free) = pool.candidates().find(|a| !used.contains(a)) {
+                let address = Ipv4Addr::from(free);
+                held.insert(key, (name.clone(), address));
+                return Ok(Allocation {
+                    pool: pool.clone(),
+                    address,
+                });
+            }
+        }
+        Err(IpamError::Exhausted(names.join(", ")))
+    }
+
+    /// Releases whatever (container, ifname) holds; true if it held anything.
+    pub fn release(&self, container_id: &str, ifname: &str) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.remove(&(container_id.to_owned(), ifname.to_owned()))
+            .is_some()
+    }
+
+    /// Number of addresses held.
+    pub fn allocated(&self) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, subnet: &str, ips: &[&str], gw: Option<&str>) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            subnet: subnet.parse().unwrap(),
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+            exclude_ips: vec![],
+            gateway: gw.map(|g| g.parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn seed_solution2_ranges_overrunning_their_27_are_rejected() {
+        let err = Pool::new(spec(
+            "eno3np1-rail1-node1",
+            "172.16.1.0/27",
+            &["172.16.1.2-172.16.1.32"],
+            None,
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("172.16.1.2-172.16.1.32"), "{err}");
+        assert!(Pool::new(spec("p", "172.16.1.0/27", &["172.16.1.256"], None)).is_err());
+    }
+
+    #[test]
+    fn never_hands_out_gateway_network_broadcast_or_twice() {
+        let ipam = Ipam::new(vec![spec("p", "10.0.0.0/30", &[], Some("10.0.0.1"))]).unwrap();
+        let a = ipam.allocate("c1", "net1", &["p".into()]).unwrap();
+        assert_eq!(a.address, "10.0.0.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            ipam.allocate("c1", "net1", &["p".into()]).unwrap().address,
+            a.address,
+            "a repeated ADD gets the same address"
+        );
+        assert_eq!(
+            ipam.allocate("c2", "net1", &["p".into()]).unwrap_err(),
+            IpamError::Exhausted("p".into())
+        );
+        assert!(ipam.release("c1", "net1"));
+        assert_eq!(
+            ipam.allocate("c2", "net1", &["p".into()]).unwrap().address,
+            a.address
+        );
+    }
+}

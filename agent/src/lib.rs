@@ -1,0 +1,13 @@
+//! railnet's node agent: IPAM, pod interface wiring, the per-pod tc program
+//! and the unix socket the CNI binary calls. See DESIGN.md for the map.
+
+pub mod api;
+pub mod bpf_object;
+pub mod config;
+pub mod dataplane;
+pub mod ipam;
+pub mod netconf;
+pub mod netns;
+pub mod rail;
+pub mod rtnl;
+pub mod server;

@@ -1,0 +1,122 @@
+//! `railnet-agent`: the node daemon. Thin: flags, validation, then serve.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::Parser;
+use railnet_agent::{api, bpf_object, config, dataplane, rail::RailService, server};
+use tracing::{error, info};
+
+/// railnet's node agent.
+///
+/// Serves the CNI binary (`railnet`, executed by Multus) on a unix socket:
+/// allocates each rail interface's address from the pools file, creates the
+/// interface in the pod's netns, installs the rail's routes and attaches
+/// railnet's tc program, pinned under the pin root so pods keep routing
+/// while the agent restarts.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Unix socket the CNI binary connects to.
+    #[arg(long, env = "RAILNET_SOCKET", default_value = api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Pools file (JSON): {"pools": [{"name", "subnet", "ips", "gateway", "excludeIPs"}]}.
+    #[arg(
+        long,
+        env = "RAILNET_CONFIG",
+        default_value = "/etc/railnet/pools.json"
+    )]
+    config: PathBuf,
+    /// bpffs directory for the pods' pinned programs and maps.
+    #[arg(long, env = "RAILNET_PIN_ROOT", default_value = dataplane::DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+}
+
+/// Exit codes a supervisor can act on.
+mod exit {
+    pub const CONFIG: u8 = 2;
+    pub const STUB_BPF: u8 = 3;
+    pub const BIND: u8 = 4;
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = bpf_object::object() {
+        eprintln!("railnet-agent: {e}");
+        return ExitCode::from(exit::STUB_BPF);
+    }
+    let ipam = match config::load_pools(&args.config) {
+        Ok(ipam) => ipam,
+        Err(e) => {
+            eprintln!("railnet-agent: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    if let Err(e) = check_pin_root(&args.pin_root) {
+        eprintln!("railnet-agent: {e}");
+        return ExitCode::from(exit::CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("railnet-agent: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match server::bind(&args.socket) {
+            Ok(l) => l,
+            Err(e) => {
+                error!(socket = %args.socket.display(), error = %e, "cannot bind");
+                return ExitCode::from(exit::BIND);
+            }
+        };
+        info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), "serving");
+        let service = Arc::new(RailService {
+            ipam,
+            pin_root: args.pin_root,
+        });
+        server::serve(listener, args.socket, service, shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// The pin root must be on bpffs, or pins would silently not persist.
+fn check_pin_root(root: &std::path::Path) -> Result<(), String> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    std::fs::create_dir_all(root).map_err(|e| {
+        format!(
+            "pin root {}: {e}; mount bpffs first: `mount -t bpf bpf /sys/fs/bpf`",
+            root.display()
+        )
+    })?;
+    let fs =
+        nix::sys::statfs::statfs(root).map_err(|e| format!("statfs {}: {e}", root.display()))?;
+    if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(format!(
+            "pin root {} is not on bpffs; mount it (`mount -t bpf bpf /sys/fs/bpf`) or pass --pin-root under a bpffs mount",
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
+/// SIGTERM (kubelet, the demo) or SIGINT (a person) ends the agent cleanly.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,187 @@
+//! The CNI network configuration railnet accepts, parsed once at the edge.
+//!
+//! Multus hands a delegate its NetworkAttachmentDefinition's config, often at
+//! cniVersion 0.3.1, with fields railnet does not know (Multus and other
+//! tools add their own); unknown fields are ignored, as the CNI spec asks.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use railnet_common::MAX_RAIL;
+
+/// CNI spec versions railnet reads and answers in.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// Longest Linux interface name (IFNAMSIZ - 1).
+pub const MAX_IFNAME: usize = 15;
+
+/// A rail network as the user declared it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    /// The config's CNI spec version; the result is written in it.
+    pub cni_version: String,
+    /// Network name (the NetworkAttachmentDefinition's).
+    pub name: String,
+    /// Plugin type, `railnet`.
+    #[serde(rename = "type")]
+    pub plugin_type: String,
+    /// Rail number K: route metric base+K, counter row, table in rules mode.
+    pub rail: u32,
+    /// The node's rail NIC the pod interface is made from.
+    pub master: String,
+    /// How the interface is made; only `macvlan` today.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// MTU of the pod interface; the master's when absent.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// RDMA destinations; empty means "each rail's own subnet".
+    #[serde(default, rename = "rdmaCIDRs")]
+    pub rdma_cidrs: Vec<Ipv4Net>,
+    /// Pools to allocate from.
+    pub ippools: IpPools,
+}
+
+/// Pool names per family, as SpiderMultusConfig's `ippools`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct IpPools {
+    /// IPv4 pool names.
+    #[serde(default)]
+    pub ipv4: Vec<String>,
+}
+
+fn default_mode() -> String {
+    "macvlan".into()
+}
+
+/// What is wrong with a network config.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum NetConfError {
+    /// Not JSON, or a field of the wrong type.
+    #[error("network config is not valid: {0}")]
+    Decode(String),
+    /// A version railnet does not speak.
+    #[error("cniVersion {0:?} is not supported; use one of 0.3.1, 0.4.0, 1.0.0, 1.1.0")]
+    Version(String),
+    /// `rail` outside 1..=64.
+    #[error("rail {0} is out of range; rails are numbered 1 to {MAX_RAIL}")]
+    Rail(u32),
+    /// A mode that is not built yet.
+    #[error("mode {0:?} is not supported; use \"macvlan\"")]
+    Mode(String),
+    /// Missing master.
+    #[error("\"master\" is empty; name the node's rail NIC, e.g. \"eno3np1\"")]
+    Master,
+    /// No pool.
+    #[error("\"ippools\" names no IPv4 pool; add e.g. {{\"ipv4\": [\"rail1\"]}}")]
+    NoPool,
+    /// MTU outside what Ethernet allows.
+    #[error("mtu {0} is out of range 576..=9216")]
+    Mtu(u32),
+}
+
+impl NetConf {
+    /// Parses and validates a config from CNI stdin bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, NetConfError> {
+        let conf: NetConf =
+            serde_json::from_slice(bytes).map_err(|e| NetConfError::Decode(e.to_string()))?;
+        conf.validate()?;
+        Ok(conf)
+    }
+
+    fn validate(&self) -> Result<(), NetConfError> {
+        if !SUPPORTED_VERSIONS.contains(&self.cni_version.as_str()) {
+            return Err(NetConfError::Version(self.cni_version.clone()));
+        }
+        if !(1..=MAX_RAIL).contains(&self.rail) {
+            return Err(NetConfError::Rail(self.rail));
+        }
+        if self.mode != "macvlan" {
+            return Err(NetConfError::Mode(self.mode.clone()));
+        }
+        if self.master.is_empty() {
+            return Err(NetConfError::Master);
+        }
+        if self.ippools.ipv4.is_empty() {
+            return Err(NetConfError::NoPool);
+        }
+        if let Some(mtu) = self.mtu
+            && !(576..=9216).contains(&mtu)
+        {
+            return Err(NetConfError::Mtu(mtu));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` can be a Linux interface name.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
+}
+
+/// A route of the CNI result.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ResultRoute {
+    /// Destination.
+    pub dst: Ipv4Net,
+    /// Next hop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gw: Option<Ipv4Addr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: &str) -> Vec<u8> {
+        format!(
+            r#"{{"cniVersion":"0.3.1","name":"rail1","type":"railnet","rail":1,
+                "master":"eth1","ippools":{{"ipv4":["rail1"]}}{extra}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn multus_style_config_parses_with_unknown_fields() {
+        let c = NetConf::parse(&conf(
+            r#","rdmaCIDRs":["172.16.0.0/16"],"logLevel":"debug""#,
+        ))
+        .unwrap();
+        assert_eq!(c.rail, 1);
+        assert_eq!(c.rdma_cidrs, vec!["172.16.0.0/16".parse().unwrap()]);
+    }
+
+    #[test]
+    fn bad_inputs_are_named() {
+        let zero = br#"{"cniVersion":"1.0.0","name":"n","type":"railnet","rail":0,"master":"e","ippools":{"ipv4":["p"]}}"#;
+        assert_eq!(NetConf::parse(zero).unwrap_err(), NetConfError::Rail(0));
+        let bad = br#"{"cniVersion":"9.9.9","name":"n","type":"railnet","rail":1,"master":"e","ippools":{"ipv4":["p"]}}"#;
+        assert_eq!(
+            NetConf::parse(bad).unwrap_err(),
+            NetConfError::Version("9.9.9".into())
+        );
+        let bad = br#"{"cniVersion":"1.0.0","name":"n","type":"railnet","rail":65,"master":"e","ippools":{"ipv4":["p"]}}"#;
+        assert_eq!(NetConf::parse(bad).unwrap_err(), NetConfError::Rail(65));
+        assert!(matches!(
+            NetConf::parse(b"{not json").unwrap_err(),
+            NetConfError::Decode(_)
+        ));
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!(valid_ifname("net1"));
+        assert!(!valid_ifname("a-name-longer-than-15"));
+        assert!(!valid_ifname("a/b"));
+        assert!(!valid_ifname(""));
+    }
+}

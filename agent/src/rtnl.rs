@@ -1,0 +1,93 @@
+//! Small rtnetlink helpers shared by the node side and the pod side.
+
+use std::{future::Future, io};
+
+use futures::TryStreamExt;
+use rtnetlink::{
+    Handle,
+    packet_route::link::{LinkAttribute, LinkMessage},
+};
+
+/// Runs `work` with an rtnetlink handle whose socket is opened on the
+/// calling thread, so it talks to the calling thread's netns. Builds a
+/// single-threaded runtime for it: this runs on a dedicated thread (see
+/// [`crate::netns`]), never on the agent's tokio workers.
+pub fn with_rtnl<T, F, Fut>(work: F) -> io::Result<T>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    rt.block_on(async move {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let out = work(handle).await;
+        task.abort();
+        Ok(out)
+    })
+}
+
+/// A link as railnet needs to know it.
+#[derive(Clone, Debug)]
+pub struct Link {
+    /// Interface index.
+    pub index: u32,
+    /// MTU.
+    pub mtu: u32,
+    /// MAC address, `aa:bb:…`.
+    pub mac: String,
+}
+
+impl From<&LinkMessage> for Link {
+    fn from(msg: &LinkMessage) -> Self {
+        let mut link = Link {
+            index: msg.header.index,
+            mtu: 0,
+            mac: String::new(),
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Address(a) => {
+                    link.mac = a
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":");
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// Looks a link up by name; `Ok(None)` when there is none.
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>, rtnetlink::Error> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(Link::from(&msg))),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The errno of a netlink error, if it is one.
+pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(e) => Some(-e.raw_code()),
+        _ => None,
+    }
+}
+
+/// A netlink error in words: the kernel's errno text.
+pub fn describe(err: &rtnetlink::Error) -> String {
+    match err {
+        rtnetlink::Error::NetlinkError(e) => e.to_io().to_string(),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,207 @@
+//! `railnet`: the CNI plugin Multus executes, once per rail network of a pod.
+//!
+//! Thin by design: it reads the spec's environment and stdin, opens
+//! `CNI_NETNS`, hands the fd and the config to the node agent over its unix
+//! socket, and prints the agent's answer as a CNI result or CNI error.
+
+use std::{
+    fs::File,
+    io::{IsTerminal, Read, Write},
+    os::{fd::AsFd, unix::net::UnixStream},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use railnet_agent::{
+    api::{self, API_VERSION, ApiError, Attachment, Op, Request, Response, code},
+    netconf::{NetConf, SUPPORTED_VERSIONS},
+};
+
+/// The spec version this plugin reports for VERSION.
+const SPEC_VERSION: &str = "1.1.0";
+/// How long the agent may take to answer one ADD/DEL.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn main() -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let command = env("CNI_COMMAND").unwrap_or_default();
+    let mut stdin = Vec::new();
+    // A runtime always writes the config, even for VERSION; a person
+    // typing `CNI_COMMAND=VERSION railnet` at a terminal should not hang.
+    if !std::io::stdin().is_terminal() {
+        let _ = std::io::stdin().read_to_end(&mut stdin);
+    }
+    let version = cni_version_of(&stdin);
+    match run(&command, &stdin, &env) {
+        Ok(Some(out)) => {
+            let _ = writeln!(std::io::stdout(), "{out}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            let out = serde_json::json!({
+                "cniVersion": version,
+                "code": e.code,
+                "msg": e.msg,
+                "details": e.details,
+            });
+            let _ = writeln!(std::io::stdout(), "{out}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The config's version if it has a usable one, for error replies.
+fn cni_version_of(stdin: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| SPEC_VERSION.into())
+}
+
+fn need(env: &impl Fn(&str) -> Option<String>, key: &str) -> Result<String, ApiError> {
+    env(key).ok_or_else(|| {
+        ApiError::new(
+            code::INVALID_ENV,
+            format!("{key} is not set"),
+            "the container runtime must set it; see the CNI spec's \"Parameters\"",
+        )
+    })
+}
+
+fn run(
+    command: &str,
+    stdin: &[u8],
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, ApiError> {
+    match command {
+        "VERSION" => Ok(Some(
+            serde_json::json!({
+                "cniVersion": SPEC_VERSION,
+                "supportedVersions": SUPPORTED_VERSIONS,
+            })
+            .to_string(),
+        )),
+        "ADD" => {
+            let conf = parse(stdin)?;
+            let att = attachment(stdin, env)?;
+            let netns_path = need(env, "CNI_NETNS")?;
+            let netns = File::open(&netns_path).map_err(|e| {
+                ApiError::new(
+                    code::INVALID_ENV,
+                    format!("cannot open CNI_NETNS {netns_path}"),
+                    e.to_string(),
+                )
+            })?;
+            let socket = socket_path(stdin, env);
+            let resp = call(&socket, Op::Add(att), Some(&netns)).map_err(|e| {
+                ApiError::new(
+                    code::TRY_AGAIN,
+                    format!("railnet agent not reachable at {}", socket.display()),
+                    format!("{e}; is the railnet-agent DaemonSet pod running on this node?"),
+                )
+            })?;
+            match resp {
+                Response::Ok {
+                    result: Some(result),
+                    ..
+                } => Ok(Some(
+                    result.to_cni(&conf.cni_version, &netns_path).to_string(),
+                )),
+                Response::Ok { result: None, .. } => Err(ApiError::new(
+                    code::DECODE,
+                    "the agent answered ADD without a result",
+                    "agent and CNI binary are out of step; reinstall both",
+                )),
+                Response::Error(e) => Err(e),
+            }
+        }
+        "DEL" => {
+            // DEL must succeed on configs and netns that are half gone.
+            let att = attachment(stdin, env)?;
+            let netns = env("CNI_NETNS").and_then(|p| File::open(p).ok());
+            let socket = socket_path(stdin, env);
+            match call(&socket, Op::Del(att), netns.as_ref()) {
+                Ok(Response::Ok { .. }) => Ok(None),
+                Ok(Response::Error(e)) => Err(e),
+                Err(e) => Err(ApiError::new(
+                    code::TRY_AGAIN,
+                    format!("railnet agent not reachable at {}", socket.display()),
+                    e.to_string(),
+                )),
+            }
+        }
+        "STATUS" => {
+            let socket = socket_path(stdin, env);
+            match call(&socket, Op::Status, None) {
+                Ok(Response::Ok { .. }) => Ok(None),
+                Ok(Response::Error(e)) => Err(e),
+                Err(e) => Err(ApiError::new(
+                    50,
+                    format!("railnet agent not reachable at {}", socket.display()),
+                    e.to_string(),
+                )),
+            }
+        }
+        "CHECK" | "GC" => Err(ApiError::new(
+            code::UNSUPPORTED_FIELD,
+            format!("{command} is not implemented by this railnet version"),
+            "ADD, DEL, STATUS and VERSION are",
+        )),
+        "" => Err(ApiError::new(
+            code::INVALID_ENV,
+            "CNI_COMMAND is not set",
+            "railnet is a CNI plugin: it is run by Multus or kubelet, or by hand with CNI_COMMAND=VERSION",
+        )),
+        other => Err(ApiError::new(
+            code::INVALID_ENV,
+            format!("unknown CNI_COMMAND {other:?}"),
+            "use ADD, DEL, CHECK, STATUS, GC or VERSION",
+        )),
+    }
+}
+
+fn parse(stdin: &[u8]) -> Result<NetConf, ApiError> {
+    NetConf::parse(stdin).map_err(|e| {
+        let code = match e {
+            railnet_agent::netconf::NetConfError::Version(_) => code::INCOMPATIBLE_VERSION,
+            railnet_agent::netconf::NetConfError::Decode(_) => code::DECODE,
+            _ => code::INVALID_CONFIG,
+        };
+        ApiError::new(code, "invalid network config", e.to_string())
+    })
+}
+
+fn attachment(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> Result<Attachment, ApiError> {
+    let netconf = serde_json::from_slice(stdin).unwrap_or(serde_json::Value::Null);
+    Ok(Attachment {
+        container_id: need(env, "CNI_CONTAINERID")?,
+        ifname: need(env, "CNI_IFNAME")?,
+        netconf,
+    })
+}
+
+/// `agentSocket` in the config, else `RAILNET_SOCKET`, else the default.
+fn socket_path(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> PathBuf {
+    serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("agentSocket")?.as_str().map(PathBuf::from))
+        .or_else(|| env("RAILNET_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(api::DEFAULT_SOCKET))
+}
+
+fn call(socket: &PathBuf, op: Op, netns: Option<&File>) -> Result<Response, api::WireError> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(AGENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(AGENT_TIMEOUT))?;
+    let req = Request {
+        api: API_VERSION,
+        client: env!("CARGO_PKG_VERSION").into(),
+        op,
+    };
+    api::send(&mut stream, &req, netns.map(|f| f.as_fd()))?;
+    let (resp, _) = api::recv::<Response>(&mut stream)?;
+    Ok(resp)
+}

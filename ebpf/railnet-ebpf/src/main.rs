@@ -1,0 +1,141 @@
+//! railnet's tc egress program, one instance per pod, attached to every
+//! Ethernet rail interface of the pod.
+//!
+//! The kernel routes kernel-stack IPv4 traffic bound to rail K's address by
+//! the lowest-metric route, which may be another rail. This program puts such
+//! packets back on rail K (`bpf_redirect_neigh` to K's gateway, or to the
+//! destination when it is on-link in K's subnet), and only when the
+//! destination is inside the RDMA CIDRs: everything else is left to the main
+//! table, which is what `ip rule not to <RDMA CIDR> lookup main` means in a
+//! rules-based setup. See DESIGN.md, "Rail routing".
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{TC_ACT_UNSPEC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    helpers::generated::{bpf_check_mtu, bpf_redirect_neigh},
+    macros::{classifier, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::TcContext,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+use railnet_common::{
+    COUNTER_ENTRIES, MAX_RAIL, MAX_RDMA_CIDRS, Meta, RailSource, Verdict, counter_index,
+};
+
+/// The pod's rails by IPv4 source address (network-order bytes as `u32`).
+#[map(name = "RAIL_SOURCES")]
+static RAIL_SOURCES: HashMap<u32, RailSource> = HashMap::with_max_entries(MAX_RAIL, 0);
+
+/// The RDMA CIDRs of the pod's networks; with none configured the agent
+/// stores each rail's own subnet, so "inside the RDMA CIDRs" always has a
+/// meaning.
+#[map(name = "RDMA_CIDRS")]
+static RDMA_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_RDMA_CIDRS, 0);
+
+/// Per-CPU packet counters, `[rail][verdict]`, see `counter_index`.
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+
+/// Layout version of the maps, written by the agent that created them.
+#[map(name = "META")]
+static META: Array<Meta> = Array::with_max_entries(1, 0);
+
+const AF_INET: u32 = 2;
+/// 169.254.0.0/16, 224.0.0.0/4 and limited broadcast, as first octets.
+const LINK_LOCAL_FIRST: u8 = 169;
+const LINK_LOCAL_SECOND: u8 = 254;
+
+/// Entry point; see the crate docs for the verdicts.
+#[classifier]
+pub fn rail_egress(ctx: TcContext) -> i32 {
+    let (rail, verdict, action) = classify(&ctx);
+    count(rail, verdict);
+    action
+}
+
+/// Decides one packet: the rail it is counted under, the verdict, and the tc
+/// action. Every "leave it alone" answer is `TC_ACT_UNSPEC`, so under TCX the
+/// next program on the device still runs.
+#[inline(always)]
+fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
+    let pass_other = (0, Verdict::Other, TC_ACT_UNSPEC);
+    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+        return pass_other;
+    };
+    if eth.ether_type != EtherType::Ipv4 as u16 {
+        return pass_other;
+    }
+    let Ok(ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
+        return pass_other;
+    };
+    let dst = ip.dst_addr;
+    if dst[0] >= 224 || (dst[0] == LINK_LOCAL_FIRST && dst[1] == LINK_LOCAL_SECOND) {
+        return pass_other;
+    }
+    let src = u32::from_ne_bytes(ip.src_addr);
+    let Some(rail) = RAIL_SOURCES.get_ptr(src) else {
+        return (0, Verdict::NotRailSource, TC_ACT_UNSPEC);
+    };
+    // SAFETY: the pointer comes from a successful map lookup and the value
+    // is plain old data; we copy it out at once.
+    let rail: RailSource = unsafe { *rail };
+    let k = rail.rail;
+    let dst = u32::from_ne_bytes(dst);
+    if RDMA_CIDRS.get(Key::new(32, dst)).is_none() {
+        return (k, Verdict::NotRdma, TC_ACT_UNSPEC);
+    }
+    // SAFETY: the context pointer is the program's own `__sk_buff`.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ifindex == rail.ifindex {
+        return (k, Verdict::OnRail, TC_ACT_UNSPEC);
+    }
+    let mut mtu_len: u32 = 0;
+    // SAFETY: helper call with the program's own context and a stack slot.
+    let mtu = unsafe { bpf_check_mtu(ctx.as_ptr(), rail.ifindex, &mut mtu_len, 0, 0) };
+    if mtu != 0 {
+        return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC);
+    }
+    let on_link = dst & rail.mask == rail.subnet;
+    let next_hop = if on_link || rail.gateway == 0 {
+        dst
+    } else {
+        rail.gateway
+    };
+    let mut params = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: next_hop },
+    };
+    // SAFETY: helper call with a stack struct of the size we pass.
+    let action = unsafe {
+        bpf_redirect_neigh(
+            rail.ifindex,
+            &mut params,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    (k, Verdict::Steered, action as i32)
+}
+
+#[inline(always)]
+fn count(rail: u32, verdict: Verdict) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter_index(rail, verdict)) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

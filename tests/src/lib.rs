@@ -1,0 +1,441 @@
+//! Test fabrics made of real network namespaces, and the real railnet
+//! binaries run inside them. Shared by the privileged integration tests and
+//! by `cargo xtask demo`.
+//!
+//! Every address lives inside a namespace this module created; the root
+//! namespace never gets an address or a route. Everything is removed on
+//! drop, processes are ended by PID.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other fabric of this or another process uses.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "rn{}-{}-{tag}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command, panicking with its output if it fails.
+#[track_caller]
+pub fn sh(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// A network namespace created with `ip netns add`, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `rn<pid>-<n>-<tag>` with its loopback up.
+    #[track_caller]
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Its name for `ip -n`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its nsfs path, as a runtime passes in `CNI_NETNS`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> <args>`, panicking on failure.
+    #[track_caller]
+    pub fn ip(&self, args: &[&str]) -> String {
+        let out = sh(Command::new("ip").arg("-n").arg(&self.name).args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ip -j -n <ns> <args>` parsed.
+    #[track_caller]
+    pub fn ip_json(&self, args: &[&str]) -> Value {
+        let out = sh(Command::new("ip").args(["-j", "-n", &self.name]).args(args));
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// A command that runs in this netns only (not its mount namespace:
+    /// `ip netns exec` would remount /sys and hide bpffs).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Received packets of `dev`, from the kernel's interface counters.
+    #[track_caller]
+    pub fn rx_packets(&self, dev: &str) -> u64 {
+        let v = self.ip_json(&["-s", "link", "show", "dev", dev]);
+        v[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no rx counter for {dev} in {}: {v}", self.name))
+    }
+
+    /// Whether `dev` exists in this netns.
+    pub fn has_link(&self, dev: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "link", "show", "dev", dev])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Path of a railnet binary: from the env var xtask sets, else the debug
+/// build next to this crate.
+pub fn binary(env: &str, name: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/debug")
+            .join(name)
+    })
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        Self(p)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real `railnet-agent`, running inside a node netns.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// Its bpffs pin root (unique per agent, removed on drop).
+    pub pin_root: PathBuf,
+    /// Its pools file.
+    pub config: PathBuf,
+    log: PathBuf,
+    _dir: ScratchDir,
+}
+
+impl Agent {
+    /// Starts the agent in `node` with `pools` as its pools file and waits
+    /// until it serves.
+    #[track_caller]
+    pub fn start(node: &Netns, pools: &Value) -> Self {
+        let dir = ScratchDir::new("agent");
+        let config = dir.path().join("pools.json");
+        std::fs::write(&config, pools.to_string()).expect("write pools");
+        let socket = dir.path().join("agent.sock");
+        let pin_root = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
+        let log = dir.path().join("agent.log");
+        let mut agent = Self {
+            child: None,
+            socket,
+            pin_root,
+            config,
+            log,
+            _dir: dir,
+        };
+        agent.spawn(node);
+        agent
+    }
+
+    /// (Re)starts the process.
+    #[track_caller]
+    pub fn spawn(&mut self, node: &Netns) {
+        let log = std::fs::File::create(&self.log).expect("agent log");
+        let child = node
+            .command(binary("RAILNET_AGENT_BIN", "railnet-agent"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start railnet-agent");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("railnet-agent exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not bind:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Ends the process (SIGTERM, then waits), leaving pins in place.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}
+
+/// What one CNI invocation printed and how it ended.
+#[derive(Debug)]
+pub struct CniOutcome {
+    /// Exit status success.
+    pub ok: bool,
+    /// stdout parsed as JSON (Null when empty).
+    pub json: Value,
+    /// stdout as text.
+    pub stdout: String,
+}
+
+/// Executes the real `railnet` CNI binary the way a runtime does: the
+/// spec's environment variables and the config on stdin.
+pub fn cni(
+    command: &str,
+    conf: &Value,
+    container_id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+) -> CniOutcome {
+    let mut cmd = Command::new(binary("RAILNET_CNI_BIN", "railnet"));
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_IFNAME", ifname)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=true;K8S_POD_NAMESPACE=default;K8S_POD_NAME=demo;K8S_POD_INFRA_CONTAINER_ID={container_id}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(ns) = netns {
+        cmd.env("CNI_NETNS", ns);
+    }
+    let mut child = cmd.spawn().expect("run railnet CNI");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("write CNI stdin");
+    let out = child.wait_with_output().expect("CNI output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    CniOutcome {
+        ok: out.status.success(),
+        json: serde_json::from_str(stdout.trim()).unwrap_or(Value::Null),
+        stdout,
+    }
+}
+
+/// A node with rail NICs cabled to one router netns per fabric, plus a pod
+/// netns: the smallest rail-optimized network that shows steering.
+///
+/// Rail K: node `ethK` ⇄ router `railK` (172.16.1K.254/24, rail K's
+/// gateway). The router also holds 172.16.100.1/32, a "remote GPU" inside
+/// the RDMA CIDR 172.16.0.0/16, reachable through every rail.
+#[derive(Debug)]
+pub struct Fabric {
+    /// The pod.
+    pub pod: Netns,
+    /// The node (the agent runs here).
+    pub node: Netns,
+    /// The rail router.
+    pub router: Netns,
+    /// Rail numbers.
+    pub rails: Vec<u32>,
+}
+
+/// The fabric's remote RDMA destination.
+pub const REMOTE: &str = "172.16.100.1";
+/// The fabric's RDMA CIDR.
+pub const RDMA_CIDR: &str = "172.16.0.0/16";
+
+impl Fabric {
+    /// Builds the fabric for `rails` (each 1..=89).
+    #[track_caller]
+    pub fn new(rails: &[u32]) -> Self {
+        let node = Netns::new("node");
+        let router = Netns::new("rtr");
+        let pod = Netns::new("pod");
+        for &k in rails {
+            let (nic, port) = (format!("eth{k}"), format!("rail{k}"));
+            sh(Command::new("ip").args([
+                "link",
+                "add",
+                &nic,
+                "netns",
+                node.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                router.name(),
+            ]));
+            node.ip(&["link", "set", &nic, "up"]);
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", Self::gateway(k)),
+                "dev",
+                &port,
+            ]);
+            router.ip(&["link", "set", &port, "up"]);
+        }
+        router.ip(&["addr", "add", &format!("{REMOTE}/32"), "dev", "lo"]);
+        Self {
+            pod,
+            node,
+            router,
+            rails: rails.to_vec(),
+        }
+    }
+
+    /// Rail K's gateway.
+    pub fn gateway(k: u32) -> String {
+        format!("172.16.{}.254", 10 + k)
+    }
+
+    /// The agent's pools file: one pool per rail.
+    pub fn pools(&self) -> Value {
+        let pools: Vec<Value> = self
+            .rails
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "name": format!("rail{k}"),
+                    "subnet": format!("172.16.{}.0/24", 10 + k),
+                    "ips": [format!("172.16.{0}.10-172.16.{0}.99", 10 + k)],
+                    "gateway": Self::gateway(*k),
+                })
+            })
+            .collect();
+        serde_json::json!({ "pools": pools })
+    }
+
+    /// Rail K's network config, as a NetworkAttachmentDefinition carries it.
+    pub fn netconf(&self, k: u32, agent: &Agent) -> Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": format!("rail{k}"),
+            "type": "railnet",
+            "rail": k,
+            "master": format!("eth{k}"),
+            "rdmaCIDRs": [RDMA_CIDR],
+            "ippools": { "ipv4": [format!("rail{k}")] },
+            "agentSocket": agent.socket,
+        })
+    }
+
+    /// Pings `dst` from the pod, bound to `src`, `count` times, quickly.
+    /// Returns whether every reply came back.
+    pub fn ping_from(&self, src: &str, dst: &str, count: u32) -> bool {
+        self.pod
+            .command("ping")
+            .args([
+                "-q",
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                "-I",
+                src,
+                dst,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}

@@ -1,0 +1,284 @@
+//! `cargo xtask …`: the developer and CI entry points of railnet.
+//!
+//! `setup` installs what a fresh Debian 12 machine lacks, `build` builds the
+//! BPF object and the binaries that embed it, `test` runs every test and
+//! lint, `demo` shows a pod's rails wired by the real CNI and agent.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "railnet's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and packages (idempotent; prints each step).
+    Setup,
+    /// Build the BPF object, then the agent (embedding it) and the CNI binary.
+    Build {
+        /// Build in debug mode instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Set up, build, lint and run every test (what CI runs).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// fmt and clippy (-D warnings) on the userspace and BPF crates.
+    Lint,
+    /// Wire a pod's rails with the real CNI and agent in throwaway netns.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Build { debug } => {
+            setup::ensure()?;
+            build(&root, !debug).map(|_| ())
+        }
+        Task::Test { args } => {
+            setup::ensure()?;
+            test(&root, &args)
+        }
+        Task::Lint => {
+            setup::ensure()?;
+            let obj = build_bpf(&root)?;
+            lint(&root, &obj)
+        }
+        Task::Demo => {
+            setup::ensure()?;
+            demo(&root)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command, echoing it, failing with its status.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("  $ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", show(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed with {status}", show(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+/// How to compile `core` for `bpfel-unknown-none` on this machine.
+enum BpfToolchain {
+    /// rustup's nightly with rust-src.
+    Nightly,
+    /// Debian's rustc-web with its library source, via RUSTC_BOOTSTRAP.
+    Debian,
+}
+
+fn bpf_toolchain() -> Result<BpfToolchain> {
+    if setup::nightly_has_rust_src() {
+        Ok(BpfToolchain::Nightly)
+    } else if setup::debian_rustc_has_src() {
+        Ok(BpfToolchain::Debian)
+    } else {
+        bail!(
+            "no compiler can build `core` for bpfel-unknown-none: run `cargo xtask setup` \
+             (rustup nightly + rust-src, or apt-get install rustc-web rust-web-src)"
+        )
+    }
+}
+
+fn bpf_cargo(root: &Path, subcommand: &str) -> Result<Command> {
+    let mut cmd = Command::new("cargo");
+    match bpf_toolchain()? {
+        BpfToolchain::Nightly => {
+            cmd.arg("+nightly");
+        }
+        BpfToolchain::Debian => {
+            cmd.env("RUSTC", "/usr/bin/rustc")
+                .env("RUSTC_BOOTSTRAP", "1");
+        }
+    }
+    cmd.current_dir(root).args([
+        subcommand,
+        "--package",
+        "railnet-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+    ]);
+    // The BPF build must not see the host build's flags.
+    cmd.env_remove("RUSTFLAGS").env_remove("RAILNET_BPF_OBJECT");
+    Ok(cmd)
+}
+
+/// Builds the tc program; returns the object's path.
+fn build_bpf(root: &Path) -> Result<PathBuf> {
+    step("building the BPF object (ebpf/railnet-ebpf → bpfel-unknown-none)");
+    if !setup::have("bpf-linker") {
+        bail!("bpf-linker is not installed: run `cargo xtask setup`");
+    }
+    run(&mut bpf_cargo(root, "build")?)?;
+    let obj = root.join("target/bpfel-unknown-none/release/railnet");
+    if !obj.is_file() {
+        bail!("BPF build finished but {} is missing", obj.display());
+    }
+    Ok(obj)
+}
+
+/// Builds the object, then the agent and CNI embedding it.
+fn build(root: &Path, release: bool) -> Result<PathBuf> {
+    let obj = build_bpf(root)?;
+    step("building railnet-agent (embeds the BPF object) and the railnet CNI binary");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).env("RAILNET_BPF_OBJECT", &obj).args([
+        "build",
+        "--package",
+        "railnet-agent",
+        "--package",
+        "railnet-cni",
+        "--package",
+        "railnet-tests",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let dir = root
+        .join("target")
+        .join(if release { "release" } else { "debug" });
+    eprintln!("    agent: {}", dir.join("railnet-agent").display());
+    eprintln!("    cni:   {}", dir.join("railnet").display());
+    Ok(obj)
+}
+
+fn lint(root: &Path, obj: &Path) -> Result<()> {
+    step("cargo fmt --check");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .args(["fmt", "--all", "--check"]))?;
+    step("clippy -D warnings on the userspace crates");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .env("RAILNET_BPF_OBJECT", obj)
+        .args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "railnet-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    step("clippy -D warnings on the BPF crate");
+    match bpf_toolchain()? {
+        BpfToolchain::Nightly => {
+            let mut cmd = bpf_cargo(root, "clippy")?;
+            cmd.args(["--", "-D", "warnings"]);
+            run(&mut cmd)?;
+        }
+        BpfToolchain::Debian => {
+            // Debian ships no clippy for rustc-web; lint the same source for
+            // the host with panic=abort (what a no_std bin needs there).
+            run(Command::new("cargo")
+                .current_dir(root)
+                .env("CARGO_PROFILE_DEV_PANIC", "abort")
+                .env("CARGO_TARGET_DIR", root.join("target/bpf-host-lint"))
+                .args([
+                    "clippy",
+                    "--package",
+                    "railnet-ebpf",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+        }
+    }
+    Ok(())
+}
+
+/// An agent built without the BPF object must refuse to start, saying why.
+fn check_stub_agent(root: &Path) -> Result<()> {
+    step("an agent built without bpf-linker refuses to start");
+    run(Command::new("cargo")
+        .current_dir(root)
+        .env_remove("RAILNET_BPF_OBJECT")
+        .args(["build", "--package", "railnet-agent"]))?;
+    let out = Command::new(root.join("target/debug/railnet-agent"))
+        .args(["--config", "/nonexistent"])
+        .output()
+        .context("run the stub agent")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() != Some(3) || !stderr.contains("stub BPF objects") {
+        bail!(
+            "the stub agent did not refuse clearly: {}: {stderr}",
+            out.status
+        );
+    }
+    eprintln!("    {}", stderr.trim());
+    Ok(())
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    check_stub_agent(root)?;
+    let obj = build(root, false)?;
+    lint(root, &obj)?;
+    step("unit and privileged integration tests (real netns, macvlan, TCX, bpffs)");
+    let bin = root.join("target/debug");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .env("RAILNET_BPF_OBJECT", &obj)
+        .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
+        .env("RAILNET_CNI_BIN", bin.join("railnet"))
+        .args(["test", "--workspace", "--exclude", "railnet-ebpf"])
+        .args(args);
+    run(&mut cmd)?;
+    step("all tests passed");
+    Ok(())
+}
+
+fn demo(root: &Path) -> Result<()> {
+    build(root, true)?;
+    step("demo");
+    let bin = root.join("target/release");
+    run(Command::new(bin.join("railnet-demo"))
+        .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
+        .env("RAILNET_CNI_BIN", bin.join("railnet")))
+}

@@ -1,0 +1,191 @@
+//! `cargo xtask setup`: everything a fresh Debian 12 machine of this kind
+//! lacks for building and testing railnet. Idempotent; each step says what
+//! it checks and what it does.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Result, bail};
+
+use crate::run;
+
+/// Debian packages the build and the tests use.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    (
+        "llvm-22-dev",
+        "bpf-linker links against LLVM 22, the LLVM of rustc",
+    ),
+    (
+        "libpolly-22-dev",
+        "needed to link bpf-linker against llvm-22",
+    ),
+    ("libzstd-dev", "needed to link bpf-linker"),
+    ("zlib1g-dev", "needed to link bpf-linker"),
+    ("iproute2", "ip netns / ip link for the test fabrics"),
+    (
+        "util-linux",
+        "nsenter: enter only the netns (keeps bpffs visible)",
+    ),
+    ("iputils-ping", "real traffic across the test fabrics"),
+    ("bpftool", "inspecting programs, maps and links in tests"),
+];
+
+/// The bpf-linker release known to work with llvm-22 here.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn step(what: &str) {
+    eprintln!("--> setup: {what}");
+}
+
+/// Whether `bin` runs (`bin --version`).
+pub fn have(bin: &str) -> bool {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(pkgs))
+}
+
+/// rustup's nightly has the library source `-Z build-std` needs.
+pub fn nightly_has_rust_src() -> bool {
+    let Ok(out) = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+    else {
+        return false;
+    };
+    if !out.status.success() {
+        return false;
+    }
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core/Cargo.toml")
+        .is_file()
+}
+
+/// Debian's rustc-web with rust-web-src is installed.
+pub fn debian_rustc_has_src() -> bool {
+    Path::new("/usr/bin/rustc").is_file()
+        && Path::new("/usr/lib/rustlib/src/rust/library/core/Cargo.toml").is_file()
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Runs every setup step.
+pub fn ensure() -> Result<()> {
+    if !nix_is_root() {
+        bail!("railnet's setup and tests need root (apt, netns, bpffs): run as root");
+    }
+
+    step("Debian packages");
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(p, _)| !installed(p))
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("    all {} present", APT_PACKAGES.len());
+    } else {
+        for (p, why) in APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+            eprintln!("    installing {p}: {why}");
+        }
+        apt_install(&missing)?;
+    }
+
+    step("bpf-linker");
+    if have("bpf-linker") {
+        eprintln!("    present");
+    } else {
+        eprintln!(
+            "    building bpf-linker {BPF_LINKER_VERSION} against Debian's llvm-22 (2-3 minutes)"
+        );
+        run(Command::new("cargo")
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ]))?;
+        if !have("bpf-linker") {
+            bail!("bpf-linker installed but not on PATH: add ~/.cargo/bin to PATH");
+        }
+    }
+
+    step("a compiler that builds `core` for bpfel-unknown-none");
+    if nightly_has_rust_src() {
+        eprintln!("    rustup nightly with rust-src");
+    } else if debian_rustc_has_src() {
+        eprintln!("    Debian rustc-web with rust-web-src");
+    } else {
+        let nightly_present = Command::new("rustup")
+            .args(["run", "nightly", "rustc", "--version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        let added = nightly_present
+            && run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))
+            .is_ok()
+            && nightly_has_rust_src();
+        if added {
+            eprintln!("    rustup nightly with rust-src");
+        } else {
+            eprintln!(
+                "    rustup nightly + rust-src unavailable; using Debian's rustc-web + rust-web-src"
+            );
+            apt_install(&["rustc-web", "rust-web-src"])?;
+            if !debian_rustc_has_src() {
+                bail!(
+                    "neither rustup nightly + rust-src nor Debian rustc-web + rust-web-src could be installed"
+                );
+            }
+        }
+    }
+
+    step("bpffs at /sys/fs/bpf");
+    if bpffs_mounted() {
+        eprintln!("    mounted");
+    } else {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
