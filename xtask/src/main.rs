@@ -109,6 +109,14 @@ enum BpfToolchain {
 }
 
 fn bpf_toolchain() -> Result<BpfToolchain> {
+    match setup::forced_toolchain().as_deref() {
+        Some("debian") if setup::debian_rustc_has_src() => return Ok(BpfToolchain::Debian),
+        Some("nightly") if setup::nightly_has_rust_src() => return Ok(BpfToolchain::Nightly),
+        Some(other) => bail!(
+            "RAILNET_BPF_TOOLCHAIN={other}: not available; run `cargo xtask setup`, or use nightly or debian"
+        ),
+        None => {}
+    }
     if setup::nightly_has_rust_src() {
         Ok(BpfToolchain::Nightly)
     } else if setup::debian_rustc_has_src() {

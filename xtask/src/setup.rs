@@ -61,6 +61,14 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
         .args(pkgs))
 }
 
+/// `RAILNET_BPF_TOOLCHAIN=nightly|debian` picks the BPF compiler route
+/// (both are supported; CI machines may only reach one).
+pub fn forced_toolchain() -> Option<String> {
+    std::env::var("RAILNET_BPF_TOOLCHAIN")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 /// rustup's nightly has the library source `-Z build-std` needs.
 pub fn nightly_has_rust_src() -> bool {
     let Ok(out) = Command::new("rustup")
@@ -141,7 +149,13 @@ pub fn ensure() -> Result<()> {
     }
 
     step("a compiler that builds `core` for bpfel-unknown-none");
-    if nightly_has_rust_src() {
+    if forced_toolchain().as_deref() == Some("debian") && !debian_rustc_has_src() {
+        eprintln!("    RAILNET_BPF_TOOLCHAIN=debian: installing Debian's rustc-web + rust-web-src");
+        apt_install(&["rustc-web", "rust-web-src"])?;
+    }
+    if forced_toolchain().as_deref() == Some("debian") && debian_rustc_has_src() {
+        eprintln!("    Debian rustc-web with rust-web-src (forced)");
+    } else if nightly_has_rust_src() {
         eprintln!("    rustup nightly with rust-src");
     } else if debian_rustc_has_src() {
         eprintln!("    Debian rustc-web with rust-web-src");
