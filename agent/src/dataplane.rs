@@ -16,7 +16,11 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{LinkOrder, SchedClassifier, TcAttachType, links::FdLink, tc::TcAttachOptions},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::FdLink,
+        tc::{self, TcAttachOptions},
+    },
 };
 use ipnet::Ipv4Net;
 use railnet_common::{
@@ -44,6 +48,8 @@ pub struct RailAttachment {
     pub gateway: Option<Ipv4Addr>,
     /// RDMA CIDRs; empty means the rail's own subnet.
     pub rdma_cidrs: Vec<Ipv4Net>,
+    /// Inode of the pod's netns, recorded for the sweep.
+    pub netns_inode: u64,
 }
 
 /// Errors loading, attaching or pinning.
@@ -156,6 +162,7 @@ impl PodPins {
             Meta {
                 layout_version: LAYOUT_VERSION,
                 _pad: 0,
+                netns_inode: att.netns_inode,
             },
             0,
         )
@@ -204,19 +211,40 @@ impl PodPins {
         let link_path = self.link_path(&att.ifname);
         // A stale pin of the same name (a retried ADD) is replaced.
         let _ = fs::remove_file(&link_path);
-        let id = prog
-            .attach_with_options(
-                &att.ifname,
-                TcAttachType::Egress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .map_err(|e| attach_err(format!("{e:#}")))?;
-        let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
-        let link: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
-        link.pin(&link_path)
-            .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
+        if tcx_supported() {
+            let id = prog
+                .attach_with_options(
+                    &att.ifname,
+                    TcAttachType::Egress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| attach_err(format!("{e:#}")))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            let link: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+            link.pin(&link_path)
+                .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
+        } else {
+            // Before TCX (Linux 6.6) a clsact filter stays with the device
+            // on its own; there is no link to pin. Drop any filter of ours a
+            // retried ADD left, then attach.
+            // EEXIST when the device has one already; a real failure shows
+            // up as the attach error below.
+            let _ = tc::qdisc_add_clsact(&att.ifname);
+            let _ =
+                tc::qdisc_detach_program(&att.ifname, TcAttachType::Egress, PROGRAM_RAIL_EGRESS);
+            let id = prog
+                .attach_with_options(
+                    &att.ifname,
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(tc::NlOptions::default()),
+                )
+                .map_err(|e| attach_err(format!("{e:#}")))?;
+            let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            // Dropping the link would delete the filter: it must outlive us.
+            std::mem::forget(link);
+        }
         Ok(())
     }
 
@@ -225,6 +253,10 @@ impl PodPins {
     /// Best effort and idempotent: returns every error, keeps going.
     pub fn detach(&self, ifname: &str, ifindex: Option<u32>) -> Vec<String> {
         let mut errors = Vec::new();
+        if ifindex.is_some() && !tcx_supported() {
+            // clsact: the filter lives on the device, not in a pin.
+            let _ = tc::qdisc_detach_program(ifname, TcAttachType::Egress, PROGRAM_RAIL_EGRESS);
+        }
         match fs::remove_file(self.link_path(ifname)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -289,4 +321,93 @@ impl PodPins {
         }
         Ok(out)
     }
+}
+
+/// Whether this kernel attaches tc programs through TCX links (Linux 6.6+).
+pub fn tcx_supported() -> bool {
+    aya::util::KernelVersion::current()
+        .map(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        .unwrap_or(false)
+}
+
+/// One pod found under the pin root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinnedPod {
+    /// Container ID (the directory name).
+    pub container_id: String,
+    /// The layout version its maps were created with; `None` if META is
+    /// unreadable.
+    pub layout_version: Option<u32>,
+    /// Its netns inode, as recorded at ADD.
+    pub netns_inode: Option<u64>,
+    /// Interfaces with a pinned link.
+    pub links: Vec<String>,
+}
+
+impl PodPins {
+    /// The pod's META record.
+    pub fn meta(&self) -> Option<Meta> {
+        let data = MapData::from_pin(self.map_path(MAP_META)).ok()?;
+        let map = Map::from_map_data(data).ok()?;
+        let meta: Array<_, Meta> = Array::try_from(map).ok()?;
+        meta.get(&0, 0).ok()
+    }
+}
+
+/// Every pod with pins under `root` (what a restarted agent adopts).
+pub fn pinned_pods(root: &Path) -> Vec<PinnedPod> {
+    let Ok(dir) = fs::read_dir(root) else {
+        return vec![];
+    };
+    let mut pods: Vec<PinnedPod> = dir
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .map(|e| {
+            let container_id = e.file_name().to_string_lossy().into_owned();
+            let pins = PodPins::new(root, &container_id);
+            let meta = pins.meta();
+            let mut links: Vec<String> = fs::read_dir(pins.dir.join("links"))
+                .map(|d| {
+                    d.flatten()
+                        .map(|l| l.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            links.sort();
+            PinnedPod {
+                container_id,
+                layout_version: meta.map(|m| m.layout_version),
+                netns_inode: meta.map(|m| m.netns_inode),
+                links,
+            }
+        })
+        .collect();
+    pods.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+    pods
+}
+
+/// Removes the pins of every pod whose netns no longer exists (a pod
+/// deleted without a DEL reaching us). Returns the container IDs removed.
+pub fn sweep(root: &Path, live_netns: &std::collections::HashSet<u64>) -> Vec<String> {
+    let mut removed = Vec::new();
+    for pod in pinned_pods(root) {
+        let alive = match pod.netns_inode {
+            Some(ino) if ino != 0 => live_netns.contains(&ino),
+            // META not written yet: an ADD may be under way. Only pins
+            // older than any ADD can take are removed.
+            _ => fs::metadata(root.join(&pod.container_id))
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() < std::time::Duration::from_secs(300))
+                .unwrap_or(false),
+        };
+        if !alive {
+            let errors = PodPins::new(root, &pod.container_id).remove();
+            if errors.is_empty() {
+                removed.push(pod.container_id);
+            } else {
+                tracing::warn!(container = %pod.container_id, errors = ?errors, "sweep could not remove pins");
+            }
+        }
+    }
+    removed
 }

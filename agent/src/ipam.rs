@@ -222,6 +222,14 @@ impl Ipam {
             .is_some()
     }
 
+    /// Releases everything a container holds; returns how many addresses.
+    pub fn release_container(&self, container_id: &str) -> usize {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let before = held.len();
+        held.retain(|(cid, _), _| cid != container_id);
+        before - held.len()
+    }
+
     /// Number of addresses held.
     pub fn allocated(&self) -> usize {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).len()

@@ -29,6 +29,10 @@ struct Args {
     /// bpffs directory for the pods' pinned programs and maps.
     #[arg(long, env = "RAILNET_PIN_ROOT", default_value = dataplane::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
+    /// Seconds between sweeps that remove the pins (and addresses) of pods
+    /// whose netns is gone without a DEL.
+    #[arg(long, env = "RAILNET_SWEEP_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    sweep_interval: u64,
 }
 
 /// Exit codes a supervisor can act on.
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     if let Err(e) = bpf_object::object() {
@@ -81,13 +86,60 @@ fn main() -> ExitCode {
             }
         };
         info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), "serving");
+        adopt(&args.pin_root);
         let service = Arc::new(RailService {
             ipam,
             pin_root: args.pin_root,
         });
+        let sweeper = tokio::spawn(sweep_loop(
+            service.clone(),
+            std::time::Duration::from_secs(args.sweep_interval),
+        ));
         server::serve(listener, args.socket, service, shutdown_signal()).await;
+        sweeper.abort();
         ExitCode::SUCCESS
     })
+}
+
+/// Takes over the pods an earlier agent left pinned: their programs kept
+/// steering while no agent ran; from now on DEL and the sweep handle them.
+fn adopt(pin_root: &std::path::Path) {
+    let pods = dataplane::pinned_pods(pin_root);
+    let links: usize = pods.iter().map(|p| p.links.len()).sum();
+    for pod in &pods {
+        if pod.layout_version != Some(railnet_common::LAYOUT_VERSION) {
+            tracing::warn!(
+                container = %pod.container_id,
+                found = ?pod.layout_version,
+                expected = railnet_common::LAYOUT_VERSION,
+                "pinned maps have another layout; they keep working and are replaced when the pod is re-added"
+            );
+        }
+    }
+    info!(pods = pods.len(), links, "adopted pinned pods");
+}
+
+/// Periodically removes what DEL never came for: pins and addresses of
+/// pods whose netns is gone.
+async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let service = service.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let live = railnet_agent::netns::live_netns_inodes();
+            let removed = dataplane::sweep(&service.pin_root, &live);
+            for cid in &removed {
+                service.ipam.release_container(cid);
+            }
+            removed
+        })
+        .await
+        .unwrap_or_default();
+        if !removed.is_empty() {
+            info!(containers = ?removed, "swept pods whose netns is gone");
+        }
+    }
 }
 
 /// The pin root must be on bpffs, or pins would silently not persist.

@@ -43,6 +43,22 @@ pub struct NetConf {
     pub rdma_cidrs: Vec<Ipv4Net>,
     /// Pools to allocate from.
     pub ippools: IpPools,
+    /// How rail traffic is kept on its rail.
+    #[serde(default)]
+    pub routing: Routing,
+}
+
+/// How a rail's traffic is kept on its rail (DESIGN.md, "Rail routing").
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// The tc program steers; no IPv4 rules.
+    #[default]
+    Ebpf,
+    /// Per-rail tables and `from ipK` rules, as Spiderpool does: for
+    /// kernels without what the program needs, IPoIB rails, and as the
+    /// benchmark baseline.
+    Rules,
 }
 
 /// Pool names per family, as SpiderMultusConfig's `ippools`.

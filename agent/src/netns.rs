@@ -6,8 +6,12 @@
 //! Never a tokio worker: one would go back to the pool in the wrong netns.
 
 use std::{
+    collections::HashSet,
     fs::File,
-    os::fd::{AsFd, OwnedFd},
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
     path::Path,
 };
 
@@ -60,6 +64,13 @@ impl PodNetns {
         })
     }
 
+    /// The namespace's inode: its identity while it lives.
+    pub fn inode(&self) -> Option<u64> {
+        nix::sys::stat::fstat(self.fd.as_fd())
+            .ok()
+            .map(|s| s.st_ino)
+    }
+
     /// The namespace's fd, e.g. for `IFLA_NET_NS_FD`.
     pub fn fd(&self) -> &OwnedFd {
         &self.fd
@@ -93,4 +104,31 @@ impl PodNetns {
             .join()
             .map_err(|_| NetnsError::Thread("panicked".into()))?
     }
+}
+
+/// Inodes of every network namespace this host can see alive: those held
+/// by a process (`/proc/*/ns/net`) and those pinned by a runtime
+/// (`/run/netns`, `/var/run/netns`).
+pub fn live_netns_inodes() -> HashSet<u64> {
+    let mut live = HashSet::new();
+    for dir in ["/run/netns", "/var/run/netns"] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if let Ok(m) = std::fs::metadata(e.path()) {
+                    live.insert(m.ino());
+                }
+            }
+        }
+    }
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let name = p.file_name();
+            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit())
+                && let Ok(m) = std::fs::metadata(p.path().join("ns/net"))
+            {
+                live.insert(m.ino());
+            }
+        }
+    }
+    live
 }

@@ -12,6 +12,8 @@ use rtnetlink::{
     packet_route::{
         link::MacVlanMode,
         neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState},
+        route::{RouteProtocol, RouteScope},
+        rule::RuleAction,
     },
 };
 
@@ -19,7 +21,7 @@ use crate::{
     api::{AddResult, ApiError, Attachment, ResultInterface, ResultRoute, code},
     dataplane::{PodPins, RailAttachment},
     ipam::Ipam,
-    netconf::{NetConf, valid_ifname},
+    netconf::{NetConf, Routing, valid_ifname},
     netns::PodNetns,
     rtnl::{self, describe, errno, with_rtnl},
 };
@@ -27,6 +29,14 @@ use crate::{
 /// Metric of rail K's routes is `ROUTE_METRIC_BASE + K`, so the lowest rail
 /// wins source-less lookups and each rail's route is distinct.
 pub const ROUTE_METRIC_BASE: u32 = 100;
+
+/// In rules mode rail K's routes live in table `RULE_TABLE_BASE + K`.
+pub const RULE_TABLE_BASE: u32 = 100;
+
+/// In rules mode rail K's `from ipK` rules have priority
+/// `RULE_PRIORITY_BASE + K`: after the kernel's `local` rule (0), before
+/// `main` (32766).
+pub const RULE_PRIORITY_BASE: u32 = 1000;
 
 /// What ADD and DEL need from the agent.
 #[derive(Debug)]
@@ -143,23 +153,30 @@ impl RailService {
         .map_err(|e| dp("rtnetlink", e.to_string()))??;
 
         // Pod side: everything else, then the program.
-        let pins = PodPins::new(&self.pin_root, &att.container_id);
-        let rail = conf.rail;
-        let rdma = conf.rdma_cidrs.clone();
-        let ifname = att.ifname.clone();
+        let plan = PodRail {
+            ifname: att.ifname.clone(),
+            rail: conf.rail,
+            address,
+            gateway,
+            rdma_cidrs: conf.rdma_cidrs.clone(),
+            routing: conf.routing,
+            mtu,
+            netns_inode: netns.inode().unwrap_or(0),
+            pins: PodPins::new(&self.pin_root, &att.container_id),
+        };
         let pod_side = netns
-            .run(move || configure_in_pod(&ifname, rail, address, gateway, &rdma, mtu, &pins))
+            .run(move || plan.configure())
             .map_err(|e| dp("entering the pod netns", e.to_string()))?;
         match pod_side {
             Ok(result) => Ok(result),
             Err(e) => {
                 // Undo: the macvlan (and with it its addresses, routes and
-                // TCX link) goes; pins of this interface go.
+                // TCX link) goes; pins and rules of this interface go.
                 let ifname = att.ifname.clone();
                 let pins = PodPins::new(&self.pin_root, &att.container_id);
                 let _ = netns.run(move || {
                     let _ = pins.detach(&ifname, None);
-                    let _ = with_rtnl(|h| async move { delete_link(&h, &ifname).await });
+                    let _ = with_rtnl(|h| async move { remove_rail(&h, &ifname).await });
                 });
                 Err(e)
             }
@@ -192,7 +209,7 @@ impl RailService {
                     .map(|l| l.index);
                     let mut errs = pins.detach(&ifname, index);
                     if index.is_some() {
-                        match with_rtnl(|h| async move { delete_link(&h, &ifname).await }) {
+                        match with_rtnl(|h| async move { remove_rail(&h, &ifname).await }) {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => errs.push(e),
                             Err(e) => errs.push(e.to_string()),
@@ -221,16 +238,28 @@ impl RailService {
     }
 }
 
-async fn delete_link(h: &Handle, ifname: &str) -> Result<(), String> {
-    match rtnl::link_by_name(h, ifname).await {
-        Ok(Some(l)) => h
-            .link()
-            .del(l.index)
-            .execute()
-            .await
-            .map_err(|e| format!("delete {ifname}: {}", describe(&e))),
-        Ok(None) => Ok(()),
-        Err(e) => Err(format!("look up {ifname}: {}", describe(&e))),
+/// Removes a rail interface and the rules that name its addresses (rules,
+/// unlike routes, do not go away with the device).
+async fn remove_rail(h: &Handle, ifname: &str) -> Result<(), String> {
+    let link = match rtnl::link_by_name(h, ifname).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("look up {ifname}: {}", describe(&e))),
+    };
+    let mut errors = Vec::new();
+    let addrs = rtnl::addresses(h, link.index).await.unwrap_or_default();
+    for addr in &addrs {
+        if let Err(e) = rtnl::delete_rules_from(h, *addr).await {
+            errors.push(format!("rules from {addr}: {}", describe(&e)));
+        }
+    }
+    if let Err(e) = h.link().del(link.index).execute().await {
+        errors.push(format!("delete {ifname}: {}", describe(&e)));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
     }
 }
 
@@ -274,93 +303,179 @@ fn sysctl(path: &str, value: &str) -> Result<(), String> {
     }
 }
 
-/// Runs inside the pod netns.
-fn configure_in_pod(
-    ifname: &str,
+/// Everything ADD does inside the pod netns for one rail.
+#[derive(Debug)]
+struct PodRail {
+    ifname: String,
     rail: u32,
     address: Ipv4Net,
     gateway: Option<Ipv4Addr>,
-    rdma_cidrs: &[Ipv4Net],
+    rdma_cidrs: Vec<Ipv4Net>,
+    routing: Routing,
     mtu: u32,
-    pins: &PodPins,
-) -> Result<AddResult, ApiError> {
-    let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
-    // A strict rp_filter would drop replies arriving on a rail other than the
-    // lowest-metric one; stable GID indexes need no RA/SLAAC addresses.
-    for (path, value) in [
-        (format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"), "2"),
-        (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"), "0"),
-        (format!("/proc/sys/net/ipv6/conf/{ifname}/autoconf"), "0"),
-    ] {
-        sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
+    netns_inode: u64,
+    pins: PodPins,
+}
+
+impl PodRail {
+    /// The destinations steered by source: the RDMA CIDRs, or the rail's
+    /// own subnet when none are configured.
+    fn rdma_destinations(&self) -> Vec<Ipv4Net> {
+        if self.rdma_cidrs.is_empty() {
+            vec![self.address.trunc()]
+        } else {
+            self.rdma_cidrs.iter().map(|c| c.trunc()).collect()
+        }
     }
-    let metric = ROUTE_METRIC_BASE + rail;
-    let name = ifname.to_owned();
-    let cidrs = rdma_cidrs.to_vec();
-    let (link, routes) =
-        with_rtnl(|h| async move {
-            let link = rtnl::link_by_name(&h, &name)
-                .await
-                .map_err(|e| dp(format!("look up {name}"), describe(&e)))?
-                .ok_or_else(|| dp(format!("{name} vanished from the pod netns"), String::new()))?;
-            h.address()
-                .add(link.index, address.addr().into(), address.prefix_len())
-                .execute()
-                .await
-                .map_err(|e| dp(format!("address {address} on {name}"), describe(&e)))?;
-            h.link()
-                .set(LinkUnspec::new_with_index(link.index).up().build())
-                .execute()
-                .await
-                .map_err(|e| dp(format!("bringing {name} up"), describe(&e)))?;
-            let mut routes = Vec::new();
-            if let Some(gw) = gateway {
-                for cidr in &cidrs {
-                    let cidr = cidr.trunc();
-                    if cidr.contains(&address.addr()) && cidr.prefix_len() >= address.prefix_len() {
-                        continue; // on-link already
-                    }
-                    let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                        .destination_prefix(cidr.network(), cidr.prefix_len())
-                        .gateway(gw)
-                        .output_interface(link.index)
-                        .priority(metric)
-                        .build();
-                    h.route().add(msg).execute().await.map_err(|e| {
-                        dp(format!("route {cidr} via {gw} dev {name}"), describe(&e))
-                    })?;
-                    routes.push(ResultRoute {
-                        dst: cidr,
-                        gw: Some(gw),
-                        priority: metric,
-                    });
-                }
-            }
-            if let Some(gw) = gateway {
-                resolve_gateway(&h, link.index, gw, &name).await;
-            }
-            Ok::<_, ApiError>((link, routes))
+
+    /// Runs inside the pod netns.
+    fn configure(self) -> Result<AddResult, ApiError> {
+        let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+        let ifname = self.ifname.clone();
+        // A strict rp_filter would drop replies arriving on a rail other than
+        // the lowest-metric one; stable GID indexes need no RA/SLAAC addresses.
+        for (path, value) in [
+            (format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"), "2"),
+            (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"), "0"),
+            (format!("/proc/sys/net/ipv6/conf/{ifname}/autoconf"), "0"),
+        ] {
+            sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
+        }
+        let (link, routes) =
+            with_rtnl(|h| self.install(h)).map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
+        if self.routing == Routing::Ebpf {
+            self.pins
+                .attach(&RailAttachment {
+                    ifname: ifname.clone(),
+                    ifindex: link.index,
+                    rail: self.rail,
+                    address: self.address,
+                    gateway: self.gateway,
+                    rdma_cidrs: self.rdma_cidrs.clone(),
+                    netns_inode: self.netns_inode,
+                })
+                .map_err(|e| dp("rail program".into(), e.to_string()))?;
+        }
+        Ok(AddResult {
+            interface: ResultInterface {
+                name: ifname,
+                mac: link.mac,
+                mtu: self.mtu,
+            },
+            address: self.address,
+            gateway: self.gateway,
+            routes,
         })
-        .map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
+    }
 
-    pins.attach(&RailAttachment {
-        ifname: ifname.to_owned(),
-        ifindex: link.index,
-        rail,
-        address,
-        gateway,
-        rdma_cidrs: rdma_cidrs.to_vec(),
-    })
-    .map_err(|e| dp("rail program".into(), e.to_string()))?;
+    /// Address, link up, routes (and in rules mode, the rail's table and
+    /// rules), gateway neighbour.
+    async fn install(&self, h: Handle) -> Result<(rtnl::Link, Vec<ResultRoute>), ApiError> {
+        let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+        let name = &self.ifname;
+        let address = self.address;
+        let link = rtnl::link_by_name(&h, name)
+            .await
+            .map_err(|e| dp(format!("look up {name}"), describe(&e)))?
+            .ok_or_else(|| dp(format!("{name} vanished from the pod netns"), String::new()))?;
+        h.address()
+            .add(link.index, address.addr().into(), address.prefix_len())
+            .execute()
+            .await
+            .map_err(|e| dp(format!("address {address} on {name}"), describe(&e)))?;
+        h.link()
+            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .execute()
+            .await
+            .map_err(|e| dp(format!("bringing {name} up"), describe(&e)))?;
+        let metric = ROUTE_METRIC_BASE + self.rail;
+        let table = RULE_TABLE_BASE + self.rail;
+        let mut routes = Vec::new();
+        if let Some(gw) = self.gateway {
+            for cidr in &self.rdma_cidrs {
+                let cidr = cidr.trunc();
+                if cidr.contains(&address.addr()) && cidr.prefix_len() >= address.prefix_len() {
+                    continue; // on-link already
+                }
+                add_route(&h, cidr, gw, link.index, metric, None)
+                    .await
+                    .map_err(|e| dp(format!("route {cidr} via {gw} dev {name}"), describe(&e)))?;
+                routes.push(ResultRoute {
+                    dst: cidr,
+                    gw: Some(gw),
+                    priority: metric,
+                });
+            }
+        }
+        if self.routing == Routing::Rules {
+            // Spiderpool-style: rail K's own table, chosen by source, only
+            // for RDMA destinations (`from ipK to CIDR`, which is what
+            // `not to CIDR lookup main` above `from ipK` means, and stays
+            // right with several CIDRs).
+            let subnet = address.trunc();
+            let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(subnet.network(), subnet.prefix_len())
+                .output_interface(link.index)
+                .scope(RouteScope::Link)
+                .table_id(table)
+                .build();
+            msg.header.protocol = RouteProtocol::Static;
+            h.route().add(msg).execute().await.map_err(|e| {
+                dp(
+                    format!("route {subnet} dev {name} table {table}"),
+                    describe(&e),
+                )
+            })?;
+            for dst in self.rdma_destinations() {
+                if let Some(gw) = self.gateway
+                    && !(dst.contains(&address.addr()) && dst.prefix_len() >= address.prefix_len())
+                {
+                    add_route(&h, dst, gw, link.index, metric, Some(table))
+                        .await
+                        .map_err(|e| {
+                            dp(format!("route {dst} via {gw} table {table}"), describe(&e))
+                        })?;
+                }
+                h.rule()
+                    .add()
+                    .v4()
+                    .source_prefix(address.addr(), 32)
+                    .destination_prefix(dst.network(), dst.prefix_len())
+                    .table_id(table)
+                    .action(RuleAction::ToTable)
+                    .priority(RULE_PRIORITY_BASE + self.rail)
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        dp(
+                            format!("rule from {} to {dst} lookup {table}", address.addr()),
+                            describe(&e),
+                        )
+                    })?;
+            }
+        }
+        if let Some(gw) = self.gateway {
+            resolve_gateway(&h, link.index, gw, name).await;
+        }
+        Ok((link, routes))
+    }
+}
 
-    Ok(AddResult {
-        interface: ResultInterface {
-            name: ifname.to_owned(),
-            mac: link.mac,
-            mtu,
-        },
-        address,
-        gateway,
-        routes,
-    })
+async fn add_route(
+    h: &Handle,
+    dst: Ipv4Net,
+    gw: Ipv4Addr,
+    index: u32,
+    metric: u32,
+    table: Option<u32>,
+) -> Result<(), rtnetlink::Error> {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .gateway(gw)
+        .output_interface(index)
+        .priority(metric);
+    if let Some(t) = table {
+        b = b.table_id(t);
+    }
+    h.route().add(b.build()).execute().await
 }

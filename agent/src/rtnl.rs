@@ -1,11 +1,19 @@
 //! Small rtnetlink helpers shared by the node side and the pod side.
 
-use std::{future::Future, io};
+use std::{
+    future::Future,
+    io,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    Handle,
-    packet_route::link::{LinkAttribute, LinkMessage},
+    Handle, IpVersion,
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkMessage},
+        rule::RuleAttribute,
+    },
 };
 
 /// Runs `work` with an rtnetlink handle whose socket is opened on the
@@ -90,4 +98,38 @@ pub fn describe(err: &rtnetlink::Error) -> String {
         rtnetlink::Error::NetlinkError(e) => e.to_io().to_string(),
         other => other.to_string(),
     }
+}
+
+/// The IPv4 addresses on a link.
+pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<Ipv4Addr>, rtnetlink::Error> {
+    let mut out = Vec::new();
+    let mut msgs = h.address().get().set_link_index_filter(index).execute();
+    while let Some(msg) = msgs.try_next().await? {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Local(IpAddr::V4(a)) = attr {
+                out.push(*a);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes every IPv4 rule whose source is exactly `addr`.
+pub async fn delete_rules_from(h: &Handle, addr: Ipv4Addr) -> Result<(), rtnetlink::Error> {
+    let mut rules = h.rule().get(IpVersion::V4).execute();
+    let mut doomed = Vec::new();
+    while let Some(rule) = rules.try_next().await? {
+        let from_us = rule.header.src_len == 32
+            && rule
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Source(IpAddr::V4(s)) if *s == addr));
+        if from_us {
+            doomed.push(rule);
+        }
+    }
+    for rule in doomed {
+        h.rule().del(rule).execute().await?;
+    }
+    Ok(())
 }

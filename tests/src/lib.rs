@@ -104,6 +104,15 @@ impl Netns {
             .unwrap_or_else(|| panic!("no rx counter for {dev} in {}: {v}", self.name))
     }
 
+    /// Received bytes of `dev` (robust to GSO, where one skb is many packets).
+    #[track_caller]
+    pub fn rx_bytes(&self, dev: &str) -> u64 {
+        let v = self.ip_json(&["-s", "link", "show", "dev", dev]);
+        v[0]["stats64"]["rx"]["bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no rx counter for {dev} in {}: {v}", self.name))
+    }
+
     /// Whether `dev` exists in this netns.
     pub fn has_link(&self, dev: &str) -> bool {
         Command::new("ip")
@@ -170,6 +179,7 @@ pub struct Agent {
     /// Its pools file.
     pub config: PathBuf,
     log: PathBuf,
+    extra: Vec<String>,
     _dir: ScratchDir,
 }
 
@@ -178,6 +188,12 @@ impl Agent {
     /// until it serves.
     #[track_caller]
     pub fn start(node: &Netns, pools: &Value) -> Self {
+        Self::start_with(node, pools, &[])
+    }
+
+    /// As [`Agent::start`], with extra flags.
+    #[track_caller]
+    pub fn start_with(node: &Netns, pools: &Value, extra: &[&str]) -> Self {
         let dir = ScratchDir::new("agent");
         let config = dir.path().join("pools.json");
         std::fs::write(&config, pools.to_string()).expect("write pools");
@@ -190,6 +206,7 @@ impl Agent {
             pin_root,
             config,
             log,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             _dir: dir,
         };
         agent.spawn(node);
@@ -199,7 +216,12 @@ impl Agent {
     /// (Re)starts the process.
     #[track_caller]
     pub fn spawn(&mut self, node: &Netns) {
-        let log = std::fs::File::create(&self.log).expect("agent log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let _ = std::fs::remove_file(&self.socket);
         let child = node
             .command(binary("RAILNET_AGENT_BIN", "railnet-agent"))
             .arg("--socket")
@@ -208,6 +230,7 @@ impl Agent {
             .arg(&self.config)
             .arg("--pin-root")
             .arg(&self.pin_root)
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -243,6 +266,14 @@ impl Agent {
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the process with SIGKILL, as a crash or OOM would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -437,5 +468,262 @@ impl Fabric {
             .status()
             .map(|s| s.success())
             .unwrap_or(false)
+    }
+}
+
+/// The issue-3 fabric: two or more nodes, `R` rails, one router netns per
+/// rail (a bridge holding rail K's gateway 172.16.K.254/24, with a port to
+/// every node's `ethK`), a spine routing between the rail routers, and per
+/// node a pod bridge (10.244.N.1/24) for the pods' default `eth0`, with a
+/// "service" address 10.96.0.10 outside the RDMA CIDR on the node.
+#[derive(Debug)]
+pub struct RailFabric {
+    /// Rail routers, index K-1.
+    pub routers: Vec<Netns>,
+    /// The spine.
+    pub spine: Netns,
+    /// The nodes.
+    pub nodes: Vec<Netns>,
+    /// Number of rails.
+    pub rails: u32,
+    pods_made: AtomicU32,
+}
+
+/// A service address outside the RDMA CIDR, on every node.
+pub const SERVICE: &str = "10.96.0.10";
+
+/// A pod of a [`RailFabric`]: its netns and default `eth0`.
+#[derive(Debug)]
+pub struct FabricPod {
+    /// The pod netns.
+    pub ns: Netns,
+    /// Index of its node.
+    pub node: usize,
+    /// Node-side end of its eth0 veth (count its rx for eth0 traffic).
+    pub host_veth: String,
+}
+
+impl RailFabric {
+    /// Builds `nodes` nodes and `rails` rails (each ≤ 9).
+    #[track_caller]
+    pub fn new(nodes: usize, rails: u32) -> Self {
+        let spine = Netns::new("spine");
+        spine.sysctl("net.ipv4.ip_forward", "1");
+        let nodes: Vec<Netns> = (0..nodes).map(|_| Netns::new("node")).collect();
+        let mut routers = Vec::new();
+        for k in 1..=rails {
+            let r = Netns::new(&format!("rtr{k}"));
+            r.sysctl("net.ipv4.ip_forward", "1");
+            r.ip(&["link", "add", "br0", "type", "bridge"]);
+            for (n, node) in nodes.iter().enumerate() {
+                let (nic, port) = (format!("eth{k}"), format!("n{n}"));
+                sh(Command::new("ip").args([
+                    "link",
+                    "add",
+                    &nic,
+                    "netns",
+                    node.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &port,
+                    "netns",
+                    r.name(),
+                ]));
+                node.ip(&["link", "set", &nic, "up"]);
+                r.ip(&["link", "set", &port, "master", "br0", "up"]);
+            }
+            r.ip(&["addr", "add", &format!("172.16.{k}.254/24"), "dev", "br0"]);
+            r.ip(&["link", "set", "br0", "up"]);
+            let up = format!("r{k}");
+            sh(Command::new("ip").args([
+                "link",
+                "add",
+                "uplink",
+                "netns",
+                r.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &up,
+                "netns",
+                spine.name(),
+            ]));
+            r.ip(&["addr", "add", &format!("172.31.{k}.1/30"), "dev", "uplink"]);
+            r.ip(&["link", "set", "uplink", "up"]);
+            r.ip(&["route", "add", "default", "via", &format!("172.31.{k}.2")]);
+            spine.ip(&["addr", "add", &format!("172.31.{k}.2/30"), "dev", &up]);
+            spine.ip(&["link", "set", &up, "up"]);
+            spine.ip(&[
+                "route",
+                "add",
+                &format!("172.16.{k}.0/24"),
+                "via",
+                &format!("172.31.{k}.1"),
+            ]);
+            routers.push(r);
+        }
+        for (n, node) in nodes.iter().enumerate() {
+            node.ip(&["link", "add", "cbr0", "type", "bridge"]);
+            node.ip(&["addr", "add", &format!("10.244.{n}.1/24"), "dev", "cbr0"]);
+            node.ip(&["link", "set", "cbr0", "up"]);
+            node.ip(&["addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
+        }
+        Self {
+            routers,
+            spine,
+            nodes,
+            rails,
+            pods_made: AtomicU32::new(0),
+        }
+    }
+
+    /// Rail K's router.
+    pub fn router(&self, k: u32) -> &Netns {
+        &self.routers[(k - 1) as usize]
+    }
+
+    /// Packets rail K's router received from node `n`'s rail NIC.
+    pub fn rail_rx(&self, k: u32, n: usize) -> u64 {
+        self.router(k).rx_packets(&format!("n{n}"))
+    }
+
+    /// Rx counters of every rail router's port to node `n`, index K-1.
+    pub fn rails_rx(&self, n: usize) -> Vec<u64> {
+        (1..=self.rails).map(|k| self.rail_rx(k, n)).collect()
+    }
+
+    /// Node `n`'s pools file: per rail a pool of 90 addresses no other node
+    /// uses (172.16.K.(10+100n)…).
+    pub fn pools(&self, n: usize) -> Value {
+        let pools: Vec<Value> = (1..=self.rails)
+            .map(|k| {
+                let lo = 10 + 100 * n;
+                serde_json::json!({
+                    "name": format!("rail{k}"),
+                    "subnet": format!("172.16.{k}.0/24"),
+                    "ips": [format!("172.16.{k}.{lo}-172.16.{k}.{}", lo + 89)],
+                    "gateway": format!("172.16.{k}.254"),
+                })
+            })
+            .collect();
+        serde_json::json!({ "pools": pools })
+    }
+
+    /// Rail K's network config.
+    pub fn netconf(&self, k: u32, agent: &Agent, routing: &str) -> Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": format!("rail{k}"),
+            "type": "railnet",
+            "rail": k,
+            "master": format!("eth{k}"),
+            "rdmaCIDRs": [RDMA_CIDR],
+            "ippools": { "ipv4": [format!("rail{k}")] },
+            "routing": routing,
+            "agentSocket": agent.socket,
+        })
+    }
+
+    /// A pod on node `n` with a default `eth0` on the node's pod bridge.
+    #[track_caller]
+    pub fn pod(&self, n: usize) -> FabricPod {
+        let i = self.pods_made.fetch_add(1, Ordering::Relaxed);
+        let ns = Netns::new("pod");
+        let node = &self.nodes[n];
+        let host_veth = format!("vp{i}");
+        sh(Command::new("ip").args([
+            "link",
+            "add",
+            &host_veth,
+            "netns",
+            node.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]));
+        node.ip(&["link", "set", &host_veth, "master", "cbr0", "up"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.244.{n}.{}/24", i + 2),
+            "dev",
+            "eth0",
+        ]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns.ip(&["route", "add", "default", "via", &format!("10.244.{n}.1")]);
+        FabricPod {
+            ns,
+            node: n,
+            host_veth,
+        }
+    }
+}
+
+impl Netns {
+    /// Sets a sysctl inside this netns.
+    #[track_caller]
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_owned();
+        let shown = path.clone();
+        self.run(move || std::fs::write(&path, value))
+            .unwrap_or_else(|e| panic!("sysctl {shown}: {e}"));
+    }
+
+    /// Pings `dst` from address `src`, `count` times at 10 ms; true if
+    /// every reply came back.
+    pub fn ping(&self, src: &str, dst: &str, count: u32, size: u32) -> bool {
+        self.command("ping")
+            .args([
+                "-q",
+                "-n",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.01",
+                "-W",
+                "1",
+                "-s",
+                &size.to_string(),
+                "-I",
+                src,
+                dst,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Starts `work` on a thread inside this netns and returns at once.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let file = std::fs::File::open(self.path()).expect("open netns");
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            work()
+        })
+    }
+
+    /// Runs `work` on a thread inside this netns (sockets it opens belong
+    /// to the netns).
+    pub fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = std::fs::File::open(self.path()).expect("open netns");
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            work()
+        })
+        .join()
+        .expect("netns thread")
     }
 }

@@ -50,7 +50,8 @@ pub struct RailSource {
     pub _pad: u32,
 }
 
-/// Facts about one program instance that an upgraded agent reads back.
+/// Facts about one pod's instance that a restarted or upgraded agent reads
+/// back from the pins.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -58,6 +59,9 @@ pub struct Meta {
     pub layout_version: u32,
     /// Written out so the struct has no implicit padding.
     pub _pad: u32,
+    /// Inode of the pod's netns (nsfs), so a sweep can tell when the pod
+    /// is gone without any other record.
+    pub netns_inode: u64,
 }
 
 /// What the program did with a packet.
@@ -138,6 +142,6 @@ mod tests {
     #[test]
     fn shared_structs_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<RailSource>(), 6 * 4);
-        assert_eq!(core::mem::size_of::<Meta>(), 8);
+        assert_eq!(core::mem::size_of::<Meta>(), 16);
     }
 }

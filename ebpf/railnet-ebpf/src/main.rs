@@ -94,13 +94,17 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
     if ifindex == rail.ifindex {
         return (k, Verdict::OnRail, TC_ACT_UNSPEC);
     }
+    let on_link = dst & rail.mask == rail.subnet;
+    // A directed broadcast of the rail's subnet is not unicast RDMA traffic.
+    if on_link && dst | !rail.mask == dst {
+        return (k, Verdict::Other, TC_ACT_UNSPEC);
+    }
     let mut mtu_len: u32 = 0;
     // SAFETY: helper call with the program's own context and a stack slot.
     let mtu = unsafe { bpf_check_mtu(ctx.as_ptr(), rail.ifindex, &mut mtu_len, 0, 0) };
     if mtu != 0 {
         return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC);
     }
-    let on_link = dst & rail.mask == rail.subnet;
     let next_hop = if on_link || rail.gateway == 0 {
         dst
     } else {
