@@ -8,14 +8,14 @@
 
 use std::{
     io::{IoSlice, IoSliceMut, Read, Write},
-    net::Ipv4Addr,
+    net::IpAddr,
     os::{
         fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
         unix::net::UnixStream,
     },
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 use serde::{Deserialize, Serialize};
 
@@ -131,12 +131,19 @@ impl ApiError {
 pub struct AddResult {
     /// The pod interface.
     pub interface: ResultInterface,
-    /// Its IPv4 address and gateway.
-    pub address: Ipv4Net,
-    /// Rail gateway, if the pool has one.
-    pub gateway: Option<Ipv4Addr>,
-    /// Routes installed in the pod for this rail.
+    /// Its addresses: IPv4 first, then IPv6.
+    pub ips: Vec<ResultIp>,
+    /// Routes installed in the pod's main table for this rail.
     pub routes: Vec<ResultRoute>,
+}
+
+/// An address in a CNI result.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct ResultIp {
+    /// Address with the subnet's prefix length.
+    pub address: IpNet,
+    /// Rail gateway, if the pool has one.
+    pub gateway: Option<IpAddr>,
 }
 
 /// An interface in a CNI result.
@@ -154,9 +161,9 @@ pub struct ResultInterface {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 pub struct ResultRoute {
     /// Destination.
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     /// Next hop.
-    pub gw: Option<Ipv4Addr>,
+    pub gw: Option<IpAddr>,
     /// Metric.
     pub priority: u32,
 }
@@ -166,16 +173,28 @@ impl AddResult {
     /// `version` field and `interface` index; 1.x drops the former).
     pub fn to_cni(&self, version: &str, sandbox: &str) -> serde_json::Value {
         use serde_json::json;
-        let mut ip = json!({
-            "address": self.address.to_string(),
-            "interface": 0,
-        });
-        if let Some(gw) = self.gateway {
-            ip["gateway"] = json!(gw.to_string());
-        }
-        if version.starts_with("0.") {
-            ip["version"] = json!("4");
-        }
+        let ips: Vec<_> = self
+            .ips
+            .iter()
+            .map(|a| {
+                let mut ip = json!({
+                    "address": a.address.to_string(),
+                    "interface": 0,
+                });
+                if let Some(gw) = a.gateway {
+                    ip["gateway"] = json!(gw.to_string());
+                }
+                if version.starts_with("0.") {
+                    let family = if matches!(a.address, IpNet::V4(_)) {
+                        "4"
+                    } else {
+                        "6"
+                    };
+                    ip["version"] = json!(family);
+                }
+                ip
+            })
+            .collect();
         let routes: Vec<_> = self
             .routes
             .iter()
@@ -201,7 +220,7 @@ impl AddResult {
         json!({
             "cniVersion": version,
             "interfaces": [iface],
-            "ips": [ip],
+            "ips": ips,
             "routes": routes,
         })
     }
@@ -348,12 +367,21 @@ mod tests {
                 mac: "02:00:00:00:00:01".into(),
                 mtu: 1500,
             },
-            address: "172.16.11.10/24".parse().unwrap(),
-            gateway: Some("172.16.11.254".parse().unwrap()),
+            ips: vec![
+                ResultIp {
+                    address: "172.16.11.10/24".parse().unwrap(),
+                    gateway: Some("172.16.11.254".parse().unwrap()),
+                },
+                ResultIp {
+                    address: "fd00:16:11::1/64".parse().unwrap(),
+                    gateway: None,
+                },
+            ],
             routes: vec![],
         };
         let old = r.to_cni("0.3.1", "/proc/1/ns/net");
         assert_eq!(old["ips"][0]["version"], "4");
+        assert_eq!(old["ips"][1]["version"], "6");
         let new = r.to_cni("1.0.0", "/proc/1/ns/net");
         assert!(new["ips"][0].get("version").is_none());
         assert_eq!(new["cniVersion"], "1.0.0");

@@ -6,11 +6,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Mutex,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 /// A pool as written in the agent's config (field names as SpiderIPPool's).
@@ -19,17 +19,17 @@ use serde::Deserialize;
 pub struct PoolSpec {
     /// Pool name, referenced by a network's `ippools`.
     pub name: String,
-    /// The subnet.
-    pub subnet: Ipv4Net,
+    /// The subnet, IPv4 or IPv6.
+    pub subnet: IpNet,
     /// Address ranges `a-b` or single addresses; the whole subnet if empty.
     #[serde(default)]
     pub ips: Vec<String>,
     /// Addresses never handed out.
     #[serde(default, rename = "excludeIPs")]
-    pub exclude_ips: Vec<Ipv4Addr>,
+    pub exclude_ips: Vec<IpAddr>,
     /// The rail gateway.
     #[serde(default)]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
 }
 
 /// A validated pool.
@@ -38,11 +38,27 @@ pub struct Pool {
     /// Name.
     pub name: String,
     /// Subnet.
-    pub subnet: Ipv4Net,
+    pub subnet: IpNet,
     /// Gateway.
-    pub gateway: Option<Ipv4Addr>,
-    ranges: Vec<(u32, u32)>,
-    excluded: BTreeSet<u32>,
+    pub gateway: Option<IpAddr>,
+    ranges: Vec<(u128, u128)>,
+    excluded: BTreeSet<u128>,
+}
+
+/// An address as a number, so IPv4 and IPv6 ranges share one allocator.
+fn num(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn addr(v6: bool, n: u128) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(n))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(n as u32))
+    }
 }
 
 /// Pool definition and allocation errors.
@@ -64,9 +80,9 @@ pub enum IpamError {
         /// Pool name.
         pool: String,
         /// Gateway.
-        gateway: Ipv4Addr,
+        gateway: IpAddr,
         /// Subnet.
-        subnet: Ipv4Net,
+        subnet: IpNet,
     },
     /// Two pools of one name.
     #[error("pool {0} is defined twice")]
@@ -83,7 +99,8 @@ impl Pool {
     /// Validates a spec: every range and the gateway inside the subnet.
     pub fn new(spec: PoolSpec) -> Result<Self, IpamError> {
         let net = spec.subnet.trunc();
-        let inside = |a: Ipv4Addr| net.contains(&a);
+        let v6 = matches!(net, IpNet::V6(_));
+        let inside = |a: IpAddr| net.contains(&a);
         let mut ranges = Vec::new();
         for range in &spec.ips {
             let bad = |why: &str| IpamError::Range {
@@ -95,18 +112,18 @@ impl Pool {
                 Some((a, b)) => (a.trim(), b.trim()),
                 None => (range.trim(), range.trim()),
             };
-            let a: Ipv4Addr = a.parse().map_err(|_| bad("is not an IPv4 address range"))?;
-            let b: Ipv4Addr = b.parse().map_err(|_| bad("is not an IPv4 address range"))?;
+            let a: IpAddr = a.parse().map_err(|_| bad("is not an address range"))?;
+            let b: IpAddr = b.parse().map_err(|_| bad("is not an address range"))?;
             if !inside(a) || !inside(b) {
                 return Err(bad(&format!("is not inside subnet {net}")));
             }
-            if u32::from(a) > u32::from(b) {
+            if num(a) > num(b) {
                 return Err(bad("ends before it starts"));
             }
-            ranges.push((u32::from(a), u32::from(b)));
+            ranges.push((num(a), num(b)));
         }
         if ranges.is_empty() {
-            ranges.push((u32::from(net.network()), u32::from(net.broadcast())));
+            ranges.push((num(net.network()), num(net.broadcast())));
         }
         if let Some(gateway) = spec.gateway
             && !inside(gateway)
@@ -117,13 +134,15 @@ impl Pool {
                 subnet: net,
             });
         }
-        let mut excluded: BTreeSet<u32> = spec.exclude_ips.iter().map(|a| u32::from(*a)).collect();
-        if net.prefix_len() < 31 {
-            excluded.insert(u32::from(net.network()));
-            excluded.insert(u32::from(net.broadcast()));
+        let mut excluded: BTreeSet<u128> = spec.exclude_ips.iter().map(|a| num(*a)).collect();
+        // IPv4's network and broadcast addresses, IPv6's subnet-router
+        // anycast address: never a host's.
+        excluded.insert(num(net.network()));
+        if !v6 && net.prefix_len() < 31 {
+            excluded.insert(num(net.broadcast()));
         }
         if let Some(gw) = spec.gateway {
-            excluded.insert(u32::from(gw));
+            excluded.insert(num(gw));
         }
         Ok(Self {
             name: spec.name,
@@ -134,11 +153,27 @@ impl Pool {
         })
     }
 
-    fn candidates(&self) -> impl Iterator<Item = u32> + '_ {
-        self.ranges
-            .iter()
-            .flat_map(|&(a, b)| a..=b)
-            .filter(|a| !self.excluded.contains(a))
+    /// Whether this is an IPv6 pool.
+    pub fn is_v6(&self) -> bool {
+        matches!(self.subnet, IpNet::V6(_))
+    }
+
+    /// Free candidates in order; lazy, so an IPv6 /64 is never enumerated
+    /// beyond the first free address.
+    fn first_free(&self, used: &BTreeSet<u128>) -> Option<IpAddr> {
+        for &(a, b) in &self.ranges {
+            let mut n = a;
+            loop {
+                if !self.excluded.contains(&n) && !used.contains(&n) {
+                    return Some(addr(self.is_v6(), n));
+                }
+                if n == b {
+                    break;
+                }
+                n += 1;
+            }
+        }
+        None
     }
 }
 
@@ -148,14 +183,17 @@ pub struct Allocation {
     /// The pool it came from.
     pub pool: Pool,
     /// The address.
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
+
+/// Which family an allocation is for.
+type Key = (String, String, bool);
 
 /// Pools plus the allocations made from them.
 #[derive(Debug, Default)]
 pub struct Ipam {
     pools: BTreeMap<String, Pool>,
-    held: Mutex<BTreeMap<(String, String), (String, Ipv4Addr)>>,
+    held: Mutex<BTreeMap<Key, (String, IpAddr)>>,
 }
 
 impl Ipam {
@@ -177,35 +215,41 @@ impl Ipam {
 
     /// Allocates for (container, ifname) from the first pool of `names` with
     /// room; a repeated call for the same key returns the same address.
+    /// All of `names` must be pools of one family.
     pub fn allocate(
         &self,
         container_id: &str,
         ifname: &str,
         names: &[String],
     ) -> Result<Allocation, IpamError> {
+        let pools = names
+            .iter()
+            .map(|name| {
+                self.pools.get(name).ok_or_else(|| {
+                    IpamError::UnknownPool(
+                        name.clone(),
+                        self.pools.keys().cloned().collect::<Vec<_>>().join(", "),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let v6 = pools.first().is_some_and(|p| p.is_v6());
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (container_id.to_owned(), ifname.to_owned());
+        let key = (container_id.to_owned(), ifname.to_owned(), v6);
         if let Some((pool, address)) = held.get(&key) {
             return Ok(Allocation {
                 pool: self.pools[pool].clone(),
                 address: *address,
             });
         }
-        for name in names {
-            let pool = self.pools.get(name).ok_or_else(|| {
-                IpamError::UnknownPool(
-                    name.clone(),
-                    self.pools.keys().cloned().collect::<Vec<_>>().join(", "),
-                )
-            })?;
-            let used: BTreeSet<u32> = held
+        for pool in pools {
+            let used: BTreeSet<u128> = held
                 .values()
-                .filter(|(p, _)| p == name)
-                .map(|(_, a)| u32::from(*a))
+                .filter(|(p, _)| *p == pool.name)
+                .map(|(_, a)| num(*a))
                 .collect();
-            if let Some(free) = pool.candidates().find(|a| !used.contains(a)) {
-                let address = Ipv4Addr::from(free);
-                held.insert(key, (name.clone(), address));
+            if let Some(address) = pool.first_free(&used) {
+                held.insert(key, (pool.name.clone(), address));
                 return Ok(Allocation {
                     pool: pool.clone(),
                     address,
@@ -215,18 +259,20 @@ impl Ipam {
         Err(IpamError::Exhausted(names.join(", ")))
     }
 
-    /// Releases whatever (container, ifname) holds; true if it held anything.
+    /// Releases whatever (container, ifname) holds, both families; true if
+    /// it held anything.
     pub fn release(&self, container_id: &str, ifname: &str) -> bool {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.remove(&(container_id.to_owned(), ifname.to_owned()))
-            .is_some()
+        let before = held.len();
+        held.retain(|(c, i, _), _| !(c == container_id && i == ifname));
+        held.len() != before
     }
 
     /// Releases everything a container holds; returns how many addresses.
     pub fn release_container(&self, container_id: &str) -> usize {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let before = held.len();
-        held.retain(|(cid, _), _| cid != container_id);
+        held.retain(|(cid, _, _), _| cid != container_id);
         before - held.len()
     }
 
@@ -251,6 +297,21 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_pools_allocate_without_enumerating_a_64() {
+        let ipam = Ipam::new(vec![spec(
+            "v6",
+            "fd00:16:1::/64",
+            &[],
+            Some("fd00:16:1::254"),
+        )])
+        .unwrap();
+        let a = ipam.allocate("c1", "net1", &["v6".into()]).unwrap();
+        assert_eq!(a.address, "fd00:16:1::1".parse::<IpAddr>().unwrap());
+        let b = ipam.allocate("c2", "net1", &["v6".into()]).unwrap();
+        assert_eq!(b.address, "fd00:16:1::2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
     fn seed_solution2_ranges_overrunning_their_27_are_rejected() {
         let err = Pool::new(spec(
             "eno3np1-rail1-node1",
@@ -267,7 +328,7 @@ mod tests {
     fn never_hands_out_gateway_network_broadcast_or_twice() {
         let ipam = Ipam::new(vec![spec("p", "10.0.0.0/30", &[], Some("10.0.0.1"))]).unwrap();
         let a = ipam.allocate("c1", "net1", &["p".into()]).unwrap();
-        assert_eq!(a.address, "10.0.0.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(a.address, "10.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(
             ipam.allocate("c1", "net1", &["p".into()]).unwrap().address,
             a.address,

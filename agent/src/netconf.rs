@@ -4,9 +4,7 @@
 //! cniVersion 0.3.1, with fields railnet does not know (Multus and other
 //! tools add their own); unknown fields are ignored, as the CNI spec asks.
 
-use std::net::Ipv4Addr;
-
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use railnet_common::MAX_RAIL;
@@ -38,9 +36,10 @@ pub struct NetConf {
     /// MTU of the pod interface; the master's when absent.
     #[serde(default)]
     pub mtu: Option<u32>,
-    /// RDMA destinations; empty means "each rail's own subnet".
+    /// RDMA destinations, either family; none of a family means "each
+    /// rail's own subnet" for that family.
     #[serde(default, rename = "rdmaCIDRs")]
-    pub rdma_cidrs: Vec<Ipv4Net>,
+    pub rdma_cidrs: Vec<IpNet>,
     /// Pools to allocate from.
     pub ippools: IpPools,
     /// How rail traffic is kept on its rail.
@@ -67,6 +66,9 @@ pub struct IpPools {
     /// IPv4 pool names.
     #[serde(default)]
     pub ipv4: Vec<String>,
+    /// IPv6 pool names (a dual-stack rail gets one address of each).
+    #[serde(default)]
+    pub ipv6: Vec<String>,
 }
 
 fn default_mode() -> String {
@@ -92,7 +94,7 @@ pub enum NetConfError {
     #[error("\"master\" is empty; name the node's rail NIC, e.g. \"eno3np1\"")]
     Master,
     /// No pool.
-    #[error("\"ippools\" names no IPv4 pool; add e.g. {{\"ipv4\": [\"rail1\"]}}")]
+    #[error("\"ippools\" names no pool; add e.g. {{\"ipv4\": [\"rail1\"]}}")]
     NoPool,
     /// MTU outside what Ethernet allows.
     #[error("mtu {0} is out of range 576..=9216")]
@@ -121,7 +123,7 @@ impl NetConf {
         if self.master.is_empty() {
             return Err(NetConfError::Master);
         }
-        if self.ippools.ipv4.is_empty() {
+        if self.ippools.ipv4.is_empty() && self.ippools.ipv6.is_empty() {
             return Err(NetConfError::NoPool);
         }
         if let Some(mtu) = self.mtu
@@ -142,16 +144,6 @@ pub fn valid_ifname(name: &str) -> bool {
         && !name
             .bytes()
             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
-}
-
-/// A route of the CNI result.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-pub struct ResultRoute {
-    /// Destination.
-    pub dst: Ipv4Net,
-    /// Next hop.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gw: Option<Ipv4Addr>,
 }
 
 #[cfg(test)]

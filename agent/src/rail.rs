@@ -4,12 +4,17 @@
 //! interface in the pod, address it, route it, attach the program — and on
 //! any failure undo what was done, so a failed ADD leaves nothing behind.
 
-use std::{fs, net::Ipv4Addr, path::PathBuf};
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::{
     Handle, LinkMacVlan, LinkUnspec, RouteMessageBuilder,
     packet_route::{
+        address::{AddressAttribute, AddressFlags},
         link::MacVlanMode,
         neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState},
         route::{RouteProtocol, RouteScope},
@@ -18,7 +23,7 @@ use rtnetlink::{
 };
 
 use crate::{
-    api::{AddResult, ApiError, Attachment, ResultInterface, ResultRoute, code},
+    api::{AddResult, ApiError, Attachment, ResultInterface, ResultIp, ResultRoute, code},
     dataplane::{PodPins, RailAttachment},
     ipam::Ipam,
     netconf::{NetConf, Routing, valid_ifname},
@@ -86,13 +91,14 @@ impl RailService {
                 format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
             ));
         }
-        let alloc = self
-            .ipam
-            .allocate(&att.container_id, &att.ifname, &conf.ippools.ipv4)
-            .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
-        let address = Ipv4Net::new(alloc.address, alloc.pool.subnet.prefix_len())
-            .expect("prefix comes from a valid subnet");
-        match self.wire(att, &conf, netns, address, alloc.pool.gateway) {
+        let addrs = match self.allocate(att, &conf) {
+            Ok(a) => a,
+            Err(e) => {
+                self.ipam.release(&att.container_id, &att.ifname);
+                return Err(e);
+            }
+        };
+        match self.wire(att, &conf, netns, addrs) {
             Ok(result) => Ok(result),
             Err(e) => {
                 self.ipam.release(&att.container_id, &att.ifname);
@@ -101,13 +107,45 @@ impl RailService {
         }
     }
 
+    /// One address per family the network has pools for.
+    fn allocate(&self, att: &Attachment, conf: &NetConf) -> Result<RailAddresses, ApiError> {
+        let mut addrs = RailAddresses::default();
+        for names in [&conf.ippools.ipv4, &conf.ippools.ipv6] {
+            if names.is_empty() {
+                continue;
+            }
+            let alloc = self
+                .ipam
+                .allocate(&att.container_id, &att.ifname, names)
+                .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
+            let net = IpNet::new(alloc.address, alloc.pool.subnet.prefix_len())
+                .expect("prefix comes from a valid subnet");
+            match (net, alloc.pool.gateway) {
+                (IpNet::V4(n), gw) => {
+                    addrs.v4 = Some(n);
+                    addrs.gw4 = match gw {
+                        Some(IpAddr::V4(g)) => Some(g),
+                        _ => None,
+                    };
+                }
+                (IpNet::V6(n), gw) => {
+                    addrs.v6 = Some(n);
+                    addrs.gw6 = match gw {
+                        Some(IpAddr::V6(g)) => Some(g),
+                        _ => None,
+                    };
+                }
+            }
+        }
+        Ok(addrs)
+    }
+
     fn wire(
         &self,
         att: &Attachment,
         conf: &NetConf,
         netns: &PodNetns,
-        address: Ipv4Net,
-        gateway: Option<Ipv4Addr>,
+        addrs: RailAddresses,
     ) -> Result<AddResult, ApiError> {
         let dp = |msg: &str, details: String| ApiError::new(code::DATAPLANE, msg, details);
         // Node side: the master lives in the agent's netns (hostNetwork).
@@ -156,8 +194,7 @@ impl RailService {
         let plan = PodRail {
             ifname: att.ifname.clone(),
             rail: conf.rail,
-            address,
-            gateway,
+            addrs,
             rdma_cidrs: conf.rdma_cidrs.clone(),
             routing: conf.routing,
             mtu,
@@ -268,10 +305,10 @@ async fn remove_rail(h: &Handle, ifname: &str) -> Result<(), String> {
 /// that). A steered packet that meets an unresolved gateway on its new rail
 /// is lost (seen here: the first ping after ADD), so the first packet after
 /// ADD must find the gateway resolved.
-async fn resolve_gateway(h: &Handle, index: u32, gw: Ipv4Addr, ifname: &str) {
+async fn resolve_gateway(h: &Handle, index: u32, gw: IpAddr, ifname: &str) {
     let mut managed = h
         .neighbours()
-        .add(index, gw.into())
+        .add(index, gw)
         .state(NeighbourState::None)
         .replace();
     managed
@@ -281,7 +318,7 @@ async fn resolve_gateway(h: &Handle, index: u32, gw: Ipv4Addr, ifname: &str) {
     if let Err(e) = managed.execute().await {
         let once = h
             .neighbours()
-            .add(index, gw.into())
+            .add(index, gw)
             .flags(NeighbourFlags::Use)
             .replace()
             .execute()
@@ -303,29 +340,67 @@ fn sysctl(path: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// A rail's addresses and gateways, per family.
+#[derive(Clone, Debug, Default)]
+struct RailAddresses {
+    v4: Option<Ipv4Net>,
+    gw4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Net>,
+    gw6: Option<Ipv6Addr>,
+}
+
 /// Everything ADD does inside the pod netns for one rail.
 #[derive(Debug)]
 struct PodRail {
     ifname: String,
     rail: u32,
-    address: Ipv4Net,
-    gateway: Option<Ipv4Addr>,
-    rdma_cidrs: Vec<Ipv4Net>,
+    addrs: RailAddresses,
+    rdma_cidrs: Vec<IpNet>,
     routing: Routing,
     mtu: u32,
     netns_inode: u64,
     pins: PodPins,
 }
 
+/// Whether `dst` lies inside the subnet `own` (so no gateway is needed).
+fn on_link(dst: IpNet, own: IpNet) -> bool {
+    own.trunc().contains(&dst.network()) && dst.prefix_len() >= own.prefix_len()
+}
+
+fn same_family(a: IpNet, b: IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
 impl PodRail {
-    /// The destinations steered by source: the RDMA CIDRs, or the rail's
-    /// own subnet when none are configured.
-    fn rdma_destinations(&self) -> Vec<Ipv4Net> {
-        if self.rdma_cidrs.is_empty() {
-            vec![self.address.trunc()]
+    /// The RDMA CIDRs of `own`'s family, or `own`'s subnet when the network
+    /// declares none of that family.
+    fn rdma_destinations(&self, own: IpNet) -> Vec<IpNet> {
+        let same: Vec<IpNet> = self
+            .rdma_cidrs
+            .iter()
+            .filter(|c| same_family(**c, own))
+            .map(|c| c.trunc())
+            .collect();
+        if same.is_empty() {
+            vec![own.trunc()]
         } else {
-            self.rdma_cidrs.iter().map(|c| c.trunc()).collect()
+            same
         }
+    }
+
+    /// The rail's own addresses with their gateways, IPv4 first.
+    fn own(&self) -> Vec<(IpNet, Option<IpAddr>)> {
+        let mut own = Vec::new();
+        if let Some(v4) = self.addrs.v4 {
+            own.push((IpNet::V4(v4), self.addrs.gw4.map(IpAddr::V4)));
+        }
+        if let Some(v6) = self.addrs.v6 {
+            own.push((IpNet::V6(v6), self.addrs.gw6.map(IpAddr::V6)));
+        }
+        own
     }
 
     /// Runs inside the pod netns.
@@ -333,56 +408,87 @@ impl PodRail {
         let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
         let ifname = self.ifname.clone();
         // A strict rp_filter would drop replies arriving on a rail other than
-        // the lowest-metric one; stable GID indexes need no RA/SLAAC addresses.
+        // the lowest-metric one; stable GID indexes need no RA/SLAAC
+        // addresses. All before the link comes up.
         for (path, value) in [
             (format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"), "2"),
             (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"), "0"),
             (format!("/proc/sys/net/ipv6/conf/{ifname}/autoconf"), "0"),
+            // Without DAD the link-local address is valid at once, so the
+            // gateway's neighbour solicitation (which needs it as source)
+            // goes out at ADD instead of ~2 s later; rail addresses come
+            // from IPAM and are unique by construction.
+            (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0"),
         ] {
             sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
         }
         let (link, routes) =
             with_rtnl(|h| self.install(h)).map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
-        if self.routing == Routing::Ebpf {
+        // The program steers IPv4; IPv6 always uses rules (DESIGN.md).
+        if self.routing == Routing::Ebpf
+            && let Some(v4) = self.addrs.v4
+        {
+            let rdma_cidrs = self
+                .rdma_cidrs
+                .iter()
+                .filter_map(|c| match c {
+                    IpNet::V4(c) => Some(*c),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
             self.pins
                 .attach(&RailAttachment {
                     ifname: ifname.clone(),
                     ifindex: link.index,
                     rail: self.rail,
-                    address: self.address,
-                    gateway: self.gateway,
-                    rdma_cidrs: self.rdma_cidrs.clone(),
+                    address: v4,
+                    gateway: self.addrs.gw4,
+                    rdma_cidrs,
                     netns_inode: self.netns_inode,
                 })
                 .map_err(|e| dp("rail program".into(), e.to_string()))?;
         }
+        let ips = self
+            .own()
+            .into_iter()
+            .map(|(address, gateway)| ResultIp { address, gateway })
+            .collect();
         Ok(AddResult {
             interface: ResultInterface {
                 name: ifname,
                 mac: link.mac,
                 mtu: self.mtu,
             },
-            address: self.address,
-            gateway: self.gateway,
+            ips,
             routes,
         })
     }
 
-    /// Address, link up, routes (and in rules mode, the rail's table and
-    /// rules), gateway neighbour.
+    /// Addresses (IPv4 first), link up, main-table routes, the rail's own
+    /// table and rules where they are used, gateway neighbours.
     async fn install(&self, h: Handle) -> Result<(rtnl::Link, Vec<ResultRoute>), ApiError> {
         let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
         let name = &self.ifname;
-        let address = self.address;
         let link = rtnl::link_by_name(&h, name)
             .await
             .map_err(|e| dp(format!("look up {name}"), describe(&e)))?
             .ok_or_else(|| dp(format!("{name} vanished from the pod netns"), String::new()))?;
-        h.address()
-            .add(link.index, address.addr().into(), address.prefix_len())
-            .execute()
-            .await
-            .map_err(|e| dp(format!("address {address} on {name}"), describe(&e)))?;
+        let own = self.own();
+        for (address, _) in &own {
+            let mut req = h
+                .address()
+                .add(link.index, address.addr(), address.prefix_len());
+            if matches!(address, IpNet::V6(_)) {
+                // Usable at once: a tentative address cannot source traffic,
+                // and rail addresses come from IPAM, not SLAAC.
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            req.execute()
+                .await
+                .map_err(|e| dp(format!("address {address} on {name}"), describe(&e)))?;
+        }
         h.link()
             .set(LinkUnspec::new_with_index(link.index).up().build())
             .execute()
@@ -391,44 +497,47 @@ impl PodRail {
         let metric = ROUTE_METRIC_BASE + self.rail;
         let table = RULE_TABLE_BASE + self.rail;
         let mut routes = Vec::new();
-        if let Some(gw) = self.gateway {
-            for cidr in &self.rdma_cidrs {
-                let cidr = cidr.trunc();
-                if cidr.contains(&address.addr()) && cidr.prefix_len() >= address.prefix_len() {
-                    continue; // on-link already
+        for &(address, gw) in &own {
+            // Main table: every RDMA CIDR via this rail's gateway at this
+            // rail's metric (what oif-bound IPv4 lookups and source-less
+            // lookups use).
+            if let Some(gw) = gw {
+                for cidr in self.rdma_cidrs.iter().map(|c| c.trunc()) {
+                    if !same_family(cidr, address) || on_link(cidr, address) {
+                        continue;
+                    }
+                    add_route(&h, cidr, gw, link.index, metric, None)
+                        .await
+                        .map_err(|e| {
+                            dp(format!("route {cidr} via {gw} dev {name}"), describe(&e))
+                        })?;
+                    routes.push(ResultRoute {
+                        dst: cidr,
+                        gw: Some(gw),
+                        priority: metric,
+                    });
                 }
-                add_route(&h, cidr, gw, link.index, metric, None)
-                    .await
-                    .map_err(|e| dp(format!("route {cidr} via {gw} dev {name}"), describe(&e)))?;
-                routes.push(ResultRoute {
-                    dst: cidr,
-                    gw: Some(gw),
-                    priority: metric,
-                });
             }
-        }
-        if self.routing == Routing::Rules {
-            // Spiderpool-style: rail K's own table, chosen by source, only
-            // for RDMA destinations (`from ipK to CIDR`, which is what
-            // `not to CIDR lookup main` above `from ipK` means, and stays
-            // right with several CIDRs).
+            // IPv6 ignores oif for source-bound lookups, and rules mode
+            // wants them for IPv4 too: rail K's own table, chosen by source,
+            // only for RDMA destinations (`from ipK to CIDR lookup K` — what
+            // Spiderpool's `not to CIDR lookup main` above `from ipK` means,
+            // and still right with several CIDRs).
+            if self.routing == Routing::Ebpf && matches!(address, IpNet::V4(_)) {
+                continue;
+            }
             let subnet = address.trunc();
-            let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(subnet.network(), subnet.prefix_len())
-                .output_interface(link.index)
-                .scope(RouteScope::Link)
-                .table_id(table)
-                .build();
-            msg.header.protocol = RouteProtocol::Static;
-            h.route().add(msg).execute().await.map_err(|e| {
-                dp(
-                    format!("route {subnet} dev {name} table {table}"),
-                    describe(&e),
-                )
-            })?;
-            for dst in self.rdma_destinations() {
-                if let Some(gw) = self.gateway
-                    && !(dst.contains(&address.addr()) && dst.prefix_len() >= address.prefix_len())
+            add_subnet_route(&h, subnet, link.index, table)
+                .await
+                .map_err(|e| {
+                    dp(
+                        format!("route {subnet} dev {name} table {table}"),
+                        describe(&e),
+                    )
+                })?;
+            for dst in self.rdma_destinations(address) {
+                if let Some(gw) = gw
+                    && !on_link(dst, address)
                 {
                     add_route(&h, dst, gw, link.index, metric, Some(table))
                         .await
@@ -436,26 +545,26 @@ impl PodRail {
                             dp(format!("route {dst} via {gw} table {table}"), describe(&e))
                         })?;
                 }
-                h.rule()
-                    .add()
-                    .v4()
-                    .source_prefix(address.addr(), 32)
-                    .destination_prefix(dst.network(), dst.prefix_len())
-                    .table_id(table)
-                    .action(RuleAction::ToTable)
-                    .priority(RULE_PRIORITY_BASE + self.rail)
-                    .execute()
-                    .await
-                    .map_err(|e| {
-                        dp(
-                            format!("rule from {} to {dst} lookup {table}", address.addr()),
-                            describe(&e),
-                        )
-                    })?;
+                add_rule(
+                    &h,
+                    address.addr(),
+                    dst,
+                    table,
+                    RULE_PRIORITY_BASE + self.rail,
+                )
+                .await
+                .map_err(|e| {
+                    dp(
+                        format!("rule from {} to {dst} lookup {table}", address.addr()),
+                        describe(&e),
+                    )
+                })?;
             }
         }
-        if let Some(gw) = self.gateway {
-            resolve_gateway(&h, link.index, gw, name).await;
+        for (_, gw) in &own {
+            if let Some(gw) = gw {
+                resolve_gateway(&h, link.index, *gw, name).await;
+            }
         }
         Ok((link, routes))
     }
@@ -463,19 +572,91 @@ impl PodRail {
 
 async fn add_route(
     h: &Handle,
-    dst: Ipv4Net,
-    gw: Ipv4Addr,
+    dst: IpNet,
+    gw: IpAddr,
     index: u32,
     metric: u32,
     table: Option<u32>,
 ) -> Result<(), rtnetlink::Error> {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .gateway(gw)
-        .output_interface(index)
-        .priority(metric);
-    if let Some(t) = table {
-        b = b.table_id(t);
+    let msg = match (dst, gw) {
+        (IpNet::V4(d), IpAddr::V4(g)) => {
+            let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .gateway(g)
+                .output_interface(index)
+                .priority(metric);
+            match table {
+                Some(t) => b.table_id(t).build(),
+                None => b.build(),
+            }
+        }
+        (IpNet::V6(d), IpAddr::V6(g)) => {
+            let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .gateway(g)
+                .output_interface(index)
+                .priority(metric);
+            match table {
+                Some(t) => b.table_id(t).build(),
+                None => b.build(),
+            }
+        }
+        _ => return Ok(()),
+    };
+    h.route().add(msg).execute().await
+}
+
+async fn add_subnet_route(
+    h: &Handle,
+    subnet: IpNet,
+    index: u32,
+    table: u32,
+) -> Result<(), rtnetlink::Error> {
+    let mut msg = match subnet {
+        IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .table_id(table)
+            .build(),
+        IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .table_id(table)
+            .build(),
+    };
+    msg.header.protocol = RouteProtocol::Static;
+    h.route().add(msg).execute().await
+}
+
+async fn add_rule(
+    h: &Handle,
+    src: IpAddr,
+    dst: IpNet,
+    table: u32,
+    priority: u32,
+) -> Result<(), rtnetlink::Error> {
+    let req = h
+        .rule()
+        .add()
+        .table_id(table)
+        .action(RuleAction::ToTable)
+        .priority(priority);
+    match (src, dst) {
+        (IpAddr::V4(s), IpNet::V4(d)) => {
+            req.v4()
+                .source_prefix(s, 32)
+                .destination_prefix(d.network(), d.prefix_len())
+                .execute()
+                .await
+        }
+        (IpAddr::V6(s), IpNet::V6(d)) => {
+            req.v6()
+                .source_prefix(s, 128)
+                .destination_prefix(d.network(), d.prefix_len())
+                .execute()
+                .await
+        }
+        _ => Ok(()),
     }
-    h.route().add(b.build()).execute().await
 }

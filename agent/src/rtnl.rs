@@ -1,10 +1,6 @@
 //! Small rtnetlink helpers shared by the node side and the pod side.
 
-use std::{
-    future::Future,
-    io,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{future::Future, io, net::IpAddr};
 
 use futures::TryStreamExt;
 use rtnetlink::{
@@ -100,30 +96,37 @@ pub fn describe(err: &rtnetlink::Error) -> String {
     }
 }
 
-/// The IPv4 addresses on a link.
-pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<Ipv4Addr>, rtnetlink::Error> {
+/// The addresses on a link, both families.
+pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<IpAddr>, rtnetlink::Error> {
     let mut out = Vec::new();
     let mut msgs = h.address().get().set_link_index_filter(index).execute();
     while let Some(msg) = msgs.try_next().await? {
         for attr in &msg.attributes {
-            if let AddressAttribute::Local(IpAddr::V4(a)) = attr {
-                out.push(*a);
+            match attr {
+                AddressAttribute::Local(a) => out.push(*a),
+                // IPv6 addresses carry only IFA_ADDRESS.
+                AddressAttribute::Address(a @ IpAddr::V6(_)) => out.push(*a),
+                _ => {}
             }
         }
     }
     Ok(out)
 }
 
-/// Deletes every IPv4 rule whose source is exactly `addr`.
-pub async fn delete_rules_from(h: &Handle, addr: Ipv4Addr) -> Result<(), rtnetlink::Error> {
-    let mut rules = h.rule().get(IpVersion::V4).execute();
+/// Deletes every rule whose source is exactly `addr`.
+pub async fn delete_rules_from(h: &Handle, addr: IpAddr) -> Result<(), rtnetlink::Error> {
+    let (version, len) = match addr {
+        IpAddr::V4(_) => (IpVersion::V4, 32),
+        IpAddr::V6(_) => (IpVersion::V6, 128),
+    };
+    let mut rules = h.rule().get(version).execute();
     let mut doomed = Vec::new();
     while let Some(rule) = rules.try_next().await? {
-        let from_us = rule.header.src_len == 32
+        let from_us = rule.header.src_len == len
             && rule
                 .attributes
                 .iter()
-                .any(|a| matches!(a, RuleAttribute::Source(IpAddr::V4(s)) if *s == addr));
+                .any(|a| matches!(a, RuleAttribute::Source(s) if *s == addr));
         if from_us {
             doomed.push(rule);
         }

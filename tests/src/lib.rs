@@ -366,6 +366,8 @@ pub struct Fabric {
 pub const REMOTE: &str = "172.16.100.1";
 /// The fabric's RDMA CIDR.
 pub const RDMA_CIDR: &str = "172.16.0.0/16";
+/// The fabric's IPv6 RDMA CIDR.
+pub const RDMA_CIDR6: &str = "fd00:16::/32";
 
 impl Fabric {
     /// Builds the fabric for `rails` (each 1..=89).
@@ -509,11 +511,17 @@ impl RailFabric {
     pub fn new(nodes: usize, rails: u32) -> Self {
         let spine = Netns::new("spine");
         spine.sysctl("net.ipv4.ip_forward", "1");
+        spine.sysctl("net.ipv6.conf.all.forwarding", "1");
+        // The fabric stands in for switches that have been up for days:
+        // no IPv6 duplicate-address detection delaying its first seconds.
+        spine.sysctl("net.ipv6.conf.default.accept_dad", "0");
         let nodes: Vec<Netns> = (0..nodes).map(|_| Netns::new("node")).collect();
         let mut routers = Vec::new();
         for k in 1..=rails {
             let r = Netns::new(&format!("rtr{k}"));
             r.sysctl("net.ipv4.ip_forward", "1");
+            r.sysctl("net.ipv6.conf.all.forwarding", "1");
+            r.sysctl("net.ipv6.conf.default.accept_dad", "0");
             r.ip(&["link", "add", "br0", "type", "bridge"]);
             for (n, node) in nodes.iter().enumerate() {
                 let (nic, port) = (format!("eth{k}"), format!("n{n}"));
@@ -535,6 +543,14 @@ impl RailFabric {
                 r.ip(&["link", "set", &port, "master", "br0", "up"]);
             }
             r.ip(&["addr", "add", &format!("172.16.{k}.254/24"), "dev", "br0"]);
+            r.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:16:{k}::254/64"),
+                "dev",
+                "br0",
+                "nodad",
+            ]);
             r.ip(&["link", "set", "br0", "up"]);
             let up = format!("r{k}");
             sh(Command::new("ip").args([
@@ -552,9 +568,33 @@ impl RailFabric {
                 spine.name(),
             ]));
             r.ip(&["addr", "add", &format!("172.31.{k}.1/30"), "dev", "uplink"]);
+            r.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:31:{k}::1/64"),
+                "dev",
+                "uplink",
+                "nodad",
+            ]);
             r.ip(&["link", "set", "uplink", "up"]);
             r.ip(&["route", "add", "default", "via", &format!("172.31.{k}.2")]);
+            r.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:31:{k}::2"),
+            ]);
             spine.ip(&["addr", "add", &format!("172.31.{k}.2/30"), "dev", &up]);
+            spine.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:31:{k}::2/64"),
+                "dev",
+                &up,
+                "nodad",
+            ]);
             spine.ip(&["link", "set", &up, "up"]);
             spine.ip(&[
                 "route",
@@ -562,6 +602,14 @@ impl RailFabric {
                 &format!("172.16.{k}.0/24"),
                 "via",
                 &format!("172.31.{k}.1"),
+            ]);
+            spine.ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:16:{k}::/64"),
+                "via",
+                &format!("fd00:31:{k}::1"),
             ]);
             routers.push(r);
         }
@@ -599,20 +647,28 @@ impl RailFabric {
     /// uses (172.16.K.(10+100n)…).
     pub fn pools(&self, n: usize) -> Value {
         let pools: Vec<Value> = (1..=self.rails)
-            .map(|k| {
+            .flat_map(|k| {
                 let lo = 10 + 100 * n;
-                serde_json::json!({
-                    "name": format!("rail{k}"),
-                    "subnet": format!("172.16.{k}.0/24"),
-                    "ips": [format!("172.16.{k}.{lo}-172.16.{k}.{}", lo + 89)],
-                    "gateway": format!("172.16.{k}.254"),
-                })
+                [
+                    serde_json::json!({
+                        "name": format!("rail{k}"),
+                        "subnet": format!("172.16.{k}.0/24"),
+                        "ips": [format!("172.16.{k}.{lo}-172.16.{k}.{}", lo + 89)],
+                        "gateway": format!("172.16.{k}.254"),
+                    }),
+                    serde_json::json!({
+                        "name": format!("rail{k}-v6"),
+                        "subnet": format!("fd00:16:{k}::/64"),
+                        "ips": [format!("fd00:16:{k}::{n}:10-fd00:16:{k}::{n}:99")],
+                        "gateway": format!("fd00:16:{k}::254"),
+                    }),
+                ]
             })
             .collect();
         serde_json::json!({ "pools": pools })
     }
 
-    /// Rail K's network config.
+    /// Rail K's network config (IPv4 only).
     pub fn netconf(&self, k: u32, agent: &Agent, routing: &str) -> Value {
         serde_json::json!({
             "cniVersion": "1.0.0",
@@ -625,6 +681,14 @@ impl RailFabric {
             "routing": routing,
             "agentSocket": agent.socket,
         })
+    }
+
+    /// Rail K's dual-stack network config (IPv6 RDMA CIDR fd00:16::/32).
+    pub fn netconf_dual(&self, k: u32, agent: &Agent, routing: &str) -> Value {
+        let mut conf = self.netconf(k, agent, routing);
+        conf["rdmaCIDRs"] = serde_json::json!([RDMA_CIDR, RDMA_CIDR6]);
+        conf["ippools"]["ipv6"] = serde_json::json!([format!("rail{k}-v6")]);
+        conf
     }
 
     /// A pod on node `n` with a default `eth0` on the node's pod bridge.

@@ -13,7 +13,7 @@ use std::{
 
 use railnet_agent::dataplane::PodPins;
 use railnet_common::Verdict;
-use railnet_tests::{Agent, FabricPod, RailFabric, SERVICE, cni, unique};
+use railnet_tests::{Agent, FabricPod, RDMA_CIDR6, RailFabric, SERVICE, cni, unique};
 
 const RAILS: u32 = 5;
 
@@ -23,12 +23,20 @@ struct RailedPod {
     cid: String,
     /// Address per rail, index K-1.
     ips: Vec<String>,
+    /// IPv6 address per rail when dual-stack, index K-1.
+    ips6: Vec<String>,
+    dual: bool,
 }
 
 impl RailedPod {
     #[track_caller]
     fn new(fabric: &RailFabric, node: usize, agent: &Agent, routing: &str) -> Self {
-        Self::with_mtu(fabric, node, agent, routing, &[])
+        Self::build(fabric, node, agent, routing, &[], false)
+    }
+
+    #[track_caller]
+    fn dual(fabric: &RailFabric, node: usize, agent: &Agent, routing: &str) -> Self {
+        Self::build(fabric, node, agent, routing, &[], true)
     }
 
     #[track_caller]
@@ -39,11 +47,27 @@ impl RailedPod {
         routing: &str,
         mtus: &[(u32, u32)],
     ) -> Self {
+        Self::build(fabric, node, agent, routing, mtus, false)
+    }
+
+    #[track_caller]
+    fn build(
+        fabric: &RailFabric,
+        node: usize,
+        agent: &Agent,
+        routing: &str,
+        mtus: &[(u32, u32)],
+        dual: bool,
+    ) -> Self {
         let pod = fabric.pod(node);
         let cid = unique("c");
-        let mut ips = Vec::new();
+        let (mut ips, mut ips6) = (Vec::new(), Vec::new());
         for k in 1..=fabric.rails {
-            let mut conf = fabric.netconf(k, agent, routing);
+            let mut conf = if dual {
+                fabric.netconf_dual(k, agent, routing)
+            } else {
+                fabric.netconf(k, agent, routing)
+            };
             if let Some((_, mtu)) = mtus.iter().find(|(r, _)| *r == k) {
                 conf["mtu"] = (*mtu).into();
             }
@@ -51,8 +75,24 @@ impl RailedPod {
             assert!(out.ok, "ADD rail {k}: {}\n{}", out.stdout, agent.log());
             let ip = out.json["ips"][0]["address"].as_str().unwrap();
             ips.push(ip.split('/').next().unwrap().to_owned());
+            if dual {
+                let ip6 = out.json["ips"][1]["address"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("no IPv6 address in {}", out.stdout));
+                ips6.push(ip6.split('/').next().unwrap().to_owned());
+            }
         }
-        Self { pod, cid, ips }
+        Self {
+            pod,
+            cid,
+            ips,
+            ips6,
+            dual,
+        }
+    }
+
+    fn ip6(&self, k: u32) -> &str {
+        &self.ips6[(k - 1) as usize]
     }
 
     fn ip(&self, k: u32) -> &str {
@@ -66,7 +106,11 @@ impl RailedPod {
     #[track_caller]
     fn del(&self, fabric: &RailFabric, agent: &Agent, routing: &str) {
         for k in 1..=fabric.rails {
-            let conf = fabric.netconf(k, agent, routing);
+            let conf = if self.dual {
+                fabric.netconf_dual(k, agent, routing)
+            } else {
+                fabric.netconf(k, agent, routing)
+            };
             let out = cni(
                 "DEL",
                 &conf,
@@ -294,8 +338,24 @@ fn every_rail_resolves_via_its_own_gateway_when_bound_to_its_device() {
     for routing in ["ebpf", "rules"] {
         let fabric = RailFabric::new(1, RAILS);
         let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
-        let a = RailedPod::new(&fabric, 0, &agent, routing);
+        let a = RailedPod::dual(&fabric, 0, &agent, routing);
         for k in 1..=RAILS {
+            // IPv6 ignores oif when a source is given: only the per-rail
+            // rules make this right.
+            let got = a.pod.ns.ip(&[
+                "-6",
+                "route",
+                "get",
+                "fd00:16:200::1",
+                "from",
+                a.ip6(k),
+                "oif",
+                &format!("net{k}"),
+            ]);
+            assert!(
+                got.contains(&format!("via fd00:16:{k}::254 dev net{k}")),
+                "{routing}: IPv6 rail {k}: {got}"
+            );
             // A remote RDMA address on no rail's subnet.
             let got = a.pod.ns.ip(&[
                 "route",
@@ -309,6 +369,17 @@ fn every_rail_resolves_via_its_own_gateway_when_bound_to_its_device() {
             assert!(
                 got.contains(&format!("via 172.16.{k}.254 dev net{k}")),
                 "{routing}: rail {k}: {got}"
+            );
+        }
+        let rules6 = a.pod.ns.ip(&["-6", "rule", "show"]);
+        for k in 1..=RAILS {
+            assert!(
+                rules6.contains(&format!(
+                    "from {} to fd00:16::/32 lookup {}",
+                    a.ip6(k),
+                    100 + k
+                )),
+                "{routing}: IPv6 rail {k}:\n{rules6}"
             );
         }
         let rules = a.pod.ns.ip(&["-4", "rule", "show"]);
@@ -331,6 +402,24 @@ fn every_rail_resolves_via_its_own_gateway_when_bound_to_its_device() {
                 }
             }
         }
+        if routing == "ebpf" {
+            // Without the IPv6 rules the same lookup lands on another rail:
+            // what makes the assertion above able to fail.
+            a.pod
+                .ns
+                .ip(&["-6", "rule", "del", "from", a.ip6(3), "to", RDMA_CIDR6]);
+            let got = a.pod.ns.ip(&[
+                "-6",
+                "route",
+                "get",
+                "fd00:16:200::1",
+                "from",
+                a.ip6(3),
+                "oif",
+                "net3",
+            ]);
+            assert!(!got.contains("via fd00:16:3::254"), "without rules: {got}");
+        }
         a.del(&fabric, &agent, routing);
         let rules = a.pod.ns.ip(&["-4", "rule", "show"]);
         assert_eq!(
@@ -338,7 +427,34 @@ fn every_rail_resolves_via_its_own_gateway_when_bound_to_its_device() {
             3,
             "{routing}: rules left after DEL:\n{rules}"
         );
+        let rules6 = a.pod.ns.ip(&["-6", "rule", "show"]);
+        assert_eq!(
+            rules6.lines().count(),
+            2,
+            "{routing}: IPv6 rules left after DEL:\n{rules6}"
+        );
     }
+}
+
+#[test]
+fn ipv6_rail_traffic_crosses_its_own_rail() {
+    let fabric = RailFabric::new(2, RAILS);
+    let agent_a = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let agent_b = Agent::start(&fabric.nodes[1], &fabric.pools(1));
+    let a = RailedPod::dual(&fabric, 0, &agent_a, "ebpf");
+    let b = RailedPod::dual(&fabric, 1, &agent_b, "ebpf");
+    let before = fabric.rails_rx(0);
+    assert!(
+        a.pod.ns.ping(a.ip6(3), b.ip6(5), PINGS, 56),
+        "ping -6 A rail3 → B rail5"
+    );
+    assert_on_rail(&deltas(&before, &fabric.rails_rx(0)), 3, PINGS);
+    // IPv4 of the same dual-stack rails is still steered by the program.
+    let before = fabric.rails_rx(0);
+    assert!(a.pod.ns.ping(a.ip(3), b.ip(5), PINGS, 56));
+    assert_on_rail(&deltas(&before, &fabric.rails_rx(0)), 3, PINGS);
+    a.del(&fabric, &agent_a, "ebpf");
+    b.del(&fabric, &agent_b, "ebpf");
 }
 
 #[test]
