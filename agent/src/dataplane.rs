@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::FdLink,
@@ -24,8 +24,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use railnet_common::{
-    LAYOUT_VERSION, MAP_COUNTERS, MAP_META, MAP_RAIL_SOURCES, MAP_RDMA_CIDRS, Meta,
-    PROGRAM_RAIL_EGRESS, RailSource, Verdict, counter_index,
+    LAYOUT_VERSION, MAP_COUNTERS, MAP_META, MAP_RAIL_SOURCES, MAP_RDMA_NETS, Meta, Net4,
+    PROGRAM_RAIL_EGRESS, RailSource, RdmaNets, Verdict, counter_index,
 };
 
 use crate::bpf_object;
@@ -135,11 +135,10 @@ impl PodPins {
             let p = self.dir.join(sub);
             fs::create_dir_all(&p).map_err(Self::pin_err(&p))?;
         }
-        let paths: Vec<(&str, PathBuf)> =
-            [MAP_RAIL_SOURCES, MAP_RDMA_CIDRS, MAP_COUNTERS, MAP_META]
-                .into_iter()
-                .map(|n| (n, self.map_path(n)))
-                .collect();
+        let paths: Vec<(&str, PathBuf)> = [MAP_RAIL_SOURCES, MAP_RDMA_NETS, MAP_COUNTERS, MAP_META]
+            .into_iter()
+            .map(|n| (n, self.map_path(n)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -167,18 +166,33 @@ impl PodPins {
             0,
         )
         .map_err(map_err(MAP_META))?;
-        let mut cidrs: LpmTrie<_, u32, u8> =
-            LpmTrie::try_from(ebpf.map_mut(MAP_RDMA_CIDRS).expect("RDMA_CIDRS in object"))
-                .map_err(map_err(MAP_RDMA_CIDRS))?;
+        // RDMA CIDRs are network-level and the same for every rail; with
+        // none, each rail's subnet is added. Merged across the pod's ADDs.
+        let mut nets_map: Array<_, RdmaNets> =
+            Array::try_from(ebpf.map_mut(MAP_RDMA_NETS).expect("RDMA_NETS in object"))
+                .map_err(map_err(MAP_RDMA_NETS))?;
+        let mut nets = nets_map.get(&0, 0).map_err(map_err(MAP_RDMA_NETS))?;
         let rdma: Vec<Ipv4Net> = if att.rdma_cidrs.is_empty() {
             vec![att.address.trunc()]
         } else {
             att.rdma_cidrs.iter().map(|c| c.trunc()).collect()
         };
         for net in &rdma {
-            let key = Key::new(u32::from(net.prefix_len()), ip_key(net.network()));
-            cidrs.insert(&key, 1, 0).map_err(map_err(MAP_RDMA_CIDRS))?;
+            let added = nets.insert(Net4 {
+                addr: ip_key(net.network()),
+                mask: ip_key(net.netmask()),
+            });
+            if !added {
+                return Err(DataplaneError::Map {
+                    map: MAP_RDMA_NETS,
+                    why: format!(
+                        "more than {} IPv4 RDMA CIDRs across the pod's rails; merge them into fewer, wider CIDRs",
+                        railnet_common::MAX_RDMA_CIDRS
+                    ),
+                });
+            }
         }
+        nets_map.set(0, nets, 0).map_err(map_err(MAP_RDMA_NETS))?;
         let mut sources: HashMap<_, u32, RailSource> = HashMap::try_from(
             ebpf.map_mut(MAP_RAIL_SOURCES)
                 .expect("RAIL_SOURCES in object"),

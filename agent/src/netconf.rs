@@ -97,7 +97,7 @@ pub enum NetConfError {
     #[error("\"ippools\" names no pool; add e.g. {{\"ipv4\": [\"rail1\"]}}")]
     NoPool,
     /// MTU outside what Ethernet allows.
-    #[error("mtu {0} is out of range 576..=9216")]
+    #[error("mtu {0} is out of range 1280..=9216 (rails carry IPv6, whose minimum is 1280)")]
     Mtu(u32),
 }
 
@@ -127,7 +127,7 @@ impl NetConf {
             return Err(NetConfError::NoPool);
         }
         if let Some(mtu) = self.mtu
-            && !(576..=9216).contains(&mtu)
+            && !(railnet_common::MIN_RAIL_MTU..=9216).contains(&mtu)
         {
             return Err(NetConfError::Mtu(mtu));
         }

@@ -164,6 +164,15 @@ impl RailService {
                 ));
             };
             let mtu = want_mtu.unwrap_or(m.mtu);
+            if mtu < railnet_common::MIN_RAIL_MTU {
+                return Err(invalid(
+                    format!(
+                        "master {master}'s mtu {mtu} is below {}",
+                        railnet_common::MIN_RAIL_MTU
+                    ),
+                    "rails need an MTU of at least 1280; raise the rail NIC's MTU",
+                ));
+            }
             if mtu > m.mtu {
                 return Err(invalid(
                     format!("mtu {mtu} is above master {master}'s mtu {}", m.mtu),

@@ -41,6 +41,12 @@ enum Task {
     Lint,
     /// Wire a pod's rails with the real CNI and agent in throwaway netns.
     Demo,
+    /// Benchmarks, printed as figures and ratios to targets (`dataplane`).
+    Bench {
+        /// Which benchmark.
+        #[arg(default_value = "dataplane")]
+        which: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -64,6 +70,16 @@ fn main() -> Result<()> {
         Task::Demo => {
             setup::ensure()?;
             demo(&root)
+        }
+        Task::Bench { which } => {
+            setup::ensure()?;
+            build(&root, true)?;
+            step(&format!("benchmark {which}"));
+            let bin = root.join("target/release");
+            run(Command::new(bin.join("railnet-bench"))
+                .arg(&which)
+                .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
+                .env("RAILNET_CNI_BIN", bin.join("railnet")))
         }
     }
 }

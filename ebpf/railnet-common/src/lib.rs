@@ -14,8 +14,14 @@ pub const LAYOUT_VERSION: u32 = 1;
 /// Highest rail number a pod can have (rails are numbered 1..=MAX_RAIL).
 pub const MAX_RAIL: u32 = 64;
 
-/// Most RDMA CIDRs one network may declare.
-pub const MAX_RDMA_CIDRS: u32 = 64;
+/// Most RDMA CIDRs a pod's rails may declare together (IPv4; the program
+/// scans them inline, which beats an LPM trie for the one or two a
+/// cluster has).
+pub const MAX_RDMA_CIDRS: usize = 16;
+
+/// Smallest MTU railnet accepts on a rail (IPv6's minimum). The program
+/// relies on it: packets no longer than this always fit.
+pub const MIN_RAIL_MTU: u32 = 1280;
 
 /// Slots in the counter map: one row per rail number, row 0 for traffic that
 /// belongs to no rail of the pod.
@@ -23,8 +29,8 @@ pub const COUNTER_ROWS: u32 = MAX_RAIL + 1;
 
 /// Name of the hash map from a rail source address to its [`RailSource`].
 pub const MAP_RAIL_SOURCES: &str = "RAIL_SOURCES";
-/// Name of the LPM trie holding the RDMA CIDRs (keys only; value unused).
-pub const MAP_RDMA_CIDRS: &str = "RDMA_CIDRS";
+/// Name of the one-entry array holding the pod's [`RdmaNets`].
+pub const MAP_RDMA_NETS: &str = "RDMA_NETS";
 /// Name of the per-CPU counter array indexed by [`counter_index`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Name of the one-entry array holding the [`Meta`] of this instance.
@@ -48,6 +54,69 @@ pub struct RailSource {
     pub mask: u32,
     /// Written out so the struct has no implicit padding.
     pub _pad: u32,
+}
+
+/// One IPv4 network, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net4 {
+    /// Network address.
+    pub addr: u32,
+    /// Mask.
+    pub mask: u32,
+}
+
+impl Net4 {
+    /// Whether `ip` (network order) is inside.
+    #[inline(always)]
+    pub const fn contains(&self, ip: u32) -> bool {
+        ip & self.mask == self.addr
+    }
+}
+
+/// The destinations steered by source: the RDMA CIDRs of the pod's
+/// networks, or each rail's own subnet when none is configured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RdmaNets {
+    /// How many of `nets` are in use.
+    pub count: u32,
+    /// Written out so the struct has no implicit padding.
+    pub _pad: u32,
+    /// The networks.
+    pub nets: [Net4; MAX_RDMA_CIDRS],
+}
+
+impl RdmaNets {
+    /// Whether `ip` (network order) is inside any of the networks.
+    #[inline(always)]
+    pub fn contains(&self, ip: u32) -> bool {
+        let mut i = 0;
+        while i < MAX_RDMA_CIDRS {
+            if i as u32 >= self.count {
+                return false;
+            }
+            if self.nets[i].contains(ip) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+
+    /// Adds `net` unless present; false when full.
+    pub fn insert(&mut self, net: Net4) -> bool {
+        let n = self.count as usize;
+        if self.nets[..n.min(MAX_RDMA_CIDRS)].contains(&net) {
+            return true;
+        }
+        if n >= MAX_RDMA_CIDRS {
+            return false;
+        }
+        self.nets[n] = net;
+        self.count += 1;
+        true
+    }
 }
 
 /// Facts about one pod's instance that a restarted or upgraded agent reads
@@ -126,6 +195,8 @@ mod user {
     unsafe impl aya::Pod for super::RailSource {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Meta {}
+    // SAFETY: as above (u32s and arrays of u32 pairs).
+    unsafe impl aya::Pod for super::RdmaNets {}
 }
 
 #[cfg(test)]
@@ -143,5 +214,24 @@ mod tests {
     fn shared_structs_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<RailSource>(), 6 * 4);
         assert_eq!(core::mem::size_of::<Meta>(), 16);
+        assert_eq!(core::mem::size_of::<RdmaNets>(), 8 + 8 * MAX_RDMA_CIDRS);
+    }
+
+    #[test]
+    fn rdma_nets_match_and_dedupe() {
+        let mut nets = RdmaNets::default();
+        let n = |a: [u8; 4], m: [u8; 4]| Net4 {
+            addr: u32::from_ne_bytes(a),
+            mask: u32::from_ne_bytes(m),
+        };
+        assert!(nets.insert(n([172, 16, 0, 0], [255, 255, 0, 0])));
+        assert!(nets.insert(n([172, 16, 0, 0], [255, 255, 0, 0])));
+        assert_eq!(nets.count, 1);
+        assert!(nets.contains(u32::from_ne_bytes([172, 16, 5, 1])));
+        assert!(!nets.contains(u32::from_ne_bytes([172, 17, 5, 1])));
+        for i in 1..MAX_RDMA_CIDRS as u8 {
+            assert!(nets.insert(n([10, i, 0, 0], [255, 255, 0, 0])));
+        }
+        assert!(!nets.insert(n([11, 0, 0, 0], [255, 0, 0, 0])), "full");
     }
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     helpers::generated::{bpf_check_mtu, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
 use network_types::{
@@ -24,7 +24,7 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 use railnet_common::{
-    COUNTER_ENTRIES, MAX_RAIL, MAX_RDMA_CIDRS, Meta, RailSource, Verdict, counter_index,
+    COUNTER_ENTRIES, MAX_RAIL, MIN_RAIL_MTU, Meta, RailSource, RdmaNets, Verdict, counter_index,
 };
 
 /// The pod's rails by IPv4 source address (network-order bytes as `u32`).
@@ -34,8 +34,8 @@ static RAIL_SOURCES: HashMap<u32, RailSource> = HashMap::with_max_entries(MAX_RA
 /// The RDMA CIDRs of the pod's networks; with none configured the agent
 /// stores each rail's own subnet, so "inside the RDMA CIDRs" always has a
 /// meaning.
-#[map(name = "RDMA_CIDRS")]
-static RDMA_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(MAX_RDMA_CIDRS, 0);
+#[map(name = "RDMA_NETS")]
+static RDMA_NETS: Array<RdmaNets> = Array::with_max_entries(1, 0);
 
 /// Per-CPU packet counters, `[rail][verdict]`, see `counter_index`.
 #[map(name = "COUNTERS")]
@@ -64,20 +64,24 @@ pub fn rail_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
     let pass_other = (0, Verdict::Other, TC_ACT_UNSPEC);
-    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+    // Direct packet access: at egress the headers are in the linear area;
+    // if they are not, the packet is not one we steer.
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return pass_other;
     };
-    if eth.ether_type != EtherType::Ipv4 as u16 {
+    // SAFETY: `ptr_at` checked the header lies inside the packet.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return pass_other;
     }
-    let Ok(ip) = ctx.load::<Ipv4Hdr>(EthHdr::LEN) else {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
         return pass_other;
     };
-    let dst = ip.dst_addr;
+    // SAFETY: as above.
+    let (src, dst) = unsafe { ((*ip).src_addr, (*ip).dst_addr) };
     if dst[0] >= 224 || (dst[0] == LINK_LOCAL_FIRST && dst[1] == LINK_LOCAL_SECOND) {
         return pass_other;
     }
-    let src = u32::from_ne_bytes(ip.src_addr);
+    let src = u32::from_ne_bytes(src);
     let Some(rail) = RAIL_SOURCES.get_ptr(src) else {
         return (0, Verdict::NotRailSource, TC_ACT_UNSPEC);
     };
@@ -86,7 +90,12 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
     let rail: RailSource = unsafe { *rail };
     let k = rail.rail;
     let dst = u32::from_ne_bytes(dst);
-    if RDMA_CIDRS.get(Key::new(32, dst)).is_none() {
+    let rdma = match RDMA_NETS.get_ptr(0) {
+        // SAFETY: as above; read in place, the struct is large.
+        Some(nets) => unsafe { (*nets).contains(dst) },
+        None => false,
+    };
+    if !rdma {
         return (k, Verdict::NotRdma, TC_ACT_UNSPEC);
     }
     // SAFETY: the context pointer is the program's own `__sk_buff`.
@@ -99,11 +108,17 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
     if on_link && dst | !rail.mask == dst {
         return (k, Verdict::Other, TC_ACT_UNSPEC);
     }
-    let mut mtu_len: u32 = 0;
-    // SAFETY: helper call with the program's own context and a stack slot.
-    let mtu = unsafe { bpf_check_mtu(ctx.as_ptr(), rail.ifindex, &mut mtu_len, 0, 0) };
-    if mtu != 0 {
-        return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC);
+    // Every rail's MTU is at least MIN_RAIL_MTU (the agent refuses less),
+    // so only longer packets can fail to fit; the helper, which resolves
+    // the target device, is paid only by them (and by GSO packets, which
+    // it checks per segment).
+    if ctx.len() as usize > MIN_RAIL_MTU as usize + EthHdr::LEN {
+        let mut mtu_len: u32 = 0;
+        // SAFETY: helper call with the program's own context and a stack slot.
+        let mtu = unsafe { bpf_check_mtu(ctx.as_ptr(), rail.ifindex, &mut mtu_len, 0, 0) };
+        if mtu != 0 {
+            return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC);
+        }
     }
     let next_hop = if on_link || rail.gateway == 0 {
         dst
@@ -124,6 +139,17 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
         )
     };
     (k, Verdict::Steered, action as i32)
+}
+
+/// A bounds-checked pointer to a `T` at `offset` in the packet.
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
 }
 
 #[inline(always)]

@@ -1,0 +1,389 @@
+//! `cargo xtask bench dataplane`: figures for the rail program, printed as
+//! tables of medians and ratios to the targets. Not a test: nothing here
+//! passes or fails on timing.
+//!
+//! 1. The production object, maps filled for 1, 8, 16 and 64 rails,
+//!    BPF_PROG_TEST_RUN per verdict path (steer, pass-not-RDMA,
+//!    pass-other); target ≤ 100 ns/run on every path, flat (±10 %) across
+//!    rail counts.
+//! 2. The redirected flow (a socket bound to rail 2's address, traffic to
+//!    an RDMA destination the kernel would send out another rail): eBPF
+//!    mode vs rules mode, TCP throughput and round-trip latency over the
+//!    netns fabric; target ≥ 1.0× of rules mode.
+//! 3. Unsteered traffic (rail 1 to rail 1): with vs without the program;
+//!    target ≥ 0.97×.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    os::fd::{AsRawFd, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+};
+use railnet_common::{
+    MAP_RAIL_SOURCES, MAP_RDMA_NETS, Net4, PROGRAM_RAIL_EGRESS, RailSource, RdmaNets,
+};
+use railnet_tests::{Agent, FabricPod, Netns, RailFabric, cni, unique};
+
+const RUNS: usize = 10;
+const REPEAT: u32 = 200_000;
+
+fn main() {
+    let what = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "dataplane".into());
+    match what.as_str() {
+        "dataplane" => {
+            prog_test_run();
+            flows();
+        }
+        other => {
+            eprintln!("unknown benchmark {other:?}; try `dataplane`");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ip_key(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+/// An Ethernet + IPv4 + ICMP frame of `len` bytes from `src` to `dst` (or
+/// an ARP frame).
+fn frame(src: Ipv4Addr, dst: Ipv4Addr, arp: bool, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    if arp {
+        f[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        return f;
+    }
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    f
+}
+
+struct Loaded {
+    rails: u32,
+    prog: aya::Ebpf,
+}
+
+fn load(rails: u32, ifindex: u32) -> Loaded {
+    let object =
+        railnet_agent::bpf_object::object().expect("real BPF object (cargo xtask bench builds it)");
+    let mut ebpf = EbpfLoader::new().load(object).expect("load object");
+    {
+        let mut nets: Array<_, RdmaNets> =
+            Array::try_from(ebpf.map_mut(MAP_RDMA_NETS).unwrap()).unwrap();
+        let mut v = RdmaNets::default();
+        v.insert(Net4 {
+            addr: ip_key(Ipv4Addr::new(172, 16, 0, 0)),
+            mask: ip_key(Ipv4Addr::new(255, 255, 0, 0)),
+        });
+        nets.set(0, v, 0).unwrap();
+    }
+    {
+        let mut sources: HashMap<_, u32, RailSource> =
+            HashMap::try_from(ebpf.map_mut(MAP_RAIL_SOURCES).unwrap()).unwrap();
+        for k in 1..=rails {
+            let addr = Ipv4Addr::new(172, 16, k as u8, 10);
+            sources
+                .insert(
+                    ip_key(addr),
+                    RailSource {
+                        ifindex,
+                        rail: k,
+                        gateway: ip_key(Ipv4Addr::new(172, 16, k as u8, 254)),
+                        subnet: ip_key(Ipv4Addr::new(172, 16, k as u8, 0)),
+                        mask: ip_key(Ipv4Addr::new(255, 255, 255, 0)),
+                        _pad: 0,
+                    },
+                    0,
+                )
+                .unwrap();
+        }
+    }
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM_RAIL_EGRESS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().expect("verifier");
+    Loaded { rails, prog: ebpf }
+}
+
+fn prog_test_run() {
+    // check_mtu and redirect_neigh need the rail's ifindex to exist in the
+    // netns the test run happens in: a veth in a throwaway netns.
+    let ns = Netns::new("bench");
+    ns.ip(&[
+        "link", "add", "rail", "type", "veth", "peer", "name", "peer",
+    ]);
+    let ifindex: u32 = ns.ip_json(&["link", "show", "dev", "rail"])[0]["ifindex"]
+        .as_u64()
+        .unwrap() as u32;
+    let rows = ns.run(move || {
+        let counts = [1u32, 8, 16, 64];
+        let loaded: Vec<Loaded> = counts.iter().map(|&n| load(n, ifindex)).collect();
+        // (name, expected return, frame builder per rail count)
+        let paths: [(&str, u32); 4] = [
+            ("steer", 7),
+            ("steer-1400B", 7),
+            ("pass-not-RDMA", u32::MAX),
+            ("pass-other", u32::MAX),
+        ];
+        let mut samples = vec![vec![Vec::new(); paths.len()]; counts.len()];
+        for _ in 0..RUNS {
+            for (ci, l) in loaded.iter().enumerate() {
+                let src = Ipv4Addr::new(172, 16, l.rails as u8, 10);
+                let frames = [
+                    frame(src, Ipv4Addr::new(172, 16, 200, 1), false, 98),
+                    frame(src, Ipv4Addr::new(172, 16, 200, 1), false, 1414),
+                    frame(src, Ipv4Addr::new(10, 96, 0, 10), false, 98),
+                    frame(src, Ipv4Addr::new(10, 96, 0, 10), true, 98),
+                ];
+                let prog: &SchedClassifier = l
+                    .prog
+                    .program(PROGRAM_RAIL_EGRESS)
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                for (pi, (name, want)) in paths.iter().enumerate() {
+                    let mut opts = TestRunOptions::new();
+                    opts.data_in = Some(&frames[pi]);
+                    opts.repeat = REPEAT;
+                    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+                    assert_eq!(
+                        r.return_value, *want,
+                        "{name} path returned {}",
+                        r.return_value as i32
+                    );
+                    samples[ci][pi].push(r.duration.as_nanos() as f64);
+                }
+            }
+        }
+        let mut rows = Vec::new();
+        for (ci, n) in counts.iter().enumerate() {
+            let mut row = vec![*n as f64];
+            for s in samples[ci].iter_mut() {
+                row.push(median(s));
+            }
+            rows.push(row);
+        }
+        rows
+    });
+    println!(
+        "\n1. BPF_PROG_TEST_RUN, production object, median ns/run of {RUNS} runs × {REPEAT} repeats"
+    );
+    println!(
+        "   {:>6} {:>12} {:>12} {:>15} {:>12}",
+        "rails", "steer 98B", "steer 1414B", "pass-not-RDMA", "pass-other"
+    );
+    for r in &rows {
+        println!(
+            "   {:>6} {:>12.1} {:>12.1} {:>15.1} {:>12.1}",
+            r[0], r[1], r[2], r[3], r[4]
+        );
+    }
+    for (pi, name) in ["steer 98B", "steer 1414B", "pass-not-RDMA", "pass-other"]
+        .iter()
+        .enumerate()
+    {
+        let col: Vec<f64> = rows.iter().map(|r| r[pi + 1]).collect();
+        let worst = col.iter().cloned().fold(0.0, f64::max);
+        let base = col[0];
+        let spread = col
+            .iter()
+            .map(|v| (v / base - 1.0).abs())
+            .fold(0.0, f64::max);
+        println!(
+            "   {name:<14} worst {worst:.1} ns = {:.2}× the 100 ns target; spread across rail counts ±{:.1} % (target ±10 %)",
+            worst / 100.0,
+            spread * 100.0
+        );
+    }
+}
+
+/// A pod with rails 1 and 2 (and 5 as a destination rail) in `routing`.
+fn railed(
+    fabric: &RailFabric,
+    node: usize,
+    agent: &Agent,
+    routing: &str,
+) -> (FabricPod, Vec<String>, String) {
+    let pod = fabric.pod(node);
+    let cid = unique("bench");
+    let mut ips = Vec::new();
+    for k in 1..=fabric.rails {
+        let out = cni(
+            "ADD",
+            &fabric.netconf(k, agent, routing),
+            &cid,
+            Some(&pod.ns.path()),
+            &format!("net{k}"),
+        );
+        assert!(out.ok, "ADD: {}", out.stdout);
+        ips.push(
+            out.json["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    (pod, ips, cid)
+}
+
+fn bound_connect(src: Ipv4Addr, dst: SocketAddrV4) -> TcpStream {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let fd: OwnedFd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::from(SocketAddrV4::new(src, 0))).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
+    let s = TcpStream::from(fd);
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// TCP throughput (Gbit/s over `secs`) and median round trip (µs) from
+/// `src` in `client` to `dst` in `server`.
+fn measure(server: &FabricPod, dst: &str, client: &FabricPod, src: &str) -> (f64, f64) {
+    let dst: Ipv4Addr = dst.parse().unwrap();
+    let src: Ipv4Addr = src.parse().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let srv = server.ns.spawn(move || {
+        let l = TcpListener::bind((dst, 0)).unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        // Connection 1: bulk sink. Connection 2: echo.
+        let (mut bulk, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        while bulk.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+        let (mut echo, _) = l.accept().unwrap();
+        echo.set_nodelay(true).unwrap();
+        let mut b = [0u8; 1];
+        while echo.read_exact(&mut b).is_ok() {
+            if echo.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    let port = rx.recv().unwrap();
+    let to = SocketAddrV4::new(dst, port);
+    let result = client.ns.run(move || {
+        let mut bulk = bound_connect(src, to);
+        let chunk = vec![1u8; 1 << 16];
+        let start = Instant::now();
+        let mut sent = 0usize;
+        while start.elapsed() < Duration::from_millis(1500) {
+            bulk.write_all(&chunk).unwrap();
+            sent += chunk.len();
+        }
+        drop(bulk);
+        let gbps = sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9;
+        let mut echo = bound_connect(src, to);
+        let mut rtts = Vec::with_capacity(2000);
+        let mut b = [7u8; 1];
+        for _ in 0..2000 {
+            let t = Instant::now();
+            echo.write_all(&b).unwrap();
+            echo.read_exact(&mut b).unwrap();
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        (gbps, median(&mut rtts))
+    });
+    srv.join().unwrap();
+    result
+}
+
+fn flows() {
+    let fabric = RailFabric::new(2, 5);
+    let agent_a = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let agent_b = Agent::start(&fabric.nodes[1], &fabric.pools(1));
+    let (ea, eips, _) = railed(&fabric, 0, &agent_a, "ebpf");
+    let (eb, ebips, _) = railed(&fabric, 1, &agent_b, "ebpf");
+    let (ra, rips, _) = railed(&fabric, 0, &agent_a, "rules");
+    let (rb, rbips, _) = railed(&fabric, 1, &agent_b, "rules");
+    let (na, nips, ncid_a) = railed(&fabric, 0, &agent_a, "ebpf");
+    let (nb, nbips, ncid_b) = railed(&fabric, 1, &agent_b, "ebpf");
+    // Pair N: eBPF mode with the program detached (its link pins removed).
+    for (agent, cid) in [(&agent_a, &ncid_a), (&agent_b, &ncid_b)] {
+        for l in std::fs::read_dir(agent.pin_root.join(cid).join("links"))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::remove_file(l.path()).unwrap();
+        }
+    }
+
+    let (mut st_e, mut st_r, mut rt_e, mut rt_r) = (vec![], vec![], vec![], vec![]);
+    let (mut un_e, mut un_n, mut urt_e, mut urt_n) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..RUNS {
+        // Redirected: rail 2's address to B's rail-5 address (the kernel
+        // would use net5; rail 2 is right).
+        let (g, r) = measure(&eb, &ebips[4], &ea, &eips[1]);
+        st_e.push(g);
+        rt_e.push(r);
+        let (g, r) = measure(&rb, &rbips[4], &ra, &rips[1]);
+        st_r.push(g);
+        rt_r.push(r);
+        // Unsteered: rail 1 to rail 1.
+        let (g, r) = measure(&eb, &ebips[0], &ea, &eips[0]);
+        un_e.push(g);
+        urt_e.push(r);
+        let (g, r) = measure(&nb, &nbips[0], &na, &nips[0]);
+        un_n.push(g);
+        urt_n.push(r);
+    }
+    let (a, b) = (median(&mut st_e), median(&mut st_r));
+    let (c, d) = (median(&mut rt_e), median(&mut rt_r));
+    println!(
+        "\n2. Redirected flow (rail 2 → remote rail 5, TCP over the netns fabric), medians of {RUNS} interleaved runs"
+    );
+    println!("   {:<10} {:>12} {:>12}", "", "Gbit/s", "RTT µs");
+    println!("   {:<10} {:>12.2} {:>12.1}", "eBPF", a, c);
+    println!("   {:<10} {:>12.2} {:>12.1}", "rules", b, d);
+    println!(
+        "   throughput eBPF/rules = {:.2}× (target ≥ 1.0×); RTT rules/eBPF = {:.2}× (≥ 1.0× means eBPF is as fast)",
+        a / b,
+        d / c
+    );
+    let (a, b) = (median(&mut un_e), median(&mut un_n));
+    let (c, d) = (median(&mut urt_e), median(&mut urt_n));
+    println!("\n3. Unsteered flow (rail 1 → rail 1), medians of {RUNS} interleaved runs");
+    println!("   {:<16} {:>12} {:>12}", "", "Gbit/s", "RTT µs");
+    println!("   {:<16} {:>12.2} {:>12.1}", "with program", a, c);
+    println!("   {:<16} {:>12.2} {:>12.1}", "without", b, d);
+    println!(
+        "   throughput with/without = {:.2}× (target ≥ 0.97×)",
+        a / b
+    );
+    drop((ea, eb, ra, rb, na, nb));
+}
