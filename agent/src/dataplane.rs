@@ -1,7 +1,8 @@
 //! The pod's tc program: load, attach, fill, pin, and take it all away.
 //!
 //! Each pod gets its own maps, pinned under `<pin root>/<containerID>/maps/`,
-//! and one TCX link per Ethernet rail interface under `…/links/<ifname>`.
+//! and one TCX link per Ethernet rail interface under `…/links/<ifname>`
+//! (before TCX, Linux 6.6: a clsact filter, with its program pinned there).
 //! Pins keep the program attached and its maps alive while the agent
 //! restarts; removing the pin files detaches and frees them. Everything here
 //! runs on a thread inside the pod's netns: interface names resolve there,
@@ -258,6 +259,11 @@ impl PodPins {
             let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
             // Dropping the link would delete the filter: it must outlive us.
             std::mem::forget(link);
+            // The filter holds the program; a pin under the same name a TCX
+            // link would have keeps the pod's bookkeeping uniform (adoption
+            // counts it, DEL and the sweep remove it).
+            prog.pin(&link_path)
+                .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
         }
         Ok(())
     }

@@ -116,7 +116,11 @@ fn adopt(pin_root: &std::path::Path) {
             );
         }
     }
-    info!(pods = pods.len(), links, "adopted pinned pods");
+    info!(
+        pods = pods.len(),
+        attachments = links,
+        "adopted pinned pods"
+    );
 }
 
 /// Periodically removes what DEL never came for: pins and addresses of

@@ -200,6 +200,25 @@ fn tcp_transfer(
 
 const PINGS: u32 = 50;
 
+/// Takes the program off rail `k` of a pod behind the agent's back: the
+/// TCX link pin removed, or (before TCX) the clsact filter deleted.
+fn detach_program(pod: &RailedPod, agent: &Agent, k: u32) {
+    let pin = pod.pins(agent).dir().join(format!("links/net{k}"));
+    if railnet_agent::dataplane::tcx_supported() {
+        std::fs::remove_file(pin).unwrap();
+    } else {
+        railnet_tests::sh(std::process::Command::new("tc").args([
+            "-n",
+            pod.pod.ns.name(),
+            "filter",
+            "del",
+            "dev",
+            &format!("net{k}"),
+            "egress",
+        ]));
+    }
+}
+
 /// The rail the kernel's own route lookup picks for `dst` from `src`.
 fn kernel_choice(pod: &RailedPod, dst: &str, src: &str) -> u32 {
     let got = pod.pod.ns.ip_json(&["route", "get", dst, "from", src]);
@@ -282,7 +301,7 @@ fn rail_sourced_ping_and_tcp_cross_their_own_rail_and_fail_without_the_program()
     // Detach the program from the interface the kernel picks: the same
     // traffic now leaves on that wrong rail. This is what lets the
     // assertions above fail.
-    std::fs::remove_file(a.pins(&agent_a).dir().join(format!("links/net{wrong}"))).unwrap();
+    detach_program(&a, &agent_a, wrong);
     let before = fabric.rails_rx(0);
     assert!(a.pod.ns.ping(a.ip(3), b.ip(5), PINGS, 56));
     assert_on_rail(&deltas(&before, &fabric.rails_rx(0)), wrong, PINGS);
@@ -497,7 +516,10 @@ fn routing_survives_an_agent_crash_and_the_new_agent_adopts_the_pins() {
 
     agent_a.spawn(&fabric.nodes[0]);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !agent_a.log().contains(&format!("pods=1 links={RAILS}")) {
+    while !agent_a
+        .log()
+        .contains(&format!("pods=1 attachments={RAILS}"))
+    {
         assert!(
             Instant::now() < deadline,
             "no adoption logged:\n{}",

@@ -294,7 +294,66 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--exclude", "railnet-ebpf"])
         .args(args);
     run(&mut cmd)?;
+    pre_tcx_kernel_tests(root, &obj)?;
     step("all tests passed");
+    Ok(())
+}
+
+/// The dataplane tests that matter most, again on Debian's Linux 6.1 under
+/// qemu: no TCX there, so the agent attaches clsact filters. The guest
+/// sees this machine's root read-only and runs the test binary built above.
+fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
+    step("dataplane tests on Linux 6.1 (clsact, no TCX) under qemu");
+    let out = Command::new("cargo")
+        .current_dir(root)
+        .env("RAILNET_BPF_OBJECT", obj)
+        .args([
+            "test",
+            "--package",
+            "railnet-tests",
+            "--test",
+            "dataplane",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("find the dataplane test binary")?;
+    let binary = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"name\":\"dataplane\"")
+        })
+        .find_map(|l| {
+            let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            Some(l[at..].split('"').next()?.to_owned())
+        })
+        .context("no dataplane test binary in cargo's output")?;
+    let bin = root.join("target/debug");
+    let script = root.join("target/vm-dataplane.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\n\
+             mkdir -p /run/netns\n\
+             echo \"guest kernel $(uname -r)\"\n\
+             export RAILNET_AGENT_BIN={agent} RAILNET_CNI_BIN={cni} RUST_BACKTRACE=0\n\
+             {binary} --test-threads=2 \
+               rail_sourced_ping_and_tcp_cross_their_own_rail \
+               routing_survives_an_agent_crash \
+               del_and_a_vanished_netns_leave_no_program_map_or_pin\n",
+            agent = bin.join("railnet-agent").display(),
+            cni = bin.join("railnet").display(),
+        ),
+    )?;
+    let status = Command::new("bash")
+        .arg(root.join("tests/vm/vmrun.sh"))
+        .arg(&script)
+        .env("VM_TIMEOUT", "1200")
+        .status()
+        .context("run tests/vm/vmrun.sh")?;
+    if !status.success() {
+        bail!("dataplane tests on Linux 6.1 failed ({status}); output above");
+    }
     Ok(())
 }
 

@@ -190,6 +190,18 @@ pub fn ensure() -> Result<()> {
         }
     }
 
+    step("Debian's Linux 6.1 under qemu (tests on a kernel without TCX, and with RDMA)");
+    let vm = Path::new("/var/tmp/railnet-vm");
+    if vm.join("initramfs.cpio.gz").is_file()
+        && vm.join("kernel/boot").is_dir()
+        && have("qemu-system-x86_64")
+    {
+        eprintln!("    present in {}", vm.display());
+    } else {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vm/setup.sh");
+        run(Command::new("bash").arg(script))?;
+    }
+
     step("bpffs at /sys/fs/bpf");
     if bpffs_mounted() {
         eprintln!("    mounted");
