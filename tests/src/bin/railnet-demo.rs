@@ -1,45 +1,38 @@
-//! `cargo xtask demo`: one pod, two rails, wired by the real `railnet` CNI
-//! binary talking to the real `railnet-agent`, in throwaway network
-//! namespaces. Shows what a network engineer checks: addresses, routes, no
-//! ip rules, and which rail the packets really leave on (router counters).
-//! Everything it creates is removed when it ends, also on failure.
+//! `cargo xtask demo`: two GPU nodes, four rails, one pod on each, wired by
+//! the real `railnet` CNI binary talking to the real `railnet-agent`, in
+//! throwaway network namespaces. Shows what a network engineer checks:
+//! addresses and routes, no ip rules, which rail packets really cross
+//! (counted at the rail routers), and that steering survives an agent
+//! crash. Everything it creates is removed when it ends, also on failure.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use railnet_agent::dataplane::PodPins;
-use railnet_tests::{Agent, Fabric, RDMA_CIDR, REMOTE, cni, unique};
+use railnet_tests::{Agent, FabricPod, RDMA_CIDR, RailFabric, cni, unique};
 
-const PINGS: u32 = 10;
+const RAILS: u32 = 4;
+const PINGS: u32 = 20;
 
-fn main() {
-    let fabric = Fabric::new(&[1, 2]);
-    let agent = Agent::start(&fabric.node, &fabric.pools());
-    let cid = unique("pod");
-    let pod = fabric.pod.path();
+struct Pod {
+    pod: FabricPod,
+    cid: String,
+    ips: Vec<String>,
+}
 
-    println!("railnet demo: one pod, two rails, real CNI binary + real agent\n");
-    println!("fabric (all in throwaway netns):");
-    println!(
-        "  node   {}  rail NICs eth1, eth2 (veth to the rail router)",
-        fabric.node.name()
-    );
-    println!(
-        "  router {}  gateways 172.16.11.254 (rail 1), 172.16.12.254 (rail 2)",
-        fabric.router.name()
-    );
-    println!("         remote GPU {REMOTE} inside RDMA CIDR {RDMA_CIDR}");
-    println!("  pod    {}", fabric.pod.name());
-    println!(
-        "  agent  railnet-agent in the node netns, socket {}",
-        agent.socket.display()
-    );
-    println!();
-
-    let mut addrs = Vec::new();
-    for k in [1u32, 2] {
+fn add_rails(fabric: &RailFabric, node: usize, agent: &Agent, name: &str) -> Pod {
+    let pod = fabric.pod(node);
+    let cid = unique(name);
+    let mut ips = Vec::new();
+    for k in 1..=RAILS {
         let ifname = format!("net{k}");
         let started = Instant::now();
-        let out = cni("ADD", &fabric.netconf(k, &agent), &cid, Some(&pod), &ifname);
+        let out = cni(
+            "ADD",
+            &fabric.netconf(k, agent, "ebpf"),
+            &cid,
+            Some(&pod.ns.path()),
+            &ifname,
+        );
         let took = started.elapsed();
         if !out.ok {
             eprintln!("ADD {ifname} failed: {}\n{}", out.stdout, agent.log());
@@ -49,110 +42,136 @@ fn main() {
             .as_str()
             .unwrap_or("?")
             .to_owned();
-        let route = &out.json["routes"][0];
         println!(
-            "CNI ADD {ifname}: rail {k}, macvlan on eth{k}, {ip} gw {}, route {} metric {}  ({:.1} ms)",
+            "  {name} {ifname}: rail {k}, macvlan on eth{k}, {ip:<16} gw {}  route {} metric {}  ({:.1} ms)",
             out.json["ips"][0]["gateway"].as_str().unwrap_or("-"),
-            route["dst"].as_str().unwrap_or("-"),
-            route["priority"],
+            out.json["routes"][0]["dst"].as_str().unwrap_or("-"),
+            out.json["routes"][0]["priority"],
             took.as_secs_f64() * 1e3
         );
-        addrs.push((k, ip.split('/').next().unwrap_or_default().to_owned()));
+        ips.push(ip.split('/').next().unwrap_or_default().to_owned());
     }
+    Pod { pod, cid, ips }
+}
 
-    println!("\npod main table:");
-    for line in fabric.pod.ip(&["-4", "route", "show"]).lines() {
+/// Pings from A's rail-k address to B's rail-(5-k) address and reports the
+/// kernel's pick and where the packets really went.
+fn probe(fabric: &RailFabric, a: &Pod, b: &Pod) {
+    println!(
+        "  {:<8} {:<16} {:<16} {:<12} {:<34} result",
+        "from", "source", "destination", "kernel pick", "A's packets seen at rail routers"
+    );
+    for k in 1..=RAILS {
+        let src = &a.ips[(k - 1) as usize];
+        let dst = &b.ips[(RAILS - k) as usize];
+        let pick = a.pod.ns.ip_json(&["route", "get", dst, "from", src]);
+        let pick = pick[0]["dev"].as_str().unwrap_or("?").to_owned();
+        let before = fabric.rails_rx(0);
+        let ok = a.pod.ns.ping(src, dst, PINGS, 56);
+        let d: Vec<u64> = fabric
+            .rails_rx(0)
+            .iter()
+            .zip(&before)
+            .map(|(x, y)| x - y)
+            .collect();
+        let seen = d
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("r{}+{n}", i + 1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let own = d[(k - 1) as usize] >= u64::from(PINGS);
+        let result = match (ok, own, pick == format!("net{k}")) {
+            (false, _, _) => "REPLIES MISSING".to_owned(),
+            (true, true, true) => format!("on rail {k}"),
+            (true, true, false) => format!("steered to rail {k} by railnet"),
+            (true, false, _) => format!("WRONG RAIL (expected {k})"),
+        };
+        println!("  net{k:<5} {src:<16} {dst:<16} {pick:<12} {seen:<34} {result}");
+    }
+}
+
+fn main() {
+    let fabric = RailFabric::new(2, RAILS);
+    let mut agent_a = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let agent_b = Agent::start(&fabric.nodes[1], &fabric.pools(1));
+
+    println!("railnet demo: two GPU nodes, {RAILS} rails, the real CNI binary and agent\n");
+    println!("fabric (all in throwaway netns; RDMA CIDR {RDMA_CIDR}):");
+    println!(
+        "  rail K = subnet 172.16.K.0/24, its own router (gateway 172.16.K.254), a spine between rails"
+    );
+    println!(
+        "  nodes {} and {}, each with rail NICs eth1..eth{RAILS} and a railnet-agent",
+        fabric.nodes[0].name(),
+        fabric.nodes[1].name()
+    );
+    println!();
+    println!("CNI ADD, once per rail network (as Multus does):");
+    let a = add_rails(&fabric, 0, &agent_a, "podA");
+    let b = add_rails(&fabric, 1, &agent_b, "podB");
+
+    println!("\npod A main table (RDMA routes, one per rail, metric 100+K):");
+    for line in a.pod.ns.ip(&["-4", "route", "show", RDMA_CIDR]).lines() {
         println!("  {line}");
     }
-    let rules = fabric.pod.ip(&["-4", "rule", "show"]).lines().count();
-    println!("pod IPv4 rules: {rules} (the kernel's defaults; railnet adds none)");
+    let rules = a.pod.ns.ip(&["-4", "rule", "show"]).lines().count();
+    println!("pod A IPv4 rules: {rules} (the kernel's defaults; railnet adds none)");
 
-    println!("\n{PINGS} pings to {REMOTE} from each rail address; router-side rx counters:");
     println!(
-        "  {:<14} {:<22} {:<20} result",
-        "source", "kernel route picks", "arrived on"
+        "\n{PINGS} pings from each of A's rail addresses to one of B's (sockets bound to an address, not a device):"
     );
-    for (k, ip) in &addrs {
-        let picked = fabric.pod.ip_json(&["route", "get", REMOTE, "from", ip]);
-        let picked = picked[0]["dev"].as_str().unwrap_or("?").to_owned();
-        let before: Vec<u64> = [1, 2]
+    probe(&fabric, &a, &b);
+
+    let pins = PodPins::new(&agent_a.pin_root, &a.cid);
+    if let Ok(counters) = pins.counters() {
+        let steered: u64 = counters
             .iter()
-            .map(|r| fabric.router.rx_packets(&format!("rail{r}")))
-            .collect();
-        let ok = fabric.ping_from(ip, REMOTE, PINGS);
-        let after: Vec<u64> = [1, 2]
-            .iter()
-            .map(|r| fabric.router.rx_packets(&format!("rail{r}")))
-            .collect();
-        let d: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
-        let arrived = format!("rail1 +{}  rail2 +{}", d[0], d[1]);
-        let on_own = d[(*k - 1) as usize] >= u64::from(PINGS);
-        let result = match (ok, on_own, picked == format!("net{k}")) {
-            (false, _, _) => "replies missing".to_owned(),
-            (true, true, true) => format!("on rail {k}"),
-            (true, true, false) => format!("steered back to rail {k} by railnet"),
-            (true, false, _) => format!("WRONG RAIL (expected rail {k})"),
-        };
-        println!(
-            "  {ip:<14} {:<22} {arrived:<20} {result}",
-            format!("dev {picked}")
-        );
+            .filter(|(_, v, _)| *v == railnet_common::Verdict::Steered)
+            .map(|(_, _, n)| n)
+            .sum();
+        println!("pod A's program counted {steered} packets steered back to their own rail");
     }
 
-    let pins = PodPins::new(&agent.pin_root, &cid);
-    match pins.counters() {
-        Ok(counters) => {
-            let shown: Vec<String> = counters
-                .iter()
-                .map(|(rail, v, n)| format!("rail {rail} {} {n}", v.name()))
-                .collect();
-            println!("program counters in the pod: {}", shown.join(", "));
-        }
-        Err(e) => println!("program counters unavailable: {e}"),
+    println!("\nnode A's agent is killed (SIGKILL); the pinned programs keep steering:");
+    agent_a.kill9();
+    probe(&fabric, &a, &b);
+    agent_a.spawn(&fabric.nodes[0]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent_a.log().contains("adopted pinned pods") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let mut pinned = Vec::new();
-    for sub in ["maps", "links"] {
-        if let Ok(dir) = std::fs::read_dir(pins.dir().join(sub)) {
-            let mut names: Vec<String> = dir
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            pinned.push(format!("{sub}/{{{}}}", names.join(",")));
-        }
-    }
-    println!(
-        "pinned in bpffs: {}/{}",
-        pins.dir().display(),
-        pinned.join(" ")
-    );
+    let adopted = agent_a
+        .log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("adopted pinned pods"))
+        .map(|l| l[l.find("adopted").unwrap_or(0)..].to_owned())
+        .unwrap_or_else(|| "no adoption logged".into());
+    println!("agent restarted: {adopted}");
 
     println!();
-    for k in [2u32, 1] {
-        let ifname = format!("net{k}");
-        let out = cni("DEL", &fabric.netconf(k, &agent), &cid, Some(&pod), &ifname);
+    for (pod, agent, name) in [(&a, &agent_a, "podA"), (&b, &agent_b, "podB")] {
+        let mut ok = 0;
+        for k in 1..=RAILS {
+            let out = cni(
+                "DEL",
+                &fabric.netconf(k, agent, "ebpf"),
+                &pod.cid,
+                Some(&pod.pod.ns.path()),
+                &format!("net{k}"),
+            );
+            ok += u32::from(out.ok);
+        }
+        let left = (1..=RAILS)
+            .filter(|k| pod.pod.ns.has_link(&format!("net{k}")))
+            .count();
+        let pins_left = PodPins::new(&agent.pin_root, &pod.cid).dir().exists();
         println!(
-            "CNI DEL {ifname}: {}",
-            if out.ok {
-                "ok".to_owned()
-            } else {
-                format!("FAILED {}", out.stdout)
-            }
+            "CNI DEL {name}: {ok}/{RAILS} ok, {left} rail interfaces left, pins {}",
+            if pins_left { "LEFT BEHIND" } else { "removed" }
         );
     }
-    let left_links = [1, 2]
-        .iter()
-        .filter(|k| fabric.pod.has_link(&format!("net{k}")))
-        .count();
-    println!(
-        "after DEL: {left_links} rail interfaces in the pod, pins {}",
-        if pins.dir().exists() {
-            "LEFT BEHIND"
-        } else {
-            "removed"
-        }
-    );
-    drop(agent);
-    drop(fabric);
-    println!("cleanup: agent stopped, namespaces and pins removed");
+    drop((a, b, agent_a, agent_b, fabric));
+    println!("cleanup: agents stopped, namespaces and pins removed");
 }
