@@ -1,11 +1,24 @@
-//! The agent's configuration: flags, env, and the pools file, validated
-//! before anything binds.
+//! The agent's pools file, validated before anything binds.
+//!
+//! YAML, pools named and shaped as SpiderIPPool specs users know:
+//!
+//! ```yaml
+//! pools:
+//!   - name: eno3np1-rail1-node1
+//!     subnet: 172.16.1.0/27
+//!     gateway: 172.16.1.1
+//!     ips: [172.16.1.2-172.16.1.31]
+//!     routes: [{to: 172.16.0.0/16, via: 172.16.1.1}]
+//!     nodeName: [node1]
+//! ```
+//!
+//! JSON is YAML too, so a JSON pools file works unchanged.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::ipam::{Ipam, IpamError, PoolSpec};
+use crate::ipam::{IpamError, PoolSpec};
 
 /// The pools file (`--config`).
 #[derive(Debug, Deserialize)]
@@ -16,7 +29,8 @@ pub struct ConfigFile {
     pub pools: Vec<PoolSpec>,
 }
 
-/// Errors reading the config file.
+/// Errors reading the config file; each names the file and, where it can,
+/// the line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Cannot read it.
@@ -27,37 +41,119 @@ pub enum ConfigError {
         /// Error.
         source: std::io::Error,
     },
-    /// Not valid JSON of the expected shape; serde's message carries the
-    /// line and column.
-    #[error("config {path}: {source}")]
+    /// Not YAML of the expected shape.
+    #[error("config {path}: {why}")]
     Parse {
         /// Path.
         path: PathBuf,
-        /// Error.
-        source: serde_json::Error,
+        /// The parser's message, which carries line and column.
+        why: String,
     },
     /// A pool that fails validation.
-    #[error("config {path}: {source}")]
+    #[error("config {path}{}: {source}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
     Pool {
         /// Path.
         path: PathBuf,
+        /// Line of the pool's `name:`.
+        line: Option<usize>,
         /// Error.
         source: IpamError,
     },
 }
 
-/// Reads and validates the pools file into an allocator.
-pub fn load_pools(path: &Path) -> Result<Ipam, ConfigError> {
-    let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+/// Reads and parses the pools file.
+pub fn load_pools(path: &Path) -> Result<Vec<PoolSpec>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.into(),
         source,
     })?;
-    let file: ConfigFile = serde_json::from_slice(&text).map_err(|source| ConfigError::Parse {
+    parse_pools(path, &text)
+}
+
+/// Parses pools from `text` (read from `path`).
+pub fn parse_pools(path: &Path, text: &str) -> Result<Vec<PoolSpec>, ConfigError> {
+    let file: ConfigFile = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.into(),
-        source,
+        why: e.to_string(),
     })?;
-    Ipam::new(file.pools).map_err(|source| ConfigError::Pool {
+    Ok(file.pools)
+}
+
+/// Attaches the line of the offending pool's definition to a pool error.
+pub fn locate(path: &Path, text: &str, err: IpamError) -> ConfigError {
+    let pool = match &err {
+        IpamError::Range { pool, .. }
+        | IpamError::Gateway { pool, .. }
+        | IpamError::RouteGateway { pool, .. }
+        | IpamError::Duplicate(pool) => Some(pool.clone()),
+        _ => None,
+    };
+    let line = pool.and_then(|p| {
+        text.lines().position(|l| {
+            let l = l.trim().trim_start_matches('-').trim();
+            l.strip_prefix("name:")
+                .or_else(|| l.strip_prefix("\"name\":"))
+                .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\'' || c == ',') == p)
+                .unwrap_or(false)
+        })
+    });
+    ConfigError::Pool {
         path: path.into(),
-        source,
-    })
+        line: line.map(|l| l + 1),
+        source: err,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::Pool;
+
+    /// The seed's Solution 2 pools, verbatim ranges: they overrun their /27s.
+    const SEED_SOLUTION2: &str = "pools:
+  - name: eno3np1-rail1-node1
+    subnet: 172.16.1.0/27
+    gateway: 172.16.1.1
+    ips:
+      - 172.16.1.2-172.16.1.32
+    routes:
+      - to: 172.16.0.0/16
+        via: 172.16.1.1
+  - name: eno3np8-rail8-node1
+    subnet: 172.16.1.224/27
+    gateway: 172.16.1.225
+    ips:
+      - 172.16.1.226-172.16.1.256
+";
+
+    #[test]
+    fn each_overrunning_seed_range_is_named_with_its_line() {
+        let path = Path::new("pools.yaml");
+        let specs = parse_pools(path, SEED_SOLUTION2).unwrap();
+        let errors: Vec<String> = specs
+            .into_iter()
+            .filter_map(|s| Pool::new(s).err())
+            .map(|e| locate(path, SEED_SOLUTION2, e).to_string())
+            .collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].contains("line 2") && errors[0].contains("172.16.1.2-172.16.1.32"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[1].contains("line 10") && errors[1].contains("172.16.1.256"),
+            "{}",
+            errors[1]
+        );
+    }
+
+    #[test]
+    fn yaml_mistakes_point_at_the_line() {
+        let bad = "pools:\n  - name: a\n    subnet: 10.0.0.0/24\n    gatway: 10.0.0.1\n";
+        let err = parse_pools(Path::new("p.yaml"), bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gatway") && err.contains("line 4"), "{err}");
+    }
 }

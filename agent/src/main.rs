@@ -3,7 +3,12 @@
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
-use railnet_agent::{api, bpf_object, config, dataplane, rail::RailService, server};
+use railnet_agent::{
+    api, bpf_object, config, dataplane,
+    ipam::{Ipam, OpenError, RedbStore},
+    rail::RailService,
+    server,
+};
 use tracing::{error, info};
 
 /// railnet's node agent.
@@ -19,13 +24,24 @@ struct Args {
     /// Unix socket the CNI binary connects to.
     #[arg(long, env = "RAILNET_SOCKET", default_value = api::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Pools file (JSON): {"pools": [{"name", "subnet", "ips", "gateway", "excludeIPs"}]}.
+    /// Pools file (YAML; JSON works too): `pools:`, a list of SpiderIPPool-like
+    /// specs (name, subnet, gateway, ips, excludeIPs, routes, nodeName, disable).
     #[arg(
         long,
         env = "RAILNET_CONFIG",
-        default_value = "/etc/railnet/pools.json"
+        default_value = "/etc/railnet/pools.yaml"
     )]
     config: PathBuf,
+    /// Where allocations are kept (an embedded redb database).
+    #[arg(
+        long,
+        env = "RAILNET_STATE",
+        default_value = "/var/lib/railnet/ipam.redb"
+    )]
+    state: PathBuf,
+    /// This node's name, for pools' node affinity; the hostname if unset.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// bpffs directory for the pods' pinned programs and maps.
     #[arg(long, env = "RAILNET_PIN_ROOT", default_value = dataplane::DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
@@ -40,6 +56,7 @@ mod exit {
     pub const CONFIG: u8 = 2;
     pub const STUB_BPF: u8 = 3;
     pub const BIND: u8 = 4;
+    pub const STORE: u8 = 5;
 }
 
 fn main() -> ExitCode {
@@ -55,13 +72,40 @@ fn main() -> ExitCode {
         eprintln!("railnet-agent: {e}");
         return ExitCode::from(exit::STUB_BPF);
     }
-    let ipam = match config::load_pools(&args.config) {
-        Ok(ipam) => ipam,
+    let specs = match config::load_pools(&args.config) {
+        Ok(specs) => specs,
         Err(e) => {
             eprintln!("railnet-agent: {e}");
             return ExitCode::from(exit::CONFIG);
         }
     };
+    let store = match RedbStore::open(&args.state) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "railnet-agent: allocation store {}: {e}",
+                args.state.display()
+            );
+            return ExitCode::from(exit::STORE);
+        }
+    };
+    let ipam = match Ipam::with_store(specs, Box::new(store)) {
+        Ok(ipam) => ipam,
+        Err(OpenError::Pools(e)) => {
+            let text = std::fs::read_to_string(&args.config).unwrap_or_default();
+            eprintln!("railnet-agent: {}", config::locate(&args.config, &text, e));
+            return ExitCode::from(exit::CONFIG);
+        }
+        Err(e @ OpenError::Store(_)) => {
+            eprintln!("railnet-agent: {}: {e}", args.state.display());
+            return ExitCode::from(exit::STORE);
+        }
+    };
+    let node_name = args.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    });
     if let Err(e) = check_pin_root(&args.pin_root) {
         eprintln!("railnet-agent: {e}");
         return ExitCode::from(exit::CONFIG);
@@ -87,9 +131,11 @@ fn main() -> ExitCode {
         };
         info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), "serving");
         adopt(&args.pin_root);
+        info!(allocations = ipam.allocated(), node = %node_name, "allocations restored");
         let service = Arc::new(RailService {
             ipam,
             pin_root: args.pin_root,
+            node_name,
         });
         let sweeper = tokio::spawn(sweep_loop(
             service.clone(),
@@ -132,9 +178,21 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration) {
         let service = service.clone();
         let removed = tokio::task::spawn_blocking(move || {
             let live = railnet_agent::netns::live_netns_inodes();
-            let removed = dataplane::sweep(&service.pin_root, &live);
+            let mut removed = dataplane::sweep(&service.pin_root, &live);
             for cid in &removed {
-                service.ipam.release_container(cid);
+                let _ = service.ipam.release_container(cid);
+            }
+            // Rules-mode pods have no pins: their allocations carry the
+            // netns inode too.
+            if let Ok(gone) = service
+                .ipam
+                .release_where_allocation(|a| a.netns_inode != 0 && !live.contains(&a.netns_inode))
+            {
+                for a in gone {
+                    if !removed.contains(&a.key.container_id) {
+                        removed.push(a.key.container_id);
+                    }
+                }
             }
             removed
         })

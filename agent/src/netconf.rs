@@ -45,6 +45,10 @@ pub struct NetConf {
     /// How rail traffic is kept on its rail.
     #[serde(default)]
     pub routing: Routing,
+    /// Keep only pools whose subnet holds an address of the master on this
+    /// node (pool-per-node-per-rail layouts, the seeds' Solution 2).
+    #[serde(default)]
+    pub match_master_subnet: bool,
 }
 
 /// How a rail's traffic is kept on its rail (DESIGN.md, "Rail routing").

@@ -25,7 +25,7 @@ use rtnetlink::{
 use crate::{
     api::{AddResult, ApiError, Attachment, ResultInterface, ResultIp, ResultRoute, code},
     dataplane::{PodPins, RailAttachment},
-    ipam::Ipam,
+    ipam::{AllocationKey, Family, Ipam, PoolRequest},
     netconf::{NetConf, Routing, valid_ifname},
     netns::PodNetns,
     rtnl::{self, describe, errno, with_rtnl},
@@ -50,6 +50,8 @@ pub struct RailService {
     pub ipam: Ipam,
     /// Root of the pods' bpffs pins.
     pub pin_root: PathBuf,
+    /// This node's name (pool node affinity).
+    pub node_name: String,
 }
 
 fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
@@ -91,36 +93,77 @@ impl RailService {
                 format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
             ));
         }
-        let addrs = match self.allocate(att, &conf) {
+        let addrs = match self.allocate(att, &conf, netns) {
             Ok(a) => a,
             Err(e) => {
-                self.ipam.release(&att.container_id, &att.ifname);
+                let _ = self.ipam.release(&att.container_id, &att.ifname);
                 return Err(e);
             }
         };
         match self.wire(att, &conf, netns, addrs) {
             Ok(result) => Ok(result),
             Err(e) => {
-                self.ipam.release(&att.container_id, &att.ifname);
+                let _ = self.ipam.release(&att.container_id, &att.ifname);
                 Err(e)
             }
         }
     }
 
     /// One address per family the network has pools for.
-    fn allocate(&self, att: &Attachment, conf: &NetConf) -> Result<RailAddresses, ApiError> {
+    fn allocate(
+        &self,
+        att: &Attachment,
+        conf: &NetConf,
+        netns: &PodNetns,
+    ) -> Result<RailAddresses, ApiError> {
+        let master_addresses = if conf.match_master_subnet {
+            let master = conf.master.clone();
+            let addrs = with_rtnl(|h| async move {
+                match rtnl::link_by_name(&h, &master).await {
+                    Ok(Some(l)) => rtnl::networks(&h, l.index).await.map_err(|e| describe(&e)),
+                    Ok(None) => Ok(vec![]),
+                    Err(e) => Err(describe(&e)),
+                }
+            })
+            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
+            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the master's addresses", e))?;
+            Some(addrs)
+        } else {
+            None
+        };
+        let netns_inode = netns.inode().unwrap_or(0);
         let mut addrs = RailAddresses::default();
-        for names in [&conf.ippools.ipv4, &conf.ippools.ipv6] {
-            if names.is_empty() {
+        for (patterns, family) in [
+            (&conf.ippools.ipv4, Family::V4),
+            (&conf.ippools.ipv6, Family::V6),
+        ] {
+            if patterns.is_empty() {
                 continue;
             }
+            let candidates = crate::ipam::select(
+                self.ipam.pools(),
+                &PoolRequest {
+                    patterns,
+                    family,
+                    node: &self.node_name,
+                    master_addresses: master_addresses.as_deref(),
+                },
+            );
+            let key = AllocationKey {
+                container_id: att.container_id.clone(),
+                ifname: att.ifname.clone(),
+                family,
+            };
             let alloc = self
                 .ipam
-                .allocate(&att.container_id, &att.ifname, names)
+                .allocate(key, &candidates, netns_inode)
                 .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
-            let net = IpNet::new(alloc.address, alloc.pool.subnet.prefix_len())
+            let pool = &self.ipam.pools()[&alloc.pool];
+            let net = IpNet::new(alloc.address, pool.subnet.prefix_len())
                 .expect("prefix comes from a valid subnet");
-            match (net, alloc.pool.gateway) {
+            let routes = pool.routes.iter().map(|r| (r.dst.trunc(), r.gw));
+            addrs.extra_routes.extend(routes);
+            match (net, pool.gateway) {
                 (IpNet::V4(n), gw) => {
                     addrs.v4 = Some(n);
                     addrs.gw4 = match gw {
@@ -271,7 +314,9 @@ impl RailService {
             // left to remove.
             None => errors.extend(pins.detach(&att.ifname, None)),
         }
-        self.ipam.release(&att.container_id, &att.ifname);
+        if let Err(e) = self.ipam.release(&att.container_id, &att.ifname) {
+            errors.push(e.to_string());
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -356,6 +401,8 @@ struct RailAddresses {
     gw4: Option<Ipv4Addr>,
     v6: Option<Ipv6Net>,
     gw6: Option<Ipv6Addr>,
+    /// The pools' extra routes (`to`, `via`).
+    extra_routes: Vec<(IpNet, IpAddr)>,
 }
 
 /// Everything ADD does inside the pod netns for one rail.
@@ -526,6 +573,29 @@ impl PodRail {
                         priority: metric,
                     });
                 }
+            }
+            // The pool's own extra routes, at this rail's metric.
+            for &(dst, via) in &self.addrs.extra_routes {
+                if !same_family(dst, address)
+                    || routes
+                        .iter()
+                        .any(|r: &ResultRoute| r.dst == dst && r.gw == Some(via))
+                {
+                    continue;
+                }
+                add_route(&h, dst, via, link.index, metric, None)
+                    .await
+                    .map_err(|e| {
+                        dp(
+                            format!("pool route {dst} via {via} dev {name}"),
+                            describe(&e),
+                        )
+                    })?;
+                routes.push(ResultRoute {
+                    dst,
+                    gw: Some(via),
+                    priority: metric,
+                });
             }
             // IPv6 ignores oif for source-bound lookups, and rules mode
             // wants them for IPv4 too: rail K's own table, chosen by source,

@@ -136,3 +136,23 @@ pub async fn delete_rules_from(h: &Handle, addr: IpAddr) -> Result<(), rtnetlink
     }
     Ok(())
 }
+
+/// The addresses on a link with their prefix lengths (global scope only).
+pub async fn networks(h: &Handle, index: u32) -> Result<Vec<ipnet::IpNet>, rtnetlink::Error> {
+    let mut out = Vec::new();
+    let mut msgs = h.address().get().set_link_index_filter(index).execute();
+    while let Some(msg) = msgs.try_next().await? {
+        let len = msg.header.prefix_len;
+        for attr in &msg.attributes {
+            let a = match attr {
+                AddressAttribute::Local(a) => *a,
+                AddressAttribute::Address(a @ IpAddr::V6(_)) => *a,
+                _ => continue,
+            };
+            if let Ok(n) = ipnet::IpNet::new(a, len) {
+                out.push(n);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -195,7 +195,7 @@ impl Agent {
     #[track_caller]
     pub fn start_with(node: &Netns, pools: &Value, extra: &[&str]) -> Self {
         let dir = ScratchDir::new("agent");
-        let config = dir.path().join("pools.json");
+        let config = dir.path().join("pools.yaml");
         std::fs::write(&config, pools.to_string()).expect("write pools");
         let socket = dir.path().join("agent.sock");
         let pin_root = PathBuf::from("/sys/fs/bpf").join(unique("pins"));
@@ -230,6 +230,10 @@ impl Agent {
             .arg(&self.config)
             .arg("--pin-root")
             .arg(&self.pin_root)
+            .arg("--state")
+            .arg(self._dir.path().join("ipam.redb"))
+            .arg("--node-name")
+            .arg(node.name())
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -1,0 +1,500 @@
+//! IPAM: pools, pool selection, allocation, and the store behind them.
+//!
+//! Allocation happens in memory under one lock (so no address can have two
+//! owners), then is made durable by the store before the caller hears of
+//! it; a failed write undoes the reservation. The embedded store is redb on
+//! local disk with group commit: concurrent ADDs share one fsync.
+
+mod pool;
+mod select;
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Mutex,
+};
+
+pub use pool::{IpamError, Pool, PoolSpec};
+pub use select::{Candidates, PoolRequest, Rejection, select, wildcard_match};
+use serde::{Deserialize, Serialize};
+pub use store::{AllocationStore, MemoryStore, RedbStore, StoreError};
+
+use pool::PoolIndex;
+
+/// Address family of an allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// What identifies an allocation: a container's interface and a family.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AllocationKey {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// Family.
+    pub family: Family,
+}
+
+/// A durable allocation record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// Whose.
+    pub key: AllocationKey,
+    /// Pool name.
+    pub pool: String,
+    /// The address.
+    pub address: IpAddr,
+    /// Inode of the pod's netns at ADD (0 if unknown): the sweep releases
+    /// allocations whose netns is gone.
+    pub netns_inode: u64,
+}
+
+/// Pools plus the allocations made from them.
+pub struct Ipam {
+    pools: BTreeMap<String, Pool>,
+    state: Mutex<State>,
+    store: Box<dyn AllocationStore>,
+}
+
+impl std::fmt::Debug for Ipam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ipam")
+            .field("pools", &self.pools.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    held: HashMap<AllocationKey, Allocation>,
+    index: HashMap<String, PoolIndex>,
+}
+
+impl Ipam {
+    /// Builds the allocator over validated pools and an in-memory store.
+    pub fn new(specs: Vec<PoolSpec>) -> Result<Self, IpamError> {
+        Self::with_store(specs, Box::new(MemoryStore::default())).map_err(|e| match e {
+            OpenError::Pools(e) => e,
+            OpenError::Store(e) => unreachable!("the memory store cannot fail: {e}"),
+        })
+    }
+
+    /// Builds the allocator over validated pools and `store`, taking back
+    /// every allocation the store holds.
+    pub fn with_store(
+        specs: Vec<PoolSpec>,
+        store: Box<dyn AllocationStore>,
+    ) -> Result<Self, OpenError> {
+        let mut pools = BTreeMap::new();
+        for spec in specs {
+            let pool = Pool::new(spec).map_err(OpenError::Pools)?;
+            if pools.contains_key(&pool.name) {
+                return Err(OpenError::Pools(IpamError::Duplicate(pool.name)));
+            }
+            pools.insert(pool.name.clone(), pool);
+        }
+        let mut state = State {
+            index: pools
+                .iter()
+                .map(|(n, p)| (n.clone(), PoolIndex::new(p)))
+                .collect(),
+            ..State::default()
+        };
+        for a in store.load().map_err(OpenError::Store)? {
+            match (pools.get(&a.pool), state.index.get_mut(&a.pool)) {
+                (Some(pool), Some(index)) if pool.subnet.contains(&a.address) => {
+                    index.mark(pool, a.address);
+                }
+                // The pool was removed or changed under a live allocation:
+                // keep holding the address (never hand it out twice), say so.
+                _ => tracing::warn!(
+                    pool = %a.pool, address = %a.address, container = %a.key.container_id,
+                    "allocation refers to a pool that no longer holds it; kept until released"
+                ),
+            }
+            state.held.insert(a.key.clone(), a);
+        }
+        Ok(Self {
+            pools,
+            state: Mutex::new(state),
+            store,
+        })
+    }
+
+    /// The pools by name.
+    pub fn pools(&self) -> &BTreeMap<String, Pool> {
+        &self.pools
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Allocates for `key` from the first of `candidates` with room; a
+    /// repeated call for the same key returns the same address. Durable
+    /// when it returns.
+    pub fn allocate(
+        &self,
+        key: AllocationKey,
+        candidates: &Candidates,
+        netns_inode: u64,
+    ) -> Result<Allocation, IpamError> {
+        let allocation = {
+            let mut state = self.lock();
+            if let Some(a) = state.held.get(&key) {
+                return Ok(a.clone());
+            }
+            let mut full = Vec::new();
+            let mut found = None;
+            for name in &candidates.pools {
+                let pool = &self.pools[name];
+                let index = state.index.get_mut(name).expect("index per pool");
+                match index.take(pool) {
+                    Some(address) => {
+                        found = Some((name.clone(), address));
+                        break;
+                    }
+                    None => full.push(name.clone()),
+                }
+            }
+            let Some((pool, address)) = found else {
+                let mut rejected = candidates.rejected.clone();
+                rejected.extend(full.into_iter().map(|p| Rejection {
+                    pool: p,
+                    why: "exhausted".into(),
+                }));
+                return Err(IpamError::NoPool(rejected));
+            };
+            let a = Allocation {
+                key: key.clone(),
+                pool,
+                address,
+                netns_inode,
+            };
+            state.held.insert(key, a.clone());
+            a
+        };
+        if let Err(e) = self.store.put(&allocation) {
+            // Not durable: give the address back so the state stays what
+            // the store holds.
+            let mut state = self.lock();
+            state.held.remove(&allocation.key);
+            if let (Some(pool), Some(index)) = (
+                self.pools.get(&allocation.pool),
+                state.index.get_mut(&allocation.pool),
+            ) {
+                index.free(pool, allocation.address);
+            }
+            return Err(IpamError::Store(e.to_string()));
+        }
+        Ok(allocation)
+    }
+
+    /// Releases whatever (container, ifname) holds, both families. Durable
+    /// when it returns; returns what was released.
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Allocation>, IpamError> {
+        self.release_where(|k| k.container_id == container_id && k.ifname == ifname)
+    }
+
+    /// Releases everything a container holds.
+    pub fn release_container(&self, container_id: &str) -> Result<Vec<Allocation>, IpamError> {
+        self.release_where(|k| k.container_id == container_id)
+    }
+
+    /// Releases every allocation whose key `doomed` picks (CNI GC).
+    pub fn release_where(
+        &self,
+        doomed: impl Fn(&AllocationKey) -> bool,
+    ) -> Result<Vec<Allocation>, IpamError> {
+        self.release_where_allocation(|a| doomed(&a.key))
+    }
+
+    /// Releases every allocation `doomed` picks (the sweep).
+    pub fn release_where_allocation(
+        &self,
+        doomed: impl Fn(&Allocation) -> bool,
+    ) -> Result<Vec<Allocation>, IpamError> {
+        let released: Vec<Allocation> = {
+            let mut state = self.lock();
+            let keys: Vec<AllocationKey> = state
+                .held
+                .values()
+                .filter(|a| doomed(a))
+                .map(|a| a.key.clone())
+                .collect();
+            let mut out = Vec::new();
+            for k in keys {
+                if let Some(a) = state.held.remove(&k) {
+                    if let (Some(pool), Some(index)) =
+                        (self.pools.get(&a.pool), state.index.get_mut(&a.pool))
+                    {
+                        index.free(pool, a.address);
+                    }
+                    out.push(a);
+                }
+            }
+            out
+        };
+        if released.is_empty() {
+            return Ok(released);
+        }
+        let keys: Vec<AllocationKey> = released.iter().map(|a| a.key.clone()).collect();
+        if let Err(e) = self.store.delete(&keys) {
+            // The record still says "held": hold it in memory too, so the
+            // address is not handed out while the disk disagrees.
+            let mut state = self.lock();
+            for a in &released {
+                if let (Some(pool), Some(index)) =
+                    (self.pools.get(&a.pool), state.index.get_mut(&a.pool))
+                {
+                    index.mark(pool, a.address);
+                }
+                state.held.insert(a.key.clone(), a.clone());
+            }
+            return Err(IpamError::Store(e.to_string()));
+        }
+        Ok(released)
+    }
+
+    /// Every allocation held.
+    pub fn allocations(&self) -> Vec<Allocation> {
+        let mut v: Vec<Allocation> = self.lock().held.values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Number of addresses held.
+    pub fn allocated(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    /// (used, capacity) of a pool.
+    pub fn usage(&self, pool: &str) -> Option<(u128, u128)> {
+        let state = self.lock();
+        state.index.get(pool).map(|i| (i.used(), i.capacity()))
+    }
+}
+
+/// Why an allocator could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A pool definition.
+    #[error(transparent)]
+    Pools(IpamError),
+    /// The store.
+    #[error("allocation store: {0}")]
+    Store(StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, sync::Arc};
+
+    use proptest::prelude::*;
+
+    use super::{pool::tests::spec, *};
+
+    fn key(c: usize) -> AllocationKey {
+        AllocationKey {
+            container_id: format!("c{c}"),
+            ifname: "net1".into(),
+            family: Family::V4,
+        }
+    }
+
+    fn only(pool: &str) -> Candidates {
+        Candidates {
+            pools: vec![pool.into()],
+            rejected: vec![],
+        }
+    }
+
+    fn small_pool() -> PoolSpec {
+        let mut s = spec(
+            "p",
+            "10.0.0.0/26",
+            &["10.0.0.0-10.0.0.40"],
+            Some("10.0.0.1"),
+        );
+        s.exclude_ips = vec!["10.0.0.7".parse().unwrap()];
+        s
+    }
+
+    proptest! {
+        /// Any interleaving of ADDs and DELs: one owner per address, never
+        /// the network, gateway or an excluded address, never outside the
+        /// range; and a full pool hands a released address straight back.
+        #[test]
+        fn one_owner_per_address(ops in proptest::collection::vec((0usize..60, any::<bool>()), 1..400)) {
+            let ipam = Ipam::new(vec![small_pool()]).unwrap();
+            for (c, add) in ops {
+                if add {
+                    let _ = ipam.allocate(key(c), &only("p"), 0);
+                } else {
+                    ipam.release(&format!("c{c}"), "net1").unwrap();
+                }
+                let all = ipam.allocations();
+                let addrs: HashSet<IpAddr> = all.iter().map(|a| a.address).collect();
+                prop_assert_eq!(addrs.len(), all.len(), "an address with two owners");
+                for a in &all {
+                    let n = match a.address { IpAddr::V4(v) => u32::from(v), _ => unreachable!() };
+                    prop_assert!(n <= u32::from(std::net::Ipv4Addr::new(10, 0, 0, 40)));
+                    for never in ["10.0.0.0", "10.0.0.1", "10.0.0.7"] {
+                        prop_assert_ne!(a.address, never.parse::<IpAddr>().unwrap());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_pool_reuses_a_released_address_and_says_it_is_exhausted() {
+        let ipam = Ipam::new(vec![small_pool()]).unwrap();
+        // 41 addresses minus network, gateway and one excluded.
+        let mut n = 0;
+        while ipam.allocate(key(n), &only("p"), 0).is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 38);
+        let err = ipam
+            .allocate(key(999), &only("p"), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("p: exhausted"), "{err}");
+        let freed = ipam.release("c5", "net1").unwrap();
+        let again = ipam.allocate(key(999), &only("p"), 0).unwrap();
+        assert_eq!(again.address, freed[0].address);
+        assert_eq!(
+            ipam.allocate(key(999), &only("p"), 0).unwrap(),
+            again,
+            "a repeated ADD gets the same address"
+        );
+    }
+
+    #[test]
+    fn ipv6_pools_allocate_without_enumerating_a_64() {
+        let ipam = Ipam::new(vec![spec(
+            "v6",
+            "fd00:16:1::/64",
+            &[],
+            Some("fd00:16:1::1"),
+        )])
+        .unwrap();
+        let v6 = |c: usize| AllocationKey {
+            family: Family::V6,
+            ..key(c)
+        };
+        let a = ipam.allocate(v6(1), &only("v6"), 0).unwrap();
+        assert_eq!(a.address, "fd00:16:1::2".parse::<IpAddr>().unwrap());
+        for c in 2..2000 {
+            ipam.allocate(v6(c), &only("v6"), 0).unwrap();
+        }
+        assert_eq!(ipam.usage("v6"), Some((1999, (1u128 << 64) - 2)));
+    }
+
+    struct FailingStore;
+    impl AllocationStore for FailingStore {
+        fn load(&self) -> Result<Vec<Allocation>, StoreError> {
+            Ok(vec![])
+        }
+        fn put(&self, _: &Allocation) -> Result<(), StoreError> {
+            Err(StoreError::Db("disk full".into()))
+        }
+        fn delete(&self, _: &[AllocationKey]) -> Result<(), StoreError> {
+            Err(StoreError::Db("disk full".into()))
+        }
+    }
+
+    #[test]
+    fn a_write_that_fails_allocates_nothing() {
+        let ipam = Ipam::with_store(vec![small_pool()], Box::new(FailingStore)).unwrap();
+        let err = ipam.allocate(key(1), &only("p"), 0).unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!(ipam.allocated(), 0);
+        assert_eq!(ipam.usage("p").unwrap().0, 0);
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("railnet-ipam-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn allocations_survive_a_restart_and_are_not_handed_out_again() {
+        let dir = scratch("restart");
+        let db = dir.join("ipam.redb");
+        let first: Vec<IpAddr> = {
+            let ipam =
+                Ipam::with_store(vec![small_pool()], Box::new(RedbStore::open(&db).unwrap()))
+                    .unwrap();
+            (0..10)
+                .map(|c| ipam.allocate(key(c), &only("p"), 42).unwrap().address)
+                .collect()
+        };
+        let ipam =
+            Ipam::with_store(vec![small_pool()], Box::new(RedbStore::open(&db).unwrap())).unwrap();
+        assert_eq!(ipam.allocated(), 10);
+        assert_eq!(
+            ipam.allocate(key(3), &only("p"), 42).unwrap().address,
+            first[3]
+        );
+        let fresh = ipam.allocate(key(100), &only("p"), 42).unwrap().address;
+        assert!(!first.contains(&fresh), "{fresh} was already held");
+        ipam.release("c3", "net1").unwrap();
+        drop(ipam);
+        let ipam =
+            Ipam::with_store(vec![small_pool()], Box::new(RedbStore::open(&db).unwrap())).unwrap();
+        assert_eq!(ipam.allocated(), 10, "10 + 1 - 1");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn concurrent_allocations_share_commits_and_never_collide() {
+        let dir = scratch("group");
+        let db = dir.join("ipam.redb");
+        let ipam = Arc::new(
+            Ipam::with_store(
+                vec![spec("big", "10.1.0.0/16", &[], None)],
+                Box::new(RedbStore::open(&db).unwrap()),
+            )
+            .unwrap(),
+        );
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let ipam = ipam.clone();
+                std::thread::spawn(move || {
+                    (0..25)
+                        .map(|i| {
+                            ipam.allocate(key(t * 1000 + i), &only("big"), 0)
+                                .unwrap()
+                                .address
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let all: Vec<IpAddr> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        let unique: HashSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), 400);
+        drop(ipam);
+        let store = RedbStore::open(&db).unwrap();
+        assert_eq!(
+            store.load().unwrap().len(),
+            400,
+            "every acknowledged allocation is on disk"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
