@@ -75,6 +75,34 @@ pub enum Op {
     Del(Attachment),
     /// Answer whether the agent is ready (CNI STATUS).
     Status,
+    /// IPAM only (the `railnet-ipam` plugin another main plugin calls):
+    /// allocate addresses for an interface it creates itself.
+    IpamAdd(IpamRequest),
+    /// IPAM only: release what `IpamAdd` gave.
+    IpamDel(IpamRequest),
+}
+
+/// An IPAM-only request.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct IpamRequest {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// Pool names or wildcards per family.
+    pub ippools: crate::netconf::IpPools,
+    /// With `matchMasterSubnet`: the master whose addresses pick the pool.
+    #[serde(default)]
+    pub match_master: Option<String>,
+}
+
+/// What an IPAM-only ADD hands back.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct IpamResult {
+    /// Addresses, IPv4 first.
+    pub ips: Vec<ResultIp>,
+    /// The pools' extra routes.
+    pub routes: Vec<ResultRoute>,
 }
 
 /// One attachment of one pod to one rail network.
@@ -98,6 +126,9 @@ pub enum Response {
         api: u32,
         /// ADD's result; `None` for DEL and STATUS.
         result: Option<AddResult>,
+        /// IPAM-only ADD's result.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ipam: Option<IpamResult>,
     },
     /// Failure, in CNI error terms.
     Error(ApiError),

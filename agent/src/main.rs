@@ -91,9 +91,11 @@ fn main() -> ExitCode {
     };
     let ipam = match Ipam::with_store(specs, Box::new(store)) {
         Ok(ipam) => ipam,
-        Err(OpenError::Pools(e)) => {
+        Err(OpenError::Pools(errors)) => {
             let text = std::fs::read_to_string(&args.config).unwrap_or_default();
-            eprintln!("railnet-agent: {}", config::locate(&args.config, &text, e));
+            for e in errors {
+                eprintln!("railnet-agent: {}", config::locate(&args.config, &text, e));
+            }
             return ExitCode::from(exit::CONFIG);
         }
         Err(e @ OpenError::Store(_)) => {

@@ -23,7 +23,10 @@ use rtnetlink::{
 };
 
 use crate::{
-    api::{AddResult, ApiError, Attachment, ResultInterface, ResultIp, ResultRoute, code},
+    api::{
+        AddResult, ApiError, Attachment, IpamRequest, IpamResult, ResultInterface, ResultIp,
+        ResultRoute, code,
+    },
     dataplane::{PodPins, RailAttachment},
     ipam::{AllocationKey, Family, Ipam, PoolRequest},
     netconf::{NetConf, Routing, valid_ifname},
@@ -56,6 +59,19 @@ pub struct RailService {
 
 fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
     ApiError::new(code::INVALID_CONFIG, msg, details)
+}
+
+fn check_ids(container_id: &str, ifname: &str) -> Result<(), ApiError> {
+    if !valid_container_id(container_id) || !valid_ifname(ifname) {
+        return Err(ApiError::new(
+            code::INVALID_ENV,
+            "invalid CNI_CONTAINERID or CNI_IFNAME",
+            format!(
+                "{container_id:?} / {ifname:?}: IDs of letters, digits, '-', '_', '.'; names of 1 to 15 bytes"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A container ID becomes a directory name under the pin root: allow only
@@ -93,7 +109,13 @@ impl RailService {
                 format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
             ));
         }
-        let addrs = match self.allocate(att, &conf, netns) {
+        let addrs = match self.allocate(
+            &att.container_id,
+            &att.ifname,
+            &conf.ippools,
+            conf.match_master_subnet.then_some(conf.master.as_str()),
+            netns.inode().unwrap_or(0),
+        ) {
             Ok(a) => a,
             Err(e) => {
                 let _ = self.ipam.release(&att.container_id, &att.ifname);
@@ -109,15 +131,71 @@ impl RailService {
         }
     }
 
+    /// IPAM only: addresses for an interface another plugin makes.
+    pub fn ipam_add(
+        &self,
+        req: &IpamRequest,
+        netns: Option<&PodNetns>,
+    ) -> Result<IpamResult, ApiError> {
+        check_ids(&req.container_id, &req.ifname)?;
+        let addrs = match self.allocate(
+            &req.container_id,
+            &req.ifname,
+            &req.ippools,
+            req.match_master.as_deref(),
+            netns.and_then(|n| n.inode()).unwrap_or(0),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = self.ipam.release(&req.container_id, &req.ifname);
+                return Err(e);
+            }
+        };
+        let mut ips = Vec::new();
+        if let Some(v4) = addrs.v4 {
+            ips.push(ResultIp {
+                address: IpNet::V4(v4),
+                gateway: addrs.gw4.map(IpAddr::V4),
+            });
+        }
+        if let Some(v6) = addrs.v6 {
+            ips.push(ResultIp {
+                address: IpNet::V6(v6),
+                gateway: addrs.gw6.map(IpAddr::V6),
+            });
+        }
+        let routes = addrs
+            .extra_routes
+            .iter()
+            .map(|(dst, gw)| ResultRoute {
+                dst: *dst,
+                gw: Some(*gw),
+                priority: 0,
+            })
+            .collect();
+        Ok(IpamResult { ips, routes })
+    }
+
+    /// IPAM only: release.
+    pub fn ipam_del(&self, req: &IpamRequest) -> Result<(), ApiError> {
+        check_ids(&req.container_id, &req.ifname)?;
+        self.ipam
+            .release(&req.container_id, &req.ifname)
+            .map(|_| ())
+            .map_err(|e| ApiError::new(code::IO, "IPAM release", e.to_string()))
+    }
+
     /// One address per family the network has pools for.
     fn allocate(
         &self,
-        att: &Attachment,
-        conf: &NetConf,
-        netns: &PodNetns,
+        container_id: &str,
+        ifname: &str,
+        ippools: &crate::netconf::IpPools,
+        match_master: Option<&str>,
+        netns_inode: u64,
     ) -> Result<RailAddresses, ApiError> {
-        let master_addresses = if conf.match_master_subnet {
-            let master = conf.master.clone();
+        let master_addresses = if let Some(master) = match_master {
+            let master = master.to_owned();
             let addrs = with_rtnl(|h| async move {
                 match rtnl::link_by_name(&h, &master).await {
                     Ok(Some(l)) => rtnl::networks(&h, l.index).await.map_err(|e| describe(&e)),
@@ -131,12 +209,8 @@ impl RailService {
         } else {
             None
         };
-        let netns_inode = netns.inode().unwrap_or(0);
         let mut addrs = RailAddresses::default();
-        for (patterns, family) in [
-            (&conf.ippools.ipv4, Family::V4),
-            (&conf.ippools.ipv6, Family::V6),
-        ] {
+        for (patterns, family) in [(&ippools.ipv4, Family::V4), (&ippools.ipv6, Family::V6)] {
             if patterns.is_empty() {
                 continue;
             }
@@ -150,8 +224,8 @@ impl RailService {
                 },
             );
             let key = AllocationKey {
-                container_id: att.container_id.clone(),
-                ifname: att.ifname.clone(),
+                container_id: container_id.to_owned(),
+                ifname: ifname.to_owned(),
                 family,
             };
             let alloc = self

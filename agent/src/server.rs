@@ -99,6 +99,7 @@ fn dispatch(req: Request, netns: Option<PodNetns>, service: &RailService) -> Res
         ));
     }
     let started = std::time::Instant::now();
+    let mut ipam = None;
     let result = match &req.op {
         Op::Add(att) => match netns {
             Some(ns) => service.add(att, &ns).map(Some),
@@ -110,18 +111,26 @@ fn dispatch(req: Request, netns: Option<PodNetns>, service: &RailService) -> Res
         },
         Op::Del(att) => service.del(att, netns.as_ref()).map(|()| None),
         Op::Status => Ok(None),
+        Op::IpamAdd(r) => service.ipam_add(r, netns.as_ref()).map(|res| {
+            ipam = Some(res);
+            None
+        }),
+        Op::IpamDel(r) => service.ipam_del(r).map(|()| None),
     };
     let (op, who) = match &req.op {
         Op::Add(a) => ("ADD", format!("{}/{}", a.container_id, a.ifname)),
         Op::Del(a) => ("DEL", format!("{}/{}", a.container_id, a.ifname)),
         Op::Status => ("STATUS", String::new()),
+        Op::IpamAdd(r) => ("IPAM ADD", format!("{}/{}", r.container_id, r.ifname)),
+        Op::IpamDel(r) => ("IPAM DEL", format!("{}/{}", r.container_id, r.ifname)),
     };
     match result {
         Ok(result) => {
-            info!(op, attachment = %who, elapsed_us = started.elapsed().as_micros() as u64, "done");
+            tracing::debug!(op, attachment = %who, elapsed_us = started.elapsed().as_micros() as u64, "done");
             Response::Ok {
                 api: API_VERSION,
                 result,
+                ipam,
             }
         }
         Err(e) => {

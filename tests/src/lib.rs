@@ -275,6 +275,16 @@ impl Agent {
         }
     }
 
+    /// The agent's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Path of the agent's allocation database.
+    pub fn state_path(&self) -> PathBuf {
+        self._dir.path().join("ipam.redb")
+    }
+
     /// Kills the process with SIGKILL, as a crash or OOM would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -794,4 +804,24 @@ impl Netns {
         .join()
         .expect("netns thread")
     }
+}
+
+/// Sends one request to an agent's socket, as the CNI binary does.
+pub fn agent_call(
+    socket: &Path,
+    op: railnet_agent::api::Op,
+) -> Result<railnet_agent::api::Response, railnet_agent::api::WireError> {
+    use railnet_agent::api;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    api::send(
+        &mut stream,
+        &api::Request {
+            api: api::API_VERSION,
+            client: "railnet-tests".into(),
+            op,
+        },
+        None,
+    )?;
+    Ok(api::recv(&mut stream)?.0)
 }

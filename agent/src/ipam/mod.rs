@@ -81,7 +81,7 @@ impl Ipam {
     /// Builds the allocator over validated pools and an in-memory store.
     pub fn new(specs: Vec<PoolSpec>) -> Result<Self, IpamError> {
         Self::with_store(specs, Box::new(MemoryStore::default())).map_err(|e| match e {
-            OpenError::Pools(e) => e,
+            OpenError::Pools(mut e) => e.remove(0),
             OpenError::Store(e) => unreachable!("the memory store cannot fail: {e}"),
         })
     }
@@ -92,13 +92,23 @@ impl Ipam {
         specs: Vec<PoolSpec>,
         store: Box<dyn AllocationStore>,
     ) -> Result<Self, OpenError> {
+        // Every bad pool is reported, not just the first: a person fixes
+        // the file once.
         let mut pools = BTreeMap::new();
+        let mut errors = Vec::new();
         for spec in specs {
-            let pool = Pool::new(spec).map_err(OpenError::Pools)?;
-            if pools.contains_key(&pool.name) {
-                return Err(OpenError::Pools(IpamError::Duplicate(pool.name)));
+            match Pool::new(spec) {
+                Ok(pool) if pools.contains_key(&pool.name) => {
+                    errors.push(IpamError::Duplicate(pool.name))
+                }
+                Ok(pool) => {
+                    pools.insert(pool.name.clone(), pool);
+                }
+                Err(e) => errors.push(e),
             }
-            pools.insert(pool.name.clone(), pool);
+        }
+        if !errors.is_empty() {
+            return Err(OpenError::Pools(errors));
         }
         let mut state = State {
             index: pools
@@ -200,7 +210,13 @@ impl Ipam {
     /// Releases whatever (container, ifname) holds, both families. Durable
     /// when it returns; returns what was released.
     pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Allocation>, IpamError> {
-        self.release_where(|k| k.container_id == container_id && k.ifname == ifname)
+        // Direct lookups: DEL must not scan every allocation of the node.
+        let keys = [Family::V4, Family::V6].map(|family| AllocationKey {
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+            family,
+        });
+        self.release_keys(&keys)
     }
 
     /// Releases everything a container holds.
@@ -221,17 +237,22 @@ impl Ipam {
         &self,
         doomed: impl Fn(&Allocation) -> bool,
     ) -> Result<Vec<Allocation>, IpamError> {
+        let keys: Vec<AllocationKey> = self
+            .lock()
+            .held
+            .values()
+            .filter(|a| doomed(a))
+            .map(|a| a.key.clone())
+            .collect();
+        self.release_keys(&keys)
+    }
+
+    fn release_keys(&self, keys: &[AllocationKey]) -> Result<Vec<Allocation>, IpamError> {
         let released: Vec<Allocation> = {
             let mut state = self.lock();
-            let keys: Vec<AllocationKey> = state
-                .held
-                .values()
-                .filter(|a| doomed(a))
-                .map(|a| a.key.clone())
-                .collect();
             let mut out = Vec::new();
             for k in keys {
-                if let Some(a) = state.held.remove(&k) {
+                if let Some(a) = state.held.remove(k) {
                     if let (Some(pool), Some(index)) =
                         (self.pools.get(&a.pool), state.index.get_mut(&a.pool))
                     {
@@ -285,9 +306,9 @@ impl Ipam {
 /// Why an allocator could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// A pool definition.
-    #[error(transparent)]
-    Pools(IpamError),
+    /// Pool definitions (every bad one).
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Pools(Vec<IpamError>),
     /// The store.
     #[error("allocation store: {0}")]
     Store(StoreError),
