@@ -620,6 +620,11 @@ fn del_and_a_vanished_netns_leave_no_program_map_or_pin() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_freed("after the sweep", &progs, &maps);
+    // The sweep logs after it removed the pins: give a slow guest a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("swept pods whose netns is gone") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         agent.log().contains("swept pods whose netns is gone"),
         "{}",

@@ -27,6 +27,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iputils-ping", "real traffic across the test fabrics"),
     ("bpftool", "inspecting programs, maps and links in tests"),
+    (
+        "e2fsprogs",
+        "mkfs.ext4 for the power-cut test's virtual disk",
+    ),
 ];
 
 /// The bpf-linker release known to work with llvm-22 here.
