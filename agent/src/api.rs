@@ -80,6 +80,17 @@ pub enum Op {
     IpamAdd(IpamRequest),
     /// IPAM only: release what `IpamAdd` gave.
     IpamDel(IpamRequest),
+    /// CNI GC: release everything of `network` not in `valid`.
+    Gc(GcRequest),
+}
+
+/// A CNI GC request.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct GcRequest {
+    /// The network's name.
+    pub network: String,
+    /// `cni.dev/valid-attachments`: (container ID, ifname) still in use.
+    pub valid: Vec<(String, String)>,
 }
 
 /// An IPAM-only request.
@@ -94,6 +105,12 @@ pub struct IpamRequest {
     /// With `matchMasterSubnet`: the master whose addresses pick the pool.
     #[serde(default)]
     pub match_master: Option<String>,
+    /// The network's name (pool network affinity, GC).
+    #[serde(default)]
+    pub network: String,
+    /// The pod's namespace, if known (pool namespace affinity).
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 /// What an IPAM-only ADD hands back.
@@ -114,6 +131,19 @@ pub struct Attachment {
     pub ifname: String,
     /// The network config exactly as read from stdin.
     pub netconf: serde_json::Value,
+    /// `CNI_ARGS` as Multus sends them (`K8S_POD_NAMESPACE`, …).
+    #[serde(default)]
+    pub args: std::collections::BTreeMap<String, String>,
+}
+
+/// Parses `CNI_ARGS` (`K=V;K=V`), ignoring malformed parts as libcni does
+/// with `IgnoreUnknown`.
+pub fn parse_cni_args(raw: &str) -> std::collections::BTreeMap<String, String> {
+    raw.split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
 }
 
 /// The agent's answer.
@@ -367,6 +397,7 @@ mod tests {
                 container_id: "c1".into(),
                 ifname: "net1".into(),
                 netconf: serde_json::json!({"name": "rail1"}),
+                args: parse_cni_args("IgnoreUnknown=true;K8S_POD_NAMESPACE=default;broken"),
             }),
         };
         let file = std::fs::File::open("/proc/self/ns/net").unwrap();
@@ -374,6 +405,13 @@ mod tests {
         let (got, fd): (Request, _) = recv(&mut b).unwrap();
         assert_eq!(got, req);
         assert!(fd.is_some(), "the netns fd must travel with the request");
+        if let Op::Add(a) = got.op {
+            assert_eq!(
+                a.args.get("K8S_POD_NAMESPACE").map(String::as_str),
+                Some("default")
+            );
+            assert_eq!(a.args.len(), 2, "malformed parts are skipped");
+        }
     }
 
     #[test]

@@ -24,8 +24,8 @@ use rtnetlink::{
 
 use crate::{
     api::{
-        AddResult, ApiError, Attachment, IpamRequest, IpamResult, ResultInterface, ResultIp,
-        ResultRoute, code,
+        AddResult, ApiError, Attachment, GcRequest, IpamRequest, IpamResult, ResultInterface,
+        ResultIp, ResultRoute, code,
     },
     dataplane::{PodPins, RailAttachment},
     ipam::{AllocationKey, Family, Ipam, PoolRequest},
@@ -115,6 +115,10 @@ impl RailService {
             &conf.ippools,
             conf.match_master_subnet.then_some(conf.master.as_str()),
             netns.inode().unwrap_or(0),
+            (
+                &conf.name,
+                att.args.get("K8S_POD_NAMESPACE").map(String::as_str),
+            ),
         ) {
             Ok(a) => a,
             Err(e) => {
@@ -144,6 +148,7 @@ impl RailService {
             &req.ippools,
             req.match_master.as_deref(),
             netns.and_then(|n| n.inode()).unwrap_or(0),
+            (&req.network, req.namespace.as_deref()),
         ) {
             Ok(a) => a,
             Err(e) => {
@@ -176,6 +181,30 @@ impl RailService {
         Ok(IpamResult { ips, routes })
     }
 
+    /// CNI GC: releases every allocation of `req.network` whose attachment
+    /// is not in the valid list, and removes its pins. Returns how many.
+    pub fn gc(&self, req: &GcRequest) -> Result<usize, ApiError> {
+        let valid: std::collections::HashSet<(&str, &str)> = req
+            .valid
+            .iter()
+            .map(|(c, i)| (c.as_str(), i.as_str()))
+            .collect();
+        let released = self
+            .ipam
+            .release_where_allocation(|a| {
+                a.network == req.network
+                    && !valid.contains(&(a.key.container_id.as_str(), a.key.ifname.as_str()))
+            })
+            .map_err(|e| ApiError::new(code::IO, "GC", e.to_string()))?;
+        for a in &released {
+            if valid_container_id(&a.key.container_id) {
+                let _ =
+                    PodPins::new(&self.pin_root, &a.key.container_id).detach(&a.key.ifname, None);
+            }
+        }
+        Ok(released.len())
+    }
+
     /// IPAM only: release.
     pub fn ipam_del(&self, req: &IpamRequest) -> Result<(), ApiError> {
         check_ids(&req.container_id, &req.ifname)?;
@@ -193,6 +222,7 @@ impl RailService {
         ippools: &crate::netconf::IpPools,
         match_master: Option<&str>,
         netns_inode: u64,
+        (network, namespace): (&str, Option<&str>),
     ) -> Result<RailAddresses, ApiError> {
         let master_addresses = if let Some(master) = match_master {
             let master = master.to_owned();
@@ -220,6 +250,8 @@ impl RailService {
                     patterns,
                     family,
                     node: &self.node_name,
+                    namespace,
+                    network,
                     master_addresses: master_addresses.as_deref(),
                 },
             );
@@ -230,7 +262,7 @@ impl RailService {
             };
             let alloc = self
                 .ipam
-                .allocate(key, &candidates, netns_inode)
+                .allocate_for(key, &candidates, netns_inode, network)
                 .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
             let pool = &self.ipam.pools()[&alloc.pool];
             let net = IpNet::new(alloc.address, pool.subnet.prefix_len())

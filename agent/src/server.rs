@@ -116,6 +116,12 @@ fn dispatch(req: Request, netns: Option<PodNetns>, service: &RailService) -> Res
             None
         }),
         Op::IpamDel(r) => service.ipam_del(r).map(|()| None),
+        Op::Gc(r) => service.gc(r).map(|n| {
+            if n > 0 {
+                info!(network = %r.network, released = n, "GC released stale attachments");
+            }
+            None
+        }),
     };
     let (op, who) = match &req.op {
         Op::Add(a) => ("ADD", format!("{}/{}", a.container_id, a.ifname)),
@@ -123,6 +129,7 @@ fn dispatch(req: Request, netns: Option<PodNetns>, service: &RailService) -> Res
         Op::Status => ("STATUS", String::new()),
         Op::IpamAdd(r) => ("IPAM ADD", format!("{}/{}", r.container_id, r.ifname)),
         Op::IpamDel(r) => ("IPAM DEL", format!("{}/{}", r.container_id, r.ifname)),
+        Op::Gc(r) => ("GC", r.network.clone()),
     };
     match result {
         Ok(result) => {

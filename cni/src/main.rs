@@ -14,7 +14,7 @@ use std::{
 };
 
 use railnet_agent::{
-    api::{self, API_VERSION, ApiError, Attachment, Op, Request, Response, code},
+    api::{self, API_VERSION, ApiError, Attachment, GcRequest, Op, Request, Response, code},
     netconf::{NetConf, SUPPORTED_VERSIONS},
 };
 
@@ -145,10 +145,41 @@ fn run(
                 )),
             }
         }
-        "CHECK" | "GC" => Err(ApiError::new(
+        "GC" => {
+            // Spec 1.1: the runtime lists the attachments still valid for
+            // this network; everything else of it is released.
+            let conf: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| {
+                ApiError::new(code::DECODE, "invalid network config", e.to_string())
+            })?;
+            let network = conf["name"].as_str().unwrap_or_default().to_owned();
+            let valid = conf["cni.dev/valid-attachments"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|a| {
+                            Some((
+                                a["containerID"].as_str()?.to_owned(),
+                                a["ifname"].as_str()?.to_owned(),
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let socket = socket_path(stdin, env);
+            match call(&socket, Op::Gc(GcRequest { network, valid }), None) {
+                Ok(Response::Ok { .. }) => Ok(None),
+                Ok(Response::Error(e)) => Err(e),
+                Err(e) => Err(ApiError::new(
+                    code::TRY_AGAIN,
+                    format!("railnet agent not reachable at {}", socket.display()),
+                    e.to_string(),
+                )),
+            }
+        }
+        "CHECK" => Err(ApiError::new(
             code::UNSUPPORTED_FIELD,
-            format!("{command} is not implemented by this railnet version"),
-            "ADD, DEL, STATUS and VERSION are",
+            "CHECK is not implemented by this railnet version",
+            "ADD, DEL, GC, STATUS and VERSION are",
         )),
         "" => Err(ApiError::new(
             code::INVALID_ENV,
@@ -180,6 +211,7 @@ fn attachment(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> Result<Att
         container_id: need(env, "CNI_CONTAINERID")?,
         ifname: need(env, "CNI_IFNAME")?,
         netconf,
+        args: api::parse_cni_args(&env("CNI_ARGS").unwrap_or_default()),
     })
 }
 

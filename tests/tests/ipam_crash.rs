@@ -34,6 +34,8 @@ fn request(c: usize, n: usize) -> IpamRequest {
             ipv6: vec![],
         },
         match_master: None,
+        network: "rail1".into(),
+        namespace: None,
     }
 }
 

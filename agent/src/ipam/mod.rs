@@ -54,6 +54,10 @@ pub struct Allocation {
     /// Inode of the pod's netns at ADD (0 if unknown): the sweep releases
     /// allocations whose netns is gone.
     pub netns_inode: u64,
+    /// The network (NetworkAttachmentDefinition) it was made for; CNI GC
+    /// works per network.
+    #[serde(default)]
+    pub network: String,
 }
 
 /// Pools plus the allocations made from them.
@@ -156,6 +160,17 @@ impl Ipam {
         candidates: &Candidates,
         netns_inode: u64,
     ) -> Result<Allocation, IpamError> {
+        self.allocate_for(key, candidates, netns_inode, "")
+    }
+
+    /// As [`Ipam::allocate`], recording the network it is for.
+    pub fn allocate_for(
+        &self,
+        key: AllocationKey,
+        candidates: &Candidates,
+        netns_inode: u64,
+        network: &str,
+    ) -> Result<Allocation, IpamError> {
         let allocation = {
             let mut state = self.lock();
             if let Some(a) = state.held.get(&key) {
@@ -187,6 +202,7 @@ impl Ipam {
                 pool,
                 address,
                 netns_inode,
+                network: network.to_owned(),
             };
             state.held.insert(key, a.clone());
             a

@@ -35,6 +35,13 @@ pub struct PoolSpec {
     /// A disabled pool hands out nothing new; what it gave stays.
     #[serde(default)]
     pub disable: bool,
+    /// Pod namespaces that may use the pool; all when empty.
+    #[serde(default)]
+    pub namespace: Vec<String>,
+    /// Networks (NetworkAttachmentDefinition names) that may use the pool;
+    /// all when empty.
+    #[serde(default)]
+    pub networks: Vec<String>,
     /// `ipv4` or `ipv6`; optional, checked against the subnet.
     #[serde(default)]
     pub ip_version: Option<String>,
@@ -67,6 +74,10 @@ pub struct Pool {
     pub node_name: Vec<String>,
     /// Hands out nothing new.
     pub disable: bool,
+    /// Namespace affinity; empty means every namespace.
+    pub namespace: Vec<String>,
+    /// Network affinity; empty means every network.
+    pub networks: Vec<String>,
     ranges: Vec<(u128, u128)>,
     excluded: BTreeSet<u128>,
 }
@@ -220,6 +231,8 @@ impl Pool {
             routes: spec.routes,
             node_name: spec.node_name,
             disable: spec.disable,
+            namespace: spec.namespace,
+            networks: spec.networks,
             ranges,
             excluded,
         })
@@ -423,6 +436,8 @@ pub(crate) mod tests {
             routes: vec![],
             node_name: vec![],
             disable: false,
+            namespace: vec![],
+            networks: vec![],
             ip_version: None,
         }
     }

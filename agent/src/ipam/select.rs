@@ -17,6 +17,10 @@ pub struct PoolRequest<'a> {
     pub family: Family,
     /// This node's name, for node affinity.
     pub node: &'a str,
+    /// The pod's namespace, when the runtime said (`K8S_POD_NAMESPACE`).
+    pub namespace: Option<&'a str>,
+    /// The network's name.
+    pub network: &'a str,
     /// With `matchMasterSubnet`: the master's addresses on this node; only
     /// pools whose subnet holds one of them qualify.
     pub master_addresses: Option<&'a [IpNet]>,
@@ -101,6 +105,22 @@ pub fn select(pools: &BTreeMap<String, Pool>, req: &PoolRequest<'_>) -> Candidat
                     pool.node_name.join(", "),
                     req.node
                 ))
+            } else if !pool.namespace.is_empty()
+                && !req
+                    .namespace
+                    .is_some_and(|ns| pool.namespace.iter().any(|n| n == ns))
+            {
+                Some(format!(
+                    "namespace affinity [{}] excludes namespace {}",
+                    pool.namespace.join(", "),
+                    req.namespace.unwrap_or("(unknown: no K8S_POD_NAMESPACE)")
+                ))
+            } else if !pool.networks.is_empty() && !pool.networks.iter().any(|n| n == req.network) {
+                Some(format!(
+                    "reserved for networks [{}], not {}",
+                    pool.networks.join(", "),
+                    req.network
+                ))
             } else if let Some(addrs) = req.master_addresses
                 && !addrs.iter().any(|a| pool.subnet.contains(&a.addr()))
             {
@@ -168,6 +188,8 @@ mod tests {
                 patterns: &["r1-*".into(), "nope".into()],
                 family: Family::V4,
                 node: "node2",
+                namespace: Some("default"),
+                network: "rail1",
                 master_addresses: Some(&master),
             },
         );

@@ -468,6 +468,8 @@ fn ipam() {
                             ipv6: vec![],
                         },
                         match_master: None,
+                        network: "rail1".into(),
+                        namespace: None,
                     };
                     match agent_call(&socket, Op::IpamAdd(r)) {
                         Ok(Response::Ok { ipam: Some(_), .. }) => {

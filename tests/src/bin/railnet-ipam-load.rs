@@ -49,6 +49,8 @@ fn load(socket: &str) {
                             ipv6: vec![],
                         },
                         match_master: None,
+                        network: "rail1".into(),
+                        namespace: None,
                     };
                     if let Ok(Response::Ok {
                         ipam: Some(res), ..

@@ -1,0 +1,71 @@
+//! CNI GC (spec 1.1) and pool affinities, through the real CNI binary.
+
+use railnet_tests::{Agent, RailFabric, cni, unique};
+use serde_json::json;
+
+#[test]
+fn gc_releases_what_the_runtime_no_longer_lists() {
+    let fabric = RailFabric::new(1, 1);
+    // Two addresses only: a third pod fits only once GC frees one.
+    let pools = json!({"pools": [{
+        "name": "rail1", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254",
+        "ips": ["172.16.1.10-172.16.1.11"],
+    }]});
+    let agent = Agent::start(&fabric.nodes[0], &pools);
+    let conf = fabric.netconf(1, &agent, "ebpf");
+    let (a, b, c) = (fabric.pod(0), fabric.pod(0), fabric.pod(0));
+    let (ca, cb, cc) = (unique("a"), unique("b"), unique("c"));
+    assert!(cni("ADD", &conf, &ca, Some(&a.ns.path()), "net1").ok);
+    assert!(cni("ADD", &conf, &cb, Some(&b.ns.path()), "net1").ok);
+    let full = cni("ADD", &conf, &cc, Some(&c.ns.path()), "net1");
+    assert!(
+        !full.ok && full.stdout.contains("exhausted"),
+        "{}",
+        full.stdout
+    );
+
+    // The runtime says only pod A is still attached to this network.
+    let mut gc = json!({"cniVersion": "1.1.0", "name": "rail1", "type": "railnet", "agentSocket": agent.socket});
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": ca, "ifname": "net1"}]);
+    let out = cni("GC", &gc, "", None, "");
+    assert!(out.ok, "GC: {}\n{}", out.stdout, agent.log());
+    assert!(
+        !agent.pin_root.join(&cb).exists(),
+        "GC removes the stale pod's pins"
+    );
+    assert!(
+        agent.pin_root.join(&ca).exists(),
+        "GC keeps the valid pod's pins"
+    );
+    let ok = cni("ADD", &conf, &cc, Some(&c.ns.path()), "net1");
+    assert!(ok.ok, "after GC the freed address is there: {}", ok.stdout);
+    for (cid, pod) in [(&ca, &a), (&cc, &c)] {
+        assert!(cni("DEL", &conf, cid, Some(&pod.ns.path()), "net1").ok);
+    }
+}
+
+#[test]
+fn namespace_and_network_affinity_refuse_with_reasons() {
+    let fabric = RailFabric::new(1, 1);
+    let pools = json!({"pools": [
+        {"name": "rail1-team", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254", "namespace": ["team-a"]},
+        {"name": "rail1-other", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254", "networks": ["storage"]},
+    ]});
+    let agent = Agent::start(&fabric.nodes[0], &pools);
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["ippools"]["ipv4"] = json!(["rail1-*"]);
+    let pod = fabric.pod(0);
+    // The harness's CNI_ARGS say K8S_POD_NAMESPACE=default.
+    let out = cni("ADD", &conf, &unique("c"), Some(&pod.ns.path()), "net1");
+    assert!(!out.ok);
+    let details = out.json["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("rail1-team: namespace affinity [team-a] excludes namespace default"),
+        "{details}"
+    );
+    assert!(
+        details.contains("rail1-other: reserved for networks [storage], not rail1"),
+        "{details}"
+    );
+    assert!(!pod.ns.has_link("net1"));
+}
