@@ -25,6 +25,20 @@ pub const API_VERSION: u32 = 1;
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/railnet/agent.sock";
 
+/// Where the CNI leaves DELs the agent could not take (agent down, e.g.
+/// mid-upgrade), unless the config or `RAILNET_TOMBSTONES` says otherwise.
+pub const DEFAULT_TOMBSTONES: &str = "/var/lib/railnet/tombstones";
+
+/// The file a DEL tombstone of (container, ifname) lives in. Both were
+/// validated as plain names.
+pub fn tombstone_path(
+    dir: &std::path::Path,
+    container_id: &str,
+    ifname: &str,
+) -> std::path::PathBuf {
+    dir.join(format!("{container_id}_{ifname}.json"))
+}
+
 /// Largest message either side accepts.
 pub const MAX_MESSAGE: u32 = 1 << 20;
 

@@ -39,6 +39,10 @@ struct Args {
         default_value = "/var/lib/railnet/ipam.redb"
     )]
     state: PathBuf,
+    /// Where the CNI leaves DELs it could not deliver; finished on start
+    /// and at every sweep.
+    #[arg(long, env = "RAILNET_TOMBSTONES", default_value = api::DEFAULT_TOMBSTONES)]
+    tombstones: PathBuf,
     /// This node's name, for pools' node affinity; the hostname if unset.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -123,6 +127,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Take over what an earlier agent left before answering anyone: pins,
+    // allocations, DELs left as tombstones (on a plain thread: DEL may use
+    // netlink, which runs its own small runtime).
+    adopt(&args.pin_root);
+    info!(allocations = ipam.allocated(), node = %node_name, "allocations restored");
+    let service = Arc::new(RailService {
+        ipam,
+        pin_root: args.pin_root.clone(),
+        node_name,
+    });
+    let finished = service.finish_tombstones(&args.tombstones);
+    if finished > 0 {
+        info!(finished, "finished DELs left while the agent was away");
+    }
     runtime.block_on(async move {
         let listener = match server::bind(&args.socket) {
             Ok(l) => l,
@@ -132,16 +150,10 @@ fn main() -> ExitCode {
             }
         };
         info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), "serving");
-        adopt(&args.pin_root);
-        info!(allocations = ipam.allocated(), node = %node_name, "allocations restored");
-        let service = Arc::new(RailService {
-            ipam,
-            pin_root: args.pin_root,
-            node_name,
-        });
         let sweeper = tokio::spawn(sweep_loop(
             service.clone(),
             std::time::Duration::from_secs(args.sweep_interval),
+            args.tombstones.clone(),
         ));
         server::serve(listener, args.socket, service, shutdown_signal()).await;
         sweeper.abort();
@@ -173,12 +185,14 @@ fn adopt(pin_root: &std::path::Path) {
 
 /// Periodically removes what DEL never came for: pins and addresses of
 /// pods whose netns is gone.
-async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration) {
+async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombstones: PathBuf) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let service = service.clone();
+        let tombstones = tombstones.clone();
         let removed = tokio::task::spawn_blocking(move || {
+            service.finish_tombstones(&tombstones);
             let live = railnet_agent::netns::live_netns_inodes();
             let mut removed = dataplane::sweep(&service.pin_root, &live);
             for cid in &removed {

@@ -181,6 +181,43 @@ impl RailService {
         Ok(IpamResult { ips, routes })
     }
 
+    /// Finishes the DELs the CNI left while the agent was away. Returns how
+    /// many were finished; a tombstone that cannot be finished stays.
+    pub fn finish_tombstones(&self, dir: &std::path::Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut done = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let att: Attachment = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::warn!(tombstone = %path.display(), %why, "unreadable DEL tombstone left in place");
+                    continue;
+                }
+            };
+            // The pod's netns is gone or going: only pins and addresses are
+            // left to undo.
+            match self.del(&att, None) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                    done += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(tombstone = %path.display(), error = %e, "DEL tombstone not finished yet")
+                }
+            }
+        }
+        done
+    }
+
     /// CNI GC: releases every allocation of `req.network` whose attachment
     /// is not in the valid list, and removes its pins. Returns how many.
     pub fn gc(&self, req: &GcRequest) -> Result<usize, ApiError> {

@@ -123,14 +123,21 @@ fn run(
             let att = attachment(stdin, env)?;
             let netns = env("CNI_NETNS").and_then(|p| File::open(p).ok());
             let socket = socket_path(stdin, env);
-            match call(&socket, Op::Del(att), netns.as_ref()) {
+            match call(&socket, Op::Del(att.clone()), netns.as_ref()) {
                 Ok(Response::Ok { .. }) => Ok(None),
                 Ok(Response::Error(e)) => Err(e),
-                Err(e) => Err(ApiError::new(
-                    code::TRY_AGAIN,
-                    format!("railnet agent not reachable at {}", socket.display()),
-                    e.to_string(),
-                )),
+                // A pod must never hang in Terminating because the agent is
+                // away (an upgrade): leave a tombstone the agent finishes on
+                // start, and succeed.
+                Err(e) => write_tombstone(stdin, env, &att)
+                    .map(|()| None)
+                    .map_err(|te| {
+                        ApiError::new(
+                            code::TRY_AGAIN,
+                            format!("railnet agent not reachable at {}", socket.display()),
+                            format!("{e}; and the DEL could not be left for it: {te}"),
+                        )
+                    }),
             }
         }
         "STATUS" => {
@@ -213,6 +220,35 @@ fn attachment(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> Result<Att
         netconf,
         args: api::parse_cni_args(&env("CNI_ARGS").unwrap_or_default()),
     })
+}
+
+/// Records a DEL for the agent to finish: written to a temporary name, then
+/// renamed, so the agent never reads half a tombstone.
+fn write_tombstone(
+    stdin: &[u8],
+    env: &impl Fn(&str) -> Option<String>,
+    att: &Attachment,
+) -> Result<(), String> {
+    let safe = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 256
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    if !safe(&att.container_id) || !safe(&att.ifname) || att.container_id.starts_with('.') {
+        return Err("CNI_CONTAINERID or CNI_IFNAME is not a plain name".into());
+    }
+    let dir = serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("tombstoneDir")?.as_str().map(PathBuf::from))
+        .or_else(|| env("RAILNET_TOMBSTONES").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(api::DEFAULT_TOMBSTONES));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = api::tombstone_path(&dir, &att.container_id, &att.ifname);
+    let tmp = path.with_extension("tmp");
+    let body = serde_json::to_vec(att).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `agentSocket` in the config, else `RAILNET_SOCKET`, else the default.

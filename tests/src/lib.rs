@@ -234,6 +234,8 @@ impl Agent {
             .arg(self._dir.path().join("ipam.redb"))
             .arg("--node-name")
             .arg(node.name())
+            .arg("--tombstones")
+            .arg(self.tombstones())
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -273,6 +275,11 @@ impl Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Where the CNI leaves DELs for this agent.
+    pub fn tombstones(&self) -> PathBuf {
+        self._dir.path().join("tombstones")
     }
 
     /// The agent's PID while it runs.
@@ -694,6 +701,7 @@ impl RailFabric {
             "ippools": { "ipv4": [format!("rail{k}")] },
             "routing": routing,
             "agentSocket": agent.socket,
+            "tombstoneDir": agent.tombstones(),
         })
     }
 

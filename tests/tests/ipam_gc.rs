@@ -69,3 +69,41 @@ fn namespace_and_network_affinity_refuse_with_reasons() {
     );
     assert!(!pod.ns.has_link("net1"));
 }
+
+#[test]
+fn del_while_the_agent_is_down_succeeds_and_the_agent_finishes_it_on_start() {
+    let fabric = RailFabric::new(1, 1);
+    // One address: a later ADD proves the DEL really released it.
+    let pools = json!({"pools": [{
+        "name": "rail1", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254",
+        "ips": ["172.16.1.10"],
+    }]});
+    let mut agent = Agent::start(&fabric.nodes[0], &pools);
+    let conf = fabric.netconf(1, &agent, "ebpf");
+    let pod = fabric.pod(0);
+    let cid = unique("c");
+    assert!(cni("ADD", &conf, &cid, Some(&pod.ns.path()), "net1").ok);
+
+    // The agent is away (an upgrade); kubelet deletes the pod meanwhile.
+    agent.stop();
+    let out = cni("DEL", &conf, &cid, Some(&pod.ns.path()), "net1");
+    assert!(
+        out.ok,
+        "DEL must not fail while the agent is away: {}",
+        out.stdout
+    );
+    let tombstone = agent.tombstones().join(format!("{cid}_net1.json"));
+    assert!(tombstone.exists(), "the DEL was left for the agent");
+    drop(pod); // the runtime removes the pod's netns
+
+    agent.spawn(&fabric.nodes[0]);
+    assert!(
+        !tombstone.exists(),
+        "the new agent finished the DEL on start\n{}",
+        agent.log()
+    );
+    assert!(!agent.pin_root.join(&cid).exists(), "its pins are gone");
+    let next = fabric.pod(0);
+    let out = cni("ADD", &conf, &unique("c"), Some(&next.ns.path()), "net1");
+    assert!(out.ok, "the address came back: {}", out.stdout);
+}
