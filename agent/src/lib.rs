@@ -6,6 +6,7 @@ pub mod bpf_object;
 pub mod config;
 pub mod dataplane;
 pub mod ipam;
+pub mod metrics;
 pub mod netconf;
 pub mod netns;
 pub mod rail;

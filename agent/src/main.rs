@@ -39,6 +39,9 @@ struct Args {
         default_value = "/var/lib/railnet/ipam.redb"
     )]
     state: PathBuf,
+    /// Address for `/metrics` and `/healthz`.
+    #[arg(long, env = "RAILNET_METRICS_ADDRESS", default_value = "0.0.0.0:9465")]
+    metrics_address: std::net::SocketAddr,
     /// Where the CNI leaves DELs it could not deliver; finished on start
     /// and at every sweep.
     #[arg(long, env = "RAILNET_TOMBSTONES", default_value = api::DEFAULT_TOMBSTONES)]
@@ -149,14 +152,28 @@ fn main() -> ExitCode {
                 return ExitCode::from(exit::BIND);
             }
         };
-        info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), "serving");
+        let metrics_listener = match railnet_agent::metrics::bind(args.metrics_address).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!(address = %args.metrics_address, error = %e, "cannot bind the metrics endpoint");
+                return ExitCode::from(exit::BIND);
+            }
+        };
+        info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), metrics = %args.metrics_address, "serving");
+        let metrics = Arc::new(railnet_agent::metrics::Metrics::default());
+        let metrics_task = tokio::spawn(railnet_agent::metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+            service.clone(),
+        ));
         let sweeper = tokio::spawn(sweep_loop(
             service.clone(),
             std::time::Duration::from_secs(args.sweep_interval),
             args.tombstones.clone(),
         ));
-        server::serve(listener, args.socket, service, shutdown_signal()).await;
+        server::serve(listener, args.socket, service, metrics, shutdown_signal()).await;
         sweeper.abort();
+        metrics_task.abort();
         ExitCode::SUCCESS
     })
 }

@@ -42,6 +42,7 @@ pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     service: Arc<RailService>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -51,13 +52,14 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let service = service.clone();
+                    let metrics = metrics.clone();
                     // Each request gets its own OS thread: it blocks on
                     // netlink and spawns netns threads of its own.
                     let spawned = stream.into_std().and_then(|s| {
                         s.set_nonblocking(false)?;
                         std::thread::Builder::new()
                             .name("railnet-request".into())
-                            .spawn(move || handle(s, &service))
+                            .spawn(move || handle(s, &service, &metrics))
                     });
                     if let Err(e) = spawned {
                         warn!(error = %e, "cannot serve a connection");
@@ -71,10 +73,10 @@ pub async fn serve(
     info!(socket = %path.display(), "stopped serving");
 }
 
-fn handle(mut stream: UnixStream, service: &RailService) {
+fn handle(mut stream: UnixStream, service: &RailService, metrics: &crate::metrics::Metrics) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let response = match api::recv::<Request>(&mut stream) {
-        Ok((req, fd)) => dispatch(req, fd.map(PodNetns::from_fd), service),
+        Ok((req, fd)) => dispatch(req, fd.map(PodNetns::from_fd), service, metrics),
         Err(e) => Response::Error(ApiError::new(
             code::DECODE,
             "malformed request to the railnet agent",
@@ -87,7 +89,12 @@ fn handle(mut stream: UnixStream, service: &RailService) {
 }
 
 #[tracing::instrument(skip_all, fields(op))]
-fn dispatch(req: Request, netns: Option<PodNetns>, service: &RailService) -> Response {
+fn dispatch(
+    req: Request,
+    netns: Option<PodNetns>,
+    service: &RailService,
+    metrics: &crate::metrics::Metrics,
+) -> Response {
     if req.api != API_VERSION {
         return Response::Error(ApiError::new(
             code::API_MISMATCH,
@@ -131,6 +138,7 @@ fn dispatch(req: Request, netns: Option<PodNetns>, service: &RailService) -> Res
         Op::IpamDel(r) => ("IPAM DEL", format!("{}/{}", r.container_id, r.ifname)),
         Op::Gc(r) => ("GC", r.network.clone()),
     };
+    metrics.observe(op, result.is_ok(), started.elapsed().as_secs_f64());
     match result {
         Ok(result) => {
             tracing::debug!(op, attachment = %who, elapsed_us = started.elapsed().as_micros() as u64, "done");

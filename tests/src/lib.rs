@@ -277,6 +277,33 @@ impl Agent {
         }
     }
 
+    /// GETs `path` from the agent's metrics endpoint (inside `node`).
+    #[track_caller]
+    pub fn scrape(&self, node: &Netns, path: &str) -> String {
+        let path = path.to_owned();
+        node.run(move || {
+            use std::io::{Read, Write};
+            let get = || -> std::io::Result<String> {
+                let mut s = std::net::TcpStream::connect("127.0.0.1:9465")?;
+                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n").as_bytes())?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            };
+            // A connection reset now and then under a loaded test run is
+            // the network's business, not the endpoint's: retry a few times.
+            let mut last = None;
+            for _ in 0..5 {
+                match get() {
+                    Ok(out) => return out,
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("scraping {path}: {last:?}")
+        })
+    }
+
     /// Where the CNI leaves DELs for this agent.
     pub fn tombstones(&self) -> PathBuf {
         self._dir.path().join("tombstones")

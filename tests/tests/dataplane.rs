@@ -298,6 +298,36 @@ fn rail_sourced_ping_and_tcp_cross_their_own_rail_and_fail_without_the_program()
     );
     assert!(verdict_count(&a.pins(&agent_a), 3, Verdict::Steered) >= u64::from(PINGS));
 
+    // The same counters, as an operator scrapes them.
+    let scrape = agent_a.scrape(&fabric.nodes[0], "/metrics");
+    let steered = format!(
+        "railnet_dataplane_packets_total{{container=\"{}\",rail=\"3\",verdict=\"steered\"}} ",
+        a.cid
+    );
+    let line = scrape
+        .lines()
+        .find(|l| l.starts_with(&steered))
+        .unwrap_or_else(|| panic!("no {steered} in\n{scrape}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= u64::from(PINGS), "{line}");
+    assert!(
+        scrape.contains("railnet_ipam_pool_used_addresses{pool=\"rail3\"} 1"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("railnet_cni_requests_total{op=\"ADD\",result=\"ok\"} 5"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("railnet_cni_request_duration_seconds_bucket"),
+        "{scrape}"
+    );
+    assert!(
+        agent_a
+            .scrape(&fabric.nodes[0], "/healthz")
+            .ends_with("ok\n")
+    );
+
     // Detach the program from the interface the kernel picks: the same
     // traffic now leaves on that wrong rail. This is what lets the
     // assertions above fail.

@@ -1,0 +1,182 @@
+//! `/metrics` (prometheus-client) and `/healthz` on the agent.
+//!
+//! Request counters and latency histograms live here; pool usage and the
+//! pods' dataplane verdict counters are read at scrape time (from the
+//! allocator and from the pinned per-CPU maps), so a scrape always shows
+//! what the kernel counted, also for pods adopted after a restart.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::{dataplane, rail::RailService};
+
+type Labels = Vec<(String, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~1.6 s: an ADD is milliseconds, a slow one seconds.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+/// The agent's own metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one request of the CNI socket API.
+    pub fn observe(&self, op: &str, ok: bool, seconds: f64) {
+        let result = if ok { "ok" } else { "error" };
+        self.requests
+            .get_or_create(&vec![
+                ("op".into(), op.into()),
+                ("result".into(), result.into()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("op".into(), op.into())])
+            .observe(seconds);
+    }
+
+    /// The exposition text of everything, read now.
+    pub fn render(&self, service: &RailService) -> String {
+        let mut registry = Registry::with_prefix("railnet");
+        registry.register(
+            "cni_requests",
+            "Requests from the CNI binary, by operation and result",
+            self.requests.clone(),
+        );
+        registry.register(
+            "cni_request_duration_seconds",
+            "Time the agent took per CNI request",
+            self.latency.clone(),
+        );
+        let used = Family::<Labels, Gauge>::default();
+        let capacity = Family::<Labels, Gauge>::default();
+        for name in service.ipam.pools().keys() {
+            if let Some((u, c)) = service.ipam.usage(name) {
+                let l = vec![("pool".into(), name.clone())];
+                used.get_or_create(&l)
+                    .set(i64::try_from(u).unwrap_or(i64::MAX));
+                capacity
+                    .get_or_create(&l)
+                    .set(i64::try_from(c).unwrap_or(i64::MAX));
+            }
+        }
+        registry.register(
+            "ipam_pool_used_addresses",
+            "Addresses allocated from a pool",
+            used,
+        );
+        registry.register(
+            "ipam_pool_capacity_addresses",
+            "Addresses a pool can hand out",
+            capacity,
+        );
+        let allocations = Gauge::<i64>::default();
+        allocations.set(service.ipam.allocated() as i64);
+        registry.register(
+            "ipam_allocations",
+            "Addresses held on this node",
+            allocations,
+        );
+        let packets = Family::<Labels, Counter>::default();
+        for pod in dataplane::pinned_pods(&service.pin_root) {
+            let pins = dataplane::PodPins::new(&service.pin_root, &pod.container_id);
+            if let Ok(counters) = pins.counters() {
+                for (rail, verdict, n) in counters {
+                    packets
+                        .get_or_create(&vec![
+                            ("container".into(), pod.container_id.clone()),
+                            ("rail".into(), rail.to_string()),
+                            ("verdict".into(), verdict.name().into()),
+                        ])
+                        .inc_by(n);
+                }
+            }
+        }
+        registry.register(
+            "dataplane_packets",
+            "Packets the rail program saw, per pod, rail (0: none) and verdict",
+            packets,
+        );
+        let mut out = String::new();
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<RailService>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (metrics, service) = (metrics.clone(), service.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, kind, body) = match path {
+                "/metrics" => {
+                    let body = tokio::task::spawn_blocking(move || metrics.render(&service))
+                        .await
+                        .unwrap_or_default();
+                    (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        body,
+                    )
+                }
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics or /healthz\n".to_owned(),
+                ),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
