@@ -87,6 +87,8 @@ pub enum Op {
     Add(Attachment),
     /// Undo an ADD; a netns fd travels with it when the netns still exists.
     Del(Attachment),
+    /// CNI CHECK: is the attachment still as ADD left it?
+    Check(Attachment),
     /// Answer whether the agent is ready (CNI STATUS).
     Status,
     /// IPAM only (the `railnet-ipam` plugin another main plugin calls):

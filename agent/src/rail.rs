@@ -181,6 +181,81 @@ impl RailService {
         Ok(IpamResult { ips, routes })
     }
 
+    /// CNI CHECK: the interface is in the pod with the addresses IPAM holds
+    /// for it, up, and (eBPF mode) the program is attached to it.
+    pub fn check(&self, att: &Attachment, netns: &PodNetns) -> Result<(), ApiError> {
+        let conf = NetConf::parse(att.netconf.to_string().as_bytes())
+            .map_err(|e| invalid("invalid network config", e.to_string()))?;
+        check_ids(&att.container_id, &att.ifname)?;
+        let held: Vec<IpAddr> = self
+            .ipam
+            .allocations()
+            .into_iter()
+            .filter(|a| a.key.container_id == att.container_id && a.key.ifname == att.ifname)
+            .map(|a| a.address)
+            .collect();
+        if held.is_empty() {
+            return Err(ApiError::new(
+                code::UNKNOWN_CONTAINER,
+                format!("no address is held for {}/{}", att.container_id, att.ifname),
+                "was ADD run for this container and interface?",
+            ));
+        }
+        let ifname = att.ifname.clone();
+        let found = netns
+            .run(move || {
+                with_rtnl(|h| async move {
+                    let Some(link) = rtnl::link_by_name(&h, &ifname)
+                        .await
+                        .map_err(|e| describe(&e))?
+                    else {
+                        return Ok(None);
+                    };
+                    let addrs = rtnl::addresses(&h, link.index)
+                        .await
+                        .map_err(|e| describe(&e))?;
+                    Ok::<_, String>(Some(addrs))
+                })
+            })
+            .map_err(|e| ApiError::new(code::DATAPLANE, "entering the pod netns", e.to_string()))?
+            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
+            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the pod's interface", e))?;
+        let Some(addrs) = found else {
+            return Err(ApiError::new(
+                code::DATAPLANE,
+                format!("interface {} is missing from the pod", att.ifname),
+                "something removed it after ADD; delete and re-create the pod",
+            ));
+        };
+        let missing: Vec<String> = held
+            .iter()
+            .filter(|a| !addrs.contains(a))
+            .map(|a| a.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ApiError::new(
+                code::DATAPLANE,
+                format!("{} lacks its address {}", att.ifname, missing.join(", ")),
+                "something changed the interface after ADD",
+            ));
+        }
+        if conf.routing == Routing::Ebpf && held.iter().any(IpAddr::is_ipv4) {
+            let pin = self
+                .pin_root
+                .join(&att.container_id)
+                .join("links")
+                .join(&att.ifname);
+            if !pin.exists() {
+                return Err(ApiError::new(
+                    code::DATAPLANE,
+                    format!("the rail program is not attached to {}", att.ifname),
+                    format!("{} is missing; rail traffic is not steered", pin.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Finishes the DELs the CNI left while the agent was away. Returns how
     /// many were finished; a tombstone that cannot be finished stays.
     pub fn finish_tombstones(&self, dir: &std::path::Path) -> usize {

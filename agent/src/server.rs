@@ -117,6 +117,14 @@ fn dispatch(
             )),
         },
         Op::Del(att) => service.del(att, netns.as_ref()).map(|()| None),
+        Op::Check(att) => match netns {
+            Some(ns) => service.check(att, &ns).map(|()| None),
+            None => Err(ApiError::new(
+                code::INVALID_ENV,
+                "CHECK without a netns",
+                "the CNI must pass CNI_NETNS's fd",
+            )),
+        },
         Op::Status => Ok(None),
         Op::IpamAdd(r) => service.ipam_add(r, netns.as_ref()).map(|res| {
             ipam = Some(res);
@@ -133,6 +141,7 @@ fn dispatch(
     let (op, who) = match &req.op {
         Op::Add(a) => ("ADD", format!("{}/{}", a.container_id, a.ifname)),
         Op::Del(a) => ("DEL", format!("{}/{}", a.container_id, a.ifname)),
+        Op::Check(a) => ("CHECK", format!("{}/{}", a.container_id, a.ifname)),
         Op::Status => ("STATUS", String::new()),
         Op::IpamAdd(r) => ("IPAM ADD", format!("{}/{}", r.container_id, r.ifname)),
         Op::IpamDel(r) => ("IPAM DEL", format!("{}/{}", r.container_id, r.ifname)),

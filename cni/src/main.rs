@@ -183,11 +183,35 @@ fn run(
                 )),
             }
         }
-        "CHECK" => Err(ApiError::new(
-            code::UNSUPPORTED_FIELD,
-            "CHECK is not implemented by this railnet version",
-            "ADD, DEL, GC, STATUS and VERSION are",
-        )),
+        "CHECK" => {
+            let conf = parse(stdin)?;
+            if conf.cni_version == "0.3.1" {
+                return Err(ApiError::new(
+                    code::INCOMPATIBLE_VERSION,
+                    "CHECK needs cniVersion 0.4.0 or later",
+                    "the config says 0.3.1, which has no CHECK",
+                ));
+            }
+            let att = attachment(stdin, env)?;
+            let netns_path = need(env, "CNI_NETNS")?;
+            let netns = File::open(&netns_path).map_err(|e| {
+                ApiError::new(
+                    code::INVALID_ENV,
+                    format!("cannot open CNI_NETNS {netns_path}"),
+                    e.to_string(),
+                )
+            })?;
+            let socket = socket_path(stdin, env);
+            match call(&socket, Op::Check(att), Some(&netns)) {
+                Ok(Response::Ok { .. }) => Ok(None),
+                Ok(Response::Error(e)) => Err(e),
+                Err(e) => Err(ApiError::new(
+                    code::TRY_AGAIN,
+                    format!("railnet agent not reachable at {}", socket.display()),
+                    e.to_string(),
+                )),
+            }
+        }
         "" => Err(ApiError::new(
             code::INVALID_ENV,
             "CNI_COMMAND is not set",

@@ -164,6 +164,29 @@ fn a_failed_add_leaves_nothing_behind_and_names_the_problem() {
     let ok = cni("ADD", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1");
     assert!(ok.ok, "{}\n{}", ok.stdout, agent.log());
     assert_eq!(address_of(&ok.json), "172.16.11.10");
+
+    // CHECK agrees while the attachment is intact, and says what broke.
+    let check = cni(
+        "CHECK",
+        &fabric.netconf(1, &agent),
+        &cid,
+        Some(&pod),
+        "net1",
+    );
+    assert!(check.ok, "CHECK of a fresh attachment: {}", check.stdout);
+    fabric.pod.ip(&["addr", "flush", "dev", "net1"]);
+    let check = cni(
+        "CHECK",
+        &fabric.netconf(1, &agent),
+        &cid,
+        Some(&pod),
+        "net1",
+    );
+    assert!(
+        !check.ok && check.stdout.contains("lacks its address 172.16.11.10"),
+        "{}",
+        check.stdout
+    );
     assert!(cni("DEL", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1").ok);
 }
 
