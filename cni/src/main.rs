@@ -8,7 +8,7 @@ use std::{
     fs::File,
     io::{IsTerminal, Read, Write},
     os::{fd::AsFd, unix::net::UnixStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
 };
@@ -18,8 +18,10 @@ use railnet_agent::{
     netconf::{NetConf, SUPPORTED_VERSIONS},
 };
 
+mod ipam_plugin;
+
 /// The spec version this plugin reports for VERSION.
-const SPEC_VERSION: &str = "1.1.0";
+pub(crate) const SPEC_VERSION: &str = "1.1.0";
 /// How long the agent may take to answer one ADD/DEL.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -33,7 +35,22 @@ fn main() -> ExitCode {
         let _ = std::io::stdin().read_to_end(&mut stdin);
     }
     let version = cni_version_of(&stdin);
-    match run(&command, &stdin, &env) {
+    // Installed a second time as `railnet-ipam`, the same binary is an IPAM
+    // plugin other main plugins (reference macvlan, sriov-cni) call.
+    let ipam_mode = std::env::args_os()
+        .next()
+        .map(|a| {
+            Path::new(&a)
+                .file_name()
+                .is_some_and(|n| n == "railnet-ipam")
+        })
+        .unwrap_or(false);
+    let outcome = if ipam_mode {
+        ipam_plugin::run(&command, &stdin, &env)
+    } else {
+        run(&command, &stdin, &env)
+    };
+    match outcome {
         Ok(Some(out)) => {
             let _ = writeln!(std::io::stdout(), "{out}");
             ExitCode::SUCCESS
@@ -61,7 +78,7 @@ fn cni_version_of(stdin: &[u8]) -> String {
         .unwrap_or_else(|| SPEC_VERSION.into())
 }
 
-fn need(env: &impl Fn(&str) -> Option<String>, key: &str) -> Result<String, ApiError> {
+pub(crate) fn need(env: &impl Fn(&str) -> Option<String>, key: &str) -> Result<String, ApiError> {
     env(key).ok_or_else(|| {
         ApiError::new(
             code::INVALID_ENV,
@@ -225,7 +242,7 @@ fn run(
     }
 }
 
-fn parse(stdin: &[u8]) -> Result<NetConf, ApiError> {
+pub(crate) fn parse(stdin: &[u8]) -> Result<NetConf, ApiError> {
     NetConf::parse(stdin).map_err(|e| {
         let code = match e {
             railnet_agent::netconf::NetConfError::Version(_) => code::INCOMPATIBLE_VERSION,
@@ -236,7 +253,10 @@ fn parse(stdin: &[u8]) -> Result<NetConf, ApiError> {
     })
 }
 
-fn attachment(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> Result<Attachment, ApiError> {
+pub(crate) fn attachment(
+    stdin: &[u8],
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Attachment, ApiError> {
     let netconf = serde_json::from_slice(stdin).unwrap_or(serde_json::Value::Null);
     Ok(Attachment {
         container_id: need(env, "CNI_CONTAINERID")?,
@@ -248,7 +268,7 @@ fn attachment(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> Result<Att
 
 /// Records a DEL for the agent to finish: written to a temporary name, then
 /// renamed, so the agent never reads half a tombstone.
-fn write_tombstone(
+pub(crate) fn write_tombstone(
     stdin: &[u8],
     env: &impl Fn(&str) -> Option<String>,
     att: &Attachment,
@@ -276,7 +296,7 @@ fn write_tombstone(
 }
 
 /// `agentSocket` in the config, else `RAILNET_SOCKET`, else the default.
-fn socket_path(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> PathBuf {
+pub(crate) fn socket_path(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> PathBuf {
     serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
         .and_then(|v| v.get("agentSocket")?.as_str().map(PathBuf::from))
@@ -284,7 +304,11 @@ fn socket_path(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(api::DEFAULT_SOCKET))
 }
 
-fn call(socket: &PathBuf, op: Op, netns: Option<&File>) -> Result<Response, api::WireError> {
+pub(crate) fn call(
+    socket: &PathBuf,
+    op: Op,
+    netns: Option<&File>,
+) -> Result<Response, api::WireError> {
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(AGENT_TIMEOUT))?;
     stream.set_write_timeout(Some(AGENT_TIMEOUT))?;

@@ -360,12 +360,35 @@ pub fn cni(
     netns: Option<&Path>,
     ifname: &str,
 ) -> CniOutcome {
-    let mut cmd = Command::new(binary("RAILNET_CNI_BIN", "railnet"));
+    plugin(
+        &binary("RAILNET_CNI_BIN", "railnet"),
+        command,
+        conf,
+        container_id,
+        netns,
+        ifname,
+        "/opt/cni/bin",
+    )
+}
+
+/// Executes any CNI plugin (railnet's or a reference plugin) with the
+/// spec's environment, `CNI_PATH` set to `cni_path`.
+pub fn plugin(
+    program: &Path,
+    command: &str,
+    conf: &Value,
+    container_id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+    cni_path: &str,
+) -> CniOutcome {
+    let mut cmd = Command::new(program);
     cmd.env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", container_id)
         .env("CNI_IFNAME", ifname)
-        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_PATH", cni_path)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env(
             "CNI_ARGS",
             format!("IgnoreUnknown=true;K8S_POD_NAMESPACE=default;K8S_POD_NAME=demo;K8S_POD_INFRA_CONTAINER_ID={container_id}"),
@@ -376,7 +399,9 @@ pub fn cni(
     if let Some(ns) = netns {
         cmd.env("CNI_NETNS", ns);
     }
-    let mut child = cmd.spawn().expect("run railnet CNI");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
     child
         .stdin
         .take()

@@ -1,0 +1,91 @@
+//! railnet with CNI plugins nobody here wrote: the reference `macvlan`
+//! from Debian's containernetworking-plugins using `railnet-ipam` (railnet's
+//! IPAM as an IPAM plugin, as Spiderpool's IPAM is used).
+
+use std::path::Path;
+
+use railnet_tests::{Agent, RailFabric, ScratchDir, binary, plugin, unique};
+use serde_json::json;
+
+const MACVLAN: &str = "/usr/lib/cni/macvlan";
+
+#[test]
+fn reference_macvlan_gets_its_address_from_railnet_ipam() {
+    let fabric = RailFabric::new(1, 1);
+    let pools = json!({"pools": [{
+        "name": "rail1", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254",
+        "ips": ["172.16.1.10-172.16.1.20"],
+        "routes": [{"to": "172.16.0.0/16", "via": "172.16.1.254"}],
+    }]});
+    let agent = Agent::start(&fabric.nodes[0], &pools);
+    // CNI_PATH: the railnet binary under its IPAM name, then the reference
+    // plugins.
+    let bin_dir = ScratchDir::new("cnibin");
+    std::os::unix::fs::symlink(
+        binary("RAILNET_CNI_BIN", "railnet"),
+        bin_dir.path().join("railnet-ipam"),
+    )
+    .unwrap();
+    let cni_path = format!("{}:/usr/lib/cni", bin_dir.path().display());
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "rail1", "type": "macvlan", "master": "eth1", "mode": "bridge",
+        "agentSocket": agent.socket, "tombstoneDir": agent.tombstones(),
+        "ipam": {"type": "railnet-ipam", "ippools": {"ipv4": ["rail1"]}},
+    });
+    // The reference macvlan creates the link in the node's netns: run it
+    // there, as kubelet would on the node.
+    let pod = fabric.pod(0);
+    let cid = unique("c");
+    let run = |command: &str, cid: &str, ns: &Path| {
+        let conf = conf.clone();
+        let (cid, ns, cni_path, command) = (
+            cid.to_owned(),
+            ns.to_owned(),
+            cni_path.clone(),
+            command.to_owned(),
+        );
+        fabric.nodes[0].run(move || {
+            plugin(
+                Path::new(MACVLAN),
+                &command,
+                &conf,
+                &cid,
+                Some(&ns),
+                "net1",
+                &cni_path,
+            )
+        })
+    };
+    let out = run("ADD", &cid, &pod.ns.path());
+    assert!(
+        out.ok,
+        "macvlan + railnet-ipam ADD: {}\n{}",
+        out.stdout,
+        agent.log()
+    );
+    assert_eq!(
+        out.json["ips"][0]["address"], "172.16.1.10/24",
+        "{}",
+        out.stdout
+    );
+    let addrs = pod.ns.ip(&["-4", "addr", "show", "dev", "net1"]);
+    assert!(addrs.contains("172.16.1.10/24"), "{addrs}");
+    let routes = pod.ns.ip(&["route", "show", "172.16.0.0/16"]);
+    assert!(
+        routes.contains("via 172.16.1.254 dev net1"),
+        "the pool's route reached the pod: {routes}"
+    );
+
+    let out = run("DEL", &cid, &pod.ns.path());
+    assert!(out.ok, "DEL: {}", out.stdout);
+    assert!(!pod.ns.has_link("net1"));
+    // Released: the next pod gets the same first address.
+    let next = fabric.pod(0);
+    let out = run("ADD", &unique("c"), &next.ns.path());
+    assert!(out.ok, "{}", out.stdout);
+    assert_eq!(
+        out.json["ips"][0]["address"], "172.16.1.10/24",
+        "{}",
+        out.stdout
+    );
+}
