@@ -28,9 +28,13 @@ pub struct NetConf {
     pub plugin_type: String,
     /// Rail number K: route metric base+K, counter row, table in rules mode.
     pub rail: u32,
-    /// The node's rail NIC the pod interface is made from.
+    /// The node's rail NIC the pod interface is made from (not needed in
+    /// chained mode).
+    #[serde(default)]
     pub master: String,
-    /// How the interface is made; only `macvlan` today.
+    /// How the interface is made: `macvlan`, or `chained` (an earlier
+    /// plugin in the chain made it, e.g. sriov-cni; railnet adds the
+    /// address, routes and program).
     #[serde(default = "default_mode")]
     pub mode: String,
     /// MTU of the pod interface; the master's when absent.
@@ -92,7 +96,7 @@ pub enum NetConfError {
     #[error("rail {0} is out of range; rails are numbered 1 to {MAX_RAIL}")]
     Rail(u32),
     /// A mode that is not built yet.
-    #[error("mode {0:?} is not supported; use \"macvlan\"")]
+    #[error("mode {0:?} is not supported; use \"macvlan\" or \"chained\"")]
     Mode(String),
     /// Missing master.
     #[error("\"master\" is empty; name the node's rail NIC, e.g. \"eno3np1\"")]
@@ -106,6 +110,11 @@ pub enum NetConfError {
 }
 
 impl NetConf {
+    /// Whether an earlier plugin made the interface.
+    pub fn chained(&self) -> bool {
+        self.mode == "chained"
+    }
+
     /// Parses and validates a config from CNI stdin bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, NetConfError> {
         let conf: NetConf =
@@ -121,10 +130,10 @@ impl NetConf {
         if !(1..=MAX_RAIL).contains(&self.rail) {
             return Err(NetConfError::Rail(self.rail));
         }
-        if self.mode != "macvlan" {
+        if self.mode != "macvlan" && self.mode != "chained" {
             return Err(NetConfError::Mode(self.mode.clone()));
         }
-        if self.master.is_empty() {
+        if self.mode == "macvlan" && self.master.is_empty() {
             return Err(NetConfError::Master);
         }
         if self.ippools.ipv4.is_empty() && self.ippools.ipv6.is_empty() {

@@ -181,6 +181,16 @@ impl RailService {
         Ok(IpamResult { ips, routes })
     }
 
+    /// The addresses IPAM holds for one attachment.
+    fn held_addresses(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
+        self.ipam
+            .allocations()
+            .into_iter()
+            .filter(|a| a.key.container_id == container_id && a.key.ifname == ifname)
+            .map(|a| a.address)
+            .collect()
+    }
+
     /// CNI CHECK: the interface is in the pod with the addresses IPAM holds
     /// for it, up, and (eBPF mode) the program is attached to it.
     pub fn check(&self, att: &Attachment, netns: &PodNetns) -> Result<(), ApiError> {
@@ -414,51 +424,58 @@ impl RailService {
         let master = conf.master.clone();
         let want_mtu = conf.mtu;
         let netns_fd = std::os::fd::AsRawFd::as_raw_fd(netns.fd());
-        let mtu = with_rtnl(|h| async move {
-            let Some(m) = rtnl::link_by_name(&h, &master)
-                .await
-                .map_err(|e| dp("master lookup failed", describe(&e)))?
-            else {
-                return Err(invalid(
-                    format!("master {master:?} not found on this node"),
-                    "set \"master\" to one of the node's rail NICs (`ip link` lists them)",
-                ));
-            };
-            let mtu = want_mtu.unwrap_or(m.mtu);
-            if mtu < railnet_common::MIN_RAIL_MTU {
-                return Err(invalid(
-                    format!(
-                        "master {master}'s mtu {mtu} is below {}",
-                        railnet_common::MIN_RAIL_MTU
-                    ),
-                    "rails need an MTU of at least 1280; raise the rail NIC's MTU",
-                ));
-            }
-            if mtu > m.mtu {
-                return Err(invalid(
-                    format!("mtu {mtu} is above master {master}'s mtu {}", m.mtu),
-                    "lower \"mtu\" or raise the rail NIC's MTU",
-                ));
-            }
-            let msg = LinkMacVlan::new(&ifname, m.index, MacVlanMode::Bridge)
-                .mtu(mtu)
-                .setns_by_fd(netns_fd)
-                .build();
-            h.link()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(|e| match errno(&e) {
-                    Some(libc::EEXIST) => ApiError::new(
-                        code::DATAPLANE,
-                        format!("interface {ifname} already exists in the pod netns"),
-                        "pick another CNI_IFNAME for this network",
-                    ),
-                    _ => dp("creating the macvlan", describe(&e)),
-                })?;
-            Ok(mtu)
-        })
-        .map_err(|e| dp("rtnetlink", e.to_string()))??;
+        let chained = conf.chained();
+        // Chained: the interface is there already, made by an earlier
+        // plugin; its MTU is whatever that plugin set (0: read it in the pod).
+        let mtu = if chained {
+            0
+        } else {
+            with_rtnl(|h| async move {
+                let Some(m) = rtnl::link_by_name(&h, &master)
+                    .await
+                    .map_err(|e| dp("master lookup failed", describe(&e)))?
+                else {
+                    return Err(invalid(
+                        format!("master {master:?} not found on this node"),
+                        "set \"master\" to one of the node's rail NICs (`ip link` lists them)",
+                    ));
+                };
+                let mtu = want_mtu.unwrap_or(m.mtu);
+                if mtu < railnet_common::MIN_RAIL_MTU {
+                    return Err(invalid(
+                        format!(
+                            "master {master}'s mtu {mtu} is below {}",
+                            railnet_common::MIN_RAIL_MTU
+                        ),
+                        "rails need an MTU of at least 1280; raise the rail NIC's MTU",
+                    ));
+                }
+                if mtu > m.mtu {
+                    return Err(invalid(
+                        format!("mtu {mtu} is above master {master}'s mtu {}", m.mtu),
+                        "lower \"mtu\" or raise the rail NIC's MTU",
+                    ));
+                }
+                let msg = LinkMacVlan::new(&ifname, m.index, MacVlanMode::Bridge)
+                    .mtu(mtu)
+                    .setns_by_fd(netns_fd)
+                    .build();
+                h.link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| match errno(&e) {
+                        Some(libc::EEXIST) => ApiError::new(
+                            code::DATAPLANE,
+                            format!("interface {ifname} already exists in the pod netns"),
+                            "pick another CNI_IFNAME for this network",
+                        ),
+                        _ => dp("creating the macvlan", describe(&e)),
+                    })?;
+                Ok(mtu)
+            })
+            .map_err(|e| dp("rtnetlink", e.to_string()))??
+        };
 
         // Pod side: everything else, then the program.
         let plan = PodRail {
@@ -481,9 +498,16 @@ impl RailService {
                 // TCX link) goes; pins and rules of this interface go.
                 let ifname = att.ifname.clone();
                 let pins = PodPins::new(&self.pin_root, &att.container_id);
+                let ours = self.held_addresses(&att.container_id, &att.ifname);
                 let _ = netns.run(move || {
                     let _ = pins.detach(&ifname, None);
-                    let _ = with_rtnl(|h| async move { remove_rail(&h, &ifname).await });
+                    let _ = with_rtnl(|h| async move {
+                        if chained {
+                            strip_rail(&h, &ifname, &ours).await
+                        } else {
+                            remove_rail(&h, &ifname).await
+                        }
+                    });
                 });
                 Err(e)
             }
@@ -502,6 +526,10 @@ impl RailService {
         }
         let pins = PodPins::new(&self.pin_root, &att.container_id);
         let mut errors = Vec::new();
+        // DEL gets the same config as ADD; a chained rail's interface belongs
+        // to the earlier plugin, which removes it after us.
+        let chained = att.netconf.get("mode").and_then(|m| m.as_str()) == Some("chained");
+        let ours = self.held_addresses(&att.container_id, &att.ifname);
         match netns {
             Some(ns) => {
                 let ifname = att.ifname.clone();
@@ -516,7 +544,13 @@ impl RailService {
                     .map(|l| l.index);
                     let mut errs = pins.detach(&ifname, index);
                     if index.is_some() {
-                        match with_rtnl(|h| async move { remove_rail(&h, &ifname).await }) {
+                        match with_rtnl(|h| async move {
+                            if chained {
+                                strip_rail(&h, &ifname, &ours).await
+                            } else {
+                                remove_rail(&h, &ifname).await
+                            }
+                        }) {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => errs.push(e),
                             Err(e) => errs.push(e.to_string()),
@@ -544,6 +578,30 @@ impl RailService {
                 errors.join("; "),
             ))
         }
+    }
+}
+
+/// Takes railnet's part off an interface another plugin owns: the rules
+/// naming our addresses, then the addresses (routes go with them).
+async fn strip_rail(h: &Handle, ifname: &str, ours: &[IpAddr]) -> Result<(), String> {
+    let link = match rtnl::link_by_name(h, ifname).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("look up {ifname}: {}", describe(&e))),
+    };
+    let mut errors = Vec::new();
+    for addr in ours {
+        if let Err(e) = rtnl::delete_rules_from(h, *addr).await {
+            errors.push(format!("rules from {addr}: {}", describe(&e)));
+        }
+    }
+    if let Err(e) = rtnl::delete_addresses(h, link.index, ours).await {
+        errors.push(format!("addresses on {ifname}: {}", describe(&e)));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
     }
 }
 
@@ -731,7 +789,7 @@ impl PodRail {
             interface: ResultInterface {
                 name: ifname,
                 mac: link.mac,
-                mtu: self.mtu,
+                mtu: if self.mtu == 0 { link.mtu } else { self.mtu },
             },
             ips,
             routes,

@@ -156,3 +156,26 @@ pub async fn networks(h: &Handle, index: u32) -> Result<Vec<ipnet::IpNet>, rtnet
     }
     Ok(out)
 }
+
+/// Deletes the given addresses from a link (others stay).
+pub async fn delete_addresses(
+    h: &Handle,
+    index: u32,
+    doomed: &[IpAddr],
+) -> Result<(), rtnetlink::Error> {
+    let mut msgs = h.address().get().set_link_index_filter(index).execute();
+    let mut found = Vec::new();
+    while let Some(msg) = msgs.try_next().await? {
+        let ours = msg.attributes.iter().any(|a| match a {
+            AddressAttribute::Local(a) | AddressAttribute::Address(a) => doomed.contains(a),
+            _ => false,
+        });
+        if ours {
+            found.push(msg);
+        }
+    }
+    for msg in found {
+        h.address().del(msg).execute().await?;
+    }
+    Ok(())
+}

@@ -89,3 +89,64 @@ fn reference_macvlan_gets_its_address_from_railnet_ipam() {
         out.stdout
     );
 }
+
+#[test]
+fn railnet_chained_after_reference_macvlan_adds_address_routes_and_program() {
+    let fabric = RailFabric::new(1, 1);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let pod = fabric.pod(0);
+    let cid = unique("c");
+    // The chain as a NetworkAttachmentDefinition conflist would run it:
+    // macvlan (no IPAM: L2 only) makes net1, railnet adds its part.
+    let macvlan = json!({"cniVersion": "1.0.0", "name": "rail1", "type": "macvlan", "master": "eth1", "mode": "bridge"});
+    let run_macvlan = |command: &str| {
+        let (conf, cid, ns, command) = (
+            macvlan.clone(),
+            cid.clone(),
+            pod.ns.path(),
+            command.to_owned(),
+        );
+        fabric.nodes[0].run(move || {
+            plugin(
+                Path::new(MACVLAN),
+                &command,
+                &conf,
+                &cid,
+                Some(&ns),
+                "net1",
+                "/usr/lib/cni",
+            )
+        })
+    };
+    let first = run_macvlan("ADD");
+    assert!(first.ok, "macvlan: {}", first.stdout);
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["mode"] = "chained".into();
+    conf.as_object_mut().unwrap().remove("master");
+    conf["prevResult"] = first.json.clone();
+    let out = railnet_tests::cni("ADD", &conf, &cid, Some(&pod.ns.path()), "net1");
+    assert!(out.ok, "railnet chained: {}\n{}", out.stdout, agent.log());
+    assert_eq!(out.json["ips"][0]["address"], "172.16.1.10/24");
+    let routes = pod.ns.ip(&["route", "show", "172.16.0.0/16"]);
+    assert!(
+        routes.contains("via 172.16.1.254 dev net1 proto static metric 101"),
+        "{routes}"
+    );
+    assert!(
+        agent.pin_root.join(&cid).join("links/net1").exists(),
+        "the program is attached"
+    );
+
+    // DEL in reverse order: railnet takes its part off, macvlan removes the link.
+    let del = railnet_tests::cni("DEL", &conf, &cid, Some(&pod.ns.path()), "net1");
+    assert!(del.ok, "{}", del.stdout);
+    assert!(pod.ns.has_link("net1"), "the link is macvlan's to remove");
+    let addrs = pod.ns.ip(&["-4", "addr", "show", "dev", "net1"]);
+    assert!(
+        !addrs.contains("172.16.1.10"),
+        "railnet's address is gone: {addrs}"
+    );
+    assert!(!agent.pin_root.join(&cid).exists());
+    assert!(run_macvlan("DEL").ok);
+    assert!(!pod.ns.has_link("net1"));
+}
