@@ -12,7 +12,7 @@ pub mod store;
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 pub use pool::{IpamError, Pool, PoolSpec};
@@ -77,8 +77,49 @@ impl std::fmt::Debug for Ipam {
 
 #[derive(Default)]
 struct State {
-    held: HashMap<AllocationKey, Allocation>,
+    /// The key is stored once; pool and network names are shared, so a
+    /// node with tens of thousands of allocations stays small.
+    held: HashMap<AllocationKey, Held>,
     index: HashMap<String, PoolIndex>,
+    names: std::collections::HashSet<Arc<str>>,
+}
+
+struct Held {
+    pool: Arc<str>,
+    address: IpAddr,
+    netns_inode: u64,
+    network: Arc<str>,
+}
+
+impl State {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(n.clone());
+        n
+    }
+
+    fn hold(&mut self, a: &Allocation) {
+        let held = Held {
+            pool: self.intern(&a.pool),
+            address: a.address,
+            netns_inode: a.netns_inode,
+            network: self.intern(&a.network),
+        };
+        self.held.insert(a.key.clone(), held);
+    }
+
+    fn record(key: &AllocationKey, h: &Held) -> Allocation {
+        Allocation {
+            key: key.clone(),
+            pool: h.pool.to_string(),
+            address: h.address,
+            netns_inode: h.netns_inode,
+            network: h.network.to_string(),
+        }
+    }
 }
 
 impl Ipam {
@@ -133,7 +174,7 @@ impl Ipam {
                     "allocation refers to a pool that no longer holds it; kept until released"
                 ),
             }
-            state.held.insert(a.key.clone(), a);
+            state.hold(&a);
         }
         Ok(Self {
             pools,
@@ -173,8 +214,8 @@ impl Ipam {
     ) -> Result<Allocation, IpamError> {
         let allocation = {
             let mut state = self.lock();
-            if let Some(a) = state.held.get(&key) {
-                return Ok(a.clone());
+            if let Some(h) = state.held.get(&key) {
+                return Ok(State::record(&key, h));
             }
             let mut full = Vec::new();
             let mut found = None;
@@ -204,7 +245,7 @@ impl Ipam {
                 netns_inode,
                 network: network.to_owned(),
             };
-            state.held.insert(key, a.clone());
+            state.hold(&a);
             a
         };
         if let Err(e) = self.store.put(&allocation) {
@@ -227,12 +268,16 @@ impl Ipam {
     /// when it returns; returns what was released.
     pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Allocation>, IpamError> {
         // Direct lookups: DEL must not scan every allocation of the node.
-        let keys = [Family::V4, Family::V6].map(|family| AllocationKey {
+        let v4 = AllocationKey {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
-            family,
-        });
-        self.release_keys(&keys)
+            family: Family::V4,
+        };
+        let v6 = AllocationKey {
+            family: Family::V6,
+            ..v4.clone()
+        };
+        self.release_keys(&[v4, v6])
     }
 
     /// Releases everything a container holds.
@@ -256,9 +301,9 @@ impl Ipam {
         let keys: Vec<AllocationKey> = self
             .lock()
             .held
-            .values()
-            .filter(|a| doomed(a))
-            .map(|a| a.key.clone())
+            .iter()
+            .filter(|(k, h)| doomed(&State::record(k, h)))
+            .map(|(k, _)| k.clone())
             .collect();
         self.release_keys(&keys)
     }
@@ -268,13 +313,13 @@ impl Ipam {
             let mut state = self.lock();
             let mut out = Vec::new();
             for k in keys {
-                if let Some(a) = state.held.remove(k) {
+                if let Some(h) = state.held.remove(k) {
                     if let (Some(pool), Some(index)) =
-                        (self.pools.get(&a.pool), state.index.get_mut(&a.pool))
+                        (self.pools.get(&*h.pool), state.index.get_mut(&*h.pool))
                     {
-                        index.free(pool, a.address);
+                        index.free(pool, h.address);
                     }
-                    out.push(a);
+                    out.push(State::record(k, &h));
                 }
             }
             out
@@ -282,8 +327,7 @@ impl Ipam {
         if released.is_empty() {
             return Ok(released);
         }
-        let keys: Vec<AllocationKey> = released.iter().map(|a| a.key.clone()).collect();
-        if let Err(e) = self.store.delete(&keys) {
+        if let Err(e) = self.store.delete(&released) {
             // The record still says "held": hold it in memory too, so the
             // address is not handed out while the disk disagrees.
             let mut state = self.lock();
@@ -293,7 +337,7 @@ impl Ipam {
                 {
                     index.mark(pool, a.address);
                 }
-                state.held.insert(a.key.clone(), a.clone());
+                state.hold(a);
             }
             return Err(IpamError::Store(e.to_string()));
         }
@@ -302,7 +346,12 @@ impl Ipam {
 
     /// Every allocation held.
     pub fn allocations(&self) -> Vec<Allocation> {
-        let mut v: Vec<Allocation> = self.lock().held.values().cloned().collect();
+        let mut v: Vec<Allocation> = self
+            .lock()
+            .held
+            .iter()
+            .map(|(k, h)| State::record(k, h))
+            .collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
     }
@@ -444,7 +493,7 @@ mod tests {
         fn put(&self, _: &Allocation) -> Result<(), StoreError> {
             Err(StoreError::Db("disk full".into()))
         }
-        fn delete(&self, _: &[AllocationKey]) -> Result<(), StoreError> {
+        fn delete(&self, _: &[Allocation]) -> Result<(), StoreError> {
             Err(StoreError::Db("disk full".into()))
         }
     }

@@ -41,7 +41,7 @@ pub trait AllocationStore: Send + Sync {
     /// Records one allocation.
     fn put(&self, allocation: &Allocation) -> Result<(), StoreError>;
     /// Forgets allocations.
-    fn delete(&self, keys: &[AllocationKey]) -> Result<(), StoreError>;
+    fn delete(&self, released: &[Allocation]) -> Result<(), StoreError>;
 }
 
 /// Allocations in memory only: for unit tests and the benchmark's pure
@@ -62,7 +62,7 @@ impl AllocationStore for MemoryStore {
     fn put(&self, _: &Allocation) -> Result<(), StoreError> {
         Ok(())
     }
-    fn delete(&self, _: &[AllocationKey]) -> Result<(), StoreError> {
+    fn delete(&self, _: &[Allocation]) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -214,7 +214,9 @@ impl AllocationStore for RedbStore {
         self.submit(Change::Put(key_of(&allocation.key), value))
     }
 
-    fn delete(&self, keys: &[AllocationKey]) -> Result<(), StoreError> {
-        self.submit(Change::Delete(keys.iter().map(key_of).collect()))
+    fn delete(&self, released: &[Allocation]) -> Result<(), StoreError> {
+        self.submit(Change::Delete(
+            released.iter().map(|a| key_of(&a.key)).collect(),
+        ))
     }
 }
