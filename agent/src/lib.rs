@@ -5,6 +5,7 @@ pub mod api;
 pub mod bpf_object;
 pub mod config;
 pub mod dataplane;
+pub mod garp;
 pub mod ipam;
 pub mod metrics;
 pub mod netconf;

@@ -751,11 +751,24 @@ impl PodRail {
             // goes out at ADD instead of ~2 s later; rail addresses come
             // from IPAM and are unique by construction.
             (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0"),
+            // Unsolicited neighbour advertisements when the IPv6 address
+            // appears, so peers and switches learn the pod at once.
+            (
+                format!("/proc/sys/net/ipv6/conf/{ifname}/ndisc_notify"),
+                "1",
+            ),
         ] {
             sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
         }
         let (link, routes) =
             with_rtnl(|h| self.install(h)).map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
+        if let Some(v4) = self.addrs.v4 {
+            // Peers may hold a stale MAC for this address (a previous pod):
+            // announce ours. Best effort: a lost announcement costs an ARP.
+            if let Err(e) = crate::garp::announce(link.index, &link.mac, v4.addr()) {
+                tracing::warn!(ifname = %ifname, error = %e, "gratuitous ARP not sent");
+            }
+        }
         // The program steers IPv4; IPv6 always uses rules (DESIGN.md).
         if self.routing == Routing::Ebpf
             && let Some(v4) = self.addrs.v4

@@ -150,3 +150,89 @@ fn railnet_chained_after_reference_macvlan_adds_address_routes_and_program() {
     assert!(run_macvlan("DEL").ok);
     assert!(!pod.ns.has_link("net1"));
 }
+
+#[test]
+fn add_announces_the_pod_with_a_gratuitous_arp() {
+    let fabric = RailFabric::new(1, 1);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let conf = fabric.netconf(1, &agent, "ebpf");
+    let (a, b) = (fabric.pod(0), fabric.pod(0));
+    assert!(railnet_tests::cni("ADD", &conf, &unique("b"), Some(&b.ns.path()), "net1").ok);
+    // B takes gratuitous ARPs into its cache; nothing else could teach B
+    // about A (A's own ARP for its gateway is not addressed to B).
+    b.ns.sysctl("net.ipv4.conf.net1.arp_accept", "1");
+    let out = railnet_tests::cni("ADD", &conf, &unique("a"), Some(&a.ns.path()), "net1");
+    assert!(out.ok, "{}", out.stdout);
+    let ip = out.json["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mac = out.json["interfaces"][0]["mac"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let neigh = b.ns.ip(&["neigh", "show", &ip, "dev", "net1"]);
+        if neigh.contains(&mac) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never learnt {ip} at {mac}: {neigh:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn reference_tuning_chained_after_railnet_reads_railnet_s_result() {
+    let fabric = RailFabric::new(1, 1);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let pod = fabric.pod(0);
+    let cid = unique("c");
+    for version in ["0.4.0", "1.0.0"] {
+        let mut conf = fabric.netconf(1, &agent, "ebpf");
+        conf["cniVersion"] = version.into();
+        let out = railnet_tests::cni("ADD", &conf, &cid, Some(&pod.ns.path()), "net1");
+        assert!(out.ok, "{}", out.stdout);
+        // tuning parses railnet's result with libcni's own types.
+        let tuning = json!({
+            "cniVersion": version, "name": "rail1", "type": "tuning",
+            "sysctl": {"net.ipv4.conf.net1.arp_ignore": "1"},
+            "prevResult": out.json,
+        });
+        let t = plugin(
+            Path::new("/usr/lib/cni/tuning"),
+            "ADD",
+            &tuning,
+            &cid,
+            Some(&pod.ns.path()),
+            "net1",
+            "/usr/lib/cni",
+        );
+        assert!(t.ok, "tuning after railnet ({version}): {}", t.stdout);
+        assert_eq!(
+            t.json["ips"][0]["address"], out.json["ips"][0]["address"],
+            "tuning passes railnet's result on"
+        );
+        let v = pod
+            .ns
+            .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/net1/arp_ignore").unwrap());
+        assert_eq!(v.trim(), "1");
+        let t = plugin(
+            Path::new("/usr/lib/cni/tuning"),
+            "DEL",
+            &tuning,
+            &cid,
+            Some(&pod.ns.path()),
+            "net1",
+            "/usr/lib/cni",
+        );
+        assert!(t.ok, "{}", t.stdout);
+        assert!(railnet_tests::cni("DEL", &conf, &cid, Some(&pod.ns.path()), "net1").ok);
+    }
+}

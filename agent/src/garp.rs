@@ -1,0 +1,90 @@
+//! Gratuitous ARP: tell the rail's L2 neighbours which MAC now has an
+//! address, right after ADD (a reused address would otherwise be sent to
+//! the previous pod's MAC until caches expire).
+
+use std::{io, net::Ipv4Addr};
+
+const ETH_P_ARP: u16 = 0x0806;
+
+/// Sends one gratuitous ARP request (sender = target = `ip`) out of the
+/// interface `ifindex` of the calling thread's netns.
+pub fn announce(ifindex: u32, mac: &str, ip: Ipv4Addr) -> io::Result<()> {
+    let mac = parse_mac(mac).ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
+    let frame = arp_request(mac, ip);
+    // SAFETY: plain socket(2); the fd is wrapped into an OwnedFd at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_ifindex = ifindex as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    // SAFETY: the buffer and address outlive the call; sizes are theirs.
+    let sent = unsafe {
+        libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const to).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// The ARP payload (the kernel adds the Ethernet header for SOCK_DGRAM).
+fn arp_request(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 28] {
+    let mut p = [0u8; 28];
+    p[0..2].copy_from_slice(&1u16.to_be_bytes()); // Ethernet
+    p[2..4].copy_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    p[4] = 6;
+    p[5] = 4;
+    p[6..8].copy_from_slice(&1u16.to_be_bytes()); // request
+    p[8..14].copy_from_slice(&mac);
+    p[14..18].copy_from_slice(&ip.octets());
+    // Target MAC unknown (zero), target IP = our own: a gratuitous request.
+    p[24..28].copy_from_slice(&ip.octets());
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announcement_names_us_twice() {
+        let p = arp_request(
+            parse_mac("02:00:00:00:00:01").unwrap(),
+            "172.16.1.10".parse().unwrap(),
+        );
+        assert_eq!(&p[14..18], &[172, 16, 1, 10]);
+        assert_eq!(&p[24..28], &[172, 16, 1, 10]);
+        assert_eq!(&p[8..14], &[2, 0, 0, 0, 0, 1]);
+        assert!(parse_mac("02:00:00:00:00").is_none());
+    }
+}
