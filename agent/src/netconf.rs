@@ -96,7 +96,7 @@ pub enum NetConfError {
     #[error("rail {0} is out of range; rails are numbered 1 to {MAX_RAIL}")]
     Rail(u32),
     /// A mode that is not built yet.
-    #[error("mode {0:?} is not supported; use \"macvlan\" or \"chained\"")]
+    #[error("mode {0:?} is not supported; use \"macvlan\", \"ipvlan\" or \"chained\"")]
     Mode(String),
     /// Missing master.
     #[error("\"master\" is empty; name the node's rail NIC, e.g. \"eno3np1\"")]
@@ -130,10 +130,10 @@ impl NetConf {
         if !(1..=MAX_RAIL).contains(&self.rail) {
             return Err(NetConfError::Rail(self.rail));
         }
-        if self.mode != "macvlan" && self.mode != "chained" {
+        if !["macvlan", "ipvlan", "chained"].contains(&self.mode.as_str()) {
             return Err(NetConfError::Mode(self.mode.clone()));
         }
-        if self.mode == "macvlan" && self.master.is_empty() {
+        if !self.chained() && self.master.is_empty() {
             return Err(NetConfError::Master);
         }
         if self.ippools.ipv4.is_empty() && self.ippools.ipv6.is_empty() {

@@ -12,10 +12,10 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::{
-    Handle, LinkMacVlan, LinkUnspec, RouteMessageBuilder,
+    Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         address::{AddressAttribute, AddressFlags},
-        link::MacVlanMode,
+        link::{IpVlanMode, MacVlanMode},
         neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState},
         route::{RouteProtocol, RouteScope},
         rule::RuleAction,
@@ -425,6 +425,8 @@ impl RailService {
         let want_mtu = conf.mtu;
         let netns_fd = std::os::fd::AsRawFd::as_raw_fd(netns.fd());
         let chained = conf.chained();
+        let ipvlan = conf.mode == "ipvlan";
+        let kind = conf.mode.clone();
         // Chained: the interface is there already, made by an earlier
         // plugin; its MTU is whatever that plugin set (0: read it in the pod).
         let mtu = if chained {
@@ -456,10 +458,19 @@ impl RailService {
                         "lower \"mtu\" or raise the rail NIC's MTU",
                     ));
                 }
-                let msg = LinkMacVlan::new(&ifname, m.index, MacVlanMode::Bridge)
-                    .mtu(mtu)
-                    .setns_by_fd(netns_fd)
-                    .build();
+                // macvlan (bridge) for RoCE NICs; ipvlan (l2) where the NIC
+                // or the switch allows one MAC only.
+                let msg = if ipvlan {
+                    LinkIpVlan::new(&ifname, m.index, IpVlanMode::L2)
+                        .mtu(mtu)
+                        .setns_by_fd(netns_fd)
+                        .build()
+                } else {
+                    LinkMacVlan::new(&ifname, m.index, MacVlanMode::Bridge)
+                        .mtu(mtu)
+                        .setns_by_fd(netns_fd)
+                        .build()
+                };
                 h.link()
                     .add(msg)
                     .execute()
@@ -470,7 +481,11 @@ impl RailService {
                             format!("interface {ifname} already exists in the pod netns"),
                             "pick another CNI_IFNAME for this network",
                         ),
-                        _ => dp("creating the macvlan", describe(&e)),
+                        Some(libc::EOPNOTSUPP) if ipvlan => invalid(
+                            "this kernel has no ipvlan",
+                            "load the ipvlan module (modprobe ipvlan) or use mode \"macvlan\"",
+                        ),
+                        _ => dp(&format!("creating the {kind} interface"), describe(&e)),
                     })?;
                 Ok(mtu)
             })
@@ -744,6 +759,16 @@ impl PodRail {
         // addresses. All before the link comes up.
         for (path, value) in [
             (format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"), "2"),
+            // No ARP flux between rails: answer only for this rail's own
+            // address, and ask with it as the sender even when the packet
+            // that needs the ARP carries another rail's source (ipvlan
+            // demultiplexes the reply by that address and drops it
+            // otherwise, seen on Linux 6.1).
+            (format!("/proc/sys/net/ipv4/conf/{ifname}/arp_ignore"), "1"),
+            (
+                format!("/proc/sys/net/ipv4/conf/{ifname}/arp_announce"),
+                "2",
+            ),
             (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"), "0"),
             (format!("/proc/sys/net/ipv6/conf/{ifname}/autoconf"), "0"),
             // Without DAD the link-local address is valid at once, so the

@@ -202,7 +202,7 @@ fn reference_tuning_chained_after_railnet_reads_railnet_s_result() {
         // tuning parses railnet's result with libcni's own types.
         let tuning = json!({
             "cniVersion": version, "name": "rail1", "type": "tuning",
-            "sysctl": {"net.ipv4.conf.net1.arp_ignore": "1"},
+            "sysctl": {"net.ipv4.conf.net1.arp_ignore": "2"},
             "prevResult": out.json,
         });
         let t = plugin(
@@ -222,7 +222,7 @@ fn reference_tuning_chained_after_railnet_reads_railnet_s_result() {
         let v = pod
             .ns
             .run(|| std::fs::read_to_string("/proc/sys/net/ipv4/conf/net1/arp_ignore").unwrap());
-        assert_eq!(v.trim(), "1");
+        assert_eq!(v.trim(), "2", "railnet sets 1; tuning after it wins");
         let t = plugin(
             Path::new("/usr/lib/cni/tuning"),
             "DEL",

@@ -429,11 +429,8 @@ fn ipam_power_cut(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The dataplane tests that matter most, again on Debian's Linux 6.1 under
-/// qemu: no TCX there, so the agent attaches clsact filters. The guest
-/// sees this machine's root read-only and runs the test binary built above.
-fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
-    step("dataplane tests on Linux 6.1 (clsact, no TCX) under qemu");
+/// Path of the test binary of `tests/tests/<name>.rs`, built if needed.
+fn test_binary(root: &Path, obj: &Path, name: &str) -> Result<String> {
     let out = Command::new("cargo")
         .current_dir(root)
         .env("RAILNET_BPF_OBJECT", obj)
@@ -442,22 +439,30 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
             "--package",
             "railnet-tests",
             "--test",
-            "dataplane",
+            name,
             "--no-run",
             "--message-format=json",
         ])
         .output()
-        .context("find the dataplane test binary")?;
-    let binary = String::from_utf8_lossy(&out.stdout)
+        .with_context(|| format!("build the {name} test binary"))?;
+    let wanted = format!("\"name\":\"{name}\"");
+    String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| {
-            l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"name\":\"dataplane\"")
-        })
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\"") && l.contains(&wanted))
         .find_map(|l| {
             let at = l.find("\"executable\":\"")? + "\"executable\":\"".len();
             Some(l[at..].split('"').next()?.to_owned())
         })
-        .context("no dataplane test binary in cargo's output")?;
+        .with_context(|| format!("no {name} test binary in cargo's output"))
+}
+
+/// The dataplane tests that matter most, again on Debian's Linux 6.1 under
+/// qemu: no TCX there, so the agent attaches clsact filters. The guest
+/// sees this machine's root read-only and runs the test binary built above.
+fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
+    step("dataplane tests on Linux 6.1 (clsact, no TCX) under qemu");
+    let binary = test_binary(root, obj, "dataplane")?;
+    let ipvlan = test_binary(root, obj, "ipvlan")?;
     let bin = root.join("target/debug");
     let script = root.join("target/vm-dataplane.sh");
     std::fs::write(
@@ -470,7 +475,8 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
              {binary} --test-threads=2 \
                rail_sourced_ping_and_tcp_cross_their_own_rail \
                routing_survives_an_agent_crash \
-               del_and_a_vanished_netns_leave_no_program_map_or_pin\n",
+               del_and_a_vanished_netns_leave_no_program_map_or_pin\n\
+             {ipvlan} --test-threads=2 --include-ignored\n",
             agent = bin.join("railnet-agent").display(),
             cni = bin.join("railnet").display(),
         ),
