@@ -472,3 +472,34 @@ mod tests {
         assert_eq!(new["cniVersion"], "1.0.0");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use std::{io::Write, os::unix::net::UnixStream};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever arrives on the socket: a decoded request or an error,
+        /// never a panic or a hang.
+        #[test]
+        fn any_bytes_on_the_socket_are_answered(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let (mut a, mut b) = UnixStream::pair().unwrap();
+            b.set_read_timeout(Some(std::time::Duration::from_secs(1))).unwrap();
+            a.write_all(&bytes).unwrap();
+            drop(a);
+            let _ = recv::<Request>(&mut b);
+        }
+
+        /// CNI_ARGS of any shape parse into what they say.
+        #[test]
+        fn cni_args_never_panic(raw in ".{0,200}") {
+            let args = parse_cni_args(&raw);
+            for k in args.keys() {
+                prop_assert!(!k.is_empty());
+            }
+        }
+    }
+}

@@ -206,3 +206,43 @@ mod tests {
         assert!(!valid_ifname(""));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever Multus or a person writes on stdin: an answer, never a
+        /// panic; an error always says something.
+        #[test]
+        fn any_bytes_parse_or_are_refused_with_words(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Err(e) = NetConf::parse(&bytes) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// Configs that are almost right: every field mutated.
+        #[test]
+        fn near_miss_configs_are_refused_with_words(
+            version in "[0-9.]{0,6}",
+            rail in any::<i64>(),
+            mode in "[a-z]{0,8}",
+            mtu in any::<i64>(),
+            pool in ".{0,12}",
+        ) {
+            let conf = serde_json::json!({
+                "cniVersion": version, "name": "n", "type": "railnet", "rail": rail,
+                "master": "eth1", "mode": mode, "mtu": mtu, "ippools": {"ipv4": [pool]},
+            });
+            match NetConf::parse(conf.to_string().as_bytes()) {
+                Ok(c) => {
+                    prop_assert!(SUPPORTED_VERSIONS.contains(&c.cni_version.as_str()));
+                    prop_assert!((1..=MAX_RAIL).contains(&c.rail));
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+}
