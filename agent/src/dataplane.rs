@@ -141,9 +141,13 @@ impl PodPins {
             .map(|n| (n, self.map_path(n)))
             .collect();
         let mut loader = EbpfLoader::new();
+        // The program uses no CO-RE relocations: skip parsing the kernel's
+        // BTF (megabytes) on every ADD.
+        loader.btf(None);
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        let t0 = std::time::Instant::now();
         let mut ebpf = loader
             .load(object)
             .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
@@ -221,8 +225,10 @@ impl PodPins {
             .expect("rail_egress in object")
             .try_into()
             .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+        let t1 = std::time::Instant::now();
         prog.load()
             .map_err(|e| attach_err(format!("verifier: {e:#}")))?;
+        let t2 = std::time::Instant::now();
         let link_path = self.link_path(&att.ifname);
         // A stale pin of the same name (a retried ADD) is replaced.
         let _ = fs::remove_file(&link_path);
@@ -240,6 +246,12 @@ impl PodPins {
                 .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
             link.pin(&link_path)
                 .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
+            tracing::debug!(
+                maps_us = (t1 - t0).as_micros() as u64,
+                verifier_us = (t2 - t1).as_micros() as u64,
+                attach_pin_us = t2.elapsed().as_micros() as u64,
+                "rail program attached"
+            );
         } else {
             // Before TCX (Linux 6.6) a clsact filter stays with the device
             // on its own; there is no link to pin. Drop any filter of ours a

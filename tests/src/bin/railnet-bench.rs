@@ -43,8 +43,9 @@ fn main() {
             flows();
         }
         "ipam" => ipam(),
+        "cni" => cni_bench(),
         other => {
-            eprintln!("unknown benchmark {other:?}; try `dataplane` or `ipam`");
+            eprintln!("unknown benchmark {other:?}; try `dataplane`, `ipam` or `cni`");
             std::process::exit(2);
         }
     }
@@ -530,4 +531,188 @@ fn ipam() {
         rss_kb as f64 / 1024.0,
         rss_kb as f64 / 1024.0 / 64.0
     );
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Times one plugin invocation in milliseconds; panics with its output on
+/// failure.
+fn timed(
+    program: &std::path::Path,
+    cmd: &str,
+    conf: &serde_json::Value,
+    cid: &str,
+    ns: &std::path::Path,
+    ifname: &str,
+    cni_path: &str,
+) -> (f64, serde_json::Value) {
+    let t = Instant::now();
+    let out = railnet_tests::plugin(program, cmd, conf, cid, Some(ns), ifname, cni_path);
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(out.ok, "{} {cmd}: {}", program.display(), out.stdout);
+    (ms, out.json)
+}
+
+fn cni_bench() {
+    use railnet_tests::{ScratchDir, binary};
+    use std::path::Path;
+    let railnet = binary("RAILNET_CNI_BIN", "railnet");
+    let (macvlan, sbr) = (
+        Path::new("/usr/lib/cni/macvlan"),
+        Path::new("/usr/lib/cni/sbr"),
+    );
+
+    // 1. One rail, ADD and DEL, railnet vs reference macvlan + host-local +
+    //    sbr (source-based rules), interleaved pod by pod.
+    let fabric = RailFabric::new(1, 1);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let node = &fabric.nodes[0];
+    let scratch = ScratchDir::new("hostlocal");
+    let rn_conf = fabric.netconf(1, &agent, "ebpf");
+    let rules_conf = fabric.netconf(1, &agent, "rules");
+    let ref_conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "rail1", "type": "macvlan", "master": "eth1", "mode": "bridge",
+        "ipam": {"type": "host-local", "subnet": "172.16.1.0/24", "rangeStart": "172.16.1.150",
+                 "rangeEnd": "172.16.1.250", "gateway": "172.16.1.254",
+                 "routes": [{"dst": "172.16.0.0/16", "gw": "172.16.1.254"}],
+                 "dataDir": scratch.path()},
+    });
+    let pods = 200;
+    let (mut rn_add, mut rn_del, mut ref_add, mut ref_del) = (vec![], vec![], vec![], vec![]);
+    let (mut ru_add, mut ru_del) = (vec![], vec![]);
+    for i in 0..pods {
+        let ns = Netns::new("bpod");
+        let cid = format!("bench{i}");
+        let (a, _) = timed(
+            &railnet,
+            "ADD",
+            &rn_conf,
+            &cid,
+            &ns.path(),
+            "net1",
+            "/usr/lib/cni",
+        );
+        let (d, _) = timed(
+            &railnet,
+            "DEL",
+            &rn_conf,
+            &cid,
+            &ns.path(),
+            "net1",
+            "/usr/lib/cni",
+        );
+        rn_add.push(a);
+        rn_del.push(d);
+        let (a, _) = timed(
+            &railnet,
+            "ADD",
+            &rules_conf,
+            &cid,
+            &ns.path(),
+            "net1",
+            "/usr/lib/cni",
+        );
+        let (d, _) = timed(
+            &railnet,
+            "DEL",
+            &rules_conf,
+            &cid,
+            &ns.path(),
+            "net1",
+            "/usr/lib/cni",
+        );
+        ru_add.push(a);
+        ru_del.push(d);
+        // The reference stack runs as a chain from the node, as libcni would.
+        let (ref_conf, cid2, path) = (ref_conf.clone(), format!("ref{i}"), ns.path());
+        let (a, d) = node.run(move || {
+            let (a1, res) = timed(macvlan, "ADD", &ref_conf, &cid2, &path, "net1", "/usr/lib/cni");
+            let sbr_conf = serde_json::json!({"cniVersion": "1.0.0", "name": "rail1", "type": "sbr", "prevResult": res});
+            let (a2, _) = timed(sbr, "ADD", &sbr_conf, &cid2, &path, "net1", "/usr/lib/cni");
+            let (d1, _) = timed(sbr, "DEL", &sbr_conf, &cid2, &path, "net1", "/usr/lib/cni");
+            let (d2, _) = timed(macvlan, "DEL", &ref_conf, &cid2, &path, "net1", "/usr/lib/cni");
+            (a1 + a2, d1 + d2)
+        });
+        ref_add.push(a);
+        ref_del.push(d);
+    }
+    let (rp50, rp99) = (percentile(&mut rn_add, 0.5), percentile(&mut rn_add, 0.99));
+    let (fp50, fp99) = (
+        percentile(&mut ref_add, 0.5),
+        percentile(&mut ref_add, 0.99),
+    );
+    let (rd50, fd50) = (percentile(&mut rn_del, 0.5), percentile(&mut ref_del, 0.5));
+    let (up50, up99, ud50) = (
+        percentile(&mut ru_add, 0.5),
+        percentile(&mut ru_add, 0.99),
+        percentile(&mut ru_del, 0.5),
+    );
+    println!("\n1. One macvlan rail per pod, {pods} pods, plugins executed as a runtime does (ms)");
+    println!(
+        "   {:<34} {:>8} {:>8} {:>8}",
+        "", "ADD p50", "ADD p99", "DEL p50"
+    );
+    println!(
+        "   {:<34} {:>8.2} {:>8.2} {:>8.2}",
+        "railnet (address, routes, program)", rp50, rp99, rd50
+    );
+    println!(
+        "   {:<34} {:>8.2} {:>8.2} {:>8.2}",
+        "railnet routing: rules (no program)", up50, up99, ud50
+    );
+    println!(
+        "   {:<34} {:>8.2} {:>8.2} {:>8.2}",
+        "macvlan + host-local + sbr", fp50, fp99, fd50
+    );
+    println!(
+        "   ADD p50 ratio railnet/reference = {:.2} (target ≤ 1.0); railnet ADD p99 = {rp99:.2} ms (target ≤ 25 ms per rail)",
+        rp50 / fp50
+    );
+    drop((agent, fabric));
+
+    // 2. 100 pods × 8 rails, 8 pods in parallel.
+    let fabric = RailFabric::new(1, 8);
+    let pools: Vec<serde_json::Value> = (1..=8)
+        .map(|k| {
+            serde_json::json!({"name": format!("rail{k}"), "subnet": format!("172.16.{k}.0/24"),
+                "gateway": format!("172.16.{k}.254")})
+        })
+        .collect();
+    let agent = Agent::start(&fabric.nodes[0], &serde_json::json!({ "pools": pools }));
+    let confs: Vec<serde_json::Value> =
+        (1..=8).map(|k| fabric.netconf(k, &agent, "ebpf")).collect();
+    let pods: Vec<Netns> = (0..100).map(|_| Netns::new("bpod")).collect();
+    let paths: Vec<std::path::PathBuf> = pods.iter().map(|p| p.path()).collect();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..8 {
+            let (confs, paths, railnet) = (&confs, &paths, &railnet);
+            s.spawn(move || {
+                for (i, path) in paths.iter().enumerate().filter(|(i, _)| i % 8 == w) {
+                    for (k, conf) in confs.iter().enumerate() {
+                        timed(
+                            railnet,
+                            "ADD",
+                            conf,
+                            &format!("p{i}"),
+                            path,
+                            &format!("net{}", k + 1),
+                            "/usr/lib/cni",
+                        );
+                    }
+                }
+            });
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    println!("\n2. 100 pods × 8 rails (800 ADDs), 8 pods in parallel");
+    println!(
+        "   railnet: {secs:.2} s = {:.2}× the 3 s target",
+        secs / 3.0
+    );
+    drop(pods);
+    drop((agent, fabric));
 }
