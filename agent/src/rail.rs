@@ -866,6 +866,21 @@ impl PodRail {
             .map_err(|e| dp(format!("bringing {name} up"), describe(&e)))?;
         let metric = ROUTE_METRIC_BASE + self.rail;
         let table = RULE_TABLE_BASE + self.rail;
+        // Two interfaces of one pod claiming the same rail number would
+        // fight over one metric (and the kernel says only "File exists").
+        if let Some(other) = rtnl::device_with_metric(&h, metric, link.index)
+            .await
+            .map_err(|e| dp("reading the pod's routes".into(), describe(&e)))?
+        {
+            return Err(ApiError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "rail {} is already wired in this pod, on {other}",
+                    self.rail
+                ),
+                "each rail network of a pod needs its own \"rail\" number",
+            ));
+        }
         let mut routes = Vec::new();
         for &(address, gw) in &own {
             // Main table: every RDMA CIDR via this rail's gateway at this

@@ -179,3 +179,50 @@ pub async fn delete_addresses(
     }
     Ok(())
 }
+
+/// The name of another device than `ours` that has an IPv4 main-table
+/// route at `metric`, if any.
+pub async fn device_with_metric(
+    h: &Handle,
+    metric: u32,
+    ours: u32,
+) -> Result<Option<String>, rtnetlink::Error> {
+    use rtnetlink::packet_route::route::RouteAttribute;
+    let mut routes = h
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build())
+        .execute();
+    let mut other = None;
+    while let Some(r) = routes.try_next().await? {
+        let at_metric = r
+            .attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Priority(p) if *p == metric));
+        let oif = r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if at_metric
+            && let Some(i) = oif
+            && i != ours
+        {
+            other = Some(i);
+        }
+    }
+    let Some(index) = other else {
+        return Ok(None);
+    };
+    let mut links = h.link().get().match_index(index).execute();
+    let name = match links.try_next().await? {
+        Some(msg) => msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| format!("ifindex {index}")),
+        None => format!("ifindex {index}"),
+    };
+    Ok(Some(name))
+}

@@ -161,9 +161,24 @@ fn a_failed_add_leaves_nothing_behind_and_names_the_problem() {
     fabric.pod.ip(&["link", "del", "net1"]);
 
     // Nothing leaked: the first good ADD still gets the pool's first address.
+    // (Checked below; first, a second interface claiming rail 1 is refused.)
     let ok = cni("ADD", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1");
     assert!(ok.ok, "{}\n{}", ok.stdout, agent.log());
     assert_eq!(address_of(&ok.json), "172.16.11.10");
+
+    let twin = cni("ADD", &fabric.netconf(1, &agent), &cid, Some(&pod), "net7");
+    assert!(
+        !twin.ok
+            && twin
+                .stdout
+                .contains("rail 1 is already wired in this pod, on net1"),
+        "{}",
+        twin.stdout
+    );
+    assert!(
+        !fabric.pod.has_link("net7"),
+        "the refused interface is gone again"
+    );
 
     // CHECK agrees while the attachment is intact, and says what broke.
     let check = cni(
