@@ -131,6 +131,7 @@ impl PodPins {
     /// attaches a program instance to `att.ifname` egress and pins its link.
     /// Must run inside the pod netns.
     pub fn attach(&self, att: &RailAttachment) -> Result<(), DataplaneError> {
+        let t_start = std::time::Instant::now();
         let object = bpf_object::object()?;
         for sub in ["maps", "links"] {
             let p = self.dir.join(sub);
@@ -140,14 +141,15 @@ impl PodPins {
             .into_iter()
             .map(|n| (n, self.map_path(n)))
             .collect();
-        let mut loader = EbpfLoader::new();
-        // The program uses no CO-RE relocations: skip parsing the kernel's
-        // BTF (megabytes) on every ADD.
-        loader.btf(None);
+        let mut loader = ready_loader();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
         let t0 = std::time::Instant::now();
+        tracing::debug!(
+            prepare_us = (t0 - t_start).as_micros() as u64,
+            "pin directories ready"
+        );
         let mut ebpf = loader
             .load(object)
             .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
@@ -277,6 +279,13 @@ impl PodPins {
             prog.pin(&link_path)
                 .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
         }
+        let t3 = std::time::Instant::now();
+        drop(ebpf);
+        tracing::debug!(
+            load_to_attach_us = (t3 - t0).as_micros() as u64,
+            drop_us = t3.elapsed().as_micros() as u64,
+            "rail program instance released"
+        );
         Ok(())
     }
 
@@ -353,6 +362,30 @@ impl PodPins {
         }
         Ok(out)
     }
+}
+
+/// aya's `EbpfLoader::new()` parses the kernel's BTF (megabytes, ~30 ms
+/// here) every time; ADD must not wait for it. A background thread keeps a
+/// loader ready.
+fn ready_loader() -> EbpfLoader<'static> {
+    use std::sync::{Mutex, OnceLock, mpsc};
+    static POOL: OnceLock<Mutex<mpsc::Receiver<EbpfLoader<'static>>>> = OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        // Rendezvous: one parsed loader waits at a time (each holds the
+        // parsed BTF, megabytes).
+        let (tx, rx) = mpsc::sync_channel(0);
+        let _ = std::thread::Builder::new()
+            .name("railnet-loaders".into())
+            .spawn(move || while tx.send(EbpfLoader::new()).is_ok() {});
+        Mutex::new(rx)
+    });
+    let ready = pool.lock().ok().and_then(|rx| rx.try_recv().ok());
+    ready.unwrap_or_default()
+}
+
+/// Starts preparing loaders, so the first ADD finds one ready.
+pub fn warm_up() {
+    drop(ready_loader());
 }
 
 /// Whether this kernel attaches tc programs through TCX links (Linux 6.6+).

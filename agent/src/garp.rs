@@ -45,6 +45,9 @@ pub fn announce(ifindex: u32, mac: &str, ip: Ipv4Addr) -> io::Result<()> {
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
+    // Closing a packet socket waits for an RCU grace period (~10 ms here,
+    // measured on the ADD path): close it off the caller's thread.
+    std::thread::spawn(move || drop(fd));
     Ok(())
 }
 

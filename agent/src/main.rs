@@ -133,6 +133,7 @@ fn main() -> ExitCode {
     // Take over what an earlier agent left before answering anyone: pins,
     // allocations, DELs left as tombstones (on a plain thread: DEL may use
     // netlink, which runs its own small runtime).
+    dataplane::warm_up();
     adopt(&args.pin_root);
     info!(allocations = ipam.allocated(), node = %node_name, "allocations restored");
     let service = Arc::new(RailService {

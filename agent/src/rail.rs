@@ -424,6 +424,7 @@ impl RailService {
         let master = conf.master.clone();
         let want_mtu = conf.mtu;
         let netns_fd = std::os::fd::AsRawFd::as_raw_fd(netns.fd());
+        let node_started = std::time::Instant::now();
         let chained = conf.chained();
         let ipvlan = conf.mode == "ipvlan";
         let kind = conf.mode.clone();
@@ -492,6 +493,7 @@ impl RailService {
             .map_err(|e| dp("rtnetlink", e.to_string()))??
         };
 
+        tracing::debug!(ifname = %att.ifname, node_side_us = node_started.elapsed().as_micros() as u64, "node side of ADD");
         // Pod side: everything else, then the program.
         let plan = PodRail {
             ifname: att.ifname.clone(),
@@ -785,8 +787,10 @@ impl PodRail {
         ] {
             sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
         }
+        let started = std::time::Instant::now();
         let (link, routes) =
             with_rtnl(|h| self.install(h)).map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
+        let installed = started.elapsed();
         if let Some(v4) = self.addrs.v4 {
             // Peers may hold a stale MAC for this address (a previous pod):
             // announce ours. Best effort: a lost announcement costs an ARP.
@@ -818,6 +822,12 @@ impl PodRail {
                 })
                 .map_err(|e| dp("rail program".into(), e.to_string()))?;
         }
+        tracing::debug!(
+            ifname = %ifname,
+            install_us = installed.as_micros() as u64,
+            program_us = (started.elapsed() - installed).as_micros() as u64,
+            "pod side of ADD"
+        );
         let ips = self
             .own()
             .into_iter()
