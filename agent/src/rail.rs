@@ -181,29 +181,13 @@ impl RailService {
         Ok(IpamResult { ips, routes })
     }
 
-    /// The addresses IPAM holds for one attachment.
-    fn held_addresses(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
-        self.ipam
-            .allocations()
-            .into_iter()
-            .filter(|a| a.key.container_id == container_id && a.key.ifname == ifname)
-            .map(|a| a.address)
-            .collect()
-    }
-
     /// CNI CHECK: the interface is in the pod with the addresses IPAM holds
     /// for it, up, and (eBPF mode) the program is attached to it.
     pub fn check(&self, att: &Attachment, netns: &PodNetns) -> Result<(), ApiError> {
         let conf = NetConf::parse(att.netconf.to_string().as_bytes())
             .map_err(|e| invalid("invalid network config", e.to_string()))?;
         check_ids(&att.container_id, &att.ifname)?;
-        let held: Vec<IpAddr> = self
-            .ipam
-            .allocations()
-            .into_iter()
-            .filter(|a| a.key.container_id == att.container_id && a.key.ifname == att.ifname)
-            .map(|a| a.address)
-            .collect();
+        let held = self.ipam.addresses_of(&att.container_id, &att.ifname);
         if held.is_empty() {
             return Err(ApiError::new(
                 code::UNKNOWN_CONTAINER,
@@ -515,7 +499,7 @@ impl RailService {
                 // TCX link) goes; pins and rules of this interface go.
                 let ifname = att.ifname.clone();
                 let pins = PodPins::new(&self.pin_root, &att.container_id);
-                let ours = self.held_addresses(&att.container_id, &att.ifname);
+                let ours = self.ipam.addresses_of(&att.container_id, &att.ifname);
                 let _ = netns.run(move || {
                     let _ = pins.detach(&ifname, None);
                     let _ = with_rtnl(|h| async move {
@@ -546,7 +530,7 @@ impl RailService {
         // DEL gets the same config as ADD; a chained rail's interface belongs
         // to the earlier plugin, which removes it after us.
         let chained = att.netconf.get("mode").and_then(|m| m.as_str()) == Some("chained");
-        let ours = self.held_addresses(&att.container_id, &att.ifname);
+        let ours = self.ipam.addresses_of(&att.container_id, &att.ifname);
         match netns {
             Some(ns) => {
                 let ifname = att.ifname.clone();

@@ -267,17 +267,17 @@ impl Ipam {
     /// Releases whatever (container, ifname) holds, both families. Durable
     /// when it returns; returns what was released.
     pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Allocation>, IpamError> {
-        // Direct lookups: DEL must not scan every allocation of the node.
-        let v4 = AllocationKey {
-            container_id: container_id.to_owned(),
-            ifname: ifname.to_owned(),
-            family: Family::V4,
-        };
-        let v6 = AllocationKey {
-            family: Family::V6,
-            ..v4.clone()
-        };
-        self.release_keys(&[v4, v6])
+        self.release_keys(&keys_of(container_id, ifname))
+    }
+
+    /// The addresses (container, ifname) holds, IPv4 first. Direct lookups:
+    /// DEL and CHECK must not scan every allocation of the node.
+    pub fn addresses_of(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
+        let state = self.lock();
+        keys_of(container_id, ifname)
+            .iter()
+            .filter_map(|k| state.held.get(k).map(|h| h.address))
+            .collect()
     }
 
     /// Releases everything a container holds.
@@ -366,6 +366,20 @@ impl Ipam {
         let state = self.lock();
         state.index.get(pool).map(|i| (i.used(), i.capacity()))
     }
+}
+
+/// The keys one attachment can hold, one per family.
+fn keys_of(container_id: &str, ifname: &str) -> [AllocationKey; 2] {
+    let v4 = AllocationKey {
+        container_id: container_id.to_owned(),
+        ifname: ifname.to_owned(),
+        family: Family::V4,
+    };
+    let v6 = AllocationKey {
+        family: Family::V6,
+        ..v4.clone()
+    };
+    [v4, v6]
 }
 
 /// Why an allocator could not be opened.
