@@ -16,7 +16,7 @@ use railnet_agent::{
 };
 use serde::Deserialize;
 
-use crate::{attachment, call, need, socket_path, write_tombstone};
+use crate::{attachment, call, need, socket_path, unreachable, write_tombstone};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -82,13 +82,6 @@ pub(crate) fn run(
     stdin: &[u8],
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<Option<String>, ApiError> {
-    let unreachable = |socket: &std::path::Path, e: railnet_agent::api::WireError| {
-        ApiError::new(
-            code::TRY_AGAIN,
-            format!("railnet agent not reachable at {}", socket.display()),
-            e.to_string(),
-        )
-    };
     match command {
         "VERSION" => crate::run(command, stdin, env),
         "ADD" => {
@@ -99,7 +92,7 @@ pub(crate) fn run(
             let netns = env("CNI_NETNS").and_then(|p| File::open(p).ok());
             let socket = socket_path(stdin, env);
             match call(&socket, Op::IpamAdd(req), netns.as_ref())
-                .map_err(|e| unreachable(&socket, e))?
+                .map_err(|e| unreachable(code::TRY_AGAIN, &socket, e.to_string()))?
             {
                 Response::Ok { ipam: Some(r), .. } => {
                     let old = conf.cni_version.starts_with("0.");
@@ -166,7 +159,7 @@ pub(crate) fn run(
                     write_tombstone(stdin, env, &att)
                         .map(|()| None)
                         .map_err(|te| {
-                            let mut err = unreachable(&socket, e);
+                            let mut err = unreachable(code::TRY_AGAIN, &socket, e.to_string());
                             err.details
                                 .push_str(&format!("; and the DEL could not be left for it: {te}"));
                             err

@@ -104,19 +104,12 @@ fn run(
         "ADD" => {
             let conf = parse(stdin)?;
             let att = attachment(stdin, env)?;
-            let netns_path = need(env, "CNI_NETNS")?;
-            let netns = File::open(&netns_path).map_err(|e| {
-                ApiError::new(
-                    code::INVALID_ENV,
-                    format!("cannot open CNI_NETNS {netns_path}"),
-                    e.to_string(),
-                )
-            })?;
+            let (netns_path, netns) = open_netns(env)?;
             let socket = socket_path(stdin, env);
             let resp = call(&socket, Op::Add(att), Some(&netns)).map_err(|e| {
-                ApiError::new(
+                unreachable(
                     code::TRY_AGAIN,
-                    format!("railnet agent not reachable at {}", socket.display()),
+                    &socket,
                     format!("{e}; is the railnet-agent DaemonSet pod running on this node?"),
                 )
             })?;
@@ -149,25 +142,17 @@ fn run(
                 Err(e) => write_tombstone(stdin, env, &att)
                     .map(|()| None)
                     .map_err(|te| {
-                        ApiError::new(
+                        unreachable(
                             code::TRY_AGAIN,
-                            format!("railnet agent not reachable at {}", socket.display()),
+                            &socket,
                             format!("{e}; and the DEL could not be left for it: {te}"),
                         )
                     }),
             }
         }
         "STATUS" => {
-            let socket = socket_path(stdin, env);
-            match call(&socket, Op::Status, None) {
-                Ok(Response::Ok { .. }) => Ok(None),
-                Ok(Response::Error(e)) => Err(e),
-                Err(e) => Err(ApiError::new(
-                    50,
-                    format!("railnet agent not reachable at {}", socket.display()),
-                    e.to_string(),
-                )),
-            }
+            // Spec 1.1: 50, "the plugin is not available".
+            ask(&socket_path(stdin, env), Op::Status, None, 50)
         }
         "GC" => {
             // Spec 1.1: the runtime lists the attachments still valid for
@@ -189,16 +174,8 @@ fn run(
                         .collect()
                 })
                 .unwrap_or_default();
-            let socket = socket_path(stdin, env);
-            match call(&socket, Op::Gc(GcRequest { network, valid }), None) {
-                Ok(Response::Ok { .. }) => Ok(None),
-                Ok(Response::Error(e)) => Err(e),
-                Err(e) => Err(ApiError::new(
-                    code::TRY_AGAIN,
-                    format!("railnet agent not reachable at {}", socket.display()),
-                    e.to_string(),
-                )),
-            }
+            let op = Op::Gc(GcRequest { network, valid });
+            ask(&socket_path(stdin, env), op, None, code::TRY_AGAIN)
         }
         "CHECK" => {
             let conf = parse(stdin)?;
@@ -210,24 +187,13 @@ fn run(
                 ));
             }
             let att = attachment(stdin, env)?;
-            let netns_path = need(env, "CNI_NETNS")?;
-            let netns = File::open(&netns_path).map_err(|e| {
-                ApiError::new(
-                    code::INVALID_ENV,
-                    format!("cannot open CNI_NETNS {netns_path}"),
-                    e.to_string(),
-                )
-            })?;
-            let socket = socket_path(stdin, env);
-            match call(&socket, Op::Check(att), Some(&netns)) {
-                Ok(Response::Ok { .. }) => Ok(None),
-                Ok(Response::Error(e)) => Err(e),
-                Err(e) => Err(ApiError::new(
-                    code::TRY_AGAIN,
-                    format!("railnet agent not reachable at {}", socket.display()),
-                    e.to_string(),
-                )),
-            }
+            let (_, netns) = open_netns(env)?;
+            ask(
+                &socket_path(stdin, env),
+                Op::Check(att),
+                Some(&netns),
+                code::TRY_AGAIN,
+            )
         }
         "" => Err(ApiError::new(
             code::INVALID_ENV,
@@ -239,6 +205,43 @@ fn run(
             format!("unknown CNI_COMMAND {other:?}"),
             "use ADD, DEL, CHECK, STATUS, GC or VERSION",
         )),
+    }
+}
+
+/// The CNI error for an agent that did not answer.
+pub(crate) fn unreachable(code: u32, socket: &Path, details: impl Into<String>) -> ApiError {
+    ApiError::new(
+        code,
+        format!("railnet agent not reachable at {}", socket.display()),
+        details,
+    )
+}
+
+/// Opens `CNI_NETNS`; returns its path and the file.
+fn open_netns(env: &impl Fn(&str) -> Option<String>) -> Result<(String, File), ApiError> {
+    let path = need(env, "CNI_NETNS")?;
+    let file = File::open(&path).map_err(|e| {
+        ApiError::new(
+            code::INVALID_ENV,
+            format!("cannot open CNI_NETNS {path}"),
+            e.to_string(),
+        )
+    })?;
+    Ok((path, file))
+}
+
+/// Sends `op` and turns the answer into a result without output; an agent
+/// that does not answer is `unreachable_code`.
+fn ask(
+    socket: &Path,
+    op: Op,
+    netns: Option<&File>,
+    unreachable_code: u32,
+) -> Result<Option<String>, ApiError> {
+    match call(socket, op, netns) {
+        Ok(Response::Ok { .. }) => Ok(None),
+        Ok(Response::Error(e)) => Err(e),
+        Err(e) => Err(unreachable(unreachable_code, socket, e.to_string())),
     }
 }
 
@@ -305,7 +308,7 @@ pub(crate) fn socket_path(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -
 }
 
 pub(crate) fn call(
-    socket: &PathBuf,
+    socket: &Path,
     op: Op,
     netns: Option<&File>,
 ) -> Result<Response, api::WireError> {
