@@ -134,6 +134,16 @@ impl Drop for Netns {
     }
 }
 
+/// A veth pair with one end, `a`, in netns `a_ns` and the other, `b`, in
+/// `b_ns`, made directly in place (the root netns never holds either).
+#[track_caller]
+pub fn veth_between(a_ns: &Netns, a: &str, b_ns: &Netns, b: &str) {
+    sh(Command::new("ip").args([
+        "link", "add", a, "netns", &a_ns.name, "type", "veth", "peer", "name", b, "netns",
+        &b_ns.name,
+    ]));
+}
+
 /// Path of a railnet binary: from the env var xtask sets, else the debug
 /// build next to this crate.
 pub fn binary(env: &str, name: &str) -> PathBuf {
@@ -451,20 +461,7 @@ impl Fabric {
         let pod = Netns::new("pod");
         for &k in rails {
             let (nic, port) = (format!("eth{k}"), format!("rail{k}"));
-            sh(Command::new("ip").args([
-                "link",
-                "add",
-                &nic,
-                "netns",
-                node.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &port,
-                "netns",
-                router.name(),
-            ]));
+            veth_between(&node, &nic, &router, &port);
             node.ip(&["link", "set", &nic, "up"]);
             router.ip(&[
                 "addr",
@@ -598,20 +595,7 @@ impl RailFabric {
             r.ip(&["link", "add", "br0", "type", "bridge"]);
             for (n, node) in nodes.iter().enumerate() {
                 let (nic, port) = (format!("eth{k}"), format!("n{n}"));
-                sh(Command::new("ip").args([
-                    "link",
-                    "add",
-                    &nic,
-                    "netns",
-                    node.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &port,
-                    "netns",
-                    r.name(),
-                ]));
+                veth_between(node, &nic, &r, &port);
                 node.ip(&["link", "set", &nic, "up"]);
                 r.ip(&["link", "set", &port, "master", "br0", "up"]);
             }
@@ -626,20 +610,7 @@ impl RailFabric {
             ]);
             r.ip(&["link", "set", "br0", "up"]);
             let up = format!("r{k}");
-            sh(Command::new("ip").args([
-                "link",
-                "add",
-                "uplink",
-                "netns",
-                r.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &up,
-                "netns",
-                spine.name(),
-            ]));
+            veth_between(&r, "uplink", &spine, &up);
             r.ip(&["addr", "add", &format!("172.31.{k}.1/30"), "dev", "uplink"]);
             r.ip(&[
                 "addr",
@@ -772,20 +743,7 @@ impl RailFabric {
         let ns = Netns::new("pod");
         let node = &self.nodes[n];
         let host_veth = format!("vp{i}");
-        sh(Command::new("ip").args([
-            "link",
-            "add",
-            &host_veth,
-            "netns",
-            node.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]));
+        veth_between(node, &host_veth, &ns, "eth0");
         node.ip(&["link", "set", &host_veth, "master", "cbr0", "up"]);
         ns.ip(&[
             "addr",
@@ -863,6 +821,22 @@ impl Netns {
         })
         .join()
         .expect("netns thread")
+    }
+}
+
+/// An IPAM-only request for `net1` of `container_id` from IPv4 pool
+/// `rail1` (network `rail1`), as the load tests send them.
+pub fn rail1_ipam_request(container_id: String) -> railnet_agent::api::IpamRequest {
+    railnet_agent::api::IpamRequest {
+        container_id,
+        ifname: "net1".into(),
+        ippools: railnet_agent::netconf::IpPools {
+            ipv4: vec!["rail1".into()],
+            ipv6: vec![],
+        },
+        match_master: None,
+        network: "rail1".into(),
+        namespace: None,
     }
 }
 

@@ -18,7 +18,6 @@ use std::{
 use railnet_agent::{
     api::{IpamRequest, Op, Response},
     ipam::{AllocationStore, RedbStore},
-    netconf::IpPools,
 };
 use railnet_tests::{Agent, Netns, agent_call};
 use serde_json::json;
@@ -26,17 +25,7 @@ use serde_json::json;
 const CLIENTS: usize = 50;
 
 fn request(c: usize, n: usize) -> IpamRequest {
-    IpamRequest {
-        container_id: format!("client{c}-pod{n}"),
-        ifname: "net1".into(),
-        ippools: IpPools {
-            ipv4: vec!["rail1".into()],
-            ipv6: vec![],
-        },
-        match_master: None,
-        network: "rail1".into(),
-        namespace: None,
-    }
+    railnet_tests::rail1_ipam_request(format!("client{c}-pod{n}"))
 }
 
 /// DEL until the agent acknowledges it (it may be down for a while).

@@ -392,9 +392,8 @@ fn flows() {
 
 fn ipam() {
     use railnet_agent::{
-        api::{IpamRequest, Op, Response},
+        api::{Op, Response},
         ipam::{AllocationKey, Candidates, Family, Ipam, PoolSpec},
-        netconf::IpPools,
     };
     use railnet_tests::agent_call;
     use std::sync::{
@@ -470,17 +469,7 @@ fn ipam() {
             std::thread::spawn(move || {
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) && n < 1300 {
-                    let r = IpamRequest {
-                        container_id: format!("c{c}-{n}"),
-                        ifname: "net1".into(),
-                        ippools: IpPools {
-                            ipv4: vec!["rail1".into()],
-                            ipv6: vec![],
-                        },
-                        match_master: None,
-                        network: "rail1".into(),
-                        namespace: None,
-                    };
+                    let r = railnet_tests::rail1_ipam_request(format!("c{c}-{n}"));
                     match agent_call(&socket, Op::IpamAdd(r)) {
                         Ok(Response::Ok { ipam: Some(_), .. }) => {
                             done.fetch_add(1, Ordering::Relaxed);

@@ -10,9 +10,8 @@
 use std::io::Write;
 
 use railnet_agent::{
-    api::{IpamRequest, Op, Response},
+    api::{Op, Response},
     ipam::{AllocationStore, RedbStore},
-    netconf::IpPools,
 };
 use railnet_tests::agent_call;
 
@@ -41,17 +40,7 @@ fn load(socket: &str) {
             std::thread::spawn(move || {
                 let mut n = 0u64;
                 loop {
-                    let r = IpamRequest {
-                        container_id: format!("t{t}-{n}"),
-                        ifname: "net1".into(),
-                        ippools: IpPools {
-                            ipv4: vec!["rail1".into()],
-                            ipv6: vec![],
-                        },
-                        match_master: None,
-                        network: "rail1".into(),
-                        namespace: None,
-                    };
+                    let r = railnet_tests::rail1_ipam_request(format!("t{t}-{n}"));
                     if let Ok(Response::Ok {
                         ipam: Some(res), ..
                     }) = agent_call(&socket, Op::IpamAdd(r))
