@@ -8,6 +8,7 @@
 //! runs on a thread inside the pod's netns: interface names resolve there,
 //! and a TCX link binds the ifindex of the calling thread's netns.
 
+use crate::netns::{LiveNetns, NetnsId};
 use std::{
     fs, io,
     net::Ipv4Addr,
@@ -49,8 +50,8 @@ pub struct RailAttachment {
     pub gateway: Option<Ipv4Addr>,
     /// RDMA CIDRs; empty means the rail's own subnet.
     pub rdma_cidrs: Vec<Ipv4Net>,
-    /// Inode of the pod's netns, recorded for the sweep.
-    pub netns_inode: u64,
+    /// The pod's netns, recorded for the sweep.
+    pub netns: NetnsId,
 }
 
 /// Errors loading, attaching or pinning.
@@ -168,7 +169,8 @@ impl PodPins {
             Meta {
                 layout_version: LAYOUT_VERSION,
                 _pad: 0,
-                netns_inode: att.netns_inode,
+                netns_inode: att.netns.inode,
+                netns_cookie: att.netns.cookie,
             },
             0,
         )
@@ -403,8 +405,8 @@ pub struct PinnedPod {
     /// The layout version its maps were created with; `None` if META is
     /// unreadable.
     pub layout_version: Option<u32>,
-    /// Its netns inode, as recorded at ADD.
-    pub netns_inode: Option<u64>,
+    /// Its netns, as recorded at ADD.
+    pub netns: Option<NetnsId>,
     /// Interfaces with a pinned link.
     pub links: Vec<String>,
 }
@@ -442,7 +444,10 @@ pub fn pinned_pods(root: &Path) -> Vec<PinnedPod> {
             PinnedPod {
                 container_id,
                 layout_version: meta.map(|m| m.layout_version),
-                netns_inode: meta.map(|m| m.netns_inode),
+                netns: meta.map(|m| NetnsId {
+                    inode: m.netns_inode,
+                    cookie: m.netns_cookie,
+                }),
                 links,
             }
         })
@@ -453,11 +458,11 @@ pub fn pinned_pods(root: &Path) -> Vec<PinnedPod> {
 
 /// Removes the pins of every pod whose netns no longer exists (a pod
 /// deleted without a DEL reaching us). Returns the container IDs removed.
-pub fn sweep(root: &Path, live_netns: &std::collections::HashSet<u64>) -> Vec<String> {
+pub fn sweep(root: &Path, live_netns: &LiveNetns) -> Vec<String> {
     let mut removed = Vec::new();
     for pod in pinned_pods(root) {
-        let alive = match pod.netns_inode {
-            Some(ino) if ino != 0 => live_netns.contains(&ino),
+        let alive = match pod.netns {
+            Some(id) if id.inode != 0 => live_netns.contains(id),
             // META not written yet: an ADD may be under way. Only pins
             // older than any ADD can take are removed.
             _ => fs::metadata(root.join(&pod.container_id))

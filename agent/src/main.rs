@@ -211,7 +211,7 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombs
         let tombstones = tombstones.clone();
         let removed = tokio::task::spawn_blocking(move || {
             service.finish_tombstones(&tombstones);
-            let live = railnet_agent::netns::live_netns_inodes();
+            let live = railnet_agent::netns::LiveNetns::scan();
             let mut removed = dataplane::sweep(&service.pin_root, &live);
             for cid in &removed {
                 let _ = service.ipam.release_container(cid);
@@ -220,7 +220,7 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombs
             // netns inode too.
             if let Ok(gone) = service
                 .ipam
-                .release_where_allocation(|a| a.netns_inode != 0 && !live.contains(&a.netns_inode))
+                .release_where_allocation(|a| a.netns_inode != 0 && !live.contains(a.netns()))
             {
                 for a in gone {
                     if !removed.contains(&a.key.container_id) {

@@ -6,7 +6,7 @@
 //! Never a tokio worker: one would go back to the pool in the wrong netns.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     fs::File,
     os::{
         fd::{AsFd, OwnedFd},
@@ -64,11 +64,14 @@ impl PodNetns {
         })
     }
 
-    /// The namespace's inode: its identity while it lives.
-    pub fn inode(&self) -> Option<u64> {
-        nix::sys::stat::fstat(self.fd.as_fd())
-            .ok()
+    /// The namespace's identity, recorded at ADD so the sweep can tell
+    /// when the pod is gone. Zeroes where the kernel would not say.
+    pub fn id(&self) -> NetnsId {
+        let inode = nix::sys::stat::fstat(self.fd.as_fd())
             .map(|s| s.st_ino)
+            .unwrap_or(0);
+        let cookie = self.run(current_cookie).ok().flatten().unwrap_or(0);
+        NetnsId { inode, cookie }
     }
 
     /// The namespace's fd, e.g. for `IFLA_NET_NS_FD`.
@@ -106,29 +109,116 @@ impl PodNetns {
     }
 }
 
-/// Inodes of every network namespace this host can see alive: those held
-/// by a process (`/proc/*/ns/net`) and those pinned by a runtime
-/// (`/run/netns`, `/var/run/netns`).
-pub fn live_netns_inodes() -> HashSet<u64> {
-    let mut live = HashSet::new();
-    for dir in ["/run/netns", "/var/run/netns"] {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
-                if let Ok(m) = std::fs::metadata(e.path()) {
-                    live.insert(m.ino());
+/// Who a network namespace is. The nsfs inode alone is not enough: the
+/// kernel hands a dead namespace's inode number to the next one created (an
+/// IDA, lowest free first), so on a busy node a vanished pod's inode is soon
+/// some other pod's. The netns cookie (`SO_NETNS_COOKIE`, Linux 5.14) is
+/// never reused while the host runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetnsId {
+    /// nsfs inode number; 0 if unknown.
+    pub inode: u64,
+    /// Netns cookie; 0 if unknown (then the inode alone decides).
+    pub cookie: u64,
+}
+
+/// The cookie of the calling thread's current netns.
+fn current_cookie() -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` is a valid u64 buffer of `len` bytes that outlives
+    // the call; the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
+}
+
+/// Every network namespace this host can see alive: those held by a
+/// process (`/proc/*/ns/net`) and those pinned by a runtime (`/run/netns`,
+/// `/var/run/netns`), each with its cookie where it could be read.
+#[derive(Debug, Default)]
+pub struct LiveNetns {
+    cookies: HashMap<u64, Option<u64>>,
+}
+
+impl LiveNetns {
+    /// Looks at every namespace now. The cookies are read on one thread
+    /// that enters each namespace in turn and then ends.
+    pub fn scan() -> Self {
+        let mut paths: HashMap<u64, std::path::PathBuf> = HashMap::new();
+        let mut note = |path: std::path::PathBuf| {
+            if let Ok(m) = std::fs::metadata(&path) {
+                paths.entry(m.ino()).or_insert(path);
+            }
+        };
+        for dir in ["/run/netns", "/var/run/netns"] {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    note(e.path());
                 }
             }
         }
-    }
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            let name = p.file_name();
-            if name.to_string_lossy().bytes().all(|b| b.is_ascii_digit())
-                && let Ok(m) = std::fs::metadata(p.path().join("ns/net"))
-            {
-                live.insert(m.ino());
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                if p.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                {
+                    note(p.path().join("ns/net"));
+                }
+            }
+        }
+        let unread: HashMap<u64, Option<u64>> = paths.keys().map(|ino| (*ino, None)).collect();
+        let read = std::thread::Builder::new()
+            .name("railnet-netns-scan".into())
+            .spawn(move || {
+                paths
+                    .into_iter()
+                    .map(|(ino, path)| {
+                        // A namespace that cannot be entered counts as
+                        // alive with an unknown cookie: never sweep a
+                        // live pod on a guess.
+                        let cookie = File::open(&path)
+                            .ok()
+                            .filter(|f| setns(f.as_fd(), CloneFlags::CLONE_NEWNET).is_ok())
+                            .and_then(|_| current_cookie());
+                        (ino, cookie)
+                    })
+                    .collect::<HashMap<_, _>>()
+            })
+            .and_then(|h| h.join().map_err(|_| std::io::Error::other("panicked")));
+        match read {
+            Ok(cookies) => Self { cookies },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read netns cookies; judging by inode only");
+                Self { cookies: unread }
             }
         }
     }
-    live
+
+    /// Whether the namespace recorded as `id` is still alive. Unknown parts
+    /// of `id` (zero) are not held against it.
+    pub fn contains(&self, id: NetnsId) -> bool {
+        match self.cookies.get(&id.inode) {
+            None => false,
+            Some(None) => true,
+            Some(Some(cookie)) => id.cookie == 0 || *cookie == id.cookie,
+        }
+    }
 }

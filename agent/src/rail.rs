@@ -30,7 +30,7 @@ use crate::{
     dataplane::{PodPins, RailAttachment},
     ipam::{AllocationKey, Family, Ipam, PoolRequest},
     netconf::{NetConf, Routing, valid_ifname},
-    netns::PodNetns,
+    netns::{NetnsId, PodNetns},
     rtnl::{self, describe, errno, with_rtnl},
 };
 
@@ -114,7 +114,7 @@ impl RailService {
             &att.ifname,
             &conf.ippools,
             conf.match_master_subnet.then_some(conf.master.as_str()),
-            netns.inode().unwrap_or(0),
+            netns.id(),
             (
                 &conf.name,
                 att.args.get("K8S_POD_NAMESPACE").map(String::as_str),
@@ -147,7 +147,7 @@ impl RailService {
             &req.ifname,
             &req.ippools,
             req.match_master.as_deref(),
-            netns.and_then(|n| n.inode()).unwrap_or(0),
+            netns.map(PodNetns::id).unwrap_or_default(),
             (&req.network, req.namespace.as_deref()),
         ) {
             Ok(a) => a,
@@ -327,7 +327,7 @@ impl RailService {
         ifname: &str,
         ippools: &crate::netconf::IpPools,
         match_master: Option<&str>,
-        netns_inode: u64,
+        netns: NetnsId,
         (network, namespace): (&str, Option<&str>),
     ) -> Result<RailAddresses, ApiError> {
         let master_addresses = if let Some(master) = match_master {
@@ -368,7 +368,7 @@ impl RailService {
             };
             let alloc = self
                 .ipam
-                .allocate_for(key, &candidates, netns_inode, network)
+                .allocate_for(key, &candidates, netns, network)
                 .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
             let pool = &self.ipam.pools()[&alloc.pool];
             let net = IpNet::new(alloc.address, pool.subnet.prefix_len())
@@ -486,7 +486,7 @@ impl RailService {
             rdma_cidrs: conf.rdma_cidrs.clone(),
             routing: conf.routing,
             mtu,
-            netns_inode: netns.inode().unwrap_or(0),
+            netns: netns.id(),
             pins: PodPins::new(&self.pin_root, &att.container_id),
         };
         let pod_side = netns
@@ -691,7 +691,7 @@ struct PodRail {
     rdma_cidrs: Vec<IpNet>,
     routing: Routing,
     mtu: u32,
-    netns_inode: u64,
+    netns: NetnsId,
     pins: PodPins,
 }
 
@@ -802,7 +802,7 @@ impl PodRail {
                     address: v4,
                     gateway: self.addrs.gw4,
                     rdma_cidrs,
-                    netns_inode: self.netns_inode,
+                    netns: self.netns,
                 })
                 .map_err(|e| dp("rail program".into(), e.to_string()))?;
         }

@@ -463,6 +463,7 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
     step("dataplane tests on Linux 6.1 (clsact, no TCX) under qemu");
     let binary = test_binary(root, obj, "dataplane")?;
     let ipvlan = test_binary(root, obj, "ipvlan")?;
+    let identity = test_binary(root, obj, "netns_identity")?;
     let bin = root.join("target/debug");
     let script = root.join("target/vm-dataplane.sh");
     std::fs::write(
@@ -476,7 +477,8 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
                rail_sourced_ping_and_tcp_cross_their_own_rail \
                routing_survives_an_agent_crash \
                del_and_a_vanished_netns_leave_no_program_map_or_pin\n\
-             {ipvlan} --test-threads=2 --include-ignored\n",
+             {ipvlan} --test-threads=2 --include-ignored\n\
+             {identity}\n",
             agent = bin.join("railnet-agent").display(),
             cni = bin.join("railnet").display(),
         ),

@@ -18,6 +18,8 @@ use std::{
 pub use pool::{IpamError, Pool, PoolSpec};
 pub use select::{Candidates, PoolRequest, Rejection, select, wildcard_match};
 use serde::{Deserialize, Serialize};
+
+use crate::netns::NetnsId;
 pub use store::{AllocationStore, MemoryStore, RedbStore, StoreError};
 
 use pool::PoolIndex;
@@ -42,6 +44,16 @@ pub struct AllocationKey {
     pub family: Family,
 }
 
+impl Allocation {
+    /// The pod netns it was made for.
+    pub fn netns(&self) -> NetnsId {
+        NetnsId {
+            inode: self.netns_inode,
+            cookie: self.netns_cookie,
+        }
+    }
+}
+
 /// A durable allocation record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Allocation {
@@ -54,6 +66,9 @@ pub struct Allocation {
     /// Inode of the pod's netns at ADD (0 if unknown): the sweep releases
     /// allocations whose netns is gone.
     pub netns_inode: u64,
+    /// Cookie of that netns (0 if unknown): inodes are reused, cookies not.
+    #[serde(default)]
+    pub netns_cookie: u64,
     /// The network (NetworkAttachmentDefinition) it was made for; CNI GC
     /// works per network.
     #[serde(default)]
@@ -87,7 +102,7 @@ struct State {
 struct Held {
     pool: Arc<str>,
     address: IpAddr,
-    netns_inode: u64,
+    netns: NetnsId,
     network: Arc<str>,
 }
 
@@ -105,7 +120,7 @@ impl State {
         let held = Held {
             pool: self.intern(&a.pool),
             address: a.address,
-            netns_inode: a.netns_inode,
+            netns: a.netns(),
             network: self.intern(&a.network),
         };
         self.held.insert(a.key.clone(), held);
@@ -116,7 +131,8 @@ impl State {
             key: key.clone(),
             pool: h.pool.to_string(),
             address: h.address,
-            netns_inode: h.netns_inode,
+            netns_inode: h.netns.inode,
+            netns_cookie: h.netns.cookie,
             network: h.network.to_string(),
         }
     }
@@ -199,9 +215,9 @@ impl Ipam {
         &self,
         key: AllocationKey,
         candidates: &Candidates,
-        netns_inode: u64,
+        netns: NetnsId,
     ) -> Result<Allocation, IpamError> {
-        self.allocate_for(key, candidates, netns_inode, "")
+        self.allocate_for(key, candidates, netns, "")
     }
 
     /// As [`Ipam::allocate`], recording the network it is for.
@@ -209,7 +225,7 @@ impl Ipam {
         &self,
         key: AllocationKey,
         candidates: &Candidates,
-        netns_inode: u64,
+        netns: NetnsId,
         network: &str,
     ) -> Result<Allocation, IpamError> {
         let allocation = {
@@ -242,7 +258,8 @@ impl Ipam {
                 key: key.clone(),
                 pool,
                 address,
-                netns_inode,
+                netns_inode: netns.inode,
+                netns_cookie: netns.cookie,
                 network: network.to_owned(),
             };
             state.hold(&a);
@@ -436,7 +453,7 @@ mod tests {
             let ipam = Ipam::new(vec![small_pool()]).unwrap();
             for (c, add) in ops {
                 if add {
-                    let _ = ipam.allocate(key(c), &only("p"), 0);
+                    let _ = ipam.allocate(key(c), &only("p"), NetnsId::default());
                 } else {
                     ipam.release(&format!("c{c}"), "net1").unwrap();
                 }
@@ -459,20 +476,26 @@ mod tests {
         let ipam = Ipam::new(vec![small_pool()]).unwrap();
         // 41 addresses minus network, gateway and one excluded.
         let mut n = 0;
-        while ipam.allocate(key(n), &only("p"), 0).is_ok() {
+        while ipam
+            .allocate(key(n), &only("p"), NetnsId::default())
+            .is_ok()
+        {
             n += 1;
         }
         assert_eq!(n, 38);
         let err = ipam
-            .allocate(key(999), &only("p"), 0)
+            .allocate(key(999), &only("p"), NetnsId::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("p: exhausted"), "{err}");
         let freed = ipam.release("c5", "net1").unwrap();
-        let again = ipam.allocate(key(999), &only("p"), 0).unwrap();
+        let again = ipam
+            .allocate(key(999), &only("p"), NetnsId::default())
+            .unwrap();
         assert_eq!(again.address, freed[0].address);
         assert_eq!(
-            ipam.allocate(key(999), &only("p"), 0).unwrap(),
+            ipam.allocate(key(999), &only("p"), NetnsId::default())
+                .unwrap(),
             again,
             "a repeated ADD gets the same address"
         );
@@ -491,10 +514,13 @@ mod tests {
             family: Family::V6,
             ..key(c)
         };
-        let a = ipam.allocate(v6(1), &only("v6"), 0).unwrap();
+        let a = ipam
+            .allocate(v6(1), &only("v6"), NetnsId::default())
+            .unwrap();
         assert_eq!(a.address, "fd00:16:1::2".parse::<IpAddr>().unwrap());
         for c in 2..2000 {
-            ipam.allocate(v6(c), &only("v6"), 0).unwrap();
+            ipam.allocate(v6(c), &only("v6"), NetnsId::default())
+                .unwrap();
         }
         assert_eq!(ipam.usage("v6"), Some((1999, (1u128 << 64) - 2)));
     }
@@ -515,7 +541,9 @@ mod tests {
     #[test]
     fn a_write_that_fails_allocates_nothing() {
         let ipam = Ipam::with_store(vec![small_pool()], Box::new(FailingStore)).unwrap();
-        let err = ipam.allocate(key(1), &only("p"), 0).unwrap_err();
+        let err = ipam
+            .allocate(key(1), &only("p"), NetnsId::default())
+            .unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
         assert_eq!(ipam.allocated(), 0);
         assert_eq!(ipam.usage("p").unwrap().0, 0);
@@ -532,22 +560,28 @@ mod tests {
     fn allocations_survive_a_restart_and_are_not_handed_out_again() {
         let dir = scratch("restart");
         let db = dir.join("ipam.redb");
+        let pod = NetnsId {
+            inode: 42,
+            cookie: 7,
+        };
         let first: Vec<IpAddr> = {
             let ipam =
                 Ipam::with_store(vec![small_pool()], Box::new(RedbStore::open(&db).unwrap()))
                     .unwrap();
             (0..10)
-                .map(|c| ipam.allocate(key(c), &only("p"), 42).unwrap().address)
+                .map(|c| ipam.allocate(key(c), &only("p"), pod).unwrap().address)
                 .collect()
         };
         let ipam =
             Ipam::with_store(vec![small_pool()], Box::new(RedbStore::open(&db).unwrap())).unwrap();
         assert_eq!(ipam.allocated(), 10);
+        let strangers = ipam.release_where_allocation(|a| a.netns() != pod).unwrap();
+        assert!(strangers.is_empty(), "netns identity lost: {strangers:?}");
         assert_eq!(
-            ipam.allocate(key(3), &only("p"), 42).unwrap().address,
+            ipam.allocate(key(3), &only("p"), pod).unwrap().address,
             first[3]
         );
-        let fresh = ipam.allocate(key(100), &only("p"), 42).unwrap().address;
+        let fresh = ipam.allocate(key(100), &only("p"), pod).unwrap().address;
         assert!(!first.contains(&fresh), "{fresh} was already held");
         ipam.release("c3", "net1").unwrap();
         drop(ipam);
@@ -574,7 +608,7 @@ mod tests {
                 std::thread::spawn(move || {
                     (0..25)
                         .map(|i| {
-                            ipam.allocate(key(t * 1000 + i), &only("big"), 0)
+                            ipam.allocate(key(t * 1000 + i), &only("big"), NetnsId::default())
                                 .unwrap()
                                 .address
                         })

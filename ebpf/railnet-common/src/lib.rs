@@ -9,7 +9,7 @@
 
 /// Bumped whenever a map's name, key, value or size changes, so an upgraded
 /// agent can tell pins it can adopt from pins it must replace.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Highest rail number a pod can have (rails are numbered 1..=MAX_RAIL).
 pub const MAX_RAIL: u32 = 64;
@@ -131,6 +131,9 @@ pub struct Meta {
     /// Inode of the pod's netns (nsfs), so a sweep can tell when the pod
     /// is gone without any other record.
     pub netns_inode: u64,
+    /// The netns cookie, which unlike the inode is never reused (since
+    /// layout 2).
+    pub netns_cookie: u64,
 }
 
 /// What the program did with a packet.
@@ -213,7 +216,7 @@ mod tests {
     #[test]
     fn shared_structs_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<RailSource>(), 6 * 4);
-        assert_eq!(core::mem::size_of::<Meta>(), 16);
+        assert_eq!(core::mem::size_of::<Meta>(), 24);
         assert_eq!(core::mem::size_of::<RdmaNets>(), 8 + 8 * MAX_RDMA_CIDRS);
     }
 

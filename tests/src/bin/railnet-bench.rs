@@ -420,7 +420,7 @@ fn ipam() {
     let capacity = ipam.usage("p").unwrap().1 as u64;
     let held = capacity * 99 / 100;
     for i in 0..held {
-        ipam.allocate(key(i), &cand, 0).unwrap();
+        ipam.allocate(key(i), &cand, Default::default()).unwrap();
     }
     // Batches of 600: release 600 (untimed, the pool drops to ~98 % full),
     // then time allocating 600 (back to 99 %).
@@ -439,7 +439,7 @@ fn ipam() {
             next += 600;
             let start = Instant::now();
             for k in keys {
-                ipam.allocate(k, &cand, 0).unwrap();
+                ipam.allocate(k, &cand, Default::default()).unwrap();
             }
             timed += start.elapsed();
             count += 600;
