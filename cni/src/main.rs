@@ -26,6 +26,10 @@ pub(crate) const SPEC_VERSION: &str = "1.1.0";
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("doctor") {
+        return doctor(&args[1..]);
+    }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let command = env("CNI_COMMAND").unwrap_or_default();
     let mut stdin = Vec::new();
@@ -323,4 +327,29 @@ pub(crate) fn call(
     api::send(&mut stream, &req, netns.map(|f| f.as_fd()))?;
     let (resp, _) = api::recv::<Response>(&mut stream)?;
     Ok(resp)
+}
+
+/// `railnet doctor [--expect exclusive|shared]`: the node's RDMA checks.
+fn doctor(args: &[String]) -> ExitCode {
+    use railnet_agent::{doctor, rdma::NetnsMode};
+    let expect = match args {
+        [] => None,
+        [flag, mode] if flag == "--expect" && mode == "exclusive" => Some(NetnsMode::Exclusive),
+        [flag, mode] if flag == "--expect" && mode == "shared" => Some(NetnsMode::Shared),
+        _ => {
+            eprintln!(
+                "usage: railnet doctor [--expect exclusive|shared]\n  \
+                 --expect: the RDMA netns mode this node's networks need \
+                 (exclusive for SR-IOV/InfiniBand with rdmaIsolation, shared for macvlan)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let report = doctor::run(expect);
+    print!("{report}");
+    if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

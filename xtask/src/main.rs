@@ -295,6 +295,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .args(args);
     run(&mut cmd)?;
     pre_tcx_kernel_tests(root, &obj)?;
+    rdma_kernel_tests(root, &obj)?;
     ipam_power_cut(root)?;
     step("all tests passed");
     Ok(())
@@ -491,6 +492,47 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
         .context("run tests/vm/vmrun.sh")?;
     if !status.success() {
         bail!("dataplane tests on Linux 6.1 failed ({status}); output above");
+    }
+    Ok(())
+}
+
+/// The RDMA tests, in Debian's Linux 6.1 under qemu (this machine's kernel
+/// has no RDMA subsystem): one guest left in shared mode, one switched to
+/// exclusive mode before any netns exists (the kernel refuses the switch
+/// after).
+fn rdma_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
+    let binary = test_binary(root, obj, "rdma")?;
+    let bin = root.join("target/debug");
+    for (mode, prepare) in [
+        ("shared", ""),
+        ("exclusive", "rdma system set netns exclusive\n"),
+    ] {
+        step(&format!(
+            "RDMA tests on Linux 6.1 under qemu, {mode} netns mode (soft RoCE)"
+        ));
+        let script = root.join(format!("target/vm-rdma-{mode}.sh"));
+        std::fs::write(
+            &script,
+            format!(
+                "set -e\n\
+                 modprobe rdma_rxe; modprobe ib_uverbs; modprobe rdma_ucm\n\
+                 {prepare}\
+                 mkdir -p /run/netns\n\
+                 export RAILNET_AGENT_BIN={agent} RAILNET_CNI_BIN={cni} RUST_BACKTRACE=0\n\
+                 {binary} --ignored --test-threads=1 {mode}_\n",
+                agent = bin.join("railnet-agent").display(),
+                cni = bin.join("railnet").display(),
+            ),
+        )?;
+        let status = Command::new("bash")
+            .arg(root.join("tests/vm/vmrun.sh"))
+            .arg(&script)
+            .env("VM_TIMEOUT", "900")
+            .status()
+            .context("run tests/vm/vmrun.sh")?;
+        if !status.success() {
+            bail!("RDMA tests ({mode} mode) on Linux 6.1 failed ({status}); output above");
+        }
     }
     Ok(())
 }

@@ -31,6 +31,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "e2fsprogs",
         "mkfs.ext4 for the power-cut test's virtual disk",
     ),
+    (
+        "strace",
+        "captures what iproute2's rdma sends, for the RDMA netlink golden tests",
+    ),
+    (
+        "containernetworking-plugins",
+        "the reference CNI plugins (macvlan, tuning, sbr) as real clients",
+    ),
 ];
 
 /// The bpf-linker release known to work with llvm-22 here.

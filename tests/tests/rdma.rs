@@ -1,0 +1,387 @@
+//! RDMA netlink on a kernel that has RDMA. This machine's kernel has no RDMA
+//! subsystem, so every test here is ignored on it; `cargo xtask test` runs
+//! them in Debian's Linux 6.1 under qemu, with soft RoCE (rxe) devices on
+//! dummy and macvlan netdevs, one guest per RDMA netns mode (the mode can
+//! only change while no other netns exists):
+//! - `shared_*` in a guest left in shared mode (the kernel default);
+//! - `exclusive_*` in a guest switched to exclusive mode before any netns.
+
+use std::process::Command;
+
+use railnet_agent::rdma::{NetnsMode, RdmaNetlink, Request};
+use railnet_tests::Netns;
+use serde_json::Value;
+
+const NEEDS_RDMA: &str = "needs a kernel with RDMA: cargo xtask test runs it under qemu";
+
+/// Runs a command, panicking with its output on failure.
+#[track_caller]
+fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A soft-RoCE device on a dummy netdev inside `ns`, removed on drop.
+struct Rxe {
+    name: String,
+}
+
+impl Rxe {
+    #[track_caller]
+    fn on_dummy(ns: &Netns, netdev: &str, name: &str) -> Self {
+        ns.ip(&["link", "add", netdev, "type", "dummy"]);
+        ns.ip(&["link", "set", netdev, "up"]);
+        sh(Command::new("ip").args([
+            "netns",
+            "exec",
+            ns.name(),
+            "rdma",
+            "link",
+            "add",
+            name,
+            "type",
+            "rxe",
+            "netdev",
+            netdev,
+        ]));
+        Self { name: name.into() }
+    }
+}
+
+impl Drop for Rxe {
+    fn drop(&mut self) {
+        let _ = Command::new("rdma")
+            .args(["link", "delete", &self.name])
+            .output();
+    }
+}
+
+/// Our socket, opened inside `ns` (a device's netdev is reported only to
+/// a socket in the netdev's netns).
+fn in_ns<T: Send + 'static>(
+    ns: &Netns,
+    work: impl FnOnce(&mut RdmaNetlink) -> T + Send + 'static,
+) -> T {
+    ns.run(move || work(&mut RdmaNetlink::open().expect("RDMA netlink")))
+}
+
+fn rdma_json(ns: &Netns, args: &[&str]) -> Value {
+    let out = sh(Command::new("ip")
+        .args(["netns", "exec", ns.name(), "rdma", "-j"])
+        .args(args));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("rdma -j {args:?}: {e}: {out}"))
+}
+
+fn guid(g: u64) -> String {
+    // rdma prints the GUID as four big-endian 16-bit groups.
+    let b = g.to_be_bytes();
+    format!(
+        "{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}:{:02x}{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]
+    )
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_our_dump_equals_rdma_dev_and_rdma_link() {
+    let _ = NEEDS_RDMA;
+    let ns = Netns::new("dump");
+    let _a = Rxe::on_dummy(&ns, "rail1", "rxedump1");
+    let _b = Rxe::on_dummy(&ns, "rail2", "rxedump2");
+
+    let (devices, links) = in_ns(&ns, |nl| (nl.devices().unwrap(), nl.links().unwrap()));
+    let theirs = rdma_json(&ns, &["dev"]);
+    let theirs = theirs.as_array().unwrap();
+    assert_eq!(devices.len(), theirs.len(), "{devices:?}\n{theirs:?}");
+    for (ours, t) in devices.iter().zip(theirs) {
+        assert_eq!(ours.index as u64, t["ifindex"].as_u64().unwrap());
+        assert_eq!(ours.name, t["ifname"].as_str().unwrap());
+        assert_eq!(
+            guid(ours.node_guid.unwrap()),
+            t["node_guid"].as_str().unwrap()
+        );
+        assert_eq!(ours.node_type, Some(1), "rdma says {}", t["node_type"]);
+    }
+    let theirs = rdma_json(&ns, &["link"]);
+    let theirs = theirs.as_array().unwrap();
+    assert_eq!(links.len(), theirs.len(), "{links:?}\n{theirs:?}");
+    for (ours, t) in links.iter().zip(theirs) {
+        assert_eq!(ours.device, t["ifname"].as_str().unwrap());
+        assert_eq!(ours.port as u64, t["port"].as_u64().unwrap());
+        assert_eq!(ours.netdev.as_deref(), t["netdev"].as_str());
+        assert_eq!(ours.netdev_index.map(u64::from), t["netdev_index"].as_u64());
+        assert_eq!(ours.state == Some(4), t["state"] == "ACTIVE");
+    }
+    assert!(links.iter().any(|p| p.netdev.as_deref() == Some("rail2")));
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_mode_reads_like_rdma_system() {
+    let ns = Netns::new("mode");
+    let ours = in_ns(&ns, |nl| nl.netns_mode().unwrap());
+    let theirs = sh(Command::new("rdma").arg("system"));
+    assert!(theirs.contains("netns shared"), "{theirs}");
+    assert_eq!(ours, NetnsMode::Shared);
+    // Setting the mode it already has is accepted even with netns around;
+    // changing it is not, and says what to do instead.
+    in_ns(&ns, |nl| nl.set_netns_mode(NetnsMode::Shared)).unwrap();
+    let err = in_ns(&ns, |nl| nl.set_netns_mode(NetnsMode::Exclusive)).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EBUSY), "{err}");
+    assert!(
+        err.to_string().contains("options ib_core netns_mode=0"),
+        "{err}"
+    );
+    assert!(sh(Command::new("rdma").arg("system")).contains("netns shared"));
+}
+
+/// The netlink messages `rdma <args>` sends, from strace's dump of its
+/// writes (run in the guest; rdma sends one message per sendto).
+fn rdma_sends(ns: &Netns, args: &[&str]) -> Vec<Vec<u8>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .args([
+            "strace",
+            "-f",
+            "-e",
+            "trace=sendto,sendmsg",
+            "-e",
+            "write=all",
+        ])
+        .arg("rdma")
+        .args(args)
+        .output()
+        .expect("strace rdma");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let mut messages: Vec<Vec<u8>> = Vec::new();
+    for line in text.lines() {
+        if line.contains("sendto(") || line.contains("sendmsg(") {
+            messages.push(Vec::new());
+        } else if let Some(dump) = line.trim_start().strip_prefix("| ")
+            && let Some(last) = messages.last_mut()
+        {
+            // " | 00010  08 00 01 00 ...  ascii |": offset, then up to 16 bytes.
+            let hex = dump
+                .get(7..7 + 16 * 3 + 1)
+                .unwrap_or(&dump[7.min(dump.len())..]);
+            last.extend(
+                hex.split_whitespace()
+                    .take(16)
+                    .map(|b| u8::from_str_radix(b, 16).expect("hex byte")),
+            );
+        }
+    }
+    assert!(!messages.is_empty(), "no sends seen:\n{text}");
+    messages
+}
+
+fn message_type(m: &[u8]) -> u16 {
+    u16::from_ne_bytes([m[4], m[5]])
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_requests_are_byte_for_byte_what_iproute2_sends() {
+    let ns = Netns::new("golden");
+    let target = Netns::new("golden-target");
+    let _rxe = Rxe::on_dummy(&ns, "rail1", "rxegold");
+    let dev = in_ns(&ns, |nl| nl.device("rxegold").unwrap());
+    let cases: Vec<(Vec<&str>, Request)> = vec![
+        (vec!["dev"], Request::Devices),
+        (
+            vec!["link", "show", "rxegold/1"],
+            Request::Port {
+                device: dev.index,
+                port: 1,
+            },
+        ),
+        (vec!["system"], Request::SystemGet),
+        (
+            vec!["system", "set", "netns", "shared"],
+            Request::SystemSetNetnsMode(NetnsMode::Shared),
+        ),
+        (
+            vec!["statistic", "show", "link", "rxegold/1"],
+            Request::Counters {
+                device: dev.index,
+                port: 1,
+            },
+        ),
+        (
+            vec!["dev", "set", "rxegold", "netns", target.name()],
+            Request::MoveDevice {
+                device: dev.index,
+                netns_fd: 0,
+            },
+        ),
+    ];
+    for (args, ours) in cases {
+        let sent = rdma_sends(&ns, &args);
+        let probe = ours.encode(0);
+        let ty = message_type(&probe);
+        // rdma first dumps the devices to find indexes (and `rdma dev`
+        // then asks for each one): the message for the operation itself
+        // is the last of its type and flags.
+        let theirs = sent
+            .iter()
+            .rev()
+            .find(|m| message_type(m) == ty && m[6..8] == probe[6..8])
+            .unwrap_or_else(|| panic!("rdma {args:?} sent no message of type {ty:#x}: {sent:x?}"));
+        let seq = u32::from_ne_bytes(theirs[8..12].try_into().unwrap());
+        let mut mine = ours.encode(seq);
+        let mut theirs = theirs.clone();
+        if let Request::MoveDevice { .. } = ours {
+            // The netns fd is a number in each sender's own fd table.
+            mine[28..32].fill(0);
+            theirs[28..32].fill(0);
+        }
+        assert_eq!(
+            mine, theirs,
+            "rdma {args:?}: ours {mine:02x?}\ntheirs {theirs:02x?}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_a_move_is_refused_with_the_reason() {
+    let ns = Netns::new("move");
+    let pod = Netns::new("move-pod");
+    let _rxe = Rxe::on_dummy(&ns, "rail1", "rxemove");
+    let pod_fd = std::fs::File::open(pod.path()).unwrap();
+    let err = in_ns(&ns, move |nl| {
+        let dev = nl.device("rxemove").unwrap();
+        use std::os::fd::AsRawFd;
+        nl.move_device(&dev, pod_fd.as_raw_fd())
+    })
+    .unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EOPNOTSUPP), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("rxemove"), "{msg}");
+    assert!(msg.contains("shared mode"), "{msg}");
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_counters_are_read() {
+    let ns = Netns::new("stats");
+    let _rxe = Rxe::on_dummy(&ns, "rail1", "rxestat");
+    let counters = in_ns(&ns, |nl| {
+        let dev = nl.device("rxestat").unwrap();
+        nl.counters(&dev, 1).unwrap()
+    });
+    let names: Vec<&str> = counters.iter().map(|(n, _)| n.as_str()).collect();
+    let theirs = rdma_json(&ns, &["statistic", "show", "link", "rxestat/1"]);
+    let theirs = theirs[0].as_object().unwrap();
+    for (name, value) in &counters {
+        assert_eq!(
+            theirs.get(name).and_then(Value::as_u64),
+            Some(*value),
+            "{name}"
+        );
+    }
+    assert!(names.contains(&"sent_pkts"), "{names:?}");
+}
+
+fn doctor(args: &[&str]) -> (bool, String) {
+    let bin = std::env::var("RAILNET_CNI_BIN").expect("RAILNET_CNI_BIN");
+    let out = Command::new(bin).arg("doctor").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_doctor_reports_mode_link_layer_and_mtu() {
+    // The guest's own root netns (a qemu guest of this test run): doctor
+    // looks at the host side of a node.
+    let _ = Command::new("ip").args(["link", "del", "docrail"]).output();
+    sh(Command::new("ip").args(["link", "add", "docrail", "type", "dummy"]));
+    sh(Command::new("ip").args(["link", "set", "docrail", "mtu", "1500", "up"]));
+    sh(Command::new("rdma").args(["link", "add", "rxedoc", "type", "rxe", "netdev", "docrail"]));
+    let _rxe = Rxe {
+        name: "rxedoc".into(),
+    };
+    let (ok, out) = doctor(&["--expect", "shared"]);
+    assert!(out.contains("ok    RDMA netns mode is shared"), "{out}");
+    assert!(
+        out.contains("rxedoc/1: link layer Ethernet, state ACTIVE, netdev docrail"),
+        "{out}"
+    );
+    assert!(
+        out.contains("docrail: MTU 1500 limits RoCE to MTU 1024"),
+        "{out}"
+    );
+    assert!(out.contains("nvidia_peermem"), "{out}");
+    assert!(ok, "only warnings: {out}");
+    sh(Command::new("ip").args(["link", "set", "docrail", "mtu", "9000"]));
+    let (ok, out) = doctor(&["--expect", "exclusive"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL  RDMA netns mode is shared; these networks need exclusive"),
+        "{out}"
+    );
+    assert!(out.contains("options ib_core netns_mode=0"), "{out}");
+    assert!(
+        out.contains("docrail: MTU 9000 allows RoCE MTU 4096"),
+        "{out}"
+    );
+    let _ = Command::new("ip").args(["link", "del", "docrail"]).output();
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn exclusive_a_move_reaches_the_driver_and_is_explained() {
+    assert_eq!(
+        RdmaNetlink::open().unwrap().netns_mode().unwrap(),
+        NetnsMode::Exclusive
+    );
+    assert!(sh(Command::new("rdma").arg("system")).contains("netns exclusive"));
+    let ns = Netns::new("xmove");
+    let pod = Netns::new("xmove-pod");
+    // In exclusive mode a new device belongs to the initial netns, where
+    // the agent runs; its netdev may live elsewhere.
+    let _rxe = Rxe::on_dummy(&ns, "rail1", "rxexmove");
+    let mut nl = RdmaNetlink::open().unwrap();
+    let dev = nl.device("rxexmove").unwrap();
+    // Not a netns fd: the kernel says so before looking at the driver.
+    let null = std::fs::File::open("/dev/null").unwrap();
+    use std::os::fd::AsRawFd;
+    let err = nl.move_device(&dev, null.as_raw_fd()).unwrap_err();
+    assert_ne!(err.errno(), Some(libc::EOPNOTSUPP), "{err}");
+    // A netns fd: accepted, and the driver (rxe has no disassociate) says no.
+    let pod_fd = std::fs::File::open(pod.path()).unwrap();
+    let err = nl.move_device(&dev, pod_fd.as_raw_fd()).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EOPNOTSUPP), "{err}");
+    assert!(err.to_string().contains("cannot change netns"), "{err}");
+    // In exclusive mode the pod netns does not see host devices.
+    let seen = in_ns(&pod, |nl| nl.devices().unwrap());
+    assert!(seen.iter().all(|d| d.name != "rxexmove"), "{seen:?}");
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn exclusive_mode_change_while_pods_exist_says_how() {
+    let _pod = Netns::new("xbusy");
+    let err = RdmaNetlink::open()
+        .unwrap()
+        .set_netns_mode(NetnsMode::Shared)
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EBUSY), "{err}");
+    assert!(err.to_string().contains("reboot"), "{err}");
+    let (ok, out) = doctor(&["--expect", "exclusive"]);
+    assert!(out.contains("ok    RDMA netns mode is exclusive"), "{out}");
+    assert!(
+        out.contains("WARN  netns mode exclusive is not persisted"),
+        "{out}"
+    );
+    let _ = ok;
+}
