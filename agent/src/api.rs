@@ -212,6 +212,43 @@ pub struct AddResult {
     pub ips: Vec<ResultIp>,
     /// Routes installed in the pod's main table for this rail.
     pub routes: Vec<ResultRoute>,
+    /// The RDMA device the pod uses on this rail, if the node has RDMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<RailRdma>,
+}
+
+/// The RDMA device behind a pod's rail interface.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct RailRdma {
+    /// RDMA device name (`mlx5_3`), what NCCL_IB_HCA names.
+    pub device: String,
+    /// Its port.
+    pub port: u32,
+    /// PCI address of the NIC or VF, when it is a PCI function.
+    pub pci_address: Option<String>,
+    /// Index of the RoCE GID of the pod's IPv4 address (NCCL_IB_GID_INDEX;
+    /// in shared mode it differs per pod), when the kernel listed it.
+    #[serde(default)]
+    pub gid_index: Option<u32>,
+    /// Whether the device was moved into the pod (exclusive mode) rather
+    /// than shared with the node (shared mode).
+    pub isolated: bool,
+}
+
+impl RailRdma {
+    /// The Device Information Specification (k8snetworkplumbingwg, v1.1)
+    /// record Multus copies into the pod's `network-status` annotation,
+    /// where the workload reads it through the downward API.
+    pub fn device_info(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "pci",
+            "version": "1.1.0",
+            "pci": {
+                "pci-address": self.pci_address.clone().unwrap_or_default(),
+                "rdma-device": self.device,
+            }
+        })
+    }
 }
 
 /// An address in a CNI result.
@@ -463,6 +500,7 @@ mod tests {
                 },
             ],
             routes: vec![],
+            rdma: None,
         };
         let old = r.to_cni("0.3.1", "/proc/1/ns/net");
         assert_eq!(old["ips"][0]["version"], "4");

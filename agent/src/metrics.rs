@@ -3,7 +3,8 @@
 //! Request counters and latency histograms live here; pool usage and the
 //! pods' dataplane verdict counters are read at scrape time (from the
 //! allocator and from the pinned per-CPU maps), so a scrape always shows
-//! what the kernel counted, also for pods adopted after a restart.
+//! what the kernel counted, also for pods adopted after a restart. So are
+//! the RDMA ports' hardware counters (RDMA netlink, `rdma statistic`).
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -124,10 +125,48 @@ impl Metrics {
             "Packets the rail program saw, per pod, rail (0: none) and verdict",
             packets,
         );
+        registry.register(
+            "rdma_port_hw_counter",
+            "Hardware counters of the node's RDMA ports, named as `rdma statistic` names them",
+            rdma_counters(&service.node_name),
+        );
         let mut out = String::new();
         let _ = encode(&mut out, &registry);
         out
     }
+}
+
+/// Every RDMA port's hardware counters, as the agent's netns sees them
+/// (the host's: every device in shared mode, those not moved into a pod
+/// in exclusive mode). Empty on a node without RDMA.
+fn rdma_counters(node: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    let Ok(mut nl) = crate::rdma::RdmaNetlink::open() else {
+        return family;
+    };
+    let Ok(devices) = nl.devices() else {
+        return family;
+    };
+    for dev in devices {
+        let Ok(ports) = nl.ports(&dev) else { continue };
+        for port in ports {
+            let Ok(counters) = nl.counters(&dev, port.port) else {
+                continue;
+            };
+            for (name, value) in counters {
+                family
+                    .get_or_create(&vec![
+                        ("node".into(), node.to_owned()),
+                        ("device".into(), dev.name.clone()),
+                        ("port".into(), port.port.to_string()),
+                        ("netdev".into(), port.netdev.clone().unwrap_or_default()),
+                        ("counter".into(), name),
+                    ])
+                    .inc_by(value);
+            }
+        }
+    }
+    family
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.

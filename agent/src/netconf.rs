@@ -53,6 +53,15 @@ pub struct NetConf {
     /// node (pool-per-node-per-rail layouts, the seeds' Solution 2).
     #[serde(default)]
     pub match_master_subnet: bool,
+    /// Move the VF's own RDMA device into the pod (RDMA netns exclusive
+    /// mode: SR-IOV and InfiniBand VFs). Off, the pod shares its master's
+    /// device (macvlan on a RoCE NIC, shared mode).
+    #[serde(default)]
+    pub rdma_isolation: bool,
+    /// PCI address of the VF the device plugin allocated; Multus writes it
+    /// into the delegate's config (as `deviceID`, some plugins `pciBusID`).
+    #[serde(default, rename = "deviceID", alias = "pciBusID")]
+    pub device_id: Option<String>,
 }
 
 /// How a rail's traffic is kept on its rail (DESIGN.md, "Rail routing").
@@ -104,6 +113,18 @@ pub enum NetConfError {
     /// No pool.
     #[error("\"ippools\" names no pool; add e.g. {{\"ipv4\": [\"rail1\"]}}")]
     NoPool,
+    /// `rdmaIsolation` on an interface that has no RDMA device of its own.
+    #[error(
+        "\"rdmaIsolation\" moves a VF's own RDMA device into the pod, and a {0} shares its master's device: \
+         use it with mode \"chained\" after sriov-cni (or ib-sriov-cni), or leave it off for shared mode"
+    )]
+    IsolationNeedsVf(String),
+    /// `rdmaIsolation` without the VF's PCI address.
+    #[error(
+        "\"rdmaIsolation\" needs the VF's PCI address in \"deviceID\"; Multus adds it when the \
+         NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the VF's device plugin"
+    )]
+    IsolationNeedsDevice,
     /// MTU outside what Ethernet allows.
     #[error("mtu {0} is out of range 1280..=9216 (rails carry IPv6, whose minimum is 1280)")]
     Mtu(u32),
@@ -144,6 +165,14 @@ impl NetConf {
         {
             return Err(NetConfError::Mtu(mtu));
         }
+        if self.rdma_isolation {
+            if !self.chained() {
+                return Err(NetConfError::IsolationNeedsVf(self.mode.clone()));
+            }
+            if self.device_id.as_deref().unwrap_or("").is_empty() {
+                return Err(NetConfError::IsolationNeedsDevice);
+            }
+        }
         Ok(())
     }
 }
@@ -179,6 +208,23 @@ mod tests {
         .unwrap();
         assert_eq!(c.rail, 1);
         assert_eq!(c.rdma_cidrs, vec!["172.16.0.0/16".parse().unwrap()]);
+    }
+
+    #[test]
+    fn rdma_isolation_needs_a_vf_and_its_pci_address() {
+        assert_eq!(
+            NetConf::parse(&conf(r#","rdmaIsolation":true"#)).unwrap_err(),
+            NetConfError::IsolationNeedsVf("macvlan".into())
+        );
+        assert_eq!(
+            NetConf::parse(&conf(r#","rdmaIsolation":true,"mode":"chained""#)).unwrap_err(),
+            NetConfError::IsolationNeedsDevice
+        );
+        let c = NetConf::parse(&conf(
+            r#","rdmaIsolation":true,"mode":"chained","pciBusID":"0000:3b:00.2""#,
+        ))
+        .unwrap();
+        assert_eq!(c.device_id.as_deref(), Some("0000:3b:00.2"));
     }
 
     #[test]

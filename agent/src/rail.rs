@@ -24,13 +24,14 @@ use rtnetlink::{
 
 use crate::{
     api::{
-        AddResult, ApiError, Attachment, GcRequest, IpamRequest, IpamResult, ResultInterface,
-        ResultIp, ResultRoute, code,
+        AddResult, ApiError, Attachment, GcRequest, IpamRequest, IpamResult, RailRdma,
+        ResultInterface, ResultIp, ResultRoute, code,
     },
     dataplane::{PodPins, RailAttachment},
     ipam::{AllocationKey, Family, Ipam, PoolRequest},
     netconf::{NetConf, Routing, valid_ifname},
     netns::{NetnsId, PodNetns},
+    rdma::{self, NetnsMode, RdmaDevice, RdmaError, RdmaNetlink, RdmaPort},
     rtnl::{self, describe, errno, with_rtnl},
 };
 
@@ -86,6 +87,107 @@ fn valid_container_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// What ADD does about RDMA for one interface.
+enum RdmaPlan {
+    /// The node has no RDMA device at all (no RDMA subsystem, or none
+    /// registered): a test or CPU node; the rail carries TCP only.
+    None,
+    /// The pod shares the master's device (macvlan/ipvlan, shared mode).
+    Shared(RdmaPort),
+    /// The VF's device moves into the pod (exclusive mode).
+    Isolate(RdmaDevice),
+}
+
+/// The PCI address of a netdev of the agent's netns, if it is a PCI
+/// function (`/sys/class/net/<dev>/device` → `.../0000:3b:00.0`).
+fn pci_address_of_netdev(netdev: &str) -> Option<String> {
+    let target = std::fs::read_link(format!("/sys/class/net/{netdev}/device")).ok()?;
+    let name = target.file_name()?.to_string_lossy().into_owned();
+    // domain:bus:device.function
+    let pci = name.len() == 12 && name.as_bytes()[4] == b':' && name.as_bytes()[7] == b':';
+    pci.then_some(name)
+}
+
+/// Looks at the node's RDMA devices from the agent's netns (the host's).
+fn rdma_plan(conf: &NetConf) -> Result<RdmaPlan, ApiError> {
+    let dp = |msg: &str, e: RdmaError| ApiError::new(code::DATAPLANE, msg, e.to_string());
+    let mut nl = match RdmaNetlink::open() {
+        Ok(nl) => nl,
+        Err(e @ RdmaError::NoRdma(_)) if conf.rdma_isolation => {
+            return Err(invalid(
+                "\"rdmaIsolation\" is set but this node has no RDMA subsystem",
+                e.to_string(),
+            ));
+        }
+        Err(RdmaError::NoRdma(_)) => return Ok(RdmaPlan::None),
+        Err(e) => return Err(dp("RDMA netlink", e)),
+    };
+    if conf.rdma_isolation {
+        let mode = nl
+            .netns_mode()
+            .map_err(|e| dp("reading the RDMA netns mode", e))?;
+        if mode != NetnsMode::Exclusive {
+            return Err(invalid(
+                format!(
+                    "network {} isolates RDMA devices (rdmaIsolation), and this node's RDMA netns mode is {mode}",
+                    conf.name
+                ),
+                "switch the node to exclusive mode: `echo 'options ib_core netns_mode=0' > /etc/modprobe.d/ib_core.conf` \
+                 and reboot (`rdma system set netns exclusive` works only while no pod exists); \
+                 `railnet doctor --expect exclusive` checks it",
+            ));
+        }
+        let bdf = conf.device_id.clone().unwrap_or_default();
+        let Some(name) = rdma::devices_of_pci(&bdf).into_iter().next() else {
+            return Err(invalid(
+                format!("no RDMA device for PCI address {bdf} (deviceID)"),
+                format!(
+                    "/sys/bus/pci/devices/{bdf}/infiniband is empty or missing: is the VF bound to its RDMA driver \
+                     (mlx5_core with mlx5_ib loaded)? `rdma dev` lists the node's devices"
+                ),
+            ));
+        };
+        let dev = nl
+            .device(&name)
+            .map_err(|e| dp("looking up the VF's RDMA device", e))?;
+        return Ok(RdmaPlan::Isolate(dev));
+    }
+    if conf.chained() {
+        // The earlier plugin's interface; its device is its business.
+        return Ok(RdmaPlan::None);
+    }
+    let links = nl.links().map_err(|e| dp("listing RDMA devices", e))?;
+    if links.is_empty() {
+        return Ok(RdmaPlan::None);
+    }
+    match links
+        .iter()
+        .find(|p| p.netdev.as_deref() == Some(conf.master.as_str()))
+    {
+        Some(port) => Ok(RdmaPlan::Shared(port.clone())),
+        None => {
+            let with: Vec<String> = links
+                .iter()
+                .filter_map(|p| Some(format!("{} ({}/{})", p.netdev.clone()?, p.device, p.port)))
+                .collect();
+            Err(invalid(
+                format!(
+                    "master {} has no RDMA device: pods on network {} would get no RDMA on rail {}",
+                    conf.master, conf.name, conf.rail
+                ),
+                format!(
+                    "set \"master\" to a rail NIC with RDMA; on this node: {}",
+                    if with.is_empty() {
+                        "none in the agent's netns".to_owned()
+                    } else {
+                        with.join(", ")
+                    }
+                ),
+            ))
+        }
+    }
+}
+
 impl RailService {
     /// CNI ADD. Must run on a thread of its own (it enters the pod netns on
     /// further threads and blocks on netlink).
@@ -109,6 +211,9 @@ impl RailService {
                 format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
             ));
         }
+        // RDMA first: a node in the wrong mode or a master without an RDMA
+        // device is refused before anything is made.
+        let rdma = rdma_plan(&conf)?;
         let addrs = match self.allocate(
             &att.container_id,
             &att.ifname,
@@ -126,9 +231,66 @@ impl RailService {
                 return Err(e);
             }
         };
+        // Isolation moves the VF's RDMA device before its interface is
+        // wired: a driver that cannot move it (EOPNOTSUPP) leaves nothing
+        // to undo but the addresses.
+        if let RdmaPlan::Isolate(dev) = &rdma {
+            if let Err(e) = rdma::isolate(dev, netns) {
+                let _ = self.ipam.release(&att.container_id, &att.ifname);
+                return Err(ApiError::new(
+                    code::DATAPLANE,
+                    format!("RDMA isolation of {} failed", dev.name),
+                    e.to_string(),
+                ));
+            }
+            tracing::info!(device = %dev.name, ifname = %att.ifname, "RDMA device moved into the pod netns");
+        }
         match self.wire(att, &conf, netns, addrs) {
-            Ok(result) => Ok(result),
+            Ok(mut result) => {
+                result.rdma = match &rdma {
+                    RdmaPlan::None => None,
+                    RdmaPlan::Shared(port) => Some(RailRdma {
+                        device: port.device.clone(),
+                        port: port.port,
+                        pci_address: pci_address_of_netdev(&conf.master),
+                        gid_index: result
+                            .ips
+                            .iter()
+                            .find_map(|ip| match ip.address {
+                                IpNet::V4(a) => Some(a.addr()),
+                                IpNet::V6(_) => None,
+                            })
+                            .and_then(|a| rdma::roce_gid_index(&port.device, port.port, a)),
+                        isolated: false,
+                    }),
+                    // Its sysfs is visible only inside the pod now.
+                    RdmaPlan::Isolate(dev) => Some(RailRdma {
+                        device: dev.name.clone(),
+                        port: 1,
+                        pci_address: conf.device_id.clone(),
+                        gid_index: None,
+                        isolated: true,
+                    }),
+                };
+                if let (RdmaPlan::Shared(_), Some(r)) = (&rdma, &result.rdma) {
+                    tracing::info!(
+                        container = %att.container_id,
+                        ifname = %att.ifname,
+                        device = %r.device,
+                        port = r.port,
+                        gid_index = ?r.gid_index,
+                        master = %conf.master,
+                        "pod shares the master's RDMA device"
+                    );
+                }
+                Ok(result)
+            }
             Err(e) => {
+                if matches!(rdma, RdmaPlan::Isolate(_))
+                    && let Err(back) = rdma::give_back(netns, &att.ifname)
+                {
+                    tracing::warn!(error = %back, "could not return the RDMA device after a failed ADD");
+                }
                 let _ = self.ipam.release(&att.container_id, &att.ifname);
                 Err(e)
             }
@@ -530,7 +692,19 @@ impl RailService {
         // DEL gets the same config as ADD; a chained rail's interface belongs
         // to the earlier plugin, which removes it after us.
         let chained = att.netconf.get("mode").and_then(|m| m.as_str()) == Some("chained");
+        let isolated = att.netconf.get("rdmaIsolation").and_then(|m| m.as_bool()) == Some(true);
         let ours = self.ipam.addresses_of(&att.container_id, &att.ifname);
+        // An isolated RDMA device goes home before the interface is
+        // stripped (a gone netns has returned it already).
+        if isolated && let Some(ns) = netns {
+            match rdma::give_back(ns, &att.ifname) {
+                Ok(moved) if !moved.is_empty() => {
+                    tracing::info!(devices = ?moved, "RDMA devices returned to the host");
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(format!("returning the RDMA device: {e}")),
+            }
+        }
         match netns {
             Some(ns) => {
                 let ifname = att.ifname.clone();
@@ -825,6 +999,7 @@ impl PodRail {
             },
             ips,
             routes,
+            rdma: None,
         })
     }
 

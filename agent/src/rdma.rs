@@ -592,6 +592,107 @@ pub fn devices_of_pci(bdf: &str) -> Vec<String> {
     names
 }
 
+/// The index of the RoCE GID the kernel derived from `addr` on a port
+/// (`::ffff:a.b.c.d`), preferring RoCE v2, as seen in sysfs. The GID
+/// table follows address changes through a workqueue, so this waits up to
+/// a second for the entry to appear.
+pub fn roce_gid_index(device: &str, port: u32, addr: std::net::Ipv4Addr) -> Option<u32> {
+    let dir = format!("/sys/class/infiniband/{device}/ports/{port}");
+    let want = addr.to_ipv6_mapped();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let mut found: Option<(u32, bool)> = None;
+        if let Ok(entries) = std::fs::read_dir(format!("{dir}/gids")) {
+            for e in entries.flatten() {
+                let Ok(index) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let gid = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let Ok(gid) = gid.trim().parse::<std::net::Ipv6Addr>() else {
+                    continue;
+                };
+                if gid != want {
+                    continue;
+                }
+                let v2 = std::fs::read_to_string(format!("{dir}/gid_attrs/types/{index}"))
+                    .map(|t| t.trim() == "RoCE v2")
+                    .unwrap_or(false);
+                if found.is_none_or(|(_, had_v2)| v2 && !had_v2) {
+                    found = Some((index, v2));
+                }
+            }
+        }
+        if let Some((index, _)) = found {
+            return Some(index);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Device moves are serialized on a node: the kernel reassigns a device's
+/// clients on each move, and DEL's "wait for it to come back" must not
+/// see another pod's device come and go.
+static MOVES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Moves `device` (seen from the calling thread's netns, the host's) into
+/// `pod`.
+pub fn isolate(device: &RdmaDevice, pod: &crate::netns::PodNetns) -> Result<(), RdmaError> {
+    let _serial = MOVES.lock().unwrap_or_else(|e| e.into_inner());
+    use std::os::fd::AsRawFd;
+    RdmaNetlink::open()?.move_device(device, pod.fd().as_raw_fd())
+}
+
+/// Moves every RDMA device in `pod` whose port's netdev is `ifname` back to
+/// the calling thread's netns (the host's), from a socket opened inside the
+/// pod (the kernel looks the device up in the sender's netns), then waits
+/// for each to be listed in the host again. Returns the devices moved.
+pub fn give_back(pod: &crate::netns::PodNetns, ifname: &str) -> Result<Vec<String>, String> {
+    let _serial = MOVES.lock().unwrap_or_else(|e| e.into_inner());
+    let host = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| format!("opening the host netns: {e}"))?;
+    let ifname = ifname.to_owned();
+    let moved = pod
+        .run(move || -> Result<Vec<String>, String> {
+            use std::os::fd::AsRawFd;
+            let mut nl = RdmaNetlink::open().map_err(|e| e.to_string())?;
+            let mut moved = Vec::new();
+            for dev in nl.devices().map_err(|e| e.to_string())? {
+                let ports = nl.ports(&dev).map_err(|e| e.to_string())?;
+                if ports
+                    .iter()
+                    .any(|p| p.netdev.as_deref() == Some(ifname.as_str()))
+                {
+                    nl.move_device(&dev, host.as_raw_fd())
+                        .map_err(|e| e.to_string())?;
+                    moved.push(dev.name);
+                }
+            }
+            Ok(moved)
+        })
+        .map_err(|e| e.to_string())??;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut nl = RdmaNetlink::open().map_err(|e| e.to_string())?;
+    loop {
+        let here = nl.devices().map_err(|e| e.to_string())?;
+        let missing: Vec<&String> = moved
+            .iter()
+            .filter(|m| !here.iter().any(|d| &d.name == *m))
+            .collect();
+        if missing.is_empty() {
+            return Ok(moved);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "RDMA devices {missing:?} did not reappear in the host within 10 s"
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

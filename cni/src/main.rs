@@ -121,9 +121,12 @@ fn run(
                 Response::Ok {
                     result: Some(result),
                     ..
-                } => Ok(Some(
-                    result.to_cni(&conf.cni_version, &netns_path).to_string(),
-                )),
+                } => {
+                    write_device_info(stdin, &result);
+                    Ok(Some(
+                        result.to_cni(&conf.cni_version, &netns_path).to_string(),
+                    ))
+                }
                 Response::Ok { result: None, .. } => Err(ApiError::new(
                     code::DECODE,
                     "the agent answered ADD without a result",
@@ -351,5 +354,32 @@ fn doctor(args: &[String]) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// With the `CNIDeviceInfoFile` capability, Multus passes a path in
+/// `runtimeConfig` and copies what the plugin writes there into the pod's
+/// `network-status` annotation: the workload learns each rail's RDMA
+/// device (NCCL_IB_HCA) from it. Best effort, as Multus treats it: the
+/// interface works without it, so a failure is reported on stderr only.
+fn write_device_info(stdin: &[u8], result: &railnet_agent::api::AddResult) {
+    let Some(rdma) = &result.rdma else { return };
+    let Ok(conf) = serde_json::from_slice::<serde_json::Value>(stdin) else {
+        return;
+    };
+    let Some(path) = conf["runtimeConfig"]["CNIDeviceInfoFile"].as_str() else {
+        return;
+    };
+    let path = Path::new(path);
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(path, rdma.device_info().to_string()));
+    if let Err(e) = written {
+        let _ = writeln!(
+            std::io::stderr(),
+            "railnet: could not write device info to {}: {e}",
+            path.display()
+        );
     }
 }

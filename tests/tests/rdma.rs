@@ -9,7 +9,7 @@
 use std::process::Command;
 
 use railnet_agent::rdma::{NetnsMode, RdmaNetlink, Request};
-use railnet_tests::Netns;
+use railnet_tests::{Agent, Netns, RailFabric, cni};
 use serde_json::Value;
 
 const NEEDS_RDMA: &str = "needs a kernel with RDMA: cargo xtask test runs it under qemu";
@@ -384,4 +384,217 @@ fn exclusive_mode_change_while_pods_exist_says_how() {
         "{out}"
     );
     let _ = ok;
+}
+
+/// `ipam_allocations` from the agent's /metrics.
+fn allocations(agent: &Agent, node: &Netns) -> u64 {
+    agent
+        .scrape(node, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix("railnet_ipam_allocations "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("railnet_ipam_allocations in /metrics")
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_add_uses_the_masters_device_and_refuses_a_master_without_one() {
+    let fabric = RailFabric::new(1, 2);
+    let node = &fabric.nodes[0];
+    // Rail 1's NIC has a (soft) RoCE device; rail 2's has none.
+    sh(Command::new("ip").args([
+        "netns",
+        "exec",
+        node.name(),
+        "rdma",
+        "link",
+        "add",
+        "rxeadd1",
+        "type",
+        "rxe",
+        "netdev",
+        "eth1",
+    ]));
+    let _rxe = Rxe {
+        name: "rxeadd1".into(),
+    };
+    let agent = Agent::start(node, &fabric.pools(0));
+    let pod = fabric.pod(0);
+    // Multus, for a network with the CNIDeviceInfoFile capability, names
+    // a file the plugin fills and copies it into network-status.
+    let devinfo = std::env::temp_dir().join(format!("railnet-devinfo-{}", std::process::id()));
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["runtimeConfig"] = serde_json::json!({
+        "CNIDeviceInfoFile": devinfo.join("rail1-net1.json"),
+    });
+    let ok = cni("ADD", &conf, "rdma-shared", Some(&pod.ns.path()), "net1");
+    assert!(ok.ok, "{}", ok.stdout);
+    let info: Value = serde_json::from_str(
+        &std::fs::read_to_string(devinfo.join("rail1-net1.json")).expect("device-info file"),
+    )
+    .unwrap();
+    assert_eq!(info["type"], "pci");
+    assert_eq!(info["version"], "1.1.0");
+    assert_eq!(info["pci"]["rdma-device"], "rxeadd1");
+    let _ = std::fs::remove_dir_all(&devinfo);
+    let log = agent.log();
+    assert!(
+        log.contains("pod shares the master's RDMA device") && log.contains("rxeadd1"),
+        "{log}"
+    );
+    // The GID the kernel made from the pod's address, as NCCL needs it.
+    let addr = ok.json["ips"][0]["address"].as_str().unwrap();
+    let addr: std::net::Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("pod shares the master's RDMA device"))
+        .unwrap();
+    let index: u32 = line
+        .split("gid_index=Some(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no GID index in {line}"));
+    let gid = std::fs::read_to_string(format!(
+        "/sys/class/infiniband/rxeadd1/ports/1/gids/{index}"
+    ))
+    .unwrap();
+    assert_eq!(
+        gid.trim().parse::<std::net::Ipv6Addr>().unwrap(),
+        addr.to_ipv6_mapped(),
+        "GID {index} is not the pod's address"
+    );
+    let before = allocations(&agent, node);
+    let no = cni(
+        "ADD",
+        &fabric.netconf(2, &agent, "ebpf"),
+        "rdma-shared",
+        Some(&pod.ns.path()),
+        "net2",
+    );
+    assert!(!no.ok, "{}", no.stdout);
+    assert_eq!(no.json["code"], 7, "{}", no.stdout);
+    let msg = no.json["msg"].as_str().unwrap();
+    assert!(msg.contains("master eth2 has no RDMA device"), "{msg}");
+    let details = no.json["details"].as_str().unwrap();
+    assert!(details.contains("eth1 (rxeadd1/1)"), "{details}");
+    assert!(!pod.ns.has_link("net2"), "a refused ADD left net2");
+    assert_eq!(
+        allocations(&agent, node),
+        before,
+        "a refused ADD kept an address"
+    );
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_isolation_is_refused_before_anything_is_made() {
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    let agent = Agent::start(node, &fabric.pools(0));
+    let pod = fabric.pod(0);
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["mode"] = "chained".into();
+    conf["rdmaIsolation"] = true.into();
+    conf["deviceID"] = "0000:3b:00.2".into();
+    pod.ns.ip(&["link", "add", "net1", "type", "dummy"]);
+    let out = cni("ADD", &conf, "rdma-iso", Some(&pod.ns.path()), "net1");
+    assert!(!out.ok, "{}", out.stdout);
+    let msg = out.json["msg"].as_str().unwrap();
+    assert!(msg.contains("RDMA netns mode is shared"), "{msg}");
+    let details = out.json["details"].as_str().unwrap();
+    assert!(
+        details.contains("options ib_core netns_mode=0"),
+        "{details}"
+    );
+    assert!(
+        pod.ns
+            .ip(&["-4", "addr", "show", "net1"])
+            .lines()
+            .all(|l| !l.contains("inet ")),
+        "the refused interface got an address"
+    );
+    assert_eq!(allocations(&agent, node), 0);
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn exclusive_isolation_of_a_vf_without_an_rdma_device_is_refused_cleanly() {
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    let agent = Agent::start(node, &fabric.pools(0));
+    let pod = fabric.pod(0);
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["mode"] = "chained".into();
+    conf["rdmaIsolation"] = true.into();
+    conf["deviceID"] = "0000:3b:00.2".into();
+    pod.ns.ip(&["link", "add", "net1", "type", "dummy"]);
+    let out = cni("ADD", &conf, "rdma-xiso", Some(&pod.ns.path()), "net1");
+    assert!(!out.ok, "{}", out.stdout);
+    let msg = out.json["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("no RDMA device for PCI address 0000:3b:00.2"),
+        "{msg}"
+    );
+    assert_eq!(allocations(&agent, node), 0);
+}
+
+/// `railnet_rdma_port_hw_counter_total` of one device and counter.
+fn hw_counter(agent: &Agent, node: &Netns, device: &str, counter: &str) -> u64 {
+    let text = agent.scrape(node, "/metrics");
+    text.lines()
+        .filter(|l| l.starts_with("railnet_rdma_port_hw_counter_total{"))
+        .find(|l| {
+            l.contains(&format!("device=\"{device}\""))
+                && l.contains(&format!("counter=\"{counter}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {counter} of {device} in:\n{text}"))
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_metrics_count_real_rdma_traffic() {
+    // Linux 6.1's rxe sends and receives through a UDP socket of the
+    // initial netns only, so real RDMA traffic here runs there: this is
+    // the qemu guest of this test run, whose root netns is the test's own.
+    let _ = Command::new("ip").args(["link", "del", "rdmet0"]).output();
+    sh(Command::new("ip").args(["link", "add", "rdmet0", "type", "dummy"]));
+    sh(Command::new("ip").args(["addr", "add", "10.79.0.1/24", "dev", "rdmet0"]));
+    sh(Command::new("ip").args(["link", "set", "rdmet0", "up"]));
+    sh(Command::new("rdma").args(["link", "add", "rxemet", "type", "rxe", "netdev", "rdmet0"]));
+    let _rxe = Rxe {
+        name: "rxemet".into(),
+    };
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    let agent = Agent::start(node, &fabric.pools(0));
+    let before = hw_counter(&agent, node, "rxemet", "sent_pkts");
+
+    let mut server = Command::new("rping")
+        .args(["-s", "-a", "10.79.0.1", "-C", "5"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("rping server");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let client = Command::new("timeout")
+        .args(["60", "rping", "-c", "-a", "10.79.0.1", "-C", "5", "-v"])
+        .output()
+        .expect("rping client");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        client.status.success(),
+        "rping failed: {}{}",
+        String::from_utf8_lossy(&client.stdout),
+        String::from_utf8_lossy(&client.stderr)
+    );
+    let after = hw_counter(&agent, node, "rxemet", "sent_pkts");
+    assert!(
+        after >= before + 10,
+        "5 rping rounds sent {} packets by the agent's count ({before} -> {after})",
+        after - before
+    );
+    let _ = Command::new("ip").args(["link", "del", "rdmet0"]).output();
 }
