@@ -15,3 +15,4 @@ pub mod rail;
 pub mod rdma;
 pub mod rtnl;
 pub mod server;
+pub mod sriov;

@@ -56,6 +56,10 @@ struct Args {
     /// whose netns is gone without a DEL.
     #[arg(long, env = "RAILNET_SWEEP_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     sweep_interval: u64,
+    /// Where sysfs is: PCI addresses (deviceID) are looked up under
+    /// `<root>/bus/pci/devices/` (tests point it at a tree of their own).
+    #[arg(long, env = "RAILNET_SYSFS_ROOT", default_value = "/sys")]
+    sysfs_root: PathBuf,
 }
 
 /// Exit codes a supervisor can act on.
@@ -140,6 +144,14 @@ fn main() -> ExitCode {
         ipam,
         pin_root: args.pin_root.clone(),
         node_name,
+        sysfs_root: args.sysfs_root.clone(),
+        // Beside the allocations: what each VF looked like before a pod
+        // took it, so DEL can restore it after any restart.
+        vf_records: args
+            .state
+            .parent()
+            .unwrap_or(std::path::Path::new("/var/lib/railnet"))
+            .join("vfs"),
     });
     let finished = service.finish_tombstones(&args.tombstones);
     if finished > 0 {

@@ -32,9 +32,10 @@ pub struct NetConf {
     /// chained mode).
     #[serde(default)]
     pub master: String,
-    /// How the interface is made: `macvlan`, or `chained` (an earlier
-    /// plugin in the chain made it, e.g. sriov-cni; railnet adds the
-    /// address, routes and program).
+    /// How the interface is made: `macvlan`, `ipvlan`, `sriov` (the VF of
+    /// `deviceID` moved in), or `chained` (an earlier plugin in the chain
+    /// made it, e.g. sriov-cni; railnet adds the address, routes and
+    /// program).
     #[serde(default = "default_mode")]
     pub mode: String,
     /// MTU of the pod interface; the master's when absent.
@@ -62,6 +63,53 @@ pub struct NetConf {
     /// into the delegate's config (as `deviceID`, some plugins `pciBusID`).
     #[serde(default, rename = "deviceID", alias = "pciBusID")]
     pub device_id: Option<String>,
+    /// What the runtime passes per pod for the capabilities the network
+    /// declares (Multus: `mac`, `deviceID`, ...).
+    #[serde(default)]
+    pub runtime_config: RuntimeConfig,
+    /// sriov-cni's VF attributes, set through the PF. Not built yet: a
+    /// config that sets one is refused, naming it, rather than ignored.
+    #[serde(default)]
+    pub vlan: Option<serde_json::Value>,
+    /// See `vlan`.
+    #[serde(default, rename = "vlanQoS")]
+    pub vlan_qos: Option<serde_json::Value>,
+    /// See `vlan`.
+    #[serde(default)]
+    pub trust: Option<serde_json::Value>,
+    /// See `vlan`.
+    #[serde(default)]
+    pub spoofchk: Option<serde_json::Value>,
+    /// See `vlan`.
+    #[serde(default)]
+    pub link_state: Option<serde_json::Value>,
+}
+
+/// `runtimeConfig`: per-pod values from the runtime.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct RuntimeConfig {
+    /// The MAC the pod asked for (the `mac` capability; Multus takes it from
+    /// the pod's networks annotation).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The device plugin's VF (some runtimes pass it here instead of the
+    /// top level).
+    #[serde(default, rename = "deviceID")]
+    pub device_id: Option<String>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
 }
 
 /// How a rail's traffic is kept on its rail (DESIGN.md, "Rail routing").
@@ -105,7 +153,7 @@ pub enum NetConfError {
     #[error("rail {0} is out of range; rails are numbered 1 to {MAX_RAIL}")]
     Rail(u32),
     /// A mode that is not built yet.
-    #[error("mode {0:?} is not supported; use \"macvlan\", \"ipvlan\" or \"chained\"")]
+    #[error("mode {0:?} is not supported; use \"macvlan\", \"ipvlan\", \"sriov\" or \"chained\"")]
     Mode(String),
     /// Missing master.
     #[error("\"master\" is empty; name the node's rail NIC, e.g. \"eno3np1\"")]
@@ -125,6 +173,26 @@ pub enum NetConfError {
          NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the VF's device plugin"
     )]
     IsolationNeedsDevice,
+    /// `sriov` without the VF's PCI address.
+    #[error(
+        "mode \"sriov\" needs the VF's PCI address in \"deviceID\"; Multus adds it when the \
+         NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the SR-IOV device plugin"
+    )]
+    SriovNeedsDevice,
+    /// A VF attribute railnet does not set yet.
+    #[error(
+        "\"{0}\" (a VF attribute set through the PF) is not supported by railnet's sriov mode yet; \
+         set it with sriov-cni and chain railnet after it (\"mode\": \"chained\"), or remove it"
+    )]
+    VfAttribute(&'static str),
+    /// `runtimeConfig.mac` is not a unicast MAC.
+    #[error("runtimeConfig.mac {0:?} is not a unicast MAC address; write it as 02:00:00:00:00:01")]
+    Mac(String),
+    /// A MAC asked of an ipvlan, which has its master's.
+    #[error(
+        "runtimeConfig.mac: an ipvlan interface has its master's MAC; use mode \"macvlan\" or drop the mac request"
+    )]
+    MacOnIpvlan,
     /// MTU outside what Ethernet allows.
     #[error("mtu {0} is out of range 1280..=9216 (rails carry IPv6, whose minimum is 1280)")]
     Mtu(u32),
@@ -136,10 +204,18 @@ impl NetConf {
         self.mode == "chained"
     }
 
+    /// Whether the interface is a VF railnet moves in.
+    pub fn sriov(&self) -> bool {
+        self.mode == "sriov"
+    }
+
     /// Parses and validates a config from CNI stdin bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, NetConfError> {
-        let conf: NetConf =
+        let mut conf: NetConf =
             serde_json::from_slice(bytes).map_err(|e| NetConfError::Decode(e.to_string()))?;
+        if conf.device_id.is_none() {
+            conf.device_id = conf.runtime_config.device_id.clone();
+        }
         conf.validate()?;
         Ok(conf)
     }
@@ -151,11 +227,27 @@ impl NetConf {
         if !(1..=MAX_RAIL).contains(&self.rail) {
             return Err(NetConfError::Rail(self.rail));
         }
-        if !["macvlan", "ipvlan", "chained"].contains(&self.mode.as_str()) {
+        if !["macvlan", "ipvlan", "sriov", "chained"].contains(&self.mode.as_str()) {
             return Err(NetConfError::Mode(self.mode.clone()));
         }
-        if !self.chained() && self.master.is_empty() {
+        if !self.chained() && !self.sriov() && self.master.is_empty() {
             return Err(NetConfError::Master);
+        }
+        if self.sriov() {
+            if self.device_id.as_deref().unwrap_or("").is_empty() {
+                return Err(NetConfError::SriovNeedsDevice);
+            }
+            for (name, set) in [
+                ("vlan", &self.vlan),
+                ("vlanQoS", &self.vlan_qos),
+                ("trust", &self.trust),
+                ("spoofchk", &self.spoofchk),
+                ("linkState", &self.link_state),
+            ] {
+                if set.is_some() {
+                    return Err(NetConfError::VfAttribute(name));
+                }
+            }
         }
         if self.ippools.ipv4.is_empty() && self.ippools.ipv6.is_empty() {
             return Err(NetConfError::NoPool);
@@ -165,8 +257,16 @@ impl NetConf {
         {
             return Err(NetConfError::Mtu(mtu));
         }
+        if let Some(mac) = &self.runtime_config.mac {
+            if parse_mac(mac).is_none() {
+                return Err(NetConfError::Mac(mac.clone()));
+            }
+            if self.mode == "ipvlan" {
+                return Err(NetConfError::MacOnIpvlan);
+            }
+        }
         if self.rdma_isolation {
-            if !self.chained() {
+            if !self.chained() && !self.sriov() {
                 return Err(NetConfError::IsolationNeedsVf(self.mode.clone()));
             }
             if self.device_id.as_deref().unwrap_or("").is_empty() {
@@ -225,6 +325,53 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.device_id.as_deref(), Some("0000:3b:00.2"));
+    }
+
+    #[test]
+    fn runtime_config_mac_and_device_id() {
+        let c = NetConf::parse(&conf(
+            r#","runtimeConfig":{"mac":"02:aa:bb:cc:dd:ee","deviceID":"0000:3b:00.3"}"#,
+        ))
+        .unwrap();
+        assert_eq!(c.runtime_config.mac.as_deref(), Some("02:aa:bb:cc:dd:ee"));
+        assert_eq!(c.device_id.as_deref(), Some("0000:3b:00.3"));
+        for bad in [
+            "03:00:00:00:00:01",
+            "02:00:00:00:00",
+            "zz:00:00:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            assert_eq!(
+                NetConf::parse(&conf(&format!(r#","runtimeConfig":{{"mac":"{bad}"}}"#)))
+                    .unwrap_err(),
+                NetConfError::Mac(bad.into()),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            NetConf::parse(&conf(
+                r#","mode":"ipvlan","runtimeConfig":{"mac":"02:aa:bb:cc:dd:ee"}"#
+            ))
+            .unwrap_err(),
+            NetConfError::MacOnIpvlan
+        );
+    }
+
+    #[test]
+    fn sriov_needs_its_vf_and_refuses_pf_attributes() {
+        assert_eq!(
+            NetConf::parse(&conf(r#","mode":"sriov""#)).unwrap_err(),
+            NetConfError::SriovNeedsDevice
+        );
+        let c = NetConf::parse(&conf(r#","mode":"sriov","deviceID":"0000:3b:00.2""#)).unwrap();
+        assert!(c.sriov());
+        assert_eq!(
+            NetConf::parse(&conf(
+                r#","mode":"sriov","deviceID":"0000:3b:00.2","vlan":100"#
+            ))
+            .unwrap_err(),
+            NetConfError::VfAttribute("vlan")
+        );
     }
 
     #[test]

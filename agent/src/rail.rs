@@ -7,7 +7,7 @@
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -33,6 +33,7 @@ use crate::{
     netns::{NetnsId, PodNetns},
     rdma::{self, NetnsMode, RdmaDevice, RdmaError, RdmaNetlink, RdmaPort},
     rtnl::{self, describe, errno, with_rtnl},
+    sriov,
 };
 
 /// Metric of rail K's routes is `ROUTE_METRIC_BASE + K`, so the lowest rail
@@ -56,6 +57,10 @@ pub struct RailService {
     pub pin_root: PathBuf,
     /// This node's name (pool node affinity).
     pub node_name: String,
+    /// sysfs, for PCI address lookups (`/sys`).
+    pub sysfs_root: PathBuf,
+    /// Records of VFs given to pods (mode sriov), to restore them on DEL.
+    pub vf_records: PathBuf,
 }
 
 fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
@@ -109,7 +114,7 @@ fn pci_address_of_netdev(netdev: &str) -> Option<String> {
 }
 
 /// Looks at the node's RDMA devices from the agent's netns (the host's).
-fn rdma_plan(conf: &NetConf) -> Result<RdmaPlan, ApiError> {
+fn rdma_plan(conf: &NetConf, sysfs: &Path) -> Result<RdmaPlan, ApiError> {
     let dp = |msg: &str, e: RdmaError| ApiError::new(code::DATAPLANE, msg, e.to_string());
     let mut nl = match RdmaNetlink::open() {
         Ok(nl) => nl,
@@ -138,7 +143,7 @@ fn rdma_plan(conf: &NetConf) -> Result<RdmaPlan, ApiError> {
             ));
         }
         let bdf = conf.device_id.clone().unwrap_or_default();
-        let Some(name) = rdma::devices_of_pci(&bdf).into_iter().next() else {
+        let Some(name) = rdma::devices_of_pci(sysfs, &bdf).into_iter().next() else {
             return Err(invalid(
                 format!("no RDMA device for PCI address {bdf} (deviceID)"),
                 format!(
@@ -152,8 +157,10 @@ fn rdma_plan(conf: &NetConf) -> Result<RdmaPlan, ApiError> {
             .map_err(|e| dp("looking up the VF's RDMA device", e))?;
         return Ok(RdmaPlan::Isolate(dev));
     }
-    if conf.chained() {
-        // The earlier plugin's interface; its device is its business.
+    if conf.chained() || conf.sriov() {
+        // The earlier plugin's interface, or a VF whose RDMA device (if
+        // any) stays in the host in shared mode: nothing to check against
+        // a master.
         return Ok(RdmaPlan::None);
     }
     let links = nl.links().map_err(|e| dp("listing RDMA devices", e))?;
@@ -213,7 +220,7 @@ impl RailService {
         }
         // RDMA first: a node in the wrong mode or a master without an RDMA
         // device is refused before anything is made.
-        let rdma = rdma_plan(&conf)?;
+        let rdma = rdma_plan(&conf, &self.sysfs_root)?;
         let addrs = match self.allocate(
             &att.container_id,
             &att.ifname,
@@ -295,6 +302,153 @@ impl RailService {
                 Err(e)
             }
         }
+    }
+
+    /// Mode sriov, node side: records what the VF netdev of `deviceID`
+    /// looks like, then moves it into the pod under the pod's interface
+    /// name (with the MTU and MAC asked for) in one request. Returns its MTU.
+    fn take_vf(
+        &self,
+        att: &Attachment,
+        conf: &NetConf,
+        netns: &PodNetns,
+        mac: Option<[u8; 6]>,
+    ) -> Result<u32, ApiError> {
+        let bdf = conf.device_id.clone().unwrap_or_default();
+        let vf = sriov::vf_netdev(&self.sysfs_root, &bdf)
+            .map_err(|e| invalid(format!("VF {bdf} (deviceID) cannot be used"), e))?;
+        let records = self.vf_records.clone();
+        let cid = att.container_id.clone();
+        let ifname = att.ifname.clone();
+        let want_mtu = conf.mtu;
+        let netns_fd = std::os::fd::AsRawFd::as_raw_fd(netns.fd());
+        with_rtnl(|h| async move {
+            let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+            let Some(link) = rtnl::link_by_name(&h, &vf)
+                .await
+                .map_err(|e| dp(format!("looking up VF netdev {vf}"), describe(&e)))?
+            else {
+                return Err(invalid(
+                    format!("VF netdev {vf} of {bdf} is not in the agent's netns"),
+                    "another pod may hold it: the device plugin should not hand out one VF twice",
+                ));
+            };
+            let record = sriov::VfRecord {
+                pci_address: bdf.clone(),
+                name: vf.clone(),
+                mac: link.mac.clone(),
+                mtu: link.mtu,
+            };
+            sriov::save(&records, &cid, &ifname, &record)
+                .map_err(|e| dp(format!("recording VF {vf} before moving it"), e.to_string()))?;
+            let mut msg = LinkUnspec::new_with_index(link.index)
+                .down()
+                .setns_by_fd(netns_fd)
+                .name(ifname.clone());
+            if let Some(m) = want_mtu {
+                msg = msg.mtu(m);
+            }
+            if let Some(m) = mac {
+                msg = msg.address(m.to_vec());
+            }
+            if let Err(e) = h.link().set(msg.build()).execute().await {
+                sriov::forget(&records, &cid, &ifname);
+                return Err(match errno(&e) {
+                    Some(libc::EEXIST) => ApiError::new(
+                        code::DATAPLANE,
+                        format!("interface {ifname} already exists in the pod netns"),
+                        "pick another CNI_IFNAME for this network",
+                    ),
+                    _ => dp(
+                        format!("moving VF {vf} into the pod as {ifname}"),
+                        describe(&e),
+                    ),
+                });
+            }
+            Ok(want_mtu.unwrap_or(link.mtu))
+        })
+        .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
+    }
+
+    /// Mode sriov, DEL: moves the pod's VF back to the agent's netns under
+    /// its old name (from inside the pod, where the kernel finds it) and
+    /// restores its MTU and MAC. Without a netns the kernel has returned
+    /// the VF already (possibly renamed): it is found by PCI address.
+    fn give_vf_back(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        netns: Option<&PodNetns>,
+    ) -> Result<(), String> {
+        let Some(record) = sriov::load(&self.vf_records, container_id, ifname) else {
+            return Ok(()); // never taken, or already returned
+        };
+        if let Some(ns) = netns {
+            let host = std::fs::File::open("/proc/thread-self/ns/net")
+                .map_err(|e| format!("opening the agent's netns: {e}"))?;
+            let ifname = ifname.to_owned();
+            let name = record.name.clone();
+            ns.run(move || {
+                with_rtnl(|h| async move {
+                    let host_fd = std::os::fd::AsRawFd::as_raw_fd(&host);
+                    match rtnl::link_by_name(&h, &ifname).await {
+                        Ok(Some(link)) => h
+                            .link()
+                            .set(
+                                LinkUnspec::new_with_index(link.index)
+                                    .down()
+                                    .setns_by_fd(host_fd)
+                                    .name(name.clone())
+                                    .build(),
+                            )
+                            .execute()
+                            .await
+                            .map_err(|e| {
+                                format!(
+                                    "moving {ifname} back to the host as {name}: {}",
+                                    describe(&e)
+                                )
+                            }),
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(format!("looking up {ifname}: {}", describe(&e))),
+                    }
+                })
+                .map_err(|e| e.to_string())?
+            })
+            .map_err(|e| e.to_string())??;
+        }
+        let current = sriov::vf_netdev(&self.sysfs_root, &record.pci_address).ok();
+        let rec = record.clone();
+        with_rtnl(|h| async move {
+            let link = match rtnl::link_by_name(&h, &rec.name).await {
+                Ok(Some(l)) => Some(l),
+                _ => match &current {
+                    Some(now) => rtnl::link_by_name(&h, now).await.ok().flatten(),
+                    None => None,
+                },
+            };
+            let Some(link) = link else {
+                return Err(format!(
+                    "VF {} ({}) is not back in the host",
+                    rec.name, rec.pci_address
+                ));
+            };
+            let mut msg = LinkUnspec::new_with_index(link.index)
+                .down()
+                .name(rec.name.clone())
+                .mtu(rec.mtu);
+            if let Some(mac) = sriov::mac_bytes(&rec.mac) {
+                msg = msg.address(mac.to_vec());
+            }
+            h.link()
+                .set(msg.build())
+                .execute()
+                .await
+                .map_err(|e| format!("restoring VF {}: {}", rec.name, describe(&e)))
+        })
+        .map_err(|e| e.to_string())??;
+        sriov::forget(&self.vf_records, container_id, ifname);
+        Ok(())
     }
 
     /// IPAM only: addresses for an interface another plugin makes.
@@ -574,10 +728,18 @@ impl RailService {
         let chained = conf.chained();
         let ipvlan = conf.mode == "ipvlan";
         let kind = conf.mode.clone();
+        let mac = conf
+            .runtime_config
+            .mac
+            .as_deref()
+            .and_then(crate::netconf::parse_mac);
         // Chained: the interface is there already, made by an earlier
         // plugin; its MTU is whatever that plugin set (0: read it in the pod).
+        let sriov = conf.sriov();
         let mtu = if chained {
             0
+        } else if sriov {
+            self.take_vf(att, conf, netns, mac)?
         } else {
             with_rtnl(|h| async move {
                 let Some(m) = rtnl::link_by_name(&h, &master)
@@ -613,10 +775,14 @@ impl RailService {
                         .setns_by_fd(netns_fd)
                         .build()
                 } else {
-                    LinkMacVlan::new(&ifname, m.index, MacVlanMode::Bridge)
+                    let builder = LinkMacVlan::new(&ifname, m.index, MacVlanMode::Bridge)
                         .mtu(mtu)
-                        .setns_by_fd(netns_fd)
-                        .build()
+                        .setns_by_fd(netns_fd);
+                    // The pod's own MAC (runtimeConfig.mac), checked at parse.
+                    match mac {
+                        Some(mac) => builder.address(mac.to_vec()).build(),
+                        None => builder.build(),
+                    }
                 };
                 h.link()
                     .add(msg)
@@ -665,13 +831,19 @@ impl RailService {
                 let _ = netns.run(move || {
                     let _ = pins.detach(&ifname, None);
                     let _ = with_rtnl(|h| async move {
-                        if chained {
+                        if chained || sriov {
                             strip_rail(&h, &ifname, &ours).await
                         } else {
                             remove_rail(&h, &ifname).await
                         }
                     });
                 });
+                if sriov
+                    && let Err(back) =
+                        self.give_vf_back(&att.container_id, &att.ifname, Some(netns))
+                {
+                    tracing::warn!(error = %back, "could not return the VF after a failed ADD");
+                }
                 Err(e)
             }
         }
@@ -691,7 +863,10 @@ impl RailService {
         let mut errors = Vec::new();
         // DEL gets the same config as ADD; a chained rail's interface belongs
         // to the earlier plugin, which removes it after us.
-        let chained = att.netconf.get("mode").and_then(|m| m.as_str()) == Some("chained");
+        let mode = att.netconf.get("mode").and_then(|m| m.as_str());
+        // A VF is not ours to delete: it is stripped and goes home.
+        let chained = mode == Some("chained") || mode == Some("sriov");
+        let sriov = mode == Some("sriov");
         let isolated = att.netconf.get("rdmaIsolation").and_then(|m| m.as_bool()) == Some(true);
         let ours = self.ipam.addresses_of(&att.container_id, &att.ifname);
         // An isolated RDMA device goes home before the interface is
@@ -740,6 +915,9 @@ impl RailService {
             // The netns is gone: its interfaces went with it; only pins are
             // left to remove.
             None => errors.extend(pins.detach(&att.ifname, None)),
+        }
+        if sriov && let Err(e) = self.give_vf_back(&att.container_id, &att.ifname, netns) {
+            errors.push(e);
         }
         if let Err(e) = self.ipam.release(&att.container_id, &att.ifname) {
             errors.push(e.to_string());

@@ -578,10 +578,10 @@ fn parse_attributes(buf: &[u8]) -> Result<Vec<Attr>, String> {
     Ok(out)
 }
 
-/// The RDMA devices of a PCI function (`/sys/bus/pci/devices/<bdf>/infiniband/`).
-pub fn devices_of_pci(bdf: &str) -> Vec<String> {
+/// The RDMA devices of a PCI function (`<sysfs>/bus/pci/devices/<bdf>/infiniband/`).
+pub fn devices_of_pci(sysfs: &std::path::Path, bdf: &str) -> Vec<String> {
     let mut names: Vec<String> =
-        std::fs::read_dir(format!("/sys/bus/pci/devices/{bdf}/infiniband"))
+        std::fs::read_dir(sysfs.join("bus/pci/devices").join(bdf).join("infiniband"))
             .map(|d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -337,6 +337,17 @@ impl Agent {
         }
     }
 
+    /// `railnet_ipam_allocations` from the agent's /metrics: addresses held
+    /// on the node.
+    #[track_caller]
+    pub fn allocations(&self, node: &Netns) -> u64 {
+        self.scrape(node, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("railnet_ipam_allocations "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("railnet_ipam_allocations in /metrics")
+    }
+
     /// What the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

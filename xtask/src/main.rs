@@ -74,10 +74,12 @@ fn main() -> Result<()> {
         Task::Bench { which } => {
             setup::ensure()?;
             build(&root, true)?;
+            let libcni = libcni_client(&root)?;
             step(&format!("benchmark {which}"));
             let bin = root.join("target/release");
             run(Command::new(bin.join("railnet-bench"))
                 .arg(&which)
+                .env("RAILNET_LIBCNI_BIN", libcni)
                 .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
                 .env("RAILNET_CNI_BIN", bin.join("railnet")))
         }
@@ -284,10 +286,12 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     check_stub_agent(root)?;
     let obj = build(root, false)?;
     lint(root, &obj)?;
+    let libcni = libcni_client(root)?;
     step("unit and privileged integration tests (real netns, macvlan, TCX, bpffs)");
     let bin = root.join("target/debug");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)
+        .env("RAILNET_LIBCNI_BIN", &libcni)
         .env("RAILNET_BPF_OBJECT", &obj)
         .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
         .env("RAILNET_CNI_BIN", bin.join("railnet"))
@@ -494,6 +498,22 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
         bail!("dataplane tests on Linux 6.1 failed ({status}); output above");
     }
     Ok(())
+}
+
+/// Builds tests/libcni (a runtime-like client on Debian's libcni) in
+/// GOPATH mode against /usr/share/gocode, where Debian puts Go sources.
+fn libcni_client(root: &Path) -> Result<PathBuf> {
+    step("libcni test client (Go, Debian's libcni)");
+    let out = root.join("target/railnet-libcni");
+    run(Command::new("go")
+        .current_dir(root)
+        .env("GOPATH", "/usr/share/gocode")
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg("tests/libcni/railnet-libcni.go"))?;
+    Ok(out)
 }
 
 /// The RDMA tests, in Debian's Linux 6.1 under qemu (this machine's kernel

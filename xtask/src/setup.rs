@@ -39,6 +39,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "containernetworking-plugins",
         "the reference CNI plugins (macvlan, tuning, sbr) as real clients",
     ),
+    ("golang-go", "builds the libcni test client"),
+    (
+        "golang-github-appc-cni-dev",
+        "libcni, the CNI library runtimes and Multus use, for the test client",
+    ),
 ];
 
 /// Where setup puts helm (v3, from the PyPI wheel

@@ -527,106 +527,129 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Times one plugin invocation in milliseconds; panics with its output on
-/// failure.
-fn timed(
-    program: &std::path::Path,
-    cmd: &str,
-    conf: &serde_json::Value,
-    cid: &str,
-    ns: &std::path::Path,
-    ifname: &str,
-    cni_path: &str,
-) -> (f64, serde_json::Value) {
+/// Runs the plugins of one network the way a runtime does, through Debian's
+/// libcni (tests/libcni), and times the whole call in milliseconds; panics
+/// with libcni's error on failure. `conf` is a config file (one plugin or a
+/// conflist); the call runs in the calling thread's netns.
+fn timed(op: &str, conf: &std::path::Path, cid: &str, ns: &std::path::Path, ifname: &str) -> f64 {
+    let libcni = std::env::var_os("RAILNET_LIBCNI_BIN").expect("RAILNET_LIBCNI_BIN");
+    let railnet = railnet_tests::binary("RAILNET_CNI_BIN", "railnet");
+    let cni_path = format!("{}:/usr/lib/cni", railnet.parent().unwrap().display());
+    let cache = std::env::temp_dir().join(format!("railnet-bench-cache-{}", std::process::id()));
     let t = Instant::now();
-    let out = railnet_tests::plugin(program, cmd, conf, cid, Some(ns), ifname, cni_path);
+    let out = std::process::Command::new(libcni)
+        .env("CNI_PATH", cni_path)
+        .env("CNI_CACHE_DIR", &cache)
+        .args([
+            op,
+            conf.to_str().unwrap(),
+            cid,
+            ns.to_str().unwrap(),
+            ifname,
+        ])
+        .output()
+        .expect("railnet-libcni");
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    assert!(out.ok, "{} {cmd}: {}", program.display(), out.stdout);
-    (ms, out.json)
+    assert!(
+        out.status.success(),
+        "libcni {op} {}: {}",
+        conf.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ms
+}
+
+/// Writes a network config where libcni can read it.
+fn conf_file(dir: &std::path::Path, name: &str, conf: &serde_json::Value) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, conf.to_string()).unwrap();
+    path
+}
+
+/// 100 pods × the given per-rail configs, 8 pods in parallel, ADDs only;
+/// the calls run in `node`'s netns. Returns seconds.
+fn parallel_adds(node: &Netns, confs: &[std::path::PathBuf], tag: &str) -> f64 {
+    let pods: Vec<Netns> = (0..100).map(|_| Netns::new("bpod")).collect();
+    let paths: Vec<std::path::PathBuf> = pods.iter().map(|p| p.path()).collect();
+    let node_ns = std::fs::File::open(node.path()).unwrap();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..8 {
+            let (confs, paths, node_ns) = (confs, &paths, &node_ns);
+            s.spawn(move || {
+                nix::sched::setns(node_ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                for (i, path) in paths.iter().enumerate().filter(|(i, _)| i % 8 == w) {
+                    for (k, conf) in confs.iter().enumerate() {
+                        timed(
+                            "add",
+                            conf,
+                            &format!("{tag}{i}"),
+                            path,
+                            &format!("net{}", k + 1),
+                        );
+                    }
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
 }
 
 fn cni_bench() {
-    use railnet_tests::{ScratchDir, binary};
-    use std::path::Path;
-    let railnet = binary("RAILNET_CNI_BIN", "railnet");
-    let (macvlan, sbr) = (
-        Path::new("/usr/lib/cni/macvlan"),
-        Path::new("/usr/lib/cni/sbr"),
-    );
+    use railnet_tests::ScratchDir;
 
     // 1. One rail, ADD and DEL, railnet vs reference macvlan + host-local +
-    //    sbr (source-based rules), interleaved pod by pod.
+    //    sbr (source-based rules), interleaved pod by pod, every call
+    //    through libcni from the node's netns (where the reference macvlan
+    //    finds its master).
     let fabric = RailFabric::new(1, 1);
     let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
     let node = &fabric.nodes[0];
-    let scratch = ScratchDir::new("hostlocal");
-    let rn_conf = fabric.netconf(1, &agent, "ebpf");
-    let rules_conf = fabric.netconf(1, &agent, "rules");
-    let ref_conf = serde_json::json!({
-        "cniVersion": "1.0.0", "name": "rail1", "type": "macvlan", "master": "eth1", "mode": "bridge",
-        "ipam": {"type": "host-local", "subnet": "172.16.1.0/24", "rangeStart": "172.16.1.150",
-                 "rangeEnd": "172.16.1.250", "gateway": "172.16.1.254",
-                 "routes": [{"dst": "172.16.0.0/16", "gw": "172.16.1.254"}],
-                 "dataDir": scratch.path()},
-    });
+    let scratch = ScratchDir::new("cnibench");
+    let rn_conf = conf_file(
+        scratch.path(),
+        "railnet",
+        &fabric.netconf(1, &agent, "ebpf"),
+    );
+    let rules_conf = conf_file(scratch.path(), "rules", &fabric.netconf(1, &agent, "rules"));
+    let reference = |name: &str, k: u32, lo: u32| {
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": name,
+            "plugins": [
+                {"type": "macvlan", "master": format!("eth{k}"), "mode": "bridge",
+                 "ipam": {"type": "host-local", "subnet": format!("172.16.{k}.0/24"),
+                          "rangeStart": format!("172.16.{k}.{lo}"), "rangeEnd": format!("172.16.{k}.250"),
+                          "gateway": format!("172.16.{k}.254"),
+                          "routes": [{"dst": "172.16.0.0/16", "gw": format!("172.16.{k}.254")}],
+                          "dataDir": scratch.path().join("host-local")}},
+                {"type": "sbr"}
+            ]
+        })
+    };
+    let ref_conf = conf_file(scratch.path(), "reference", &reference("rail1", 1, 150));
     let pods = 200;
     let (mut rn_add, mut rn_del, mut ref_add, mut ref_del) = (vec![], vec![], vec![], vec![]);
     let (mut ru_add, mut ru_del) = (vec![], vec![]);
     for i in 0..pods {
         let ns = Netns::new("bpod");
-        let cid = format!("bench{i}");
-        let (a, _) = timed(
-            &railnet,
-            "ADD",
-            &rn_conf,
-            &cid,
-            &ns.path(),
-            "net1",
-            "/usr/lib/cni",
-        );
-        let (d, _) = timed(
-            &railnet,
-            "DEL",
-            &rn_conf,
-            &cid,
-            &ns.path(),
-            "net1",
-            "/usr/lib/cni",
-        );
-        rn_add.push(a);
-        rn_del.push(d);
-        let (a, _) = timed(
-            &railnet,
-            "ADD",
-            &rules_conf,
-            &cid,
-            &ns.path(),
-            "net1",
-            "/usr/lib/cni",
-        );
-        let (d, _) = timed(
-            &railnet,
-            "DEL",
-            &rules_conf,
-            &cid,
-            &ns.path(),
-            "net1",
-            "/usr/lib/cni",
-        );
-        ru_add.push(a);
-        ru_del.push(d);
-        // The reference stack runs as a chain from the node, as libcni would.
-        let (ref_conf, cid2, path) = (ref_conf.clone(), format!("ref{i}"), ns.path());
-        let (a, d) = node.run(move || {
-            let (a1, res) = timed(macvlan, "ADD", &ref_conf, &cid2, &path, "net1", "/usr/lib/cni");
-            let sbr_conf = serde_json::json!({"cniVersion": "1.0.0", "name": "rail1", "type": "sbr", "prevResult": res});
-            let (a2, _) = timed(sbr, "ADD", &sbr_conf, &cid2, &path, "net1", "/usr/lib/cni");
-            let (d1, _) = timed(sbr, "DEL", &sbr_conf, &cid2, &path, "net1", "/usr/lib/cni");
-            let (d2, _) = timed(macvlan, "DEL", &ref_conf, &cid2, &path, "net1", "/usr/lib/cni");
-            (a1 + a2, d1 + d2)
+        let (cid, cid2, path) = (format!("bench{i}"), format!("ref{i}"), ns.path());
+        let (rn, ru, rf) = (rn_conf.clone(), rules_conf.clone(), ref_conf.clone());
+        let times = node.run(move || {
+            [
+                timed("add", &rn, &cid, &path, "net1"),
+                timed("del", &rn, &cid, &path, "net1"),
+                timed("add", &ru, &cid, &path, "net1"),
+                timed("del", &ru, &cid, &path, "net1"),
+                timed("add", &rf, &cid2, &path, "net1"),
+                timed("del", &rf, &cid2, &path, "net1"),
+            ]
         });
-        ref_add.push(a);
-        ref_del.push(d);
+        rn_add.push(times[0]);
+        rn_del.push(times[1]);
+        ru_add.push(times[2]);
+        ru_del.push(times[3]);
+        ref_add.push(times[4]);
+        ref_del.push(times[5]);
     }
     let (rp50, rp99) = (percentile(&mut rn_add, 0.5), percentile(&mut rn_add, 0.99));
     let (fp50, fp99) = (
@@ -639,7 +662,7 @@ fn cni_bench() {
         percentile(&mut ru_add, 0.99),
         percentile(&mut ru_del, 0.5),
     );
-    println!("\n1. One macvlan rail per pod, {pods} pods, plugins executed as a runtime does (ms)");
+    println!("\n1. One macvlan rail per pod, {pods} pods, each call through libcni (ms)");
     println!(
         "   {:<34} {:>8} {:>8} {:>8}",
         "", "ADD p50", "ADD p99", "DEL p50"
@@ -662,7 +685,8 @@ fn cni_bench() {
     );
     drop((agent, fabric));
 
-    // 2. 100 pods × 8 rails, 8 pods in parallel.
+    // 2. 100 pods × 8 rails, 8 pods in parallel, railnet then the
+    //    reference stack.
     let fabric = RailFabric::new(1, 8);
     let pools: Vec<serde_json::Value> = (1..=8)
         .map(|k| {
@@ -671,37 +695,31 @@ fn cni_bench() {
         })
         .collect();
     let agent = Agent::start(&fabric.nodes[0], &serde_json::json!({ "pools": pools }));
-    let confs: Vec<serde_json::Value> =
-        (1..=8).map(|k| fabric.netconf(k, &agent, "ebpf")).collect();
-    let pods: Vec<Netns> = (0..100).map(|_| Netns::new("bpod")).collect();
-    let paths: Vec<std::path::PathBuf> = pods.iter().map(|p| p.path()).collect();
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for w in 0..8 {
-            let (confs, paths, railnet) = (&confs, &paths, &railnet);
-            s.spawn(move || {
-                for (i, path) in paths.iter().enumerate().filter(|(i, _)| i % 8 == w) {
-                    for (k, conf) in confs.iter().enumerate() {
-                        timed(
-                            railnet,
-                            "ADD",
-                            conf,
-                            &format!("p{i}"),
-                            path,
-                            &format!("net{}", k + 1),
-                            "/usr/lib/cni",
-                        );
-                    }
-                }
-            });
-        }
-    });
-    let secs = start.elapsed().as_secs_f64();
-    println!("\n2. 100 pods × 8 rails (800 ADDs), 8 pods in parallel");
+    let confs: Vec<std::path::PathBuf> = (1..=8)
+        .map(|k| {
+            conf_file(
+                scratch.path(),
+                &format!("rn8-{k}"),
+                &fabric.netconf(k, &agent, "ebpf"),
+            )
+        })
+        .collect();
+    let secs = parallel_adds(&fabric.nodes[0], &confs, "p");
+    let refs: Vec<std::path::PathBuf> = (1..=8)
+        .map(|k| {
+            conf_file(
+                scratch.path(),
+                &format!("ref8-{k}"),
+                &reference(&format!("ref{k}"), k, 2),
+            )
+        })
+        .collect();
+    let ref_secs = parallel_adds(&fabric.nodes[0], &refs, "r");
+    println!("\n2. 100 pods × 8 rails (800 ADDs), 8 pods in parallel, through libcni");
     println!(
-        "   railnet: {secs:.2} s = {:.2}× the 3 s target",
-        secs / 3.0
+        "   railnet: {secs:.2} s = {:.2}× the 3 s target; macvlan + host-local + sbr: {ref_secs:.2} s (railnet/reference {:.2})",
+        secs / 3.0,
+        secs / ref_secs
     );
-    drop(pods);
     drop((agent, fabric));
 }
