@@ -169,6 +169,33 @@ fn rdma_counters(node: &str) -> Family<Labels, Counter> {
     family
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition:
+/// a counter's HELP and TYPE name its `_total` samples, and there is no
+/// `# EOF` or `# UNIT`. prometheus-client writes only OpenMetrics.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<RailService>) {
     loop {
@@ -187,16 +214,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<Ra
                 };
             let request = String::from_utf8_lossy(&buf[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("");
+            // Prometheus asks for OpenMetrics in its Accept header; other
+            // scrapers (and promtool) read the classic text format.
+            let openmetrics = request.lines().any(|l| {
+                l.to_ascii_lowercase().starts_with("accept:")
+                    && l.contains("application/openmetrics-text")
+            });
             let (status, kind, body) = match path {
                 "/metrics" => {
                     let body = tokio::task::spawn_blocking(move || metrics.render(&service))
                         .await
                         .unwrap_or_default();
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        body,
-                    )
+                    if openmetrics {
+                        (
+                            "200 OK",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            body,
+                        )
+                    } else {
+                        (
+                            "200 OK",
+                            "text/plain; version=0.0.4; charset=utf-8",
+                            classic_text(&body),
+                        )
+                    }
                 }
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
                 _ => (
@@ -218,4 +259,22 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<Ra
 /// Binds the metrics listener.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_text_names_counters_by_their_samples() {
+        let om = "# HELP railnet_cni_requests Requests.\n# TYPE railnet_cni_requests counter\n\
+                  railnet_cni_requests_total{op=\"add\"} 3\n# HELP railnet_ipam_allocations Held.\n\
+                  # TYPE railnet_ipam_allocations gauge\nrailnet_ipam_allocations 2\n# EOF\n";
+        assert_eq!(
+            classic_text(om),
+            "# HELP railnet_cni_requests_total Requests.\n# TYPE railnet_cni_requests_total counter\n\
+             railnet_cni_requests_total{op=\"add\"} 3\n# HELP railnet_ipam_allocations Held.\n\
+             # TYPE railnet_ipam_allocations gauge\nrailnet_ipam_allocations 2\n"
+        );
+    }
 }

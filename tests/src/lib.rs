@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod apiserver;
+
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -290,12 +292,22 @@ impl Agent {
     /// GETs `path` from the agent's metrics endpoint (inside `node`).
     #[track_caller]
     pub fn scrape(&self, node: &Netns, path: &str) -> String {
+        self.scrape_accepting(node, path, None)
+    }
+
+    /// As [`Agent::scrape`], sending an `Accept` header as Prometheus does.
+    pub fn scrape_accepting(&self, node: &Netns, path: &str, accept: Option<&str>) -> String {
         let path = path.to_owned();
+        let accept = accept
+            .map(|a| format!("Accept: {a}\r\n"))
+            .unwrap_or_default();
         node.run(move || {
             use std::io::{Read, Write};
             let get = || -> std::io::Result<String> {
                 let mut s = std::net::TcpStream::connect("127.0.0.1:9465")?;
-                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: agent\r\n\r\n").as_bytes())?;
+                s.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: agent\r\n{accept}\r\n").as_bytes(),
+                )?;
                 let mut out = String::new();
                 s.read_to_string(&mut out)?;
                 Ok(out)

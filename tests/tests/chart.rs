@@ -174,9 +174,14 @@ fn helm_lint_passes_for_every_documented_values_file() {
 
 #[test]
 fn defaults_install_an_agent_on_every_node_and_no_networks() {
-    let objects = render(&[]).unwrap();
+    let objects = render(&["--include-crds"]).unwrap();
     let nads = check(&objects, false);
     assert!(nads.is_empty());
+    let crds: Vec<&str> = of_kind(&objects, "CustomResourceDefinition")
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(crds, ["railnetworks.railnet.io", "railpools.railnet.io"]);
     let spec = &of_kind(&objects, "DaemonSet")[0]["spec"];
     assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
     let pod = &spec["template"]["spec"];

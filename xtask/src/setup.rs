@@ -40,6 +40,16 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the reference CNI plugins (macvlan, tuning, sbr) as real clients",
     ),
     ("golang-go", "builds the libcni test client"),
+    ("etcd-server", "etcd behind the test CRD API server"),
+    (
+        "openssl",
+        "the test API server's throwaway CA and client certificate",
+    ),
+    ("curl", "talks to the test API server"),
+    (
+        "prometheus",
+        "promtool check metrics on a real scrape of the agent",
+    ),
     (
         "golang-github-appc-cni-dev",
         "libcni, the CNI library runtimes and Multus use, for the test client",
@@ -306,6 +316,29 @@ pub fn ensure() -> Result<()> {
                 "kubernetes-validate installed but `python3 -m kubernetes_validate` does not run"
             );
         }
+    }
+
+    step("a CRD API server for the Kubernetes tests (apiextensions-apiserver)");
+    let shared =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bin/apiextensions-apiserver");
+    let built = Path::new("/var/tmp/railnet-tools/apiextensions-apiserver");
+    if let Some(p) = std::env::var_os("RAILNET_APISERVER_BIN") {
+        eprintln!("    RAILNET_APISERVER_BIN={}", Path::new(&p).display());
+    } else if shared.is_file() {
+        eprintln!("    {}", shared.display());
+    } else if built.is_file() {
+        eprintln!("    {}", built.display());
+    } else {
+        eprintln!(
+            "    building it from Debian's Go sources into {} (several minutes, once)",
+            built.display()
+        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apiserver/build.sh");
+        run(Command::new("bash")
+            .arg(script)
+            .arg("/var/tmp/railnet-tools/apiext-build")
+            .arg(built.parent().expect("a parent")))?;
+        let _ = std::fs::remove_dir_all("/var/tmp/railnet-tools/apiext-build");
     }
 
     step("bpffs at /sys/fs/bpf");

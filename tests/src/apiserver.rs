@@ -1,0 +1,291 @@
+//! A real Kubernetes CRD API server for tests: Debian's etcd and the
+//! upstream apiextensions-apiserver (built from Debian's Go sources), both
+//! inside a netns of the test's own on its loopback, with a throwaway CA and
+//! an admin client certificate. It serves CRDs and custom resources only (no
+//! pods, nodes or namespaces objects); requests go through curl.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{Netns, ScratchDir};
+
+/// Where the server binary is: `RAILNET_APISERVER_BIN`, else the shared
+/// tools' build beside the repository (`../shared/bin`), else where
+/// `cargo xtask setup` builds it.
+pub fn apiserver_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("RAILNET_APISERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let shared =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bin/apiextensions-apiserver");
+    if shared.is_file() {
+        return shared;
+    }
+    PathBuf::from("/var/tmp/railnet-tools/apiextensions-apiserver")
+}
+
+/// A running etcd + apiextensions-apiserver; stopped on drop.
+pub struct ApiServer {
+    /// The netns both run in (loopback only).
+    pub ns: Netns,
+    dir: ScratchDir,
+    etcd: Child,
+    server: Child,
+}
+
+const PORT: u16 = 6443;
+
+impl ApiServer {
+    /// Starts both and waits until the server answers.
+    #[track_caller]
+    pub fn start() -> Self {
+        let bin = apiserver_bin();
+        assert!(
+            bin.is_file(),
+            "{} is missing: `cargo xtask setup` builds it (or set RAILNET_APISERVER_BIN)",
+            bin.display()
+        );
+        let ns = Netns::new("apiserver");
+        let dir = ScratchDir::new("apiserver");
+        let d = dir.path();
+        let pki = d.join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .current_dir(&pki)
+                .args(args)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=railnet-test-ca",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "admin.key",
+            "-out",
+            "admin.csr",
+            "-subj",
+            "/O=system:masters/CN=admin",
+        ]);
+        std::fs::write(
+            pki.join("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "admin.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "admin.crt",
+            "-days",
+            "1",
+            "-extfile",
+            "client.ext",
+        ]);
+        let kubeconfig = d.join("admin.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"https://127.0.0.1:{PORT}\", insecure-skip-tls-verify: true}}}}]\n\
+                 users: [{{name: admin, user: {{client-certificate: {p}/admin.crt, client-key: {p}/admin.key}}}}]\n\
+                 contexts: [{{name: t, context: {{cluster: t, user: admin}}}}]\ncurrent-context: t\n",
+                p = pki.display()
+            ),
+        )
+        .unwrap();
+        let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
+        let etcd = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "etcd", "--name", "t"])
+            .arg("--data-dir")
+            .arg(d.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                "http://127.0.0.1:2379",
+                "--advertise-client-urls",
+                "http://127.0.0.1:2379",
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "t=http://127.0.0.1:2380",
+            ])
+            .stdout(log("etcd.log"))
+            .stderr(log("etcd.err"))
+            .spawn()
+            .expect("etcd (Debian's etcd-server)");
+        let server = Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(&bin)
+            .args([
+                "--etcd-servers=http://127.0.0.1:2379",
+                "--bind-address=127.0.0.1",
+                &format!("--secure-port={PORT}"),
+            ])
+            .arg(format!("--cert-dir={}", d.join("certs").display()))
+            .arg(format!("--client-ca-file={}", pki.join("ca.crt").display()))
+            .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
+            .arg("--authentication-skip-lookup")
+            .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args([
+                "--enable-priority-and-fairness=false",
+                "--disable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy",
+            ])
+            .stdout(log("apiserver.log"))
+            .stderr(log("apiserver.err"))
+            .spawn()
+            .expect("apiextensions-apiserver");
+        let api = Self {
+            ns,
+            dir,
+            etcd,
+            server,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while api.get("/apis/apiextensions.k8s.io/v1").0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "the API server did not come up:\n{}",
+                std::fs::read_to_string(api.dir.path().join("apiserver.err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        api
+    }
+
+    fn curl(&self, method: &str, path: &str, body: Option<&Value>, accept: &str) -> (u16, Value) {
+        let pki = self.dir.path().join("pki");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.ns.name(), "curl", "-sk", "-X", method])
+            .arg("--cert")
+            .arg(pki.join("admin.crt"))
+            .arg("--key")
+            .arg(pki.join("admin.key"))
+            .args(["-H", &format!("Accept: {accept}"), "-w", "\n%{http_code}"]);
+        if body.is_some() {
+            cmd.args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ]);
+        }
+        cmd.arg(format!("https://127.0.0.1:{PORT}{path}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("curl");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            if let Some(b) = body {
+                stdin.write_all(b.to_string().as_bytes()).unwrap();
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(json).unwrap_or(Value::Null),
+        )
+    }
+
+    /// GET; (HTTP status, JSON body).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.curl("GET", path, None, "application/json")
+    }
+
+    /// GET as a Table (what `kubectl get` prints, printer columns).
+    pub fn get_table(&self, path: &str) -> (u16, Value) {
+        self.curl(
+            "GET",
+            path,
+            None,
+            "application/json;as=Table;v=v1;g=meta.k8s.io",
+        )
+    }
+
+    /// POST a JSON object.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.curl("POST", path, Some(body), "application/json")
+    }
+
+    /// PUT a JSON object.
+    pub fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.curl("PUT", path, Some(body), "application/json")
+    }
+
+    /// Creates a CRD and waits until the server serves its kind.
+    #[track_caller]
+    pub fn install_crd(&self, crd: &Value) {
+        let (code, body) = self.post(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            crd,
+        );
+        assert_eq!(code, 201, "CRD {} refused: {body}", crd["metadata"]["name"]);
+        let name = crd["metadata"]["name"].as_str().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, c) = self.get(&format!(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+            ));
+            let established = c["status"]["conditions"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|x| x["type"] == "Established" && x["status"] == "True")
+            });
+            if established {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CRD {name} never established: {c}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        for child in [&mut self.server, &mut self.etcd] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

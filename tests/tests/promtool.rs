@@ -1,0 +1,83 @@
+//! What Prometheus and promtool read from the agent's /metrics on a node
+//! with pods: the classic text format passes `promtool check metrics`
+//! (Debian's prometheus), and a scraper asking for OpenMetrics gets it.
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use railnet_tests::{Agent, RailFabric, cni};
+
+fn body(response: &str) -> &str {
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("")
+}
+
+#[test]
+fn a_real_scrape_passes_promtool_and_openmetrics_is_negotiated() {
+    let fabric = RailFabric::new(1, 2);
+    let node = &fabric.nodes[0];
+    let agent = Agent::start(node, &fabric.pools(0));
+    let pod = fabric.pod(0);
+    let mut addrs = Vec::new();
+    for k in 1..=2 {
+        let out = cni(
+            "ADD",
+            &fabric.netconf(k, &agent, "ebpf"),
+            "metrics-pod",
+            Some(&pod.ns.path()),
+            &format!("net{k}"),
+        );
+        assert!(out.ok, "{}", out.stdout);
+        let a = out.json["ips"][0]["address"].as_str().unwrap();
+        addrs.push(a.split('/').next().unwrap().to_owned());
+    }
+    // Traffic, so the per-pod verdict counters have samples.
+    assert!(pod.ns.ping(&addrs[0], "172.16.2.254", 3, 56));
+
+    let classic = agent.scrape(node, "/metrics");
+    assert!(
+        classic.contains("Content-Type: text/plain; version=0.0.4"),
+        "{classic}"
+    );
+    let text = body(&classic);
+    assert!(text.contains("railnet_dataplane_packets_total{"), "{text}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus; cargo xtask setup installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool:\n{said}\n{text}"
+    );
+
+    let om = agent.scrape_accepting(
+        node,
+        "/metrics",
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    );
+    assert!(
+        om.contains("Content-Type: application/openmetrics-text"),
+        "{om}"
+    );
+    assert!(body(&om).trim_end().ends_with("# EOF"), "{om}");
+    assert!(body(&om).contains("# TYPE railnet_dataplane_packets counter"));
+}
