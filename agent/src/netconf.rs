@@ -96,6 +96,18 @@ pub struct RuntimeConfig {
     /// top level).
     #[serde(default, rename = "deviceID")]
     pub device_id: Option<String>,
+    /// Addresses the pod asked for (the `ips` capability; Multus takes
+    /// them from the pod's networks annotation), `a.b.c.d/len` or bare.
+    #[serde(default)]
+    pub ips: Vec<String>,
+}
+
+/// `a.b.c.d/len` (as the `ips` capability carries it) or a bare address.
+fn parse_requested(s: &str) -> Option<std::net::IpAddr> {
+    s.parse::<IpNet>()
+        .map(|n| n.addr())
+        .or_else(|_| s.parse())
+        .ok()
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC.
@@ -185,6 +197,10 @@ pub enum NetConfError {
          set it with sriov-cni and chain railnet after it (\"mode\": \"chained\"), or remove it"
     )]
     VfAttribute(&'static str),
+    /// `runtimeConfig.ips` that does not parse, or asks twice per family,
+    /// or for a family with no pools.
+    #[error("runtimeConfig.ips {0:?}: {1}")]
+    RequestedIp(String, &'static str),
     /// `runtimeConfig.mac` is not a unicast MAC.
     #[error("runtimeConfig.mac {0:?} is not a unicast MAC address; write it as 02:00:00:00:00:01")]
     Mac(String),
@@ -202,6 +218,15 @@ impl NetConf {
     /// Whether an earlier plugin made the interface.
     pub fn chained(&self) -> bool {
         self.mode == "chained"
+    }
+
+    /// The addresses asked for in `runtimeConfig.ips` (validated at parse).
+    pub fn requested_ips(&self) -> Vec<std::net::IpAddr> {
+        self.runtime_config
+            .ips
+            .iter()
+            .filter_map(|s| parse_requested(s))
+            .collect()
     }
 
     /// Whether the interface is a VF railnet moves in.
@@ -256,6 +281,33 @@ impl NetConf {
             && !(railnet_common::MIN_RAIL_MTU..=9216).contains(&mtu)
         {
             return Err(NetConfError::Mtu(mtu));
+        }
+        let (mut v4, mut v6) = (0, 0);
+        for ip in &self.runtime_config.ips {
+            let Some(a) = parse_requested(ip) else {
+                return Err(NetConfError::RequestedIp(
+                    ip.clone(),
+                    "not an address; write 172.16.1.50/24 or 172.16.1.50",
+                ));
+            };
+            let (count, pools) = if a.is_ipv4() {
+                (&mut v4, &self.ippools.ipv4)
+            } else {
+                (&mut v6, &self.ippools.ipv6)
+            };
+            *count += 1;
+            if *count > 1 {
+                return Err(NetConfError::RequestedIp(
+                    ip.clone(),
+                    "one address per family per interface",
+                ));
+            }
+            if pools.is_empty() {
+                return Err(NetConfError::RequestedIp(
+                    ip.clone(),
+                    "ippools has no pool of that family",
+                ));
+            }
         }
         if let Some(mac) = &self.runtime_config.mac {
             if parse_mac(mac).is_none() {
@@ -372,6 +424,25 @@ mod tests {
             .unwrap_err(),
             NetConfError::VfAttribute("vlan")
         );
+    }
+
+    #[test]
+    fn requested_ips_are_checked() {
+        let c = NetConf::parse(&conf(r#","runtimeConfig":{"ips":["172.16.1.50/24"]}"#)).unwrap();
+        assert_eq!(
+            c.requested_ips(),
+            vec!["172.16.1.50".parse::<std::net::IpAddr>().unwrap()]
+        );
+        for (bad, why) in [
+            (r#"["x"]"#, "not an address"),
+            (r#"["172.16.1.5","172.16.1.6"]"#, "one address per family"),
+            (r#"["fd00::5/64"]"#, "no pool of that family"),
+        ] {
+            let err = NetConf::parse(&conf(&format!(r#","runtimeConfig":{{"ips":{bad}}}"#)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

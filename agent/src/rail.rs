@@ -230,6 +230,7 @@ impl RailService {
             (
                 &conf.name,
                 att.args.get("K8S_POD_NAMESPACE").map(String::as_str),
+                &conf.requested_ips(),
             ),
         ) {
             Ok(a) => a,
@@ -464,7 +465,7 @@ impl RailService {
             &req.ippools,
             req.match_master.as_deref(),
             netns.map(PodNetns::id).unwrap_or_default(),
-            (&req.network, req.namespace.as_deref()),
+            (&req.network, req.namespace.as_deref(), &[]),
         ) {
             Ok(a) => a,
             Err(e) => {
@@ -644,7 +645,8 @@ impl RailService {
         ippools: &crate::netconf::IpPools,
         match_master: Option<&str>,
         netns: NetnsId,
-        (network, namespace): (&str, Option<&str>),
+        // The network, the pod's namespace, and the addresses it asked for.
+        (network, namespace, requested): (&str, Option<&str>, &[IpAddr]),
     ) -> Result<RailAddresses, ApiError> {
         let master_addresses = if let Some(master) = match_master {
             let master = master.to_owned();
@@ -682,10 +684,18 @@ impl RailService {
                 ifname: ifname.to_owned(),
                 family,
             };
-            let alloc = self
-                .ipam
-                .allocate_for(key, &candidates, netns, network)
-                .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
+            // An address the pod asked for (runtimeConfig.ips), else the
+            // next free one.
+            let wanted = requested
+                .iter()
+                .find(|a| a.is_ipv6() == (family == Family::V6));
+            let alloc = match wanted {
+                Some(a) => self
+                    .ipam
+                    .allocate_exact_for(key, &candidates, *a, netns, network),
+                None => self.ipam.allocate_for(key, &candidates, netns, network),
+            }
+            .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
             let pool = &self.ipam.pools()[&alloc.pool];
             let net = IpNet::new(alloc.address, pool.subnet.prefix_len())
                 .expect("prefix comes from a valid subnet");

@@ -12,6 +12,8 @@ use railnet_tests::{Agent, FabricPod, RailFabric, ScratchDir, binary};
 use serde_json::Value;
 
 const RAILS: u32 = 8;
+/// The address pod A asks for on rail 2 (inside node A's range).
+const ASKED: &str = "172.16.2.77";
 
 fn libcni() -> PathBuf {
     std::env::var_os("RAILNET_LIBCNI_BIN")
@@ -86,6 +88,11 @@ fn eight_rails_round_trip_through_libcni() {
             let caps = if k == 1 {
                 conf["capabilities"] = serde_json::json!({"mac": true});
                 format!(r#"{{"mac":"{}"}}"#, mac(n))
+            } else if k == 2 && n == 0 {
+                // Rail 2 of pod A: the ips capability, an address the pod
+                // asked for in its networks annotation.
+                conf["capabilities"] = serde_json::json!({"ips": true});
+                format!(r#"{{"ips":["{ASKED}/24"]}}"#)
             } else {
                 String::new()
             };
@@ -112,6 +119,24 @@ fn eight_rails_round_trip_through_libcni() {
         let link = pod.ns.ip_json(&["link", "show", "dev", "net1"]);
         assert_eq!(link[0]["address"], mac(n), "runtimeConfig.mac");
     }
+    assert_eq!(addrs[0][1], ASKED, "runtimeConfig.ips");
+    // Another pod on node A asking for the same address is refused, naming
+    // why, and keeps nothing.
+    let before = agents[0].allocations(&fabric.nodes[0]);
+    let third = fabric.pod(0);
+    let err = call(
+        "add",
+        &confs[0][1],
+        "libcni-c",
+        &third,
+        "net2",
+        &cache,
+        &format!(r#"{{"ips":["{ASKED}/24"]}}"#),
+    )
+    .unwrap_err();
+    assert!(err.contains(ASKED) && err.contains("already held"), "{err}");
+    assert!(!third.ns.has_link("net2"));
+    assert_eq!(agents[0].allocations(&fabric.nodes[0]), before);
     // Every rail carries traffic between the two pods.
     for (k, (a, b)) in addrs[0].iter().zip(&addrs[1]).enumerate() {
         assert!(

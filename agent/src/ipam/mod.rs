@@ -220,6 +220,73 @@ impl Ipam {
         self.allocate_for(key, candidates, netns, "")
     }
 
+    /// Allocates exactly `address` (the `ips` capability: an address the
+    /// pod asked for) from the first candidate pool that holds it, or says
+    /// for each candidate why not. A repeated ADD gets the same answer.
+    pub fn allocate_exact_for(
+        &self,
+        key: AllocationKey,
+        candidates: &Candidates,
+        address: IpAddr,
+        netns: NetnsId,
+        network: &str,
+    ) -> Result<Allocation, IpamError> {
+        let allocation = {
+            let mut state = self.lock();
+            if let Some(h) = state.held.get(&key) {
+                let held = State::record(&key, h);
+                if held.address == address {
+                    return Ok(held);
+                }
+                return Err(IpamError::Requested {
+                    address,
+                    rejected: vec![Rejection {
+                        pool: held.pool,
+                        why: format!("this interface already holds {}", held.address),
+                    }],
+                });
+            }
+            let mut rejected = Vec::new();
+            let mut found = None;
+            for name in &candidates.pools {
+                let pool = &self.pools[name];
+                if !pool.subnet.contains(&address) {
+                    rejected.push(Rejection {
+                        pool: name.clone(),
+                        why: format!("{address} is outside its subnet {}", pool.subnet),
+                    });
+                    continue;
+                }
+                let index = state.index.get_mut(name).expect("index per pool");
+                match index.take_exact(pool, address) {
+                    Ok(()) => {
+                        found = Some(name.clone());
+                        break;
+                    }
+                    Err(why) => rejected.push(Rejection {
+                        pool: name.clone(),
+                        why: why.into(),
+                    }),
+                }
+            }
+            let Some(pool) = found else {
+                rejected.extend(candidates.rejected.iter().cloned());
+                return Err(IpamError::Requested { address, rejected });
+            };
+            let a = Allocation {
+                key: key.clone(),
+                pool,
+                address,
+                netns_inode: netns.inode,
+                netns_cookie: netns.cookie,
+                network: network.to_owned(),
+            };
+            state.hold(&a);
+            a
+        };
+        self.commit(allocation)
+    }
+
     /// As [`Ipam::allocate`], recording the network it is for.
     pub fn allocate_for(
         &self,
@@ -265,9 +332,13 @@ impl Ipam {
             state.hold(&a);
             a
         };
+        self.commit(allocation)
+    }
+
+    /// Makes a held allocation durable, or gives the address back so the
+    /// state stays what the store holds.
+    fn commit(&self, allocation: Allocation) -> Result<Allocation, IpamError> {
         if let Err(e) = self.store.put(&allocation) {
-            // Not durable: give the address back so the state stays what
-            // the store holds.
             let mut state = self.lock();
             state.held.remove(&allocation.key);
             if let (Some(pool), Some(index)) = (
@@ -554,6 +625,36 @@ mod tests {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         p
+    }
+
+    #[test]
+    fn an_asked_for_address_is_given_once_or_refused_with_the_reason() {
+        let ipam = Ipam::new(vec![small_pool()]).unwrap();
+        let at = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let ask = |c: usize, a: &str| {
+            ipam.allocate_exact_for(key(c), &only("p"), at(a), NetnsId::default(), "")
+        };
+        assert_eq!(ask(1, "10.0.0.30").unwrap().address, at("10.0.0.30"));
+        assert_eq!(
+            ask(1, "10.0.0.30").unwrap().address,
+            at("10.0.0.30"),
+            "repeated ADD"
+        );
+        let why = |r: Result<Allocation, IpamError>| r.unwrap_err().to_string();
+        assert!(why(ask(2, "10.0.0.30")).contains("already held"));
+        assert!(why(ask(2, "10.0.0.1")).contains("excluded"), "the gateway");
+        assert!(why(ask(2, "10.0.0.7")).contains("excluded"));
+        assert!(why(ask(2, "10.0.0.50")).contains("outside the pool's ranges"));
+        assert!(why(ask(2, "10.1.0.5")).contains("outside its subnet"));
+        assert!(why(ask(1, "10.0.0.31")).contains("already holds 10.0.0.30"));
+        // The next free address skips the asked-for one; release frees it.
+        let taken: Vec<IpAddr> = (10..40)
+            .filter_map(|c| ipam.allocate(key(c), &only("p"), NetnsId::default()).ok())
+            .map(|a| a.address)
+            .collect();
+        assert!(!taken.contains(&at("10.0.0.30")));
+        ipam.release("c1", "net1").unwrap();
+        assert_eq!(ask(2, "10.0.0.30").unwrap().address, at("10.0.0.30"));
     }
 
     #[test]

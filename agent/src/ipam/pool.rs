@@ -139,6 +139,14 @@ pub enum IpamError {
     /// No pool could serve the request; each candidate with its reason.
     #[error("no pool can serve this rail: {}", describe(.0))]
     NoPool(Vec<super::Rejection>),
+    /// A requested address (runtimeConfig.ips) no candidate pool can give.
+    #[error("requested address {address} cannot be given: {}", describe(.rejected))]
+    Requested {
+        /// The address asked for.
+        address: IpAddr,
+        /// Each candidate pool with its reason.
+        rejected: Vec<super::Rejection>,
+    },
     /// The store refused the write; nothing was allocated.
     #[error("allocation not recorded: {0}")]
     Store(String),
@@ -350,6 +358,34 @@ impl PoolIndex {
         self.count += 1;
         self.cursor = (offset + 1) % self.total.max(1);
         Some(addr(pool.is_v6(), pool.at(offset)))
+    }
+
+    /// Takes one given address, or says why it cannot be had.
+    pub(crate) fn take_exact(&mut self, pool: &Pool, address: IpAddr) -> Result<(), &'static str> {
+        if pool.disable {
+            return Err("the pool is disabled");
+        }
+        let n = num(address);
+        let Some(o) = pool.offset_of(n) else {
+            return Err("outside the pool's ranges");
+        };
+        if pool.excluded.contains(&n) {
+            return Err("excluded (network, broadcast, gateway or excludeIPs)");
+        }
+        let taken = match &mut self.used {
+            Used::Bits(bits) => {
+                let (w, b) = ((o / 64) as usize, o % 64);
+                let was = bits[w] & (1 << b) != 0;
+                bits[w] |= 1 << b;
+                was
+            }
+            Used::Sparse(set) => !set.insert(o),
+        };
+        if taken {
+            return Err("already held by another pod");
+        }
+        self.count += 1;
+        Ok(())
     }
 
     /// Marks an address taken (state loaded from the store).
