@@ -1,6 +1,8 @@
-//! Gratuitous ARP: tell the rail's L2 neighbours which MAC now has an
-//! address, right after ADD (a reused address would otherwise be sent to
-//! the previous pod's MAC until caches expire).
+//! ARP on a rail interface: the gratuitous announcement after ADD (a
+//! reused address would otherwise be sent to the previous pod's MAC until
+//! caches expire), and the optional checks before ADD answers — is the
+//! address already someone else's (an RFC 5227 probe), does the gateway
+//! answer.
 
 use std::{io, net::Ipv4Addr};
 
@@ -49,6 +51,117 @@ pub fn announce(ifindex: u32, mac: &str, ip: Ipv4Addr) -> io::Result<()> {
     // measured on the ADD path): close it off the caller's thread.
     std::thread::spawn(move || drop(fd));
     Ok(())
+}
+
+/// Asks `target` for its MAC on interface `ifindex` (sender `sender`;
+/// 0.0.0.0 makes it an RFC 5227 probe that updates no cache) up to three
+/// times within `wait`, and returns the MAC of the first other host that
+/// answers for `target`, or `None` if nobody did.
+pub fn who_has(
+    ifindex: u32,
+    mac: &str,
+    sender: Ipv4Addr,
+    target: Ipv4Addr,
+    wait: std::time::Duration,
+) -> io::Result<Option<[u8; 6]>> {
+    let ours = parse_mac(mac).ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
+    // SAFETY: plain socket(2); the fd is wrapped into an OwnedFd at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            i32::from(ETH_P_ARP.to_be()),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh, valid descriptor we own.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+    let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    at.sll_family = libc::AF_PACKET as u16;
+    at.sll_protocol = ETH_P_ARP.to_be();
+    at.sll_ifindex = ifindex as i32;
+    // Receive only this interface's ARP.
+    // SAFETY: `at` outlives the call; the size is its own.
+    if unsafe {
+        libc::bind(
+            raw,
+            (&raw const at).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    let mut frame = arp_request(ours, target);
+    frame[14..18].copy_from_slice(&sender.octets());
+    at.sll_halen = 6;
+    at.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let deadline = std::time::Instant::now() + wait;
+    let mut answer = None;
+    'asking: for round in 0..3u32 {
+        // SAFETY: the buffer and address outlive the call; sizes are theirs.
+        if unsafe {
+            libc::sendto(
+                raw,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const at).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let until = (std::time::Instant::now() + wait / 3).min(deadline);
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd: raw,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+            if ready <= 0 {
+                continue;
+            }
+            let mut buf = [0u8; 64];
+            // SAFETY: `buf` is writable for its length.
+            let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            // An ARP reply (opcode 2) from another MAC for the target.
+            if n >= 28
+                && buf[6..8] == 2u16.to_be_bytes()
+                && buf[14..18] == target.octets()
+                && buf[8..14] != ours
+            {
+                let mut from = [0u8; 6];
+                from.copy_from_slice(&buf[8..14]);
+                answer = Some(from);
+                break 'asking;
+            }
+        }
+        if std::time::Instant::now() >= deadline || round == 2 {
+            break;
+        }
+    }
+    std::thread::spawn(move || drop(fd));
+    Ok(answer)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn parse_mac(s: &str) -> Option<[u8; 6]> {

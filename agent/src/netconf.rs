@@ -67,6 +67,15 @@ pub struct NetConf {
     /// declares (Multus: `mac`, `deviceID`, ...).
     #[serde(default)]
     pub runtime_config: RuntimeConfig,
+    /// Before ADD answers, probe the rail for another host using the
+    /// pod's IPv4 address (RFC 5227) and fail if one answers. Off by
+    /// default (Spiderpool's coordinator calls it the same).
+    #[serde(default, rename = "detectIPConflict")]
+    pub detect_ip_conflict: bool,
+    /// Before ADD answers, check the rail's IPv4 gateway answers ARP, and
+    /// fail if it does not. Off by default.
+    #[serde(default)]
+    pub detect_gateway: bool,
     /// sriov-cni's VF attributes, set through the PF. Not built yet: a
     /// config that sets one is refused, naming it, rather than ignored.
     #[serde(default)]

@@ -252,6 +252,21 @@ impl RailService {
                 ));
             }
             tracing::info!(device = %dev.name, ifname = %att.ifname, "RDMA device moved into the pod netns");
+            // If the pod's netns dies without a DEL, the kernel returns the
+            // device, maybe under another name: DEL restores this one.
+            let record = sriov::RdmaRecord {
+                pci_address: conf.device_id.clone().unwrap_or_default(),
+                device: dev.name.clone(),
+            };
+            if let Err(e) = sriov::save(
+                &self.vf_records,
+                "rdma",
+                &att.container_id,
+                &att.ifname,
+                &record,
+            ) {
+                tracing::warn!(error = %e, "could not record the isolated RDMA device's name");
+            }
         }
         match self.wire(att, &conf, netns, addrs) {
             Ok(mut result) => {
@@ -340,7 +355,7 @@ impl RailService {
                 mac: link.mac.clone(),
                 mtu: link.mtu,
             };
-            sriov::save(&records, &cid, &ifname, &record)
+            sriov::save(&records, "vf", &cid, &ifname, &record)
                 .map_err(|e| dp(format!("recording VF {vf} before moving it"), e.to_string()))?;
             let mut msg = LinkUnspec::new_with_index(link.index)
                 .down()
@@ -353,7 +368,7 @@ impl RailService {
                 msg = msg.address(m.to_vec());
             }
             if let Err(e) = h.link().set(msg.build()).execute().await {
-                sriov::forget(&records, &cid, &ifname);
+                sriov::forget(&records, "vf", &cid, &ifname);
                 return Err(match errno(&e) {
                     Some(libc::EEXIST) => ApiError::new(
                         code::DATAPLANE,
@@ -381,7 +396,9 @@ impl RailService {
         ifname: &str,
         netns: Option<&PodNetns>,
     ) -> Result<(), String> {
-        let Some(record) = sriov::load(&self.vf_records, container_id, ifname) else {
+        let Some(record) =
+            sriov::load::<sriov::VfRecord>(&self.vf_records, "vf", container_id, ifname)
+        else {
             return Ok(()); // never taken, or already returned
         };
         if let Some(ns) = netns {
@@ -448,7 +465,7 @@ impl RailService {
                 .map_err(|e| format!("restoring VF {}: {}", rec.name, describe(&e)))
         })
         .map_err(|e| e.to_string())??;
-        sriov::forget(&self.vf_records, container_id, ifname);
+        sriov::forget(&self.vf_records, "vf", container_id, ifname);
         Ok(())
     }
 
@@ -826,6 +843,7 @@ impl RailService {
             mtu,
             netns: netns.id(),
             pins: PodPins::new(&self.pin_root, &att.container_id),
+            detect: (conf.detect_ip_conflict, conf.detect_gateway),
         };
         let pod_side = netns
             .run(move || plan.configure())
@@ -881,13 +899,41 @@ impl RailService {
         let ours = self.ipam.addresses_of(&att.container_id, &att.ifname);
         // An isolated RDMA device goes home before the interface is
         // stripped (a gone netns has returned it already).
-        if isolated && let Some(ns) = netns {
-            match rdma::give_back(ns, &att.ifname) {
-                Ok(moved) if !moved.is_empty() => {
-                    tracing::info!(devices = ?moved, "RDMA devices returned to the host");
-                }
-                Ok(_) => {}
-                Err(e) => errors.push(format!("returning the RDMA device: {e}")),
+        if isolated {
+            let record: Option<sriov::RdmaRecord> =
+                sriov::load(&self.vf_records, "rdma", &att.container_id, &att.ifname);
+            let done = match netns {
+                Some(ns) => match rdma::give_back(ns, &att.ifname) {
+                    Ok(moved) => {
+                        if !moved.is_empty() {
+                            tracing::info!(devices = ?moved, "RDMA devices returned to the host");
+                        }
+                        true
+                    }
+                    Err(e) => {
+                        errors.push(format!("returning the RDMA device: {e}"));
+                        false
+                    }
+                },
+                // The kernel returned it when the netns died, maybe renamed.
+                None => match &record {
+                    Some(r) => match rdma::restore_name(
+                        &self.sysfs_root,
+                        &r.pci_address,
+                        &r.device,
+                        std::time::Duration::from_secs(10),
+                    ) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            errors.push(e);
+                            false
+                        }
+                    },
+                    None => true,
+                },
+            };
+            if done {
+                sriov::forget(&self.vf_records, "rdma", &att.container_id, &att.ifname);
             }
         }
         match netns {
@@ -1055,6 +1101,9 @@ struct PodRail {
     mtu: u32,
     netns: NetnsId,
     pins: PodPins,
+    /// The optional checks before ADD answers (netconf `detectIPConflict`,
+    /// `detectGateway`).
+    detect: (bool, bool),
 }
 
 /// Whether `dst` lies inside the subnet `own` (so no gateway is needed).
@@ -1138,6 +1187,7 @@ impl PodRail {
             with_rtnl(|h| self.install(h)).map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
         let installed = started.elapsed();
         if let Some(v4) = self.addrs.v4 {
+            self.detect(link.index, &link.mac, v4.addr())?;
             // Peers may hold a stale MAC for this address (a previous pod):
             // announce ours. Best effort: a lost announcement costs an ARP.
             if let Err(e) = crate::garp::announce(link.index, &link.mac, v4.addr()) {
@@ -1189,6 +1239,64 @@ impl PodRail {
             routes,
             rdma: None,
         })
+    }
+
+    /// The checks users may ask for before ADD answers; an error undoes
+    /// the interface (the caller's undo path).
+    fn detect(&self, ifindex: u32, mac: &str, addr: Ipv4Addr) -> Result<(), ApiError> {
+        let (conflict, gateway) = self.detect;
+        let ifname = &self.ifname;
+        if conflict {
+            let wait = std::time::Duration::from_millis(300);
+            match crate::garp::who_has(ifindex, mac, Ipv4Addr::UNSPECIFIED, addr, wait) {
+                Ok(Some(other)) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        format!(
+                            "address {addr} is already used on rail {} by {}",
+                            self.rail,
+                            crate::garp::format_mac(other)
+                        ),
+                        format!(
+                            "another host answered ARP for {addr} on {ifname}: remove it from the rail, \
+                             or add it to the pool's excludeIPs"
+                        ),
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        "duplicate-address check failed",
+                        format!("{ifname}: {e}"),
+                    ));
+                }
+            }
+        }
+        if gateway && let Some(gw) = self.addrs.gw4 {
+            let wait = std::time::Duration::from_secs(1);
+            match crate::garp::who_has(ifindex, mac, addr, gw, wait) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        format!(
+                            "gateway {gw} of rail {} did not answer ARP on {ifname} within 1 s",
+                            self.rail
+                        ),
+                        "check the rail switch/router and the pool's gateway (detectGateway is on for this network)",
+                    ));
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        "gateway check failed",
+                        format!("{ifname}: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Addresses (IPv4 first), link up, main-table routes, the rail's own

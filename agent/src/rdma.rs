@@ -135,6 +135,14 @@ pub enum Request {
         /// An fd of the target netns, valid in the sending process.
         netns_fd: RawFd,
     },
+    /// Rename a device (`rdma dev set <dev> name <name>`): one that came
+    /// back from a dead pod netns under another name.
+    RenameDevice {
+        /// Device index.
+        device: u32,
+        /// The new name, NUL-padded (at most 63 bytes).
+        name: [u8; 64],
+    },
     /// Hardware counters of one port (`rdma statistic show link <dev>/<port>`).
     Counters {
         /// Device index.
@@ -151,7 +159,7 @@ impl Request {
             Self::Port { .. } => cmd::PORT_GET,
             Self::SystemGet => cmd::SYS_GET,
             Self::SystemSetNetnsMode(_) => cmd::SYS_SET,
-            Self::MoveDevice { .. } => cmd::SET,
+            Self::MoveDevice { .. } | Self::RenameDevice { .. } => cmd::SET,
             Self::Counters { .. } => cmd::STAT_GET,
         }
     }
@@ -163,6 +171,7 @@ impl Request {
             | Self::SystemGet
             | Self::SystemSetNetnsMode(_)
             | Self::MoveDevice { .. }
+            | Self::RenameDevice { .. }
             | Self::Counters { .. } => NLM_F_REQUEST | NLM_F_ACK,
         }
     }
@@ -182,6 +191,16 @@ impl Request {
                     NetnsMode::Shared => 1,
                 }],
             )],
+            Self::RenameDevice { device, name } => {
+                // A NUL-terminated string, as the kernel's nla_strscpy wants.
+                let len = name.iter().position(|b| *b == 0).unwrap_or(63);
+                let mut value = name[..len].to_vec();
+                value.push(0);
+                vec![
+                    u32_attr(attr::DEV_INDEX, device),
+                    DefaultNla::new(attr::DEV_NAME, value),
+                ]
+            }
             Self::MoveDevice { device, netns_fd } => vec![
                 u32_attr(attr::DEV_INDEX, device),
                 u32_attr(attr::NET_NS_FD, netns_fd as u32),
@@ -282,6 +301,7 @@ fn explain(req: &Request, device: &str, errno: i32) -> RdmaError {
         Request::SystemGet => "reading the RDMA netns mode".to_owned(),
         Request::SystemSetNetnsMode(m) => format!("setting the RDMA netns mode to {m}"),
         Request::MoveDevice { .. } => format!("moving RDMA device {device} to the pod netns"),
+        Request::RenameDevice { .. } => format!("renaming RDMA device {device}"),
         Request::Counters { .. } => format!("reading the counters of RDMA device {device}"),
     };
     let why = match (req, errno) {
@@ -495,6 +515,28 @@ impl RdmaNetlink {
         .map(drop)
     }
 
+    /// Renames `device` to `name` (1 to 63 bytes).
+    pub fn rename_device(&mut self, device: &RdmaDevice, name: &str) -> Result<(), RdmaError> {
+        let mut buf = [0u8; 64];
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() > 63 || bytes.contains(&0) {
+            return Err(RdmaError::Kernel {
+                what: format!("renaming RDMA device {}", device.name),
+                why: format!("{name:?} is not a device name (1 to 63 bytes, no NUL)"),
+                errno: libc::EINVAL,
+            });
+        }
+        buf[..bytes.len()].copy_from_slice(bytes);
+        self.exchange(
+            &Request::RenameDevice {
+                device: device.index,
+                name: buf,
+            },
+            &device.name,
+        )
+        .map(drop)
+    }
+
     /// Hardware counters of one port, by name.
     pub fn counters(
         &mut self,
@@ -629,6 +671,38 @@ pub fn roce_gid_index(device: &str, port: u32, addr: std::net::Ipv4Addr) -> Opti
             return None;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Waits up to `wait` for the RDMA device of PCI function `bdf` to be in
+/// the calling thread's netns (one returned by a dead pod netns comes back
+/// asynchronously) and renames it to `name` if it came back as another.
+/// Returns whether it renamed.
+pub fn restore_name(
+    sysfs: &std::path::Path,
+    bdf: &str,
+    name: &str,
+    wait: std::time::Duration,
+) -> Result<bool, String> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some(current) = devices_of_pci(sysfs, bdf).into_iter().next() {
+            if current == name {
+                return Ok(false);
+            }
+            let mut nl = RdmaNetlink::open().map_err(|e| e.to_string())?;
+            let dev = nl.device(&current).map_err(|e| e.to_string())?;
+            nl.rename_device(&dev, name).map_err(|e| e.to_string())?;
+            tracing::info!(from = %current, to = %name, pci = %bdf, "RDMA device back under its own name");
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the RDMA device of {bdf} ({name}) did not come back to the host within {} s",
+                wait.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

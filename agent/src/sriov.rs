@@ -52,37 +52,53 @@ pub fn vf_netdev(sysfs: &Path, bdf: &str) -> Result<String, String> {
     }
 }
 
-/// Where the record of one pod interface's VF is kept.
-pub fn record_path(dir: &Path, container_id: &str, ifname: &str) -> PathBuf {
-    dir.join(format!("{container_id}-{ifname}.json"))
+/// Where the record of one pod interface's `kind` of thing (`vf`, `rdma`)
+/// is kept.
+pub fn record_path(dir: &Path, kind: &str, container_id: &str, ifname: &str) -> PathBuf {
+    dir.join(format!("{kind}-{container_id}-{ifname}.json"))
 }
 
-/// Writes the record (temporary file, fsync, rename: never half a record).
-pub fn save(
+/// Writes a record (temporary file, fsync, rename: never half a record).
+pub fn save<T: Serialize>(
     dir: &Path,
+    kind: &str,
     container_id: &str,
     ifname: &str,
-    record: &VfRecord,
+    record: &T,
 ) -> std::io::Result<()> {
     use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let path = record_path(dir, container_id, ifname);
+    let path = record_path(dir, kind, container_id, ifname);
     let tmp = path.with_extension("json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec(record).expect("a record serializes"))?;
+    f.write_all(&serde_json::to_vec(record).map_err(std::io::Error::other)?)?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path)
 }
 
-/// The record of a pod interface's VF, if ADD made one.
-pub fn load(dir: &Path, container_id: &str, ifname: &str) -> Option<VfRecord> {
-    let bytes = std::fs::read(record_path(dir, container_id, ifname)).ok()?;
+/// A record ADD made, if any.
+pub fn load<T: for<'de> Deserialize<'de>>(
+    dir: &Path,
+    kind: &str,
+    container_id: &str,
+    ifname: &str,
+) -> Option<T> {
+    let bytes = std::fs::read(record_path(dir, kind, container_id, ifname)).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Drops the record once the VF is back.
-pub fn forget(dir: &Path, container_id: &str, ifname: &str) {
-    let _ = std::fs::remove_file(record_path(dir, container_id, ifname));
+/// Drops a record once what it describes is back.
+pub fn forget(dir: &Path, kind: &str, container_id: &str, ifname: &str) {
+    let _ = std::fs::remove_file(record_path(dir, kind, container_id, ifname));
+}
+
+/// What an isolated RDMA device was called before a pod took it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct RdmaRecord {
+    /// PCI address of the VF.
+    pub pci_address: String,
+    /// The device's name in the host.
+    pub device: String,
 }
 
 /// The bytes of `aa:bb:cc:dd:ee:ff`; `None` for anything else and for the
@@ -117,10 +133,10 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             mtu: 9000,
         };
-        save(&root, "c1", "net1", &rec).unwrap();
-        assert_eq!(load(&root, "c1", "net1"), Some(rec));
-        forget(&root, "c1", "net1");
-        assert_eq!(load(&root, "c1", "net1"), None);
+        save(&root, "vf", "c1", "net1", &rec).unwrap();
+        assert_eq!(load(&root, "vf", "c1", "net1"), Some(rec));
+        forget(&root, "vf", "c1", "net1");
+        assert_eq!(load::<VfRecord>(&root, "vf", "c1", "net1"), None);
         std::fs::remove_dir_all(root).unwrap();
     }
 }

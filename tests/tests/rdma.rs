@@ -220,6 +220,18 @@ fn shared_requests_are_byte_for_byte_what_iproute2_sends() {
                 netns_fd: 0,
             },
         ),
+        // Last: it really renames the device (renamed back below).
+        (
+            vec!["dev", "set", "rxegold", "name", "rxegold2"],
+            Request::RenameDevice {
+                device: dev.index,
+                name: {
+                    let mut n = [0u8; 64];
+                    n[..8].copy_from_slice(b"rxegold2");
+                    n
+                },
+            },
+        ),
     ];
     for (args, ours) in cases {
         let sent = rdma_sends(&ns, &args);
@@ -246,6 +258,25 @@ fn shared_requests_are_byte_for_byte_what_iproute2_sends() {
             "rdma {args:?}: ours {mine:02x?}\ntheirs {theirs:02x?}"
         );
     }
+    // Our rename, for real: the name a device had before a dead pod netns
+    // gave it back under another.
+    let listed = |name: &'static str| {
+        rdma_json(&ns, &["dev"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["ifname"] == name)
+    };
+    assert!(listed("rxegold2"), "iproute2's rename did not happen");
+    in_ns(&ns, |nl| {
+        let dev = nl.device("rxegold2").unwrap();
+        nl.rename_device(&dev, "rxegold")
+    })
+    .unwrap();
+    assert!(
+        listed("rxegold") && !listed("rxegold2"),
+        "our rename did not happen"
+    );
 }
 
 #[test]
@@ -702,4 +733,55 @@ fn shared_rdma_cm_resolves_the_peer_through_the_rails_routes() {
     );
     let _ = server.kill();
     let _ = server.wait();
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_a_device_back_under_another_name_gets_its_own_back() {
+    // A VF's RDMA device that a dead pod netns returned as "rxeback2": the
+    // PCI → device link comes from a sysfs tree of this test's (there is no
+    // PCI device here), the rename is real.
+    let ns = Netns::new("back");
+    let _rxe = Rxe::on_dummy(&ns, "rail1", "rxeback2");
+    let sysfs = railnet_tests::ScratchDir::new("sysfs");
+    std::fs::create_dir_all(
+        sysfs
+            .path()
+            .join("bus/pci/devices/0000:3b:00.4/infiniband/rxeback2"),
+    )
+    .unwrap();
+    let root = sysfs.path().to_path_buf();
+    let renamed = in_ns(&ns, move |_| {
+        railnet_agent::rdma::restore_name(
+            &root,
+            "0000:3b:00.4",
+            "rxeback",
+            std::time::Duration::from_secs(2),
+        )
+    })
+    .unwrap();
+    assert!(renamed);
+    let names: Vec<String> = rdma_json(&ns, &["dev"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["ifname"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.contains(&"rxeback".to_owned()), "{names:?}");
+    // Its Rxe guard deletes by the old name: delete the new one here.
+    let _ = Command::new("rdma")
+        .args(["link", "delete", "rxeback"])
+        .output();
+    // A PCI function with no RDMA device: the error says which and how long.
+    let err = railnet_agent::rdma::restore_name(
+        sysfs.path(),
+        "0000:3b:00.5",
+        "rxegone",
+        std::time::Duration::from_millis(200),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("0000:3b:00.5") && err.contains("did not come back"),
+        "{err}"
+    );
 }

@@ -52,7 +52,7 @@ fn a_vf_moves_in_carries_its_rail_and_comes_back_as_it_was() {
     assert_eq!(link["address"], POD_MAC);
     assert_eq!(link["mtu"], 1400);
     assert!(
-        records.join("vf-pod-net1.json").is_file(),
+        records.join("vf-vf-pod-net1.json").is_file(),
         "no record of the VF"
     );
     let addr = add.json["ips"][0]["address"].as_str().unwrap();
@@ -80,7 +80,7 @@ fn a_vf_moves_in_carries_its_rail_and_comes_back_as_it_was() {
     let back = &node.ip_json(&["link", "show", "dev", VF])[0];
     assert_eq!(back["address"], VF_MAC, "MAC not restored");
     assert_eq!(back["mtu"], 1500, "MTU not restored");
-    assert!(!Path::new(&records.join("vf-pod-net1.json")).exists());
+    assert!(!Path::new(&records.join("vf-vf-pod-net1.json")).exists());
     assert_eq!(agent.allocations(node), 0);
     // DEL again (runtimes retry): nothing to do, success.
     assert!(cni("DEL", &conf, "vf-pod", Some(&pod.ns.path()), "net1").ok);
