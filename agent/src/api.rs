@@ -127,6 +127,10 @@ pub struct IpamRequest {
     /// The pod's namespace, if known (pool namespace affinity).
     #[serde(default)]
     pub namespace: Option<String>,
+    /// Addresses the pod asked for (`runtimeConfig.ips`, which the main
+    /// plugin passes on in the config it gives its IPAM plugin).
+    #[serde(default)]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// What an IPAM-only ADD hands back.

@@ -8,11 +8,8 @@ use std::{io, net::Ipv4Addr};
 
 const ETH_P_ARP: u16 = 0x0806;
 
-/// Sends one gratuitous ARP request (sender = target = `ip`) out of the
-/// interface `ifindex` of the calling thread's netns.
-pub fn announce(ifindex: u32, mac: &str, ip: Ipv4Addr) -> io::Result<()> {
-    let mac = parse_mac(mac).ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
-    let frame = arp_request(mac, ip);
+/// A packet socket for ARP (the kernel adds and strips Ethernet headers).
+fn arp_socket() -> io::Result<std::os::fd::OwnedFd> {
     // SAFETY: plain socket(2); the fd is wrapped into an OwnedFd at once.
     let fd = unsafe {
         libc::socket(
@@ -25,7 +22,15 @@ pub fn announce(ifindex: u32, mac: &str, ip: Ipv4Addr) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh, valid descriptor we own.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Sends one gratuitous ARP request (sender = target = `ip`) out of the
+/// interface `ifindex` of the calling thread's netns.
+pub fn announce(ifindex: u32, mac: &str, ip: Ipv4Addr) -> io::Result<()> {
+    let mac = parse_mac(mac).ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
+    let frame = arp_request(mac, ip);
+    let fd = arp_socket()?;
     // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;
@@ -65,19 +70,7 @@ pub fn who_has(
     wait: std::time::Duration,
 ) -> io::Result<Option<[u8; 6]>> {
     let ours = parse_mac(mac).ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
-    // SAFETY: plain socket(2); the fd is wrapped into an OwnedFd at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            i32::from(ETH_P_ARP.to_be()),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh, valid descriptor we own.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let fd = arp_socket()?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
     let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -164,7 +157,8 @@ pub fn format_mac(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');
     for b in &mut out {

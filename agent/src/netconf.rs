@@ -112,7 +112,7 @@ pub struct RuntimeConfig {
 }
 
 /// `a.b.c.d/len` (as the `ips` capability carries it) or a bare address.
-fn parse_requested(s: &str) -> Option<std::net::IpAddr> {
+pub fn parse_requested(s: &str) -> Option<std::net::IpAddr> {
     s.parse::<IpNet>()
         .map(|n| n.addr())
         .or_else(|_| s.parse())
@@ -121,16 +121,7 @@ fn parse_requested(s: &str) -> Option<std::net::IpAddr> {
 
 /// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(p, 16).ok()?;
-    }
-    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+    crate::garp::parse_mac(text).filter(|mac| mac[0] & 1 == 0 && *mac != [0; 6])
 }
 
 /// How a rail's traffic is kept on its rail (DESIGN.md, "Rail routing").

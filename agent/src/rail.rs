@@ -482,7 +482,7 @@ impl RailService {
             &req.ippools,
             req.match_master.as_deref(),
             netns.map(PodNetns::id).unwrap_or_default(),
-            (&req.network, req.namespace.as_deref(), &[]),
+            (&req.network, req.namespace.as_deref(), &req.ips),
         ) {
             Ok(a) => a,
             Err(e) => {

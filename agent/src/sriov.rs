@@ -104,12 +104,7 @@ pub struct RdmaRecord {
 /// The bytes of `aa:bb:cc:dd:ee:ff`; `None` for anything else and for the
 /// all-zero MAC an unconfigured VF reports (which cannot be set back).
 pub fn mac_bytes(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    (parts.next().is_none() && mac != [0; 6]).then_some(mac)
+    crate::garp::parse_mac(text).filter(|mac| *mac != [0; 6])
 }
 
 #[cfg(test)]

@@ -26,6 +26,16 @@ struct Conf {
     #[serde(default)]
     master: Option<String>,
     ipam: IpamSection,
+    #[serde(default)]
+    runtime_config: RuntimeConfig,
+}
+
+/// The part of `runtimeConfig` railnet's IPAM reads.
+#[derive(Default, Deserialize)]
+struct RuntimeConfig {
+    /// The `ips` capability: addresses the pod asked for.
+    #[serde(default)]
+    ips: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +61,18 @@ fn parse(stdin: &[u8]) -> Result<Conf, ApiError> {
             "use one of 0.3.1, 0.4.0, 1.0.0, 1.1.0",
         ));
     }
+    if let Some(bad) = conf
+        .runtime_config
+        .ips
+        .iter()
+        .find(|ip| railnet_agent::netconf::parse_requested(ip).is_none())
+    {
+        return Err(ApiError::new(
+            code::INVALID_CONFIG,
+            format!("runtimeConfig.ips {bad:?} is not an address"),
+            "write 172.16.1.50/24 or 172.16.1.50",
+        ));
+    }
     if conf.ipam.match_master_subnet && conf.master.is_none() {
         return Err(ApiError::new(
             code::INVALID_CONFIG,
@@ -73,6 +95,12 @@ fn request(conf: &Conf, env: &impl Fn(&str) -> Option<String>) -> Result<IpamReq
             .filter(|_| conf.ipam.match_master_subnet),
         network: conf.name.clone(),
         namespace: args.get("K8S_POD_NAMESPACE").cloned(),
+        ips: conf
+            .runtime_config
+            .ips
+            .iter()
+            .filter_map(|ip| railnet_agent::netconf::parse_requested(ip))
+            .collect(),
     })
 }
 
@@ -149,6 +177,7 @@ pub(crate) fn run(
                 match_master: None,
                 network: String::new(),
                 namespace: None,
+                ips: vec![],
             };
             let socket = socket_path(stdin, env);
             match call(&socket, Op::IpamDel(req), None) {

@@ -47,6 +47,16 @@ fn refused(api: &ApiServer, path: &str, obj: &Value, says: &str) {
     assert!(msg.contains(says), "message {msg:?} does not say {says:?}");
 }
 
+/// The column names of a Table answer (what `kubectl get` prints).
+fn columns(table: &Value) -> Vec<&str> {
+    table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn rail_pools_as_the_seeds_write_them_and_the_mistakes_they_print() {
     let api = server();
@@ -116,12 +126,7 @@ fn rail_pools_as_the_seeds_write_them_and_the_mistakes_they_print() {
     assert_eq!(code, 200, "{body}");
     let (code, table) = api.get_table(POOLS);
     assert_eq!(code, 200, "{table}");
-    let columns: Vec<&str> = table["columnDefinitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let columns = columns(&table);
     assert_eq!(
         columns,
         [
@@ -205,12 +210,7 @@ fn rail_networks_refuse_what_railnet_would_refuse() {
     );
     let (code, table) = api.get_table(NETWORKS);
     assert_eq!(code, 200, "{table}");
-    let columns: Vec<&str> = table["columnDefinitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let columns = columns(&table);
     assert_eq!(
         columns,
         [

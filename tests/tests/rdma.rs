@@ -507,18 +507,26 @@ fn shared_add_uses_the_masters_device_and_refuses_a_master_without_one() {
     );
 }
 
-#[test]
-#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
-fn shared_isolation_is_refused_before_anything_is_made() {
+/// A one-node fabric, its agent, a pod whose `net1` an earlier plugin made
+/// (a dummy standing in for sriov-cni's VF), and the chained config with
+/// `rdmaIsolation` for the VF at 0000:3b:00.2.
+fn isolated_vf_pod() -> (RailFabric, Agent, railnet_tests::FabricPod, Value) {
     let fabric = RailFabric::new(1, 1);
-    let node = &fabric.nodes[0];
-    let agent = Agent::start(node, &fabric.pools(0));
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
     let pod = fabric.pod(0);
     let mut conf = fabric.netconf(1, &agent, "ebpf");
     conf["mode"] = "chained".into();
     conf["rdmaIsolation"] = true.into();
     conf["deviceID"] = "0000:3b:00.2".into();
     pod.ns.ip(&["link", "add", "net1", "type", "dummy"]);
+    (fabric, agent, pod, conf)
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_isolation_is_refused_before_anything_is_made() {
+    let (fabric, agent, pod, conf) = isolated_vf_pod();
+    let node = &fabric.nodes[0];
     let out = cni("ADD", &conf, "rdma-iso", Some(&pod.ns.path()), "net1");
     assert!(!out.ok, "{}", out.stdout);
     let msg = out.json["msg"].as_str().unwrap();
@@ -541,15 +549,8 @@ fn shared_isolation_is_refused_before_anything_is_made() {
 #[test]
 #[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
 fn exclusive_isolation_of_a_vf_without_an_rdma_device_is_refused_cleanly() {
-    let fabric = RailFabric::new(1, 1);
+    let (fabric, agent, pod, conf) = isolated_vf_pod();
     let node = &fabric.nodes[0];
-    let agent = Agent::start(node, &fabric.pools(0));
-    let pod = fabric.pod(0);
-    let mut conf = fabric.netconf(1, &agent, "ebpf");
-    conf["mode"] = "chained".into();
-    conf["rdmaIsolation"] = true.into();
-    conf["deviceID"] = "0000:3b:00.2".into();
-    pod.ns.ip(&["link", "add", "net1", "type", "dummy"]);
     let out = cni("ADD", &conf, "rdma-xiso", Some(&pod.ns.path()), "net1");
     assert!(!out.ok, "{}", out.stdout);
     let msg = out.json["msg"].as_str().unwrap();

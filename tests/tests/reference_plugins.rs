@@ -88,6 +88,29 @@ fn reference_macvlan_gets_its_address_from_railnet_ipam() {
         "{}",
         out.stdout
     );
+    // The ips capability: the macvlan passes its config, runtimeConfig and
+    // all, to railnet-ipam, which gives the address the pod asked for.
+    let asked = fabric.pod(0);
+    let (mut conf, cid, path, cni_path) =
+        (conf.clone(), unique("c"), asked.ns.path(), cni_path.clone());
+    conf["runtimeConfig"] = json!({"ips": ["172.16.1.15/24"]});
+    let out = fabric.nodes[0].run(move || {
+        plugin(
+            Path::new(MACVLAN),
+            "ADD",
+            &conf,
+            &cid,
+            Some(&path),
+            "net1",
+            &cni_path,
+        )
+    });
+    assert!(out.ok, "{}\n{}", out.stdout, agent.log());
+    assert_eq!(
+        out.json["ips"][0]["address"], "172.16.1.15/24",
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]

@@ -461,29 +461,19 @@ fn test_binary(root: &Path, obj: &Path, name: &str) -> Result<String> {
         .with_context(|| format!("no {name} test binary in cargo's output"))
 }
 
-/// The dataplane tests that matter most, again on Debian's Linux 6.1 under
-/// qemu: no TCX there, so the agent attaches clsact filters. The guest
-/// sees this machine's root read-only and runs the test binary built above.
-fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
-    step("dataplane tests on Linux 6.1 (clsact, no TCX) under qemu");
-    let binary = test_binary(root, obj, "dataplane")?;
-    let ipvlan = test_binary(root, obj, "ipvlan")?;
-    let identity = test_binary(root, obj, "netns_identity")?;
+/// Runs `body` as root in Debian's Linux 6.1 under qemu (tests/vm), with
+/// /run/netns ready and the agent and CNI binaries of target/debug named
+/// in the environment the tests read; fails if the script does.
+fn in_guest(root: &Path, name: &str, body: &str) -> Result<()> {
     let bin = root.join("target/debug");
-    let script = root.join("target/vm-dataplane.sh");
+    let script = root.join(format!("target/vm-{name}.sh"));
     std::fs::write(
         &script,
         format!(
             "set -e\n\
              mkdir -p /run/netns\n\
-             echo \"guest kernel $(uname -r)\"\n\
              export RAILNET_AGENT_BIN={agent} RAILNET_CNI_BIN={cni} RUST_BACKTRACE=0\n\
-             {binary} --test-threads=2 \
-               rail_sourced_ping_and_tcp_cross_their_own_rail \
-               routing_survives_an_agent_crash \
-               del_and_a_vanished_netns_leave_no_program_map_or_pin\n\
-             {ipvlan} --test-threads=2 --include-ignored\n\
-             {identity}\n",
+             {body}",
             agent = bin.join("railnet-agent").display(),
             cni = bin.join("railnet").display(),
         ),
@@ -495,8 +485,33 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
         .status()
         .context("run tests/vm/vmrun.sh")?;
     if !status.success() {
-        bail!("dataplane tests on Linux 6.1 failed ({status}); output above");
+        bail!("the guest script failed ({status}); output above");
     }
+    Ok(())
+}
+
+/// The dataplane tests that matter most, again on Debian's Linux 6.1 under
+/// qemu: no TCX there, so the agent attaches clsact filters. The guest
+/// sees this machine's root read-only and runs the test binary built above.
+fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
+    step("dataplane tests on Linux 6.1 (clsact, no TCX) under qemu");
+    let binary = test_binary(root, obj, "dataplane")?;
+    let ipvlan = test_binary(root, obj, "ipvlan")?;
+    let identity = test_binary(root, obj, "netns_identity")?;
+    in_guest(
+        root,
+        "dataplane",
+        &format!(
+            "echo \"guest kernel $(uname -r)\"\n\
+             {binary} --test-threads=2 \
+               rail_sourced_ping_and_tcp_cross_their_own_rail \
+               routing_survives_an_agent_crash \
+               del_and_a_vanished_netns_leave_no_program_map_or_pin\n\
+             {ipvlan} --test-threads=2 --include-ignored\n\
+             {identity}\n"
+        ),
+    )
+    .context("dataplane tests on Linux 6.1")?;
     Ok(())
 }
 
@@ -522,7 +537,6 @@ fn libcni_client(root: &Path) -> Result<PathBuf> {
 /// after).
 fn rdma_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
     let binary = test_binary(root, obj, "rdma")?;
-    let bin = root.join("target/debug");
     for (mode, prepare) in [
         ("shared", ""),
         ("exclusive", "rdma system set netns exclusive\n"),
@@ -530,29 +544,16 @@ fn rdma_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
         step(&format!(
             "RDMA tests on Linux 6.1 under qemu, {mode} netns mode (soft RoCE)"
         ));
-        let script = root.join(format!("target/vm-rdma-{mode}.sh"));
-        std::fs::write(
-            &script,
-            format!(
-                "set -e\n\
-                 modprobe rdma_rxe; modprobe ib_uverbs; modprobe rdma_ucm\n\
+        in_guest(
+            root,
+            &format!("rdma-{mode}"),
+            &format!(
+                "modprobe rdma_rxe; modprobe ib_uverbs; modprobe rdma_ucm\n\
                  {prepare}\
-                 mkdir -p /run/netns\n\
-                 export RAILNET_AGENT_BIN={agent} RAILNET_CNI_BIN={cni} RUST_BACKTRACE=0\n\
-                 {binary} --ignored --test-threads=1 {mode}_\n",
-                agent = bin.join("railnet-agent").display(),
-                cni = bin.join("railnet").display(),
+                 {binary} --ignored --test-threads=1 {mode}_\n"
             ),
-        )?;
-        let status = Command::new("bash")
-            .arg(root.join("tests/vm/vmrun.sh"))
-            .arg(&script)
-            .env("VM_TIMEOUT", "900")
-            .status()
-            .context("run tests/vm/vmrun.sh")?;
-        if !status.success() {
-            bail!("RDMA tests ({mode} mode) on Linux 6.1 failed ({status}); output above");
-        }
+        )
+        .with_context(|| format!("RDMA tests ({mode} mode) on Linux 6.1"))?;
     }
     Ok(())
 }

@@ -116,6 +116,27 @@ impl State {
         n
     }
 
+    /// Holds a fresh allocation and returns its record.
+    fn hold_new(
+        &mut self,
+        key: AllocationKey,
+        pool: String,
+        address: IpAddr,
+        netns: NetnsId,
+        network: &str,
+    ) -> Allocation {
+        let a = Allocation {
+            key,
+            pool,
+            address,
+            netns_inode: netns.inode,
+            netns_cookie: netns.cookie,
+            network: network.to_owned(),
+        };
+        self.hold(&a);
+        a
+    }
+
     fn hold(&mut self, a: &Allocation) {
         let held = Held {
             pool: self.intern(&a.pool),
@@ -273,16 +294,7 @@ impl Ipam {
                 rejected.extend(candidates.rejected.iter().cloned());
                 return Err(IpamError::Requested { address, rejected });
             };
-            let a = Allocation {
-                key: key.clone(),
-                pool,
-                address,
-                netns_inode: netns.inode,
-                netns_cookie: netns.cookie,
-                network: network.to_owned(),
-            };
-            state.hold(&a);
-            a
+            state.hold_new(key, pool, address, netns, network)
         };
         self.commit(allocation)
     }
@@ -321,16 +333,7 @@ impl Ipam {
                 }));
                 return Err(IpamError::NoPool(rejected));
             };
-            let a = Allocation {
-                key: key.clone(),
-                pool,
-                address,
-                netns_inode: netns.inode,
-                netns_cookie: netns.cookie,
-                network: network.to_owned(),
-            };
-            state.hold(&a);
-            a
+            state.hold_new(key, pool, address, netns, network)
         };
         self.commit(allocation)
     }
