@@ -204,15 +204,25 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<Ra
         };
         let (metrics, service) = (metrics.clone(), service.clone());
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let request = String::from_utf8_lossy(&buf[..n]);
+            // The whole request head, however the client's writes were
+            // split (one read may hold only its first line), within 5 s
+            // and 8 KiB.
+            let mut buf = Vec::with_capacity(1024);
+            let head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(5), head).await {
+                Ok(true) => {}
+                _ => return,
+            }
+            let request = String::from_utf8_lossy(&buf);
             let path = request.split_whitespace().nth(1).unwrap_or("");
             // Prometheus asks for OpenMetrics in its Accept header; other
             // scrapers (and promtool) read the classic text format.

@@ -80,4 +80,24 @@ fn a_real_scrape_passes_promtool_and_openmetrics_is_negotiated() {
     );
     assert!(body(&om).trim_end().ends_with("# EOF"), "{om}");
     assert!(body(&om).contains("# TYPE railnet_dataplane_packets counter"));
+
+    // A request head that arrives in two writes is read whole before the
+    // answer (the Accept header is in the second).
+    let split = node.run(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9465").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n")
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        s.write_all(b"Accept: application/openmetrics-text\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    assert!(
+        split.contains("Content-Type: application/openmetrics-text"),
+        "answered before the whole request came: {}",
+        split.lines().next().unwrap_or("")
+    );
 }
