@@ -221,12 +221,14 @@ impl RailService {
         // RDMA first: a node in the wrong mode or a master without an RDMA
         // device is refused before anything is made.
         let rdma = rdma_plan(&conf, &self.sysfs_root)?;
+        // Read once: it takes a thread that enters the pod netns.
+        let netns_id = netns.id();
         let addrs = match self.allocate(
             &att.container_id,
             &att.ifname,
             &conf.ippools,
             conf.match_master_subnet.then_some(conf.master.as_str()),
-            netns.id(),
+            netns_id,
             (
                 &conf.name,
                 att.args.get("K8S_POD_NAMESPACE").map(String::as_str),
@@ -268,7 +270,7 @@ impl RailService {
                 tracing::warn!(error = %e, "could not record the isolated RDMA device's name");
             }
         }
-        match self.wire(att, &conf, netns, addrs) {
+        match self.wire(att, &conf, netns, netns_id, addrs) {
             Ok(mut result) => {
                 result.rdma = match &rdma {
                     RdmaPlan::None => None,
@@ -743,6 +745,7 @@ impl RailService {
         att: &Attachment,
         conf: &NetConf,
         netns: &PodNetns,
+        netns_id: NetnsId,
         addrs: RailAddresses,
     ) -> Result<AddResult, ApiError> {
         let dp = |msg: &str, details: String| ApiError::new(code::DATAPLANE, msg, details);
@@ -841,7 +844,7 @@ impl RailService {
             rdma_cidrs: conf.rdma_cidrs.clone(),
             routing: conf.routing,
             mtu,
-            netns: netns.id(),
+            netns: netns_id,
             pins: PodPins::new(&self.pin_root, &att.container_id),
             detect: (conf.detect_ip_conflict, conf.detect_gateway),
         };

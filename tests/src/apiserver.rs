@@ -56,16 +56,7 @@ impl ApiServer {
         let pki = d.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .current_dir(&pki)
-                .args(args)
-                .output()
-                .expect("openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            crate::sh(Command::new("openssl").current_dir(&pki).args(args));
         };
         openssl(&[
             "req",

@@ -14,17 +14,11 @@ use serde_json::Value;
 
 const NEEDS_RDMA: &str = "needs a kernel with RDMA: cargo xtask test runs it under qemu";
 
-/// Runs a command, panicking with its output on failure.
+/// [`railnet_tests::sh`] (panics with the output on failure), returning
+/// what the command printed.
 #[track_caller]
 fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&railnet_tests::sh(cmd).stdout).into_owned()
 }
 
 /// A soft-RoCE device on a dummy netdev inside `ns`, removed on drop.

@@ -4,10 +4,40 @@
 
 use std::path::Path;
 
-use railnet_tests::{Agent, RailFabric, ScratchDir, binary, plugin, unique};
-use serde_json::json;
+use railnet_tests::{Agent, CniOutcome, Netns, RailFabric, ScratchDir, binary, plugin, unique};
+use serde_json::{Value, json};
 
 const MACVLAN: &str = "/usr/lib/cni/macvlan";
+
+/// Runs the reference macvlan for `net1` from the node's netns (it makes
+/// the link beside its master there), as kubelet would on the node.
+fn macvlan_on_node(
+    node: &Netns,
+    command: &str,
+    conf: &Value,
+    cid: &str,
+    ns: &Path,
+    cni_path: &str,
+) -> CniOutcome {
+    let (command, conf, cid, ns, cni_path) = (
+        command.to_owned(),
+        conf.clone(),
+        cid.to_owned(),
+        ns.to_owned(),
+        cni_path.to_owned(),
+    );
+    node.run(move || {
+        plugin(
+            Path::new(MACVLAN),
+            &command,
+            &conf,
+            &cid,
+            Some(&ns),
+            "net1",
+            &cni_path,
+        )
+    })
+}
 
 #[test]
 fn reference_macvlan_gets_its_address_from_railnet_ipam() {
@@ -37,24 +67,7 @@ fn reference_macvlan_gets_its_address_from_railnet_ipam() {
     let pod = fabric.pod(0);
     let cid = unique("c");
     let run = |command: &str, cid: &str, ns: &Path| {
-        let conf = conf.clone();
-        let (cid, ns, cni_path, command) = (
-            cid.to_owned(),
-            ns.to_owned(),
-            cni_path.clone(),
-            command.to_owned(),
-        );
-        fabric.nodes[0].run(move || {
-            plugin(
-                Path::new(MACVLAN),
-                &command,
-                &conf,
-                &cid,
-                Some(&ns),
-                "net1",
-                &cni_path,
-            )
-        })
+        macvlan_on_node(&fabric.nodes[0], command, &conf, cid, ns, &cni_path)
     };
     let out = run("ADD", &cid, &pod.ns.path());
     assert!(
@@ -91,20 +104,16 @@ fn reference_macvlan_gets_its_address_from_railnet_ipam() {
     // The ips capability: the macvlan passes its config, runtimeConfig and
     // all, to railnet-ipam, which gives the address the pod asked for.
     let asked = fabric.pod(0);
-    let (mut conf, cid, path, cni_path) =
-        (conf.clone(), unique("c"), asked.ns.path(), cni_path.clone());
-    conf["runtimeConfig"] = json!({"ips": ["172.16.1.15/24"]});
-    let out = fabric.nodes[0].run(move || {
-        plugin(
-            Path::new(MACVLAN),
-            "ADD",
-            &conf,
-            &cid,
-            Some(&path),
-            "net1",
-            &cni_path,
-        )
-    });
+    let mut asking = conf.clone();
+    asking["runtimeConfig"] = json!({"ips": ["172.16.1.15/24"]});
+    let out = macvlan_on_node(
+        &fabric.nodes[0],
+        "ADD",
+        &asking,
+        &unique("c"),
+        &asked.ns.path(),
+        &cni_path,
+    );
     assert!(out.ok, "{}\n{}", out.stdout, agent.log());
     assert_eq!(
         out.json["ips"][0]["address"], "172.16.1.15/24",
@@ -123,23 +132,14 @@ fn railnet_chained_after_reference_macvlan_adds_address_routes_and_program() {
     // macvlan (no IPAM: L2 only) makes net1, railnet adds its part.
     let macvlan = json!({"cniVersion": "1.0.0", "name": "rail1", "type": "macvlan", "master": "eth1", "mode": "bridge"});
     let run_macvlan = |command: &str| {
-        let (conf, cid, ns, command) = (
-            macvlan.clone(),
-            cid.clone(),
-            pod.ns.path(),
-            command.to_owned(),
-        );
-        fabric.nodes[0].run(move || {
-            plugin(
-                Path::new(MACVLAN),
-                &command,
-                &conf,
-                &cid,
-                Some(&ns),
-                "net1",
-                "/usr/lib/cni",
-            )
-        })
+        macvlan_on_node(
+            &fabric.nodes[0],
+            command,
+            &macvlan,
+            &cid,
+            &pod.ns.path(),
+            "/usr/lib/cni",
+        )
     };
     let first = run_macvlan("ADD");
     assert!(first.ok, "macvlan: {}", first.stdout);

@@ -267,34 +267,26 @@ impl Ipam {
                     }],
                 });
             }
-            let mut rejected = Vec::new();
-            let mut found = None;
-            for name in &candidates.pools {
-                let pool = &self.pools[name];
-                if !pool.subnet.contains(&address) {
-                    rejected.push(Rejection {
-                        pool: name.clone(),
-                        why: format!("{address} is outside its subnet {}", pool.subnet),
-                    });
-                    continue;
-                }
-                let index = state.index.get_mut(name).expect("index per pool");
-                match index.take_exact(pool, address) {
-                    Ok(()) => {
-                        found = Some(name.clone());
-                        break;
+            self.take_first(
+                &mut state,
+                key,
+                candidates,
+                netns,
+                network,
+                |pool, index| {
+                    if !pool.subnet.contains(&address) {
+                        return Err(format!("{address} is outside its subnet {}", pool.subnet));
                     }
-                    Err(why) => rejected.push(Rejection {
-                        pool: name.clone(),
-                        why: why.into(),
-                    }),
-                }
-            }
-            let Some(pool) = found else {
+                    index
+                        .take_exact(pool, address)
+                        .map(|()| address)
+                        .map_err(Into::into)
+                },
+            )
+            .map_err(|mut rejected| {
                 rejected.extend(candidates.rejected.iter().cloned());
-                return Err(IpamError::Requested { address, rejected });
-            };
-            state.hold_new(key, pool, address, netns, network)
+                IpamError::Requested { address, rejected }
+            })?
         };
         self.commit(allocation)
     }
@@ -312,30 +304,49 @@ impl Ipam {
             if let Some(h) = state.held.get(&key) {
                 return Ok(State::record(&key, h));
             }
-            let mut full = Vec::new();
-            let mut found = None;
-            for name in &candidates.pools {
-                let pool = &self.pools[name];
-                let index = state.index.get_mut(name).expect("index per pool");
-                match index.take(pool) {
-                    Some(address) => {
-                        found = Some((name.clone(), address));
-                        break;
-                    }
-                    None => full.push(name.clone()),
-                }
-            }
-            let Some((pool, address)) = found else {
+            self.take_first(
+                &mut state,
+                key,
+                candidates,
+                netns,
+                network,
+                |pool, index| index.take(pool).ok_or_else(|| "exhausted".to_owned()),
+            )
+            .map_err(|full| {
                 let mut rejected = candidates.rejected.clone();
-                rejected.extend(full.into_iter().map(|p| Rejection {
-                    pool: p,
-                    why: "exhausted".into(),
-                }));
-                return Err(IpamError::NoPool(rejected));
-            };
-            state.hold_new(key, pool, address, netns, network)
+                rejected.extend(full);
+                IpamError::NoPool(rejected)
+            })?
         };
         self.commit(allocation)
+    }
+
+    /// Holds the first address `take` gives from the candidate pools, in
+    /// order; or, if none gives one, each pool with why not.
+    fn take_first(
+        &self,
+        state: &mut State,
+        key: AllocationKey,
+        candidates: &Candidates,
+        netns: NetnsId,
+        network: &str,
+        take: impl Fn(&Pool, &mut PoolIndex) -> Result<IpAddr, String>,
+    ) -> Result<Allocation, Vec<Rejection>> {
+        let mut refused = Vec::new();
+        for name in &candidates.pools {
+            let pool = &self.pools[name];
+            let index = state.index.get_mut(name).expect("index per pool");
+            match take(pool, index) {
+                Ok(address) => {
+                    return Ok(state.hold_new(key, name.clone(), address, netns, network));
+                }
+                Err(why) => refused.push(Rejection {
+                    pool: name.clone(),
+                    why,
+                }),
+            }
+        }
+        Err(refused)
     }
 
     /// Makes a held allocation durable, or gives the address back so the
