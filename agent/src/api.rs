@@ -127,6 +127,13 @@ pub struct IpamRequest {
     /// The pod's namespace, if known (pool namespace affinity).
     #[serde(default)]
     pub namespace: Option<String>,
+    /// The pod's name and UID (`K8S_POD_NAME`, `K8S_POD_UID`), recorded in
+    /// Kubernetes mode's claims. Absent from older CNI binaries.
+    #[serde(default)]
+    pub pod_name: Option<String>,
+    /// See `pod_name`.
+    #[serde(default)]
+    pub pod_uid: Option<String>,
     /// Addresses the pod asked for (`runtimeConfig.ips`, which the main
     /// plugin passes on in the config it gives its IPAM plugin).
     #[serde(default)]

@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use clap::Parser;
 use railnet_agent::{
     api, bpf_object, config, dataplane,
-    ipam::{Ipam, OpenError, RedbStore},
+    ipam::{
+        Ipam, OpenError, RedbStore,
+        cluster::{ClusterOptions, ClusterStore},
+    },
     rail::RailService,
     server,
 };
@@ -56,10 +59,41 @@ struct Args {
     /// whose netns is gone without a DEL.
     #[arg(long, env = "RAILNET_SWEEP_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     sweep_interval: u64,
+    /// Where addresses are claimed: `local` (the redb file of `--state`, one
+    /// node on its own) or `kubernetes` (RailBlock objects in the API
+    /// server, shared by every node; needs the chart's CRDs and RBAC).
+    #[arg(long, env = "RAILNET_IPAM_STORE", value_enum, default_value = "local")]
+    ipam_store: StoreKind,
+    /// Kubeconfig for `--ipam-store kubernetes`; unset: in-cluster service
+    /// account (or KUBECONFIG).
+    #[arg(long, env = "RAILNET_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Prefix length of the IPv4 address blocks a node claims in
+    /// Kubernetes mode (28: 16 addresses; a pod's rails cost one API write
+    /// each, a new block one more).
+    #[arg(long, env = "RAILNET_BLOCK_PREFIX_V4", default_value_t = 28, value_parser = clap::value_parser!(u8).range(16..=32))]
+    block_prefix_v4: u8,
+    /// Prefix length of IPv6 blocks in Kubernetes mode.
+    #[arg(long, env = "RAILNET_BLOCK_PREFIX_V6", default_value_t = 122, value_parser = clap::value_parser!(u8).range(112..=128))]
+    block_prefix_v6: u8,
+    /// Node-local lock: a second agent for the same socket refuses to
+    /// start while one holds it (two agents would wire the same pods
+    /// twice). Default: the socket's path with `.lock` appended.
+    #[arg(long, env = "RAILNET_LOCK")]
+    lock: Option<PathBuf>,
     /// Where sysfs is: PCI addresses (deviceID) are looked up under
     /// `<root>/bus/pci/devices/` (tests point it at a tree of their own).
     #[arg(long, env = "RAILNET_SYSFS_ROOT", default_value = "/sys")]
     sysfs_root: PathBuf,
+}
+
+/// Which store allocations live in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// redb on this node's disk.
+    Local,
+    /// The Kubernetes API server.
+    Kubernetes,
 }
 
 /// Exit codes a supervisor can act on.
@@ -68,6 +102,36 @@ mod exit {
     pub const STUB_BPF: u8 = 3;
     pub const BIND: u8 = 4;
     pub const STORE: u8 = 5;
+    pub const LOCKED: u8 = 6;
+}
+
+/// Takes the node-local lock (flock, released by the kernel when the
+/// process ends however it ends), writing our PID into the file; or says
+/// who holds it.
+fn take_node_lock(path: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::{io::Write, os::fd::AsRawFd};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("lock {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(path).unwrap_or_default();
+        return Err(format!(
+            "another railnet-agent (pid {}) serves this node (lock {}); stop it first — two agents would wire the same pods twice",
+            holder.trim(),
+            path.display()
+        ));
+    }
+    let _ = f.set_len(0);
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
 }
 
 fn main() -> ExitCode {
@@ -90,17 +154,50 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    let store = match RedbStore::open(&args.state) {
-        Ok(s) => s,
+    let node_name = args.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    });
+    // Before anything is opened or touched: one agent per node.
+    let lock_path = args.lock.clone().unwrap_or_else(|| {
+        let mut p = args.socket.clone().into_os_string();
+        p.push(".lock");
+        PathBuf::from(p)
+    });
+    let _lock = match take_node_lock(&lock_path) {
+        Ok(f) => f,
         Err(e) => {
-            eprintln!(
-                "railnet-agent: allocation store {}: {e}",
-                args.state.display()
-            );
-            return ExitCode::from(exit::STORE);
+            eprintln!("railnet-agent: {e}");
+            return ExitCode::from(exit::LOCKED);
         }
     };
-    let ipam = match Ipam::with_store(specs, Box::new(store)) {
+    let opened = match args.ipam_store {
+        StoreKind::Local => match RedbStore::open(&args.state) {
+            Ok(store) => Ipam::with_store(specs, Box::new(store)),
+            Err(e) => {
+                eprintln!(
+                    "railnet-agent: allocation store {}: {e}",
+                    args.state.display()
+                );
+                return ExitCode::from(exit::STORE);
+            }
+        },
+        StoreKind::Kubernetes => {
+            let mut opts = ClusterOptions::new(node_name.clone());
+            opts.kubeconfig = args.kubeconfig.clone();
+            opts.block_prefix_v4 = args.block_prefix_v4;
+            opts.block_prefix_v6 = args.block_prefix_v6;
+            match ClusterStore::connect(opts) {
+                Ok(c) => Ipam::with_cluster(specs, Arc::new(c)),
+                Err(e) => {
+                    eprintln!("railnet-agent: Kubernetes store: {e}");
+                    return ExitCode::from(exit::STORE);
+                }
+            }
+        }
+    };
+    let ipam = match opened {
         Ok(ipam) => ipam,
         Err(OpenError::Pools(errors)) => {
             let text = std::fs::read_to_string(&args.config).unwrap_or_default();
@@ -110,15 +207,13 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
         Err(e @ OpenError::Store(_)) => {
-            eprintln!("railnet-agent: {}: {e}", args.state.display());
+            match args.ipam_store {
+                StoreKind::Local => eprintln!("railnet-agent: {}: {e}", args.state.display()),
+                StoreKind::Kubernetes => eprintln!("railnet-agent: Kubernetes store: {e}"),
+            }
             return ExitCode::from(exit::STORE);
         }
     };
-    let node_name = args.node_name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default()
-    });
     if let Err(e) = check_pin_root(&args.pin_root) {
         eprintln!("railnet-agent: {e}");
         return ExitCode::from(exit::CONFIG);

@@ -28,7 +28,7 @@ use crate::{
         ResultInterface, ResultIp, ResultRoute, code,
     },
     dataplane::{PodPins, RailAttachment},
-    ipam::{AllocationKey, Family, Ipam, PoolRequest},
+    ipam::{AllocationKey, Family, Ipam, IpamError, PoolRequest},
     netconf::{NetConf, Routing, valid_ifname},
     netns::{NetnsId, PodNetns},
     rdma::{self, NetnsMode, RdmaDevice, RdmaError, RdmaNetlink, RdmaPort},
@@ -47,6 +47,14 @@ pub const RULE_TABLE_BASE: u32 = 100;
 /// `RULE_PRIORITY_BASE + K`: after the kernel's `local` rule (0), before
 /// `main` (32766).
 pub const RULE_PRIORITY_BASE: u32 = 1000;
+
+/// Who a pod is, as the runtime said (CNI_ARGS).
+#[derive(Clone, Copy, Debug, Default)]
+struct PodIds<'a> {
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+    uid: Option<&'a str>,
+}
 
 /// What ADD and DEL need from the agent.
 #[derive(Debug)]
@@ -231,7 +239,11 @@ impl RailService {
             netns_id,
             (
                 &conf.name,
-                att.args.get("K8S_POD_NAMESPACE").map(String::as_str),
+                PodIds {
+                    namespace: att.args.get("K8S_POD_NAMESPACE").map(String::as_str),
+                    name: att.args.get("K8S_POD_NAME").map(String::as_str),
+                    uid: att.args.get("K8S_POD_UID").map(String::as_str),
+                },
                 &conf.requested_ips(),
             ),
         ) {
@@ -484,7 +496,15 @@ impl RailService {
             &req.ippools,
             req.match_master.as_deref(),
             netns.map(PodNetns::id).unwrap_or_default(),
-            (&req.network, req.namespace.as_deref(), &req.ips),
+            (
+                &req.network,
+                PodIds {
+                    namespace: req.namespace.as_deref(),
+                    name: req.pod_name.as_deref(),
+                    uid: req.pod_uid.as_deref(),
+                },
+                &req.ips,
+            ),
         ) {
             Ok(a) => a,
             Err(e) => {
@@ -664,9 +684,17 @@ impl RailService {
         ippools: &crate::netconf::IpPools,
         match_master: Option<&str>,
         netns: NetnsId,
-        // The network, the pod's namespace, and the addresses it asked for.
-        (network, namespace, requested): (&str, Option<&str>, &[IpAddr]),
+        // The network, the pod, and the addresses it asked for.
+        (network, pod, requested): (&str, PodIds<'_>, &[IpAddr]),
     ) -> Result<RailAddresses, ApiError> {
+        let namespace = pod.namespace;
+        let owner = crate::ipam::cluster::Owner {
+            netns,
+            network: network.to_owned(),
+            pod_namespace: pod.namespace.unwrap_or_default().to_owned(),
+            pod_name: pod.name.unwrap_or_default().to_owned(),
+            pod_uid: pod.uid.unwrap_or_default().to_owned(),
+        };
         let master_addresses = if let Some(master) = match_master {
             let master = master.to_owned();
             let addrs = with_rtnl(|h| async move {
@@ -708,13 +736,16 @@ impl RailService {
             let wanted = requested
                 .iter()
                 .find(|a| a.is_ipv6() == (family == Family::V6));
-            let alloc = match wanted {
-                Some(a) => self
-                    .ipam
-                    .allocate_exact_for(key, &candidates, *a, netns, network),
-                None => self.ipam.allocate_for(key, &candidates, netns, network),
-            }
-            .map_err(|e| ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()))?;
+            let alloc = self
+                .ipam
+                .allocate_owned(key, &candidates, wanted.copied(), &owner)
+                .map_err(|e| match e {
+                    // The API server is away: the runtime tries again.
+                    IpamError::Unavailable(_) => {
+                        ApiError::new(code::TRY_AGAIN, "IPAM", e.to_string())
+                    }
+                    _ => ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()),
+                })?;
             let pool = &self.ipam.pools()[&alloc.pool];
             let net = IpNet::new(alloc.address, pool.subnet.prefix_len())
                 .expect("prefix comes from a valid subnet");

@@ -95,6 +95,8 @@ fn request(conf: &Conf, env: &impl Fn(&str) -> Option<String>) -> Result<IpamReq
             .filter(|_| conf.ipam.match_master_subnet),
         network: conf.name.clone(),
         namespace: args.get("K8S_POD_NAMESPACE").cloned(),
+        pod_name: args.get("K8S_POD_NAME").cloned(),
+        pod_uid: args.get("K8S_POD_UID").cloned(),
         ips: conf
             .runtime_config
             .ips
@@ -177,6 +179,8 @@ pub(crate) fn run(
                 match_master: None,
                 network: String::new(),
                 namespace: None,
+                pod_name: None,
+                pod_uid: None,
                 ips: vec![],
             };
             let socket = socket_path(stdin, env);

@@ -139,34 +139,21 @@ impl ApiServer {
             .stderr(log("etcd.err"))
             .spawn()
             .expect("etcd (Debian's etcd-server)");
-        let server = Command::new("ip")
-            .args(["netns", "exec", ns.name()])
-            .arg(&bin)
-            .args([
-                "--etcd-servers=http://127.0.0.1:2379",
-                "--bind-address=127.0.0.1",
-                &format!("--secure-port={PORT}"),
-            ])
-            .arg(format!("--cert-dir={}", d.join("certs").display()))
-            .arg(format!("--client-ca-file={}", pki.join("ca.crt").display()))
-            .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
-            .arg("--authentication-skip-lookup")
-            .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
-            .arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .args([
-                "--enable-priority-and-fairness=false",
-                "--disable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy",
-            ])
-            .stdout(log("apiserver.log"))
-            .stderr(log("apiserver.err"))
-            .spawn()
-            .expect("apiextensions-apiserver");
+        let server = spawn_server(&ns, &bin, d);
         let api = Self {
             ns,
             dir,
             etcd,
             server,
         };
+        api.wait_ready();
+        api
+    }
+
+    /// Waits until the server answers.
+    #[track_caller]
+    fn wait_ready(&self) {
+        let api = self;
         let deadline = Instant::now() + Duration::from_secs(60);
         while api.get("/apis/apiextensions.k8s.io/v1").0 != 200 {
             assert!(
@@ -176,7 +163,43 @@ impl ApiServer {
             );
             std::thread::sleep(Duration::from_millis(250));
         }
-        api
+    }
+
+    /// The admin kubeconfig (server `https://127.0.0.1:6443`, reachable
+    /// from inside [`ApiServer::ns`] only).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("admin.kubeconfig")
+    }
+
+    /// Kills the API server process (etcd keeps running): what clients see
+    /// when the control plane goes away mid-request.
+    pub fn kill_server(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+
+    /// Starts the API server again over the same etcd and waits for it.
+    #[track_caller]
+    pub fn restart_server(&mut self) {
+        self.kill_server();
+        self.server = spawn_server(&self.ns, &apiserver_bin(), self.dir.path());
+        self.wait_ready();
+    }
+
+    /// Runs `f` on a thread inside the server's netns: a client made there
+    /// reaches the server on 127.0.0.1.
+    pub fn inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.ns.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let fd = std::fs::File::open(&path).expect("netns handle");
+                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns into the API server's netns");
+                f()
+            })
+            .join()
+            .expect("thread inside the API server's netns")
+        })
     }
 
     fn curl(&self, method: &str, path: &str, body: Option<&Value>, accept: &str) -> (u16, Value) {
@@ -270,6 +293,42 @@ impl ApiServer {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Starts apiextensions-apiserver in `ns` with the PKI and kubeconfig in
+/// `d` (appending to its logs: a restart keeps the first run's).
+fn spawn_server(ns: &Netns, bin: &Path, d: &Path) -> Child {
+    let pki = d.join("pki");
+    let kubeconfig = d.join("admin.kubeconfig");
+    let log = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join(name))
+            .unwrap()
+    };
+    Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(bin)
+        .args([
+            "--etcd-servers=http://127.0.0.1:2379",
+            "--bind-address=127.0.0.1",
+            &format!("--secure-port={PORT}"),
+        ])
+        .arg(format!("--cert-dir={}", d.join("certs").display()))
+        .arg(format!("--client-ca-file={}", pki.join("ca.crt").display()))
+        .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
+        .arg("--authentication-skip-lookup")
+        .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args([
+            "--enable-priority-and-fairness=false",
+            "--disable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy",
+        ])
+        .stdout(log("apiserver.log"))
+        .stderr(log("apiserver.err"))
+        .spawn()
+        .expect("apiextensions-apiserver")
 }
 
 impl Drop for ApiServer {

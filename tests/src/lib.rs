@@ -860,6 +860,8 @@ pub fn rail1_ipam_request(container_id: String) -> railnet_agent::api::IpamReque
         match_master: None,
         network: "rail1".into(),
         namespace: None,
+        pod_name: None,
+        pod_uid: None,
         ips: vec![],
     }
 }

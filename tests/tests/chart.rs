@@ -157,6 +157,7 @@ fn helm_lint_passes_for_every_documented_values_file() {
         None,
         Some("examples/8-rail-roce.yaml"),
         Some("examples/sriov-exclusive.yaml"),
+        Some("examples/kubernetes-ipam.yaml"),
     ] {
         let mut cmd = Command::new(helm());
         cmd.args(["lint", "--strict", chart().to_str().unwrap()]);
@@ -181,7 +182,16 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
         .iter()
         .map(|c| c["metadata"]["name"].as_str().unwrap())
         .collect();
-    assert_eq!(crds, ["railnetworks.railnet.io", "railpools.railnet.io"]);
+    assert_eq!(
+        crds,
+        [
+            "railblocks.railnet.io",
+            "railnetworks.railnet.io",
+            "railpools.railnet.io"
+        ]
+    );
+    // Local IPAM: the agent has no business with the API server.
+    assert!(of_kind(&objects, "ClusterRole").is_empty());
     let spec = &of_kind(&objects, "DaemonSet")[0]["spec"];
     assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
     let pod = &spec["template"]["spec"];
@@ -194,6 +204,35 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
             .unwrap_or_else(|| panic!("{path} not mounted"));
         assert_eq!(m["mountPropagation"], "HostToContainer", "{path}");
     }
+}
+
+#[test]
+fn kubernetes_ipam_gives_the_agent_railblocks_and_nothing_else() {
+    let objects = render(&[
+        "-f",
+        chart()
+            .join("examples/kubernetes-ipam.yaml")
+            .to_str()
+            .unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(check(&objects, false).len(), 2);
+    let roles = of_kind(&objects, "ClusterRole");
+    assert_eq!(roles.len(), 1);
+    assert_eq!(
+        roles[0]["rules"],
+        serde_json::json!([{"apiGroups": ["railnet.io"], "resources": ["railblocks"],
+                            "verbs": ["get", "list", "create", "update", "delete"]}])
+    );
+    let binding = &of_kind(&objects, "ClusterRoleBinding")[0];
+    let sa = &of_kind(&objects, "ServiceAccount")[0];
+    let pod = &of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"];
+    assert_eq!(binding["subjects"][0]["name"], sa["metadata"]["name"]);
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let args = pod["containers"][0]["args"].as_array().unwrap();
+    assert!(args.contains(&"--ipam-store=kubernetes".into()), "{args:?}");
+    assert!(args.contains(&"--block-prefix-v4=28".into()), "{args:?}");
 }
 
 #[test]
@@ -291,4 +330,6 @@ fn bad_values_are_refused_naming_the_key() {
     assert!(err.contains("mode"), "{err}");
     let err = render(&["--set", "agent.metricsPort=70000"]).unwrap_err();
     assert!(err.contains("metricsPort"), "{err}");
+    let err = render(&["--set", "ipam.store=etcd"]).unwrap_err();
+    assert!(err.contains("store"), "{err}");
 }

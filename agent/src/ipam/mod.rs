@@ -5,6 +5,7 @@
 //! it; a failed write undoes the reservation. The embedded store is redb on
 //! local disk with group commit: concurrent ADDs share one fsync.
 
+pub mod cluster;
 mod pool;
 mod select;
 pub mod store;
@@ -80,6 +81,9 @@ pub struct Ipam {
     pools: BTreeMap<String, Pool>,
     state: Mutex<State>,
     store: Box<dyn AllocationStore>,
+    /// Kubernetes mode: addresses are chosen and claimed in the API server
+    /// (blocks shared by every node); `state` mirrors this node's claims.
+    cluster: Option<Arc<cluster::ClusterStore>>,
 }
 
 impl std::fmt::Debug for Ipam {
@@ -217,7 +221,22 @@ impl Ipam {
             pools,
             state: Mutex::new(state),
             store,
+            cluster: None,
         })
+    }
+
+    /// Builds the allocator over validated pools with the API server as the
+    /// store (Kubernetes mode), taking back every claim this node made.
+    pub fn with_cluster(
+        specs: Vec<PoolSpec>,
+        cluster: Arc<cluster::ClusterStore>,
+    ) -> Result<Self, OpenError> {
+        let held = cluster
+            .load()
+            .map_err(|e| OpenError::Store(StoreError::Db(e.to_string())))?;
+        let mut ipam = Self::with_store(specs, Box::new(MemoryStore::holding(held)))?;
+        ipam.cluster = Some(cluster);
+        Ok(ipam)
     }
 
     /// The pools by name.
@@ -241,6 +260,84 @@ impl Ipam {
         self.allocate_for(key, candidates, netns, "")
     }
 
+    /// Allocates for `key` (exactly `wanted`, if given) recording who it is
+    /// for: in Kubernetes mode the claim carries the pod's namespace, name
+    /// and UID.
+    pub fn allocate_owned(
+        &self,
+        key: AllocationKey,
+        candidates: &Candidates,
+        wanted: Option<IpAddr>,
+        owner: &cluster::Owner,
+    ) -> Result<Allocation, IpamError> {
+        if let Some(c) = &self.cluster {
+            return self.allocate_in_cluster(c, key, candidates, wanted, owner);
+        }
+        match wanted {
+            Some(a) => self.allocate_exact_for(key, candidates, a, owner.netns, &owner.network),
+            None => self.allocate_for(key, candidates, owner.netns, &owner.network),
+        }
+    }
+
+    /// The cluster path: the held check here, the choice and the claim in
+    /// the API server (no node-wide lock held meanwhile: the cluster store
+    /// queues writers per pool).
+    fn allocate_in_cluster(
+        &self,
+        c: &cluster::ClusterStore,
+        key: AllocationKey,
+        candidates: &Candidates,
+        wanted: Option<IpAddr>,
+        owner: &cluster::Owner,
+    ) -> Result<Allocation, IpamError> {
+        if let Some(h) = self.lock().held.get(&key) {
+            let held = State::record(&key, h);
+            return match wanted {
+                Some(a) if a != held.address => Err(IpamError::Requested {
+                    address: a,
+                    rejected: vec![Rejection {
+                        pool: held.pool,
+                        why: format!("this interface already holds {}", held.address),
+                    }],
+                }),
+                _ => Ok(held),
+            };
+        }
+        let mut refused = Vec::new();
+        for name in &candidates.pools {
+            let pool = &self.pools[name];
+            match c.allocate(pool, &key, wanted, owner) {
+                Ok(address) => {
+                    let mut state = self.lock();
+                    if let Some(index) = state.index.get_mut(name) {
+                        index.mark(pool, address);
+                    }
+                    return Ok(state.hold_new(
+                        key,
+                        name.clone(),
+                        address,
+                        owner.netns,
+                        &owner.network,
+                    ));
+                }
+                Err(cluster::ClusterError::Full(why)) => refused.push(Rejection {
+                    pool: name.clone(),
+                    why,
+                }),
+                Err(e @ cluster::ClusterError::Unavailable(_)) => {
+                    return Err(IpamError::Unavailable(format!("pool {name}: {e}")));
+                }
+                Err(e) => return Err(IpamError::Store(format!("pool {name}: {e}"))),
+            }
+        }
+        let mut rejected = candidates.rejected.clone();
+        rejected.extend(refused);
+        Err(match wanted {
+            Some(address) => IpamError::Requested { address, rejected },
+            None => IpamError::NoPool(rejected),
+        })
+    }
+
     /// Allocates exactly `address` (the `ips` capability: an address the
     /// pod asked for) from the first candidate pool that holds it, or says
     /// for each candidate why not. A repeated ADD gets the same answer.
@@ -252,6 +349,14 @@ impl Ipam {
         netns: NetnsId,
         network: &str,
     ) -> Result<Allocation, IpamError> {
+        if let Some(c) = &self.cluster {
+            let owner = cluster::Owner {
+                netns,
+                network: network.to_owned(),
+                ..cluster::Owner::default()
+            };
+            return self.allocate_in_cluster(c, key, candidates, Some(address), &owner);
+        }
         let allocation = {
             let mut state = self.lock();
             if let Some(h) = state.held.get(&key) {
@@ -299,6 +404,14 @@ impl Ipam {
         netns: NetnsId,
         network: &str,
     ) -> Result<Allocation, IpamError> {
+        if let Some(c) = &self.cluster {
+            let owner = cluster::Owner {
+                netns,
+                network: network.to_owned(),
+                ..cluster::Owner::default()
+            };
+            return self.allocate_in_cluster(c, key, candidates, None, &owner);
+        }
         let allocation = {
             let mut state = self.lock();
             if let Some(h) = state.held.get(&key) {
@@ -429,7 +542,16 @@ impl Ipam {
         if released.is_empty() {
             return Ok(released);
         }
-        if let Err(e) = self.store.delete(&released) {
+        let written = match &self.cluster {
+            Some(c) => c
+                .release(&released)
+                .map_err(|e| IpamError::Unavailable(e.to_string())),
+            None => self
+                .store
+                .delete(&released)
+                .map_err(|e| IpamError::Store(e.to_string())),
+        };
+        if let Err(e) = written {
             // The record still says "held": hold it in memory too, so the
             // address is not handed out while the disk disagrees.
             let mut state = self.lock();
@@ -441,7 +563,7 @@ impl Ipam {
                 }
                 state.hold(a);
             }
-            return Err(IpamError::Store(e.to_string()));
+            return Err(e);
         }
         Ok(released)
     }

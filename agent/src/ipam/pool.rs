@@ -83,14 +83,14 @@ pub struct Pool {
 }
 
 /// An address as a number, so IPv4 and IPv6 ranges share one allocator.
-fn num(a: IpAddr) -> u128 {
+pub(crate) fn num(a: IpAddr) -> u128 {
     match a {
         IpAddr::V4(a) => u128::from(u32::from(a)),
         IpAddr::V6(a) => u128::from(a),
     }
 }
 
-fn addr(v6: bool, n: u128) -> IpAddr {
+pub(crate) fn addr(v6: bool, n: u128) -> IpAddr {
     if v6 {
         IpAddr::V6(Ipv6Addr::from(n))
     } else {
@@ -147,6 +147,11 @@ pub enum IpamError {
         /// Each candidate pool with its reason.
         rejected: Vec<super::Rejection>,
     },
+    /// The shared store (the Kubernetes API server) cannot be reached or
+    /// did not answer in time; nothing was allocated. CNI code 11: the
+    /// runtime tries again.
+    #[error("{0}")]
+    Unavailable(String),
     /// The store refused the write; nothing was allocated.
     #[error("allocation not recorded: {0}")]
     Store(String),
@@ -442,6 +447,18 @@ impl Pool {
             base += b - a + 1;
         }
         None
+    }
+
+    /// Whether `address` is one this pool hands out (inside its ranges, not
+    /// excluded): the cluster store walks its blocks with it.
+    pub(crate) fn holds(&self, address: IpAddr) -> bool {
+        let n = num(address);
+        self.offset_of(n).is_some() && !self.excluded.contains(&n)
+    }
+
+    /// The pool's ranges as numbers, in order.
+    pub(crate) fn ranges(&self) -> &[(u128, u128)] {
+        &self.ranges
     }
 
     /// Address number at `offset`.

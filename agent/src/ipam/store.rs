@@ -51,6 +51,16 @@ pub struct MemoryStore {
     records: Mutex<Vec<Allocation>>,
 }
 
+impl MemoryStore {
+    /// A store that starts out holding `records` (what another store
+    /// loaded).
+    pub fn holding(records: Vec<Allocation>) -> Self {
+        Self {
+            records: Mutex::new(records),
+        }
+    }
+}
+
 impl AllocationStore for MemoryStore {
     fn load(&self) -> Result<Vec<Allocation>, StoreError> {
         Ok(self

@@ -1,0 +1,883 @@
+//! Kubernetes mode's store: the API server (etcd behind it) is the only
+//! shared store, and its atomic operations are the only lock.
+//!
+//! A pool's addresses are cut into aligned blocks (`RailBlock`, cluster
+//! scoped). A node claims a block by creating it — create-if-absent, so two
+//! nodes can never both own one — and hands its addresses out. Each claim
+//! (address → container, interface, pod, node) is written into the block
+//! with the block's resourceVersion as a precondition: a write that lost a
+//! race is refused (409) and retried against the fresh block, never applied
+//! twice. Owners write their own blocks, so nodes seldom meet; a node that
+//! finds every block claimed borrows a free address from another node's
+//! block the same way, so a pool fills to its last address.
+//!
+//! A write whose answer was lost (the API server died mid-request) is
+//! resolved by reading the block back: our claim there means it happened.
+//! While the API server is unreachable every call fails fast with
+//! [`ClusterError::Unavailable`] and nothing is half-written: a claim is one
+//! object write.
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, ListParams, PostParams, Preconditions},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Allocation, AllocationKey, Family, Pool, pool};
+use crate::netns::NetnsId;
+
+/// The block object (`railblocks.railnet.io/v1alpha1`, cluster scoped;
+/// charts/railnet/crds/railnet.io_railblocks.yaml).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RailBlock {
+    /// `railnet.io/v1alpha1`.
+    #[serde(rename = "apiVersion", default)]
+    pub api_version: String,
+    /// `RailBlock`.
+    #[serde(default)]
+    pub kind: String,
+    /// Standard object metadata.
+    pub metadata: ObjectMeta,
+    /// The block.
+    pub spec: BlockSpec,
+}
+
+/// What a block is and who holds its addresses.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockSpec {
+    /// Pool name.
+    pub pool: String,
+    /// The block's network, aligned inside the pool's subnet.
+    pub cidr: String,
+    /// The node that claimed it.
+    pub node: String,
+    /// Address (as text) → its claim.
+    #[serde(default)]
+    pub claims: BTreeMap<String, Claim>,
+}
+
+/// Who holds one address.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Claim {
+    /// CNI container ID.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name in the pod.
+    pub interface: String,
+    /// The node that made the claim.
+    pub node: String,
+    /// The network (NetworkAttachmentDefinition) it was made for.
+    #[serde(default)]
+    pub network: String,
+    /// Pod namespace (CNI_ARGS K8S_POD_NAMESPACE).
+    #[serde(default)]
+    pub pod_namespace: String,
+    /// Pod name.
+    #[serde(default)]
+    pub pod_name: String,
+    /// Pod UID: the sweep releases claims whose pod UID is gone.
+    #[serde(default, rename = "podUID")]
+    pub pod_uid: String,
+    /// The pod netns's inode at ADD (the node's own sweep).
+    #[serde(default)]
+    pub netns_inode: u64,
+    /// That netns's cookie.
+    #[serde(default)]
+    pub netns_cookie: u64,
+}
+
+impl kube::Resource for RailBlock {
+    type DynamicType = ();
+    type Scope = kube::core::ClusterResourceScope;
+    fn kind(_: &()) -> Cow<'_, str> {
+        "RailBlock".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "railnet.io".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1alpha1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "railblocks".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// Label naming a block's pool (blocks of one pool are listed by it).
+pub const POOL_LABEL: &str = "railnet.io/pool";
+/// Label naming the node that claimed a block.
+pub const NODE_LABEL: &str = "railnet.io/node";
+
+/// Who an allocation is for, beyond its key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// The pod's netns.
+    pub netns: NetnsId,
+    /// The network it is made for.
+    pub network: String,
+    /// Pod namespace, name and UID (empty when the runtime did not say).
+    pub pod_namespace: String,
+    /// Pod name.
+    pub pod_name: String,
+    /// Pod UID.
+    pub pod_uid: String,
+}
+
+/// What went wrong talking to the cluster.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClusterError {
+    /// The pool (or the wanted address) has nothing to give; the reason.
+    #[error("{0}")]
+    Full(String),
+    /// The API server cannot be reached or did not answer; nothing changed
+    /// (or a change was read back and found not made).
+    #[error(
+        "the Kubernetes API server did not serve the request ({0}); nothing was allocated — try again"
+    )]
+    Unavailable(String),
+    /// The API server refused a request for a reason retrying won't fix.
+    #[error("the Kubernetes API server refused: {0}")]
+    Refused(String),
+}
+
+/// How the store talks to the API server.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// This node's name: blocks it claims carry it.
+    pub node: String,
+    /// A kubeconfig file; `None` infers (KUBECONFIG, ~/.kube/config, or the
+    /// in-cluster service account).
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Prefix length of IPv4 blocks (28: 16 addresses).
+    pub block_prefix_v4: u8,
+    /// Prefix length of IPv6 blocks (122: 64 addresses).
+    pub block_prefix_v6: u8,
+    /// Per-request limit; an unreachable server fails calls within it.
+    pub timeout: Duration,
+}
+
+impl ClusterOptions {
+    /// Defaults for `node`.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            kubeconfig: None,
+            block_prefix_v4: 28,
+            block_prefix_v6: 122,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Blocks of one pool as last seen, by name.
+#[derive(Default)]
+struct Blocks {
+    listed: bool,
+    by_name: BTreeMap<String, RailBlock>,
+}
+
+/// The API-server-backed store. Its calls block (the agent's request
+/// threads are plain threads); one small runtime, built where the store is
+/// made, runs every request — so its sockets live in the network namespace
+/// of the thread that connected, whoever calls.
+pub struct ClusterStore {
+    rt: tokio::runtime::Runtime,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    api: Api<RailBlock>,
+    opts: ClusterOptions,
+    /// One lock per pool: this node's writers to a pool queue behind each
+    /// other (they would only conflict), pools proceed in parallel.
+    pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Blocks>>>>,
+}
+
+impl std::fmt::Debug for ClusterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterStore")
+            .field("node", &self.inner.opts.node)
+            .finish()
+    }
+}
+
+/// Rounds of compare-and-swap before giving up on a busy block.
+const MAX_ROUNDS: usize = 64;
+
+impl ClusterStore {
+    /// Connects (lazily: nothing is sent until the first call).
+    pub fn connect(opts: ClusterOptions) -> Result<Self, ClusterError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("railnet-kube")
+            .enable_all()
+            .build()
+            .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
+        let client = rt.block_on(async {
+            let mut config = match &opts.kubeconfig {
+                Some(path) => from_file(path).await?,
+                None => Config::infer().await.map_err(|e| {
+                    ClusterError::Refused(format!(
+                        "no Kubernetes configuration found ({e}); run in a pod with a service account, or pass --kubeconfig"
+                    ))
+                })?,
+            };
+            config.connect_timeout = Some(opts.timeout);
+            config.read_timeout = Some(opts.timeout);
+            config.write_timeout = Some(opts.timeout);
+            Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
+        })?;
+        Ok(Self {
+            rt,
+            inner: Arc::new(Inner {
+                api: Api::all(client),
+                opts,
+                pools: Mutex::default(),
+            }),
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.inner.opts.node
+    }
+
+    /// Runs `f` on the store's runtime and waits for it.
+    fn run<T: Send + 'static, F>(&self, f: impl FnOnce(Arc<Inner>) -> F) -> Result<T, ClusterError>
+    where
+        F: std::future::Future<Output = Result<T, ClusterError>> + Send + 'static,
+    {
+        let task = self.rt.spawn(f(self.inner.clone()));
+        self.rt
+            .block_on(task)
+            .unwrap_or_else(|e| Err(ClusterError::Unavailable(format!("request task: {e}"))))
+    }
+
+    /// Every claim this node made, in any block: what the agent holds
+    /// after a restart.
+    pub fn load(&self) -> Result<Vec<Allocation>, ClusterError> {
+        self.run(|i| async move { i.load().await })
+    }
+
+    /// Allocates for `key` from `pool` (exactly `wanted` if given). A
+    /// repeated call for the same key returns the address it holds.
+    pub fn allocate(
+        &self,
+        pool: &Pool,
+        key: &AllocationKey,
+        wanted: Option<IpAddr>,
+        owner: &Owner,
+    ) -> Result<IpAddr, ClusterError> {
+        let (pool, key, owner) = (pool.clone(), key.clone(), owner.clone());
+        self.run(|i| async move { i.allocate(&pool, &key, wanted, &owner).await })
+    }
+
+    /// Releases allocations (their claims, if still theirs). A block this
+    /// node claimed that is left empty is deleted, so other nodes can claim
+    /// its range.
+    pub fn release(&self, released: &[Allocation]) -> Result<(), ClusterError> {
+        let released = released.to_vec();
+        self.run(|i| async move { i.release(&released).await })
+    }
+
+    /// Every block, as the API server has it now (tests and `doctor`).
+    pub fn blocks(&self) -> Result<Vec<RailBlock>, ClusterError> {
+        self.run(|i| async move {
+            Ok(i.api
+                .list(&ListParams::default())
+                .await
+                .map_err(classify)?
+                .items)
+        })
+    }
+}
+
+impl Inner {
+    fn blocks_of(&self, pool: &str) -> Arc<tokio::sync::Mutex<Blocks>> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(pool.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    async fn load(&self) -> Result<Vec<Allocation>, ClusterError> {
+        {
+            let list = self
+                .api
+                .list(&ListParams::default())
+                .await
+                .map_err(classify)?;
+            let mut out = Vec::new();
+            for b in &list.items {
+                for (a, c) in &b.spec.claims {
+                    if c.node == self.opts.node
+                        && let Ok(address) = a.parse()
+                    {
+                        out.push(allocation_of(&b.spec.pool, address, c));
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    async fn allocate(
+        &self,
+        pool: &Pool,
+        key: &AllocationKey,
+        wanted: Option<IpAddr>,
+        owner: &Owner,
+    ) -> Result<IpAddr, ClusterError> {
+        if pool.disable {
+            return Err(ClusterError::Full("the pool is disabled".into()));
+        }
+        if let Some(a) = wanted
+            && !pool.holds(a)
+        {
+            return Err(ClusterError::Full(if pool.subnet.contains(&a) {
+                format!("{a} is excluded or outside the pool's ranges")
+            } else {
+                format!("{a} is outside its subnet {}", pool.subnet)
+            }));
+        }
+        let claim = Claim {
+            container_id: key.container_id.clone(),
+            interface: key.ifname.clone(),
+            node: self.opts.node.clone(),
+            network: owner.network.clone(),
+            pod_namespace: owner.pod_namespace.clone(),
+            pod_name: owner.pod_name.clone(),
+            pod_uid: owner.pod_uid.clone(),
+            netns_inode: owner.netns.inode,
+            netns_cookie: owner.netns.cookie,
+        };
+        let lock = self.blocks_of(&pool.name);
+        {
+            let mut blocks = lock.lock().await;
+            if !blocks.listed {
+                self.relist(&mut blocks, pool).await?;
+            }
+            let mut relisted = false;
+            for _ in 0..MAX_ROUNDS {
+                if let Some(held) = find(&blocks, key) {
+                    return match wanted {
+                        Some(w) if w != held => Err(ClusterError::Full(format!(
+                            "this interface already holds {held}"
+                        ))),
+                        _ => Ok(held),
+                    };
+                }
+                let target = match wanted {
+                    Some(a) => self.exact_target(&mut blocks, pool, a).await?,
+                    None => self.next_target(&mut blocks, pool).await?,
+                };
+                let Some((name, address)) = target else {
+                    // The cache may be stale (another node released):
+                    // look once more before saying the pool is full.
+                    if !relisted {
+                        relisted = true;
+                        self.relist(&mut blocks, pool).await?;
+                        continue;
+                    }
+                    return Err(ClusterError::Full(match wanted {
+                        Some(a) => format!("{a} is held by another pod"),
+                        None => format!(
+                            "exhausted: all {} addresses are held ({} blocks)",
+                            blocks
+                                .by_name
+                                .values()
+                                .map(|b| b.spec.claims.len())
+                                .sum::<usize>(),
+                            blocks.by_name.len()
+                        ),
+                    }));
+                };
+                match self
+                    .write_claim(&mut blocks, &name, address, &claim)
+                    .await?
+                {
+                    Written::Yes => return Ok(address),
+                    Written::Lost => continue,
+                }
+            }
+            Err(ClusterError::Unavailable(format!(
+                "pool {}: {MAX_ROUNDS} rounds of conflicting writes",
+                pool.name
+            )))
+        }
+    }
+
+    async fn release(&self, released: &[Allocation]) -> Result<(), ClusterError> {
+        for a in released {
+            let lock = self.blocks_of(&a.pool);
+            let mut blocks = lock.lock().await;
+            self.remove_claim(&mut blocks, a).await?;
+        }
+        Ok(())
+    }
+
+    async fn relist(&self, blocks: &mut Blocks, pool: &Pool) -> Result<(), ClusterError> {
+        let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", pool.name));
+        let list = self.api.list(&lp).await.map_err(classify)?;
+        blocks.by_name = list
+            .items
+            .into_iter()
+            .filter(|b| b.spec.pool == pool.name)
+            .map(|b| (b.metadata.name.clone().unwrap_or_default(), b))
+            .collect();
+        blocks.listed = true;
+        Ok(())
+    }
+
+    fn prefix(&self, pool: &Pool) -> u8 {
+        let want = if pool.is_v6() {
+            self.opts.block_prefix_v6
+        } else {
+            self.opts.block_prefix_v4
+        };
+        // A pool smaller than a block is one block.
+        want.max(pool.subnet.prefix_len())
+    }
+
+    /// Where the next address comes from: a free address in a block of
+    /// ours, else a block nobody has claimed (claimed now), else a free
+    /// address in another node's block. `None`: nothing free anywhere seen.
+    async fn next_target(
+        &self,
+        blocks: &mut Blocks,
+        pool: &Pool,
+    ) -> Result<Option<(String, IpAddr)>, ClusterError> {
+        let me = &self.opts.node;
+        for (name, b) in &blocks.by_name {
+            if &b.spec.node == me
+                && let Some(a) = free_in(pool, b)
+            {
+                return Ok(Some((name.clone(), a)));
+            }
+        }
+        let prefix = self.prefix(pool);
+        // Walk aligned blocks over the pool's ranges; a /64 is never
+        // enumerated: every step either skips a known block or stops.
+        let size: u128 = 1u128 << (if pool.is_v6() { 128 } else { 32 } - u32::from(prefix));
+        for &(lo, hi) in pool.ranges() {
+            let mut start = lo - lo % size;
+            while start <= hi {
+                let cidr = block_cidr(pool, start, prefix);
+                let name = block_name(&pool.name, &cidr);
+                if !blocks.by_name.contains_key(&name) && any_free(pool, &cidr) {
+                    let b = self.claim_block(pool, &name, &cidr).await?;
+                    let mine = &b.spec.node == me;
+                    let free = free_in(pool, &b);
+                    blocks.by_name.insert(name.clone(), b);
+                    if mine && let Some(a) = free {
+                        return Ok(Some((name, a)));
+                    }
+                }
+                match start.checked_add(size) {
+                    Some(s) => start = s,
+                    None => break,
+                }
+            }
+        }
+        for (name, b) in &blocks.by_name {
+            if let Some(a) = free_in(pool, b) {
+                return Ok(Some((name.clone(), a)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The block holding `address` (claimed now if nobody has), if the
+    /// address is free in it.
+    async fn exact_target(
+        &self,
+        blocks: &mut Blocks,
+        pool: &Pool,
+        address: IpAddr,
+    ) -> Result<Option<(String, IpAddr)>, ClusterError> {
+        let prefix = self.prefix(pool);
+        let cidr = IpNet::new(address, prefix)
+            .expect("prefix fits the family")
+            .trunc();
+        let name = block_name(&pool.name, &cidr);
+        if !blocks.by_name.contains_key(&name) {
+            let b = self.claim_block(pool, &name, &cidr).await?;
+            blocks.by_name.insert(name.clone(), b);
+        }
+        let b = &blocks.by_name[&name];
+        Ok((!b.spec.claims.contains_key(&address.to_string())).then_some((name, address)))
+    }
+
+    /// Creates the block for this node; if it exists already, whoever owns
+    /// it, returns it as it is (a retried create meeting our own block is
+    /// ours).
+    async fn claim_block(
+        &self,
+        pool: &Pool,
+        name: &str,
+        cidr: &IpNet,
+    ) -> Result<RailBlock, ClusterError> {
+        let block = RailBlock {
+            api_version: "railnet.io/v1alpha1".into(),
+            kind: "RailBlock".into(),
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(BTreeMap::from([
+                    (POOL_LABEL.to_owned(), pool.name.clone()),
+                    (NODE_LABEL.to_owned(), self.opts.node.clone()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            spec: BlockSpec {
+                pool: pool.name.clone(),
+                cidr: cidr.to_string(),
+                node: self.opts.node.clone(),
+                claims: BTreeMap::new(),
+            },
+        };
+        match self.api.create(&PostParams::default(), &block).await {
+            Ok(b) => {
+                tracing::info!(block = name, pool = %pool.name, %cidr, "claimed an address block");
+                Ok(b)
+            }
+            Err(e) if status(&e) == Some(409) => self.get(name).await?.ok_or_else(|| {
+                ClusterError::Unavailable(format!("block {name} exists and then does not"))
+            }),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<RailBlock>, ClusterError> {
+        self.api.get_opt(name).await.map_err(classify)
+    }
+
+    /// Writes `claim` for `address` into block `name` if the block is still
+    /// as we saw it. `Lost`: the block changed (the cache is refreshed).
+    async fn write_claim(
+        &self,
+        blocks: &mut Blocks,
+        name: &str,
+        address: IpAddr,
+        claim: &Claim,
+    ) -> Result<Written, ClusterError> {
+        let mut next = blocks.by_name[name].clone();
+        next.spec.claims.insert(address.to_string(), claim.clone());
+        match self.api.replace(name, &PostParams::default(), &next).await {
+            Ok(b) => {
+                blocks.by_name.insert(name.to_owned(), b);
+                Ok(Written::Yes)
+            }
+            Err(e) => {
+                let code = status(&e);
+                if !read_back_decides(code) {
+                    return Err(classify(e));
+                }
+                // 409/404: someone else wrote (or deleted) the block. No
+                // answer at all: our write may or may not have happened.
+                // Either way the block as it is now decides.
+                match self.get(name).await {
+                    Ok(Some(b)) => {
+                        let ours = b.spec.claims.get(&address.to_string()) == Some(claim);
+                        blocks.by_name.insert(name.to_owned(), b);
+                        Ok(if ours { Written::Yes } else { Written::Lost })
+                    }
+                    Ok(None) => {
+                        blocks.by_name.remove(name);
+                        Ok(Written::Lost)
+                    }
+                    Err(e2) if code.is_none() => Err(classify(e).or(e2)),
+                    Err(e2) => Err(e2),
+                }
+            }
+        }
+    }
+
+    async fn remove_claim(&self, blocks: &mut Blocks, a: &Allocation) -> Result<(), ClusterError> {
+        // The block holding the address: from the cache, else by listing
+        // the pool (after a restart the cache is empty).
+        let key = a.address.to_string();
+        let mut name = blocks
+            .by_name
+            .iter()
+            .find(|(_, b)| b.spec.claims.contains_key(&key))
+            .map(|(n, _)| n.clone());
+        if name.is_none() {
+            let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", a.pool));
+            let list = self.api.list(&lp).await.map_err(classify)?;
+            for b in list.items {
+                let n = b.metadata.name.clone().unwrap_or_default();
+                if b.spec.claims.contains_key(&key) {
+                    name = Some(n.clone());
+                }
+                blocks.by_name.insert(n, b);
+            }
+        }
+        let Some(name) = name else {
+            return Ok(()); // nothing holds it: already released
+        };
+        for _ in 0..MAX_ROUNDS {
+            let Some(current) = blocks.by_name.get(&name).cloned() else {
+                return Ok(());
+            };
+            let is_ours = current.spec.claims.get(&key).is_some_and(|c| {
+                c.container_id == a.key.container_id && c.interface == a.key.ifname
+            });
+            if !is_ours {
+                return Ok(());
+            }
+            let mut next = current.clone();
+            next.spec.claims.remove(&key);
+            let empty_and_mine = next.spec.claims.is_empty() && next.spec.node == self.opts.node;
+            let result = if empty_and_mine {
+                // Give the range back: deleted only if nobody wrote since.
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        resource_version: current.metadata.resource_version.clone(),
+                        uid: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                self.api.delete(&name, &dp).await.map(|_| None)
+            } else {
+                self.api
+                    .replace(&name, &PostParams::default(), &next)
+                    .await
+                    .map(Some)
+            };
+            match result {
+                Ok(Some(b)) => {
+                    blocks.by_name.insert(name, b);
+                    return Ok(());
+                }
+                Ok(None) => {
+                    blocks.by_name.remove(&name);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let code = status(&e);
+                    if !read_back_decides(code) {
+                        return Err(classify(e));
+                    }
+                    match self.get(&name).await {
+                        Ok(Some(b)) => {
+                            blocks.by_name.insert(name.clone(), b);
+                        }
+                        Ok(None) => {
+                            blocks.by_name.remove(&name);
+                            return Ok(());
+                        }
+                        Err(e2) if code.is_none() => return Err(classify(e).or(e2)),
+                        Err(e2) => return Err(e2),
+                    }
+                }
+            }
+        }
+        Err(ClusterError::Unavailable(format!(
+            "block {name}: {MAX_ROUNDS} rounds of conflicting writes"
+        )))
+    }
+}
+
+enum Written {
+    Yes,
+    Lost,
+}
+
+impl ClusterError {
+    /// For a lost answer, the read-back's error is the one to report when
+    /// both failed the same way.
+    fn or(self, other: ClusterError) -> ClusterError {
+        match (&self, &other) {
+            (ClusterError::Unavailable(_), _) => self,
+            _ => other,
+        }
+    }
+}
+
+async fn from_file(path: &Path) -> Result<Config, ClusterError> {
+    let kc = Kubeconfig::read_from(path)
+        .map_err(|e| ClusterError::Refused(format!("kubeconfig {}: {e}", path.display())))?;
+    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| ClusterError::Refused(format!("kubeconfig {}: {e}", path.display())))
+}
+
+/// Whether the block as it is now says what became of a failed write:
+/// someone else wrote or deleted it (409, 404), or no answer came (the
+/// write may have happened), or the server failed (5xx).
+fn read_back_decides(code: Option<u16>) -> bool {
+    match code {
+        None | Some(404) | Some(409) => true,
+        Some(c) => c >= 500,
+    }
+}
+
+fn status(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Sorts an error of the client: what retrying may fix (no answer, a 5xx,
+/// 429) is `Unavailable`; the rest is a refusal with the server's message.
+fn classify(e: kube::Error) -> ClusterError {
+    match &e {
+        kube::Error::Api(s) if s.code >= 500 || s.code == 429 => {
+            ClusterError::Unavailable(format!("{} {}", s.code, s.message))
+        }
+        // A 404 that is not about one object: the resource itself is not
+        // served — the CRD is missing, or the server is still starting.
+        kube::Error::Api(s) if s.code == 404 && s.reason != "NotFound" => {
+            ClusterError::Unavailable(
+                "railblocks.railnet.io is not served: install the chart's CRDs, or wait for the API server to finish starting"
+                    .into(),
+            )
+        }
+        kube::Error::Api(s) => ClusterError::Refused(format!("{} {}", s.code, s.message)),
+        _ => {
+            // The client's own words are terse ("client error
+            // (SendRequest)"): the chain of causes says what happened.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            ClusterError::Unavailable(text)
+        }
+    }
+}
+
+fn find(blocks: &Blocks, key: &AllocationKey) -> Option<IpAddr> {
+    let v6 = key.family == Family::V6;
+    blocks.by_name.values().find_map(|b| {
+        b.spec.claims.iter().find_map(|(a, c)| {
+            let a: IpAddr = a.parse().ok()?;
+            (c.container_id == key.container_id && c.interface == key.ifname && a.is_ipv6() == v6)
+                .then_some(a)
+        })
+    })
+}
+
+/// The lowest address of `b` the pool hands out and nobody holds.
+fn free_in(pool: &Pool, b: &RailBlock) -> Option<IpAddr> {
+    let net: IpNet = b.spec.cidr.parse().ok()?;
+    let (lo, hi) = (pool::num(net.network()), pool::num(net.broadcast()));
+    (lo..=hi)
+        .map(|n| pool::addr(pool.is_v6(), n))
+        .find(|a| pool.holds(*a) && !b.spec.claims.contains_key(&a.to_string()))
+}
+
+fn any_free(pool: &Pool, cidr: &IpNet) -> bool {
+    let (lo, hi) = (pool::num(cidr.network()), pool::num(cidr.broadcast()));
+    (lo..=hi).any(|n| pool.holds(pool::addr(pool.is_v6(), n)))
+}
+
+fn block_cidr(pool: &Pool, start: u128, prefix: u8) -> IpNet {
+    IpNet::new(pool::addr(pool.is_v6(), start), prefix).expect("prefix fits the family")
+}
+
+/// `<pool>.<network with - for . and :>-<prefix>`: one name per range, so
+/// create-if-absent is what makes a range one node's.
+pub fn block_name(pool: &str, cidr: &IpNet) -> String {
+    let net = cidr.network().to_string().replace(['.', ':'], "-");
+    format!("{pool}.{net}-{}", cidr.prefix_len())
+}
+
+fn allocation_of(pool: &str, address: IpAddr, c: &Claim) -> Allocation {
+    Allocation {
+        key: AllocationKey {
+            container_id: c.container_id.clone(),
+            ifname: c.interface.clone(),
+            family: if address.is_ipv6() {
+                Family::V6
+            } else {
+                Family::V4
+            },
+        },
+        pool: pool.to_owned(),
+        address,
+        netns_inode: c.netns_inode,
+        netns_cookie: c.netns_cookie,
+        network: c.network.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::PoolSpec;
+
+    fn pool(subnet: &str, ips: &[&str]) -> Pool {
+        let spec = serde_json::json!({"name": "rail1", "subnet": subnet, "ips": ips});
+        Pool::new(serde_json::from_value::<PoolSpec>(spec).unwrap()).unwrap()
+    }
+
+    fn block(cidr: &str, claimed: &[&str]) -> RailBlock {
+        RailBlock {
+            spec: BlockSpec {
+                pool: "rail1".into(),
+                cidr: cidr.into(),
+                node: "n".into(),
+                claims: claimed
+                    .iter()
+                    .map(|a| (a.to_string(), Claim::default()))
+                    .collect(),
+            },
+            ..RailBlock::default()
+        }
+    }
+
+    #[test]
+    fn block_names_are_valid_object_names_and_distinct() {
+        let a = block_name("rail1", &"172.16.1.16/28".parse().unwrap());
+        let b = block_name("rail1", &"fd00:1::40/122".parse().unwrap());
+        assert_eq!(a, "rail1.172-16-1-16-28");
+        assert_eq!(b, "rail1.fd00-1--40-122");
+    }
+
+    #[test]
+    fn free_addresses_skip_network_broadcast_and_claims() {
+        let p = pool("172.16.1.0/24", &[]);
+        assert_eq!(
+            free_in(&p, &block("172.16.1.0/28", &[])),
+            Some("172.16.1.1".parse().unwrap())
+        );
+        assert_eq!(
+            free_in(&p, &block("172.16.1.0/28", &["172.16.1.1"])),
+            Some("172.16.1.2".parse().unwrap())
+        );
+        let all: Vec<String> = (0..15).map(|i| format!("172.16.1.{}", 240 + i)).collect();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        // .255 is the broadcast address: a block of .240-.254 taken is full.
+        assert_eq!(free_in(&p, &block("172.16.1.240/28", &all)), None);
+        // Outside the pool's ranges: nothing to give.
+        let ranged = pool("172.16.1.0/24", &["172.16.1.100-172.16.1.110"]);
+        assert!(!any_free(&ranged, &"172.16.1.0/28".parse().unwrap()));
+        assert!(any_free(&ranged, &"172.16.1.96/28".parse().unwrap()));
+    }
+}

@@ -1,0 +1,467 @@
+//! Kubernetes-mode IPAM against a real API server (etcd +
+//! apiextensions-apiserver in a netns of the test's own): two "nodes" —
+//! each the agent's own allocator (`Ipam` over a `ClusterStore` with its
+//! node name) — share pools with no lock but the API server's
+//! create-if-absent and resourceVersion preconditions.
+//!
+//! What a user would notice: an address handed to two pods (duplicates), a
+//! pod refused while the pool still had room, an allocation acknowledged
+//! and then gone after the API server came back, a restarted agent that
+//! forgot its pods.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use railnet_agent::{
+    ipam::{
+        AllocationKey, Candidates, Family, Ipam, IpamError, PoolSpec,
+        cluster::{ClusterOptions, ClusterStore, Owner},
+    },
+    netns::NetnsId,
+};
+use railnet_tests::{Agent, ScratchDir, apiserver::ApiServer, binary, plugin};
+use serde_json::{Value, json};
+
+fn server() -> ApiServer {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/railnet/crds/railnet.io_railblocks.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let crd: Value = serde_norway::from_str(&text).unwrap();
+    let api = ApiServer::start();
+    api.install_crd(&crd);
+    api
+}
+
+fn pools(subnet: &str) -> Vec<PoolSpec> {
+    vec![serde_json::from_value(json!({"name": "rail1", "subnet": subnet})).unwrap()]
+}
+
+/// One node's allocator, connected from inside the server's netns.
+fn node(api: &ApiServer, name: &str, subnet: &str) -> Arc<Ipam> {
+    let kubeconfig = api.kubeconfig();
+    api.inside(|| {
+        let mut opts = ClusterOptions::new(name);
+        opts.kubeconfig = Some(kubeconfig);
+        opts.timeout = Duration::from_secs(10);
+        let store = ClusterStore::connect(opts).expect("client");
+        Arc::new(Ipam::with_cluster(pools(subnet), Arc::new(store)).expect("load"))
+    })
+}
+
+fn key(i: usize, node: &str) -> AllocationKey {
+    AllocationKey {
+        container_id: format!("{node}-pod{i}"),
+        ifname: "net1".into(),
+        family: Family::V4,
+    }
+}
+
+fn owner(i: usize, node: &str) -> Owner {
+    Owner {
+        netns: NetnsId::default(),
+        network: "rail1".into(),
+        pod_namespace: "ai".into(),
+        pod_name: format!("trainer-{i}"),
+        pod_uid: format!("uid-{node}-{i}"),
+    }
+}
+
+fn candidates() -> Candidates {
+    Candidates {
+        pools: vec!["rail1".into()],
+        rejected: vec![],
+    }
+}
+
+/// Every claim the API server holds: address → (container, interface).
+fn claims_in(api: &ApiServer) -> Vec<(IpAddr, String, String)> {
+    let (code, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    assert_eq!(code, 200, "{list}");
+    let mut out = Vec::new();
+    for b in list["items"].as_array().unwrap() {
+        for (a, c) in b["spec"]["claims"].as_object().into_iter().flatten() {
+            out.push((
+                a.parse().unwrap(),
+                c["containerID"].as_str().unwrap().to_owned(),
+                c["interface"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn two_nodes_share_a_pool_without_one_duplicate() {
+    let api = server();
+    // A /20: 4094 addresses; 2 × 2600 allocations with every fourth pod
+    // deleted again, so both nodes claim, fill, release and reuse.
+    let nodes = [
+        ("node-a", node(&api, "node-a", "172.16.16.0/20")),
+        ("node-b", node(&api, "node-b", "172.16.16.0/20")),
+    ];
+    const PER_NODE: usize = 2600;
+    let acked: Vec<Vec<(String, IpAddr)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .flat_map(|(name, ipam)| {
+                // Two request threads per node, as two pods' ADDs at once.
+                (0..2).map(move |t| {
+                    s.spawn(move || {
+                        let mut held = Vec::new();
+                        let mut released = Vec::new();
+                        for i in (t..PER_NODE).step_by(2) {
+                            let a = ipam
+                                .allocate_owned(key(i, name), &candidates(), None, &owner(i, name))
+                                .unwrap_or_else(|e| panic!("{name} pod {i}: {e}"));
+                            if i % 4 == 0 {
+                                ipam.release(&a.key.container_id, "net1").unwrap();
+                                released.push(a.key.container_id);
+                            } else {
+                                held.push((a.key.container_id, a.address));
+                            }
+                        }
+                        held
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let acked: Vec<(String, IpAddr)> = acked.into_iter().flatten().collect();
+    assert_eq!(acked.len(), 2 * (PER_NODE - PER_NODE / 4));
+    let mut owner_of: HashMap<IpAddr, &str> = HashMap::new();
+    for (cid, a) in &acked {
+        if let Some(other) = owner_of.insert(*a, cid) {
+            panic!("{a} was given to {other} and to {cid}");
+        }
+    }
+    // What the API server holds is exactly what the nodes acknowledged
+    // and still hold: no lost claim, no leaked one.
+    let stored: HashMap<IpAddr, String> = claims_in(&api)
+        .into_iter()
+        .map(|(a, cid, _)| (a, cid))
+        .collect();
+    let expected: HashMap<IpAddr, String> = acked.iter().map(|(c, a)| (*a, c.clone())).collect();
+    assert_eq!(stored, expected);
+    // Both nodes really allocated (neither did all the work through the
+    // other's blocks).
+    let (code, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    assert_eq!(code, 200);
+    let owners: HashSet<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["spec"]["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(owners, HashSet::from(["node-a", "node-b"]));
+}
+
+#[test]
+fn a_pool_of_254_serves_exactly_254_pods_across_two_nodes() {
+    let api = server();
+    let a = node(&api, "node-a", "172.16.1.0/24");
+    let b = node(&api, "node-b", "172.16.1.0/24");
+    // 300 pods asked for, 150 per node at once: the nodes' blocks fill,
+    // then each borrows what the other's blocks still have.
+    let results: Vec<Result<IpAddr, IpamError>> = std::thread::scope(|s| {
+        let hs: Vec<_> = [("node-a", &a), ("node-b", &b)]
+            .into_iter()
+            .map(|(name, ipam)| {
+                s.spawn(move || {
+                    (0..150)
+                        .map(|i| {
+                            ipam.allocate_owned(key(i, name), &candidates(), None, &owner(i, name))
+                                .map(|x| x.address)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<IpAddr> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    let distinct: HashSet<IpAddr> = ok.iter().copied().collect();
+    assert_eq!(ok.len(), 254, "pods served");
+    assert_eq!(distinct.len(), 254, "an address was given twice");
+    assert!(!distinct.contains(&"172.16.1.0".parse().unwrap()));
+    assert!(!distinct.contains(&"172.16.1.255".parse().unwrap()));
+    for r in &results {
+        if let Err(e) = r {
+            let text = e.to_string();
+            assert!(
+                text.contains("rail1") && text.contains("exhausted"),
+                "a refusal a person can act on names the pool: {text}"
+            );
+        }
+    }
+    // Deleting one pod makes room for exactly one more, on either node.
+    a.release("node-a-pod0", "net1").unwrap();
+    let again = b
+        .allocate_owned(
+            key(500, "node-b"),
+            &candidates(),
+            None,
+            &owner(500, "node-b"),
+        )
+        .unwrap();
+    let freed = *results[0].as_ref().expect("node-a's first pod was served");
+    assert_eq!(again.address, freed, "the one free address");
+    assert!(
+        b.allocate_owned(
+            key(501, "node-b"),
+            &candidates(),
+            None,
+            &owner(501, "node-b")
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
+    let mut api = server();
+    let a = node(&api, "node-a", "172.16.32.0/22");
+    let b = node(&api, "node-b", "172.16.32.0/22");
+    let stop = AtomicBool::new(false);
+    let refused_while_down = AtomicUsize::new(0);
+    let served = AtomicUsize::new(0);
+    let down_message = std::sync::Mutex::new(String::new());
+    const PODS: usize = 400;
+    let acked: Vec<(String, IpAddr)> = std::thread::scope(|s| {
+        let workers: Vec<_> = [("node-a", &a), ("node-b", &b)]
+            .into_iter()
+            .map(|(name, ipam)| {
+                let (refused_while_down, down_message, stop, served) =
+                    (&refused_while_down, &down_message, &stop, &served);
+                s.spawn(move || {
+                    let mut acked = Vec::new();
+                    for i in 0..PODS {
+                        // As the kubelet does: the same ADD again until it
+                        // is answered.
+                        loop {
+                            match ipam.allocate_owned(
+                                key(i, name),
+                                &candidates(),
+                                None,
+                                &owner(i, name),
+                            ) {
+                                Ok(x) => {
+                                    acked.push((x.key.container_id, x.address));
+                                    served.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                Err(IpamError::Unavailable(m)) => {
+                                    refused_while_down.fetch_add(1, Ordering::Relaxed);
+                                    let mut first = down_message.lock().unwrap();
+                                    if first.is_empty() {
+                                        *first = m;
+                                    }
+                                    std::thread::sleep(Duration::from_millis(100));
+                                }
+                                Err(e) => panic!("{name} pod {i}: {e}"),
+                            }
+                            assert!(!stop.load(Ordering::Relaxed), "never answered");
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        // Kill the server while both nodes are writing, keep it down for
+        // a while, bring it back over the same etcd.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while served.load(Ordering::Relaxed) < 150 {
+            assert!(
+                std::time::Instant::now() < deadline && !workers.iter().any(|w| w.is_finished()),
+                "the nodes stopped before 150 pods were served"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        api.kill_server();
+        std::thread::sleep(Duration::from_secs(3));
+        api.restart_server();
+        let out = workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
+    assert!(
+        refused_while_down.load(Ordering::Relaxed) > 0,
+        "the outage was not seen: kill the server earlier"
+    );
+    let msg = down_message.lock().unwrap().clone();
+    assert!(
+        msg.contains("Kubernetes API server") && msg.contains("try again"),
+        "what ADD said while the API server was down: {msg}"
+    );
+    assert_eq!(acked.len(), 2 * PODS);
+    let distinct: HashSet<IpAddr> = acked.iter().map(|(_, a)| *a).collect();
+    assert_eq!(distinct.len(), acked.len(), "an address was given twice");
+    let stored = claims_in(&api);
+    let stored_map: BTreeMap<IpAddr, String> =
+        stored.iter().map(|(a, c, _)| (*a, c.clone())).collect();
+    assert_eq!(stored.len(), stored_map.len());
+    let expected: BTreeMap<IpAddr, String> = acked.iter().map(|(c, a)| (*a, c.clone())).collect();
+    assert_eq!(
+        stored_map, expected,
+        "the API server's claims differ from what the nodes acknowledged"
+    );
+}
+
+#[test]
+fn a_restarted_agent_keeps_its_pods_addresses() {
+    let api = server();
+    let a = node(&api, "node-a", "172.16.1.0/24");
+    let first = a
+        .allocate_owned(key(1, "node-a"), &candidates(), None, &owner(1, "node-a"))
+        .unwrap();
+    let wanted: IpAddr = "172.16.1.200".parse().unwrap();
+    let exact = a
+        .allocate_owned(
+            key(2, "node-a"),
+            &candidates(),
+            Some(wanted),
+            &owner(2, "node-a"),
+        )
+        .unwrap();
+    assert_eq!(exact.address, wanted);
+    drop(a);
+    // A new agent for the same node: it finds its claims in the API server
+    // and answers a repeated ADD with the same address.
+    let a = node(&api, "node-a", "172.16.1.0/24");
+    assert_eq!(a.allocated(), 2);
+    let again = a
+        .allocate_owned(key(1, "node-a"), &candidates(), None, &owner(1, "node-a"))
+        .unwrap();
+    assert_eq!(again.address, first.address);
+    // Another node asking for the address already held is told so.
+    let b = node(&api, "node-b", "172.16.1.0/24");
+    let err = b
+        .allocate_owned(
+            key(3, "node-b"),
+            &candidates(),
+            Some(wanted),
+            &owner(3, "node-b"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("172.16.1.200") && err.contains("held"),
+        "{err}"
+    );
+    // The claim records the pod as a person would look it up.
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    let claim = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|b| b["spec"]["claims"].get("172.16.1.200").cloned())
+        .unwrap();
+    assert_eq!(claim["podName"], "trainer-2");
+    assert_eq!(claim["podNamespace"], "ai");
+    assert_eq!(claim["podUID"], "uid-node-a-2");
+    assert_eq!(claim["node"], "node-a");
+    // DEL gives the address back; an emptied block of ours is deleted so
+    // other nodes can claim its range.
+    a.release(&first.key.container_id, "net1").unwrap();
+    a.release(&exact.key.container_id, "net1").unwrap();
+    assert!(claims_in(&api).is_empty());
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
+}
+
+/// The real agent in Kubernetes mode, driven by the real `railnet-ipam`
+/// binary as a main plugin (the reference macvlan, sriov-cni) executes it:
+/// claims land in the API server with the pod's identity; with the API
+/// server gone ADD answers CNI code 11 (the runtime retries) naming it,
+/// and a second agent for the node refuses to start.
+#[test]
+fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
+    let mut api = server();
+    let pools =
+        json!({"pools": [{"name": "rail1", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254"}]});
+    let kubeconfig = api.kubeconfig();
+    let flags = [
+        "--ipam-store",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ];
+    // The agent's "node" is the API server's netns: the only place its
+    // loopback address is reachable.
+    let agent = Agent::start_with(&api.ns, &pools, &flags);
+    let bin = ScratchDir::new("cnibin");
+    let ipam = bin.path().join("railnet-ipam");
+    std::os::unix::fs::symlink(binary("RAILNET_CNI_BIN", "railnet"), &ipam).unwrap();
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "rail1", "type": "macvlan", "master": "eth1",
+        "agentSocket": agent.socket,
+        "ipam": {"type": "railnet-ipam", "ippools": {"ipv4": ["rail1"]}},
+    });
+    let add = |cid: &str| plugin(&ipam, "ADD", &conf, cid, None, "net1", "/nonexistent");
+    let out = add("c-first");
+    assert!(out.ok, "{}\n{}", out.stdout, agent.log());
+    assert_eq!(out.json["ips"][0]["address"], "172.16.1.1/24");
+    let claims = claims_in(&api);
+    assert_eq!(
+        claims,
+        vec![(
+            "172.16.1.1".parse().unwrap(),
+            "c-first".to_owned(),
+            "net1".to_owned()
+        )]
+    );
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    let claim = &list["items"][0]["spec"]["claims"]["172.16.1.1"];
+    assert_eq!(claim["podName"], "demo", "{claim}");
+    assert_eq!(claim["podNamespace"], "default", "{claim}");
+    assert_eq!(claim["node"], api.ns.name(), "{claim}");
+
+    // A second agent for the same node (same socket) refuses to start.
+    let second = api
+        .ns
+        .command(binary("RAILNET_AGENT_BIN", "railnet-agent"))
+        .arg("--socket")
+        .arg(&agent.socket)
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("--pin-root")
+        .arg(&agent.pin_root)
+        .args(flags)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("another railnet-agent"), "{stderr}");
+    assert!(agent.socket.exists(), "the first agent's socket was taken");
+
+    // The API server goes away: ADD fails fast with "try again" (11).
+    api.kill_server();
+    let out = add("c-second");
+    assert!(!out.ok);
+    assert_eq!(out.json["code"], 11, "{}", out.stdout);
+    let msg = format!("{} {}", out.json["msg"], out.json["details"]);
+    assert!(msg.contains("Kubernetes API server"), "{msg}");
+    // Back: the kubelet's retry is served, the first pod untouched.
+    api.restart_server();
+    let out = add("c-second");
+    assert!(out.ok, "{}\n{}", out.stdout, agent.log());
+    assert_eq!(out.json["ips"][0]["address"], "172.16.1.2/24");
+    let out = plugin(&ipam, "DEL", &conf, "c-first", None, "net1", "/nonexistent");
+    assert!(out.ok, "{}", out.stdout);
+    let left: Vec<String> = claims_in(&api).into_iter().map(|(_, c, _)| c).collect();
+    assert_eq!(left, vec!["c-second".to_owned()]);
+}
