@@ -4,6 +4,7 @@
 pub mod api;
 pub mod bpf_object;
 pub mod config;
+pub mod controller;
 pub mod dataplane;
 pub mod doctor;
 pub mod garp;

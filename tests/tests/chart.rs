@@ -190,12 +190,39 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
             "railpools.railnet.io"
         ]
     );
-    // Local IPAM: the agent has no business with the API server.
-    assert!(of_kind(&objects, "ClusterRole").is_empty());
+    // Local IPAM: the agent has no business with the API server; the
+    // controller reads RailNetworks and writes NADs, nothing about
+    // addresses.
+    let roles = of_kind(&objects, "ClusterRole");
+    assert_eq!(roles.len(), 1, "the controller's only");
+    assert_eq!(
+        roles[0]["rules"],
+        serde_json::json!([
+            {"apiGroups": ["railnet.io"], "resources": ["railnetworks"], "verbs": ["get", "list"]},
+            {"apiGroups": ["railnet.io"], "resources": ["railnetworks/status"], "verbs": ["patch"]},
+            {"apiGroups": ["k8s.cni.cncf.io"], "resources": ["network-attachment-definitions"],
+             "verbs": ["get", "list", "create", "update"]}
+        ])
+    );
+    // The controller: two replicas electing a leader with a Lease in the
+    // release namespace (the only place its Role reaches).
+    let ctl = &of_kind(&objects, "Deployment")[0]["spec"];
+    assert_eq!(ctl["replicas"], 2);
+    let env = ctl["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap();
+    assert!(
+        env.iter().any(|e| e["name"] == "POD_NAMESPACE"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"),
+        "{env:?}"
+    );
+    let role = &of_kind(&objects, "Role")[0];
+    assert_eq!(role["rules"][0]["resources"], serde_json::json!(["leases"]));
     let spec = &of_kind(&objects, "DaemonSet")[0]["spec"];
     assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["automountServiceAccountToken"], false);
     let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
     for path in ["/run/netns", "/var/run/netns", "/sys/fs/bpf"] {
         let m = mounts
@@ -218,14 +245,26 @@ fn kubernetes_ipam_gives_the_agent_railblocks_and_nothing_else() {
     .unwrap();
     assert_eq!(check(&objects, false).len(), 2);
     let roles = of_kind(&objects, "ClusterRole");
-    assert_eq!(roles.len(), 1);
+    let agent_role = roles
+        .iter()
+        .find(|r| r["metadata"]["name"].as_str().unwrap().ends_with("-agent"))
+        .expect("the agent's ClusterRole");
     assert_eq!(
-        roles[0]["rules"],
+        agent_role["rules"],
         serde_json::json!([{"apiGroups": ["railnet.io"], "resources": ["railblocks"],
                             "verbs": ["get", "list", "create", "update", "delete"]}])
     );
-    let binding = &of_kind(&objects, "ClusterRoleBinding")[0];
-    let sa = &of_kind(&objects, "ServiceAccount")[0];
+    let named_agent = |kind: &str| {
+        of_kind(&objects, kind)
+            .into_iter()
+            .find(|o| o["metadata"]["name"].as_str().unwrap().ends_with("-agent"))
+            .unwrap_or_else(|| panic!("the agent's {kind}"))
+            .clone()
+    };
+    let (binding, sa) = (
+        named_agent("ClusterRoleBinding"),
+        named_agent("ServiceAccount"),
+    );
     let pod = &of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"];
     assert_eq!(binding["subjects"][0]["name"], sa["metadata"]["name"]);
     assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);

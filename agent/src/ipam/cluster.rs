@@ -233,20 +233,7 @@ impl ClusterStore {
             .enable_all()
             .build()
             .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
-        let client = rt.block_on(async {
-            let mut config = match &opts.kubeconfig {
-                Some(path) => from_file(path).await?,
-                None => Config::infer().await.map_err(|e| {
-                    ClusterError::Refused(format!(
-                        "no Kubernetes configuration found ({e}); run in a pod with a service account, or pass --kubeconfig"
-                    ))
-                })?,
-            };
-            config.connect_timeout = Some(opts.timeout);
-            config.read_timeout = Some(opts.timeout);
-            config.write_timeout = Some(opts.timeout);
-            Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
-        })?;
+        let client = rt.block_on(client(opts.kubeconfig.as_deref(), opts.timeout))?;
         Ok(Self {
             rt,
             inner: Arc::new(Inner {
@@ -714,6 +701,24 @@ impl ClusterError {
             _ => other,
         }
     }
+}
+
+/// A client from `kubeconfig` (else inferred: KUBECONFIG, ~/.kube/config,
+/// the in-cluster service account) with every request bounded by
+/// `timeout`. Call inside a runtime.
+pub async fn client(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Client, ClusterError> {
+    let mut config = match kubeconfig {
+        Some(path) => from_file(path).await?,
+        None => Config::infer().await.map_err(|e| {
+            ClusterError::Refused(format!(
+                "no Kubernetes configuration found ({e}); run in a pod with a service account, or pass --kubeconfig"
+            ))
+        })?,
+    };
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = Some(timeout);
+    config.write_timeout = Some(timeout);
+    Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
 }
 
 async fn from_file(path: &Path) -> Result<Config, ClusterError> {

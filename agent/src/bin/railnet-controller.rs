@@ -1,0 +1,129 @@
+//! `railnet-controller`: renders RailNetworks into Multus
+//! NetworkAttachmentDefinitions and keeps them in sync. Run two or more
+//! replicas: one leads (a Lease), the others wait to take over.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::Parser;
+use railnet_agent::{
+    controller::{Leader, RenderOptions, reconcile},
+    ipam::cluster,
+};
+use tracing::{info, warn};
+
+/// railnet's controller.
+///
+/// Every RailNetwork becomes the NetworkAttachmentDefinition of the same
+/// name in its namespace (with the resourceName annotation for SR-IOV
+/// networks); a NAD edited by hand is put back at the next pass; each
+/// RailNetwork's status says whether its NAD is in sync or why it cannot be
+/// rendered.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Kubeconfig; unset: the in-cluster service account (or KUBECONFIG).
+    #[arg(long, env = "RAILNET_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    lease_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "railnet-controller")]
+    lease_name: String,
+    /// This replica's identity in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader holds the Lease without renewing it.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
+    lease_seconds: u64,
+    /// Seconds between passes (and renewals).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    interval: u64,
+    /// agentSocket written into NADs, when the agents listen elsewhere
+    /// than /run/railnet/agent.sock.
+    #[arg(long)]
+    agent_socket: Option<String>,
+    /// tombstoneDir written into NADs (with --agent-socket).
+    #[arg(long)]
+    tombstone_dir: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("railnet-controller: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let client = match cluster::client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("railnet-controller: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let leader = Leader::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(args.lease_seconds),
+        );
+        let opts = RenderOptions {
+            agent_socket: args.agent_socket.clone(),
+            tombstone_dir: args.tombstone_dir.clone(),
+        };
+        let mut leading = false;
+        let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
+            }
+            match leader.try_lead().await {
+                Ok(now) if now != leading => {
+                    leading = now;
+                    info!(identity = %identity, leading, "leadership changed");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Cannot renew: stop writing until we can (another
+                    // replica may take over meanwhile).
+                    warn!(error = %e, "cannot reach the Lease; not leading");
+                    leading = false;
+                }
+            }
+            if leading {
+                match reconcile(&client, &opts).await {
+                    Ok(pass) if pass.created + pass.repaired + pass.refused > 0 => {
+                        info!(
+                            created = pass.created,
+                            repaired = pass.repaired,
+                            refused = pass.refused,
+                            "pass"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "pass failed; retrying next interval"),
+                }
+            }
+        }
+    })
+}

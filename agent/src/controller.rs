@@ -1,0 +1,441 @@
+//! The controller role: renders each `RailNetwork` into the Multus
+//! NetworkAttachmentDefinition of the same name and keeps it so (a NAD
+//! edited by hand is put back), reporting on the RailNetwork's status.
+//! Several replicas may run; one leads, through a `Lease`
+//! (coordination.k8s.io/v1) taken and renewed with resourceVersion
+//! preconditions, and only the leader writes.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use kube::{
+    Api, Client,
+    api::{ListParams, Patch, PatchParams, PostParams},
+    core::{ApiResource, DynamicObject},
+};
+use serde_json::{Value, json};
+
+/// `railnetworks.railnet.io/v1alpha1`.
+pub fn railnetworks() -> ApiResource {
+    ApiResource {
+        group: "railnet.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "railnet.io/v1alpha1".into(),
+        kind: "RailNetwork".into(),
+        plural: "railnetworks".into(),
+    }
+}
+
+/// `network-attachment-definitions.k8s.cni.cncf.io/v1` (Multus).
+pub fn nads() -> ApiResource {
+    ApiResource {
+        group: "k8s.cni.cncf.io".into(),
+        version: "v1".into(),
+        api_version: "k8s.cni.cncf.io/v1".into(),
+        kind: "NetworkAttachmentDefinition".into(),
+        plural: "network-attachment-definitions".into(),
+    }
+}
+
+/// `leases.coordination.k8s.io/v1`.
+pub fn leases() -> ApiResource {
+    ApiResource {
+        group: "coordination.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "coordination.k8s.io/v1".into(),
+        kind: "Lease".into(),
+        plural: "leases".into(),
+    }
+}
+
+/// Annotation without which Multus passes no `deviceID` to the plugin.
+pub const RESOURCE_NAME: &str = "k8s.v1.cni.cncf.io/resourceName";
+/// Label marking NADs this controller renders.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Where the agent listens, when not at the default (the NAD then says so).
+#[derive(Clone, Debug, Default)]
+pub struct RenderOptions {
+    /// `agentSocket` for the CNI.
+    pub agent_socket: Option<String>,
+    /// `tombstoneDir` for the CNI.
+    pub tombstone_dir: Option<String>,
+}
+
+/// The CNI config (`spec.config` of the NAD) and annotations for one
+/// RailNetwork's spec, or why this version cannot serve it.
+pub fn render(
+    spec: &Value,
+    opts: &RenderOptions,
+) -> Result<(Value, BTreeMap<String, String>), String> {
+    let ty = spec["type"].as_str().unwrap_or_default();
+    let mode = match ty {
+        "macvlan" | "ipvlan" | "sriov" => ty,
+        "ib-sriov" | "ipoib" => {
+            return Err(format!(
+                "type {ty} is not supported by this railnet version (InfiniBand interfaces are not wired yet); use macvlan, ipvlan or sriov"
+            ));
+        }
+        other => return Err(format!("type {other:?} is unknown")),
+    };
+    if spec.get("vf").is_some() {
+        return Err(
+            "vf settings (vlan, trust, spoofchk, linkState) are not applied by this railnet version; remove them or set them with the SR-IOV operator"
+                .into(),
+        );
+    }
+    let mut conf = json!({
+        "cniVersion": spec.get("cniVersion").cloned().unwrap_or_else(|| "0.3.1".into()),
+        "name": Value::Null,
+        "type": "railnet",
+        "rail": spec["rail"],
+        "mode": mode,
+        "ippools": spec["ippools"],
+    });
+    let o = conf.as_object_mut().expect("an object");
+    for k in [
+        "master",
+        "mtu",
+        "routing",
+        "rdmaCIDRs",
+        "matchMasterSubnet",
+        "rdmaIsolation",
+        "detectIPConflict",
+        "detectGateway",
+    ] {
+        if let Some(v) = spec.get(k)
+            && !v.is_null()
+            && v != &Value::Bool(false)
+        {
+            o.insert(k.into(), v.clone());
+        }
+    }
+    if let Some(s) = &opts.agent_socket {
+        o.insert("agentSocket".into(), s.clone().into());
+    }
+    if let Some(t) = &opts.tombstone_dir {
+        o.insert("tombstoneDir".into(), t.clone().into());
+    }
+    let mut annotations = BTreeMap::new();
+    if let Some(r) = spec.get("resourceName").and_then(Value::as_str) {
+        annotations.insert(RESOURCE_NAME.to_owned(), r.to_owned());
+    }
+    Ok((conf, annotations))
+}
+
+/// What the NAD for RailNetwork `net` must be (name, namespace, owner,
+/// labels, annotations, config).
+pub fn desired_nad(net: &DynamicObject, opts: &RenderOptions) -> Result<DynamicObject, String> {
+    let name = net.metadata.name.clone().unwrap_or_default();
+    let ns = net.metadata.namespace.clone().unwrap_or_default();
+    let (mut conf, annotations) = render(&net.data["spec"], opts)?;
+    conf["name"] = name.clone().into();
+    let mut nad = DynamicObject::new(&name, &nads()).within(&ns).data(json!({
+        "spec": {"config": conf.to_string()}
+    }));
+    nad.metadata.labels = Some(BTreeMap::from([
+        (MANAGED_BY.to_owned(), "railnet".to_owned()),
+        (
+            "railnet.io/rail".to_owned(),
+            net.data["spec"]["rail"].to_string(),
+        ),
+    ]));
+    nad.metadata.annotations = (!annotations.is_empty()).then_some(annotations);
+    // Deleting the RailNetwork deletes its NAD (same namespace: an owner
+    // reference is allowed here, unlike for cluster-scoped claims).
+    if let Some(uid) = &net.metadata.uid {
+        nad.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "railnet.io/v1alpha1".into(),
+                kind: "RailNetwork".into(),
+                name: name.clone(),
+                uid: uid.clone(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            },
+        ]);
+    }
+    Ok(nad)
+}
+
+/// Whether `live` already is what `want` says (the fields we own).
+fn in_sync(live: &DynamicObject, want: &DynamicObject) -> bool {
+    let annotations = |o: &DynamicObject| {
+        let mut a = o.metadata.annotations.clone().unwrap_or_default();
+        a.retain(|k, _| k == RESOURCE_NAME);
+        a
+    };
+    live.data["spec"]["config"] == want.data["spec"]["config"]
+        && annotations(live) == annotations(want)
+        && live
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY))
+            .is_some()
+}
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// NADs created.
+    pub created: usize,
+    /// NADs put back after they drifted.
+    pub repaired: usize,
+    /// RailNetworks that cannot be rendered (status says why).
+    pub refused: usize,
+}
+
+/// Renders every RailNetwork once: creates missing NADs, repairs drifted
+/// ones, writes each RailNetwork's status.
+pub async fn reconcile(client: &Client, opts: &RenderOptions) -> Result<Pass, kube::Error> {
+    let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
+    let mut pass = Pass::default();
+    for net in nets.list(&ListParams::default()).await?.items {
+        let name = net.metadata.name.clone().unwrap_or_default();
+        let ns = net.metadata.namespace.clone().unwrap_or_default();
+        let status = match desired_nad(&net, opts) {
+            Ok(want) => {
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &nads());
+                match api.get_opt(&name).await? {
+                    None => {
+                        api.create(&PostParams::default(), &want).await?;
+                        tracing::info!(network = %name, namespace = %ns, "rendered NetworkAttachmentDefinition");
+                        pass.created += 1;
+                    }
+                    Some(live) if !in_sync(&live, &want) => {
+                        let mut fixed = want.clone();
+                        fixed.metadata.resource_version = live.metadata.resource_version.clone();
+                        // Keep annotations others put there (Multus
+                        // tooling), ours win.
+                        let mut a = live.metadata.annotations.clone().unwrap_or_default();
+                        a.remove(RESOURCE_NAME);
+                        a.extend(want.metadata.annotations.clone().unwrap_or_default());
+                        fixed.metadata.annotations = (!a.is_empty()).then_some(a);
+                        api.replace(&name, &PostParams::default(), &fixed).await?;
+                        tracing::warn!(network = %name, namespace = %ns, "NetworkAttachmentDefinition differed from its RailNetwork; put back");
+                        pass.repaired += 1;
+                    }
+                    Some(_) => {}
+                }
+                json!({"networkAttachmentDefinition": name, "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "Rendered",
+                     "message": format!("NetworkAttachmentDefinition {ns}/{name} is in sync")}]})
+            }
+            Err(why) => {
+                pass.refused += 1;
+                json!({"conditions": [
+                    {"type": "Ready", "status": "False", "reason": "Unsupported", "message": why}]})
+            }
+        };
+        if net.data.get("status") != Some(&status) {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &ns, &railnetworks());
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await?;
+        }
+    }
+    Ok(pass)
+}
+
+/// A Lease-based leader election.
+#[derive(Debug)]
+pub struct Leader {
+    api: Api<DynamicObject>,
+    name: String,
+    identity: String,
+    duration: Duration,
+}
+
+impl Leader {
+    /// Election on Lease `name` in `namespace` as `identity`.
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
+        Self {
+            api: Api::namespaced_with(client, namespace, &leases()),
+            name: name.into(),
+            identity: identity.into(),
+            duration,
+        }
+    }
+
+    /// Takes or renews the lease if it is free, expired or ours; true if we
+    /// lead now. A lost race (409) is simply "not leader".
+    pub async fn try_lead(&self) -> Result<bool, kube::Error> {
+        let now = chrono_now();
+        let secs = self.duration.as_secs().max(1);
+        let spec = json!({
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": secs,
+            "renewTime": now,
+        });
+        match self.api.get_opt(&self.name).await? {
+            None => {
+                let mut spec = spec.clone();
+                spec["acquireTime"] = now.clone().into();
+                let lease = DynamicObject::new(&self.name, &leases()).data(json!({ "spec": spec }));
+                match self.api.create(&PostParams::default(), &lease).await {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(live) => {
+                let holder = live.data["spec"]["holderIdentity"]
+                    .as_str()
+                    .unwrap_or_default();
+                let renewed = live.data["spec"]["renewTime"].as_str().and_then(parse_time);
+                let held_for = live.data["spec"]["leaseDurationSeconds"]
+                    .as_u64()
+                    .unwrap_or(secs);
+                let expired = renewed.is_none_or(|t| unix_now() > t + held_for);
+                if holder != self.identity && !expired {
+                    return Ok(false);
+                }
+                let mut next = live.clone();
+                let mut spec = spec.clone();
+                if holder != self.identity {
+                    spec["acquireTime"] = now.into();
+                    let transitions = live.data["spec"]["leaseTransitions"].as_u64().unwrap_or(0);
+                    spec["leaseTransitions"] = (transitions + 1).into();
+                } else if let Some(a) = live.data["spec"].get("acquireTime") {
+                    spec["acquireTime"] = a.clone();
+                }
+                next.data["spec"] = spec;
+                match self
+                    .api
+                    .replace(&self.name, &PostParams::default(), &next)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Now as RFC 3339 with microseconds (the Lease's MicroTime).
+fn chrono_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format_time(d.as_secs(), d.subsec_micros())
+}
+
+fn format_time(secs: u64, micros: u32) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time (`...Z`).
+fn parse_time(t: &str) -> Option<u64> {
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let time = time.trim_end_matches('Z');
+    let time = time.split('.').next()?;
+    let mut h = time.split(':').map(|x| x.parse::<u64>());
+    let (hh, mm, ss) = (h.next()?.ok()?, h.next()?.ok()?, h.next()?.ok()?);
+    let days = days_from_civil(y, m, day);
+    Some(days as u64 * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+// Howard Hinnant's civil-date algorithms: no date crate for two functions.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netconf::NetConf;
+
+    #[test]
+    fn times_round_trip() {
+        for secs in [0, 951_782_400, 1_700_000_000, 1_795_000_123] {
+            let t = format_time(secs, 42);
+            assert_eq!(parse_time(&t), Some(secs), "{t}");
+        }
+        // `date -u -d @1795000123` and a leap day.
+        assert_eq!(format_time(1_795_000_123, 7), "2026-11-18T11:08:43.000007Z");
+        assert_eq!(format_time(951_782_400, 0), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn a_rendered_network_is_one_railnet_accepts() {
+        let spec = json!({"rail": 3, "type": "macvlan", "master": "eno5np1",
+            "ippools": {"ipv4": ["rail3"]}, "mtu": 4200, "rdmaCIDRs": ["172.16.0.0/16"],
+            "matchMasterSubnet": false, "group": "gpu"});
+        let (mut conf, annotations) = render(&spec, &RenderOptions::default()).unwrap();
+        conf["name"] = "rail3".into();
+        let parsed = NetConf::parse(conf.to_string().as_bytes()).expect("railnet accepts it");
+        assert_eq!(parsed.name, "rail3");
+        assert!(annotations.is_empty());
+        assert!(
+            conf.get("matchMasterSubnet").is_none(),
+            "false is the default"
+        );
+        assert!(
+            conf.get("group").is_none(),
+            "group is the webhook's, not the CNI's"
+        );
+    }
+
+    #[test]
+    fn sriov_carries_the_resource_and_ib_is_refused_by_name() {
+        let spec = json!({"rail": 1, "type": "sriov", "resourceName": "nvidia.com/rail1",
+            "ippools": {"ipv4": ["rail1"]}, "rdmaIsolation": true});
+        let (_, a) = render(&spec, &RenderOptions::default()).unwrap();
+        assert_eq!(a[RESOURCE_NAME], "nvidia.com/rail1");
+        let ib =
+            json!({"rail": 1, "type": "ib-sriov", "resourceName": "r", "ippools": {"ipv4": ["p"]}});
+        assert!(
+            render(&ib, &RenderOptions::default())
+                .unwrap_err()
+                .contains("ib-sriov")
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! The controller role against a real API server (etcd +
+//! apiextensions-apiserver in a netns of the test's own, with Multus's NAD
+//! CRD and — because this server has no built-in types — the Lease as a
+//! CRD): two real `railnet-controller` processes, one leads; RailNetworks
+//! become NADs railnet's CNI accepts, with the resourceName annotation for
+//! SR-IOV; a hand-edited NAD is put back; when the leader dies the other
+//! replica takes over.
+
+use std::{
+    path::Path,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use railnet_agent::netconf::NetConf;
+use railnet_tests::{ScratchDir, apiserver::ApiServer, binary};
+use serde_json::{Value, json};
+
+fn yaml(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn server() -> ApiServer {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let api = ApiServer::start();
+    api.install_crd(&yaml(
+        &root.join("../charts/railnet/crds/railnet.io_railnetworks.yaml"),
+    ));
+    api.install_crd(&yaml(&root.join("fixtures/nad-crd.yaml")));
+    api.install_crd(&yaml(&root.join("fixtures/lease-crd.yaml")));
+    api
+}
+
+/// A controller process, killed on drop.
+struct Controller {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Controller {
+    fn start(api: &ApiServer, identity: &str, dir: &ScratchDir) -> Self {
+        let log = dir.path().join(format!("{identity}.log"));
+        let child = api
+            .ns
+            .command(binary("RAILNET_CONTROLLER_BIN", "railnet-controller"))
+            .arg("--kubeconfig")
+            .arg(api.kubeconfig())
+            .args([
+                "--lease-namespace",
+                "railnet",
+                "--identity",
+                identity,
+                "--lease-seconds",
+                "3",
+                "--interval",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("railnet-controller");
+        Self { child, log }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const NADS: &str = "/apis/k8s.cni.cncf.io/v1/namespaces/ai/network-attachment-definitions";
+const NETS: &str = "/apis/railnet.io/v1alpha1/namespaces/ai/railnetworks";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/railnet/leases/railnet-controller";
+
+/// Polls `f` until it gives `Some`, or panics with `what` after 30 s.
+#[track_caller]
+fn eventually<T>(what: &str, logs: &dyn Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: never happened\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn network(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetwork",
+           "metadata": {"name": name, "namespace": "ai"}, "spec": spec})
+}
+
+#[test]
+fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
+    let api = server();
+    let dir = ScratchDir::new("controller");
+    let mut a = Some(Controller::start(&api, "ctl-a", &dir));
+    let mut b = Some(Controller::start(&api, "ctl-b", &dir));
+    let paths = [
+        a.as_ref().unwrap().log.clone(),
+        b.as_ref().unwrap().log.clone(),
+    ];
+    let logs = move || {
+        paths
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}:\n{}",
+                    p.display(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for (name, spec) in [
+        (
+            "rail1",
+            json!({"rail": 1, "type": "macvlan", "master": "eno3np1",
+                   "ippools": {"ipv4": ["rail1"]}, "rdmaCIDRs": ["172.16.0.0/16"], "mtu": 4200}),
+        ),
+        (
+            "rail2",
+            json!({"rail": 2, "type": "sriov", "resourceName": "nvidia.com/rail2_vfs",
+                   "ippools": {"ipv4": ["rail2"]}}),
+        ),
+        (
+            "rail3",
+            json!({"rail": 3, "type": "ib-sriov", "resourceName": "nvidia.com/ib3",
+                   "ippools": {"ipv4": ["rail3"]}}),
+        ),
+    ] {
+        let (code, body) = api.post(NETS, &network(name, spec));
+        assert_eq!(code, 201, "{body}");
+    }
+    let nad = |name: &str| {
+        let (code, body) = api.get(&format!("{NADS}/{name}"));
+        (code == 200).then_some(body)
+    };
+    let rail1 = eventually("NAD rail1 rendered", &logs, || nad("rail1"));
+    let rail2 = eventually("NAD rail2 rendered", &logs, || nad("rail2"));
+    let conf1: Value = serde_json::from_str(rail1["spec"]["config"].as_str().unwrap()).unwrap();
+    NetConf::parse(rail1["spec"]["config"].as_str().unwrap().as_bytes())
+        .expect("railnet's CNI accepts the rendered config");
+    assert_eq!(conf1["name"], "rail1");
+    assert_eq!(conf1["master"], "eno3np1");
+    assert_eq!(conf1["mtu"], 4200);
+    assert_eq!(conf1["rdmaCIDRs"], json!(["172.16.0.0/16"]));
+    assert_eq!(
+        rail2["metadata"]["annotations"]["k8s.v1.cni.cncf.io/resourceName"], "nvidia.com/rail2_vfs",
+        "without it Multus passes no deviceID"
+    );
+    assert_eq!(
+        rail1["metadata"]["ownerReferences"][0]["kind"],
+        "RailNetwork"
+    );
+    // What cannot be served is said on the RailNetwork, not rendered.
+    let why = eventually("rail3's status", &logs, || {
+        let (_, n) = api.get(&format!("{NETS}/rail3"));
+        n["status"]["conditions"][0]["message"]
+            .as_str()
+            .map(str::to_owned)
+    });
+    assert!(why.contains("ib-sriov"), "{why}");
+    assert!(nad("rail3").is_none());
+    let (_, n1) = api.get(&format!("{NETS}/rail1"));
+    assert_eq!(n1["status"]["networkAttachmentDefinition"], "rail1");
+    assert_eq!(n1["status"]["conditions"][0]["status"], "True");
+
+    // One leader.
+    let leader = eventually("a leader", &logs, || {
+        let (_, l) = api.get(LEASE);
+        l["spec"]["holderIdentity"].as_str().map(str::to_owned)
+    });
+    assert!(leader == "ctl-a" || leader == "ctl-b", "{leader}");
+
+    // A hand edit is put back.
+    let edit = |api: &ApiServer| {
+        let mut live = nad("rail1").unwrap();
+        live["spec"]["config"] = json!({"cniVersion": "0.3.1", "name": "rail1", "type": "macvlan"})
+            .to_string()
+            .into();
+        let (code, body) = api.put(&format!("{NADS}/rail1"), &live);
+        assert_eq!(code, 200, "{body}");
+    };
+    edit(&api);
+    eventually("the edited NAD put back", &logs, || {
+        (nad("rail1")?["spec"]["config"] == rail1["spec"]["config"]).then_some(())
+    });
+
+    // The leader dies: the other replica takes the Lease once it expires,
+    // and repairs from then on.
+    let survivor = if leader == "ctl-a" {
+        a.take();
+        "ctl-b"
+    } else {
+        b.take();
+        "ctl-a"
+    };
+    eventually("the survivor leads", &logs, || {
+        let (_, l) = api.get(LEASE);
+        (l["spec"]["holderIdentity"] == survivor).then_some(())
+    });
+    edit(&api);
+    eventually("the edited NAD put back by the new leader", &logs, || {
+        (nad("rail1")?["spec"]["config"] == rail1["spec"]["config"]).then_some(())
+    });
+}
