@@ -105,6 +105,22 @@ impl Metrics {
             "Addresses held on this node",
             allocations,
         );
+        if let Some((writes, conflicts)) = service.ipam.api_writes() {
+            let accepted = Counter::<u64>::default();
+            accepted.inc_by(writes);
+            registry.register(
+                "ipam_api_writes",
+                "Kubernetes mode: writes to RailBlocks the API server accepted",
+                accepted,
+            );
+            let refused = Counter::<u64>::default();
+            refused.inc_by(conflicts);
+            registry.register(
+                "ipam_api_write_conflicts",
+                "Kubernetes mode: RailBlock writes refused because another writer changed the block first (retried)",
+                refused,
+            );
+        }
         let packets = Family::<Labels, Counter>::default();
         for pod in dataplane::pinned_pods(&service.pin_root) {
             let pins = dataplane::PodPins::new(&service.pin_root, &pod.container_id);

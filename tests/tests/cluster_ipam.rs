@@ -464,4 +464,12 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
     assert!(out.ok, "{}", out.stdout);
     let left: Vec<String> = claims_in(&api).into_iter().map(|(_, c, _)| c).collect();
     assert_eq!(left, vec!["c-second".to_owned()]);
+    // The API writes are counted: one block claimed, two claims, one
+    // release.
+    let metrics = agent.scrape(&api.ns, "/metrics");
+    assert!(
+        metrics.contains("railnet_ipam_api_writes_total 4"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("railnet_ipam_api_write_conflicts_total 0"));
 }

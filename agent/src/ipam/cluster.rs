@@ -208,6 +208,11 @@ pub struct ClusterStore {
 struct Inner {
     api: Api<RailBlock>,
     opts: ClusterOptions,
+    /// Writes the API server refused because the block had changed (409):
+    /// how often nodes meet in one block.
+    conflicts: std::sync::atomic::AtomicU64,
+    /// Writes (claims, releases, block claims) the API server accepted.
+    writes: std::sync::atomic::AtomicU64,
     /// One lock per pool: this node's writers to a pool queue behind each
     /// other (they would only conflict), pools proceed in parallel.
     pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Blocks>>>>,
@@ -239,6 +244,8 @@ impl ClusterStore {
             inner: Arc::new(Inner {
                 api: Api::all(client),
                 opts,
+                conflicts: Default::default(),
+                writes: Default::default(),
                 pools: Mutex::default(),
             }),
         })
@@ -247,6 +254,15 @@ impl ClusterStore {
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.inner.opts.node
+    }
+
+    /// (accepted writes, writes refused as conflicts) since start.
+    pub fn write_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.writes.load(Relaxed),
+            self.inner.conflicts.load(Relaxed),
+        )
     }
 
     /// Runs `f` on the store's runtime and waits for it.
@@ -310,24 +326,22 @@ impl Inner {
     }
 
     async fn load(&self) -> Result<Vec<Allocation>, ClusterError> {
-        {
-            let list = self
-                .api
-                .list(&ListParams::default())
-                .await
-                .map_err(classify)?;
-            let mut out = Vec::new();
-            for b in &list.items {
-                for (a, c) in &b.spec.claims {
-                    if c.node == self.opts.node
-                        && let Ok(address) = a.parse()
-                    {
-                        out.push(allocation_of(&b.spec.pool, address, c));
-                    }
+        let list = self
+            .api
+            .list(&ListParams::default())
+            .await
+            .map_err(classify)?;
+        let mut out = Vec::new();
+        for b in &list.items {
+            for (a, c) in &b.spec.claims {
+                if c.node == self.opts.node
+                    && let Ok(address) = a.parse()
+                {
+                    out.push(allocation_of(&b.spec.pool, address, c));
                 }
             }
-            Ok(out)
         }
+        Ok(out)
     }
 
     async fn allocate(
@@ -546,6 +560,7 @@ impl Inner {
         };
         match self.api.create(&PostParams::default(), &block).await {
             Ok(b) => {
+                self.count_write();
                 tracing::info!(block = name, pool = %pool.name, %cidr, "claimed an address block");
                 Ok(b)
             }
@@ -553,6 +568,18 @@ impl Inner {
                 ClusterError::Unavailable(format!("block {name} exists and then does not"))
             }),
             Err(e) => Err(classify(e)),
+        }
+    }
+
+    fn count_write(&self) {
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count_conflict(&self, code: Option<u16>) {
+        if code == Some(409) {
+            self.conflicts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -573,11 +600,13 @@ impl Inner {
         next.spec.claims.insert(address.to_string(), claim.clone());
         match self.api.replace(name, &PostParams::default(), &next).await {
             Ok(b) => {
+                self.count_write();
                 blocks.by_name.insert(name.to_owned(), b);
                 Ok(Written::Yes)
             }
             Err(e) => {
                 let code = status(&e);
+                self.count_conflict(code);
                 if !read_back_decides(code) {
                     return Err(classify(e));
                 }
@@ -655,15 +684,18 @@ impl Inner {
             };
             match result {
                 Ok(Some(b)) => {
+                    self.count_write();
                     blocks.by_name.insert(name, b);
                     return Ok(());
                 }
                 Ok(None) => {
+                    self.count_write();
                     blocks.by_name.remove(&name);
                     return Ok(());
                 }
                 Err(e) => {
                     let code = status(&e);
+                    self.count_conflict(code);
                     if !read_back_decides(code) {
                         return Err(classify(e));
                     }

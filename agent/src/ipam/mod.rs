@@ -580,6 +580,12 @@ impl Ipam {
         v
     }
 
+    /// Kubernetes mode: (API writes accepted, writes refused as
+    /// conflicts) since start; `None` with the local store.
+    pub fn api_writes(&self) -> Option<(u64, u64)> {
+        self.cluster.as_ref().map(|c| c.write_counts())
+    }
+
     /// Number of addresses held.
     pub fn allocated(&self) -> usize {
         self.lock().held.len()
