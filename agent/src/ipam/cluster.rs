@@ -558,17 +558,26 @@ impl Inner {
                 claims: BTreeMap::new(),
             },
         };
-        match self.api.create(&PostParams::default(), &block).await {
-            Ok(b) => {
-                self.count_write();
-                tracing::info!(block = name, pool = %pool.name, %cidr, "claimed an address block");
-                Ok(b)
+        // A block found taken can be deleted by its owner (emptied) before
+        // we read it: then it is free again, and we try to claim it anew.
+        for _ in 0..MAX_ROUNDS {
+            match self.api.create(&PostParams::default(), &block).await {
+                Ok(b) => {
+                    self.count_write();
+                    tracing::info!(block = name, pool = %pool.name, %cidr, "claimed an address block");
+                    return Ok(b);
+                }
+                Err(e) if status(&e) == Some(409) => {
+                    if let Some(b) = self.get(name).await? {
+                        return Ok(b);
+                    }
+                }
+                Err(e) => return Err(classify(e)),
             }
-            Err(e) if status(&e) == Some(409) => self.get(name).await?.ok_or_else(|| {
-                ClusterError::Unavailable(format!("block {name} exists and then does not"))
-            }),
-            Err(e) => Err(classify(e)),
         }
+        Err(ClusterError::Unavailable(format!(
+            "block {name}: claimed and released {MAX_ROUNDS} times while we looked"
+        )))
     }
 
     fn count_write(&self) {
