@@ -17,3 +17,4 @@ pub mod rdma;
 pub mod rtnl;
 pub mod server;
 pub mod sriov;
+pub mod webhook;

@@ -372,3 +372,89 @@ fn bad_values_are_refused_naming_the_key() {
     let err = render(&["--set", "ipam.store=etcd"]).unwrap_err();
     assert!(err.contains("store"), "{err}");
 }
+
+#[test]
+fn the_webhook_is_served_by_the_controller_under_a_certificate_its_ca_bundle_trusts() {
+    let objects = render(&[
+        "--set",
+        "controller.webhook.enabled=true",
+        "--set",
+        "controller.webhook.namespacesInclude={ai,training}",
+    ])
+    .unwrap();
+    let hook = &of_kind(&objects, "MutatingWebhookConfiguration")[0]["webhooks"][0];
+    let svc = &of_kind(&objects, "Service")[0];
+    let secret = &of_kind(&objects, "Secret")[0];
+    let ctl = &of_kind(&objects, "Deployment")[0]["spec"]["template"];
+    // The API server reaches the Service, the Service the controller's
+    // port, the controller serves the Secret's certificate.
+    assert_eq!(
+        hook["clientConfig"]["service"]["name"],
+        svc["metadata"]["name"]
+    );
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/mutate-pods");
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&ctl["metadata"]["labels"][k], v, "Service selector {k}");
+    }
+    let container = &ctl["spec"]["containers"][0];
+    assert_eq!(
+        container["ports"][0]["name"],
+        svc["spec"]["ports"][0]["targetPort"]
+    );
+    assert_eq!(
+        ctl["spec"]["volumes"][0]["secret"]["secretName"],
+        secret["metadata"]["name"]
+    );
+    let args = container["args"].to_string();
+    assert!(args.contains("--webhook-address=0.0.0.0:9443"), "{args}");
+    // The certificate verifies against the caBundle for the Service's DNS
+    // name (openssl, as a client's TLS stack would).
+    let dir = std::env::temp_dir().join(format!("railnet-webhook-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let b64 = |s: &Value| {
+        let out = Command::new("base64")
+            .arg("-d")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .unwrap()
+                    .write_all(s.as_str().unwrap().as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        out.stdout
+    };
+    std::fs::write(dir.join("ca.pem"), b64(&hook["clientConfig"]["caBundle"])).unwrap();
+    std::fs::write(dir.join("tls.pem"), b64(&secret["data"]["tls.crt"])).unwrap();
+    let host = format!("{}.railnet.svc", svc["metadata"]["name"].as_str().unwrap());
+    let out = Command::new("openssl")
+        .args(["verify", "-verify_hostname", &host, "-CAfile"])
+        .arg(dir.join("ca.pem"))
+        .arg(dir.join("tls.pem"))
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its own namespace is never subject to it; include lists pass through.
+    let exprs = hook["namespaceSelector"]["matchExpressions"].to_string();
+    assert!(
+        exprs.contains(r#""NotIn","values":["railnet","kube-system"]"#),
+        "{exprs}"
+    );
+    assert!(
+        exprs.contains(r#""In","values":["ai","training"]"#),
+        "{exprs}"
+    );
+    // It may read namespaces (their inject annotation), nothing more.
+    let role = &of_kind(&objects, "ClusterRole")[0];
+    assert!(role["rules"].to_string().contains("namespaces"));
+}

@@ -46,6 +46,17 @@ struct Args {
     /// tombstoneDir written into NADs (with --agent-socket).
     #[arg(long)]
     tombstone_dir: Option<String>,
+    /// Serve the RDMA resource-injection webhook (`POST /mutate-pods`,
+    /// HTTPS) here; every replica serves it, leader or not.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    webhook_address: Option<std::net::SocketAddr>,
+    /// The webhook's certificate (PEM), signed by the caBundle of the
+    /// MutatingWebhookConfiguration.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The webhook's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -90,6 +101,26 @@ fn main() -> ExitCode {
             agent_socket: args.agent_socket.clone(),
             tombstone_dir: args.tombstone_dir.clone(),
         };
+        if let (Some(addr), Some(cert), Some(key)) =
+            (args.webhook_address, &args.tls_cert, &args.tls_key)
+        {
+            let tls = match railnet_agent::webhook::tls(cert, key) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("railnet-controller: webhook TLS: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("railnet-controller: webhook address {addr}: {e}");
+                    return ExitCode::from(4);
+                }
+            };
+            info!(%addr, "serving the RDMA resource-injection webhook");
+            tokio::spawn(railnet_agent::webhook::serve(listener, tls, client.clone()));
+        }
         let mut leading = false;
         let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
         loop {

@@ -1,0 +1,372 @@
+//! The RDMA resource-injection webhook (the seeds' "Webhook-based automatic
+//! RDMA resource injection"): a pod annotated
+//! `railnet.io/rdma-resource-inject: <group>` — or created in a namespace
+//! annotated so — gets every RailNetwork of that group (`spec.group`) in its
+//! networks annotation, ordered by rail, and one of each network's
+//! `resourceName` in its container's limits. A networks annotation the pod
+//! set itself is overwritten, as the seeds say, and the admission response
+//! warns that it was.
+
+use std::{convert::Infallible, sync::Arc};
+
+use base64::Engine;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use kube::{
+    Api, Client,
+    api::ListParams,
+    core::{ApiResource, DynamicObject},
+};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_rustls::{
+    TlsAcceptor,
+    rustls::{
+        self,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    },
+};
+
+use crate::controller::railnetworks;
+
+/// The annotation that asks for injection; its value names the group.
+pub const INJECT: &str = "railnet.io/rdma-resource-inject";
+/// The container that gets the resources (default: the first).
+pub const CONTAINER: &str = "railnet.io/rdma-resource-container";
+/// Multus's networks annotation.
+pub const NETWORKS: &str = "k8s.v1.cni.cncf.io/networks";
+
+/// What the webhook does to one pod.
+#[derive(Debug, Default, PartialEq)]
+pub struct Injection {
+    /// RFC 6902 operations.
+    pub patch: Vec<Value>,
+    /// Admission warnings (kubectl prints them).
+    pub warnings: Vec<String>,
+}
+
+/// JSON-pointer escaping of one path segment (`/` and `~` in keys such as
+/// `k8s.v1.cni.cncf.io/networks`).
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Decides the patch for `pod` asking for `group`, given every RailNetwork
+/// in the cluster. Err: the pod must be refused (with this message).
+pub fn inject(pod: &Value, group: &str, networks: &[Value]) -> Result<Injection, String> {
+    let mut members: Vec<&Value> = networks
+        .iter()
+        .filter(|n| n["spec"]["group"].as_str() == Some(group))
+        .collect();
+    if members.is_empty() {
+        return Err(format!(
+            "{INJECT}: {group:?} names no RailNetwork (set spec.group: {group} on the rail networks, or fix the annotation); without them the pod would start with no RDMA interfaces"
+        ));
+    }
+    members.sort_by_key(|n| n["spec"]["rail"].as_u64().unwrap_or(u64::MAX));
+    let mut out = Injection::default();
+    let listed: Vec<Value> = members
+        .iter()
+        .map(|n| json!({"name": n["metadata"]["name"], "namespace": n["metadata"]["namespace"]}))
+        .collect();
+    let annotations = &pod["metadata"]["annotations"];
+    if let Some(own) = annotations.get(NETWORKS).and_then(Value::as_str) {
+        out.warnings.push(format!(
+            "{NETWORKS} ({own}) was replaced by the networks of group {group:?} ({INJECT})"
+        ));
+    }
+    out.patch.push(json!({
+        "op": "add",
+        "path": format!("/metadata/annotations/{}", escape(NETWORKS)),
+        "value": Value::from(listed).to_string(),
+    }));
+    // The resources: one per network that names one, in the container the
+    // pod names, else the first.
+    let containers = pod["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let index = match annotations.get(CONTAINER).and_then(Value::as_str) {
+        Some(name) => containers
+            .iter()
+            .position(|c| c["name"] == name)
+            .ok_or_else(|| format!("{CONTAINER}: the pod has no container {name:?}"))?,
+        None if containers.is_empty() => return Err("the pod has no containers".into()),
+        None => 0,
+    };
+    let wanted: Vec<&str> = members
+        .iter()
+        .filter_map(|n| n["spec"]["resourceName"].as_str())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(out);
+    }
+    let c = &containers[index];
+    let base = format!("/spec/containers/{index}/resources");
+    let mut count: std::collections::BTreeMap<&str, u64> = Default::default();
+    for r in wanted {
+        *count.entry(r).or_default() += 1;
+    }
+    let limits: serde_json::Map<String, Value> = count
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::from(v.to_string())))
+        .collect();
+    match (c.get("resources"), c["resources"].get("limits")) {
+        (None, _) => out
+            .patch
+            .push(json!({"op": "add", "path": base, "value": {"limits": limits}})),
+        (Some(_), None) => out
+            .patch
+            .push(json!({"op": "add", "path": format!("{base}/limits"), "value": limits})),
+        (Some(_), Some(existing)) => {
+            for (k, v) in limits {
+                if let Some(old) = existing.get(&k)
+                    && old != &v
+                {
+                    out.warnings
+                        .push(format!("limit {k}: {old} was replaced by {v} ({INJECT})"));
+                }
+                out.patch.push(json!({"op": "add",
+                    "path": format!("{base}/limits/{}", escape(&k)), "value": v}));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The AdmissionReview answer for `review`, with `networks` the cluster's
+/// RailNetworks and `namespace_group` the pod namespace's inject
+/// annotation, if any.
+pub fn answer(review: &Value, networks: &[Value], namespace_group: Option<&str>) -> Value {
+    let uid = review["request"]["uid"].clone();
+    let pod = &review["request"]["object"];
+    let group = pod["metadata"]["annotations"]
+        .get(INJECT)
+        .and_then(Value::as_str)
+        .or(namespace_group);
+    let response = match group.map(|g| inject(pod, g, networks)) {
+        None => json!({"uid": uid, "allowed": true}),
+        Some(Ok(inj)) => {
+            let patch = base64::engine::general_purpose::STANDARD
+                .encode(Value::from(inj.patch).to_string());
+            let mut r =
+                json!({"uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": patch});
+            if !inj.warnings.is_empty() {
+                r["warnings"] = inj.warnings.into();
+            }
+            r
+        }
+        Some(Err(why)) => json!({"uid": uid, "allowed": false,
+            "status": {"code": 422, "reason": "Invalid", "message": why}}),
+    };
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
+}
+
+/// TLS config from PEM files (the chart's Secret).
+pub fn tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect())
+        .map_err(|e| format!("certificate {}: {e}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+fn namespaces() -> ApiResource {
+    ApiResource {
+        group: String::new(),
+        version: "v1".into(),
+        api_version: "v1".into(),
+        kind: "Namespace".into(),
+        plural: "namespaces".into(),
+    }
+}
+
+/// The inject annotation of namespace `ns`; `None` when it has none or it
+/// cannot be read (the pod is then judged by its own annotation).
+pub async fn namespace_group(client: &Client, ns: &str) -> Option<String> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &namespaces());
+    match api.get_opt(ns).await {
+        Ok(Some(n)) => n.metadata.annotations?.get(INJECT).cloned(),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(namespace = ns, error = %e, "cannot read the namespace's annotations");
+            None
+        }
+    }
+}
+
+async fn handle(client: Client, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let reply = |code: u16, body: String| {
+        Response::builder()
+            .status(code)
+            .header("Content-Type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/healthz") => return reply(200, "\"ok\"".into()),
+        ("POST", "/mutate-pods") => {}
+        _ => return reply(404, "\"POST /mutate-pods\"".into()),
+    }
+    // The API server caps objects at 3 MiB; so do we.
+    let body = match Limited::new(req.into_body(), 3 << 20).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(400, json!(format!("body: {e}")).to_string()),
+    };
+    let review: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return reply(
+                400,
+                json!(format!("not an AdmissionReview: {e}")).to_string(),
+            );
+        }
+    };
+    let ns = review["request"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let asks = review["request"]["object"]["metadata"]["annotations"]
+        .get(INJECT)
+        .is_some();
+    let ns_group = if asks {
+        None
+    } else {
+        namespace_group(&client, &ns).await
+    };
+    if !asks && ns_group.is_none() {
+        return reply(200, answer(&review, &[], None).to_string());
+    }
+    let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
+    let networks: Vec<Value> = match nets.list(&ListParams::default()).await {
+        Ok(l) => l
+            .items
+            .into_iter()
+            .map(|n| serde_json::to_value(n).unwrap_or_default())
+            .collect(),
+        Err(e) => {
+            // Refuse rather than start the pod without its rails.
+            let uid = review["request"]["uid"].clone();
+            return reply(
+                200,
+                json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "response": {"uid": uid, "allowed": false, "status": {"code": 503,
+                        "message": format!("railnet cannot list RailNetworks ({e}); try again")}}})
+                .to_string(),
+            );
+        }
+    };
+    reply(
+        200,
+        answer(&review, &networks, ns_group.as_deref()).to_string(),
+    )
+}
+
+/// Serves `POST /mutate-pods` (and `GET /healthz`) over TLS until the task
+/// is dropped.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, client: Client) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, client) = (acceptor.clone(), client.clone());
+        tokio::spawn(async move {
+            let stream = match acceptor.accept(tcp).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let service = service_fn(move |req| {
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(handle(client, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(name: &str, rail: u64, group: &str, resource: Option<&str>) -> Value {
+        let mut spec = json!({"rail": rail, "type": "sriov", "group": group});
+        if let Some(r) = resource {
+            spec["resourceName"] = r.into();
+        }
+        json!({"metadata": {"name": name, "namespace": "railnet"}, "spec": spec})
+    }
+
+    #[test]
+    fn a_namespace_annotation_applies_unless_the_pod_names_its_own_group() {
+        let nets = [
+            net("a1", 1, "ns-group", Some("r/a")),
+            net("b1", 1, "pod-group", Some("r/b")),
+        ];
+        let review = |annotations: Value| {
+            json!({"request": {"uid": "u", "object": {"metadata": {"annotations": annotations},
+                   "spec": {"containers": [{"name": "c"}]}}}})
+        };
+        let networks_of = |answer: &Value| -> String {
+            let patch = base64::engine::general_purpose::STANDARD
+                .decode(answer["response"]["patch"].as_str().unwrap())
+                .unwrap();
+            let patch: Value = serde_json::from_slice(&patch).unwrap();
+            patch[0]["value"].as_str().unwrap().to_owned()
+        };
+        let from_ns = answer(&review(json!({})), &nets, Some("ns-group"));
+        assert!(networks_of(&from_ns).contains("a1"));
+        let own = answer(
+            &review(json!({INJECT: "pod-group"})),
+            &nets,
+            Some("ns-group"),
+        );
+        assert!(networks_of(&own).contains("b1"));
+        let none = answer(&review(json!({})), &nets, None);
+        assert!(none["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn keys_with_slashes_are_escaped_in_paths() {
+        assert_eq!(
+            escape("k8s.v1.cni.cncf.io/networks"),
+            "k8s.v1.cni.cncf.io~1networks"
+        );
+        assert_eq!(escape("a~b/c"), "a~0b~1c");
+    }
+
+    #[test]
+    fn networks_are_ordered_by_rail_and_shared_resources_counted() {
+        let nets = [
+            net("gpu2", 2, "g", Some("nvidia.com/shared")),
+            net("gpu1", 1, "g", Some("nvidia.com/shared")),
+            net("other", 3, "h", Some("x/y")),
+        ];
+        let pod = json!({"metadata": {"annotations": {INJECT: "g"}},
+                         "spec": {"containers": [{"name": "c"}]}});
+        let inj = inject(&pod, "g", &nets).unwrap();
+        let listed: Value = serde_json::from_str(inj.patch[0]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(listed[0]["name"], "gpu1");
+        assert_eq!(listed[1]["name"], "gpu2");
+        assert_eq!(listed.as_array().unwrap().len(), 2);
+        assert_eq!(inj.patch[1]["value"]["limits"]["nvidia.com/shared"], "2");
+    }
+}

@@ -1,0 +1,333 @@
+//! The RDMA resource-injection webhook over TLS, as the API server calls it:
+//! the real `railnet-controller` serving `POST /mutate-pods` with a
+//! certificate from a CA of the test's own, reading RailNetworks from a real
+//! API server (etcd + apiextensions-apiserver in a netns of the test's own).
+//! AdmissionReviews are sent with curl, checking the CA; the JSON patches
+//! that come back are applied to the pod here, as the API server would.
+//!
+//! The namespace-level annotation is not exercised here: this API server
+//! serves no Namespace objects (the decision itself is unit-tested in
+//! `railnet_agent::webhook`).
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use railnet_tests::{ScratchDir, apiserver::ApiServer, binary, sh};
+use serde_json::{Value, json};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CA and a serving certificate for 127.0.0.1 signed by it.
+fn certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        sh(Command::new("openssl").current_dir(dir).args(args));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=railnet-webhook-ca",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+        "-subj",
+        "/CN=railnet-webhook",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:railnet-controller.railnet.svc\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "tls.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+    ]);
+}
+
+fn network(name: &str, rail: u64, group: &str, resource: &str) -> Value {
+    json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetwork",
+           "metadata": {"name": name, "namespace": "railnet"},
+           "spec": {"rail": rail, "type": "sriov", "resourceName": resource, "group": group,
+                    "ippools": {"ipv4": [name]}}})
+}
+
+fn review(pod: Value) -> Value {
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+           "request": {"uid": "7f0b2c1e-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                       "resource": {"group": "", "version": "v1", "resource": "pods"},
+                       "namespace": "ai", "operation": "CREATE", "object": pod}})
+}
+
+fn pod(annotations: Value, containers: &[&str]) -> Value {
+    let containers: Vec<Value> = containers
+        .iter()
+        .map(|c| json!({"name": c, "image": "nccl-tests"}))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "trainer-0", "namespace": "ai", "annotations": annotations},
+           "spec": {"containers": containers}})
+}
+
+/// Applies RFC 6902 `add` operations (all the webhook emits).
+fn apply(mut doc: Value, patch: &Value) -> Value {
+    for op in patch.as_array().unwrap() {
+        assert_eq!(op["op"], "add", "{op}");
+        let path = op["path"].as_str().unwrap();
+        let mut parts: Vec<String> = path
+            .split('/')
+            .skip(1)
+            .map(|p| p.replace("~1", "/").replace("~0", "~"))
+            .collect();
+        let last = parts.pop().unwrap();
+        let mut at = &mut doc;
+        for p in &parts {
+            at = match at {
+                Value::Array(a) => &mut a[p.parse::<usize>().unwrap()],
+                Value::Object(o) => o.get_mut(p).unwrap_or_else(|| panic!("{path}: no {p}")),
+                _ => panic!("{path}: {p} is not a container"),
+            };
+        }
+        at.as_object_mut()
+            .unwrap_or_else(|| panic!("{path}: parent is not an object"))
+            .insert(last, op["value"].clone());
+    }
+    doc
+}
+
+#[test]
+fn pods_asking_for_a_group_get_its_networks_and_resources() {
+    let api = ApiServer::start();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text =
+        std::fs::read_to_string(root.join("../charts/railnet/crds/railnet.io_railnetworks.yaml"))
+            .unwrap();
+    api.install_crd(&serde_norway::from_str(&text).unwrap());
+    for n in [
+        network("gpu2-sriov", 2, "rdma-network", "nvidia.com/gpu2rdma"),
+        network("gpu1-sriov", 1, "rdma-network", "nvidia.com/gpu1rdma"),
+        network("storage", 9, "storage", "nvidia.com/storage"),
+    ] {
+        let (code, body) = api.post(
+            "/apis/railnet.io/v1alpha1/namespaces/railnet/railnetworks",
+            &n,
+        );
+        assert_eq!(code, 201, "{body}");
+    }
+    let dir = ScratchDir::new("webhook");
+    certificates(dir.path());
+    let log = dir.path().join("controller.log");
+    let _controller = Killed(
+        api.ns
+            .command(binary("RAILNET_CONTROLLER_BIN", "railnet-controller"))
+            .arg("--kubeconfig")
+            .arg(api.kubeconfig())
+            .args([
+                "--lease-namespace",
+                "railnet",
+                "--webhook-address",
+                "127.0.0.1:9443",
+            ])
+            .arg("--tls-cert")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-key")
+            .arg(dir.path().join("tls.key"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("railnet-controller"),
+    );
+    // POST as the API server does: HTTPS, the server checked against the
+    // caBundle.
+    let call = |body: &Value| -> Value {
+        let mut child = api
+            .ns
+            .command("curl")
+            .args(["-sS", "--fail-with-body", "--cacert"])
+            .arg(dir.path().join("ca.crt"))
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ])
+            .arg("https://127.0.0.1:9443/mutate-pods")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = api
+            .ns
+            .command("curl")
+            .args(["-s", "--cacert"])
+            .arg(dir.path().join("ca.crt"))
+            .arg("https://127.0.0.1:9443/healthz")
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "webhook never served:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let patched = |p: &Value, answer: &Value| -> Value {
+        let r = &answer["response"];
+        assert_eq!(r["uid"], "7f0b2c1e-1");
+        assert_eq!(r["allowed"], true, "{answer}");
+        assert_eq!(r["patchType"], "JSONPatch");
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(r["patch"].as_str().unwrap())
+            .unwrap();
+        apply(p.clone(), &serde_json::from_slice(&patch).unwrap())
+    };
+
+    // No annotation: untouched.
+    let plain = pod(json!({}), &["main"]);
+    let answer = call(&review(plain));
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+    // The seeds' workflow: the group's networks, by rail, and one of each
+    // network's resource in the (first) container's limits.
+    let asking = pod(
+        json!({"railnet.io/rdma-resource-inject": "rdma-network"}),
+        &["main", "sidecar"],
+    );
+    let answer = call(&review(asking.clone()));
+    assert!(answer["response"].get("warnings").is_none(), "{answer}");
+    let after = patched(&asking, &answer);
+    let networks: Value = serde_json::from_str(
+        after["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        networks,
+        json!([{"name": "gpu1-sriov", "namespace": "railnet"},
+               {"name": "gpu2-sriov", "namespace": "railnet"}])
+    );
+    assert_eq!(
+        after["spec"]["containers"][0]["resources"]["limits"],
+        json!({"nvidia.com/gpu1rdma": "1", "nvidia.com/gpu2rdma": "1"})
+    );
+    assert!(after["spec"]["containers"][1].get("resources").is_none());
+
+    // A pod that set its own networks (and limits): overwritten, with a
+    // warning that says so; its other limits kept.
+    let mut own = pod(
+        json!({"railnet.io/rdma-resource-inject": "rdma-network",
+               "railnet.io/rdma-resource-container": "trainer",
+               "k8s.v1.cni.cncf.io/networks": "my-net"}),
+        &["init-helper", "trainer"],
+    );
+    own["spec"]["containers"][1]["resources"] =
+        json!({"limits": {"nvidia.com/gpu": "8", "nvidia.com/gpu1rdma": "2"}});
+    let answer = call(&review(own.clone()));
+    let warnings = answer["response"]["warnings"].to_string();
+    assert!(
+        warnings.contains("my-net") && warnings.contains("replaced"),
+        "{warnings}"
+    );
+    let after = patched(&own, &answer);
+    assert_ne!(
+        after["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"],
+        "my-net"
+    );
+    assert_eq!(
+        after["spec"]["containers"][1]["resources"]["limits"],
+        json!({"nvidia.com/gpu": "8", "nvidia.com/gpu1rdma": "1", "nvidia.com/gpu2rdma": "1"})
+    );
+    assert!(after["spec"]["containers"][0].get("resources").is_none());
+
+    // A group nobody defined: refused, naming it (the pod would otherwise
+    // start without its RDMA interfaces).
+    let typo = pod(
+        json!({"railnet.io/rdma-resource-inject": "rdma-netwrok"}),
+        &["main"],
+    );
+    let answer = call(&review(typo));
+    assert_eq!(answer["response"]["allowed"], false);
+    let msg = answer["response"]["status"]["message"].as_str().unwrap();
+    assert!(msg.contains("rdma-netwrok"), "{msg}");
+
+    // Not JSON: a 400, not a crash; the next request is served.
+    let bad = api
+        .ns
+        .command("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(dir.path().join("ca.crt"))
+        .args([
+            "--data-binary",
+            "{not json",
+            "https://127.0.0.1:9443/mutate-pods",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&bad.stdout), "400");
+    let answer = call(&review(pod(json!({}), &["main"])));
+    assert_eq!(answer["response"]["allowed"], true);
+}
