@@ -76,6 +76,10 @@ struct Args {
     /// Prefix length of IPv6 blocks in Kubernetes mode.
     #[arg(long, env = "RAILNET_BLOCK_PREFIX_V6", default_value_t = 122, value_parser = clap::value_parser!(u8).range(112..=128))]
     block_prefix_v6: u8,
+    /// Kubernetes mode: seconds between reads of the RailPool objects
+    /// (pools from `--config` apply too).
+    #[arg(long, env = "RAILNET_POOL_REFRESH", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pool_refresh: u64,
     /// Node-local lock: a second agent for the same socket refuses to
     /// start while one holds it (two agents would wire the same pods
     /// twice). Default: the socket's path with `.lock` appended.
@@ -172,6 +176,9 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::LOCKED);
         }
     };
+    // Kubernetes mode: the file's pools and the store, to merge RailPools
+    // into as they change.
+    let mut file_pools = None;
     let opened = match args.ipam_store {
         StoreKind::Local => match RedbStore::open(&args.state) {
             Ok(store) => Ipam::with_store(specs, Box::new(store)),
@@ -188,13 +195,29 @@ fn main() -> ExitCode {
             opts.kubeconfig = args.kubeconfig.clone();
             opts.block_prefix_v4 = args.block_prefix_v4;
             opts.block_prefix_v6 = args.block_prefix_v6;
-            match ClusterStore::connect(opts) {
-                Ok(c) => Ipam::with_cluster(specs, Arc::new(c)),
+            let cluster = match ClusterStore::connect(opts) {
+                Ok(c) => Arc::new(c),
                 Err(e) => {
                     eprintln!("railnet-agent: Kubernetes store: {e}");
                     return ExitCode::from(exit::STORE);
                 }
+            };
+            // The RailPools join the file's pools before the first ADD.
+            let mut all = specs.clone();
+            match cluster.rail_pools() {
+                Ok((pools, skipped)) => {
+                    for s in &skipped {
+                        tracing::warn!("{s}");
+                    }
+                    all.extend(pools);
+                }
+                Err(e) => {
+                    eprintln!("railnet-agent: reading RailPools: {e}");
+                    return ExitCode::from(exit::STORE);
+                }
             }
+            file_pools = Some((specs.clone(), cluster.clone()));
+            Ipam::with_cluster(all, cluster)
         }
     };
     let ipam = match opened {
@@ -248,6 +271,19 @@ fn main() -> ExitCode {
             .unwrap_or(std::path::Path::new("/var/lib/railnet"))
             .join("vfs"),
     });
+    if let Some((file, cluster)) = file_pools {
+        let (service, every) = (
+            service.clone(),
+            std::time::Duration::from_secs(args.pool_refresh),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("railpools".into())
+            .spawn(move || refresh_pools(&service, &file, &cluster, every));
+        if let Err(e) = spawned {
+            eprintln!("railnet-agent: cannot start the RailPool reader: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let finished = service.finish_tombstones(&args.tombstones);
     if finished > 0 {
         info!(finished, "finished DELs left while the agent was away");
@@ -284,6 +320,48 @@ fn main() -> ExitCode {
         metrics_task.abort();
         ExitCode::SUCCESS
     })
+}
+
+/// Kubernetes mode: reads the RailPools every `every` and swaps them (with
+/// the file's pools) into the allocator; says once what it left out and
+/// why, and what changed.
+fn refresh_pools(
+    service: &RailService,
+    file: &[railnet_agent::ipam::PoolSpec],
+    cluster: &ClusterStore,
+    every: std::time::Duration,
+) {
+    let mut said = std::collections::BTreeSet::new();
+    loop {
+        std::thread::sleep(every);
+        let (pools, skipped) = match cluster.rail_pools() {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read RailPools; keeping the pools as they are");
+                continue;
+            }
+        };
+        let mut all = file.to_vec();
+        all.extend(pools);
+        let mut now = std::collections::BTreeSet::new();
+        match service.ipam.replace_pools(all) {
+            Ok(changes) if !changes.is_empty() => info!(
+                added = ?changes.added, changed = ?changes.changed, removed = ?changes.removed,
+                "pools updated from RailPools"
+            ),
+            Ok(_) => {}
+            Err(errors) => {
+                for e in errors {
+                    now.insert(format!("RailPools not applied: {e}"));
+                }
+            }
+        }
+        now.extend(skipped);
+        for line in now.difference(&said) {
+            tracing::warn!("{line}");
+        }
+        said = now;
+    }
 }
 
 /// Takes over the pods an earlier agent left pinned: their programs kept

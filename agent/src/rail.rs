@@ -711,12 +711,13 @@ impl RailService {
             None
         };
         let mut addrs = RailAddresses::default();
+        let pools = self.ipam.pools();
         for (patterns, family) in [(&ippools.ipv4, Family::V4), (&ippools.ipv6, Family::V6)] {
             if patterns.is_empty() {
                 continue;
             }
             let candidates = crate::ipam::select(
-                self.ipam.pools(),
+                &pools,
                 &PoolRequest {
                     patterns,
                     family,
@@ -746,7 +747,18 @@ impl RailService {
                     }
                     _ => ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()),
                 })?;
-            let pool = &self.ipam.pools()[&alloc.pool];
+            // A repeated ADD may name a pool removed since (its address
+            // is still held): say so rather than guess its subnet.
+            let Some(pool) = pools.get(&alloc.pool) else {
+                return Err(ApiError::new(
+                    code::POOL_EXHAUSTED,
+                    "IPAM",
+                    format!(
+                        "{} is held from pool {}, which no longer exists; delete the pod",
+                        alloc.address, alloc.pool
+                    ),
+                ));
+            };
             let net = IpNet::new(alloc.address, pool.subnet.prefix_len())
                 .expect("prefix comes from a valid subnet");
             let routes = pool.routes.iter().map(|r| (r.dst.trunc(), r.gw));

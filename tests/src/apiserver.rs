@@ -265,6 +265,11 @@ impl ApiServer {
         self.curl("PUT", path, Some(body), "application/json")
     }
 
+    /// DELETE.
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        self.curl("DELETE", path, None, "application/json")
+    }
+
     /// Creates a CRD and waits until the server serves its kind.
     #[track_caller]
     pub fn install_crd(&self, crd: &Value) {

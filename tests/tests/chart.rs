@@ -234,7 +234,7 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
 }
 
 #[test]
-fn kubernetes_ipam_gives_the_agent_railblocks_and_nothing_else() {
+fn kubernetes_ipam_gives_the_agent_railblocks_and_railpools_and_nothing_else() {
     let objects = render(&[
         "-f",
         chart()
@@ -252,7 +252,9 @@ fn kubernetes_ipam_gives_the_agent_railblocks_and_nothing_else() {
     assert_eq!(
         agent_role["rules"],
         serde_json::json!([{"apiGroups": ["railnet.io"], "resources": ["railblocks"],
-                            "verbs": ["get", "list", "create", "update", "delete"]}])
+                            "verbs": ["get", "list", "create", "update", "delete"]},
+                           {"apiGroups": ["railnet.io"], "resources": ["railpools"],
+                            "verbs": ["list"]}])
     );
     let named_agent = |kind: &str| {
         of_kind(&objects, kind)

@@ -31,12 +31,14 @@ use railnet_tests::{Agent, ScratchDir, apiserver::ApiServer, binary, plugin};
 use serde_json::{Value, json};
 
 fn server() -> ApiServer {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../charts/railnet/crds/railnet.io_railblocks.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let crd: Value = serde_norway::from_str(&text).unwrap();
     let api = ApiServer::start();
-    api.install_crd(&crd);
+    for crd in ["railnet.io_railblocks.yaml", "railnet.io_railpools.yaml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/railnet/crds")
+            .join(crd);
+        let text = std::fs::read_to_string(&path).unwrap();
+        api.install_crd(&serde_norway::from_str(&text).unwrap());
+    }
     api
 }
 
@@ -472,4 +474,100 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
         "{metrics}"
     );
     assert!(metrics.contains("railnet_ipam_api_write_conflicts_total 0"));
+}
+
+/// Pools as users of the seeds write them: RailPool objects, read by every
+/// agent in Kubernetes mode (no pools file), applied as they change.
+#[test]
+fn rail_pools_created_in_the_api_server_serve_pods_within_seconds() {
+    let api = server();
+    let kubeconfig = api.kubeconfig();
+    let agent = Agent::start_with(
+        &api.ns,
+        &json!({"pools": []}),
+        &[
+            "--ipam-store",
+            "kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--pool-refresh",
+            "1",
+        ],
+    );
+    let bin = ScratchDir::new("cnibin");
+    let ipam = bin.path().join("railnet-ipam");
+    std::os::unix::fs::symlink(binary("RAILNET_CNI_BIN", "railnet"), &ipam).unwrap();
+    let conf = |pool: &str| {
+        json!({
+            "cniVersion": "1.0.0", "name": pool, "type": "macvlan", "master": "eth1",
+            "agentSocket": agent.socket,
+            "ipam": {"type": "railnet-ipam", "ippools": {"ipv4": [pool]}},
+        })
+    };
+    let add = |pool: &str, cid: &str| plugin(&ipam, "ADD", &conf(pool), cid, None, "net1", "/x");
+    // Before the pool exists: refused, naming it.
+    let out = add("gpu1-net11", "c0");
+    assert!(!out.ok);
+    assert!(out.stdout.contains("gpu1-net11"), "{}", out.stdout);
+    // The seeds' SpiderIPPool, as a RailPool (a range excluded).
+    let pool = |name: &str, spec: Value| {
+        json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailPool",
+               "metadata": {"name": name}, "spec": spec})
+    };
+    let (code, body) = api.post(
+        "/apis/railnet.io/v1alpha1/railpools",
+        &pool(
+            "gpu1-net11",
+            json!({"subnet": "172.16.11.0/24", "gateway": "172.16.11.254",
+                   "ips": ["172.16.11.1-172.16.11.200"], "excludeIPs": ["172.16.11.1-172.16.11.3"]}),
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = api.post(
+        "/apis/railnet.io/v1alpha1/railpools",
+        &pool(
+            "by-labels",
+            json!({"subnet": "172.16.12.0/24", "nodeAffinity": {"matchLabels": {"rail": "2"}}}),
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = add("gpu1-net11", "c1");
+        if out.ok || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(out.ok, "{}\n{}", out.stdout, agent.log());
+    assert_eq!(
+        out.json["ips"][0]["address"], "172.16.11.4/24",
+        "excluded range skipped"
+    );
+    assert_eq!(out.json["ips"][0]["gateway"], "172.16.11.254");
+    // A pool the agent cannot evaluate is left out, and the log says why.
+    let out = add("by-labels", "c2");
+    assert!(!out.ok);
+    assert!(
+        agent.log().contains("RailPool by-labels: nodeAffinity"),
+        "{}",
+        agent.log()
+    );
+    // The pool deleted: no new pods from it; the pod that has an address
+    // keeps it (and releases it on DEL).
+    let (code, _) = api.delete("/apis/railnet.io/v1alpha1/railpools/gpu1-net11");
+    assert_eq!(code, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while add("gpu1-net11", "c3").ok {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted pool still serves"
+        );
+        let _ = plugin(&ipam, "DEL", &conf("gpu1-net11"), "c3", None, "net1", "/x");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(claims_in(&api).len(), 1, "c1 keeps its address");
+    let out = plugin(&ipam, "DEL", &conf("gpu1-net11"), "c1", None, "net1", "/x");
+    assert!(out.ok, "{}", out.stdout);
+    assert!(claims_in(&api).is_empty());
 }

@@ -123,6 +123,70 @@ impl kube::Resource for RailBlock {
     }
 }
 
+/// `railpools.railnet.io/v1alpha1`.
+pub fn railpools() -> kube::core::ApiResource {
+    kube::core::ApiResource {
+        group: "railnet.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "railnet.io/v1alpha1".into(),
+        kind: "RailPool".into(),
+        plural: "railpools".into(),
+    }
+}
+
+/// Most addresses one excludeIPs range may name (it is expanded).
+const MAX_EXCLUDED_RANGE: u128 = 65_536;
+
+/// A RailPool's spec as the agent's pool spec (SpiderIPPool's field names
+/// on both sides; `namespaceName` is the spec's `namespace`, excludeIPs
+/// ranges are expanded).
+pub fn pool_spec_of(name: &str, spec: &serde_json::Value) -> Result<super::PoolSpec, String> {
+    use serde_json::{Value, json};
+    if spec.get("nodeAffinity").is_some() {
+        return Err(
+            "nodeAffinity is not evaluated by this railnet version; list the nodes in nodeName"
+                .into(),
+        );
+    }
+    let mut excluded = Vec::new();
+    for e in spec["excludeIPs"].as_array().into_iter().flatten() {
+        let text = e.as_str().unwrap_or_default();
+        let (a, b) = text.split_once('-').unwrap_or((text, text));
+        let (a, b): (IpAddr, IpAddr) =
+            match (a.trim().parse::<IpAddr>(), b.trim().parse::<IpAddr>()) {
+                (Ok(a), Ok(b)) if a.is_ipv6() == b.is_ipv6() => (a, b),
+                _ => {
+                    return Err(format!(
+                        "excludeIPs {text:?} is not an address or range a-b"
+                    ));
+                }
+            };
+        let (lo, hi) = (pool::num(a), pool::num(b));
+        if hi < lo || hi - lo >= MAX_EXCLUDED_RANGE {
+            return Err(format!(
+                "excludeIPs {text:?}: a range must go upwards and hold at most {MAX_EXCLUDED_RANGE} addresses (narrow ips instead)"
+            ));
+        }
+        excluded.extend((lo..=hi).map(|n| Value::from(pool::addr(a.is_ipv6(), n).to_string())));
+    }
+    let mut out = json!({"name": name, "excludeIPs": excluded});
+    for (from, to) in [
+        ("subnet", "subnet"),
+        ("ips", "ips"),
+        ("gateway", "gateway"),
+        ("routes", "routes"),
+        ("nodeName", "nodeName"),
+        ("disable", "disable"),
+        ("namespaceName", "namespace"),
+        ("networks", "networks"),
+    ] {
+        if let Some(v) = spec.get(from) {
+            out[to] = v.clone();
+        }
+    }
+    serde_json::from_value(out).map_err(|e| e.to_string())
+}
+
 /// Label naming a block's pool (blocks of one pool are listed by it).
 pub const POOL_LABEL: &str = "railnet.io/pool";
 /// Label naming the node that claimed a block.
@@ -301,6 +365,26 @@ impl ClusterStore {
     pub fn release(&self, released: &[Allocation]) -> Result<(), ClusterError> {
         let released = released.to_vec();
         self.run(|i| async move { i.release(&released).await })
+    }
+
+    /// The RailPools as pool specs, and the RailPools left out with why
+    /// (each a line a person can act on).
+    pub fn rail_pools(&self) -> Result<(Vec<super::PoolSpec>, Vec<String>), ClusterError> {
+        self.run(|i| async move {
+            let api: Api<kube::core::DynamicObject> =
+                Api::all_with(i.api.clone().into_client(), &railpools());
+            let list = api.list(&ListParams::default()).await.map_err(classify)?;
+            let mut specs = Vec::new();
+            let mut skipped = Vec::new();
+            for p in list.items {
+                let name = p.metadata.name.clone().unwrap_or_default();
+                match pool_spec_of(&name, &p.data["spec"]) {
+                    Ok(s) => specs.push(s),
+                    Err(why) => skipped.push(format!("RailPool {name}: {why}")),
+                }
+            }
+            Ok((specs, skipped))
+        })
     }
 
     /// Every block, as the API server has it now (tests and `doctor`).
@@ -798,7 +882,7 @@ fn classify(e: kube::Error) -> ClusterError {
         // served — the CRD is missing, or the server is still starting.
         kube::Error::Api(s) if s.code == 404 && s.reason != "NotFound" => {
             ClusterError::Unavailable(
-                "railblocks.railnet.io is not served: install the chart's CRDs, or wait for the API server to finish starting"
+                "railnet.io resources (railblocks, railpools) are not served: install the chart's CRDs, or wait for the API server to finish starting"
                     .into(),
             )
         }
@@ -896,6 +980,21 @@ mod tests {
             },
             ..RailBlock::default()
         }
+    }
+
+    #[test]
+    fn rail_pools_map_to_pool_specs_or_say_why_not() {
+        let spec = serde_json::json!({"subnet": "172.16.1.0/24", "namespaceName": ["ai"],
+            "excludeIPs": ["172.16.1.9", "172.16.1.20-172.16.1.22"], "nodeName": ["n1"]});
+        let p = pool_spec_of("gpu1", &spec).unwrap();
+        assert_eq!(p.name, "gpu1");
+        assert_eq!(p.namespace, vec!["ai".to_owned()]);
+        assert_eq!(p.exclude_ips.len(), 4);
+        let huge =
+            serde_json::json!({"subnet": "fd00::/64", "excludeIPs": ["fd00::1-fd00::ffff:ffff"]});
+        assert!(pool_spec_of("v6", &huge).unwrap_err().contains("at most"));
+        let bad = serde_json::json!({"subnet": "172.16.1.0/24", "excludeIPs": ["nope"]});
+        assert!(pool_spec_of("x", &bad).unwrap_err().contains("\"nope\""));
     }
 
     #[test]

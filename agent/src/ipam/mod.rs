@@ -78,7 +78,6 @@ pub struct Allocation {
 
 /// Pools plus the allocations made from them.
 pub struct Ipam {
-    pools: BTreeMap<String, Pool>,
     state: Mutex<State>,
     store: Box<dyn AllocationStore>,
     /// Kubernetes mode: addresses are chosen and claimed in the API server
@@ -89,13 +88,16 @@ pub struct Ipam {
 impl std::fmt::Debug for Ipam {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ipam")
-            .field("pools", &self.pools.len())
+            .field("pools", &self.lock().pools.len())
             .finish()
     }
 }
 
 #[derive(Default)]
 struct State {
+    /// The pools, swapped whole when they change (Kubernetes mode reads
+    /// RailPools); readers keep the snapshot they took.
+    pools: Arc<BTreeMap<String, Pool>>,
     /// The key is stored once; pool and network names are shared, so a
     /// node with tens of thousands of allocations stays small.
     held: HashMap<AllocationKey, Held>,
@@ -178,31 +180,16 @@ impl Ipam {
         specs: Vec<PoolSpec>,
         store: Box<dyn AllocationStore>,
     ) -> Result<Self, OpenError> {
-        // Every bad pool is reported, not just the first: a person fixes
-        // the file once.
-        let mut pools = BTreeMap::new();
-        let mut errors = Vec::new();
-        for spec in specs {
-            match Pool::new(spec) {
-                Ok(pool) if pools.contains_key(&pool.name) => {
-                    errors.push(IpamError::Duplicate(pool.name))
-                }
-                Ok(pool) => {
-                    pools.insert(pool.name.clone(), pool);
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(OpenError::Pools(errors));
-        }
+        let pools = build_pools(specs).map_err(OpenError::Pools)?;
         let mut state = State {
             index: pools
                 .iter()
                 .map(|(n, p)| (n.clone(), PoolIndex::new(p)))
                 .collect(),
+            pools: Arc::new(pools),
             ..State::default()
         };
+        let pools = state.pools.clone();
         for a in store.load().map_err(OpenError::Store)? {
             match (pools.get(&a.pool), state.index.get_mut(&a.pool)) {
                 (Some(pool), Some(index)) if pool.subnet.contains(&a.address) => {
@@ -218,7 +205,6 @@ impl Ipam {
             state.hold(&a);
         }
         Ok(Self {
-            pools,
             state: Mutex::new(state),
             store,
             cluster: None,
@@ -239,9 +225,47 @@ impl Ipam {
         Ok(ipam)
     }
 
-    /// The pools by name.
-    pub fn pools(&self) -> &BTreeMap<String, Pool> {
-        &self.pools
+    /// The pools by name, as they are now.
+    pub fn pools(&self) -> Arc<BTreeMap<String, Pool>> {
+        self.lock().pools.clone()
+    }
+
+    /// Replaces the pools (Kubernetes mode: the RailPools changed). Every
+    /// bad spec is reported and nothing changes; otherwise new and changed
+    /// pools get a fresh index holding what this node holds in them, and
+    /// removed pools hand out nothing more (their allocations are kept
+    /// until released). Returns the names added, changed and removed.
+    pub fn replace_pools(&self, specs: Vec<PoolSpec>) -> Result<PoolChanges, Vec<IpamError>> {
+        let new = build_pools(specs)?;
+        let mut state = self.lock();
+        let old = state.pools.clone();
+        let mut changes = PoolChanges::default();
+        let mut index = HashMap::new();
+        for (name, pool) in &new {
+            match (old.get(name), state.index.remove(name)) {
+                (Some(before), Some(ix)) if before == pool => {
+                    index.insert(name.clone(), ix);
+                    continue;
+                }
+                (Some(_), _) => changes.changed.push(name.clone()),
+                (None, _) => changes.added.push(name.clone()),
+            }
+            let mut ix = PoolIndex::new(pool);
+            for h in state.held.values() {
+                if &*h.pool == name.as_str() && pool.subnet.contains(&h.address) {
+                    ix.mark(pool, h.address);
+                }
+            }
+            index.insert(name.clone(), ix);
+        }
+        changes.removed = old
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        state.index = index;
+        state.pools = Arc::new(new);
+        Ok(changes)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -304,8 +328,15 @@ impl Ipam {
             };
         }
         let mut refused = Vec::new();
+        let pools = self.pools();
         for name in &candidates.pools {
-            let pool = &self.pools[name];
+            let Some(pool) = pools.get(name) else {
+                refused.push(Rejection {
+                    pool: name.clone(),
+                    why: "the pool was just removed".into(),
+                });
+                continue;
+            };
             match c.allocate(pool, &key, wanted, owner) {
                 Ok(address) => {
                     let mut state = self.lock();
@@ -446,9 +477,15 @@ impl Ipam {
         take: impl Fn(&Pool, &mut PoolIndex) -> Result<IpAddr, String>,
     ) -> Result<Allocation, Vec<Rejection>> {
         let mut refused = Vec::new();
+        let pools = state.pools.clone();
         for name in &candidates.pools {
-            let pool = &self.pools[name];
-            let index = state.index.get_mut(name).expect("index per pool");
+            let (Some(pool), Some(index)) = (pools.get(name), state.index.get_mut(name)) else {
+                refused.push(Rejection {
+                    pool: name.clone(),
+                    why: "the pool was just removed".into(),
+                });
+                continue;
+            };
             match take(pool, index) {
                 Ok(address) => {
                     return Ok(state.hold_new(key, name.clone(), address, netns, network));
@@ -468,8 +505,9 @@ impl Ipam {
         if let Err(e) = self.store.put(&allocation) {
             let mut state = self.lock();
             state.held.remove(&allocation.key);
+            let pools = state.pools.clone();
             if let (Some(pool), Some(index)) = (
-                self.pools.get(&allocation.pool),
+                pools.get(&allocation.pool),
                 state.index.get_mut(&allocation.pool),
             ) {
                 index.free(pool, allocation.address);
@@ -526,11 +564,12 @@ impl Ipam {
     fn release_keys(&self, keys: &[AllocationKey]) -> Result<Vec<Allocation>, IpamError> {
         let released: Vec<Allocation> = {
             let mut state = self.lock();
+            let pools = state.pools.clone();
             let mut out = Vec::new();
             for k in keys {
                 if let Some(h) = state.held.remove(k) {
                     if let (Some(pool), Some(index)) =
-                        (self.pools.get(&*h.pool), state.index.get_mut(&*h.pool))
+                        (pools.get(&*h.pool), state.index.get_mut(&*h.pool))
                     {
                         index.free(pool, h.address);
                     }
@@ -555,9 +594,10 @@ impl Ipam {
             // The record still says "held": hold it in memory too, so the
             // address is not handed out while the disk disagrees.
             let mut state = self.lock();
+            let pools = state.pools.clone();
             for a in &released {
                 if let (Some(pool), Some(index)) =
-                    (self.pools.get(&a.pool), state.index.get_mut(&a.pool))
+                    (pools.get(&a.pool), state.index.get_mut(&a.pool))
                 {
                     index.mark(pool, a.address);
                 }
@@ -610,6 +650,47 @@ fn keys_of(container_id: &str, ifname: &str) -> [AllocationKey; 2] {
         ..v4.clone()
     };
     [v4, v6]
+}
+
+/// What [`Ipam::replace_pools`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PoolChanges {
+    /// Pools that are new.
+    pub added: Vec<String>,
+    /// Pools whose definition changed.
+    pub changed: Vec<String>,
+    /// Pools that are gone.
+    pub removed: Vec<String>,
+}
+
+impl PoolChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// Validates every spec (all errors reported, not just the first: a person
+/// fixes the file once) into pools by name.
+fn build_pools(specs: Vec<PoolSpec>) -> Result<BTreeMap<String, Pool>, Vec<IpamError>> {
+    let mut pools = BTreeMap::new();
+    let mut errors = Vec::new();
+    for spec in specs {
+        match Pool::new(spec) {
+            Ok(pool) if pools.contains_key(&pool.name) => {
+                errors.push(IpamError::Duplicate(pool.name))
+            }
+            Ok(pool) => {
+                pools.insert(pool.name.clone(), pool);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(pools)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Why an allocator could not be opened.
