@@ -241,6 +241,96 @@ pub async fn reconcile(client: &Client, opts: &RenderOptions) -> Result<Pass, ku
     Ok(pass)
 }
 
+/// The UIDs of every pod in the cluster (metadata only). An error is an
+/// error: the sweep must never run on a partial or failed list.
+pub async fn pod_uids(client: &Client) -> Result<std::collections::HashSet<String>, kube::Error> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
+    let mut uids = std::collections::HashSet::new();
+    let mut lp = ListParams::default().limit(500);
+    loop {
+        let page = pods.list_metadata(&lp).await?;
+        uids.extend(page.items.into_iter().filter_map(|p| p.metadata.uid));
+        match page.metadata.continue_ {
+            Some(c) if !c.is_empty() => lp = lp.continue_token(&c),
+            _ => return Ok(uids),
+        }
+    }
+}
+
+/// Releases claims whose pod is gone: cluster-scoped claims cannot be
+/// owned by pods (owner references may not cross scopes), so nothing else
+/// frees the address of a pod deleted while its node was down. A claim is
+/// released only after its pod UID has been missing from every list for
+/// `grace` (a pod created a moment ago may not be listed yet); claims
+/// without a pod UID are left to their node.
+#[derive(Debug)]
+pub struct ClaimSweeper {
+    grace: Duration,
+    missing_since: std::collections::HashMap<(String, String), std::time::Instant>,
+}
+
+impl ClaimSweeper {
+    /// A sweeper with `grace`.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            missing_since: Default::default(),
+        }
+    }
+
+    /// One pass against the pods alive now; returns the claims released.
+    pub async fn pass(
+        &mut self,
+        client: &Client,
+        live: &std::collections::HashSet<String>,
+    ) -> Result<usize, kube::Error> {
+        use crate::ipam::cluster::RailBlock;
+        let blocks: Api<RailBlock> = Api::all(client.clone());
+        let now = std::time::Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        let mut released = 0;
+        for block in blocks.list(&ListParams::default()).await?.items {
+            let name = block.metadata.name.clone().unwrap_or_default();
+            let mut doomed = Vec::new();
+            for (address, claim) in &block.spec.claims {
+                if claim.pod_uid.is_empty() || live.contains(&claim.pod_uid) {
+                    continue;
+                }
+                let key = (name.clone(), format!("{address}/{}", claim.pod_uid));
+                seen.insert(key.clone());
+                let since = *self.missing_since.entry(key).or_insert(now);
+                if now.duration_since(since) >= self.grace {
+                    doomed.push(address.clone());
+                }
+            }
+            if doomed.is_empty() {
+                continue;
+            }
+            let mut next = block.clone();
+            for a in &doomed {
+                next.spec.claims.remove(a);
+            }
+            // With the block's resourceVersion: a node that wrote since
+            // wins, and we look again next pass.
+            match blocks.replace(&name, &PostParams::default(), &next).await {
+                Ok(_) => {
+                    for a in &doomed {
+                        let c = &block.spec.claims[a];
+                        tracing::info!(block = %name, address = %a, pod = %format!("{}/{}", c.pod_namespace, c.pod_name),
+                            pod_uid = %c.pod_uid, node = %c.node, "released the claim of a pod that is gone");
+                    }
+                    released += doomed.len();
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Forget claims that were released or whose pod came back.
+        self.missing_since.retain(|k, _| seen.contains(k));
+        Ok(released)
+    }
+}
+
 /// A Lease-based leader election.
 #[derive(Debug)]
 pub struct Leader {
@@ -392,6 +482,48 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 mod tests {
     use super::*;
     use crate::netconf::NetConf;
+
+    /// kube-rs over a mock service (no pods API exists in the test API
+    /// server): every page of the pod list is read, and a failed list is
+    /// an error, never an empty set.
+    #[tokio::test]
+    async fn pod_uids_reads_every_page_and_fails_loudly() {
+        let service = tower::service_fn(|req: hyper::Request<kube::client::Body>| async move {
+            let q = req.uri().query().unwrap_or_default().to_owned();
+            let body = if req.uri().path() != "/api/v1/pods" {
+                return Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder()
+                        .status(404)
+                        .body(kube::client::Body::empty())
+                        .unwrap(),
+                );
+            } else if q.contains("continue=page2") {
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                       "items": [{"metadata": {"name": "c", "uid": "uid-c"}}]})
+            } else {
+                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"continue": "page2"},
+                       "items": [{"metadata": {"name": "a", "uid": "uid-a"}},
+                                 {"metadata": {"name": "b", "uid": "uid-b"}}]})
+            };
+            Ok(hyper::Response::builder()
+                .header("Content-Type", "application/json")
+                .body(kube::client::Body::from(body.to_string().into_bytes()))
+                .unwrap())
+        });
+        let client = Client::new(service, "default");
+        let uids = pod_uids(&client).await.unwrap();
+        assert_eq!(uids.len(), 3);
+        assert!(uids.contains("uid-c"));
+        let failing = tower::service_fn(|_req: hyper::Request<kube::client::Body>| async move {
+            Ok::<_, std::convert::Infallible>(
+                hyper::Response::builder()
+                    .status(503)
+                    .body(kube::client::Body::from(b"{}".to_vec()))
+                    .unwrap(),
+            )
+        });
+        assert!(pod_uids(&Client::new(failing, "default")).await.is_err());
+    }
 
     #[test]
     fn times_round_trip() {

@@ -273,6 +273,26 @@ fn kubernetes_ipam_gives_the_agent_railblocks_and_railpools_and_nothing_else() {
     assert_eq!(pod["automountServiceAccountToken"], true);
     let args = pod["containers"][0]["args"].as_array().unwrap();
     assert!(args.contains(&"--ipam-store=kubernetes".into()), "{args:?}");
+    // The controller sweeps claims of deleted pods: it lists pods and
+    // updates blocks.
+    let ctl_role = roles
+        .iter()
+        .find(|r| {
+            r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-controller")
+        })
+        .unwrap()["rules"]
+        .to_string();
+    assert!(
+        ctl_role.contains(r#""resources":["pods"],"verbs":["list"]"#),
+        "{ctl_role}"
+    );
+    let ctl =
+        of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string();
+    assert!(ctl.contains("--claim-grace-seconds=300"), "{ctl}");
     assert!(args.contains(&"--block-prefix-v4=28".into()), "{args:?}");
 }
 

@@ -571,3 +571,57 @@ fn rail_pools_created_in_the_api_server_serve_pods_within_seconds() {
     assert!(out.ok, "{}", out.stdout);
     assert!(claims_in(&api).is_empty());
 }
+
+/// The controller's claim sweep against the real API server, with the live
+/// pod UIDs given (this server has no pods API; the pod listing itself is
+/// tested against kube-rs's mock service in railnet_agent::controller):
+/// claims of gone pods are released after the grace period, live pods' and
+/// UID-less claims are not.
+#[test]
+fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
+    let api = server();
+    let a = node(&api, "node-a", "172.16.1.0/24");
+    for i in 0..4 {
+        let mut o = owner(i, "node-a");
+        if i == 3 {
+            o.pod_uid.clear(); // a runtime that did not say
+        }
+        a.allocate_owned(key(i, "node-a"), &candidates(), None, &o)
+            .unwrap();
+    }
+    let kubeconfig = api.kubeconfig();
+    let released = api.inside(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client =
+                railnet_agent::ipam::cluster::client(Some(&kubeconfig), Duration::from_secs(5))
+                    .await
+                    .unwrap();
+            let mut sweeper =
+                railnet_agent::controller::ClaimSweeper::new(Duration::from_millis(800));
+            let live: HashSet<String> = ["uid-node-a-0".to_owned()].into();
+            let first = sweeper.pass(&client, &live).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            // Pod 2 came back (listed late): not released.
+            let live: HashSet<String> =
+                ["uid-node-a-0".to_owned(), "uid-node-a-2".to_owned()].into();
+            let second = sweeper.pass(&client, &live).await.unwrap();
+            (first, second)
+        })
+    });
+    assert_eq!(
+        released,
+        (0, 1),
+        "nothing within the grace period, then pod 1's claim"
+    );
+    let left: HashSet<String> = claims_in(&api).into_iter().map(|(_, c, _)| c).collect();
+    assert_eq!(
+        left,
+        ["node-a-pod0", "node-a-pod2", "node-a-pod3"]
+            .map(String::from)
+            .into()
+    );
+}

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use railnet_agent::{
-    controller::{Leader, RenderOptions, reconcile},
+    controller::{ClaimSweeper, Leader, RenderOptions, pod_uids, reconcile},
     ipam::cluster,
 };
 use tracing::{info, warn};
@@ -46,6 +46,10 @@ struct Args {
     /// tombstoneDir written into NADs (with --agent-socket).
     #[arg(long)]
     tombstone_dir: Option<String>,
+    /// Seconds a claim's pod must be missing from the cluster before its
+    /// address is released (Kubernetes IPAM mode); 0 turns the sweep off.
+    #[arg(long, default_value_t = 300)]
+    claim_grace_seconds: u64,
     /// Serve the RDMA resource-injection webhook (`POST /mutate-pods`,
     /// HTTPS) here; every replica serves it, leader or not.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
@@ -121,6 +125,8 @@ fn main() -> ExitCode {
             info!(%addr, "serving the RDMA resource-injection webhook");
             tokio::spawn(railnet_agent::webhook::serve(listener, tls, client.clone()));
         }
+        let mut sweeper = ClaimSweeper::new(Duration::from_secs(args.claim_grace_seconds));
+        let mut pods_unlisted = false;
         let mut leading = false;
         let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
         loop {
@@ -153,6 +159,23 @@ fn main() -> ExitCode {
                     }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "pass failed; retrying next interval"),
+                }
+                if args.claim_grace_seconds > 0 {
+                    // Never sweep on a failed pod list: every claim would
+                    // look orphaned.
+                    match pod_uids(&client).await {
+                        Ok(live) => {
+                            pods_unlisted = false;
+                            if let Err(e) = sweeper.pass(&client, &live).await {
+                                warn!(error = %e, "claim sweep failed; retrying next interval");
+                            }
+                        }
+                        Err(e) if !pods_unlisted => {
+                            pods_unlisted = true;
+                            warn!(error = %e, "cannot list pods; claims of deleted pods are not released until it can");
+                        }
+                        Err(_) => {}
+                    }
                 }
             }
         }
