@@ -216,6 +216,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit::STORE);
                 }
             }
+            // Say on the Node what RDMA mode it is in: pods needing
+            // exclusive mode are scheduled by it (the webhook adds the
+            // selector). Best effort: the agent serves either way.
+            let mode = railnet_agent::rdma::RdmaNetlink::open()
+                .and_then(|mut r| r.netns_mode())
+                .map(|m| m.to_string())
+                .unwrap_or_else(|_| "none".into());
+            if let Err(e) = cluster.label_node(&mode) {
+                tracing::warn!(node = %node_name, error = %e, "cannot label the node with its RDMA netns mode");
+            }
             file_pools = Some((specs.clone(), cluster.clone()));
             Ipam::with_cluster(all, cluster)
         }

@@ -81,6 +81,19 @@ pub fn inject(pod: &Value, group: &str, networks: &[Value]) -> Result<Injection,
         "path": format!("/metadata/annotations/{}", escape(NETWORKS)),
         "value": Value::from(listed).to_string(),
     }));
+    // Networks that move the VF's RDMA device into the pod work only on
+    // nodes in exclusive mode: schedule there (agents label their nodes).
+    if members.iter().any(|n| n["spec"]["rdmaIsolation"] == true) {
+        let label = crate::ipam::cluster::RDMA_MODE_LABEL;
+        if pod["spec"].get("nodeSelector").is_none() {
+            out.patch
+                .push(json!({"op": "add", "path": "/spec/nodeSelector",
+                "value": {label: "exclusive"}}));
+        } else {
+            out.patch.push(json!({"op": "add",
+                "path": format!("/spec/nodeSelector/{}", escape(label)), "value": "exclusive"}));
+        }
+    }
     // The resources: one per network that names one, in the container the
     // pod names, else the first.
     let containers = pod["spec"]["containers"]
@@ -342,6 +355,29 @@ mod tests {
         assert!(networks_of(&own).contains("b1"));
         let none = answer(&review(json!({})), &nets, None);
         assert!(none["response"].get("patch").is_none());
+    }
+
+    #[test]
+    fn isolated_networks_schedule_on_exclusive_nodes() {
+        let mut iso = net("gpu1", 1, "g", Some("r/1"));
+        iso["spec"]["rdmaIsolation"] = true.into();
+        let pod = json!({"metadata": {"annotations": {INJECT: "g"}},
+                         "spec": {"containers": [{"name": "c"}], "nodeSelector": {"gpu": "h100"}}});
+        let inj = inject(&pod, "g", &[iso]).unwrap();
+        assert!(
+            inj.patch.iter().any(|op| op["path"]
+                == "/spec/nodeSelector/railnet.io~1rdma-netns-mode"
+                && op["value"] == "exclusive"),
+            "{:?}",
+            inj.patch
+        );
+        let shared = net("gpu1", 1, "g", Some("r/1"));
+        let inj = inject(&pod, "g", &[shared]).unwrap();
+        assert!(
+            !inj.patch
+                .iter()
+                .any(|op| op["path"].as_str().unwrap().contains("nodeSelector"))
+        );
     }
 
     #[test]

@@ -254,7 +254,8 @@ fn kubernetes_ipam_gives_the_agent_railblocks_and_railpools_and_nothing_else() {
         serde_json::json!([{"apiGroups": ["railnet.io"], "resources": ["railblocks"],
                             "verbs": ["get", "list", "create", "update", "delete"]},
                            {"apiGroups": ["railnet.io"], "resources": ["railpools"],
-                            "verbs": ["list"]}])
+                            "verbs": ["list"]},
+                           {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}])
     );
     let named_agent = |kind: &str| {
         of_kind(&objects, kind)

@@ -143,7 +143,11 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
     api.install_crd(&serde_norway::from_str(&text).unwrap());
     for n in [
         network("gpu2-sriov", 2, "rdma-network", "nvidia.com/gpu2rdma"),
-        network("gpu1-sriov", 1, "rdma-network", "nvidia.com/gpu1rdma"),
+        {
+            let mut n = network("gpu1-sriov", 1, "rdma-network", "nvidia.com/gpu1rdma");
+            n["spec"]["rdmaIsolation"] = true.into();
+            n
+        },
         network("storage", 9, "storage", "nvidia.com/storage"),
     ] {
         let (code, body) = api.post(
@@ -275,6 +279,12 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
         json!({"nvidia.com/gpu1rdma": "1", "nvidia.com/gpu2rdma": "1"})
     );
     assert!(after["spec"]["containers"][1].get("resources").is_none());
+    // gpu1-sriov moves its VF's RDMA device into the pod: only nodes in
+    // exclusive mode (labelled so by their agents) can run it.
+    assert_eq!(
+        after["spec"]["nodeSelector"],
+        json!({"railnet.io/rdma-netns-mode": "exclusive"})
+    );
 
     // A pod that set its own networks (and limits): overwritten, with a
     // warning that says so; its other limits kept.
