@@ -331,6 +331,137 @@ impl ClaimSweeper {
     }
 }
 
+/// The controller's `/metrics` (and the webhook's).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// 1 while this replica leads.
+    pub leader: prometheus_client::metrics::gauge::Gauge,
+    /// NADs created.
+    pub nads_created: prometheus_client::metrics::counter::Counter,
+    /// NADs put back after a hand edit.
+    pub nads_repaired: prometheus_client::metrics::counter::Counter,
+    /// RailNetworks that cannot be rendered, at the last pass.
+    pub networks_refused: prometheus_client::metrics::gauge::Gauge,
+    /// Passes (reconcile or sweep) that failed.
+    pub pass_errors: prometheus_client::metrics::counter::Counter,
+    /// Claims of gone pods released.
+    pub claims_released: prometheus_client::metrics::counter::Counter,
+    /// Webhook answers by result (`unchanged`, `patched`, `denied`,
+    /// `bad_request`).
+    pub webhook: prometheus_client::metrics::family::Family<
+        Vec<(String, String)>,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Metrics {
+    /// Counts one pass's outcome.
+    pub fn record(&self, pass: &Pass) {
+        self.nads_created.inc_by(pass.created as u64);
+        self.nads_repaired.inc_by(pass.repaired as u64);
+        self.networks_refused.set(pass.refused as i64);
+    }
+
+    /// Counts one webhook answer.
+    pub fn webhook_answer(&self, result: &str) {
+        self.webhook
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
+    }
+
+    /// The exposition (OpenMetrics text).
+    pub fn render(&self) -> String {
+        let mut r = prometheus_client::registry::Registry::with_prefix("railnet_controller");
+        r.register(
+            "leader",
+            "1 while this replica leads (holds the Lease)",
+            self.leader.clone(),
+        );
+        r.register(
+            "nads_created",
+            "NetworkAttachmentDefinitions rendered from RailNetworks",
+            self.nads_created.clone(),
+        );
+        r.register(
+            "nads_repaired",
+            "NetworkAttachmentDefinitions put back after they were edited",
+            self.nads_repaired.clone(),
+        );
+        r.register(
+            "networks_refused",
+            "RailNetworks that cannot be rendered (their status says why)",
+            self.networks_refused.clone(),
+        );
+        r.register(
+            "pass_errors",
+            "Passes that failed (retried next interval)",
+            self.pass_errors.clone(),
+        );
+        r.register(
+            "claims_released",
+            "Address claims of pods that are gone, released",
+            self.claims_released.clone(),
+        );
+        r.register(
+            "webhook_requests",
+            "RDMA resource-injection webhook answers, by result",
+            self.webhook.clone(),
+        );
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}
+
+/// Serves `GET /metrics` (classic text unless OpenMetrics is asked for)
+/// and `/healthz`, plain HTTP, until dropped.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
+    use http_body_util::Full;
+    use hyper::{Response, body::Bytes, service::service_fn};
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let openmetrics = req
+                        .headers()
+                        .get("accept")
+                        .and_then(|a| a.to_str().ok())
+                        .is_some_and(|a| a.contains("application/openmetrics-text"));
+                    let (code, kind, body) = match req.uri().path() {
+                        "/metrics" if openmetrics => (
+                            200,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            metrics.render(),
+                        ),
+                        "/metrics" => (
+                            200,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                            crate::metrics::classic_text(&metrics.render()),
+                        ),
+                        "/healthz" => (200, "text/plain", "ok\n".to_owned()),
+                        _ => (404, "text/plain", "try /metrics or /healthz\n".to_owned()),
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(code)
+                            .header("Content-Type", kind)
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("a valid response"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
 /// A Lease-based leader election.
 #[derive(Debug)]
 pub struct Leader {

@@ -138,22 +138,23 @@ impl PodPins {
             let p = self.dir.join(sub);
             fs::create_dir_all(&p).map_err(Self::pin_err(&p))?;
         }
-        let paths: Vec<(&str, PathBuf)> = [MAP_RAIL_SOURCES, MAP_RDMA_NETS, MAP_COUNTERS, MAP_META]
-            .into_iter()
-            .map(|n| (n, self.map_path(n)))
-            .collect();
-        let mut loader = ready_loader();
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
-        }
+        let paths: Vec<(&'static str, PathBuf)> =
+            [MAP_RAIL_SOURCES, MAP_RDMA_NETS, MAP_COUNTERS, MAP_META]
+                .into_iter()
+                .map(|n| (n, self.map_path(n)))
+                .collect();
         let t0 = std::time::Instant::now();
         tracing::debug!(
             prepare_us = (t0 - t_start).as_micros() as u64,
             "pin directories ready"
         );
-        let mut ebpf = loader
-            .load(object)
-            .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
+        let mut ebpf = with_loader(|loader| {
+            for (name, path) in &paths {
+                loader.map_pin_path(name, path.clone());
+            }
+            loader.load(object)
+        })
+        .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
 
         let map_err = |map: &'static str| {
             move |e: aya::maps::MapError| DataplaneError::Map {
@@ -367,27 +368,41 @@ impl PodPins {
 }
 
 /// aya's `EbpfLoader::new()` parses the kernel's BTF (megabytes, ~30 ms
-/// here) every time; ADD must not wait for it. A background thread keeps a
-/// loader ready.
-fn ready_loader() -> EbpfLoader<'static> {
-    use std::sync::{Mutex, OnceLock, mpsc};
-    static POOL: OnceLock<Mutex<mpsc::Receiver<EbpfLoader<'static>>>> = OnceLock::new();
-    let pool = POOL.get_or_init(|| {
-        // Rendezvous: one parsed loader waits at a time (each holds the
-        // parsed BTF, megabytes).
-        let (tx, rx) = mpsc::sync_channel(0);
-        let _ = std::thread::Builder::new()
-            .name("railnet-loaders".into())
-            .spawn(move || while tx.send(EbpfLoader::new()).is_ok() {});
-        Mutex::new(rx)
-    });
-    let ready = pool.lock().ok().and_then(|rx| rx.try_recv().ok());
-    ready.unwrap_or_default()
+/// here) every time; ADD must not wait for it. A loader can load many
+/// times (what differs per pod — the map pin paths — is set before each
+/// load), so parsed loaders are kept and reused: after the first few ADDs,
+/// none parses BTF again. At most [`KEPT_LOADERS`] are kept (each holds
+/// the parsed BTF); more ADDs at once than that make their own.
+fn with_loader<T>(f: impl FnOnce(&mut EbpfLoader<'static>) -> T) -> T {
+    let mut loader = LOADERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop()
+        .unwrap_or_default();
+    let out = f(&mut loader);
+    let mut kept = LOADERS.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() < KEPT_LOADERS {
+        kept.push(loader);
+    }
+    out
 }
 
-/// Starts preparing loaders, so the first ADD finds one ready.
+/// Parsed loaders kept for reuse.
+const KEPT_LOADERS: usize = 4;
+
+static LOADERS: std::sync::Mutex<Vec<EbpfLoader<'static>>> = std::sync::Mutex::new(Vec::new());
+
+/// Parses one loader in the background, so the first ADD finds it ready.
 pub fn warm_up() {
-    drop(ready_loader());
+    let _ = std::thread::Builder::new()
+        .name("railnet-loader".into())
+        .spawn(|| {
+            let loader = EbpfLoader::new();
+            let mut kept = LOADERS.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.is_empty() {
+                kept.push(loader);
+            }
+        });
 }
 
 /// Whether this kernel attaches tc programs through TCX links (Linux 6.6+).

@@ -221,7 +221,11 @@ pub async fn namespace_group(client: &Client, ns: &str) -> Option<String> {
     }
 }
 
-async fn handle(client: Client, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+/// The response, and how to count it (`None`: not a review).
+async fn handle(
+    client: Client,
+    req: Request<hyper::body::Incoming>,
+) -> (Response<Full<Bytes>>, Option<&'static str>) {
     let reply = |code: u16, body: String| {
         Response::builder()
             .status(code)
@@ -230,21 +234,29 @@ async fn handle(client: Client, req: Request<hyper::body::Incoming>) -> Response
             .expect("a valid response")
     };
     match (req.method().as_str(), req.uri().path()) {
-        ("GET", "/healthz") => return reply(200, "\"ok\"".into()),
+        ("GET", "/healthz") => return (reply(200, "\"ok\"".into()), None),
         ("POST", "/mutate-pods") => {}
-        _ => return reply(404, "\"POST /mutate-pods\"".into()),
+        _ => return (reply(404, "\"POST /mutate-pods\"".into()), None),
     }
     // The API server caps objects at 3 MiB; so do we.
     let body = match Limited::new(req.into_body(), 3 << 20).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e) => return reply(400, json!(format!("body: {e}")).to_string()),
+        Err(e) => {
+            return (
+                reply(400, json!(format!("body: {e}")).to_string()),
+                Some("bad_request"),
+            );
+        }
     };
     let review: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return reply(
-                400,
-                json!(format!("not an AdmissionReview: {e}")).to_string(),
+            return (
+                reply(
+                    400,
+                    json!(format!("not an AdmissionReview: {e}")).to_string(),
+                ),
+                Some("bad_request"),
             );
         }
     };
@@ -261,7 +273,10 @@ async fn handle(client: Client, req: Request<hyper::body::Incoming>) -> Response
         namespace_group(&client, &ns).await
     };
     if !asks && ns_group.is_none() {
-        return reply(200, answer(&review, &[], None).to_string());
+        return (
+            reply(200, answer(&review, &[], None).to_string()),
+            Some("unchanged"),
+        );
     }
     let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
     let networks: Vec<Value> = match nets.list(&ListParams::default()).await {
@@ -273,30 +288,41 @@ async fn handle(client: Client, req: Request<hyper::body::Incoming>) -> Response
         Err(e) => {
             // Refuse rather than start the pod without its rails.
             let uid = review["request"]["uid"].clone();
-            return reply(
-                200,
-                json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                    "response": {"uid": uid, "allowed": false, "status": {"code": 503,
-                        "message": format!("railnet cannot list RailNetworks ({e}); try again")}}})
-                .to_string(),
+            return (
+                reply(
+                    200,
+                    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": {"uid": uid, "allowed": false, "status": {"code": 503,
+                            "message": format!("railnet cannot list RailNetworks ({e}); try again")}}})
+                    .to_string(),
+                ),
+                Some("denied"),
             );
         }
     };
-    reply(
-        200,
-        answer(&review, &networks, ns_group.as_deref()).to_string(),
-    )
+    let a = answer(&review, &networks, ns_group.as_deref());
+    let result = match (&a["response"]["allowed"], a["response"].get("patch")) {
+        (Value::Bool(false), _) => "denied",
+        (_, Some(_)) => "patched",
+        _ => "unchanged",
+    };
+    (reply(200, a.to_string()), Some(result))
 }
 
 /// Serves `POST /mutate-pods` (and `GET /healthz`) over TLS until the task
 /// is dropped.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, client: Client) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    client: Client,
+    metrics: Arc<crate::controller::Metrics>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
-        let (acceptor, client) = (acceptor.clone(), client.clone());
+        let (acceptor, client, metrics) = (acceptor.clone(), client.clone(), metrics.clone());
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {
                 Ok(s) => s,
@@ -306,8 +332,14 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, client
                 }
             };
             let service = service_fn(move |req| {
-                let client = client.clone();
-                async move { Ok::<_, Infallible>(handle(client, req).await) }
+                let (client, metrics) = (client.clone(), metrics.clone());
+                async move {
+                    let (response, result) = handle(client, req).await;
+                    if let Some(r) = result {
+                        metrics.webhook_answer(r);
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

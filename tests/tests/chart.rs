@@ -420,10 +420,14 @@ fn the_webhook_is_served_by_the_controller_under_a_certificate_its_ca_bundle_tru
         assert_eq!(&ctl["metadata"]["labels"][k], v, "Service selector {k}");
     }
     let container = &ctl["spec"]["containers"][0];
-    assert_eq!(
-        container["ports"][0]["name"],
-        svc["spec"]["ports"][0]["targetPort"]
-    );
+    let target = &svc["spec"]["ports"][0]["targetPort"];
+    let port = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| &p["name"] == target)
+        .unwrap_or_else(|| panic!("the Service targets port {target}, which the controller lacks"));
+    assert_eq!(port["containerPort"], 9443);
     assert_eq!(
         ctl["spec"]["volumes"][0]["secret"]["secretName"],
         secret["metadata"]["name"]

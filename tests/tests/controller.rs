@@ -39,7 +39,7 @@ struct Controller {
 }
 
 impl Controller {
-    fn start(api: &ApiServer, identity: &str, dir: &ScratchDir) -> Self {
+    fn start(api: &ApiServer, identity: &str, metrics_port: u16, dir: &ScratchDir) -> Self {
         let log = dir.path().join(format!("{identity}.log"));
         let child = api
             .ns
@@ -55,6 +55,8 @@ impl Controller {
                 "3",
                 "--interval",
                 "1",
+                "--metrics-address",
+                &format!("127.0.0.1:{metrics_port}"),
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -101,8 +103,8 @@ fn network(name: &str, spec: Value) -> Value {
 fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
     let api = server();
     let dir = ScratchDir::new("controller");
-    let mut a = Some(Controller::start(&api, "ctl-a", &dir));
-    let mut b = Some(Controller::start(&api, "ctl-b", &dir));
+    let mut a = Some(Controller::start(&api, "ctl-a", 9466, &dir));
+    let mut b = Some(Controller::start(&api, "ctl-b", 9467, &dir));
     let paths = [
         a.as_ref().unwrap().log.clone(),
         b.as_ref().unwrap().log.clone(),
@@ -194,6 +196,56 @@ fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
     eventually("the edited NAD put back", &logs, || {
         (nad("rail1")?["spec"]["config"] == rail1["spec"]["config"]).then_some(())
     });
+
+    // The leader's /metrics says so, and what it did; promtool accepts it.
+    let scrape = |port: u16| {
+        let out = api
+            .ns
+            .command("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (lead_port, other_port) = if leader == "ctl-a" {
+        (9466, 9467)
+    } else {
+        (9467, 9466)
+    };
+    let text = eventually("the repair counted", &logs, || {
+        let t = scrape(lead_port);
+        t.contains("railnet_controller_nads_repaired_total 1")
+            .then_some(t)
+    });
+    for line in [
+        "railnet_controller_leader 1",
+        "railnet_controller_nads_created_total 2",
+        "railnet_controller_networks_refused 1",
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+    assert!(scrape(other_port).contains("railnet_controller_leader 0"));
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs prometheus)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     // The leader dies: the other replica takes the Lease once it expires,
     // and repairs from then on.

@@ -340,4 +340,20 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
     assert_eq!(String::from_utf8_lossy(&bad.stdout), "400");
     let answer = call(&review(pod(json!({}), &["main"])));
     assert_eq!(answer["response"]["allowed"], true);
+    // Each answer counted by result on the controller's /metrics.
+    let out = api
+        .ns
+        .command("curl")
+        .args(["-sf", "http://127.0.0.1:9466/metrics"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        r#"railnet_controller_webhook_requests_total{result="unchanged"} 2"#,
+        r#"railnet_controller_webhook_requests_total{result="patched"} 2"#,
+        r#"railnet_controller_webhook_requests_total{result="denied"} 1"#,
+        r#"railnet_controller_webhook_requests_total{result="bad_request"} 1"#,
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
 }

@@ -50,6 +50,9 @@ struct Args {
     /// address is released (Kubernetes IPAM mode); 0 turns the sweep off.
     #[arg(long, default_value_t = 300)]
     claim_grace_seconds: u64,
+    /// Address for `/metrics` and `/healthz` (plain HTTP).
+    #[arg(long, default_value = "0.0.0.0:9466")]
+    metrics_address: std::net::SocketAddr,
     /// Serve the RDMA resource-injection webhook (`POST /mutate-pods`,
     /// HTTPS) here; every replica serves it, leader or not.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
@@ -105,6 +108,16 @@ fn main() -> ExitCode {
             agent_socket: args.agent_socket.clone(),
             tombstone_dir: args.tombstone_dir.clone(),
         };
+        let metrics = std::sync::Arc::new(railnet_agent::controller::Metrics::default());
+        match tokio::net::TcpListener::bind(args.metrics_address).await {
+            Ok(l) => {
+                tokio::spawn(railnet_agent::controller::serve_metrics(l, metrics.clone()));
+            }
+            Err(e) => {
+                eprintln!("railnet-controller: metrics address {}: {e}", args.metrics_address);
+                return ExitCode::from(4);
+            }
+        }
         if let (Some(addr), Some(cert), Some(key)) =
             (args.webhook_address, &args.tls_cert, &args.tls_key)
         {
@@ -123,7 +136,12 @@ fn main() -> ExitCode {
                 }
             };
             info!(%addr, "serving the RDMA resource-injection webhook");
-            tokio::spawn(railnet_agent::webhook::serve(listener, tls, client.clone()));
+            tokio::spawn(railnet_agent::webhook::serve(
+                listener,
+                tls,
+                client.clone(),
+                metrics.clone(),
+            ));
         }
         let mut sweeper = ClaimSweeper::new(Duration::from_secs(args.claim_grace_seconds));
         let mut pods_unlisted = false;
@@ -137,6 +155,7 @@ fn main() -> ExitCode {
             match leader.try_lead().await {
                 Ok(now) if now != leading => {
                     leading = now;
+                    metrics.leader.set(i64::from(now));
                     info!(identity = %identity, leading, "leadership changed");
                 }
                 Ok(_) => {}
@@ -145,10 +164,18 @@ fn main() -> ExitCode {
                     // replica may take over meanwhile).
                     warn!(error = %e, "cannot reach the Lease; not leading");
                     leading = false;
+                    metrics.leader.set(0);
                 }
             }
             if leading {
-                match reconcile(&client, &opts).await {
+                let result = reconcile(&client, &opts).await;
+                match &result {
+                    Ok(pass) => metrics.record(pass),
+                    Err(_) => {
+                        metrics.pass_errors.inc();
+                    }
+                }
+                match result {
                     Ok(pass) if pass.created + pass.repaired + pass.refused > 0 => {
                         info!(
                             created = pass.created,
@@ -166,8 +193,14 @@ fn main() -> ExitCode {
                     match pod_uids(&client).await {
                         Ok(live) => {
                             pods_unlisted = false;
-                            if let Err(e) = sweeper.pass(&client, &live).await {
-                                warn!(error = %e, "claim sweep failed; retrying next interval");
+                            match sweeper.pass(&client, &live).await {
+                                Ok(n) => {
+                                    metrics.claims_released.inc_by(n as u64);
+                                }
+                                Err(e) => {
+                                    metrics.pass_errors.inc();
+                                    warn!(error = %e, "claim sweep failed; retrying next interval");
+                                }
                             }
                         }
                         Err(e) if !pods_unlisted => {
