@@ -192,6 +192,7 @@ pub struct Agent {
     pub config: PathBuf,
     log: PathBuf,
     extra: Vec<String>,
+    node_name: Option<String>,
     _dir: ScratchDir,
 }
 
@@ -203,9 +204,21 @@ impl Agent {
         Self::start_with(node, pools, &[])
     }
 
+    /// As [`Agent::start_with`], the agent calling its node `node_name`
+    /// (several "nodes" sharing one netns, as Kubernetes-mode tests do).
+    #[track_caller]
+    pub fn start_named(node: &Netns, node_name: &str, pools: &Value, extra: &[&str]) -> Self {
+        Self::start_inner(node, Some(node_name), pools, extra)
+    }
+
     /// As [`Agent::start`], with extra flags.
     #[track_caller]
     pub fn start_with(node: &Netns, pools: &Value, extra: &[&str]) -> Self {
+        Self::start_inner(node, None, pools, extra)
+    }
+
+    #[track_caller]
+    fn start_inner(node: &Netns, node_name: Option<&str>, pools: &Value, extra: &[&str]) -> Self {
         let dir = ScratchDir::new("agent");
         let config = dir.path().join("pools.yaml");
         std::fs::write(&config, pools.to_string()).expect("write pools");
@@ -219,6 +232,7 @@ impl Agent {
             config,
             log,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            node_name: node_name.map(str::to_owned),
             _dir: dir,
         };
         agent.spawn(node);
@@ -245,7 +259,7 @@ impl Agent {
             .arg("--state")
             .arg(self._dir.path().join("ipam.redb"))
             .arg("--node-name")
-            .arg(node.name())
+            .arg(self.node_name.as_deref().unwrap_or(node.name()))
             .arg("--tombstones")
             .arg(self.tombstones())
             .args(&self.extra)

@@ -924,8 +924,12 @@ fn classify(e: kube::Error) -> ClusterError {
             let mut text = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
+                let more = s.to_string();
+                // Wrappers often repeat their cause's words.
+                if !text.contains(&more) {
+                    text.push_str(": ");
+                    text.push_str(&more);
+                }
                 source = s.source();
             }
             ClusterError::Unavailable(text)

@@ -3,12 +3,19 @@
 //! throwaway network namespaces. Shows what a network engineer checks:
 //! addresses and routes, no ip rules, which rail packets really cross
 //! (counted at the rail routers), and that steering survives an agent
-//! crash. Everything it creates is removed when it ends, also on failure.
+//! crash; then Kubernetes mode: two nodes sharing one pool through a real
+//! API server, which can go away without an address given twice.
+//! Everything it creates is removed when it ends, also on failure.
 
 use std::time::{Duration, Instant};
 
 use railnet_agent::dataplane::PodPins;
-use railnet_tests::{Agent, FabricPod, RDMA_CIDR, RailFabric, cni, unique};
+use railnet_tests::{
+    Agent, FabricPod, RDMA_CIDR, RailFabric, ScratchDir,
+    apiserver::{ApiServer, apiserver_bin},
+    binary, cni, plugin, unique,
+};
+use serde_json::json;
 
 const RAILS: u32 = 4;
 const PINGS: u32 = 20;
@@ -195,5 +202,120 @@ fn main() {
         );
     }
     drop((a, b, agent_a, agent_b, fabric));
-    println!("cleanup: agents stopped, namespaces and pins removed");
+
+    if apiserver_bin().is_file() {
+        kubernetes_mode();
+    } else {
+        println!(
+            "\n(Kubernetes mode skipped: `cargo xtask setup` builds the CRD API server it needs)"
+        );
+    }
+    println!("cleanup: agents and API server stopped, namespaces and pins removed");
+}
+
+/// Two nodes, one RailPool, the API server as the only store.
+fn kubernetes_mode() {
+    println!(
+        "\nKubernetes mode: two nodes share one RailPool; the API server (etcd behind it) is the only store"
+    );
+    let mut api = ApiServer::start();
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/railnet/crds");
+    for f in ["railnet.io_railpools.yaml", "railnet.io_railblocks.yaml"] {
+        let text = std::fs::read_to_string(crds.join(f)).expect("chart CRD");
+        api.install_crd(&serde_norway::from_str(&text).expect("CRD YAML"));
+    }
+    let pool = json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailPool",
+        "metadata": {"name": "rail1"},
+        "spec": {"subnet": "172.16.60.0/24", "gateway": "172.16.60.254"}});
+    let (code, body) = api.post("/apis/railnet.io/v1alpha1/railpools", &pool);
+    assert_eq!(code, 201, "{body}");
+    println!("  kubectl apply RailPool rail1: subnet 172.16.60.0/24, gateway 172.16.60.254");
+    let kubeconfig = api.kubeconfig();
+    let kubeconfig = kubeconfig.to_str().expect("utf-8 path");
+    let nodes: Vec<Agent> = ["gpu-node-1", "gpu-node-2"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let metrics = format!("127.0.0.1:{}", 9470 + i);
+            Agent::start_named(
+                &api.ns,
+                name,
+                &json!({"pools": []}),
+                &[
+                    "--ipam-store",
+                    "kubernetes",
+                    "--kubeconfig",
+                    kubeconfig,
+                    "--metrics-address",
+                    &metrics,
+                ],
+            )
+        })
+        .collect();
+    let bin = ScratchDir::new("demo-cni");
+    let ipam = bin.path().join("railnet-ipam");
+    std::os::unix::fs::symlink(binary("RAILNET_CNI_BIN", "railnet"), &ipam).expect("symlink");
+    let add = |node: usize, cid: &str| {
+        let conf = json!({"cniVersion": "1.0.0", "name": "rail1", "type": "macvlan", "master": "eth1",
+            "agentSocket": nodes[node].socket,
+            "ipam": {"type": "railnet-ipam", "ippools": {"ipv4": ["rail1"]}}});
+        plugin(&ipam, "ADD", &conf, cid, None, "net1", "/nonexistent")
+    };
+    println!(
+        "  railnet-ipam ADD for six pods, alternating nodes (as the reference macvlan or sriov-cni call it):"
+    );
+    for i in 0..6 {
+        let out = add(i % 2, &format!("pod{i}"));
+        println!(
+            "    gpu-node-{} pod{i} net1 -> {}",
+            i % 2 + 1,
+            out.json["ips"][0]["address"]
+                .as_str()
+                .unwrap_or(&out.stdout)
+        );
+    }
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    println!(
+        "  kubectl get railblocks (each node claimed a block, create-if-absent; claims written with the block's resourceVersion):"
+    );
+    println!("    {:<24} {:<16} {:<12} CLAIMS", "NAME", "CIDR", "NODE");
+    for b in list["items"].as_array().into_iter().flatten() {
+        println!(
+            "    {:<24} {:<16} {:<12} {}",
+            b["metadata"]["name"].as_str().unwrap_or(""),
+            b["spec"]["cidr"].as_str().unwrap_or(""),
+            b["spec"]["node"].as_str().unwrap_or(""),
+            b["spec"]["claims"].as_object().map_or(0, |c| c.len())
+        );
+    }
+    api.kill_server();
+    let out = add(0, "pod6");
+    println!(
+        "  API server killed; the next ADD answers CNI code {} (the runtime retries):\n    {}",
+        out.json["code"],
+        out.json["details"].as_str().unwrap_or(&out.stdout)
+    );
+    api.restart_server();
+    let out = add(0, "pod6");
+    println!(
+        "  API server back; the retry gets {}",
+        out.json["ips"][0]["address"]
+            .as_str()
+            .unwrap_or(&out.stdout)
+    );
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    let addresses: Vec<&str> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|b| b["spec"]["claims"].as_object().into_iter().flatten())
+        .map(|(a, _)| a.as_str())
+        .collect();
+    let distinct: std::collections::HashSet<&&str> = addresses.iter().collect();
+    println!(
+        "  claims in the API server: {} for 7 pods, {} distinct addresses",
+        addresses.len(),
+        distinct.len()
+    );
+    drop(nodes);
 }
