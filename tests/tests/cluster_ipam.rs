@@ -589,6 +589,12 @@ fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
         a.allocate_owned(key(i, "node-a"), &candidates(), None, &o)
             .unwrap();
     }
+    let (code, body) = api.post(
+        "/apis/railnet.io/v1alpha1/railpools",
+        &json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailPool", "metadata": {"name": "rail1"},
+                "spec": {"subnet": "172.16.1.0/24", "gateway": "172.16.1.254"}}),
+    );
+    assert_eq!(code, 201, "{body}");
     let kubeconfig = api.kubeconfig();
     let released = api.inside(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -609,6 +615,21 @@ fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
             let live: HashSet<String> =
                 ["uid-node-a-0".to_owned(), "uid-node-a-2".to_owned()].into();
             let second = sweeper.pass(&client, &live).await.unwrap();
+            // What `kubectl get railpools` shows: the claims left, out of
+            // what the pool can hand out.
+            assert_eq!(
+                railnet_agent::controller::pool_status(&client)
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert_eq!(
+                railnet_agent::controller::pool_status(&client)
+                    .await
+                    .unwrap(),
+                0,
+                "unchanged: no write"
+            );
             (first, second)
         })
     });
@@ -623,5 +644,20 @@ fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
         ["node-a-pod0", "node-a-pod2", "node-a-pod3"]
             .map(String::from)
             .into()
+    );
+    let (_, table) = api.get_table("/apis/railnet.io/v1alpha1/railpools");
+    let names: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let row = &table["rows"][0]["cells"];
+    let cell = |name: &str| &row[names.iter().position(|n| *n == name).unwrap()];
+    assert_eq!(cell("Allocated"), 3, "{table}");
+    assert_eq!(
+        cell("Total"),
+        253,
+        "/24 less network, broadcast and gateway: {table}"
     );
 }

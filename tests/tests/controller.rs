@@ -176,6 +176,24 @@ fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
     assert_eq!(n1["status"]["networkAttachmentDefinition"], "rail1");
     assert_eq!(n1["status"]["conditions"][0]["status"], "True");
 
+    // `kubectl get railnetworks` says which are served.
+    let (_, table) = api.get_table(NETS);
+    let names: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let ready = names.iter().position(|n| *n == "Ready").unwrap();
+    let by_name: std::collections::BTreeMap<&str, &Value> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["cells"][0].as_str().unwrap(), &r["cells"][ready]))
+        .collect();
+    assert_eq!(by_name["rail1"], "True", "{table}");
+    assert_eq!(by_name["rail3"], "False", "{table}");
+
     // One leader.
     let leader = eventually("a leader", &logs, || {
         let (_, l) = api.get(LEASE);

@@ -214,7 +214,8 @@ fn rail_networks_refuse_what_railnet_would_refuse() {
     assert_eq!(
         columns,
         [
-            "Name", "Rail", "Type", "Master", "Resource", "Isolated", "NAD", "Age"
+            "Name", "Rail", "Type", "Master", "Resource", "Isolated", "NAD", "Ready", "Reason",
+            "Age"
         ]
     );
     assert_eq!(table["rows"].as_array().unwrap().len(), 2);

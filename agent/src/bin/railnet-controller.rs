@@ -50,6 +50,10 @@ struct Args {
     /// address is released (Kubernetes IPAM mode); 0 turns the sweep off.
     #[arg(long, default_value_t = 300)]
     claim_grace_seconds: u64,
+    /// Keep each RailPool's status (allocated/total addresses) current
+    /// from the RailBlocks (Kubernetes IPAM mode).
+    #[arg(long)]
+    pool_status: bool,
     /// Address for `/metrics` and `/healthz` (plain HTTP).
     #[arg(long, default_value = "0.0.0.0:9466")]
     metrics_address: std::net::SocketAddr,
@@ -186,6 +190,12 @@ fn main() -> ExitCode {
                     }
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "pass failed; retrying next interval"),
+                }
+                if args.pool_status {
+                    if let Err(e) = railnet_agent::controller::pool_status(&client).await {
+                        metrics.pass_errors.inc();
+                        warn!(error = %e, "cannot update RailPool status; retrying next interval");
+                    }
                 }
                 if args.claim_grace_seconds > 0 {
                     // Never sweep on a failed pod list: every claim would

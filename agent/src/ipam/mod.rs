@@ -652,6 +652,11 @@ fn keys_of(container_id: &str, ifname: &str) -> [AllocationKey; 2] {
     [v4, v6]
 }
 
+/// How many addresses `pool` can hand out (ranges minus exclusions).
+pub fn capacity(pool: &Pool) -> u128 {
+    PoolIndex::new(pool).capacity()
+}
+
 /// What [`Ipam::replace_pools`] changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PoolChanges {
