@@ -191,11 +191,11 @@ fn main() -> ExitCode {
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "pass failed; retrying next interval"),
                 }
-                if args.pool_status {
-                    if let Err(e) = railnet_agent::controller::pool_status(&client).await {
-                        metrics.pass_errors.inc();
-                        warn!(error = %e, "cannot update RailPool status; retrying next interval");
-                    }
+                if args.pool_status
+                    && let Err(e) = railnet_agent::controller::pool_status(&client).await
+                {
+                    metrics.pass_errors.inc();
+                    warn!(error = %e, "cannot update RailPool status; retrying next interval");
                 }
                 if args.claim_grace_seconds > 0 {
                     // Never sweep on a failed pod list: every claim would
