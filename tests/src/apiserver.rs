@@ -178,12 +178,32 @@ impl ApiServer {
         let _ = self.server.wait();
     }
 
-    /// Starts the API server again over the same etcd and waits for it.
+    /// Starts the API server again over the same etcd and waits until it
+    /// serves every installed custom resource again (a restarted server
+    /// answers 404 for them for a moment after it is up).
     #[track_caller]
     pub fn restart_server(&mut self) {
         self.kill_server();
         self.server = spawn_server(&self.ns, &apiserver_bin(), self.dir.path());
         self.wait_ready();
+        let (_, crds) = self.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for crd in crds["items"].as_array().into_iter().flatten() {
+            let spec = &crd["spec"];
+            let version = spec["versions"][0]["name"].as_str().unwrap_or_default();
+            let path = format!(
+                "/apis/{}/{version}/{}",
+                spec["group"].as_str().unwrap_or_default(),
+                spec["names"]["plural"].as_str().unwrap_or_default()
+            );
+            while self.get(&path).0 != 200 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{path} never served again after the restart"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     /// Runs `f` on a thread inside the server's netns: a client made there

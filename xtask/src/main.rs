@@ -8,7 +8,7 @@ mod setup;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -41,6 +41,13 @@ enum Task {
     Lint,
     /// Wire a pod's rails with the real CNI and agent in throwaway netns.
     Demo,
+    /// Fuzz what reaches railnet from outside (CNI stdin, CNI_ARGS, agent
+    /// requests) with cargo-fuzz; needs rustup's nightly.
+    Fuzz {
+        /// Seconds to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Benchmarks, printed as figures and ratios to targets (`dataplane`).
     Bench {
         /// Which benchmark.
@@ -66,6 +73,15 @@ fn main() -> Result<()> {
             setup::ensure()?;
             let obj = build_bpf(&root)?;
             lint(&root, &obj)
+        }
+        Task::Fuzz { seconds } => {
+            setup::ensure()?;
+            if !nightly_present() {
+                bail!(
+                    "cargo-fuzz needs rustup's nightly toolchain: rustup toolchain install nightly"
+                );
+            }
+            fuzz(&root, seconds)
         }
         Task::Demo => {
             setup::ensure()?;
@@ -282,6 +298,37 @@ fn check_stub_agent(root: &Path) -> Result<()> {
     Ok(())
 }
 
+fn nightly_present() -> bool {
+    Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// cargo-fuzz on `fuzz/fuzz_targets/cni_input.rs` for `seconds`; a crash
+/// fails with the input that caused it (under fuzz/artifacts/).
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        step("cargo-fuzz (crates.io)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    step(&format!(
+        "fuzzing CNI stdin, CNI_ARGS and agent requests for {seconds} s (cargo-fuzz, libFuzzer)"
+    ));
+    run(Command::new("cargo")
+        .current_dir(root.join("fuzz"))
+        .args(["+nightly", "fuzz", "run", "cni_input", "--"])
+        .arg(format!("-max_total_time={seconds}")))
+}
+
 fn test(root: &Path, args: &[String]) -> Result<()> {
     check_stub_agent(root)?;
     let obj = build(root, false)?;
@@ -301,6 +348,11 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     pre_tcx_kernel_tests(root, &obj)?;
     rdma_kernel_tests(root, &obj)?;
     ipam_power_cut(root)?;
+    if nightly_present() {
+        fuzz(root, 20)?;
+    } else {
+        step("fuzzing skipped: cargo-fuzz needs rustup's nightly, which this machine lacks");
+    }
     step("all tests passed");
     Ok(())
 }
