@@ -44,8 +44,9 @@ fn main() {
         }
         "ipam" => ipam(),
         "cni" => cni_bench(),
+        "kube" => kube_bench(),
         other => {
-            eprintln!("unknown benchmark {other:?}; try `dataplane`, `ipam` or `cni`");
+            eprintln!("unknown benchmark {other:?}; try `dataplane`, `ipam`, `cni` or `kube`");
             std::process::exit(2);
         }
     }
@@ -722,4 +723,112 @@ fn cni_bench() {
         secs / ref_secs
     );
     drop((agent, fabric));
+}
+
+/// `cargo xtask bench kube`: Kubernetes-mode IPAM against the real CRD API
+/// server (etcd + apiextensions-apiserver in a netns of its own): two nodes
+/// (the agent's allocator over its API-server store), 4 pods at a time on
+/// each, 8 rails per pod from 8 pools, allocated one after another as
+/// Multus does. Figures: allocation latency, allocations per second, API
+/// writes per 8-rail pod, write conflicts.
+fn kube_bench() {
+    use std::sync::Arc;
+
+    use railnet_agent::ipam::{
+        AllocationKey, Candidates, Family, Ipam, PoolSpec,
+        cluster::{ClusterOptions, ClusterStore, Owner},
+    };
+    use railnet_tests::apiserver::{ApiServer, apiserver_bin};
+
+    if !apiserver_bin().is_file() {
+        println!("skipped: the CRD API server is missing (`cargo xtask setup` builds it)");
+        return;
+    }
+    const RAILS: usize = 8;
+    const PODS_PER_THREAD: usize = 50;
+    const THREADS: usize = 4;
+    let api = ApiServer::start();
+    let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/railnet/crds/railnet.io_railblocks.yaml");
+    let text = std::fs::read_to_string(crd).unwrap();
+    api.install_crd(&serde_norway::from_str(&text).unwrap());
+    let specs = || -> Vec<PoolSpec> {
+        (1..=RAILS)
+            .map(|k| {
+                serde_json::from_value(serde_json::json!({
+                    "name": format!("rail{k}"), "subnet": format!("172.16.{}.0/20", 16 * k)}))
+                .unwrap()
+            })
+            .collect()
+    };
+    let kubeconfig = api.kubeconfig();
+    let nodes: Vec<(String, Arc<Ipam>)> = ["node-a", "node-b"]
+        .iter()
+        .map(|n| {
+            let ipam = api.inside(|| {
+                let mut o = ClusterOptions::new(*n);
+                o.kubeconfig = Some(kubeconfig.clone());
+                Arc::new(
+                    Ipam::with_cluster(specs(), Arc::new(ClusterStore::connect(o).unwrap()))
+                        .unwrap(),
+                )
+            });
+            (n.to_string(), ipam)
+        })
+        .collect();
+    let started = Instant::now();
+    let latencies: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = nodes
+            .iter()
+            .flat_map(|(name, ipam)| {
+                (0..THREADS).map(move |t| {
+                    s.spawn(move || {
+                        let mut lat = Vec::new();
+                        for p in 0..PODS_PER_THREAD {
+                            for k in 1..=RAILS {
+                                let key = AllocationKey {
+                                    container_id: format!("{name}-{t}-{p}"),
+                                    ifname: format!("net{k}"),
+                                    family: Family::V4,
+                                };
+                                let c = Candidates {
+                                    pools: vec![format!("rail{k}")],
+                                    rejected: vec![],
+                                };
+                                let t0 = Instant::now();
+                                ipam.allocate_owned(key, &c, None, &Owner::default())
+                                    .unwrap();
+                                lat.push(t0.elapsed().as_secs_f64() * 1e3);
+                            }
+                        }
+                        lat
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut sorted = latencies.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |q: f64| sorted[((sorted.len() as f64 - 1.0) * q) as usize];
+    let (writes, conflicts): (u64, u64) = nodes
+        .iter()
+        .map(|(_, i)| i.api_writes().unwrap())
+        .fold((0, 0), |(w, c), (a, b)| (w + a, c + b));
+    let pods = (nodes.len() * THREADS * PODS_PER_THREAD) as f64;
+    println!(
+        "Kubernetes-mode IPAM, real CRD API server, 2 nodes x {THREADS} pods at a time, {RAILS} rails per pod"
+    );
+    println!(
+        "   {} allocations in {elapsed:.2} s = {:.0}/s; per allocation p50 {:.2} ms, p99 {:.2} ms",
+        latencies.len(),
+        latencies.len() as f64 / elapsed,
+        pct(0.5),
+        pct(0.99)
+    );
+    println!(
+        "   API writes: {writes} ({:.2} per {RAILS}-rail pod: one claim per rail, a block per 16 pods per rail); conflicts: {conflicts}",
+        writes as f64 / pods
+    );
 }
