@@ -229,7 +229,7 @@ pub struct Owner {
 }
 
 /// What went wrong talking to the cluster.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ClusterError {
     /// The pool (or the wanted address) has nothing to give; the reason.
     #[error("{0}")]
@@ -301,6 +301,8 @@ struct Inner {
     /// One lock per pool: this node's writers to a pool queue behind each
     /// other (they would only conflict), pools proceed in parallel.
     pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Blocks>>>>,
+    /// ADDs waiting for their pool's lock, by pool.
+    pending: Mutex<HashMap<String, Vec<Ask>>>,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -309,6 +311,14 @@ impl std::fmt::Debug for ClusterStore {
             .field("node", &self.inner.opts.node)
             .finish()
     }
+}
+
+/// One ADD waiting for its pool's next write.
+struct Ask {
+    key: AllocationKey,
+    wanted: Option<IpAddr>,
+    claim: Claim,
+    reply: tokio::sync::oneshot::Sender<Result<IpAddr, ClusterError>>,
 }
 
 /// Rounds of compare-and-swap before giving up on a busy block.
@@ -332,6 +342,7 @@ impl ClusterStore {
                 conflicts: Default::default(),
                 writes: Default::default(),
                 pools: Mutex::default(),
+                pending: Mutex::default(),
             }),
         })
     }
@@ -489,59 +500,219 @@ impl Inner {
             netns_inode: owner.netns.inode,
             netns_cookie: owner.netns.cookie,
         };
-        let lock = self.blocks_of(&pool.name);
+        // Group commit: every ADD for this pool that arrives while a write
+        // is in flight waits in `pending`; whoever takes the pool's lock
+        // next serves them all, one write per block they land in.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.pending_of(
+            &pool.name,
+            Some(Ask {
+                key: key.clone(),
+                wanted,
+                claim,
+                reply,
+            }),
+        );
         {
+            let lock = self.blocks_of(&pool.name);
             let mut blocks = lock.lock().await;
-            if !blocks.listed {
-                self.relist(&mut blocks, pool).await?;
+            let batch = self.pending_of(&pool.name, None);
+            if !batch.is_empty() {
+                self.serve(&mut blocks, pool, batch).await;
             }
-            let mut relisted = false;
-            for _ in 0..MAX_ROUNDS {
-                if let Some(held) = find(&blocks, key) {
-                    return match wanted {
-                        Some(w) if w != held => Err(ClusterError::Full(format!(
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(ClusterError::Unavailable("the request was dropped".into())))
+    }
+
+    /// Takes (or adds to, with `ask`) the asks waiting for `pool`.
+    fn pending_of(&self, pool: &str, ask: Option<Ask>) -> Vec<Ask> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match ask {
+            Some(a) => {
+                pending.entry(pool.to_owned()).or_default().push(a);
+                Vec::new()
+            }
+            None => pending.remove(pool).unwrap_or_default(),
+        }
+    }
+
+    /// Serves a batch of asks for `pool`: each gets an address chosen
+    /// against the blocks as cached (with the batch's earlier choices in
+    /// them), then each block touched is written once. A write that lost a
+    /// race is read back: asks whose claim made it are answered, the rest
+    /// go round again.
+    async fn serve(&self, blocks: &mut Blocks, pool: &Pool, batch: Vec<Ask>) {
+        if !blocks.listed
+            && let Err(e) = self.relist(blocks, pool).await
+        {
+            for ask in batch {
+                let _ = ask.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        let mut open = batch;
+        let mut relisted = false;
+        for _ in 0..MAX_ROUNDS {
+            if open.is_empty() {
+                return;
+            }
+            let mut groups: BTreeMap<String, Vec<(Ask, IpAddr)>> = BTreeMap::new();
+            let mut full = Vec::new();
+            for ask in std::mem::take(&mut open) {
+                if let Some((name, held)) = find(blocks, &ask.key) {
+                    if let Some(w) = ask.wanted
+                        && w != held
+                    {
+                        let _ = ask.reply.send(Err(ClusterError::Full(format!(
                             "this interface already holds {held}"
-                        ))),
-                        _ => Ok(held),
-                    };
-                }
-                let target = match wanted {
-                    Some(a) => self.exact_target(&mut blocks, pool, a).await?,
-                    None => self.next_target(&mut blocks, pool).await?,
-                };
-                let Some((name, address)) = target else {
-                    // The cache may be stale (another node released):
-                    // look once more before saying the pool is full.
-                    if !relisted {
-                        relisted = true;
-                        self.relist(&mut blocks, pool).await?;
-                        continue;
+                        ))));
+                    } else if let Some(g) = groups.get_mut(&name) {
+                        // Asked twice in one batch: answered with the
+                        // first's write.
+                        g.push((ask, held));
+                    } else {
+                        let _ = ask.reply.send(Ok(held));
                     }
-                    return Err(ClusterError::Full(match wanted {
-                        Some(a) => format!("{a} is held by another pod"),
-                        None => format!(
-                            "exhausted: all {} addresses are held ({} blocks)",
-                            blocks
-                                .by_name
-                                .values()
-                                .map(|b| b.spec.claims.len())
-                                .sum::<usize>(),
-                            blocks.by_name.len()
-                        ),
-                    }));
+                    continue;
+                }
+                let target = match ask.wanted {
+                    Some(a) => self.exact_target(blocks, pool, a).await,
+                    None => self.next_target(blocks, pool).await,
                 };
-                match self
-                    .write_claim(&mut blocks, &name, address, &claim)
-                    .await?
-                {
-                    Written::Yes => return Ok(address),
-                    Written::Lost => continue,
+                match target {
+                    Err(e) => {
+                        let _ = ask.reply.send(Err(e));
+                    }
+                    Ok(None) => full.push(ask),
+                    // Choosing may have fetched a block that already holds
+                    // this ask's claim (a write whose answer was lost):
+                    // that claim is the answer, not a second address.
+                    Ok(Some(_)) if find(blocks, &ask.key).is_some() => open.push(ask),
+                    Ok(Some((name, address))) => {
+                        // Held in the cache until the write says otherwise.
+                        if let Some(b) = blocks.by_name.get_mut(&name) {
+                            b.spec.claims.insert(address.to_string(), ask.claim.clone());
+                        }
+                        groups.entry(name).or_default().push((ask, address));
+                    }
                 }
             }
-            Err(ClusterError::Unavailable(format!(
+            for (name, members) in groups {
+                open.extend(self.write_group(blocks, &name, members).await);
+            }
+            if !full.is_empty() {
+                // The cache may be stale (another node released): look
+                // once more before saying the pool is full.
+                if !relisted {
+                    relisted = true;
+                    if let Err(e) = self.relist(blocks, pool).await {
+                        for ask in full.into_iter().chain(open.drain(..)) {
+                            let _ = ask.reply.send(Err(e.clone()));
+                        }
+                        return;
+                    }
+                    open.extend(full);
+                } else {
+                    for ask in full {
+                        let why = match ask.wanted {
+                            Some(a) => format!("{a} is held by another pod"),
+                            None => format!(
+                                "exhausted: all {} addresses are held ({} blocks)",
+                                blocks
+                                    .by_name
+                                    .values()
+                                    .map(|b| b.spec.claims.len())
+                                    .sum::<usize>(),
+                                blocks.by_name.len()
+                            ),
+                        };
+                        let _ = ask.reply.send(Err(ClusterError::Full(why)));
+                    }
+                }
+            }
+        }
+        for ask in open {
+            let _ = ask.reply.send(Err(ClusterError::Unavailable(format!(
                 "pool {}: {MAX_ROUNDS} rounds of conflicting writes",
                 pool.name
-            )))
+            ))));
+        }
+    }
+
+    /// Writes block `name` as cached (the group's claims in it) if it is
+    /// still as we saw it; answers the asks whose claims are stored and
+    /// returns the others, to go round again.
+    async fn write_group(
+        &self,
+        blocks: &mut Blocks,
+        name: &str,
+        members: Vec<(Ask, IpAddr)>,
+    ) -> Vec<Ask> {
+        let Some(next) = blocks.by_name.get(name).cloned() else {
+            return members.into_iter().map(|(a, _)| a).collect();
+        };
+        let e = match self.api.replace(name, &PostParams::default(), &next).await {
+            Ok(b) => {
+                self.count_write();
+                blocks.by_name.insert(name.to_owned(), b);
+                for (ask, address) in members {
+                    let _ = ask.reply.send(Ok(address));
+                }
+                return Vec::new();
+            }
+            Err(e) => e,
+        };
+        let code = status(&e);
+        self.count_conflict(code);
+        // Whatever happened, the cached copy (with our tentative claims)
+        // is no longer the truth.
+        blocks.by_name.remove(name);
+        if !read_back_decides(code) {
+            let err = classify(e);
+            for (ask, _) in members {
+                let _ = ask.reply.send(Err(err.clone()));
+            }
+            return Vec::new();
+        }
+        // 409/404: someone else wrote (or deleted) the block. No answer at
+        // all: our write may or may not have happened. The block as it is
+        // now decides, claim by claim.
+        match self.get(name).await {
+            Ok(Some(b)) => {
+                let mut again = Vec::new();
+                for (ask, address) in members {
+                    let ours = b.spec.claims.get(&address.to_string()).is_some_and(|c| {
+                        c.container_id == ask.claim.container_id
+                            && c.interface == ask.claim.interface
+                    });
+                    if ours {
+                        let _ = ask.reply.send(Ok(address));
+                    } else {
+                        again.push(ask);
+                    }
+                }
+                blocks.by_name.insert(name.to_owned(), b);
+                again
+            }
+            Ok(None) => members.into_iter().map(|(a, _)| a).collect(),
+            Err(e2) => {
+                // Neither the write's answer nor the block could be read:
+                // a claim of ours may be stored. Read every block of the
+                // pool before the next choice, so a retried ADD finds it
+                // rather than taking a second address.
+                blocks.listed = false;
+                let err = if code.is_none() {
+                    classify(e).or(e2)
+                } else {
+                    e2
+                };
+                for (ask, _) in members {
+                    let _ = ask.reply.send(Err(err.clone()));
+                }
+                Vec::new()
+            }
         }
     }
 
@@ -711,49 +882,6 @@ impl Inner {
         self.api.get_opt(name).await.map_err(classify)
     }
 
-    /// Writes `claim` for `address` into block `name` if the block is still
-    /// as we saw it. `Lost`: the block changed (the cache is refreshed).
-    async fn write_claim(
-        &self,
-        blocks: &mut Blocks,
-        name: &str,
-        address: IpAddr,
-        claim: &Claim,
-    ) -> Result<Written, ClusterError> {
-        let mut next = blocks.by_name[name].clone();
-        next.spec.claims.insert(address.to_string(), claim.clone());
-        match self.api.replace(name, &PostParams::default(), &next).await {
-            Ok(b) => {
-                self.count_write();
-                blocks.by_name.insert(name.to_owned(), b);
-                Ok(Written::Yes)
-            }
-            Err(e) => {
-                let code = status(&e);
-                self.count_conflict(code);
-                if !read_back_decides(code) {
-                    return Err(classify(e));
-                }
-                // 409/404: someone else wrote (or deleted) the block. No
-                // answer at all: our write may or may not have happened.
-                // Either way the block as it is now decides.
-                match self.get(name).await {
-                    Ok(Some(b)) => {
-                        let ours = b.spec.claims.get(&address.to_string()) == Some(claim);
-                        blocks.by_name.insert(name.to_owned(), b);
-                        Ok(if ours { Written::Yes } else { Written::Lost })
-                    }
-                    Ok(None) => {
-                        blocks.by_name.remove(name);
-                        Ok(Written::Lost)
-                    }
-                    Err(e2) if code.is_none() => Err(classify(e).or(e2)),
-                    Err(e2) => Err(e2),
-                }
-            }
-        }
-    }
-
     async fn remove_claim(&self, blocks: &mut Blocks, a: &Allocation) -> Result<(), ClusterError> {
         // The block holding the address: from the cache, else by listing
         // the pool (after a restart the cache is empty).
@@ -841,11 +969,6 @@ impl Inner {
             "block {name}: {MAX_ROUNDS} rounds of conflicting writes"
         )))
     }
-}
-
-enum Written {
-    Yes,
-    Lost,
 }
 
 impl ClusterError {
@@ -937,13 +1060,13 @@ fn classify(e: kube::Error) -> ClusterError {
     }
 }
 
-fn find(blocks: &Blocks, key: &AllocationKey) -> Option<IpAddr> {
+fn find(blocks: &Blocks, key: &AllocationKey) -> Option<(String, IpAddr)> {
     let v6 = key.family == Family::V6;
-    blocks.by_name.values().find_map(|b| {
+    blocks.by_name.iter().find_map(|(name, b)| {
         b.spec.claims.iter().find_map(|(a, c)| {
             let a: IpAddr = a.parse().ok()?;
             (c.container_id == key.container_id && c.interface == key.ifname && a.is_ipv6() == v6)
-                .then_some(a)
+                .then(|| (name.clone(), a))
         })
     })
 }
