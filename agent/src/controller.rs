@@ -14,37 +14,26 @@ use kube::{
 };
 use serde_json::{Value, json};
 
+use crate::ipam::cluster::resource;
+
 /// `railnetworks.railnet.io/v1alpha1`.
 pub fn railnetworks() -> ApiResource {
-    ApiResource {
-        group: "railnet.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "railnet.io/v1alpha1".into(),
-        kind: "RailNetwork".into(),
-        plural: "railnetworks".into(),
-    }
+    resource("railnet.io", "v1alpha1", "RailNetwork", "railnetworks")
 }
 
 /// `network-attachment-definitions.k8s.cni.cncf.io/v1` (Multus).
 pub fn nads() -> ApiResource {
-    ApiResource {
-        group: "k8s.cni.cncf.io".into(),
-        version: "v1".into(),
-        api_version: "k8s.cni.cncf.io/v1".into(),
-        kind: "NetworkAttachmentDefinition".into(),
-        plural: "network-attachment-definitions".into(),
-    }
+    resource(
+        "k8s.cni.cncf.io",
+        "v1",
+        "NetworkAttachmentDefinition",
+        "network-attachment-definitions",
+    )
 }
 
 /// `leases.coordination.k8s.io/v1`.
 pub fn leases() -> ApiResource {
-    ApiResource {
-        group: "coordination.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "coordination.k8s.io/v1".into(),
-        kind: "Lease".into(),
-        plural: "leases".into(),
-    }
+    resource("coordination.k8s.io", "v1", "Lease", "leases")
 }
 
 /// Annotation without which Multus passes no `deviceID` to the plugin.
@@ -473,18 +462,13 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: std::sync
                         .headers()
                         .get("accept")
                         .and_then(|a| a.to_str().ok())
-                        .is_some_and(|a| a.contains("application/openmetrics-text"));
+                        .is_some_and(crate::metrics::wants_openmetrics);
                     let (code, kind, body) = match req.uri().path() {
-                        "/metrics" if openmetrics => (
-                            200,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            metrics.render(),
-                        ),
-                        "/metrics" => (
-                            200,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                            crate::metrics::classic_text(&metrics.render()),
-                        ),
+                        "/metrics" => {
+                            let (kind, body) =
+                                crate::metrics::exposition(openmetrics, metrics.render());
+                            (200, kind, body)
+                        }
                         "/healthz" => (200, "text/plain", "ok\n".to_owned()),
                         _ => (404, "text/plain", "try /metrics or /healthz\n".to_owned()),
                     };
@@ -533,7 +517,7 @@ impl Leader {
     /// Takes or renews the lease if it is free, expired or ours; true if we
     /// lead now. A lost race (409) is simply "not leader".
     pub async fn try_lead(&self) -> Result<bool, kube::Error> {
-        let now = chrono_now();
+        let now = now_rfc3339();
         let secs = self.duration.as_secs().max(1);
         let spec = json!({
             "holderIdentity": self.identity,
@@ -595,7 +579,7 @@ fn unix_now() -> u64 {
 }
 
 /// Now as RFC 3339 with microseconds (the Lease's MicroTime).
-fn chrono_now() -> String {
+fn now_rfc3339() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -112,30 +112,33 @@ mod exit {
 /// Takes the node-local lock (flock, released by the kernel when the
 /// process ends however it ends), writing our PID into the file; or says
 /// who holds it.
-fn take_node_lock(path: &std::path::Path) -> Result<std::fs::File, String> {
-    use std::{io::Write, os::fd::AsRawFd};
+fn take_node_lock(path: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::io::Write;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
         .open(path)
         .map_err(|e| format!("lock {}: {e}", path.display()))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let holder = std::fs::read_to_string(path).unwrap_or_default();
-        return Err(format!(
-            "another railnet-agent (pid {}) serves this node (lock {}); stop it first — two agents would wire the same pods twice",
-            holder.trim(),
-            path.display()
-        ));
-    }
-    let _ = f.set_len(0);
-    let _ = writeln!(f, "{}", std::process::id());
-    Ok(f)
+    let mut lock = match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(path).unwrap_or_default();
+            return Err(format!(
+                "another railnet-agent (pid {}) serves this node (lock {}); stop it first — two agents would wire the same pods twice",
+                holder.trim(),
+                path.display()
+            ));
+        }
+        Err((_, e)) => return Err(format!("lock {}: {e}", path.display())),
+    };
+    let _ = lock.set_len(0);
+    let _ = writeln!(lock, "{}", std::process::id());
+    Ok(lock)
 }
 
 fn main() -> ExitCode {

@@ -185,6 +185,28 @@ fn rdma_counters(node: &str) -> Family<Labels, Counter> {
     family
 }
 
+/// Whether an `Accept` header asks for OpenMetrics (Prometheus does; other
+/// scrapers and promtool read the classic text format).
+pub fn wants_openmetrics(accept: &str) -> bool {
+    accept.contains("application/openmetrics-text")
+}
+
+/// The content type and body to answer a scrape with, from the
+/// OpenMetrics text prometheus-client writes.
+pub fn exposition(openmetrics: bool, body: String) -> (&'static str, String) {
+    if openmetrics {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            classic_text(&body),
+        )
+    }
+}
+
 /// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition:
 /// a counter's HELP and TYPE name its `_total` samples, and there is no
 /// `# EOF` or `# UNIT`. prometheus-client writes only OpenMetrics.
@@ -242,28 +264,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<Ra
             let path = request.split_whitespace().nth(1).unwrap_or("");
             // Prometheus asks for OpenMetrics in its Accept header; other
             // scrapers (and promtool) read the classic text format.
-            let openmetrics = request.lines().any(|l| {
-                l.to_ascii_lowercase().starts_with("accept:")
-                    && l.contains("application/openmetrics-text")
-            });
+            let openmetrics = request
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("accept:") && wants_openmetrics(l));
             let (status, kind, body) = match path {
                 "/metrics" => {
                     let body = tokio::task::spawn_blocking(move || metrics.render(&service))
                         .await
                         .unwrap_or_default();
-                    if openmetrics {
-                        (
-                            "200 OK",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            body,
-                        )
-                    } else {
-                        (
-                            "200 OK",
-                            "text/plain; version=0.0.4; charset=utf-8",
-                            classic_text(&body),
-                        )
-                    }
+                    let (kind, body) = exposition(openmetrics, body);
+                    ("200 OK", kind, body)
                 }
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
                 _ => (

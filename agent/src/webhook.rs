@@ -28,7 +28,7 @@ use tokio_rustls::{
     },
 };
 
-use crate::controller::railnetworks;
+use crate::{controller::railnetworks, ipam::cluster::resource};
 
 /// The annotation that asks for injection; its value names the group.
 pub const INJECT: &str = "railnet.io/rdma-resource-inject";
@@ -198,13 +198,7 @@ pub fn tls(
 }
 
 fn namespaces() -> ApiResource {
-    ApiResource {
-        group: String::new(),
-        version: "v1".into(),
-        api_version: "v1".into(),
-        kind: "Namespace".into(),
-        plural: "namespaces".into(),
-    }
+    resource("", "v1", "Namespace", "namespaces")
 }
 
 /// The inject annotation of namespace `ns`; `None` when it has none or it

@@ -144,15 +144,18 @@ pub async fn label_node(client: &Client, node: &str, mode: &str) -> Result<(), k
         .map(|_| ())
 }
 
+/// The API resource `plural` of `group`/`version` (`kind`), for dynamic
+/// objects (RailNetworks, NADs, Leases, RailPools, Namespaces).
+pub fn resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::core::ApiResource {
+    kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk(group, version, kind),
+        plural,
+    )
+}
+
 /// `railpools.railnet.io/v1alpha1`.
 pub fn railpools() -> kube::core::ApiResource {
-    kube::core::ApiResource {
-        group: "railnet.io".into(),
-        version: "v1alpha1".into(),
-        api_version: "railnet.io/v1alpha1".into(),
-        kind: "RailPool".into(),
-        plural: "railpools".into(),
-    }
+    resource("railnet.io", "v1alpha1", "RailPool", "railpools")
 }
 
 /// Most addresses one excludeIPs range may name (it is expanded).
@@ -428,17 +431,6 @@ impl ClusterStore {
                 .map_err(classify)
         })
     }
-
-    /// Every block, as the API server has it now (tests and `doctor`).
-    pub fn blocks(&self) -> Result<Vec<RailBlock>, ClusterError> {
-        self.run(|i| async move {
-            Ok(i.api
-                .list(&ListParams::default())
-                .await
-                .map_err(classify)?
-                .items)
-        })
-    }
 }
 
 impl Inner {
@@ -480,14 +472,8 @@ impl Inner {
         if pool.disable {
             return Err(ClusterError::Full("the pool is disabled".into()));
         }
-        if let Some(a) = wanted
-            && !pool.holds(a)
-        {
-            return Err(ClusterError::Full(if pool.subnet.contains(&a) {
-                format!("{a} is excluded or outside the pool's ranges")
-            } else {
-                format!("{a} is outside its subnet {}", pool.subnet)
-            }));
+        if let Some(why) = wanted.and_then(|a| pool.refusal(a)) {
+            return Err(ClusterError::Full(why));
         }
         let claim = Claim {
             container_id: key.container_id.clone(),
@@ -504,19 +490,19 @@ impl Inner {
         // is in flight waits in `pending`; whoever takes the pool's lock
         // next serves them all, one write per block they land in.
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.pending_of(
+        self.queue(
             &pool.name,
-            Some(Ask {
+            Ask {
                 key: key.clone(),
                 wanted,
                 claim,
                 reply,
-            }),
+            },
         );
         {
             let lock = self.blocks_of(&pool.name);
             let mut blocks = lock.lock().await;
-            let batch = self.pending_of(&pool.name, None);
+            let batch = self.take_queued(&pool.name);
             if !batch.is_empty() {
                 self.serve(&mut blocks, pool, batch).await;
             }
@@ -526,16 +512,23 @@ impl Inner {
             .unwrap_or_else(|_| Err(ClusterError::Unavailable("the request was dropped".into())))
     }
 
-    /// Takes (or adds to, with `ask`) the asks waiting for `pool`.
-    fn pending_of(&self, pool: &str, ask: Option<Ask>) -> Vec<Ask> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        match ask {
-            Some(a) => {
-                pending.entry(pool.to_owned()).or_default().push(a);
-                Vec::new()
-            }
-            None => pending.remove(pool).unwrap_or_default(),
-        }
+    /// Queues `ask` for `pool`'s next write.
+    fn queue(&self, pool: &str, ask: Ask) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(pool.to_owned())
+            .or_default()
+            .push(ask);
+    }
+
+    /// Takes every ask queued for `pool`.
+    fn take_queued(&self, pool: &str) -> Vec<Ask> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(pool)
+            .unwrap_or_default()
     }
 
     /// Serves a batch of asks for `pool`: each gets an address chosen
@@ -545,7 +538,7 @@ impl Inner {
     /// go round again.
     async fn serve(&self, blocks: &mut Blocks, pool: &Pool, batch: Vec<Ask>) {
         if !blocks.listed
-            && let Err(e) = self.relist(blocks, pool).await
+            && let Err(e) = self.relist(blocks, &pool.name).await
         {
             for ask in batch {
                 let _ = ask.reply.send(Err(e.clone()));
@@ -607,7 +600,7 @@ impl Inner {
                 // once more before saying the pool is full.
                 if !relisted {
                     relisted = true;
-                    if let Err(e) = self.relist(blocks, pool).await {
+                    if let Err(e) = self.relist(blocks, &pool.name).await {
                         for ask in full.into_iter().chain(open.drain(..)) {
                             let _ = ask.reply.send(Err(e.clone()));
                         }
@@ -725,13 +718,14 @@ impl Inner {
         Ok(())
     }
 
-    async fn relist(&self, blocks: &mut Blocks, pool: &Pool) -> Result<(), ClusterError> {
-        let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", pool.name));
+    /// Reads every block of `pool` into the cache.
+    async fn relist(&self, blocks: &mut Blocks, pool: &str) -> Result<(), ClusterError> {
+        let lp = ListParams::default().labels(&format!("{POOL_LABEL}={pool}"));
         let list = self.api.list(&lp).await.map_err(classify)?;
         blocks.by_name = list
             .items
             .into_iter()
-            .filter(|b| b.spec.pool == pool.name)
+            .filter(|b| b.spec.pool == pool)
             .map(|b| (b.metadata.name.clone().unwrap_or_default(), b))
             .collect();
         blocks.listed = true;
@@ -886,21 +880,17 @@ impl Inner {
         // The block holding the address: from the cache, else by listing
         // the pool (after a restart the cache is empty).
         let key = a.address.to_string();
-        let mut name = blocks
-            .by_name
-            .iter()
-            .find(|(_, b)| b.spec.claims.contains_key(&key))
-            .map(|(n, _)| n.clone());
+        let holder = |blocks: &Blocks| {
+            blocks
+                .by_name
+                .iter()
+                .find(|(_, b)| b.spec.claims.contains_key(&key))
+                .map(|(n, _)| n.clone())
+        };
+        let mut name = holder(blocks);
         if name.is_none() {
-            let lp = ListParams::default().labels(&format!("{POOL_LABEL}={}", a.pool));
-            let list = self.api.list(&lp).await.map_err(classify)?;
-            for b in list.items {
-                let n = b.metadata.name.clone().unwrap_or_default();
-                if b.spec.claims.contains_key(&key) {
-                    name = Some(n.clone());
-                }
-                blocks.by_name.insert(n, b);
-            }
+            self.relist(blocks, &a.pool).await?;
+            name = holder(blocks);
         }
         let Some(name) = name else {
             return Ok(()); // nothing holds it: already released

@@ -294,13 +294,31 @@ impl Ipam {
         wanted: Option<IpAddr>,
         owner: &cluster::Owner,
     ) -> Result<Allocation, IpamError> {
-        if let Some(c) = &self.cluster {
-            return self.allocate_in_cluster(c, key, candidates, wanted, owner);
+        match &self.cluster {
+            Some(c) => self.allocate_in_cluster(c, key, candidates, wanted, owner),
+            None => self.allocate_local(key, candidates, wanted, owner.netns, &owner.network),
         }
-        match wanted {
-            Some(a) => self.allocate_exact_for(key, candidates, a, owner.netns, &owner.network),
-            None => self.allocate_for(key, candidates, owner.netns, &owner.network),
-        }
+    }
+
+    /// What a repeated ADD for `key` gets: the allocation it holds, or —
+    /// when it asks for an exact address other than the one it holds — a
+    /// refusal naming the held one. `None`: nothing held yet.
+    fn repeated(
+        state: &State,
+        key: &AllocationKey,
+        wanted: Option<IpAddr>,
+    ) -> Option<Result<Allocation, IpamError>> {
+        let held = State::record(key, state.held.get(key)?);
+        Some(match wanted {
+            Some(a) if a != held.address => Err(IpamError::Requested {
+                address: a,
+                rejected: vec![Rejection {
+                    pool: held.pool,
+                    why: format!("this interface already holds {}", held.address),
+                }],
+            }),
+            _ => Ok(held),
+        })
     }
 
     /// The cluster path: the held check here, the choice and the claim in
@@ -314,18 +332,8 @@ impl Ipam {
         wanted: Option<IpAddr>,
         owner: &cluster::Owner,
     ) -> Result<Allocation, IpamError> {
-        if let Some(h) = self.lock().held.get(&key) {
-            let held = State::record(&key, h);
-            return match wanted {
-                Some(a) if a != held.address => Err(IpamError::Requested {
-                    address: a,
-                    rejected: vec![Rejection {
-                        pool: held.pool,
-                        why: format!("this interface already holds {}", held.address),
-                    }],
-                }),
-                _ => Ok(held),
-            };
+        if let Some(answer) = Self::repeated(&self.lock(), &key, wanted) {
+            return answer;
         }
         let mut refused = Vec::new();
         let pools = self.pools();
@@ -380,51 +388,7 @@ impl Ipam {
         netns: NetnsId,
         network: &str,
     ) -> Result<Allocation, IpamError> {
-        if let Some(c) = &self.cluster {
-            let owner = cluster::Owner {
-                netns,
-                network: network.to_owned(),
-                ..cluster::Owner::default()
-            };
-            return self.allocate_in_cluster(c, key, candidates, Some(address), &owner);
-        }
-        let allocation = {
-            let mut state = self.lock();
-            if let Some(h) = state.held.get(&key) {
-                let held = State::record(&key, h);
-                if held.address == address {
-                    return Ok(held);
-                }
-                return Err(IpamError::Requested {
-                    address,
-                    rejected: vec![Rejection {
-                        pool: held.pool,
-                        why: format!("this interface already holds {}", held.address),
-                    }],
-                });
-            }
-            self.take_first(
-                &mut state,
-                key,
-                candidates,
-                netns,
-                network,
-                |pool, index| {
-                    if !pool.subnet.contains(&address) {
-                        return Err(format!("{address} is outside its subnet {}", pool.subnet));
-                    }
-                    index
-                        .take_exact(pool, address)
-                        .map(|()| address)
-                        .map_err(Into::into)
-                },
-            )
-            .map_err(|mut rejected| {
-                rejected.extend(candidates.rejected.iter().cloned());
-                IpamError::Requested { address, rejected }
-            })?
-        };
-        self.commit(allocation)
+        self.allocate_owned(key, candidates, Some(address), &Self::owner(netns, network))
     }
 
     /// As [`Ipam::allocate`], recording the network it is for.
@@ -435,32 +399,61 @@ impl Ipam {
         netns: NetnsId,
         network: &str,
     ) -> Result<Allocation, IpamError> {
-        if let Some(c) = &self.cluster {
-            let owner = cluster::Owner {
-                netns,
-                network: network.to_owned(),
-                ..cluster::Owner::default()
-            };
-            return self.allocate_in_cluster(c, key, candidates, None, &owner);
+        self.allocate_owned(key, candidates, None, &Self::owner(netns, network))
+    }
+
+    fn owner(netns: NetnsId, network: &str) -> cluster::Owner {
+        cluster::Owner {
+            netns,
+            network: network.to_owned(),
+            ..cluster::Owner::default()
         }
+    }
+
+    /// The local path: choice and hold under the node's lock, then the
+    /// store's durable write.
+    fn allocate_local(
+        &self,
+        key: AllocationKey,
+        candidates: &Candidates,
+        wanted: Option<IpAddr>,
+        netns: NetnsId,
+        network: &str,
+    ) -> Result<Allocation, IpamError> {
         let allocation = {
             let mut state = self.lock();
-            if let Some(h) = state.held.get(&key) {
-                return Ok(State::record(&key, h));
+            if let Some(answer) = Self::repeated(&state, &key, wanted) {
+                return answer;
             }
-            self.take_first(
-                &mut state,
-                key,
-                candidates,
-                netns,
-                network,
-                |pool, index| index.take(pool).ok_or_else(|| "exhausted".to_owned()),
-            )
-            .map_err(|full| {
-                let mut rejected = candidates.rejected.clone();
-                rejected.extend(full);
-                IpamError::NoPool(rejected)
-            })?
+            match wanted {
+                Some(address) => self
+                    .take_first(
+                        &mut state,
+                        key,
+                        candidates,
+                        netns,
+                        network,
+                        |pool, index| index.take_exact(pool, address).map(|()| address),
+                    )
+                    .map_err(|mut rejected| {
+                        rejected.extend(candidates.rejected.iter().cloned());
+                        IpamError::Requested { address, rejected }
+                    })?,
+                None => self
+                    .take_first(
+                        &mut state,
+                        key,
+                        candidates,
+                        netns,
+                        network,
+                        |pool, index| index.take(pool).ok_or_else(|| "exhausted".to_owned()),
+                    )
+                    .map_err(|full| {
+                        let mut rejected = candidates.rejected.clone();
+                        rejected.extend(full);
+                        IpamError::NoPool(rejected)
+                    })?,
+            }
         };
         self.commit(allocation)
     }

@@ -366,17 +366,12 @@ impl PoolIndex {
     }
 
     /// Takes one given address, or says why it cannot be had.
-    pub(crate) fn take_exact(&mut self, pool: &Pool, address: IpAddr) -> Result<(), &'static str> {
-        if pool.disable {
-            return Err("the pool is disabled");
+    pub(crate) fn take_exact(&mut self, pool: &Pool, address: IpAddr) -> Result<(), String> {
+        if let Some(why) = pool.refusal(address) {
+            return Err(why);
         }
         let n = num(address);
-        let Some(o) = pool.offset_of(n) else {
-            return Err("outside the pool's ranges");
-        };
-        if pool.excluded.contains(&n) {
-            return Err("excluded (network, broadcast, gateway or excludeIPs)");
-        }
+        let o = pool.offset_of(n).expect("refusal() checked the ranges");
         let taken = match &mut self.used {
             Used::Bits(bits) => {
                 let (w, b) = ((o / 64) as usize, o % 64);
@@ -387,7 +382,7 @@ impl PoolIndex {
             Used::Sparse(set) => !set.insert(o),
         };
         if taken {
-            return Err("already held by another pod");
+            return Err("already held by another pod".into());
         }
         self.count += 1;
         Ok(())
@@ -445,6 +440,25 @@ impl Pool {
                 return Some(base + (n - a));
             }
             base += b - a + 1;
+        }
+        None
+    }
+
+    /// Why this pool can never hand out `address` (whoever holds it now),
+    /// or `None` if it can: the local index and the cluster store both ask.
+    pub(crate) fn refusal(&self, address: IpAddr) -> Option<String> {
+        if !self.subnet.contains(&address) {
+            return Some(format!("{address} is outside its subnet {}", self.subnet));
+        }
+        if self.disable {
+            return Some("the pool is disabled".into());
+        }
+        let n = num(address);
+        if self.offset_of(n).is_none() {
+            return Some("outside the pool's ranges".into());
+        }
+        if self.excluded.contains(&n) {
+            return Some("excluded (network, broadcast, gateway or excludeIPs)".into());
         }
         None
     }
