@@ -55,58 +55,13 @@ impl ApiServer {
         let d = dir.path();
         let pki = d.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
-        let openssl = |args: &[&str]| {
-            crate::sh(Command::new("openssl").current_dir(&pki).args(args));
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=railnet-test-ca",
-        ]);
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "admin.key",
-            "-out",
-            "admin.csr",
-            "-subj",
+        crate::test_ca(&pki, "railnet-test-ca");
+        crate::test_certificate(
+            &pki,
+            "admin",
             "/O=system:masters/CN=admin",
-        ]);
-        std::fs::write(
-            pki.join("client.ext"),
             "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
-        )
-        .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "admin.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "admin.crt",
-            "-days",
-            "1",
-            "-extfile",
-            "client.ext",
-        ]);
+        );
         let kubeconfig = d.join("admin.kubeconfig");
         std::fs::write(
             &kubeconfig,
@@ -204,6 +159,19 @@ impl ApiServer {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+
+    /// `railnet-controller` run inside the server's netns, talking to it,
+    /// its Lease in namespace `railnet`; the caller adds its own flags.
+    pub fn controller(&self) -> Command {
+        let mut cmd = self.ns.command(crate::binary(
+            "RAILNET_CONTROLLER_BIN",
+            "railnet-controller",
+        ));
+        cmd.arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["--lease-namespace", "railnet"]);
+        cmd
     }
 
     /// Runs `f` on a thread inside the server's netns: a client made there
@@ -318,6 +286,26 @@ impl ApiServer {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// The column names of a Table answer (what `kubectl get` prints).
+pub fn columns(table: &Value) -> Vec<&str> {
+    table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+/// Row `row`'s cell under column `column` of a Table answer.
+#[track_caller]
+pub fn cell<'a>(table: &'a Value, row: usize, column: &str) -> &'a Value {
+    let at = columns(table)
+        .iter()
+        .position(|c| *c == column)
+        .unwrap_or_else(|| panic!("no column {column}: {table}"));
+    &table["rows"][row]["cells"][at]
 }
 
 /// Starts apiextensions-apiserver in `ns` with the PKI and kubeconfig in

@@ -646,14 +646,7 @@ fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
             .into()
     );
     let (_, table) = api.get_table("/apis/railnet.io/v1alpha1/railpools");
-    let names: Vec<&str> = table["columnDefinitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    let row = &table["rows"][0]["cells"];
-    let cell = |name: &str| &row[names.iter().position(|n| *n == name).unwrap()];
+    let cell = |name: &str| railnet_tests::apiserver::cell(&table, 0, name);
     assert_eq!(cell("Allocated"), 3, "{table}");
     assert_eq!(
         cell("Total"),

@@ -13,7 +13,10 @@ use std::{
 };
 
 use railnet_agent::netconf::NetConf;
-use railnet_tests::{ScratchDir, apiserver::ApiServer, binary};
+use railnet_tests::{
+    ScratchDir,
+    apiserver::{ApiServer, cell},
+};
 use serde_json::{Value, json};
 
 fn yaml(path: &Path) -> Value {
@@ -42,13 +45,8 @@ impl Controller {
     fn start(api: &ApiServer, identity: &str, metrics_port: u16, dir: &ScratchDir) -> Self {
         let log = dir.path().join(format!("{identity}.log"));
         let child = api
-            .ns
-            .command(binary("RAILNET_CONTROLLER_BIN", "railnet-controller"))
-            .arg("--kubeconfig")
-            .arg(api.kubeconfig())
+            .controller()
             .args([
-                "--lease-namespace",
-                "railnet",
                 "--identity",
                 identity,
                 "--lease-seconds",
@@ -178,18 +176,14 @@ fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
 
     // `kubectl get railnetworks` says which are served.
     let (_, table) = api.get_table(NETS);
-    let names: Vec<&str> = table["columnDefinitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    let ready = names.iter().position(|n| *n == "Ready").unwrap();
-    let by_name: std::collections::BTreeMap<&str, &Value> = table["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["cells"][0].as_str().unwrap(), &r["cells"][ready]))
+    let rows = table["rows"].as_array().unwrap().len();
+    let by_name: std::collections::BTreeMap<&str, &Value> = (0..rows)
+        .map(|r| {
+            (
+                cell(&table, r, "Name").as_str().unwrap(),
+                cell(&table, r, "Ready"),
+            )
+        })
         .collect();
     assert_eq!(by_name["rail1"], "True", "{table}");
     assert_eq!(by_name["rail3"], "False", "{table}");
@@ -243,27 +237,8 @@ fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
         assert!(text.contains(line), "{line} not in:\n{text}");
     }
     assert!(scrape(other_port).contains("railnet_controller_leader 0"));
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (cargo xtask setup installs prometheus)");
-    use std::io::Write;
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    let (passed, said) = railnet_tests::promtool_check(&text);
+    assert!(passed, "{said}");
 
     // The leader dies: the other replica takes the Lease once it expires,
     // and repairs from then on.

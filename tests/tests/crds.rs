@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use railnet_tests::apiserver::ApiServer;
+use railnet_tests::apiserver::{ApiServer, columns};
 use serde_json::{Value, json};
 
 fn crd(file: &str) -> Value {
@@ -45,16 +45,6 @@ fn refused(api: &ApiServer, path: &str, obj: &Value, says: &str) {
     assert_eq!(code, 422, "accepted or failed otherwise: {body}");
     let msg = body["message"].as_str().unwrap_or_default();
     assert!(msg.contains(says), "message {msg:?} does not say {says:?}");
-}
-
-/// The column names of a Table answer (what `kubectl get` prints).
-fn columns(table: &Value) -> Vec<&str> {
-    table["columnDefinitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect()
 }
 
 #[test]

@@ -2,11 +2,6 @@
 //! with pods: the classic text format passes `promtool check metrics`
 //! (Debian's prometheus), and a scraper asking for OpenMetrics gets it.
 
-use std::{
-    io::Write,
-    process::{Command, Stdio},
-};
-
 use railnet_tests::{Agent, RailFabric, cni};
 
 fn body(response: &str) -> &str {
@@ -45,27 +40,9 @@ fn a_real_scrape_passes_promtool_and_openmetrics_is_negotiated() {
     );
     let text = body(&classic);
     assert!(text.contains("railnet_dataplane_packets_total{"), "{text}");
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus; cargo xtask setup installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (passed, said) = railnet_tests::promtool_check(text);
     assert!(
-        out.status.success() && said.trim().is_empty(),
+        passed && said.trim().is_empty(),
         "promtool:\n{said}\n{text}"
     );
 

@@ -11,12 +11,12 @@
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use base64::Engine;
-use railnet_tests::{ScratchDir, apiserver::ApiServer, binary, sh};
+use railnet_tests::{ScratchDir, apiserver::ApiServer};
 use serde_json::{Value, json};
 
 struct Killed(Child);
@@ -29,58 +29,13 @@ impl Drop for Killed {
 
 /// A CA and a serving certificate for 127.0.0.1 signed by it.
 fn certificates(dir: &Path) {
-    let openssl = |args: &[&str]| {
-        sh(Command::new("openssl").current_dir(dir).args(args));
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=railnet-webhook-ca",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "tls.key",
-        "-out",
-        "tls.csr",
-        "-subj",
+    railnet_tests::test_ca(dir, "railnet-webhook-ca");
+    railnet_tests::test_certificate(
+        dir,
+        "tls",
         "/CN=railnet-webhook",
-    ]);
-    std::fs::write(
-        dir.join("ext"),
         "subjectAltName=IP:127.0.0.1,DNS:railnet-controller.railnet.svc\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "tls.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "ext",
-    ]);
+    );
 }
 
 fn network(name: &str, rail: u64, group: &str, resource: &str) -> Value {
@@ -160,16 +115,8 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
     certificates(dir.path());
     let log = dir.path().join("controller.log");
     let _controller = Killed(
-        api.ns
-            .command(binary("RAILNET_CONTROLLER_BIN", "railnet-controller"))
-            .arg("--kubeconfig")
-            .arg(api.kubeconfig())
-            .args([
-                "--lease-namespace",
-                "railnet",
-                "--webhook-address",
-                "127.0.0.1:9443",
-            ])
+        api.controller()
+            .args(["--webhook-address", "127.0.0.1:9443"])
             .arg("--tls-cert")
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")
