@@ -194,6 +194,18 @@ fn main() -> ExitCode {
             }
         },
         StoreKind::Kubernetes => {
+            // The node's journal: ADDs from addresses this node holds are
+            // durable here before their claims reach the API server.
+            let journal = match RedbStore::open(&args.state) {
+                Ok(store) => Box::new(store),
+                Err(e) => {
+                    eprintln!(
+                        "railnet-agent: allocation journal {}: {e}",
+                        args.state.display()
+                    );
+                    return ExitCode::from(exit::STORE);
+                }
+            };
             let mut opts = ClusterOptions::new(node_name.clone());
             opts.kubeconfig = args.kubeconfig.clone();
             opts.block_prefix_v4 = args.block_prefix_v4;
@@ -230,7 +242,7 @@ fn main() -> ExitCode {
                 tracing::warn!(node = %node_name, error = %e, "cannot label the node with its RDMA netns mode");
             }
             file_pools = Some((specs.clone(), cluster.clone()));
-            Ipam::with_cluster(all, cluster)
+            Ipam::with_cluster(all, cluster, journal)
         }
     };
     let ipam = match opened {
@@ -328,9 +340,17 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(args.sweep_interval),
             args.tombstones.clone(),
         ));
+        let last = service.clone();
         server::serve(listener, args.socket, service, metrics, shutdown_signal()).await;
         sweeper.abort();
         metrics_task.abort();
+        // Kubernetes mode: claims made since the last flush are in the
+        // journal already; writing them now saves the next agent the
+        // catching up (and shows them to the controller at once).
+        let flushed = tokio::task::spawn_blocking(move || last.ipam.flush()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "claims not written before exit; the next agent writes them from its journal");
+        }
         ExitCode::SUCCESS
     })
 }

@@ -397,13 +397,20 @@ impl Agent {
     /// As [`Agent::scrape`], sending an `Accept` header as Prometheus does.
     pub fn scrape_accepting(&self, node: &Netns, path: &str, accept: Option<&str>) -> String {
         let path = path.to_owned();
+        // The agent's own --metrics-address if it was given one.
+        let address = self
+            .extra
+            .iter()
+            .position(|f| f == "--metrics-address")
+            .and_then(|i| self.extra.get(i + 1).cloned())
+            .unwrap_or_else(|| "127.0.0.1:9465".into());
         let accept = accept
             .map(|a| format!("Accept: {a}\r\n"))
             .unwrap_or_default();
         node.run(move || {
             use std::io::{Read, Write};
             let get = || -> std::io::Result<String> {
-                let mut s = std::net::TcpStream::connect("127.0.0.1:9465")?;
+                let mut s = std::net::TcpStream::connect(&address)?;
                 s.write_all(
                     format!("GET {path} HTTP/1.1\r\nHost: agent\r\n{accept}\r\n").as_bytes(),
                 )?;

@@ -22,8 +22,9 @@ use std::{
 
 use railnet_agent::{
     ipam::{
-        AllocationKey, Candidates, Family, Ipam, IpamError, PoolSpec,
-        cluster::{ClusterOptions, ClusterStore, Owner},
+        AllocationKey, AllocationStore, Candidates, Family, Ipam, IpamError, MemoryStore, PoolSpec,
+        RedbStore,
+        cluster::{ClusterOptions, ClusterStore, Owner, block_name},
     },
     netns::NetnsId,
 };
@@ -46,16 +47,40 @@ fn pools(subnet: &str) -> Vec<PoolSpec> {
     vec![serde_json::from_value(json!({"name": "rail1", "subnet": subnet})).unwrap()]
 }
 
-/// One node's allocator, connected from inside the server's netns.
+/// One node's allocator, connected from inside the server's netns, with
+/// an in-memory journal.
 fn node(api: &ApiServer, name: &str, subnet: &str) -> Arc<Ipam> {
+    node_with(api, name, subnet, Box::new(MemoryStore::default()), |_| ())
+}
+
+/// One node's allocator with `journal` as its own store.
+fn node_with(
+    api: &ApiServer,
+    name: &str,
+    subnet: &str,
+    journal: Box<dyn AllocationStore>,
+    tune: impl FnOnce(&mut ClusterOptions) + Send,
+) -> Arc<Ipam> {
     let kubeconfig = api.kubeconfig();
     api.inside(|| {
         let mut opts = ClusterOptions::new(name);
         opts.kubeconfig = Some(kubeconfig);
         opts.timeout = Duration::from_secs(10);
+        // Emptied blocks go back soon: the test waits for it.
+        opts.empty_block_grace = Duration::from_secs(1);
+        tune(&mut opts);
         let store = ClusterStore::connect(opts).expect("client");
-        Arc::new(Ipam::with_cluster(pools(subnet), Arc::new(store)).expect("load"))
+        Arc::new(Ipam::with_cluster(pools(subnet), Arc::new(store), journal).expect("load"))
     })
+}
+
+/// Waits (up to 20 s) until `f` holds.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn key(i: usize, node: &str) -> AllocationKey {
@@ -139,6 +164,19 @@ fn two_nodes_share_a_pool_without_one_duplicate() {
     });
     let acked: Vec<(String, IpAddr)> = acked.into_iter().flatten().collect();
     assert_eq!(acked.len(), 2 * (PER_NODE - PER_NODE / 4));
+    // Claims made from held addresses are written in batches: far fewer
+    // writes than claims and releases (one write each would be 6 500).
+    let mut writes = 0;
+    for (_, ipam) in &nodes {
+        ipam.flush().unwrap();
+        writes += ipam.api_writes().unwrap().0;
+    }
+    let changes = 2 * (PER_NODE + PER_NODE / 4) as u64;
+    eprintln!("{writes} API writes for {changes} claims and releases");
+    assert!(
+        writes * 2 < changes,
+        "{writes} API writes for {changes} claims and releases"
+    );
     let mut owner_of: HashMap<IpAddr, &str> = HashMap::new();
     for (cid, a) in &acked {
         if let Some(other) = owner_of.insert(*a, cid) {
@@ -172,7 +210,7 @@ fn a_pool_of_254_serves_exactly_254_pods_across_two_nodes() {
     let a = node(&api, "node-a", "172.16.1.0/24");
     let b = node(&api, "node-b", "172.16.1.0/24");
     // 300 pods asked for, 150 per node at once: the nodes' blocks fill,
-    // then each borrows what the other's blocks still have.
+    // then each asks the other to lend the held addresses it does not use.
     let results: Vec<Result<IpAddr, IpamError>> = std::thread::scope(|s| {
         let hs: Vec<_> = [("node-a", &a), ("node-b", &b)]
             .into_iter()
@@ -233,11 +271,17 @@ fn a_pool_of_254_serves_exactly_254_pods_across_two_nodes() {
 #[test]
 fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
     let mut api = server();
-    let a = node(&api, "node-a", "172.16.32.0/22");
-    let b = node(&api, "node-b", "172.16.32.0/22");
+    // Blocks of 256: when the server dies each node still holds
+    // addresses to serve from.
+    let wide = |o: &mut ClusterOptions| o.block_prefix_v4 = 24;
+    let mem = || Box::new(MemoryStore::default());
+    let a = node_with(&api, "node-a", "172.16.32.0/22", mem(), wide);
+    let b = node_with(&api, "node-b", "172.16.32.0/22", mem(), wide);
     let stop = AtomicBool::new(false);
     let refused_while_down = AtomicUsize::new(0);
     let served = AtomicUsize::new(0);
+    let down = AtomicBool::new(false);
+    let served_while_down = AtomicUsize::new(0);
     let down_message = std::sync::Mutex::new(String::new());
     const PODS: usize = 400;
     let acked: Vec<(String, IpAddr)> = std::thread::scope(|s| {
@@ -246,6 +290,7 @@ fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
             .map(|(name, ipam)| {
                 let (refused_while_down, down_message, stop, served) =
                     (&refused_while_down, &down_message, &stop, &served);
+                let (down, served_while_down) = (&down, &served_while_down);
                 s.spawn(move || {
                     let mut acked = Vec::new();
                     for i in 0..PODS {
@@ -261,6 +306,9 @@ fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
                                 Ok(x) => {
                                     acked.push((x.key.container_id, x.address));
                                     served.fetch_add(1, Ordering::Relaxed);
+                                    if down.load(Ordering::Relaxed) {
+                                        served_while_down.fetch_add(1, Ordering::Relaxed);
+                                    }
                                     break;
                                 }
                                 Err(IpamError::Unavailable(m)) => {
@@ -291,7 +339,9 @@ fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
             std::thread::sleep(Duration::from_millis(10));
         }
         api.kill_server();
+        down.store(true, Ordering::Relaxed);
         std::thread::sleep(Duration::from_secs(3));
+        down.store(false, Ordering::Relaxed);
         api.restart_server();
         let out = workers
             .into_iter()
@@ -312,6 +362,12 @@ fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
     assert_eq!(acked.len(), 2 * PODS);
     let distinct: HashSet<IpAddr> = acked.iter().map(|(_, a)| *a).collect();
     assert_eq!(distinct.len(), acked.len(), "an address was given twice");
+    assert!(
+        served_while_down.load(Ordering::Relaxed) > 0,
+        "the nodes did not keep serving from their held addresses while the API server was down"
+    );
+    a.flush().unwrap();
+    b.flush().unwrap();
     let stored = claims_in(&api);
     let stored_map: BTreeMap<IpAddr, String> =
         stored.iter().map(|(a, c, _)| (*a, c.clone())).collect();
@@ -326,7 +382,12 @@ fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
 #[test]
 fn a_restarted_agent_keeps_its_pods_addresses() {
     let api = server();
-    let a = node(&api, "node-a", "172.16.1.0/24");
+    let dir = ScratchDir::new("journal");
+    let journal = dir.path().join("ipam.redb");
+    let open = || Box::new(RedbStore::open(&journal).unwrap());
+    // No flush before the agent stops.
+    let never = |o: &mut ClusterOptions| o.flush_interval = Duration::from_secs(3600);
+    let a = node_with(&api, "node-a", "172.16.1.0/24", open(), never);
     let first = a
         .allocate_owned(key(1, "node-a"), &candidates(), None, &owner(1, "node-a"))
         .unwrap();
@@ -340,16 +401,22 @@ fn a_restarted_agent_keeps_its_pods_addresses() {
         )
         .unwrap();
     assert_eq!(exact.address, wanted);
+    // The agent stops before its flush: the claims are in its journal,
+    // not in the API server yet.
     drop(a);
-    // A new agent for the same node: it finds its claims in the API server
-    // and answers a repeated ADD with the same address.
-    let a = node(&api, "node-a", "172.16.1.0/24");
+    assert!(claims_in(&api).is_empty());
+    // A new agent for the same node: it takes its journal's claims back,
+    // answers a repeated ADD with the same address, and writes the claims.
+    let a = node_with(&api, "node-a", "172.16.1.0/24", open(), |_| ());
     assert_eq!(a.allocated(), 2);
     let again = a
         .allocate_owned(key(1, "node-a"), &candidates(), None, &owner(1, "node-a"))
         .unwrap();
     assert_eq!(again.address, first.address);
-    // Another node asking for the address already held is told so.
+    eventually("the journal's claims reach the API server", || {
+        claims_in(&api).len() == 2
+    });
+    // Another node asking for an address that node holds is told so.
     let b = node(&api, "node-b", "172.16.1.0/24");
     let err = b
         .allocate_owned(
@@ -376,13 +443,29 @@ fn a_restarted_agent_keeps_its_pods_addresses() {
     assert_eq!(claim["podNamespace"], "ai");
     assert_eq!(claim["podUID"], "uid-node-a-2");
     assert_eq!(claim["node"], "node-a");
-    // DEL gives the address back; an emptied block of ours is deleted so
-    // other nodes can claim its range.
+    // DEL gives the address back; an emptied block of ours is deleted
+    // after its grace, so other nodes can claim its range.
     a.release(&first.key.container_id, "net1").unwrap();
     a.release(&exact.key.container_id, "net1").unwrap();
+    a.flush().unwrap();
     assert!(claims_in(&api).is_empty());
-    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
-    assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
+    eventually("the emptied blocks are deleted", || {
+        let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+        list["items"].as_array().unwrap().is_empty()
+    });
+    // A claim released while the agent was away (here: its whole block
+    // deleted) is not taken back from the journal.
+    let gone = a
+        .allocate_owned(key(4, "node-a"), &candidates(), None, &owner(4, "node-a"))
+        .unwrap();
+    a.flush().unwrap();
+    drop(a);
+    let name = block_name("rail1", &"172.16.1.0/28".parse().unwrap());
+    assert_eq!(gone.address, first.address);
+    let (code, _) = api.delete(&format!("/apis/railnet.io/v1alpha1/railblocks/{name}"));
+    assert_eq!(code, 200);
+    let a = node_with(&api, "node-a", "172.16.1.0/24", open(), |_| ());
+    assert_eq!(a.allocated(), 0, "{:?}", a.allocations());
 }
 
 /// The real agent in Kubernetes mode, driven by the real `railnet-ipam`
@@ -396,11 +479,15 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
     let pools =
         json!({"pools": [{"name": "rail1", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254"}]});
     let kubeconfig = api.kubeconfig();
+    // Blocks of 4 addresses (.1-.3 in the first): the outage below meets
+    // the end of one.
     let flags = [
         "--ipam-store",
         "kubernetes",
         "--kubeconfig",
         kubeconfig.to_str().unwrap(),
+        "--block-prefix-v4",
+        "30",
     ];
     // The agent's "node" is the API server's netns: the only place its
     // loopback address is reachable.
@@ -417,6 +504,8 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
     let out = add("c-first");
     assert!(out.ok, "{}\n{}", out.stdout, agent.log());
     assert_eq!(out.json["ips"][0]["address"], "172.16.1.1/24");
+    // The claim follows within a flush.
+    eventually("the claim is written", || claims_in(&api).len() == 1);
     let claims = claims_in(&api);
     assert_eq!(
         claims,
@@ -450,29 +539,41 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
     assert!(stderr.contains("another railnet-agent"), "{stderr}");
     assert!(agent.socket.exists(), "the first agent's socket was taken");
 
-    // The API server goes away: ADD fails fast with "try again" (11).
+    // The API server goes away: the node keeps serving the addresses it
+    // holds; a pod that needs a new block is told to try again (11).
     api.kill_server();
-    let out = add("c-second");
+    for (cid, address) in [("c-second", "172.16.1.2/24"), ("c-third", "172.16.1.3/24")] {
+        let out = add(cid);
+        assert!(out.ok, "{}\n{}", out.stdout, agent.log());
+        assert_eq!(out.json["ips"][0]["address"], address);
+    }
+    let out = add("c-fourth");
     assert!(!out.ok);
     assert_eq!(out.json["code"], 11, "{}", out.stdout);
     let msg = format!("{} {}", out.json["msg"], out.json["details"]);
     assert!(msg.contains("Kubernetes API server"), "{msg}");
-    // Back: the kubelet's retry is served, the first pod untouched.
+    // Back: the claims made meanwhile are written, the kubelet's retry is
+    // served, the first pod untouched.
     api.restart_server();
-    let out = add("c-second");
+    let out = add("c-fourth");
     assert!(out.ok, "{}\n{}", out.stdout, agent.log());
-    assert_eq!(out.json["ips"][0]["address"], "172.16.1.2/24");
+    assert_eq!(out.json["ips"][0]["address"], "172.16.1.4/24");
     let out = plugin(&ipam, "DEL", &conf, "c-first", None, "net1", "/nonexistent");
     assert!(out.ok, "{}", out.stdout);
-    let left: Vec<String> = claims_in(&api).into_iter().map(|(_, c, _)| c).collect();
-    assert_eq!(left, vec!["c-second".to_owned()]);
-    // The API writes are counted: one block claimed, two claims, one
-    // release.
+    eventually("the API server holds what the node holds", || {
+        let mut left: Vec<String> = claims_in(&api).into_iter().map(|(_, c, _)| c).collect();
+        left.sort();
+        left == ["c-fourth", "c-second", "c-third"]
+    });
+    // The API writes are counted: at least the two blocks claimed; the
+    // claims' writes are shared, so fewer than one per change (7 here).
     let metrics = agent.scrape(&api.ns, "/metrics");
-    assert!(
-        metrics.contains("railnet_ipam_api_writes_total 4"),
-        "{metrics}"
-    );
+    let writes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("railnet_ipam_api_writes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!((2..7).contains(&writes), "{writes} writes\n{metrics}");
     assert!(metrics.contains("railnet_ipam_api_write_conflicts_total 0"));
 }
 
@@ -566,10 +667,12 @@ fn rail_pools_created_in_the_api_server_serve_pods_within_seconds() {
         let _ = plugin(&ipam, "DEL", &conf("gpu1-net11"), "c3", None, "net1", "/x");
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert_eq!(claims_in(&api).len(), 1, "c1 keeps its address");
+    eventually("c1 keeps its address, c3's is released", || {
+        claims_in(&api).len() == 1
+    });
     let out = plugin(&ipam, "DEL", &conf("gpu1-net11"), "c1", None, "net1", "/x");
     assert!(out.ok, "{}", out.stdout);
-    assert!(claims_in(&api).is_empty());
+    eventually("c1's release is written", || claims_in(&api).is_empty());
 }
 
 /// The controller's claim sweep against the real API server, with the live
@@ -589,6 +692,7 @@ fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
         a.allocate_owned(key(i, "node-a"), &candidates(), None, &o)
             .unwrap();
     }
+    a.flush().unwrap();
     let (code, body) = api.post(
         "/apis/railnet.io/v1alpha1/railpools",
         &json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailPool", "metadata": {"name": "rail1"},

@@ -3,27 +3,38 @@
 //!
 //! A pool's addresses are cut into aligned blocks (`RailBlock`, cluster
 //! scoped). A node claims a block by creating it — create-if-absent, so two
-//! nodes can never both own one — and hands its addresses out. Each claim
-//! (address → container, interface, pod, node) is written into the block
-//! with the block's resourceVersion as a precondition: a write that lost a
-//! race is refused (409) and retried against the fresh block, never applied
-//! twice. Owners write their own blocks, so nodes seldom meet; a node that
-//! finds every block claimed borrows a free address from another node's
-//! block the same way, so a pool fills to its last address.
+//! nodes can never both own one — with every address of it *held*: its
+//! own to hand out. Addresses a node holds go to its pods without an API
+//! write: the ADD is made durable in the node's journal (the agent's redb
+//! file) and the claims (address → container, interface, pod, node) are
+//! written into the block by a flush a moment later, one write per block
+//! for every claim made meanwhile. So a pod's eight rail ADDs cost no API
+//! round trip, and the writes are shared by every pod of a flush.
+//!
+//! Nobody else may take a held address. A node that finds no free address
+//! and no unclaimed block takes one from another node's block that its
+//! owner does not hold (a claim written with the block's resourceVersion
+//! as a precondition: a write that lost a race is refused with 409 and
+//! retried against the fresh block, never applied twice); if the only
+//! free addresses are held, it asks their owner to lend (`lendRequested`),
+//! and the owner's next flush gives up the held addresses it has not
+//! handed out. So a pool still fills to its last address, and an owner
+//! never races anyone for what it holds.
 //!
 //! A write whose answer was lost (the API server died mid-request) is
-//! resolved by reading the block back: our claim there means it happened.
-//! While the API server is unreachable every call fails fast with
-//! [`ClusterError::Unavailable`] and nothing is half-written: a claim is one
-//! object write.
+//! resolved by reading the block back. While the API server is unreachable
+//! a node keeps serving from what it holds (the flush catches up when the
+//! server is back); anything needing the server fails fast with
+//! [`ClusterError::Unavailable`] and nothing is half-written: each change
+//! is one object write.
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ipnet::IpNet;
@@ -67,6 +78,14 @@ pub struct BlockSpec {
     /// Address (as text) → its claim.
     #[serde(default)]
     pub claims: BTreeMap<String, Claim>,
+    /// Addresses the owner hands out without a write (their claims follow
+    /// within a flush); no other node may take them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub held: BTreeSet<String>,
+    /// Set by a node that found no free address but held ones here: the
+    /// owner's next flush gives up those it has not handed out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lend_requested: bool,
 }
 
 /// Who holds one address.
@@ -262,6 +281,16 @@ pub struct ClusterOptions {
     pub block_prefix_v6: u8,
     /// Per-request limit; an unreachable server fails calls within it.
     pub timeout: Duration,
+    /// How often claims made from held addresses are written (200 ms).
+    pub flush_interval: Duration,
+    /// How often the node looks for lend requests on its blocks (1 s).
+    pub lend_check: Duration,
+    /// How long an ADD waits for another node to lend a held address
+    /// before saying the pool is exhausted (3 s).
+    pub lend_wait: Duration,
+    /// How long a block of ours stays empty before it is deleted, giving
+    /// its range back (10 s: pods come and go without block churn).
+    pub empty_block_grace: Duration,
 }
 
 impl ClusterOptions {
@@ -273,15 +302,177 @@ impl ClusterOptions {
             block_prefix_v4: 28,
             block_prefix_v6: 122,
             timeout: Duration::from_secs(5),
+            flush_interval: Duration::from_millis(200),
+            lend_check: Duration::from_secs(1),
+            lend_wait: Duration::from_secs(3),
+            empty_block_grace: Duration::from_secs(10),
         }
     }
 }
 
-/// Blocks of one pool as last seen, by name.
+/// Blocks of one pool as last seen, by name, with this node's changes not
+/// yet written.
 #[derive(Default)]
 struct Blocks {
     listed: bool,
+    /// As the API server last returned them.
     by_name: BTreeMap<String, RailBlock>,
+    /// Own blocks: claims made and released locally, for the next flush.
+    delta: BTreeMap<String, Delta>,
+    /// Own blocks found with no claim, since when.
+    empty_since: BTreeMap<String, Instant>,
+    /// Own blocks whose unused held addresses another node asked for.
+    lend: BTreeSet<String>,
+    /// Own blocks a write in flight changes the held set of (lending or
+    /// deleting): nothing is handed out from them meanwhile.
+    busy: BTreeSet<String>,
+    /// Nodes have had to lend in this pool: releases are written at once
+    /// (and give the address up), so another node sees them free.
+    tight: bool,
+}
+
+/// One own block's unwritten changes.
+#[derive(Clone, Default, PartialEq)]
+struct Delta {
+    /// Claims made from held addresses.
+    adds: BTreeMap<String, Claim>,
+    /// Claims released: address → (container ID, interface) whose claim it
+    /// was (removed only while it still is).
+    removes: BTreeMap<String, (String, String)>,
+}
+
+impl Delta {
+    fn is_empty(&self) -> bool {
+        self.adds.is_empty() && self.removes.is_empty()
+    }
+
+    /// `spec` with these changes made.
+    fn apply(&self, spec: &mut BlockSpec) {
+        for (a, (cid, ifname)) in &self.removes {
+            if spec
+                .claims
+                .get(a)
+                .is_some_and(|c| &c.container_id == cid && &c.interface == ifname)
+            {
+                spec.claims.remove(a);
+            }
+        }
+        for (a, c) in &self.adds {
+            spec.claims.insert(a.clone(), c.clone());
+        }
+    }
+
+    /// Forgets the changes of `written` that are still as they were (a
+    /// change made since stays for the next write).
+    fn subtract(&mut self, written: &Delta) {
+        for (a, c) in &written.adds {
+            if self.adds.get(a) == Some(c) {
+                self.adds.remove(a);
+            }
+        }
+        for (a, k) in &written.removes {
+            if self.removes.get(a) == Some(k) {
+                self.removes.remove(a);
+            }
+        }
+    }
+}
+
+impl Blocks {
+    /// Who holds `address` in block `name`, unwritten changes included.
+    fn claim(&self, name: &str, address: &str) -> Option<&Claim> {
+        let stored = self.by_name.get(name)?.spec.claims.get(address);
+        let Some(d) = self.delta.get(name) else {
+            return stored;
+        };
+        if let Some(c) = d.adds.get(address) {
+            return Some(c);
+        }
+        match (d.removes.get(address), stored) {
+            (Some((cid, ifname)), Some(c)) if &c.container_id == cid && &c.interface == ifname => {
+                None
+            }
+            _ => stored,
+        }
+    }
+
+    /// Every claim of block `name`, unwritten changes included.
+    fn claims(&self, name: &str) -> BTreeMap<String, Claim> {
+        let Some(b) = self.by_name.get(name) else {
+            return BTreeMap::new();
+        };
+        let mut spec = b.spec.clone();
+        if let Some(d) = self.delta.get(name) {
+            d.apply(&mut spec);
+        }
+        spec.claims
+    }
+
+    /// The block and address `key` holds, if any.
+    fn find(&self, key: &AllocationKey) -> Option<(String, IpAddr)> {
+        let v6 = key.family == Family::V6;
+        let matches = |a: &str, c: &Claim| {
+            c.container_id == key.container_id
+                && c.interface == key.ifname
+                && a.parse::<IpAddr>().is_ok_and(|a| a.is_ipv6() == v6)
+        };
+        for (name, d) in &self.delta {
+            if let Some((a, _)) = d.adds.iter().find(|(a, c)| matches(a, c)) {
+                return a.parse().ok().map(|a| (name.clone(), a));
+            }
+        }
+        self.by_name.iter().find_map(|(name, b)| {
+            b.spec.claims.iter().find_map(|(a, c)| {
+                if matches(a, c) && self.claim(name, a) == Some(c) {
+                    Some((name.clone(), a.parse().ok()?))
+                } else {
+                    None
+                }
+            })
+        })
+    }
+
+    /// The lowest address of block `name` the pool hands out, nobody
+    /// claims, and that is held (or not held, with `held` false).
+    fn free(&self, pool: &Pool, name: &str, held: bool) -> Option<IpAddr> {
+        if held && self.busy.contains(name) {
+            return None;
+        }
+        let b = self.by_name.get(name)?;
+        let net: IpNet = b.spec.cidr.parse().ok()?;
+        let (lo, hi) = (pool::num(net.network()), pool::num(net.broadcast()));
+        (lo..=hi).map(|n| pool::addr(pool.is_v6(), n)).find(|a| {
+            let text = a.to_string();
+            pool.holds(*a)
+                && b.spec.held.contains(&text) == held
+                && self.claim(name, &text).is_none()
+        })
+    }
+
+    /// Claims in every block (what the API server will hold after a flush).
+    fn claim_count(&self) -> usize {
+        self.by_name.keys().map(|n| self.claims(n).len()).sum()
+    }
+}
+
+/// Where an ask's address comes from.
+enum Target {
+    /// Held by this node: handed out now, written by the next flush.
+    Local(String, IpAddr),
+    /// Not held by anyone: claimed by a compare-and-swap write now.
+    Write(String, IpAddr),
+    /// Nothing free that may be taken.
+    None,
+    /// Refused, with why (an exact address another node holds).
+    Refused(String),
+}
+
+/// An ask's answer from one round.
+enum Answer {
+    Address(IpAddr),
+    /// Only held addresses of other nodes are free; they were asked to
+    /// lend. Why the pool is full, if nothing comes.
+    Wait(String),
 }
 
 /// The API-server-backed store. Its calls block (the agent's request
@@ -321,14 +512,15 @@ struct Ask {
     key: AllocationKey,
     wanted: Option<IpAddr>,
     claim: Claim,
-    reply: tokio::sync::oneshot::Sender<Result<IpAddr, ClusterError>>,
+    reply: tokio::sync::oneshot::Sender<Result<Answer, ClusterError>>,
 }
 
 /// Rounds of compare-and-swap before giving up on a busy block.
 const MAX_ROUNDS: usize = 64;
 
 impl ClusterStore {
-    /// Connects (lazily: nothing is sent until the first call).
+    /// Connects (lazily: nothing is sent until the first call) and starts
+    /// the flush of claims made from held addresses.
     pub fn connect(opts: ClusterOptions) -> Result<Self, ClusterError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -337,17 +529,16 @@ impl ClusterStore {
             .build()
             .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
         let client = rt.block_on(client(opts.kubeconfig.as_deref(), opts.timeout))?;
-        Ok(Self {
-            rt,
-            inner: Arc::new(Inner {
-                api: Api::all(client),
-                opts,
-                conflicts: Default::default(),
-                writes: Default::default(),
-                pools: Mutex::default(),
-                pending: Mutex::default(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            api: Api::all(client),
+            opts,
+            conflicts: Default::default(),
+            writes: Default::default(),
+            pools: Mutex::default(),
+            pending: Mutex::default(),
+        });
+        rt.spawn(Inner::flush_loop(Arc::downgrade(&inner)));
+        Ok(Self { rt, inner })
     }
 
     /// This node's name.
@@ -375,10 +566,17 @@ impl ClusterStore {
             .unwrap_or_else(|e| Err(ClusterError::Unavailable(format!("request task: {e}"))))
     }
 
-    /// Every claim this node made, in any block: what the agent holds
-    /// after a restart.
-    pub fn load(&self) -> Result<Vec<Allocation>, ClusterError> {
-        self.run(|i| async move { i.load().await })
+    /// What this node holds after a restart: every claim it made in any
+    /// block, and the allocations of its `journal` whose claims the API
+    /// server does not have yet (made from held addresses just before the
+    /// agent stopped: they are written by the next flush). Returns those
+    /// to keep, and the journal's allocations that are gone (released
+    /// while the agent was away, or their block is no longer ours).
+    pub fn load(
+        &self,
+        journal: Vec<Allocation>,
+    ) -> Result<(Vec<Allocation>, Vec<Allocation>), ClusterError> {
+        self.run(|i| async move { i.load(journal).await })
     }
 
     /// Allocates for `key` from `pool` (exactly `wanted` if given). A
@@ -394,12 +592,36 @@ impl ClusterStore {
         self.run(|i| async move { i.allocate(&pool, &key, wanted, &owner).await })
     }
 
-    /// Releases allocations (their claims, if still theirs). A block this
-    /// node claimed that is left empty is deleted, so other nodes can claim
-    /// its range.
+    /// Releases allocations (their claims, if still theirs): a held
+    /// address at once (written by the next flush), a taken one by a
+    /// write now.
     pub fn release(&self, released: &[Allocation]) -> Result<(), ClusterError> {
         let released = released.to_vec();
         self.run(|i| async move { i.release(&released).await })
+    }
+
+    /// Writes every claim made or released locally now (and answers lend
+    /// requests); fails if the API server cannot take them (they stay
+    /// queued).
+    pub fn sync(&self) -> Result<(), ClusterError> {
+        self.run(|i| async move { i.flush(true).await })
+    }
+
+    /// Claims made or released locally and not written yet.
+    pub fn unwritten(&self) -> usize {
+        let pools: Vec<_> = self.inner.pool_locks();
+        self.rt.block_on(async move {
+            let mut n = 0;
+            for (_, lock) in pools {
+                let blocks = lock.lock().await;
+                n += blocks
+                    .delta
+                    .values()
+                    .map(|d| d.adds.len() + d.removes.len())
+                    .sum::<usize>();
+            }
+            n
+        })
     }
 
     /// The RailPools as pool specs, and the RailPools left out with why
@@ -443,23 +665,88 @@ impl Inner {
             .clone()
     }
 
-    async fn load(&self) -> Result<Vec<Allocation>, ClusterError> {
+    fn pool_locks(&self) -> Vec<(String, Arc<tokio::sync::Mutex<Blocks>>)> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect()
+    }
+
+    async fn load(
+        &self,
+        journal: Vec<Allocation>,
+    ) -> Result<(Vec<Allocation>, Vec<Allocation>), ClusterError> {
         let list = self
             .api
             .list(&ListParams::default())
             .await
             .map_err(classify)?;
-        let mut out = Vec::new();
-        for b in &list.items {
-            for (a, c) in &b.spec.claims {
-                if c.node == self.opts.node
-                    && let Ok(address) = a.parse()
-                {
-                    out.push(allocation_of(&b.spec.pool, address, c));
+        let mut by_pool: BTreeMap<String, Blocks> = BTreeMap::new();
+        for b in list.items {
+            let name = b.metadata.name.clone().unwrap_or_default();
+            let blocks = by_pool.entry(b.spec.pool.clone()).or_default();
+            blocks.listed = true;
+            blocks.by_name.insert(name, b);
+        }
+        let me = &self.opts.node;
+        let mut kept = Vec::new();
+        for blocks in by_pool.values() {
+            for b in blocks.by_name.values() {
+                for (a, c) in &b.spec.claims {
+                    if &c.node == me
+                        && let Ok(address) = a.parse()
+                    {
+                        kept.push(allocation_of(&b.spec.pool, address, c));
+                    }
                 }
             }
         }
-        Ok(out)
+        let mut gone = Vec::new();
+        for j in journal {
+            let text = j.address.to_string();
+            let Some(blocks) = by_pool.get_mut(&j.pool) else {
+                gone.push(j);
+                continue;
+            };
+            let holder = blocks
+                .by_name
+                .iter()
+                .find(|(_, b)| {
+                    b.spec
+                        .cidr
+                        .parse::<IpNet>()
+                        .is_ok_and(|n| n.contains(&j.address))
+                })
+                .map(|(n, b)| (n.clone(), b.spec.node == *me && b.spec.held.contains(&text)));
+            match holder {
+                Some((name, held)) => match blocks.claim(&name, &text) {
+                    Some(c)
+                        if c.container_id == j.key.container_id && c.interface == j.key.ifname =>
+                    {
+                        // In both: loaded above.
+                    }
+                    None if held => {
+                        // Made from a held address, not written yet.
+                        blocks
+                            .delta
+                            .entry(name)
+                            .or_default()
+                            .adds
+                            .insert(text, claim_of(me, &j));
+                        kept.push(j);
+                    }
+                    _ => gone.push(j),
+                },
+                None => gone.push(j),
+            }
+        }
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        for (pool, blocks) in by_pool {
+            pools.insert(pool, Arc::new(tokio::sync::Mutex::new(blocks)));
+        }
+        Ok((kept, gone))
     }
 
     async fn allocate(
@@ -486,30 +773,44 @@ impl Inner {
             netns_inode: owner.netns.inode,
             netns_cookie: owner.netns.cookie,
         };
-        // Group commit: every ADD for this pool that arrives while a write
-        // is in flight waits in `pending`; whoever takes the pool's lock
-        // next serves them all, one write per block they land in.
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.queue(
-            &pool.name,
-            Ask {
-                key: key.clone(),
-                wanted,
-                claim,
-                reply,
-            },
-        );
-        {
-            let lock = self.blocks_of(&pool.name);
-            let mut blocks = lock.lock().await;
-            let batch = self.take_queued(&pool.name);
-            if !batch.is_empty() {
-                self.serve(&mut blocks, pool, batch).await;
+        let deadline = Instant::now() + self.opts.lend_wait;
+        loop {
+            // Group commit: every ADD for this pool that arrives while a
+            // write is in flight waits in `pending`; whoever takes the
+            // pool's lock next serves them all, one write per block.
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            self.queue(
+                &pool.name,
+                Ask {
+                    key: key.clone(),
+                    wanted,
+                    claim: claim.clone(),
+                    reply,
+                },
+            );
+            {
+                let lock = self.blocks_of(&pool.name);
+                let mut blocks = lock.lock().await;
+                let batch = self.take_queued(&pool.name);
+                if !batch.is_empty() {
+                    self.serve(&mut blocks, pool, batch).await;
+                }
+            }
+            let answer = answer.await.unwrap_or_else(|_| {
+                Err(ClusterError::Unavailable("the request was dropped".into()))
+            })?;
+            match answer {
+                Answer::Address(a) => return Ok(a),
+                // The owners were asked to lend; their flush answers
+                // within a lend check. The pool's lock is not held while
+                // waiting: our own flush may be what another node waits
+                // for.
+                Answer::Wait(why) if Instant::now() >= deadline => {
+                    return Err(ClusterError::Full(why));
+                }
+                Answer::Wait(_) => tokio::time::sleep(self.opts.flush_interval).await,
             }
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(ClusterError::Unavailable("the request was dropped".into())))
     }
 
     /// Queues `ask` for `pool`'s next write.
@@ -533,9 +834,9 @@ impl Inner {
 
     /// Serves a batch of asks for `pool`: each gets an address chosen
     /// against the blocks as cached (with the batch's earlier choices in
-    /// them), then each block touched is written once. A write that lost a
-    /// race is read back: asks whose claim made it are answered, the rest
-    /// go round again.
+    /// them). A held address is answered at once; each block taken from
+    /// is written once. A write that lost a race is read back: asks whose
+    /// claim made it are answered, the rest go round again.
     async fn serve(&self, blocks: &mut Blocks, pool: &Pool, batch: Vec<Ask>) {
         if !blocks.listed
             && let Err(e) = self.relist(blocks, &pool.name).await
@@ -554,7 +855,7 @@ impl Inner {
             let mut groups: BTreeMap<String, Vec<(Ask, IpAddr)>> = BTreeMap::new();
             let mut full = Vec::new();
             for ask in std::mem::take(&mut open) {
-                if let Some((name, held)) = find(blocks, &ask.key) {
+                if let Some((name, held)) = blocks.find(&ask.key) {
                     if let Some(w) = ask.wanted
                         && w != held
                     {
@@ -566,7 +867,7 @@ impl Inner {
                         // first's write.
                         g.push((ask, held));
                     } else {
-                        let _ = ask.reply.send(Ok(held));
+                        let _ = ask.reply.send(Ok(Answer::Address(held)));
                     }
                     continue;
                 }
@@ -578,12 +879,25 @@ impl Inner {
                     Err(e) => {
                         let _ = ask.reply.send(Err(e));
                     }
-                    Ok(None) => full.push(ask),
+                    Ok(Target::None) => full.push(ask),
+                    Ok(Target::Refused(why)) => {
+                        let _ = ask.reply.send(Err(ClusterError::Full(why)));
+                    }
                     // Choosing may have fetched a block that already holds
                     // this ask's claim (a write whose answer was lost):
                     // that claim is the answer, not a second address.
-                    Ok(Some(_)) if find(blocks, &ask.key).is_some() => open.push(ask),
-                    Ok(Some((name, address))) => {
+                    Ok(_) if blocks.find(&ask.key).is_some() => open.push(ask),
+                    Ok(Target::Local(name, address)) => {
+                        blocks
+                            .delta
+                            .entry(name.clone())
+                            .or_default()
+                            .adds
+                            .insert(address.to_string(), ask.claim.clone());
+                        blocks.empty_since.remove(&name);
+                        let _ = ask.reply.send(Ok(Answer::Address(address)));
+                    }
+                    Ok(Target::Write(name, address)) => {
                         // Held in the cache until the write says otherwise.
                         if let Some(b) = blocks.by_name.get_mut(&name) {
                             b.spec.claims.insert(address.to_string(), ask.claim.clone());
@@ -595,35 +909,44 @@ impl Inner {
             for (name, members) in groups {
                 open.extend(self.write_group(blocks, &name, members).await);
             }
-            if !full.is_empty() {
-                // The cache may be stale (another node released): look
-                // once more before saying the pool is full.
-                if !relisted {
-                    relisted = true;
-                    if let Err(e) = self.relist(blocks, &pool.name).await {
-                        for ask in full.into_iter().chain(open.drain(..)) {
-                            let _ = ask.reply.send(Err(e.clone()));
-                        }
-                        return;
+            if full.is_empty() {
+                continue;
+            }
+            // The cache may be stale (another node released): look once
+            // more before saying the pool is full.
+            if !relisted {
+                relisted = true;
+                if let Err(e) = self.relist(blocks, &pool.name).await {
+                    for ask in full.into_iter().chain(open.drain(..)) {
+                        let _ = ask.reply.send(Err(e.clone()));
                     }
-                    open.extend(full);
-                } else {
-                    for ask in full {
-                        let why = match ask.wanted {
-                            Some(a) => format!("{a} is held by another pod"),
-                            None => format!(
-                                "exhausted: all {} addresses are held ({} blocks)",
-                                blocks
-                                    .by_name
-                                    .values()
-                                    .map(|b| b.spec.claims.len())
-                                    .sum::<usize>(),
-                                blocks.by_name.len()
-                            ),
-                        };
-                        let _ = ask.reply.send(Err(ClusterError::Full(why)));
-                    }
+                    return;
                 }
+                open.extend(full);
+                continue;
+            }
+            let lenders = self.ask_to_lend(blocks).await;
+            blocks.tight = true;
+            for ask in full {
+                let why = match ask.wanted {
+                    Some(a) => format!("{a} is held by another pod"),
+                    None if lenders.is_empty() => format!(
+                        "exhausted: all {} addresses are held ({} blocks)",
+                        blocks.claim_count(),
+                        blocks.by_name.len()
+                    ),
+                    None => format!(
+                        "exhausted: every free address is held by node(s) {} for their pods, and they did not lend one within {:?} (is railnet-agent running there?)",
+                        lenders.join(", "),
+                        self.opts.lend_wait
+                    ),
+                };
+                let answer = if ask.wanted.is_none() && !lenders.is_empty() {
+                    Ok(Answer::Wait(why))
+                } else {
+                    Err(ClusterError::Full(why))
+                };
+                let _ = ask.reply.send(answer);
             }
         }
         for ask in open {
@@ -632,6 +955,43 @@ impl Inner {
                 pool.name
             ))));
         }
+    }
+
+    /// Asks the owners of blocks with held addresses nobody claims to lend
+    /// them (sets `lendRequested` where it is not set yet). Returns those
+    /// owners; best effort: a failed ask is asked again next time.
+    async fn ask_to_lend(&self, blocks: &mut Blocks) -> Vec<String> {
+        let me = &self.opts.node;
+        let names: Vec<String> = blocks
+            .by_name
+            .iter()
+            .filter(|(_, b)| {
+                &b.spec.node != me && b.spec.held.iter().any(|a| !b.spec.claims.contains_key(a))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut owners = BTreeSet::new();
+        for name in names {
+            let b = &blocks.by_name[&name];
+            owners.insert(b.spec.node.clone());
+            if b.spec.lend_requested {
+                continue;
+            }
+            let mut next = b.clone();
+            next.spec.lend_requested = true;
+            match self.api.replace(&name, &PostParams::default(), &next).await {
+                Ok(b) => {
+                    self.count_write();
+                    tracing::info!(block = %name, owner = %b.spec.node, "asked to lend held addresses");
+                    blocks.by_name.insert(name, b);
+                }
+                Err(e) => {
+                    self.count_conflict(status(&e));
+                    tracing::debug!(block = %name, error = %e, "lend request not written");
+                }
+            }
+        }
+        owners.into_iter().collect()
     }
 
     /// Writes block `name` as cached (the group's claims in it) if it is
@@ -651,28 +1011,16 @@ impl Inner {
                 self.count_write();
                 blocks.by_name.insert(name.to_owned(), b);
                 for (ask, address) in members {
-                    let _ = ask.reply.send(Ok(address));
+                    let _ = ask.reply.send(Ok(Answer::Address(address)));
                 }
                 return Vec::new();
             }
             Err(e) => e,
         };
-        let code = status(&e);
-        self.count_conflict(code);
         // Whatever happened, the cached copy (with our tentative claims)
         // is no longer the truth.
         blocks.by_name.remove(name);
-        if !read_back_decides(code) {
-            let err = classify(e);
-            for (ask, _) in members {
-                let _ = ask.reply.send(Err(err.clone()));
-            }
-            return Vec::new();
-        }
-        // 409/404: someone else wrote (or deleted) the block. No answer at
-        // all: our write may or may not have happened. The block as it is
-        // now decides, claim by claim.
-        match self.get(name).await {
+        match self.read_back(name, e).await {
             Ok(Some(b)) => {
                 let mut again = Vec::new();
                 for (ask, address) in members {
@@ -681,7 +1029,7 @@ impl Inner {
                             && c.interface == ask.claim.interface
                     });
                     if ours {
-                        let _ = ask.reply.send(Ok(address));
+                        let _ = ask.reply.send(Ok(Answer::Address(address)));
                     } else {
                         again.push(ask);
                     }
@@ -690,22 +1038,41 @@ impl Inner {
                 again
             }
             Ok(None) => members.into_iter().map(|(a, _)| a).collect(),
-            Err(e2) => {
-                // Neither the write's answer nor the block could be read:
-                // a claim of ours may be stored. Read every block of the
-                // pool before the next choice, so a retried ADD finds it
-                // rather than taking a second address.
-                blocks.listed = false;
-                let err = if code.is_none() {
-                    classify(e).or(e2)
-                } else {
-                    e2
-                };
+            Err((err, unknown)) => {
+                if unknown {
+                    // Neither the write's answer nor the block could be
+                    // read: a claim of ours may be stored. Read every
+                    // block of the pool before the next choice, so a
+                    // retried ADD finds it rather than taking a second
+                    // address.
+                    blocks.listed = false;
+                }
                 for (ask, _) in members {
                     let _ = ask.reply.send(Err(err.clone()));
                 }
                 Vec::new()
             }
+        }
+    }
+
+    /// After write error `e` on block `name`: the block as it is now, when
+    /// that decides what became of the write (someone else wrote or
+    /// deleted it, or no answer came); else the error to report, and
+    /// whether the write may have happened.
+    async fn read_back(
+        &self,
+        name: &str,
+        e: kube::Error,
+    ) -> Result<Option<RailBlock>, (ClusterError, bool)> {
+        let code = status(&e);
+        self.count_conflict(code);
+        if !read_back_decides(code) {
+            return Err((classify(e), false));
+        }
+        match self.get(name).await {
+            Ok(b) => Ok(b),
+            Err(e2) if code.is_none() => Err((classify(e).or(e2), true)),
+            Err(e2) => Err((e2, true)),
         }
     }
 
@@ -718,7 +1085,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Reads every block of `pool` into the cache.
+    /// Reads every block of `pool` into the cache (this node's unwritten
+    /// changes stay).
     async fn relist(&self, blocks: &mut Blocks, pool: &str) -> Result<(), ClusterError> {
         let lp = ListParams::default().labels(&format!("{POOL_LABEL}={pool}"));
         let list = self.api.list(&lp).await.map_err(classify)?;
@@ -742,20 +1110,20 @@ impl Inner {
         want.max(pool.subnet.prefix_len())
     }
 
-    /// Where the next address comes from: a free address in a block of
-    /// ours, else a block nobody has claimed (claimed now), else a free
-    /// address in another node's block. `None`: nothing free anywhere seen.
-    async fn next_target(
-        &self,
-        blocks: &mut Blocks,
-        pool: &Pool,
-    ) -> Result<Option<(String, IpAddr)>, ClusterError> {
+    /// Where the next address comes from: a held address of ours, else a
+    /// block nobody has claimed (claimed now, held whole), else a free
+    /// address nobody holds in any block.
+    async fn next_target(&self, blocks: &mut Blocks, pool: &Pool) -> Result<Target, ClusterError> {
         let me = &self.opts.node;
-        for (name, b) in &blocks.by_name {
-            if &b.spec.node == me
-                && let Some(a) = free_in(pool, b)
-            {
-                return Ok(Some((name.clone(), a)));
+        let own: Vec<String> = blocks
+            .by_name
+            .iter()
+            .filter(|(_, b)| &b.spec.node == me)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in own {
+            if let Some(a) = blocks.free(pool, &name, true) {
+                return Ok(Target::Local(name, a));
             }
         }
         let prefix = self.prefix(pool);
@@ -770,10 +1138,9 @@ impl Inner {
                 if !blocks.by_name.contains_key(&name) && any_free(pool, &cidr) {
                     let b = self.claim_block(pool, &name, &cidr).await?;
                     let mine = &b.spec.node == me;
-                    let free = free_in(pool, &b);
                     blocks.by_name.insert(name.clone(), b);
-                    if mine && let Some(a) = free {
-                        return Ok(Some((name, a)));
+                    if mine && let Some(a) = blocks.free(pool, &name, true) {
+                        return Ok(Target::Local(name, a));
                     }
                 }
                 match start.checked_add(size) {
@@ -782,12 +1149,13 @@ impl Inner {
                 }
             }
         }
-        for (name, b) in &blocks.by_name {
-            if let Some(a) = free_in(pool, b) {
-                return Ok(Some((name.clone(), a)));
+        let names: Vec<String> = blocks.by_name.keys().cloned().collect();
+        for name in names {
+            if let Some(a) = blocks.free(pool, &name, false) {
+                return Ok(Target::Write(name, a));
             }
         }
-        Ok(None)
+        Ok(Target::None)
     }
 
     /// The block holding `address` (claimed now if nobody has), if the
@@ -797,7 +1165,7 @@ impl Inner {
         blocks: &mut Blocks,
         pool: &Pool,
         address: IpAddr,
-    ) -> Result<Option<(String, IpAddr)>, ClusterError> {
+    ) -> Result<Target, ClusterError> {
         let prefix = self.prefix(pool);
         let cidr = IpNet::new(address, prefix)
             .expect("prefix fits the family")
@@ -807,19 +1175,43 @@ impl Inner {
             let b = self.claim_block(pool, &name, &cidr).await?;
             blocks.by_name.insert(name.clone(), b);
         }
+        let text = address.to_string();
+        if blocks.claim(&name, &text).is_some() {
+            return Ok(Target::None);
+        }
         let b = &blocks.by_name[&name];
-        Ok((!b.spec.claims.contains_key(&address.to_string())).then_some((name, address)))
+        let busy = blocks.busy.contains(&name);
+        Ok(
+            match (b.spec.held.contains(&text), b.spec.node == self.opts.node) {
+                // Ours, but its held set is being written: a claim written now
+                // is safe either way (the writes are ordered by the block's
+                // resourceVersion).
+                (true, true) if busy => Target::Write(name, address),
+                (false, _) => Target::Write(name, address),
+                (true, true) => Target::Local(name, address),
+                (true, false) => Target::Refused(format!(
+                    "{address} is held by node {} (its block {name}) for its pods",
+                    b.spec.node
+                )),
+            },
+        )
     }
 
-    /// Creates the block for this node; if it exists already, whoever owns
-    /// it, returns it as it is (a retried create meeting our own block is
-    /// ours).
+    /// Creates the block for this node, every address of it held; if it
+    /// exists already, whoever owns it, returns it as it is (a retried
+    /// create meeting our own block is ours).
     async fn claim_block(
         &self,
         pool: &Pool,
         name: &str,
         cidr: &IpNet,
     ) -> Result<RailBlock, ClusterError> {
+        let (lo, hi) = (pool::num(cidr.network()), pool::num(cidr.broadcast()));
+        let held = (lo..=hi)
+            .map(|n| pool::addr(pool.is_v6(), n))
+            .filter(|a| pool.holds(*a))
+            .map(|a| a.to_string())
+            .collect();
         let block = RailBlock {
             api_version: "railnet.io/v1alpha1".into(),
             kind: "RailBlock".into(),
@@ -836,6 +1228,8 @@ impl Inner {
                 cidr: cidr.to_string(),
                 node: self.opts.node.clone(),
                 claims: BTreeMap::new(),
+                held,
+                lend_requested: false,
             },
         };
         // A block found taken can be deleted by its owner (emptied) before
@@ -880,35 +1274,204 @@ impl Inner {
         // The block holding the address: from the cache, else by listing
         // the pool (after a restart the cache is empty).
         let key = a.address.to_string();
+        let ours = |c: &Claim| c.container_id == a.key.container_id && c.interface == a.key.ifname;
         let holder = |blocks: &Blocks| {
             blocks
                 .by_name
-                .iter()
-                .find(|(_, b)| b.spec.claims.contains_key(&key))
-                .map(|(n, _)| n.clone())
+                .keys()
+                .find(|n| blocks.claim(n, &key).is_some_and(ours))
+                .cloned()
         };
         let mut name = holder(blocks);
-        if name.is_none() {
+        if name.is_none() && !blocks.listed {
             self.relist(blocks, &a.pool).await?;
             name = holder(blocks);
         }
         let Some(name) = name else {
             return Ok(()); // nothing holds it: already released
         };
+        let me = &self.opts.node;
+        let b = &blocks.by_name[&name];
+        let own_held = &b.spec.node == me && b.spec.held.contains(&key);
+        let who = (a.key.container_id.clone(), a.key.ifname.clone());
+        if own_held && !blocks.tight {
+            // Ours to hand out: no one else can take it meanwhile, so the
+            // flush writes the release. (Also when the claim is not
+            // written yet: a flush may be writing it right now.)
+            let d = blocks.delta.entry(name).or_default();
+            d.adds.remove(&key);
+            d.removes.insert(key, who);
+            return Ok(());
+        }
+        // Written now, and a held address given up with it: another node
+        // needs to see it free.
+        if let Some(d) = blocks.delta.get_mut(&name) {
+            d.adds.remove(&key);
+            d.removes.insert(key.clone(), who);
+        }
         for _ in 0..MAX_ROUNDS {
-            let Some(current) = blocks.by_name.get(&name).cloned() else {
+            let Some(current) = blocks.by_name.get(&name) else {
                 return Ok(());
             };
-            let is_ours = current.spec.claims.get(&key).is_some_and(|c| {
-                c.container_id == a.key.container_id && c.interface == a.key.ifname
-            });
-            if !is_ours {
-                return Ok(());
+            let stored = current.spec.claims.get(&key).is_some_and(ours);
+            let held = &current.spec.node == me && current.spec.held.contains(&key);
+            if !stored && !held {
+                break;
             }
             let mut next = current.clone();
-            next.spec.claims.remove(&key);
-            let empty_and_mine = next.spec.claims.is_empty() && next.spec.node == self.opts.node;
-            let result = if empty_and_mine {
+            if stored {
+                next.spec.claims.remove(&key);
+            }
+            next.spec.held.remove(&key);
+            let e = match self.api.replace(&name, &PostParams::default(), &next).await {
+                Ok(b) => {
+                    self.count_write();
+                    blocks.by_name.insert(name.clone(), b);
+                    break;
+                }
+                Err(e) => e,
+            };
+            match self.read_back(&name, e).await {
+                Ok(Some(b)) => {
+                    blocks.by_name.insert(name.clone(), b);
+                }
+                Ok(None) => {
+                    blocks.by_name.remove(&name);
+                    break;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+        if let Some(d) = blocks.delta.get_mut(&name) {
+            d.removes.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Flushes every `flush_interval`, and looks for lend requests every
+    /// `lend_check`, until the store is dropped.
+    async fn flush_loop(inner: std::sync::Weak<Inner>) {
+        let mut last_check = Instant::now();
+        loop {
+            let interval = match inner.upgrade() {
+                Some(i) => i.opts.flush_interval,
+                None => return,
+            };
+            tokio::time::sleep(interval).await;
+            let Some(i) = inner.upgrade() else { return };
+            if last_check.elapsed() >= i.opts.lend_check {
+                last_check = Instant::now();
+                if let Err(e) = i.check_lend_requests().await {
+                    tracing::debug!(error = %e, "cannot look for lend requests");
+                }
+            }
+            if let Err(e) = i.flush(false).await {
+                tracing::warn!(error = %e, "claims not written yet; retrying");
+            }
+        }
+    }
+
+    /// Notes the lend requests on this node's blocks (one list of them).
+    async fn check_lend_requests(&self) -> Result<(), ClusterError> {
+        let lp = ListParams::default().labels(&format!("{NODE_LABEL}={}", self.opts.node));
+        let list = self.api.list(&lp).await.map_err(classify)?;
+        for b in list.items {
+            if !b.spec.lend_requested || b.spec.node != self.opts.node {
+                continue;
+            }
+            let name = b.metadata.name.clone().unwrap_or_default();
+            let lock = self.blocks_of(&b.spec.pool);
+            let mut blocks = lock.lock().await;
+            blocks.lend.insert(name.clone());
+            blocks.by_name.insert(name, b);
+        }
+        Ok(())
+    }
+
+    /// Writes each own block that has unwritten claims or releases, a lend
+    /// request to answer, or has been empty for the grace (`now`: every
+    /// block with changes, lend requests answered, empty blocks kept). The
+    /// pool's lock is not held while a write is in flight: ADDs go on
+    /// being served from held addresses, also while the API server is
+    /// away.
+    async fn flush(&self, now: bool) -> Result<(), ClusterError> {
+        let mut first = None;
+        for (_, lock) in self.pool_locks() {
+            let due = {
+                let mut blocks = lock.lock().await;
+                let me = &self.opts.node;
+                let own: Vec<String> = blocks
+                    .by_name
+                    .iter()
+                    .filter(|(_, b)| &b.spec.node == me)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let mut due = Vec::new();
+                for name in own {
+                    if blocks.claims(&name).is_empty() {
+                        blocks
+                            .empty_since
+                            .entry(name.clone())
+                            .or_insert_with(Instant::now);
+                    } else {
+                        blocks.empty_since.remove(&name);
+                    }
+                    let changed = blocks.delta.get(&name).is_some_and(|d| !d.is_empty());
+                    let expired = !now
+                        && blocks
+                            .empty_since
+                            .get(&name)
+                            .is_some_and(|t| t.elapsed() >= self.opts.empty_block_grace);
+                    if changed || blocks.lend.contains(&name) || expired {
+                        due.push(name);
+                    }
+                }
+                due
+            };
+            for name in due {
+                if let Err(e) = self.write_own(&lock, &name, now).await {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Writes own block `name` with its unwritten changes; gives up the
+    /// held addresses nobody uses if asked to lend; deletes it if it has
+    /// been empty for the grace (or is empty and asked to lend).
+    async fn write_own(
+        &self,
+        lock: &tokio::sync::Mutex<Blocks>,
+        name: &str,
+        keep_empty: bool,
+    ) -> Result<(), ClusterError> {
+        for _ in 0..MAX_ROUNDS {
+            let (current, next, written, lend, delete) = {
+                let mut blocks = lock.lock().await;
+                let Some(current) = blocks.by_name.get(name).cloned() else {
+                    return self.lost_block(&mut blocks, name);
+                };
+                let written = blocks.delta.get(name).cloned().unwrap_or_default();
+                let mut next = current.clone();
+                written.apply(&mut next.spec);
+                let lend = blocks.lend.contains(name) || current.spec.lend_requested;
+                if lend {
+                    let claims = &next.spec.claims;
+                    next.spec.held.retain(|a| claims.contains_key(a));
+                    next.spec.lend_requested = false;
+                }
+                let expired = blocks
+                    .empty_since
+                    .get(name)
+                    .is_some_and(|t| t.elapsed() >= self.opts.empty_block_grace);
+                let delete = next.spec.claims.is_empty() && (lend || (expired && !keep_empty));
+                if lend || delete {
+                    blocks.busy.insert(name.to_owned());
+                }
+                (current, next, written, lend, delete)
+            };
+            let result = if delete {
                 // Give the range back: deleted only if nobody wrote since.
                 let dp = DeleteParams {
                     preconditions: Some(Preconditions {
@@ -917,47 +1480,89 @@ impl Inner {
                     }),
                     ..DeleteParams::default()
                 };
-                self.api.delete(&name, &dp).await.map(|_| None)
+                self.api.delete(name, &dp).await.map(|_| None)
             } else {
                 self.api
-                    .replace(&name, &PostParams::default(), &next)
+                    .replace(name, &PostParams::default(), &next)
                     .await
                     .map(Some)
             };
-            match result {
-                Ok(Some(b)) => {
+            let back = match result {
+                Ok(written) => Ok(written),
+                Err(e) => Err(self.read_back(name, e).await),
+            };
+            let mut blocks = lock.lock().await;
+            blocks.busy.remove(name);
+            match back {
+                Ok(stored) => {
                     self.count_write();
-                    blocks.by_name.insert(name, b);
+                    if let Some(d) = blocks.delta.get_mut(name) {
+                        d.subtract(&written);
+                        if d.is_empty() {
+                            blocks.delta.remove(name);
+                        }
+                    }
+                    if lend {
+                        blocks.lend.remove(name);
+                        blocks.tight = true;
+                    }
+                    match stored {
+                        Some(b) => {
+                            if lend {
+                                tracing::info!(
+                                    block = name,
+                                    held = b.spec.held.len(),
+                                    "lent the held addresses not in use"
+                                );
+                            }
+                            blocks.by_name.insert(name.to_owned(), b);
+                        }
+                        None => {
+                            tracing::info!(block = name, "gave an empty address block back");
+                            blocks.by_name.remove(name);
+                            blocks.empty_since.remove(name);
+                            blocks.lend.remove(name);
+                        }
+                    }
                     return Ok(());
                 }
-                Ok(None) => {
-                    self.count_write();
-                    blocks.by_name.remove(&name);
+                Err(Ok(Some(b))) => {
+                    blocks.by_name.insert(name.to_owned(), b);
+                }
+                Err(Ok(None)) if delete => {
+                    blocks.by_name.remove(name);
+                    blocks.empty_since.remove(name);
+                    blocks.lend.remove(name);
                     return Ok(());
                 }
-                Err(e) => {
-                    let code = status(&e);
-                    self.count_conflict(code);
-                    if !read_back_decides(code) {
-                        return Err(classify(e));
-                    }
-                    match self.get(&name).await {
-                        Ok(Some(b)) => {
-                            blocks.by_name.insert(name.clone(), b);
-                        }
-                        Ok(None) => {
-                            blocks.by_name.remove(&name);
-                            return Ok(());
-                        }
-                        Err(e2) if code.is_none() => return Err(classify(e).or(e2)),
-                        Err(e2) => return Err(e2),
-                    }
+                Err(Ok(None)) => {
+                    blocks.by_name.remove(name);
+                    return self.lost_block(&mut blocks, name);
                 }
+                Err(Err((e, _))) => return Err(e),
             }
         }
         Err(ClusterError::Unavailable(format!(
             "block {name}: {MAX_ROUNDS} rounds of conflicting writes"
         )))
+    }
+
+    /// Our block is gone (someone deleted it by hand): its unwritten claims
+    /// have nowhere to go. Said loudly; the pods keep their addresses
+    /// until released, and the range may be claimed again.
+    fn lost_block(&self, blocks: &mut Blocks, name: &str) -> Result<(), ClusterError> {
+        blocks.empty_since.remove(name);
+        blocks.lend.remove(name);
+        if let Some(d) = blocks.delta.remove(name)
+            && !d.adds.is_empty()
+        {
+            tracing::error!(
+                block = name,
+                claims = d.adds.len(),
+                "this node's address block was deleted from the API server with claims not yet written; those addresses may be handed out again — do not delete RailBlocks by hand"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -1050,26 +1655,6 @@ fn classify(e: kube::Error) -> ClusterError {
     }
 }
 
-fn find(blocks: &Blocks, key: &AllocationKey) -> Option<(String, IpAddr)> {
-    let v6 = key.family == Family::V6;
-    blocks.by_name.iter().find_map(|(name, b)| {
-        b.spec.claims.iter().find_map(|(a, c)| {
-            let a: IpAddr = a.parse().ok()?;
-            (c.container_id == key.container_id && c.interface == key.ifname && a.is_ipv6() == v6)
-                .then(|| (name.clone(), a))
-        })
-    })
-}
-
-/// The lowest address of `b` the pool hands out and nobody holds.
-fn free_in(pool: &Pool, b: &RailBlock) -> Option<IpAddr> {
-    let net: IpNet = b.spec.cidr.parse().ok()?;
-    let (lo, hi) = (pool::num(net.network()), pool::num(net.broadcast()));
-    (lo..=hi)
-        .map(|n| pool::addr(pool.is_v6(), n))
-        .find(|a| pool.holds(*a) && !b.spec.claims.contains_key(&a.to_string()))
-}
-
 fn any_free(pool: &Pool, cidr: &IpNet) -> bool {
     let (lo, hi) = (pool::num(cidr.network()), pool::num(cidr.broadcast()));
     (lo..=hi).any(|n| pool.holds(pool::addr(pool.is_v6(), n)))
@@ -1084,6 +1669,21 @@ fn block_cidr(pool: &Pool, start: u128, prefix: u8) -> IpNet {
 pub fn block_name(pool: &str, cidr: &IpNet) -> String {
     let net = cidr.network().to_string().replace(['.', ':'], "-");
     format!("{pool}.{net}-{}", cidr.prefix_len())
+}
+
+/// The claim for journal record `a`, made by `node`.
+fn claim_of(node: &str, a: &Allocation) -> Claim {
+    Claim {
+        container_id: a.key.container_id.clone(),
+        interface: a.key.ifname.clone(),
+        node: node.to_owned(),
+        network: a.network.clone(),
+        pod_namespace: a.pod.namespace.clone(),
+        pod_name: a.pod.name.clone(),
+        pod_uid: a.pod.uid.clone(),
+        netns_inode: a.netns_inode,
+        netns_cookie: a.netns_cookie,
+    }
 }
 
 fn allocation_of(pool: &str, address: IpAddr, c: &Claim) -> Allocation {
@@ -1102,6 +1702,11 @@ fn allocation_of(pool: &str, address: IpAddr, c: &Claim) -> Allocation {
         netns_inode: c.netns_inode,
         netns_cookie: c.netns_cookie,
         network: c.network.clone(),
+        pod: super::PodRef {
+            namespace: c.pod_namespace.clone(),
+            name: c.pod_name.clone(),
+            uid: c.pod_uid.clone(),
+        },
     }
 }
 
@@ -1115,8 +1720,10 @@ mod tests {
         Pool::new(serde_json::from_value::<PoolSpec>(spec).unwrap()).unwrap()
     }
 
-    fn block(cidr: &str, claimed: &[&str]) -> RailBlock {
-        RailBlock {
+    /// One pool's blocks: block `cidr` with `claimed` written and `held`
+    /// held, as the API server returned it.
+    fn blocks(cidr: &str, claimed: &[&str], held: &[&str]) -> (Blocks, String) {
+        let b = RailBlock {
             spec: BlockSpec {
                 pool: "rail1".into(),
                 cidr: cidr.into(),
@@ -1125,9 +1732,14 @@ mod tests {
                     .iter()
                     .map(|a| (a.to_string(), Claim::default()))
                     .collect(),
+                held: held.iter().map(|a| a.to_string()).collect(),
+                lend_requested: false,
             },
             ..RailBlock::default()
-        }
+        };
+        let mut blocks = Blocks::default();
+        blocks.by_name.insert("b".into(), b);
+        (blocks, "b".into())
     }
 
     /// kube-rs over a mock service (the test API server has no nodes): the
@@ -1202,21 +1814,66 @@ mod tests {
     #[test]
     fn free_addresses_skip_network_broadcast_and_claims() {
         let p = pool("172.16.1.0/24", &[]);
-        assert_eq!(
-            free_in(&p, &block("172.16.1.0/28", &[])),
-            Some("172.16.1.1".parse().unwrap())
-        );
-        assert_eq!(
-            free_in(&p, &block("172.16.1.0/28", &["172.16.1.1"])),
-            Some("172.16.1.2".parse().unwrap())
-        );
+        let free = |claimed: &[&str]| {
+            let (b, n) = blocks("172.16.1.0/28", claimed, &[]);
+            b.free(&p, &n, false)
+        };
+        assert_eq!(free(&[]), Some("172.16.1.1".parse().unwrap()));
+        assert_eq!(free(&["172.16.1.1"]), Some("172.16.1.2".parse().unwrap()));
         let all: Vec<String> = (0..15).map(|i| format!("172.16.1.{}", 240 + i)).collect();
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         // .255 is the broadcast address: a block of .240-.254 taken is full.
-        assert_eq!(free_in(&p, &block("172.16.1.240/28", &all)), None);
+        let (b, n) = blocks("172.16.1.240/28", &all, &[]);
+        assert_eq!(b.free(&p, &n, false), None);
         // Outside the pool's ranges: nothing to give.
         let ranged = pool("172.16.1.0/24", &["172.16.1.100-172.16.1.110"]);
         assert!(!any_free(&ranged, &"172.16.1.0/28".parse().unwrap()));
         assert!(any_free(&ranged, &"172.16.1.96/28".parse().unwrap()));
+    }
+
+    /// Held addresses are the owner's alone: nobody else's search finds
+    /// them free, the owner's does; and the owner's unwritten claims and
+    /// releases count as made.
+    #[test]
+    fn held_addresses_and_unwritten_changes() {
+        let p = pool("172.16.1.0/24", &[]);
+        let (mut b, n) = blocks(
+            "172.16.1.0/28",
+            &["172.16.1.1"],
+            &["172.16.1.1", "172.16.1.2"],
+        );
+        assert_eq!(b.free(&p, &n, true), Some("172.16.1.2".parse().unwrap()));
+        assert_eq!(b.free(&p, &n, false), Some("172.16.1.3".parse().unwrap()));
+        let claim = |cid: &str| Claim {
+            container_id: cid.into(),
+            interface: "net1".into(),
+            ..Claim::default()
+        };
+        let d = b.delta.entry(n.clone()).or_default();
+        d.adds.insert("172.16.1.2".into(), claim("c2"));
+        // A release of a claim that is not the one stored changes nothing.
+        d.removes
+            .insert("172.16.1.1".into(), ("other".into(), "net1".into()));
+        assert_eq!(b.free(&p, &n, true), None);
+        assert_eq!(b.claims(&n).len(), 2);
+        let key = AllocationKey {
+            container_id: "c2".into(),
+            ifname: "net1".into(),
+            family: Family::V4,
+        };
+        assert_eq!(
+            b.find(&key),
+            Some((n.clone(), "172.16.1.2".parse().unwrap()))
+        );
+        // Releasing the stored claim frees its address (for the owner).
+        b.delta
+            .get_mut(&n)
+            .unwrap()
+            .removes
+            .insert("172.16.1.1".into(), (String::new(), String::new()));
+        assert_eq!(b.free(&p, &n, true), Some("172.16.1.1".parse().unwrap()));
+        let mut spec = b.by_name[&n].spec.clone();
+        b.delta[&n].apply(&mut spec);
+        assert_eq!(spec.claims.keys().collect::<Vec<_>>(), vec!["172.16.1.2"]);
     }
 }

@@ -74,6 +74,28 @@ pub struct Allocation {
     /// works per network.
     #[serde(default)]
     pub network: String,
+    /// The pod, when the runtime said (Kubernetes mode writes it into the
+    /// claim, also after a restart).
+    #[serde(default, skip_serializing_if = "PodRef::is_empty")]
+    pub pod: PodRef,
+}
+
+/// A pod as CNI_ARGS names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    /// K8S_POD_NAMESPACE.
+    pub namespace: String,
+    /// K8S_POD_NAME.
+    pub name: String,
+    /// K8S_POD_UID.
+    pub uid: String,
+}
+
+impl PodRef {
+    /// Nothing known.
+    pub fn is_empty(&self) -> bool {
+        self.namespace.is_empty() && self.name.is_empty() && self.uid.is_empty()
+    }
 }
 
 /// Pools plus the allocations made from them.
@@ -138,9 +160,27 @@ impl State {
             netns_inode: netns.inode,
             netns_cookie: netns.cookie,
             network: network.to_owned(),
+            pod: PodRef::default(),
         };
         self.hold(&a);
         a
+    }
+
+    /// Holds a loaded allocation, marking its address taken in its pool.
+    fn adopt(&mut self, a: &Allocation) {
+        let pools = self.pools.clone();
+        match (pools.get(&a.pool), self.index.get_mut(&a.pool)) {
+            (Some(pool), Some(index)) if pool.subnet.contains(&a.address) => {
+                index.mark(pool, a.address);
+            }
+            // The pool was removed or changed under a live allocation:
+            // keep holding the address (never hand it out twice), say so.
+            _ => tracing::warn!(
+                pool = %a.pool, address = %a.address, container = %a.key.container_id,
+                "allocation refers to a pool that no longer holds it; kept until released"
+            ),
+        }
+        self.hold(a);
     }
 
     fn hold(&mut self, a: &Allocation) {
@@ -161,6 +201,7 @@ impl State {
             netns_inode: h.netns.inode,
             netns_cookie: h.netns.cookie,
             network: h.network.to_string(),
+            pod: PodRef::default(),
         }
     }
 }
@@ -189,20 +230,8 @@ impl Ipam {
             pools: Arc::new(pools),
             ..State::default()
         };
-        let pools = state.pools.clone();
         for a in store.load().map_err(OpenError::Store)? {
-            match (pools.get(&a.pool), state.index.get_mut(&a.pool)) {
-                (Some(pool), Some(index)) if pool.subnet.contains(&a.address) => {
-                    index.mark(pool, a.address);
-                }
-                // The pool was removed or changed under a live allocation:
-                // keep holding the address (never hand it out twice), say so.
-                _ => tracing::warn!(
-                    pool = %a.pool, address = %a.address, container = %a.key.container_id,
-                    "allocation refers to a pool that no longer holds it; kept until released"
-                ),
-            }
-            state.hold(&a);
+            state.adopt(&a);
         }
         Ok(Self {
             state: Mutex::new(state),
@@ -212,17 +241,51 @@ impl Ipam {
     }
 
     /// Builds the allocator over validated pools with the API server as the
-    /// store (Kubernetes mode), taking back every claim this node made.
+    /// shared store (Kubernetes mode) and `journal` as this node's own:
+    /// ADDs from addresses the node holds are durable in the journal before
+    /// their claims reach the API server. Takes back every claim this node
+    /// made and every journal record still valid (see
+    /// [`cluster::ClusterStore::load`]); drops the rest from the journal.
     pub fn with_cluster(
         specs: Vec<PoolSpec>,
         cluster: Arc<cluster::ClusterStore>,
+        journal: Box<dyn AllocationStore>,
     ) -> Result<Self, OpenError> {
-        let held = cluster
-            .load()
+        let recorded = journal.load().map_err(OpenError::Store)?;
+        let (kept, gone) = cluster
+            .load(recorded)
             .map_err(|e| OpenError::Store(StoreError::Db(e.to_string())))?;
-        let mut ipam = Self::with_store(specs, Box::new(MemoryStore::holding(held)))?;
+        for a in &gone {
+            tracing::info!(
+                pool = %a.pool, address = %a.address, container = %a.key.container_id,
+                "allocation released while the agent was away (its claim is gone from the API server)"
+            );
+        }
+        journal.delete(&gone).map_err(OpenError::Store)?;
+        let mut ipam = Self::with_store(specs, journal)?;
+        {
+            // Claims the journal lacks (it was lost, or the agent stopped
+            // between the claim's write and the journal's): held all the
+            // same.
+            let mut state = ipam.lock();
+            for a in kept {
+                if !state.held.contains_key(&a.key) {
+                    state.adopt(&a);
+                }
+            }
+        }
         ipam.cluster = Some(cluster);
         Ok(ipam)
+    }
+
+    /// Kubernetes mode: writes the claims this node made or released from
+    /// its held addresses now, instead of at the next flush. Nothing to do
+    /// with the local store (every change is durable when made).
+    pub fn flush(&self) -> Result<(), IpamError> {
+        match &self.cluster {
+            Some(c) => c.sync().map_err(|e| IpamError::Unavailable(e.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// The pools by name, as they are now.
@@ -347,17 +410,19 @@ impl Ipam {
             };
             match c.allocate(pool, &key, wanted, owner) {
                 Ok(address) => {
-                    let mut state = self.lock();
-                    if let Some(index) = state.index.get_mut(name) {
-                        index.mark(pool, address);
-                    }
-                    return Ok(state.hold_new(
-                        key,
-                        name.clone(),
-                        address,
-                        owner.netns,
-                        &owner.network,
-                    ));
+                    let mut allocation = {
+                        let mut state = self.lock();
+                        if let Some(index) = state.index.get_mut(name) {
+                            index.mark(pool, address);
+                        }
+                        state.hold_new(key, name.clone(), address, owner.netns, &owner.network)
+                    };
+                    allocation.pod = PodRef {
+                        namespace: owner.pod_namespace.clone(),
+                        name: owner.pod_name.clone(),
+                        uid: owner.pod_uid.clone(),
+                    };
+                    return self.journal(c, allocation);
                 }
                 Err(cluster::ClusterError::Full(why)) => refused.push(Rejection {
                     pool: name.clone(),
@@ -374,6 +439,21 @@ impl Ipam {
         Err(match wanted {
             Some(address) => IpamError::Requested { address, rejected },
             None => IpamError::NoPool(rejected),
+        })
+    }
+
+    /// Makes a cluster allocation durable in the node's journal; if that
+    /// fails, it is undone (the claim released) and nothing is held.
+    fn journal(
+        &self,
+        c: &cluster::ClusterStore,
+        allocation: Allocation,
+    ) -> Result<Allocation, IpamError> {
+        let undo = allocation.clone();
+        self.commit(allocation).inspect_err(|_| {
+            if let Err(e) = c.release(std::slice::from_ref(&undo)) {
+                tracing::warn!(address = %undo.address, error = %e, "claim of a failed ADD not released; the claim sweep will");
+            }
         })
     }
 
@@ -577,7 +657,15 @@ impl Ipam {
         let written = match &self.cluster {
             Some(c) => c
                 .release(&released)
-                .map_err(|e| IpamError::Unavailable(e.to_string())),
+                .map_err(|e| IpamError::Unavailable(e.to_string()))
+                .inspect(|()| {
+                    // The claims are released: a journal that still lists
+                    // them is corrected at the next start (their claims
+                    // are gone), so this only warns.
+                    if let Err(e) = self.store.delete(&released) {
+                        tracing::warn!(error = %e, "released allocations remain in the journal until the next start");
+                    }
+                }),
             None => self
                 .store
                 .delete(&released)

@@ -248,6 +248,9 @@ fn kubernetes_mode() {
                     kubeconfig,
                     "--metrics-address",
                     &metrics,
+                    // Blocks of 4 so the act meets a block's end.
+                    "--block-prefix-v4",
+                    "30",
                 ],
             )
         })
@@ -274,36 +277,55 @@ fn kubernetes_mode() {
                 .unwrap_or(&out.stdout)
         );
     }
-    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
-    println!(
-        "  kubectl get railblocks (each node claimed a block, create-if-absent; claims written with the block's resourceVersion):"
-    );
-    println!("    {:<24} {:<16} {:<12} CLAIMS", "NAME", "CIDR", "NODE");
-    for b in list["items"].as_array().into_iter().flatten() {
+    // The claims follow the ADDs within a flush (200 ms).
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let blocks = |api: &ApiServer| {
+        let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
         println!(
-            "    {:<24} {:<16} {:<12} {}",
-            b["metadata"]["name"].as_str().unwrap_or(""),
-            b["spec"]["cidr"].as_str().unwrap_or(""),
-            b["spec"]["node"].as_str().unwrap_or(""),
-            b["spec"]["claims"].as_object().map_or(0, |c| c.len())
+            "    {:<24} {:<16} {:<12} {:<5} CLAIMS",
+            "NAME", "CIDR", "NODE", "HELD"
         );
-    }
-    api.kill_server();
-    let out = add(0, "pod6");
+        for b in list["items"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<24} {:<16} {:<12} {:<5} {}",
+                b["metadata"]["name"].as_str().unwrap_or(""),
+                b["spec"]["cidr"].as_str().unwrap_or(""),
+                b["spec"]["node"].as_str().unwrap_or(""),
+                b["spec"]["held"].as_array().map_or(0, |c| c.len()),
+                b["spec"]["claims"].as_object().map_or(0, |c| c.len())
+            );
+        }
+        list
+    };
     println!(
-        "  API server killed; the next ADD answers CNI code {} (the runtime retries):\n    {}",
+        "  kubectl get railblocks (a node claims a block with create-if-absent and hands out what it holds\n  with no API write per pod; the claims are written in batches):"
+    );
+    blocks(&api);
+    api.kill_server();
+    let out = add(1, "pod6");
+    println!(
+        "  API server killed; gpu-node-2 still holds an address, pod6 gets {}",
+        out.json["ips"][0]["address"]
+            .as_str()
+            .unwrap_or(&out.stdout)
+    );
+    let out = add(0, "pod7");
+    println!(
+        "  gpu-node-1's block is used up: pod7 needs a new block, ADD answers CNI code {} (the runtime retries):\n    {}",
         out.json["code"],
         out.json["details"].as_str().unwrap_or(&out.stdout)
     );
     api.restart_server();
-    let out = add(0, "pod6");
+    let out = add(0, "pod7");
     println!(
         "  API server back; the retry gets {}",
         out.json["ips"][0]["address"]
             .as_str()
             .unwrap_or(&out.stdout)
     );
-    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    println!("  kubectl get railblocks (pod6's claim, made during the outage, written since):");
+    let list = blocks(&api);
     let addresses: Vec<&str> = list["items"]
         .as_array()
         .into_iter()
@@ -312,8 +334,18 @@ fn kubernetes_mode() {
         .map(|(a, _)| a.as_str())
         .collect();
     let distinct: std::collections::HashSet<&&str> = addresses.iter().collect();
+    let writes: u64 = nodes
+        .iter()
+        .map(|n| {
+            n.scrape(&api.ns, "/metrics")
+                .lines()
+                .find_map(|l| l.strip_prefix("railnet_ipam_api_writes_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
     println!(
-        "  claims in the API server: {} for 7 pods, {} distinct addresses",
+        "  claims in the API server: {} for 8 pods, {} distinct addresses; {writes} API writes in all (blocks included)",
         addresses.len(),
         distinct.len()
     );
