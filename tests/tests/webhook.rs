@@ -5,9 +5,10 @@
 //! AdmissionReviews are sent with curl, checking the CA; the JSON patches
 //! that come back are applied to the pod here, as the API server would.
 //!
-//! The namespace-level annotation is not exercised here: this API server
-//! serves no Namespace objects (the decision itself is unit-tested in
-//! `railnet_agent::webhook`).
+//! The namespace-level annotation needs Namespace objects, which this API
+//! server does not serve: that test runs the same TLS server in-process
+//! with a kube client over a mock service that answers for the namespaces
+//! and RailNetworks (and says so).
 
 use std::{
     path::Path,
@@ -16,7 +17,7 @@ use std::{
 };
 
 use base64::Engine;
-use railnet_tests::{ScratchDir, apiserver::ApiServer};
+use railnet_tests::{Netns, ScratchDir, apiserver::ApiServer};
 use serde_json::{Value, json};
 
 struct Killed(Child);
@@ -60,6 +61,64 @@ fn pod(annotations: Value, containers: &[&str]) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": "trainer-0", "namespace": "ai", "annotations": annotations},
            "spec": {"containers": containers}})
+}
+
+/// POSTs an AdmissionReview as the API server does: HTTPS from inside
+/// `ns`, the server checked against the caBundle `ca`.
+fn post(ns: &Netns, ca: &Path, body: &Value) -> Result<Value, String> {
+    let mut child = ns
+        .command("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(ca)
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ])
+        .arg("https://127.0.0.1:9443/mutate-pods")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// Waits until the webhook in `ns` answers `/healthz` over TLS.
+fn wait_serving(ns: &Netns, ca: &Path, log: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = ns
+            .command("curl")
+            .args(["-s", "--cacert"])
+            .arg(ca)
+            .arg("https://127.0.0.1:9443/healthz")
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if ok {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "webhook never served:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Applies RFC 6902 `add` operations (all the webhook emits).
@@ -126,64 +185,12 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
             .spawn()
             .expect("railnet-controller"),
     );
-    // POST as the API server does: HTTPS, the server checked against the
-    // caBundle.
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ca = dir.path().join("ca.crt");
     let call = |body: &Value| -> Value {
-        let mut child = api
-            .ns
-            .command("curl")
-            .args(["-sS", "--fail-with-body", "--cacert"])
-            .arg(dir.path().join("ca.crt"))
-            .args([
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                "@-",
-            ])
-            .arg("https://127.0.0.1:9443/mutate-pods")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(body.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        post(&api.ns, &ca, body).unwrap_or_else(|e| panic!("{e}\n{}", log_text()))
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ok = api
-            .ns
-            .command("curl")
-            .args(["-s", "--cacert"])
-            .arg(dir.path().join("ca.crt"))
-            .arg("https://127.0.0.1:9443/healthz")
-            .output()
-            .unwrap()
-            .status
-            .success();
-        if ok {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "webhook never served:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_serving(&api.ns, &ca, log_text);
     let patched = |p: &Value, answer: &Value| -> Value {
         let r = &answer["response"];
         assert_eq!(r["uid"], "7f0b2c1e-1");
@@ -303,4 +310,133 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
     ] {
         assert!(text.contains(line), "{line} not in:\n{text}");
     }
+}
+
+/// `railnet.io/rdma-resource-inject` on a namespace: every pod created in
+/// it gets the group's networks and resources; a pod's own annotation wins;
+/// pods of other namespaces are untouched. The CRD API server serves no
+/// Namespace objects, so here — only here — the webhook's client talks to
+/// kube-rs's mock service, which answers for two namespaces and the
+/// RailNetworks as the API server would; the TLS server, its handling and
+/// curl as the caller are the real ones.
+#[test]
+fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
+    use std::sync::{Arc, Mutex};
+
+    let ns = Netns::new("webhook-ns");
+    let dir = ScratchDir::new("webhook-ns");
+    certificates(dir.path());
+    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = asked.clone();
+    let service = tower::service_fn(move |req: hyper::Request<kube::client::Body>| {
+        let path = req.uri().path().to_owned();
+        log.lock().unwrap().push(path.clone());
+        let (code, body) = match path.as_str() {
+            "/api/v1/namespaces/ai" => (
+                200,
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ai",
+                       "annotations": {"railnet.io/rdma-resource-inject": "rdma-network"}}}),
+            ),
+            "/api/v1/namespaces/web" => (
+                200,
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}}),
+            ),
+            "/apis/railnet.io/v1alpha1/railnetworks" => (
+                200,
+                json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetworkList",
+                       "metadata": {"resourceVersion": "1"},
+                       "items": [network("gpu1-sriov", 1, "rdma-network", "nvidia.com/gpu1rdma"),
+                                 network("gpu2-sriov", 2, "rdma-network", "nvidia.com/gpu2rdma"),
+                                 network("storage", 9, "storage", "nvidia.com/storage")]}),
+            ),
+            _ => (
+                404,
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                       "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
+            ),
+        };
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                hyper::Response::builder()
+                    .status(code)
+                    .header("Content-Type", "application/json")
+                    .body(kube::client::Body::from(body.to_string().into_bytes()))
+                    .unwrap(),
+            )
+        }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let server = ns.spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tls = railnet_agent::webhook::tls(&cert, &key).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:9443")
+                .await
+                .unwrap();
+            let client = kube::Client::new(service, "default");
+            let metrics = Arc::new(railnet_agent::controller::Metrics::default());
+            tokio::select! {
+                _ = railnet_agent::webhook::serve(listener, tls, client, metrics) => {}
+                _ = stopped => {}
+            }
+        })
+    });
+    let ca = dir.path().join("ca.crt");
+    wait_serving(&ns, &ca, String::new);
+    let in_ns = |namespace: &str, annotations: Value| {
+        let mut p = pod(annotations, &["main"]);
+        p["metadata"]["namespace"] = namespace.into();
+        let mut r = review(p.clone());
+        r["request"]["namespace"] = namespace.into();
+        (p, post(&ns, &ca, &r).unwrap())
+    };
+    let networks_of = |p: &Value, answer: &Value| -> Value {
+        let r = &answer["response"];
+        assert_eq!(r["allowed"], true, "{answer}");
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(r["patch"].as_str().unwrap_or_else(|| panic!("{answer}")))
+            .unwrap();
+        let after = apply(p.clone(), &serde_json::from_slice(&patch).unwrap());
+        json!({
+            "networks": serde_json::from_str::<Value>(
+                after["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"].as_str().unwrap()
+            ).unwrap(),
+            "limits": after["spec"]["containers"][0]["resources"]["limits"],
+        })
+    };
+
+    // A pod with no annotation in the annotated namespace: the group's.
+    let (p, answer) = in_ns("ai", json!({}));
+    assert_eq!(
+        networks_of(&p, &answer),
+        json!({"networks": [{"name": "gpu1-sriov", "namespace": "railnet"},
+                            {"name": "gpu2-sriov", "namespace": "railnet"}],
+               "limits": {"nvidia.com/gpu1rdma": "1", "nvidia.com/gpu2rdma": "1"}})
+    );
+    // Its own annotation wins over the namespace's.
+    let (p, answer) = in_ns("ai", json!({"railnet.io/rdma-resource-inject": "storage"}));
+    assert_eq!(
+        networks_of(&p, &answer),
+        json!({"networks": [{"name": "storage", "namespace": "railnet"}],
+               "limits": {"nvidia.com/storage": "1"}})
+    );
+    // A namespace without the annotation: untouched.
+    let (_, answer) = in_ns("web", json!({}));
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    // The namespace was read only when the pod did not say.
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(
+        asked
+            .iter()
+            .filter(|p| p.starts_with("/api/v1/namespaces/"))
+            .collect::<Vec<_>>(),
+        ["/api/v1/namespaces/ai", "/api/v1/namespaces/web"]
+    );
+    let _ = stop.send(());
+    server.join().unwrap();
 }
