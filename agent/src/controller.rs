@@ -320,6 +320,93 @@ impl ClaimSweeper {
     }
 }
 
+/// What [`uninstall`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Uninstalled {
+    /// NADs rendered from RailNetworks, deleted.
+    pub nads: usize,
+    /// RailBlocks no pod held an address in, deleted.
+    pub blocks: usize,
+    /// RailBlocks kept, each with why (pods still hold addresses there).
+    pub kept: Vec<String>,
+}
+
+/// `helm uninstall`'s cleanup (the chart's pre-delete hook): deletes the
+/// NADs this controller rendered (owned by a RailNetwork; the RailNetworks
+/// and RailPools are the user's and stay) and every RailBlock no pod holds
+/// an address in. A block with claims is kept and named with its pods:
+/// deleting it would let a reinstalled railnet hand those addresses out
+/// a second time while the pods still use them.
+pub async fn uninstall(client: &Client) -> Result<Uninstalled, kube::Error> {
+    use kube::api::{DeleteParams, Preconditions};
+
+    use crate::ipam::cluster::RailBlock;
+    let mut done = Uninstalled::default();
+    let all: Api<DynamicObject> = Api::all_with(client.clone(), &nads());
+    for nad in all.list(&ListParams::default()).await?.items {
+        let rendered = nad
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.kind == "RailNetwork" && o.api_version.starts_with("railnet.io/"));
+        let (Some(name), Some(ns)) = (&nad.metadata.name, &nad.metadata.namespace) else {
+            continue;
+        };
+        if !rendered {
+            continue;
+        }
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &nads());
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => done.nads += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let blocks: Api<RailBlock> = Api::all(client.clone());
+    for b in blocks.list(&ListParams::default()).await?.items {
+        let name = b.metadata.name.clone().unwrap_or_default();
+        if !b.spec.claims.is_empty() {
+            let mut pods: Vec<String> = b
+                .spec
+                .claims
+                .values()
+                .map(|c| format!("{}/{}", c.pod_namespace, c.pod_name))
+                .collect();
+            pods.sort();
+            pods.dedup();
+            let more = pods.len().saturating_sub(3);
+            pods.truncate(3);
+            done.kept.push(format!(
+                "RailBlock {name} ({} of node {}): {} address(es) still held by pod(s) {}{} — delete those pods, then the block",
+                b.spec.cidr,
+                b.spec.node,
+                b.spec.claims.len(),
+                pods.join(", "),
+                if more > 0 { format!(" and {more} more") } else { String::new() }
+            ));
+            continue;
+        }
+        // Only as we saw it: a claim written meanwhile keeps the block.
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: b.metadata.resource_version.clone(),
+                uid: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match blocks.delete(&name, &dp).await {
+            Ok(_) => done.blocks += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => done.kept.push(format!(
+                "RailBlock {name}: changed while it was being deleted (a pod was just given an address there); run the cleanup again"
+            )),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// Writes each RailPool's status: addresses claimed in its blocks (every
 /// node's) and how many it can hand out — the Allocated and Total columns
 /// of `kubectl get railpools`. Returns the pools updated.

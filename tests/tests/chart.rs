@@ -193,7 +193,11 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
     // Local IPAM: the agent has no business with the API server; the
     // controller reads RailNetworks and writes NADs, nothing about
     // addresses.
-    let roles = of_kind(&objects, "ClusterRole");
+    let roles: Vec<&Value> = of_kind(&objects, "ClusterRole")
+        .into_iter()
+        // The uninstall hook's (its own test).
+        .filter(|r| r["metadata"]["annotations"]["helm.sh/hook"].is_null())
+        .collect();
     assert_eq!(roles.len(), 1, "the controller's only");
     assert_eq!(
         roles[0]["rules"],
@@ -484,4 +488,57 @@ fn the_webhook_is_served_by_the_controller_under_a_certificate_its_ca_bundle_tru
     // It may read namespaces (their inject annotation), nothing more.
     let role = &of_kind(&objects, "ClusterRole")[0];
     assert!(role["rules"].to_string().contains("namespaces"));
+}
+
+#[test]
+fn helm_uninstall_first_runs_the_cleanup_job_with_only_what_it_deletes() {
+    let objects = render(&[]).unwrap();
+    let hook = |o: &Value| {
+        (
+            o["metadata"]["annotations"]["helm.sh/hook"].clone(),
+            o["metadata"]["annotations"]["helm.sh/hook-weight"]
+                .as_str()
+                .and_then(|w| w.parse::<i32>().ok()),
+        )
+    };
+    let cleanup = |kind: &str| {
+        of_kind(&objects, kind)
+            .into_iter()
+            .find(|o| {
+                o["metadata"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("-cleanup")
+            })
+            .unwrap_or_else(|| panic!("the cleanup {kind}"))
+            .clone()
+    };
+    let job = cleanup("Job");
+    let (sa, role, binding) = (
+        cleanup("ServiceAccount"),
+        cleanup("ClusterRole"),
+        cleanup("ClusterRoleBinding"),
+    );
+    assert_eq!(hook(&job), ("pre-delete".into(), Some(0)));
+    // Its account and rights exist before it runs (lower weight).
+    for o in [&sa, &role, &binding] {
+        assert_eq!(hook(o), ("pre-delete".into(), Some(-5)), "{o}");
+    }
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"], sa["metadata"]["name"]);
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        pod["containers"][0]["command"],
+        serde_json::json!(["/usr/local/bin/railnet-controller", "--uninstall"])
+    );
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": ["k8s.cni.cncf.io"], "resources": ["network-attachment-definitions"],
+                            "verbs": ["list", "delete"]},
+                           {"apiGroups": ["railnet.io"], "resources": ["railblocks"],
+                            "verbs": ["list", "delete"]}])
+    );
+    let off = render(&["--set", "cleanup.enabled=false"]).unwrap();
+    assert!(of_kind(&off, "Job").is_empty());
 }

@@ -258,3 +258,90 @@ fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
         (nad("rail1")?["spec"]["config"] == rail1["spec"]["config"]).then_some(())
     });
 }
+
+/// `helm uninstall`'s pre-delete hook (`railnet-controller --uninstall`):
+/// the NADs rendered from RailNetworks and the RailBlocks nobody holds an
+/// address in are deleted; a block with a running pod's claim is kept and
+/// named with the pod; a NAD someone wrote by hand and the RailNetworks
+/// (the user's) stay.
+#[test]
+fn uninstall_deletes_what_railnet_made_and_keeps_addresses_pods_still_hold() {
+    let api = server();
+    api.install_crd(&yaml(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/railnet/crds/railnet.io_railblocks.yaml"),
+    ));
+    let dir = ScratchDir::new("uninstall");
+    let (code, body) = api.post(
+        NETS,
+        &network(
+            "rail1",
+            json!({"rail": 1, "type": "macvlan", "master": "eno3np1", "ippools": {"ipv4": ["rail1"]}}),
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
+    {
+        let ctl = Controller::start(&api, "ctl", 9466, &dir);
+        let log = ctl.log.clone();
+        eventually(
+            "the NAD is rendered",
+            &move || std::fs::read_to_string(&log).unwrap_or_default(),
+            || (api.get(&format!("{NADS}/rail1")).0 == 200).then_some(()),
+        );
+    }
+    let (code, body) = api.post(
+        NADS,
+        &json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                "metadata": {"name": "by-hand", "namespace": "ai"},
+                "spec": {"config": "{\"cniVersion\":\"1.0.0\",\"type\":\"macvlan\"}"}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    const BLOCKS: &str = "/apis/railnet.io/v1alpha1/railblocks";
+    let block = |name: &str, cidr: &str, claims: Value| {
+        json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailBlock",
+               "metadata": {"name": name},
+               "spec": {"pool": "rail1", "cidr": cidr, "node": "gpu-1",
+                        "held": ["172.16.1.1", "172.16.1.2"], "claims": claims}})
+    };
+    for b in [
+        block("rail1.172-16-1-0-28", "172.16.1.0/28", json!({})),
+        block(
+            "rail1.172-16-1-16-28",
+            "172.16.1.16/28",
+            json!({"172.16.1.17": {"containerID": "c1", "interface": "net1", "node": "gpu-1",
+                                   "podNamespace": "ai", "podName": "trainer-0"}}),
+        ),
+    ] {
+        let (code, body) = api.post(BLOCKS, &b);
+        assert_eq!(code, 201, "{body}");
+    }
+    let out = api.controller().arg("--uninstall").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("deleted 1 NetworkAttachmentDefinition")
+            && stdout.contains("1 empty RailBlock"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("kept RailBlock rail1.172-16-1-16-28") && stdout.contains("ai/trainer-0"),
+        "{stdout}"
+    );
+    assert_eq!(api.get(&format!("{NADS}/rail1")).0, 404, "the rendered NAD");
+    assert_eq!(
+        api.get(&format!("{NADS}/by-hand")).0,
+        200,
+        "a NAD railnet did not make"
+    );
+    assert_eq!(
+        api.get(&format!("{NETS}/rail1")).0,
+        200,
+        "the user's RailNetwork"
+    );
+    assert_eq!(api.get(&format!("{BLOCKS}/rail1.172-16-1-0-28")).0, 404);
+    assert_eq!(api.get(&format!("{BLOCKS}/rail1.172-16-1-16-28")).0, 200);
+}

@@ -68,6 +68,11 @@ struct Args {
     /// The webhook's private key (PEM).
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// Clean up for `helm uninstall` and exit (the chart's pre-delete
+    /// hook): delete the NADs rendered from RailNetworks and the RailBlocks
+    /// no pod holds an address in; name the blocks kept and why.
+    #[arg(long)]
+    uninstall: bool,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +106,26 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if args.uninstall {
+            return match railnet_agent::controller::uninstall(&client).await {
+                Ok(done) => {
+                    println!(
+                        "railnet uninstall: deleted {} NetworkAttachmentDefinition(s) rendered from RailNetworks and {} empty RailBlock(s); RailNetworks and RailPools are kept (yours)",
+                        done.nads, done.blocks
+                    );
+                    for k in &done.kept {
+                        println!("  kept {k}");
+                    }
+                    // Kept blocks do not fail the uninstall: they protect
+                    // running pods' addresses.
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("railnet-controller: uninstall cleanup: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         let leader = Leader::new(
             client.clone(),
             &args.lease_namespace,
