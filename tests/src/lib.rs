@@ -324,18 +324,12 @@ impl Agent {
         agent
     }
 
-    /// (Re)starts the process.
-    #[track_caller]
-    pub fn spawn(&mut self, node: &Netns) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("agent log");
-        let _ = std::fs::remove_file(&self.socket);
-        let child = node
-            .command(binary("RAILNET_AGENT_BIN", "railnet-agent"))
-            .arg("--socket")
+    /// The command line this agent runs with in `node` (its socket,
+    /// files, node name and extra flags): also what a second agent for the
+    /// same node would run.
+    pub fn command(&self, node: &Netns) -> Command {
+        let mut cmd = node.command(binary("RAILNET_AGENT_BIN", "railnet-agent"));
+        cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--config")
             .arg(&self.config)
@@ -347,7 +341,21 @@ impl Agent {
             .arg(self.node_name.as_deref().unwrap_or(node.name()))
             .arg("--tombstones")
             .arg(self.tombstones())
-            .args(&self.extra)
+            .args(&self.extra);
+        cmd
+    }
+
+    /// (Re)starts the process.
+    #[track_caller]
+    pub fn spawn(&mut self, node: &Netns) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let _ = std::fs::remove_file(&self.socket);
+        let child = self
+            .command(node)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

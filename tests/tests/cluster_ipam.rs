@@ -522,18 +522,7 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
     assert_eq!(claim["node"], api.ns.name(), "{claim}");
 
     // A second agent for the same node (same socket) refuses to start.
-    let second = api
-        .ns
-        .command(binary("RAILNET_AGENT_BIN", "railnet-agent"))
-        .arg("--socket")
-        .arg(&agent.socket)
-        .arg("--config")
-        .arg(&agent.config)
-        .arg("--pin-root")
-        .arg(&agent.pin_root)
-        .args(flags)
-        .output()
-        .unwrap();
+    let second = agent.command(&api.ns).output().unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("another railnet-agent"), "{stderr}");
