@@ -201,10 +201,11 @@ fn tcp_transfer(
 const PINGS: u32 = 50;
 
 /// Takes the program off rail `k` of a pod behind the agent's back: the
-/// TCX link pin removed, or (before TCX) the clsact filter deleted.
-fn detach_program(pod: &RailedPod, agent: &Agent, k: u32) {
+/// TCX link pin removed (an agent with `--tc-attach tcx`), or the clsact
+/// filter deleted.
+fn detach_program(pod: &RailedPod, agent: &Agent, k: u32, tcx: bool) {
     let pin = pod.pins(agent).dir().join(format!("links/net{k}"));
-    if railnet_agent::dataplane::tcx_supported() {
+    if tcx {
         std::fs::remove_file(pin).unwrap();
     } else {
         railnet_tests::sh(std::process::Command::new("tc").args([
@@ -260,9 +261,25 @@ fn verdict_count(pins: &PodPins, rail: u32, verdict: Verdict) -> u64 {
 
 #[test]
 fn rail_sourced_ping_and_tcp_cross_their_own_rail_and_fail_without_the_program() {
+    steering(&[]);
+}
+
+/// The same with the program attached through pinned TCX links (Linux
+/// 6.6+), the agent's other attach mode.
+#[test]
+fn tcx_links_steer_the_same() {
+    if !railnet_agent::dataplane::tcx_supported() {
+        eprintln!("skipped: this kernel has no TCX (Linux 6.6+)");
+        return;
+    }
+    steering(&["--tc-attach", "tcx"]);
+}
+
+fn steering(flags: &[&str]) {
+    let tcx = flags.contains(&"tcx");
     let fabric = RailFabric::new(2, RAILS);
-    let agent_a = Agent::start(&fabric.nodes[0], &fabric.pools(0));
-    let agent_b = Agent::start(&fabric.nodes[1], &fabric.pools(1));
+    let agent_a = Agent::start_with(&fabric.nodes[0], &fabric.pools(0), flags);
+    let agent_b = Agent::start_with(&fabric.nodes[1], &fabric.pools(1), flags);
     let a = RailedPod::new(&fabric, 0, &agent_a, "ebpf");
     let b = RailedPod::new(&fabric, 1, &agent_b, "ebpf");
 
@@ -331,7 +348,7 @@ fn rail_sourced_ping_and_tcp_cross_their_own_rail_and_fail_without_the_program()
     // Detach the program from the interface the kernel picks: the same
     // traffic now leaves on that wrong rail. This is what lets the
     // assertions above fail.
-    detach_program(&a, &agent_a, wrong);
+    detach_program(&a, &agent_a, wrong, tcx);
     let before = fabric.rails_rx(0);
     assert!(a.pod.ns.ping(a.ip(3), b.ip(5), PINGS, 56));
     assert_on_rail(&deltas(&before, &fabric.rails_rx(0)), wrong, PINGS);

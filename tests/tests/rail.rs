@@ -1,5 +1,6 @@
 //! A pod's rails wired by the real CNI binary talking to the real agent, in
-//! real network namespaces, with the real BPF program attached through TCX.
+//! real network namespaces, with the real BPF program attached (a clsact
+//! filter, the agent's default).
 //! Needs root; `cargo xtask test` builds the binaries these tests execute.
 
 use std::path::Path;
@@ -80,10 +81,19 @@ fn the_program_puts_rail_sourced_traffic_back_on_its_own_rail() {
         .sum();
     assert!(steered >= 20, "counters: {counters:?}");
 
-    // Detach the program from net1 (remove its link pin): the same traffic
-    // now follows the lowest metric, out of rail 1. This is what makes the
-    // test above able to fail.
-    std::fs::remove_file(pins.dir().join("links/net1")).expect("unpin net1's link");
+    // Detach the program from net1 (delete its clsact filter): the same
+    // traffic now follows the lowest metric, out of rail 1. This is what
+    // makes the test above able to fail.
+    assert!(pins.dir().join("links/net1").exists(), "net1's program pin");
+    railnet_tests::sh(std::process::Command::new("tc").args([
+        "-n",
+        fabric.pod.name(),
+        "filter",
+        "del",
+        "dev",
+        "net1",
+        "egress",
+    ]));
     let (before1, before2) = (
         fabric.router.rx_packets("rail1"),
         fabric.router.rx_packets("rail2"),

@@ -334,7 +334,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let obj = build(root, false)?;
     lint(root, &obj)?;
     let libcni = libcni_client(root)?;
-    step("unit and privileged integration tests (real netns, macvlan, TCX, bpffs)");
+    step("unit and privileged integration tests (real netns, macvlan, clsact and TCX, bpffs)");
     let bin = root.join("target/debug");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root)

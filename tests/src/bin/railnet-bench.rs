@@ -605,12 +605,24 @@ fn cni_bench() {
     //    finds its master).
     let fabric = RailFabric::new(1, 1);
     let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    // The other attach mode, side by side: a second agent (own socket,
+    // state and pins) attaching TCX links.
+    let agent_tcx = Agent::start_with(
+        &fabric.nodes[0],
+        &fabric.pools(0),
+        &["--tc-attach", "tcx", "--metrics-address", "127.0.0.1:9475"],
+    );
     let node = &fabric.nodes[0];
     let scratch = ScratchDir::new("cnibench");
     let rn_conf = conf_file(
         scratch.path(),
         "railnet",
         &fabric.netconf(1, &agent, "ebpf"),
+    );
+    let tcx_conf = conf_file(
+        scratch.path(),
+        "railnet-tcx",
+        &fabric.netconf(1, &agent_tcx, "ebpf"),
     );
     let rules_conf = conf_file(scratch.path(), "rules", &fabric.netconf(1, &agent, "rules"));
     let reference = |name: &str, k: u32, lo: u32| {
@@ -631,10 +643,12 @@ fn cni_bench() {
     let pods = 200;
     let (mut rn_add, mut rn_del, mut ref_add, mut ref_del) = (vec![], vec![], vec![], vec![]);
     let (mut ru_add, mut ru_del) = (vec![], vec![]);
+    let (mut tx_add, mut tx_del) = (vec![], vec![]);
     for i in 0..pods {
         let ns = Netns::new("bpod");
         let (cid, cid2, path) = (format!("bench{i}"), format!("ref{i}"), ns.path());
         let (rn, ru, rf) = (rn_conf.clone(), rules_conf.clone(), ref_conf.clone());
+        let tx = tcx_conf.clone();
         let times = node.run(move || {
             [
                 timed("add", &rn, &cid, &path, "net1"),
@@ -643,8 +657,12 @@ fn cni_bench() {
                 timed("del", &ru, &cid, &path, "net1"),
                 timed("add", &rf, &cid2, &path, "net1"),
                 timed("del", &rf, &cid2, &path, "net1"),
+                timed("add", &tx, &cid, &path, "net1"),
+                timed("del", &tx, &cid, &path, "net1"),
             ]
         });
+        tx_add.push(times[6]);
+        tx_del.push(times[7]);
         rn_add.push(times[0]);
         rn_del.push(times[1]);
         ru_add.push(times[2]);
@@ -663,6 +681,11 @@ fn cni_bench() {
         percentile(&mut ru_add, 0.99),
         percentile(&mut ru_del, 0.5),
     );
+    let (xp50, xp99, xd50) = (
+        percentile(&mut tx_add, 0.5),
+        percentile(&mut tx_add, 0.99),
+        percentile(&mut tx_del, 0.5),
+    );
     println!("\n1. One macvlan rail per pod, {pods} pods, each call through libcni (ms)");
     println!(
         "   {:<34} {:>8} {:>8} {:>8}",
@@ -670,7 +693,11 @@ fn cni_bench() {
     );
     println!(
         "   {:<34} {:>8.2} {:>8.2} {:>8.2}",
-        "railnet (address, routes, program)", rp50, rp99, rd50
+        "railnet (address, routes, clsact)", rp50, rp99, rd50
+    );
+    println!(
+        "   {:<34} {:>8.2} {:>8.2} {:>8.2}",
+        "railnet, --tc-attach tcx", xp50, xp99, xd50
     );
     println!(
         "   {:<34} {:>8.2} {:>8.2} {:>8.2}",
@@ -684,7 +711,7 @@ fn cni_bench() {
         "   ADD p50 ratio railnet/reference = {:.2} (target ≤ 1.0); railnet ADD p99 = {rp99:.2} ms (target ≤ 25 ms per rail)",
         rp50 / fp50
     );
-    drop((agent, fabric));
+    drop((agent, agent_tcx, fabric));
 
     // 2. 100 pods × 8 rails, 8 pods in parallel, railnet then the
     //    reference stack.
