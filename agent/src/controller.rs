@@ -66,12 +66,6 @@ pub fn render(
         }
         other => return Err(format!("type {other:?} is unknown")),
     };
-    if spec.get("vf").is_some() {
-        return Err(
-            "vf settings (vlan, trust, spoofchk, linkState) are not applied by this railnet version; remove them or set them with the SR-IOV operator"
-                .into(),
-        );
-    }
     let mut conf = json!({
         "cniVersion": spec.get("cniVersion").cloned().unwrap_or_else(|| "0.3.1".into()),
         "name": Value::Null,
@@ -96,6 +90,19 @@ pub fn render(
             && v != &Value::Bool(false)
         {
             o.insert(k.into(), v.clone());
+        }
+    }
+    // VF attributes under sriov-cni's keys (the CRD allows them on sriov
+    // networks only).
+    for (from, to) in [
+        ("vlan", "vlan"),
+        ("vlanQoS", "vlanQoS"),
+        ("trust", "trust"),
+        ("spoofchk", "spoofchk"),
+        ("linkState", "link_state"),
+    ] {
+        if let Some(v) = spec["vf"].get(from) {
+            o.insert(to.into(), v.clone());
         }
     }
     if let Some(s) = &opts.agent_socket {
@@ -812,6 +819,29 @@ mod tests {
             render(&ib, &RenderOptions::default())
                 .unwrap_err()
                 .contains("ib-sriov")
+        );
+    }
+
+    /// A RailNetwork's `vf` settings reach the NAD under sriov-cni's keys,
+    /// and railnet's own parser reads them back as set.
+    #[test]
+    fn vf_settings_are_rendered_for_the_cni() {
+        let spec = json!({"rail": 2, "type": "sriov", "resourceName": "nvidia.com/rail2",
+            "ippools": {"ipv4": ["rail2"]},
+            "vf": {"vlan": 100, "vlanQoS": 2, "trust": "on", "spoofchk": "off", "linkState": "enable"}});
+        let (mut conf, _) = render(&spec, &RenderOptions::default()).unwrap();
+        conf["name"] = "rail2".into();
+        conf["deviceID"] = "0000:3b:00.2".into();
+        let parsed = crate::netconf::NetConf::parse(conf.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            parsed.vf_settings().unwrap(),
+            crate::netconf::VfSettings {
+                vlan: Some(100),
+                qos: 2,
+                spoofchk: Some(false),
+                trust: Some(true),
+                link_state: Some(crate::netconf::VfLinkMode::Enable),
+            }
         );
     }
 }

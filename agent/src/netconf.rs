@@ -76,8 +76,9 @@ pub struct NetConf {
     /// fail if it does not. Off by default.
     #[serde(default)]
     pub detect_gateway: bool,
-    /// sriov-cni's VF attributes, set through the PF. Not built yet: a
-    /// config that sets one is refused, naming it, rather than ignored.
+    /// sriov-cni's VF attributes, set through the PF before the VF moves
+    /// in and restored on DEL (mode sriov only; see [`NetConf::vf_settings`]):
+    /// VLAN ID 0-4094.
     #[serde(default)]
     pub vlan: Option<serde_json::Value>,
     /// See `vlan`.
@@ -89,9 +90,47 @@ pub struct NetConf {
     /// See `vlan`.
     #[serde(default)]
     pub spoofchk: Option<serde_json::Value>,
-    /// See `vlan`.
-    #[serde(default)]
+    /// See `vlan` (sriov-cni's key is `link_state`).
+    #[serde(default, rename = "link_state", alias = "linkState")]
     pub link_state: Option<serde_json::Value>,
+}
+
+/// VF attributes set through the PF (what sriov-cni sets); `None`: left
+/// as the VF has it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VfSettings {
+    /// VLAN ID (0: none).
+    pub vlan: Option<u16>,
+    /// VLAN priority.
+    pub qos: u8,
+    /// MAC spoof checking.
+    pub spoofchk: Option<bool>,
+    /// Trusted (may change its MAC, enter promiscuous mode).
+    pub trust: Option<bool>,
+    /// Link state the PF reports to the VF.
+    pub link_state: Option<VfLinkMode>,
+}
+
+impl VfSettings {
+    /// Whether anything is asked.
+    pub fn is_empty(&self) -> bool {
+        self.vlan.is_none()
+            && self.spoofchk.is_none()
+            && self.trust.is_none()
+            && self.link_state.is_none()
+    }
+}
+
+/// A VF's link state as its PF reports it (`ip link set … vf N state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VfLinkMode {
+    /// Follows the PF's link.
+    Auto,
+    /// Always up.
+    Enable,
+    /// Always down.
+    Disable,
 }
 
 /// `runtimeConfig`: per-pod values from the runtime.
@@ -191,12 +230,15 @@ pub enum NetConfError {
          NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the SR-IOV device plugin"
     )]
     SriovNeedsDevice,
-    /// A VF attribute railnet does not set yet.
+    /// A VF attribute outside mode sriov (nothing would set it).
     #[error(
-        "\"{0}\" (a VF attribute set through the PF) is not supported by railnet's sriov mode yet; \
-         set it with sriov-cni and chain railnet after it (\"mode\": \"chained\"), or remove it"
+        "\"{0}\" is a VF attribute set through the PF, which only mode \"sriov\" does; \
+         with \"chained\", set it in sriov-cni's config before railnet, or remove it"
     )]
     VfAttribute(&'static str),
+    /// A VF attribute whose value is not one sriov-cni accepts.
+    #[error("\"{0}\": {1} is not valid; {2}")]
+    VfAttributeValue(&'static str, String, &'static str),
     /// `runtimeConfig.ips` that does not parse, or asks twice per family,
     /// or for a family with no pools.
     #[error("runtimeConfig.ips {0:?}: {1}")]
@@ -227,6 +269,69 @@ impl NetConf {
             .iter()
             .filter_map(|s| parse_requested(s))
             .collect()
+    }
+
+    /// The VF attributes asked for (sriov-cni's fields and values: `vlan`
+    /// 0-4094, `vlanQoS` 0-7 with a VLAN, `spoofchk` and `trust` "on" or
+    /// "off", `link_state` "auto", "enable" or "disable").
+    pub fn vf_settings(&self) -> Result<VfSettings, NetConfError> {
+        use serde_json::Value;
+        let int = |name: &'static str, v: &Option<Value>, max: u64, hint: &'static str| match v {
+            None => Ok(None),
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= max) => {
+                Ok(n.as_u64().map(|n| n as u16))
+            }
+            Some(other) => Err(NetConfError::VfAttributeValue(
+                name,
+                other.to_string(),
+                hint,
+            )),
+        };
+        let on_off = |name: &'static str, v: &Option<Value>| match v.as_ref().map(|v| v.as_str()) {
+            None => Ok(None),
+            Some(Some("on")) => Ok(Some(true)),
+            Some(Some("off")) => Ok(Some(false)),
+            Some(_) => Err(NetConfError::VfAttributeValue(
+                name,
+                v.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                "write \"on\" or \"off\"",
+            )),
+        };
+        let vlan = int("vlan", &self.vlan, 4094, "a VLAN ID is 0 to 4094")?;
+        let qos = int("vlanQoS", &self.vlan_qos, 7, "a VLAN priority is 0 to 7")?;
+        if qos.is_some_and(|q| q > 0) && vlan.is_none_or(|v| v == 0) {
+            return Err(NetConfError::VfAttributeValue(
+                "vlanQoS",
+                self.vlan_qos
+                    .as_ref()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                "a priority needs a VLAN: set \"vlan\" too",
+            ));
+        }
+        let link_state = match self.link_state.as_ref().map(|v| v.as_str()) {
+            None => None,
+            Some(Some("auto")) => Some(VfLinkMode::Auto),
+            Some(Some("enable")) => Some(VfLinkMode::Enable),
+            Some(Some("disable")) => Some(VfLinkMode::Disable),
+            Some(_) => {
+                return Err(NetConfError::VfAttributeValue(
+                    "link_state",
+                    self.link_state
+                        .as_ref()
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                    "write \"auto\", \"enable\" or \"disable\"",
+                ));
+            }
+        };
+        Ok(VfSettings {
+            vlan,
+            qos: qos.unwrap_or(0) as u8,
+            spoofchk: on_off("spoofchk", &self.spoofchk)?,
+            trust: on_off("trust", &self.trust)?,
+            link_state,
+        })
     }
 
     /// Whether the interface is a VF railnet moves in.
@@ -262,12 +367,14 @@ impl NetConf {
             if self.device_id.as_deref().unwrap_or("").is_empty() {
                 return Err(NetConfError::SriovNeedsDevice);
             }
+            self.vf_settings()?;
+        } else {
             for (name, set) in [
                 ("vlan", &self.vlan),
                 ("vlanQoS", &self.vlan_qos),
                 ("trust", &self.trust),
                 ("spoofchk", &self.spoofchk),
-                ("linkState", &self.link_state),
+                ("link_state", &self.link_state),
             ] {
                 if set.is_some() {
                     return Err(NetConfError::VfAttribute(name));
@@ -417,11 +524,41 @@ mod tests {
         );
         let c = NetConf::parse(&conf(r#","mode":"sriov","deviceID":"0000:3b:00.2""#)).unwrap();
         assert!(c.sriov());
+        let c = NetConf::parse(&conf(
+            r#","mode":"sriov","deviceID":"0000:3b:00.2","vlan":100,"vlanQoS":3,"spoofchk":"off","trust":"on","link_state":"enable""#,
+        ))
+        .unwrap();
         assert_eq!(
-            NetConf::parse(&conf(
-                r#","mode":"sriov","deviceID":"0000:3b:00.2","vlan":100"#
-            ))
-            .unwrap_err(),
+            c.vf_settings().unwrap(),
+            VfSettings {
+                vlan: Some(100),
+                qos: 3,
+                spoofchk: Some(false),
+                trust: Some(true),
+                link_state: Some(VfLinkMode::Enable),
+            }
+        );
+        for (extra, field, hint) in [
+            (r#","vlan":4095"#, "vlan", "0 to 4094"),
+            (r#","vlan":"100""#, "vlan", "0 to 4094"),
+            (r#","vlanQoS":2"#, "vlanQoS", "set \"vlan\" too"),
+            (r#","vlan":5,"vlanQoS":8"#, "vlanQoS", "0 to 7"),
+            (r#","trust":true"#, "trust", "\"on\" or \"off\""),
+            (r#","link_state":"up""#, "link_state", "\"disable\""),
+        ] {
+            let e = NetConf::parse(&conf(&format!(
+                r#","mode":"sriov","deviceID":"0000:3b:00.2"{extra}"#
+            )))
+            .unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains(field) && text.contains(hint),
+                "{extra}: {text}"
+            );
+        }
+        // Nothing outside mode sriov would set them: refused, not ignored.
+        assert_eq!(
+            NetConf::parse(&conf(r#","vlan":100"#)).unwrap_err(),
             NetConfError::VfAttribute("vlan")
         );
     }

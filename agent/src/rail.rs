@@ -347,6 +347,22 @@ impl RailService {
         let bdf = conf.device_id.clone().unwrap_or_default();
         let vf = sriov::vf_netdev(&self.sysfs_root, &bdf)
             .map_err(|e| invalid(format!("VF {bdf} (deviceID) cannot be used"), e))?;
+        // VF attributes go through the PF: find it before changing anything.
+        let settings = conf
+            .vf_settings()
+            .map_err(|e| invalid("VF attributes", e.to_string()))?;
+        let pf_side = if settings.is_empty() {
+            None
+        } else {
+            Some(sriov::pf_of(&self.sysfs_root, &bdf).map_err(|e| {
+                invalid(
+                    format!(
+                        "VF {bdf}: vlan, spoofchk, trust and link_state are set through its PF"
+                    ),
+                    e,
+                )
+            })?)
+        };
         let records = self.vf_records.clone();
         let cid = att.container_id.clone();
         let ifname = att.ifname.clone();
@@ -363,14 +379,63 @@ impl RailService {
                     "another pod may hold it: the device plugin should not hand out one VF twice",
                 ));
             };
+            // The PF's view of the VF, for DEL to put back what ADD changes.
+            let mut pf = None;
+            if let Some((pf_name, vf_number)) = &pf_side {
+                let pf_link = rtnl::link_by_name(&h, pf_name)
+                    .await
+                    .map_err(|e| dp(format!("looking up PF {pf_name}"), describe(&e)))?
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("PF {pf_name} of VF {bdf} is not in the agent's netns"),
+                            "the agent runs in the host network namespace (hostNetwork)",
+                        )
+                    })?;
+                let was = rtnl::vf_settings(&h, pf_link.index, *vf_number)
+                    .await
+                    .map_err(|e| dp(format!("reading VF {vf_number} of PF {pf_name}"), describe(&e)))?
+                    .ok_or_else(|| {
+                        invalid(
+                            format!("PF {pf_name} lists no VF {vf_number} ({bdf})"),
+                            "its driver reports no VFs: is SR-IOV enabled (sriov_numvfs)?",
+                        )
+                    })?;
+                pf = Some((pf_link.index, sriov::PfSide {
+                    pf: pf_name.clone(),
+                    vf: *vf_number,
+                    was: sriov::restore_of(&settings, &was),
+                }));
+            }
             let record = sriov::VfRecord {
                 pci_address: bdf.clone(),
                 name: vf.clone(),
                 mac: link.mac.clone(),
                 mtu: link.mtu,
+                pf: pf.as_ref().map(|(_, side)| side.clone()),
             };
             sriov::save(&records, "vf", &cid, &ifname, &record)
                 .map_err(|e| dp(format!("recording VF {vf} before moving it"), e.to_string()))?;
+            if let Some((pf_index, side)) = &pf
+                && let Err(e) = h
+                    .link()
+                    .set(rtnl::vf_request(*pf_index, side.vf, &settings))
+                    .execute()
+                    .await
+            {
+                sriov::forget(&records, "vf", &cid, &ifname);
+                let why = match errno(&e) {
+                    Some(libc::EOPNOTSUPP) => format!(
+                        "the driver of PF {} cannot set them (EOPNOTSUPP); set only what it supports, or use a NIC whose driver does",
+                        side.pf
+                    ),
+                    _ => describe(&e),
+                };
+                return Err(ApiError::new(
+                    code::DATAPLANE,
+                    format!("setting VF {} attributes through PF {}", side.vf, side.pf),
+                    why,
+                ));
+            }
             let mut msg = LinkUnspec::new_with_index(link.index)
                 .down()
                 .setns_by_fd(netns_fd)
@@ -382,6 +447,13 @@ impl RailService {
                 msg = msg.address(m.to_vec());
             }
             if let Err(e) = h.link().set(msg.build()).execute().await {
+                if let Some((pf_index, side)) = &pf {
+                    let _ = h
+                        .link()
+                        .set(rtnl::vf_request(*pf_index, side.vf, &side.was))
+                        .execute()
+                        .await;
+                }
                 sriov::forget(&records, "vf", &cid, &ifname);
                 return Err(match errno(&e) {
                     Some(libc::EEXIST) => ApiError::new(
@@ -476,7 +548,31 @@ impl RailService {
                 .set(msg.build())
                 .execute()
                 .await
-                .map_err(|e| format!("restoring VF {}: {}", rec.name, describe(&e)))
+                .map_err(|e| format!("restoring VF {}: {}", rec.name, describe(&e)))?;
+            if let Some(side) = &rec.pf {
+                let pf = rtnl::link_by_name(&h, &side.pf)
+                    .await
+                    .map_err(|e| format!("looking up PF {}: {}", side.pf, describe(&e)))?
+                    .ok_or_else(|| {
+                        format!(
+                            "PF {} is gone; VF {} keeps its attributes",
+                            side.pf, side.vf
+                        )
+                    })?;
+                h.link()
+                    .set(rtnl::vf_request(pf.index, side.vf, &side.was))
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "restoring VF {} attributes through PF {}: {}",
+                            side.vf,
+                            side.pf,
+                            describe(&e)
+                        )
+                    })?;
+            }
+            Ok(())
         })
         .map_err(|e| e.to_string())??;
         sriov::forget(&self.vf_records, "vf", container_id, ifname);

@@ -226,3 +226,102 @@ pub async fn device_with_metric(
     };
     Ok(Some(name))
 }
+
+/// What PF `pf` (an ifindex) reports of its VF `vf`: the attributes railnet
+/// sets (`ip link show <pf>` prints the same). `Ok(None)`: the PF lists no
+/// such VF.
+pub async fn vf_settings(
+    handle: &Handle,
+    pf: u32,
+    vf: u32,
+) -> Result<Option<crate::netconf::VfSettings>, rtnetlink::Error> {
+    use rtnetlink::packet_route::{
+        AddressFamily,
+        link::{LinkExtentMask, VfInfo, VfLinkState},
+    };
+
+    use crate::netconf::{VfLinkMode, VfSettings};
+    let mut links = handle
+        .link()
+        .get()
+        .match_index(pf)
+        .set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::Vf])
+        .execute();
+    let Some(msg) = links.try_next().await? else {
+        return Ok(None);
+    };
+    for attr in &msg.attributes {
+        let LinkAttribute::VfInfoList(list) = attr else {
+            continue;
+        };
+        for info in list {
+            let mut out = VfSettings::default();
+            let mut id = None;
+            for i in &info.0 {
+                match i {
+                    VfInfo::Vlan(v) => {
+                        id = Some(v.vf_id);
+                        out.vlan = Some(v.vlan_id as u16);
+                        out.qos = v.qos as u8;
+                    }
+                    VfInfo::SpoofCheck(v) => {
+                        id = Some(v.vf_id);
+                        out.spoofchk = Some(v.enabled);
+                    }
+                    VfInfo::Trust(v) => {
+                        id = Some(v.vf_id);
+                        out.trust = Some(v.enabled);
+                    }
+                    VfInfo::LinkState(v) => {
+                        id = Some(v.vf_id);
+                        out.link_state = Some(match v.state {
+                            VfLinkState::Enable => VfLinkMode::Enable,
+                            VfLinkState::Disable => VfLinkMode::Disable,
+                            _ => VfLinkMode::Auto,
+                        });
+                    }
+                    VfInfo::Mac(v) => id = Some(v.vf_id),
+                    _ => {}
+                }
+            }
+            if id == Some(vf) {
+                return Ok(Some(out));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The request that sets VF `vf`'s attributes through PF `pf`, as
+/// iproute2's `ip link set dev <pf> vf <vf> vlan V qos Q spoofchk on|off
+/// trust on|off state auto|enable|disable` sends them (one `IFLA_VF_INFO`
+/// in `IFLA_VFINFO_LIST`, in that order; only those asked).
+pub fn vf_request(pf: u32, vf: u32, set: &crate::netconf::VfSettings) -> LinkMessage {
+    use rtnetlink::packet_route::link::{
+        LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan, VfLinkState,
+    };
+
+    use crate::netconf::VfLinkMode;
+    let mut info = Vec::new();
+    if let Some(v) = set.vlan {
+        info.push(VfInfo::Vlan(VfInfoVlan::new(vf, v.into(), set.qos.into())));
+    }
+    if let Some(on) = set.spoofchk {
+        info.push(VfInfo::SpoofCheck(VfInfoSpoofCheck::new(vf, on)));
+    }
+    if let Some(on) = set.trust {
+        info.push(VfInfo::Trust(VfInfoTrust::new(vf, on)));
+    }
+    if let Some(state) = set.link_state {
+        let state = match state {
+            VfLinkMode::Auto => VfLinkState::Auto,
+            VfLinkMode::Enable => VfLinkState::Enable,
+            VfLinkMode::Disable => VfLinkState::Disable,
+        };
+        info.push(VfInfo::LinkState(VfInfoLinkState::new(vf, state)));
+    }
+    let mut msg = rtnetlink::LinkUnspec::new_with_index(pf).build();
+    msg.attributes
+        .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(info)]));
+    msg
+}

@@ -22,6 +22,81 @@ pub struct VfRecord {
     pub mac: String,
     /// Its MTU.
     pub mtu: u32,
+    /// Its attributes as its PF had them, when ADD changed any (restored
+    /// on DEL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pf: Option<PfSide>,
+}
+
+/// A VF as its PF sees it: which PF, which VF number, and the attributes
+/// set through the PF.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct PfSide {
+    /// The PF's netdev in the host.
+    pub pf: String,
+    /// The VF's number on the PF.
+    pub vf: u32,
+    /// The attributes as they were.
+    pub was: crate::netconf::VfSettings,
+}
+
+/// What to set on DEL to undo `set`: for each attribute `set` changes, the
+/// value the VF had (`was`); the rest left alone.
+pub fn restore_of(
+    set: &crate::netconf::VfSettings,
+    was: &crate::netconf::VfSettings,
+) -> crate::netconf::VfSettings {
+    use crate::netconf::{VfLinkMode, VfSettings};
+    VfSettings {
+        vlan: set.vlan.map(|_| was.vlan.unwrap_or(0)),
+        qos: if set.vlan.is_some() { was.qos } else { 0 },
+        spoofchk: set.spoofchk.map(|_| was.spoofchk.unwrap_or(true)),
+        trust: set.trust.map(|_| was.trust.unwrap_or(false)),
+        link_state: set
+            .link_state
+            .map(|_| was.link_state.unwrap_or(VfLinkMode::Auto)),
+    }
+}
+
+/// The PF netdev and VF number of VF `bdf`: `<sysfs>/bus/pci/devices/<bdf>/physfn`
+/// is the PF's PCI function, whose `net/` holds its netdev and whose
+/// `virtfn<N>` links name its VFs.
+pub fn pf_of(sysfs: &Path, bdf: &str) -> Result<(String, u32), String> {
+    let dev = sysfs.join("bus/pci/devices").join(bdf);
+    let physfn = dev.join("physfn");
+    let pf_dir = std::fs::canonicalize(&physfn).map_err(|e| {
+        format!(
+            "{}: {e}; VF attributes are set through the PF, and {bdf} names no PF (is it a VF?)",
+            physfn.display()
+        )
+    })?;
+    let pf_bdf = pf_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let pf = vf_netdev(sysfs, &pf_bdf).map_err(|e| format!("the PF of {bdf}: {e}"))?;
+    let mut vf = None;
+    for entry in std::fs::read_dir(&pf_dir).map_err(|e| format!("{}: {e}", pf_dir.display()))? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(n) = name
+            .strip_prefix("virtfn")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.file_name().is_some_and(|t| t == bdf) {
+            vf = Some(n);
+        }
+    }
+    let vf = vf.ok_or_else(|| {
+        format!(
+            "{} has no virtfn link to {bdf}: the PF does not list it as its VF",
+            pf_dir.display()
+        )
+    })?;
+    Ok((pf, vf))
 }
 
 /// The netdev of PCI function `bdf`, from `<sysfs>/bus/pci/devices/<bdf>/net/`.
@@ -127,11 +202,64 @@ mod tests {
             name: "ens1f0v2".into(),
             mac: "02:00:00:00:00:01".into(),
             mtu: 9000,
+            pf: None,
         };
         save(&root, "vf", "c1", "net1", &rec).unwrap();
         assert_eq!(load(&root, "vf", "c1", "net1"), Some(rec));
         forget(&root, "vf", "c1", "net1");
         assert_eq!(load::<VfRecord>(&root, "vf", "c1", "net1"), None);
         std::fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The PF and VF number come from `physfn` and the PF's `virtfn<N>`
+    /// links, as sysfs lays them out.
+    #[test]
+    fn a_vf_s_pf_and_number_come_from_sysfs_links() {
+        let root = std::env::temp_dir().join(format!("railnet-pf-{}", std::process::id()));
+        let devs = root.join("bus/pci/devices");
+        for (bdf, net) in [("0000:3b:00.0", "ens1f0"), ("0000:3b:00.3", "ens1f0v1")] {
+            std::fs::create_dir_all(devs.join(bdf).join("net").join(net)).unwrap();
+        }
+        let link = |from: &str, to: &str| {
+            std::os::unix::fs::symlink(format!("../{to}"), devs.join(from)).unwrap()
+        };
+        link("0000:3b:00.3/physfn", "0000:3b:00.0");
+        link("0000:3b:00.0/virtfn0", "0000:3b:00.2");
+        link("0000:3b:00.0/virtfn1", "0000:3b:00.3");
+        assert_eq!(pf_of(&root, "0000:3b:00.3").unwrap(), ("ens1f0".into(), 1));
+        // A PF (no physfn) or a VF its PF does not list: said so.
+        let e = pf_of(&root, "0000:3b:00.0").unwrap_err();
+        assert!(e.contains("names no PF"), "{e}");
+        std::fs::remove_file(devs.join("0000:3b:00.0/virtfn1")).unwrap();
+        let e = pf_of(&root, "0000:3b:00.3").unwrap_err();
+        assert!(e.contains("no virtfn link to 0000:3b:00.3"), "{e}");
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn del_puts_back_only_what_add_changed() {
+        use crate::netconf::{VfLinkMode, VfSettings};
+        let set = VfSettings {
+            vlan: Some(100),
+            qos: 2,
+            trust: Some(true),
+            ..VfSettings::default()
+        };
+        let was = VfSettings {
+            vlan: Some(0),
+            qos: 0,
+            spoofchk: Some(true),
+            trust: Some(false),
+            link_state: Some(VfLinkMode::Auto),
+        };
+        assert_eq!(
+            restore_of(&set, &was),
+            VfSettings {
+                vlan: Some(0),
+                qos: 0,
+                trust: Some(false),
+                ..VfSettings::default()
+            }
+        );
     }
 }

@@ -999,3 +999,61 @@ pub fn agent_call(
     )?;
     Ok(api::recv(&mut stream)?.0)
 }
+
+/// The netlink messages `program <args>` sends from inside `ns`, from
+/// strace's dump of its sendto/sendmsg calls: what a reference tool (rdma,
+/// ip) puts on the wire, for golden comparisons.
+pub fn netlink_sends(ns: &Netns, program: &str, args: &[&str]) -> Vec<Vec<u8>> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .args([
+            "strace",
+            "-f",
+            "-e",
+            "trace=sendto,sendmsg",
+            "-e",
+            "write=all",
+        ])
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("strace");
+    let text = String::from_utf8_lossy(&out.stderr);
+    let mut messages: Vec<Vec<u8>> = Vec::new();
+    for line in text.lines() {
+        if line.contains("sendto(") || line.contains("sendmsg(") {
+            messages.push(Vec::new());
+        } else if let Some(dump) = line.trim_start().strip_prefix("| ")
+            && let Some(last) = messages.last_mut()
+        {
+            // " | 00010  08 00 01 00 ...  ascii |": offset, then up to 16 bytes.
+            let hex = dump
+                .get(7..7 + 16 * 3 + 1)
+                .unwrap_or(&dump[7.min(dump.len())..]);
+            last.extend(
+                hex.split_whitespace()
+                    .take(16)
+                    .map(|b| u8::from_str_radix(b, 16).expect("hex byte")),
+            );
+        }
+    }
+    assert!(!messages.is_empty(), "no sends seen:\n{text}");
+    messages
+}
+
+/// The attributes of an rtnetlink link message (`ifinfomsg` first, then
+/// attributes), by type, as raw bytes (header included).
+pub fn link_attributes(ifinfo_and_attrs: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 16; // struct ifinfomsg
+    while at + 4 <= ifinfo_and_attrs.len() {
+        let len = u16::from_ne_bytes([ifinfo_and_attrs[at], ifinfo_and_attrs[at + 1]]) as usize;
+        let ty = u16::from_ne_bytes([ifinfo_and_attrs[at + 2], ifinfo_and_attrs[at + 3]]);
+        if len < 4 || at + len > ifinfo_and_attrs.len() {
+            break;
+        }
+        out.push((ty, ifinfo_and_attrs[at..at + len].to_vec()));
+        at += (len + 3) & !3;
+    }
+    out
+}

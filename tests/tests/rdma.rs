@@ -135,44 +135,10 @@ fn shared_mode_reads_like_rdma_system() {
     assert!(sh(Command::new("rdma").arg("system")).contains("netns shared"));
 }
 
-/// The netlink messages `rdma <args>` sends, from strace's dump of its
-/// writes (run in the guest; rdma sends one message per sendto).
+/// The netlink messages `rdma <args>` sends (run in the guest; rdma sends
+/// one message per sendto).
 fn rdma_sends(ns: &Netns, args: &[&str]) -> Vec<Vec<u8>> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .args([
-            "strace",
-            "-f",
-            "-e",
-            "trace=sendto,sendmsg",
-            "-e",
-            "write=all",
-        ])
-        .arg("rdma")
-        .args(args)
-        .output()
-        .expect("strace rdma");
-    let text = String::from_utf8_lossy(&out.stderr);
-    let mut messages: Vec<Vec<u8>> = Vec::new();
-    for line in text.lines() {
-        if line.contains("sendto(") || line.contains("sendmsg(") {
-            messages.push(Vec::new());
-        } else if let Some(dump) = line.trim_start().strip_prefix("| ")
-            && let Some(last) = messages.last_mut()
-        {
-            // " | 00010  08 00 01 00 ...  ascii |": offset, then up to 16 bytes.
-            let hex = dump
-                .get(7..7 + 16 * 3 + 1)
-                .unwrap_or(&dump[7.min(dump.len())..]);
-            last.extend(
-                hex.split_whitespace()
-                    .take(16)
-                    .map(|b| u8::from_str_radix(b, 16).expect("hex byte")),
-            );
-        }
-    }
-    assert!(!messages.is_empty(), "no sends seen:\n{text}");
-    messages
+    railnet_tests::netlink_sends(ns, "rdma", args)
 }
 
 fn message_type(m: &[u8]) -> u16 {

@@ -2,12 +2,18 @@
 //! other end is a port of the rail router's bridge, as a VF's traffic
 //! reaches the rail switch, and the agent's sysfs root is a tree of this
 //! test's mapping the VF's PCI address to that netdev, as
-//! /sys/bus/pci/devices/<bdf>/net/<name> does on a node. What the test
-//! cannot show: VF attributes set through a real PF (refused, see netconf).
+//! /sys/bus/pci/devices/<bdf>/net/<name> does on a node. VF attributes
+//! (vlan, spoofchk, trust, link_state) go through the PF: no driver here
+//! has VFs, so the request is checked byte for byte against iproute2's and
+//! the refusal of a PF that lists no such VF is checked end to end; a PF
+//! that applies them (hardware, or netdevsim) is not available.
 
 use std::path::Path;
 
-use railnet_tests::{Agent, RailFabric, ScratchDir, cni, veth_between};
+use railnet_agent::netconf::{VfLinkMode, VfSettings};
+use railnet_tests::{
+    Agent, Netns, RailFabric, ScratchDir, cni, link_attributes, netlink_sends, veth_between,
+};
 
 const VF: &str = "ens1f0v3";
 const BDF: &str = "0000:3b:00.3";
@@ -92,4 +98,137 @@ fn a_vf_moves_in_carries_its_rail_and_comes_back_as_it_was() {
     assert!(bad.stdout.contains("0000:3b:00.7"), "{}", bad.stdout);
     assert!(node.has_link(VF));
     assert_eq!(agent.allocations(node), 0);
+}
+
+/// `IFLA_VFINFO_LIST`.
+const IFLA_VFINFO_LIST: u16 = 22;
+
+/// What railnet sends to set VF attributes through the PF is what
+/// `ip link set dev <pf> vf <n> …` sends (captured with strace; a veth
+/// refuses both, which does not matter for what was sent).
+#[test]
+fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
+    use rtnetlink::packet_core::Emitable;
+
+    let ns = Netns::new("vfgold");
+    ns.ip(&["link", "add", "pf0", "type", "veth", "peer", "name", "pf0p"]);
+    let index = ns.ip_json(&["link", "show", "dev", "pf0"])[0]["ifindex"]
+        .as_u64()
+        .unwrap() as u32;
+    let all = VfSettings {
+        vlan: Some(100),
+        qos: 2,
+        spoofchk: Some(false),
+        trust: Some(true),
+        link_state: Some(VfLinkMode::Enable),
+    };
+    let cases: Vec<(Vec<&str>, VfSettings)> = vec![
+        (
+            vec![
+                "vlan", "100", "qos", "2", "spoofchk", "off", "trust", "on", "state", "enable",
+            ],
+            all,
+        ),
+        (
+            vec![
+                "vlan", "0", "spoofchk", "on", "trust", "off", "state", "auto",
+            ],
+            VfSettings {
+                vlan: Some(0),
+                qos: 0,
+                spoofchk: Some(true),
+                trust: Some(false),
+                link_state: Some(VfLinkMode::Auto),
+            },
+        ),
+        (
+            vec!["state", "disable"],
+            VfSettings {
+                link_state: Some(VfLinkMode::Disable),
+                ..VfSettings::default()
+            },
+        ),
+    ];
+    for (args, set) in cases {
+        let mut cmd = vec!["link", "set", "dev", "pf0", "vf", "3"];
+        cmd.extend(&args);
+        let sends = netlink_sends(&ns, "ip", &cmd);
+        // RTM_NEWLINK (16) is what `ip link set` sends.
+        let theirs = sends
+            .iter()
+            .find(|m| m.len() > 32 && u16::from_ne_bytes([m[4], m[5]]) == 16)
+            .unwrap_or_else(|| panic!("ip {cmd:?} sent no RTM_NEWLINK: {sends:?}"));
+        let ifinfo = &theirs[16..];
+        assert_eq!(
+            u32::from_ne_bytes(ifinfo[4..8].try_into().unwrap()),
+            index,
+            "iproute2 addressed the PF by index"
+        );
+        let msg = railnet_agent::rtnl::vf_request(index, 3, &set);
+        let mut ours = vec![0; msg.buffer_len()];
+        msg.emit(&mut ours);
+        assert_eq!(&ours[4..8], &ifinfo[4..8], "the PF's index");
+        let pick = |attrs: Vec<(u16, Vec<u8>)>| {
+            attrs
+                .into_iter()
+                .find(|(t, _)| *t == IFLA_VFINFO_LIST)
+                .map(|(_, b)| b)
+        };
+        assert_eq!(
+            pick(link_attributes(&ours)),
+            pick(link_attributes(ifinfo)),
+            "IFLA_VFINFO_LIST for `{}`",
+            args.join(" ")
+        );
+    }
+}
+
+/// A VF whose PF lists no such VF (here a veth: no SR-IOV): ADD is refused
+/// naming the PF and the VF number, before anything changes.
+#[test]
+fn vf_attributes_need_a_pf_that_has_the_vf_and_nothing_changes_without_one() {
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    let router = fabric.router(1);
+    veth_between(node, VF, router, "vf3r");
+    node.ip(&[
+        "link", "add", "ens1f0", "type", "veth", "peer", "name", "ens1f0p",
+    ]);
+    let sysfs = ScratchDir::new("sysfs");
+    let devs = sysfs.path().join("bus/pci/devices");
+    std::fs::create_dir_all(devs.join(BDF).join("net").join(VF)).unwrap();
+    std::fs::create_dir_all(devs.join("0000:3b:00.0/net/ens1f0")).unwrap();
+    std::os::unix::fs::symlink("../0000:3b:00.0", devs.join(BDF).join("physfn")).unwrap();
+    std::os::unix::fs::symlink(format!("../{BDF}"), devs.join("0000:3b:00.0/virtfn3")).unwrap();
+    let agent = Agent::start_with(
+        node,
+        &fabric.pools(0),
+        &["--sysfs-root", sysfs.path().to_str().unwrap()],
+    );
+    let records = agent.state_path().parent().unwrap().join("vfs");
+    let pod = fabric.pod(0);
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["mode"] = "sriov".into();
+    conf["deviceID"] = BDF.into();
+    conf["vlan"] = 100.into();
+    conf["trust"] = "on".into();
+    let add = cni("ADD", &conf, "vf-attr", Some(&pod.ns.path()), "net1");
+    assert!(!add.ok, "{}", add.stdout);
+    let text = format!("{} {}", add.json["msg"], add.json["details"]);
+    assert!(
+        text.contains("ens1f0") && text.contains("VF 3") && text.contains("sriov_numvfs"),
+        "{text}"
+    );
+    assert!(node.has_link(VF), "the VF left the node");
+    assert!(!pod.ns.has_link("net1"));
+    assert!(
+        !records.join("vf-vf-attr-net1.json").exists(),
+        "a record of a VF that was never taken"
+    );
+    assert_eq!(agent.allocations(node), 0);
+    // A VF attribute sriov-cni would not accept: refused before the agent.
+    conf["vlan"] = 5000.into();
+    let bad = cni("ADD", &conf, "vf-attr", Some(&pod.ns.path()), "net1");
+    assert!(!bad.ok);
+    assert!(bad.stdout.contains("0 to 4094"), "{}", bad.stdout);
 }
