@@ -564,6 +564,14 @@ fn pre_tcx_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
         ),
     )
     .context("dataplane tests on Linux 6.1")?;
+    step("SR-IOV VF attributes through a netdevsim PF on Linux 6.1 under qemu");
+    let sriov = test_binary(root, obj, "sriov")?;
+    in_guest(
+        root,
+        "sriov",
+        &format!("modprobe netdevsim\n{sriov} --test-threads=1 --include-ignored\n"),
+    )
+    .context("SR-IOV tests on Linux 6.1")?;
     Ok(())
 }
 
@@ -594,13 +602,13 @@ fn rdma_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
         ("exclusive", "rdma system set netns exclusive\n"),
     ] {
         step(&format!(
-            "RDMA tests on Linux 6.1 under qemu, {mode} netns mode (soft RoCE)"
+            "RDMA tests on Linux 6.1 under qemu, {mode} netns mode (soft RoCE, soft iWARP)"
         ));
         in_guest(
             root,
             &format!("rdma-{mode}"),
             &format!(
-                "modprobe rdma_rxe; modprobe ib_uverbs; modprobe rdma_ucm\n\
+                "modprobe rdma_rxe; modprobe siw; modprobe ib_uverbs; modprobe rdma_ucm\n\
                  {prepare}\
                  {binary} --ignored --test-threads=1 {mode}_\n"
             ),
