@@ -144,7 +144,7 @@ impl Metrics {
         registry.register(
             "rdma_port_hw_counter",
             "Hardware counters of the node's RDMA ports, named as `rdma statistic` names them",
-            rdma_counters(&service.node_name),
+            rdma_counters(&service.node_name, &service.sysfs_root, &service.vf_records),
         );
         let mut out = String::new();
         let _ = encode(&mut out, &registry);
@@ -154,20 +154,49 @@ impl Metrics {
 
 /// Every RDMA port's hardware counters, as the agent's netns sees them
 /// (the host's: every device in shared mode, those not moved into a pod
-/// in exclusive mode). Empty on a node without RDMA.
-fn rdma_counters(node: &str) -> Family<Labels, Counter> {
+/// in exclusive mode), each labelled with the pod and interface holding
+/// its VF (found by PCI address in the VF records) — empty for a device
+/// no pod holds. Empty on a node without RDMA.
+fn rdma_counters(
+    node: &str,
+    sysfs: &std::path::Path,
+    records: &std::path::Path,
+) -> Family<Labels, Counter> {
     let family = Family::<Labels, Counter>::default();
-    let Ok(mut nl) = crate::rdma::RdmaNetlink::open() else {
-        return family;
+    let mut nl = match crate::rdma::RdmaNetlink::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            // No RDMA subsystem: nothing to count.
+            tracing::debug!(error = %e, "RDMA counters: no RDMA netlink");
+            return family;
+        }
     };
-    let Ok(devices) = nl.devices() else {
-        return family;
+    let devices = match nl.devices() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "RDMA counters: cannot list the devices");
+            return family;
+        }
     };
+    let holders = crate::sriov::holders(records);
     for dev in devices {
-        let Ok(ports) = nl.ports(&dev) else { continue };
-        for port in ports {
-            let Ok(counters) = nl.counters(&dev, port.port) else {
+        let holder = crate::sriov::rdma_device_pci(sysfs, &dev.name)
+            .and_then(|pci| holders.get(&pci).cloned())
+            .unwrap_or_default();
+        let ports = match nl.ports(&dev) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(device = %dev.name, error = %e, "RDMA counters: cannot read the ports");
                 continue;
+            }
+        };
+        for port in ports {
+            let counters = match nl.counters(&dev, port.port) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(device = %dev.name, port = port.port, error = %e, "RDMA counters: cannot read them");
+                    continue;
+                }
             };
             for (name, value) in counters {
                 family
@@ -176,6 +205,8 @@ fn rdma_counters(node: &str) -> Family<Labels, Counter> {
                         ("device".into(), dev.name.clone()),
                         ("port".into(), port.port.to_string()),
                         ("netdev".into(), port.netdev.clone().unwrap_or_default()),
+                        ("pod".into(), holder.pod.clone()),
+                        ("interface".into(), holder.interface.clone()),
                         ("counter".into(), name),
                     ])
                     .inc_by(value);

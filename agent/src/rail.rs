@@ -271,6 +271,7 @@ impl RailService {
             let record = sriov::RdmaRecord {
                 pci_address: conf.device_id.clone().unwrap_or_default(),
                 device: dev.name.clone(),
+                holder: sriov::Holder::of(&att.args, &att.container_id, &att.ifname),
             };
             if let Err(e) = sriov::save(
                 &self.vf_records,
@@ -364,6 +365,7 @@ impl RailService {
             })?)
         };
         let records = self.vf_records.clone();
+        let holder = sriov::Holder::of(&att.args, &att.container_id, &att.ifname);
         let cid = att.container_id.clone();
         let ifname = att.ifname.clone();
         let want_mtu = conf.mtu;
@@ -412,6 +414,7 @@ impl RailService {
                 mac: link.mac.clone(),
                 mtu: link.mtu,
                 pf: pf.as_ref().map(|(_, side)| side.clone()),
+                holder,
             };
             sriov::save(&records, "vf", &cid, &ifname, &record)
                 .map_err(|e| dp(format!("recording VF {vf} before moving it"), e.to_string()))?;

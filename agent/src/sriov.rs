@@ -26,6 +26,69 @@ pub struct VfRecord {
     /// on DEL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pf: Option<PfSide>,
+    /// Whose it is now.
+    #[serde(default)]
+    pub holder: Holder,
+}
+
+/// Who holds a VF or an RDMA device: what the metrics label it with.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Holder {
+    /// `namespace/name` of the pod (its container ID when the runtime did
+    /// not say).
+    pub pod: String,
+    /// The pod's interface.
+    pub interface: String,
+}
+
+impl Holder {
+    /// From CNI_ARGS (K8S_POD_NAMESPACE, K8S_POD_NAME) and the attachment.
+    pub fn of(
+        args: &std::collections::BTreeMap<String, String>,
+        container_id: &str,
+        ifname: &str,
+    ) -> Self {
+        let pod = match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
+            (Some(ns), Some(name)) if !name.is_empty() => format!("{ns}/{name}"),
+            _ => container_id.to_owned(),
+        };
+        Self {
+            pod,
+            interface: ifname.to_owned(),
+        }
+    }
+}
+
+/// The holder of each VF (by PCI address) recorded in `dir`: the VFs and
+/// isolated RDMA devices pods hold now.
+pub fn holders(dir: &Path) -> std::collections::HashMap<String, Holder> {
+    let mut out = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(text) = std::fs::read(entry.path()) else {
+            continue;
+        };
+        #[derive(Deserialize)]
+        struct Any {
+            pci_address: String,
+            #[serde(default)]
+            holder: Holder,
+        }
+        if let Ok(r) = serde_json::from_slice::<Any>(&text)
+            && !r.pci_address.is_empty()
+            && !r.holder.pod.is_empty()
+        {
+            out.insert(r.pci_address, r.holder);
+        }
+    }
+    out
+}
+
+/// The PCI address of RDMA device `device`, from
+/// `<sysfs>/class/infiniband/<device>/device`; `None` for soft devices.
+pub fn rdma_device_pci(sysfs: &Path, device: &str) -> Option<String> {
+    let dev =
+        std::fs::canonicalize(sysfs.join("class/infiniband").join(device).join("device")).ok()?;
+    Some(dev.file_name()?.to_string_lossy().into_owned())
 }
 
 /// A VF as its PF sees it: which PF, which VF number, and the attributes
@@ -174,6 +237,9 @@ pub struct RdmaRecord {
     pub pci_address: String,
     /// The device's name in the host.
     pub device: String,
+    /// Whose it is now.
+    #[serde(default)]
+    pub holder: Holder,
 }
 
 /// The bytes of `aa:bb:cc:dd:ee:ff`; `None` for anything else and for the
@@ -203,6 +269,7 @@ mod tests {
             mac: "02:00:00:00:00:01".into(),
             mtu: 9000,
             pf: None,
+            holder: Holder::default(),
         };
         save(&root, "vf", "c1", "net1", &rec).unwrap();
         assert_eq!(load(&root, "vf", "c1", "net1"), Some(rec));

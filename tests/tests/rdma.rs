@@ -522,6 +522,64 @@ fn exclusive_isolation_of_a_vf_without_an_rdma_device_is_refused_cleanly() {
 }
 
 /// `railnet_rdma_port_hw_counter_total` of one device and counter.
+/// In shared mode a VF's RDMA device stays in the host while its netdev
+/// goes to the pod (mode sriov): the device's counters carry the pod and
+/// interface holding it — found by PCI address (sysfs) in the VF records —
+/// and lose them when DEL gives the VF back.
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn shared_a_vf_s_rdma_counters_carry_the_pod_holding_it() {
+    const BDF: &str = "0000:3b:00.3";
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    railnet_tests::veth_between(node, "ens1f0v3", fabric.router(1), "vf3r");
+    fabric
+        .router(1)
+        .ip(&["link", "set", "vf3r", "master", "br0", "up"]);
+    // The VF's RDMA device: a soft device cannot follow its netdev into
+    // another netns (the move unregisters the netdev, and rxe with it), so
+    // it sits on a dummy of its own; sysfs ties both to the VF's PCI
+    // function, as a real VF's are.
+    let _rxe = Rxe::on_dummy(node, "rdmavf3", "rxevf3");
+    let sysfs = railnet_tests::ScratchDir::new("sysfs");
+    let pci = sysfs.path().join("bus/pci/devices").join(BDF);
+    std::fs::create_dir_all(pci.join("net/ens1f0v3")).unwrap();
+    let ib = sysfs.path().join("class/infiniband/rxevf3");
+    std::fs::create_dir_all(&ib).unwrap();
+    std::os::unix::fs::symlink(&pci, ib.join("device")).unwrap();
+    let agent = Agent::start_with(
+        node,
+        &fabric.pools(0),
+        &["--sysfs-root", sysfs.path().to_str().unwrap()],
+    );
+    let labels = || {
+        let text = agent.scrape(node, "/metrics");
+        text.lines()
+            .find(|l| {
+                l.starts_with("railnet_rdma_port_hw_counter_total{")
+                    && l.contains("device=\"rxevf3\"")
+            })
+            .unwrap_or_else(|| panic!("no counters of rxevf3 in:\n{text}\n{}", agent.log()))
+            .to_owned()
+    };
+    let free = labels();
+    assert!(free.contains("pod=\"\""), "{free}");
+    let pod = fabric.pod(0);
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["mode"] = "sriov".into();
+    conf["deviceID"] = BDF.into();
+    let add = cni("ADD", &conf, "vf-rdma", Some(&pod.ns.path()), "net1");
+    assert!(add.ok, "{}\n{}", add.stdout, agent.log());
+    let held = labels();
+    assert!(
+        held.contains("pod=\"default/demo\"") && held.contains("interface=\"net1\""),
+        "{held}"
+    );
+    assert!(cni("DEL", &conf, "vf-rdma", Some(&pod.ns.path()), "net1").ok);
+    let back = labels();
+    assert!(back.contains("pod=\"\""), "{back}");
+}
+
 fn hw_counter(agent: &Agent, node: &Netns, device: &str, counter: &str) -> u64 {
     let text = agent.scrape(node, "/metrics");
     text.lines()
