@@ -31,20 +31,7 @@ impl Rxe {
     fn on_dummy(ns: &Netns, netdev: &str, name: &str) -> Self {
         ns.ip(&["link", "add", netdev, "type", "dummy"]);
         ns.ip(&["link", "set", netdev, "up"]);
-        sh(Command::new("ip").args([
-            "netns",
-            "exec",
-            ns.name(),
-            "rdma",
-            "link",
-            "add",
-            name,
-            "type",
-            "rxe",
-            "netdev",
-            netdev,
-        ]));
-        Self { name: name.into() }
+        soft_device(ns, "rxe", netdev, name)
     }
 }
 
@@ -639,6 +626,74 @@ fn shared_metrics_count_real_rdma_traffic() {
     let _ = Command::new("ip").args(["link", "del", "rdmet0"]).output();
 }
 
+/// A soft RDMA device (`kind`: rxe or siw) on `netdev` inside `ns`,
+/// removed on drop.
+fn soft_device(ns: &Netns, kind: &str, netdev: &str, name: &str) -> Rxe {
+    sh(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns.name(),
+        "rdma",
+        "link",
+        "add",
+        name,
+        "type",
+        kind,
+        "netdev",
+        netdev,
+    ]));
+    Rxe { name: name.into() }
+}
+
+/// One pod on each of the fabric's two nodes, rails 1 and 2 added through
+/// the CNI; their addresses, by pod then rail.
+fn two_pods_on_two_rails(
+    fabric: &RailFabric,
+    agents: &[Agent],
+    tag: &str,
+) -> ([railnet_tests::FabricPod; 2], [Vec<String>; 2]) {
+    let pods = [fabric.pod(0), fabric.pod(1)];
+    let mut addr = [Vec::new(), Vec::new()];
+    for (n, pod) in pods.iter().enumerate() {
+        for k in 1..=2 {
+            let out = cni(
+                "ADD",
+                &fabric.netconf(k, &agents[n], "ebpf"),
+                &format!("{tag}-{n}"),
+                Some(&pod.ns.path()),
+                &format!("net{k}"),
+            );
+            assert!(out.ok, "{}", out.stdout);
+            let a = out.json["ips"][0]["address"].as_str().unwrap();
+            addr[n].push(a.split('/').next().unwrap().to_owned());
+        }
+    }
+    (pods, addr)
+}
+
+/// An `rping -s` in `ns` on `address`, for one connection (`-v`: it
+/// prints the payload it got).
+fn rping_server(ns: &Netns, address: &str) -> std::process::Child {
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "timeout",
+            "60",
+            "rping",
+            "-s",
+            "-v",
+        ])
+        .args(["-a", address, "-C", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("rping server");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    child
+}
+
 /// What `rping -c` printed, from pod `ns`, bound to `src`, to `dst`.
 fn rping_from(ns: &Netns, src: &str, dst: &str) -> String {
     let out = Command::new("ip")
@@ -676,61 +731,22 @@ fn shared_rdma_cm_resolves_the_peer_through_the_rails_routes() {
     let mut rxes = Vec::new();
     for (n, node) in fabric.nodes.iter().enumerate() {
         for k in 1..=2 {
-            let name = format!("rxecm{n}{k}");
-            sh(Command::new("ip").args([
-                "netns",
-                "exec",
-                node.name(),
-                "rdma",
-                "link",
-                "add",
-                &name,
-                "type",
+            rxes.push(soft_device(
+                node,
                 "rxe",
-                "netdev",
                 &format!("eth{k}"),
-            ]));
-            rxes.push(Rxe { name });
+                &format!("rxecm{n}{k}"),
+            ));
         }
     }
     let agents: Vec<Agent> = (0..2)
         .map(|n| Agent::start(&fabric.nodes[n], &fabric.pools(n)))
         .collect();
-    let pods = [fabric.pod(0), fabric.pod(1)];
-    let mut addr = [Vec::new(), Vec::new()];
-    for (n, pod) in pods.iter().enumerate() {
-        for k in 1..=2 {
-            let out = cni(
-                "ADD",
-                &fabric.netconf(k, &agents[n], "ebpf"),
-                &format!("cm-{n}"),
-                Some(&pod.ns.path()),
-                &format!("net{k}"),
-            );
-            assert!(out.ok, "{}", out.stdout);
-            let a = out.json["ips"][0]["address"].as_str().unwrap();
-            addr[n].push(a.split('/').next().unwrap().to_owned());
-        }
-    }
+    let (pods, addr) = two_pods_on_two_rails(&fabric, &agents, "cm");
     // Pod A's rail-1 address to pod B's rail-2 address: across both rail
     // routers and the spine.
     let (src, dst) = (addr[0][0].clone(), addr[1][1].clone());
-    let mut server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            pods[1].ns.name(),
-            "timeout",
-            "60",
-            "rping",
-            "-s",
-        ])
-        .args(["-a", &dst, "-C", "1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("rping server");
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut server = rping_server(&pods[1].ns, &dst);
     let with = rping_from(&pods[0].ns, &src, &dst);
     assert!(
         !with.contains("ADDR_ERROR") && !with.contains("ROUTE_ERROR"),
@@ -768,65 +784,22 @@ fn shared_pods_exchange_real_rdma_traffic_across_the_rails() {
     let agents: Vec<Agent> = (0..2)
         .map(|n| Agent::start(&fabric.nodes[n], &fabric.pools(n)))
         .collect();
-    let pods = [fabric.pod(0), fabric.pod(1)];
-    let mut addr = [Vec::new(), Vec::new()];
+    let (pods, addr) = two_pods_on_two_rails(&fabric, &agents, "iw");
+    // After the ADDs (the masters have no RDMA device here; the agent
+    // refuses a master without one once the node has any).
     let mut devices = Vec::new();
     for (n, pod) in pods.iter().enumerate() {
         for k in 1..=2 {
-            let out = cni(
-                "ADD",
-                &fabric.netconf(k, &agents[n], "ebpf"),
-                &format!("iw-{n}"),
-                Some(&pod.ns.path()),
-                &format!("net{k}"),
-            );
-            assert!(out.ok, "{}", out.stdout);
-            let a = out.json["ips"][0]["address"].as_str().unwrap();
-            addr[n].push(a.split('/').next().unwrap().to_owned());
-        }
-    }
-    // After the ADDs (the masters have no RDMA device here; the agent
-    // refuses a master without one once the node has any).
-    for (n, pod) in pods.iter().enumerate() {
-        for k in 1..=2 {
-            let name = format!("siwp{n}{k}");
-            sh(Command::new("ip").args([
-                "netns",
-                "exec",
-                pod.ns.name(),
-                "rdma",
-                "link",
-                "add",
-                &name,
-                "type",
+            devices.push(soft_device(
+                &pod.ns,
                 "siw",
-                "netdev",
                 &format!("net{k}"),
-            ]));
-            devices.push(Rxe { name });
+                &format!("siwp{n}{k}"),
+            ));
         }
     }
     let (src, dst) = (addr[0][0].clone(), addr[1][1].clone());
-    let serve = || {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                pods[1].ns.name(),
-                "timeout",
-                "60",
-                "rping",
-                "-s",
-                "-v",
-            ])
-            .args(["-a", &dst, "-C", "1"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("rping server")
-    };
-    let server = serve();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let server = rping_server(&pods[1].ns, &dst);
     let (rail1_before, rail2_before) = (
         fabric.router(1).rx_packets("n0"),
         fabric.router(2).rx_packets("n1"),
@@ -850,8 +823,7 @@ fn shared_pods_exchange_real_rdma_traffic_across_the_rails() {
             .ns
             .ip(&["route", "del", "172.16.0.0/16", "dev", &format!("net{k}")]);
     }
-    let mut server = serve();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut server = rping_server(&pods[1].ns, &dst);
     let without = rping_from(&pods[0].ns, &src, &dst);
     assert!(
         !without.contains("ping data") && without.contains("ERROR"),

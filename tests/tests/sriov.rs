@@ -20,6 +20,38 @@ const BDF: &str = "0000:3b:00.3";
 const VF_MAC: &str = "02:00:00:00:03:03";
 const POD_MAC: &str = "02:aa:00:00:00:01";
 
+/// The agent's sysfs tree for VF `BDF` (netdev `VF`) and, if given, its
+/// PF: netdev `pf` at 0000:3b:00.0, listing the VF as `virtfn<n>`.
+fn sysfs_for_vf(pf: Option<(&str, u32)>) -> ScratchDir {
+    let sysfs = ScratchDir::new("sysfs");
+    let devs = sysfs.path().join("bus/pci/devices");
+    std::fs::create_dir_all(devs.join(BDF).join("net").join(VF)).unwrap();
+    if let Some((pf, n)) = pf {
+        std::fs::create_dir_all(devs.join("0000:3b:00.0/net").join(pf)).unwrap();
+        std::os::unix::fs::symlink("../0000:3b:00.0", devs.join(BDF).join("physfn")).unwrap();
+        std::os::unix::fs::symlink(
+            format!("../{BDF}"),
+            devs.join(format!("0000:3b:00.0/virtfn{n}")),
+        )
+        .unwrap();
+    }
+    sysfs
+}
+
+/// An agent on the fabric's node reading `sysfs`, and a rail-1 network
+/// config in mode sriov for VF `BDF`.
+fn sriov_agent(fabric: &RailFabric, sysfs: &ScratchDir) -> (Agent, serde_json::Value) {
+    let agent = Agent::start_with(
+        &fabric.nodes[0],
+        &fabric.pools(0),
+        &["--sysfs-root", sysfs.path().to_str().unwrap()],
+    );
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["mode"] = "sriov".into();
+    conf["deviceID"] = BDF.into();
+    (agent, conf)
+}
+
 #[test]
 fn a_vf_moves_in_carries_its_rail_and_comes_back_as_it_was() {
     let fabric = RailFabric::new(1, 1);
@@ -28,26 +60,10 @@ fn a_vf_moves_in_carries_its_rail_and_comes_back_as_it_was() {
     veth_between(node, VF, router, "vf3r");
     router.ip(&["link", "set", "vf3r", "master", "br0", "up"]);
     node.ip(&["link", "set", VF, "address", VF_MAC, "mtu", "1500"]);
-    let sysfs = ScratchDir::new("sysfs");
-    std::fs::create_dir_all(
-        sysfs
-            .path()
-            .join("bus/pci/devices")
-            .join(BDF)
-            .join("net")
-            .join(VF),
-    )
-    .unwrap();
-    let agent = Agent::start_with(
-        node,
-        &fabric.pools(0),
-        &["--sysfs-root", sysfs.path().to_str().unwrap()],
-    );
+    let sysfs = sysfs_for_vf(None);
+    let (agent, mut conf) = sriov_agent(&fabric, &sysfs);
     let records = agent.state_path().parent().unwrap().join("vfs");
     let pod = fabric.pod(0);
-    let mut conf = fabric.netconf(1, &agent, "ebpf");
-    conf["mode"] = "sriov".into();
-    conf["deviceID"] = BDF.into();
     conf["mtu"] = 1400.into();
     conf["runtimeConfig"] = serde_json::json!({ "mac": POD_MAC });
 
@@ -194,22 +210,10 @@ fn vf_attributes_need_a_pf_that_has_the_vf_and_nothing_changes_without_one() {
     node.ip(&[
         "link", "add", "ens1f0", "type", "veth", "peer", "name", "ens1f0p",
     ]);
-    let sysfs = ScratchDir::new("sysfs");
-    let devs = sysfs.path().join("bus/pci/devices");
-    std::fs::create_dir_all(devs.join(BDF).join("net").join(VF)).unwrap();
-    std::fs::create_dir_all(devs.join("0000:3b:00.0/net/ens1f0")).unwrap();
-    std::os::unix::fs::symlink("../0000:3b:00.0", devs.join(BDF).join("physfn")).unwrap();
-    std::os::unix::fs::symlink(format!("../{BDF}"), devs.join("0000:3b:00.0/virtfn3")).unwrap();
-    let agent = Agent::start_with(
-        node,
-        &fabric.pools(0),
-        &["--sysfs-root", sysfs.path().to_str().unwrap()],
-    );
+    let sysfs = sysfs_for_vf(Some(("ens1f0", 3)));
+    let (agent, mut conf) = sriov_agent(&fabric, &sysfs);
     let records = agent.state_path().parent().unwrap().join("vfs");
     let pod = fabric.pod(0);
-    let mut conf = fabric.netconf(1, &agent, "ebpf");
-    conf["mode"] = "sriov".into();
-    conf["deviceID"] = BDF.into();
     conf["vlan"] = 100.into();
     conf["trust"] = "on".into();
     let add = cni("ADD", &conf, "vf-attr", Some(&pod.ns.path()), "net1");
@@ -271,24 +275,12 @@ fn vf_attributes_are_set_through_the_pf_and_put_back_on_del() {
         node.name(),
     ]));
     veth_between(node, VF, router, "vf3r");
-    let sysfs = ScratchDir::new("sysfs");
-    let devs = sysfs.path().join("bus/pci/devices");
-    std::fs::create_dir_all(devs.join(BDF).join("net").join(VF)).unwrap();
-    std::fs::create_dir_all(devs.join("0000:3b:00.0/net").join(&pf)).unwrap();
-    std::os::unix::fs::symlink("../0000:3b:00.0", devs.join(BDF).join("physfn")).unwrap();
-    std::os::unix::fs::symlink(format!("../{BDF}"), devs.join("0000:3b:00.0/virtfn1")).unwrap();
-    let agent = Agent::start_with(
-        node,
-        &fabric.pools(0),
-        &["--sysfs-root", sysfs.path().to_str().unwrap()],
-    );
+    let sysfs = sysfs_for_vf(Some((&pf, 1)));
+    let (agent, mut conf) = sriov_agent(&fabric, &sysfs);
     let vf1 = || node.ip_json(&["-d", "link", "show", "dev", &pf])[0]["vfinfo_list"][1].clone();
     let before = vf1();
     assert_eq!(before["vf"], 1, "{before}");
     let pod = fabric.pod(0);
-    let mut conf = fabric.netconf(1, &agent, "ebpf");
-    conf["mode"] = "sriov".into();
-    conf["deviceID"] = BDF.into();
     conf["vlan"] = 100.into();
     conf["vlanQoS"] = 2.into();
     conf["spoofchk"] = "on".into();

@@ -449,6 +449,15 @@ impl Blocks {
         })
     }
 
+    /// The names of the blocks `node` owns.
+    fn owned_by(&self, node: &str) -> Vec<String> {
+        self.by_name
+            .iter()
+            .filter(|(_, b)| b.spec.node == node)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// Claims in every block (what the API server will hold after a flush).
     fn claim_count(&self) -> usize {
         self.by_name.keys().map(|n| self.claims(n).len()).sum()
@@ -1115,13 +1124,7 @@ impl Inner {
     /// address nobody holds in any block.
     async fn next_target(&self, blocks: &mut Blocks, pool: &Pool) -> Result<Target, ClusterError> {
         let me = &self.opts.node;
-        let own: Vec<String> = blocks
-            .by_name
-            .iter()
-            .filter(|(_, b)| &b.spec.node == me)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in own {
+        for name in blocks.owned_by(me) {
             if let Some(a) = blocks.free(pool, &name, true) {
                 return Ok(Target::Local(name, a));
             }
@@ -1399,15 +1402,8 @@ impl Inner {
         for (_, lock) in self.pool_locks() {
             let due = {
                 let mut blocks = lock.lock().await;
-                let me = &self.opts.node;
-                let own: Vec<String> = blocks
-                    .by_name
-                    .iter()
-                    .filter(|(_, b)| &b.spec.node == me)
-                    .map(|(n, _)| n.clone())
-                    .collect();
                 let mut due = Vec::new();
-                for name in own {
+                for name in blocks.owned_by(&self.opts.node) {
                     if blocks.claims(&name).is_empty() {
                         blocks
                             .empty_since
