@@ -747,3 +747,54 @@ fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
         "/24 less network, broadcast and gateway: {table}"
     );
 }
+
+/// A node that holds addresses it does not use lends them when another
+/// node needs them, even while it serves nothing itself (it watches its
+/// blocks); a node that is gone cannot, and the refusal says which node
+/// holds the addresses.
+#[test]
+fn an_idle_node_lends_its_held_addresses_to_a_node_that_needs_them() {
+    let api = server();
+    // A /27: two blocks of 15 usable addresses.
+    let a = node(&api, "node-a", "172.16.1.0/27");
+    let b = node(&api, "node-b", "172.16.1.0/27");
+    a.allocate_owned(key(0, "node-a"), &candidates(), None, &owner(0, "node-a"))
+        .unwrap();
+    for i in 0..15 {
+        b.allocate_owned(key(i, "node-b"), &candidates(), None, &owner(i, "node-b"))
+            .unwrap_or_else(|e| panic!("node-b pod {i}: {e}"));
+    }
+    // node-b's block is full and the other is node-a's: node-a lends.
+    let lent = b
+        .allocate_owned(key(15, "node-b"), &candidates(), None, &owner(15, "node-b"))
+        .expect("node-a lends one of the 14 addresses it holds and does not use");
+    assert!(lent.address.to_string().starts_with("172.16.1."));
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    let held: usize = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["spec"]["node"] == "node-a")
+        .map(|b| b["spec"]["held"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(held, 1, "node-a keeps holding only what it uses: {list}");
+    drop((a, b, api));
+    // A node that holds addresses but is gone cannot lend: the refusal
+    // names it. (A /28: one block.)
+    let api = server();
+    let gone = node(&api, "node-x", "172.16.2.0/28");
+    gone.allocate_owned(key(0, "node-x"), &candidates(), None, &owner(0, "node-x"))
+        .unwrap();
+    drop(gone);
+    let y = node(&api, "node-y", "172.16.2.0/28");
+    let err = y
+        .allocate_owned(key(0, "node-y"), &candidates(), None, &owner(0, "node-y"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exhausted")
+            && err.contains("node-x")
+            && err.contains("railnet-agent running"),
+        "{err}"
+    );
+}

@@ -283,8 +283,6 @@ pub struct ClusterOptions {
     pub timeout: Duration,
     /// How often claims made from held addresses are written (200 ms).
     pub flush_interval: Duration,
-    /// How often the node looks for lend requests on its blocks (1 s).
-    pub lend_check: Duration,
     /// How long an ADD waits for another node to lend a held address
     /// before saying the pool is exhausted (3 s).
     pub lend_wait: Duration,
@@ -303,7 +301,6 @@ impl ClusterOptions {
             block_prefix_v6: 122,
             timeout: Duration::from_secs(5),
             flush_interval: Duration::from_millis(200),
-            lend_check: Duration::from_secs(1),
             lend_wait: Duration::from_secs(3),
             empty_block_grace: Duration::from_secs(10),
         }
@@ -495,6 +492,8 @@ pub struct ClusterStore {
 
 struct Inner {
     api: Api<RailBlock>,
+    /// The same without a read timeout: watches wait minutes for events.
+    watch_api: Api<RailBlock>,
     opts: ClusterOptions,
     /// Writes the API server refused because the block had changed (409):
     /// how often nodes meet in one block.
@@ -538,8 +537,15 @@ impl ClusterStore {
             .build()
             .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
         let client = rt.block_on(client(opts.kubeconfig.as_deref(), opts.timeout))?;
+        let watch_client = rt.block_on(async {
+            let mut config = config(opts.kubeconfig.as_deref()).await?;
+            config.connect_timeout = Some(opts.timeout);
+            config.read_timeout = None;
+            Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
+        })?;
         let inner = Arc::new(Inner {
             api: Api::all(client),
+            watch_api: Api::all(watch_client),
             opts,
             conflicts: Default::default(),
             writes: Default::default(),
@@ -547,6 +553,7 @@ impl ClusterStore {
             pending: Mutex::default(),
         });
         rt.spawn(Inner::flush_loop(Arc::downgrade(&inner)));
+        rt.spawn(Inner::lend_watch(Arc::downgrade(&inner)));
         Ok(Self { rt, inner })
     }
 
@@ -1351,10 +1358,8 @@ impl Inner {
         Ok(())
     }
 
-    /// Flushes every `flush_interval`, and looks for lend requests every
-    /// `lend_check`, until the store is dropped.
+    /// Flushes every `flush_interval` until the store is dropped.
     async fn flush_loop(inner: std::sync::Weak<Inner>) {
-        let mut last_check = Instant::now();
         loop {
             let interval = match inner.upgrade() {
                 Some(i) => i.opts.flush_interval,
@@ -1362,33 +1367,75 @@ impl Inner {
             };
             tokio::time::sleep(interval).await;
             let Some(i) = inner.upgrade() else { return };
-            if last_check.elapsed() >= i.opts.lend_check {
-                last_check = Instant::now();
-                if let Err(e) = i.check_lend_requests().await {
-                    tracing::debug!(error = %e, "cannot look for lend requests");
-                }
-            }
             if let Err(e) = i.flush(false).await {
                 tracing::warn!(error = %e, "claims not written yet; retrying");
             }
         }
     }
 
-    /// Notes the lend requests on this node's blocks (one list of them).
-    async fn check_lend_requests(&self) -> Result<(), ClusterError> {
+    /// Watches this node's blocks for lend requests (one long-poll watch,
+    /// not a list per node per second): each is answered by the next
+    /// flush. A watch that ends or fails is resumed after a fresh list.
+    async fn lend_watch(inner: std::sync::Weak<Inner>) {
+        use futures::StreamExt;
+        use kube::api::{WatchEvent, WatchParams};
+        loop {
+            let Some(i) = inner.upgrade() else { return };
+            let version = match i.check_lend_requests().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look for lend requests; again in a second");
+                    drop(i);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let wp = WatchParams::default()
+                .labels(&format!("{NODE_LABEL}={}", i.opts.node))
+                .timeout(290);
+            let stream = match i.watch_api.watch(&wp, &version).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot watch this node's blocks; again in a second");
+                    drop(i);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            drop(i);
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
+                let Some(i) = inner.upgrade() else { return };
+                match event {
+                    Ok(WatchEvent::Added(b) | WatchEvent::Modified(b)) => i.note_lend(b).await,
+                    Ok(WatchEvent::Deleted(_) | WatchEvent::Bookmark(_)) => {}
+                    Ok(WatchEvent::Error(_)) | Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Notes the lend requests on this node's blocks (one list of them);
+    /// returns the list's resourceVersion, to watch from.
+    async fn check_lend_requests(&self) -> Result<String, ClusterError> {
         let lp = ListParams::default().labels(&format!("{NODE_LABEL}={}", self.opts.node));
         let list = self.api.list(&lp).await.map_err(classify)?;
         for b in list.items {
-            if !b.spec.lend_requested || b.spec.node != self.opts.node {
-                continue;
-            }
-            let name = b.metadata.name.clone().unwrap_or_default();
-            let lock = self.blocks_of(&b.spec.pool);
-            let mut blocks = lock.lock().await;
-            blocks.lend.insert(name.clone());
-            blocks.by_name.insert(name, b);
+            self.note_lend(b).await;
         }
-        Ok(())
+        Ok(list.metadata.resource_version.unwrap_or_default())
+    }
+
+    /// If block `b` (ours) asks us to lend, the next flush answers.
+    async fn note_lend(&self, b: RailBlock) {
+        if !b.spec.lend_requested || b.spec.node != self.opts.node {
+            return;
+        }
+        let name = b.metadata.name.clone().unwrap_or_default();
+        let lock = self.blocks_of(&b.spec.pool);
+        let mut blocks = lock.lock().await;
+        blocks.lend.insert(name.clone());
+        blocks.by_name.insert(name, b);
     }
 
     /// Writes each own block that has unwritten claims or releases, a lend
@@ -1577,18 +1624,23 @@ impl ClusterError {
 /// the in-cluster service account) with every request bounded by
 /// `timeout`. Call inside a runtime.
 pub async fn client(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Client, ClusterError> {
-    let mut config = match kubeconfig {
-        Some(path) => from_file(path).await?,
-        None => Config::infer().await.map_err(|e| {
-            ClusterError::Refused(format!(
-                "no Kubernetes configuration found ({e}); run in a pod with a service account, or pass --kubeconfig"
-            ))
-        })?,
-    };
+    let mut config = config(kubeconfig).await?;
     config.connect_timeout = Some(timeout);
     config.read_timeout = Some(timeout);
     config.write_timeout = Some(timeout);
     Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
+}
+
+/// The client configuration: `kubeconfig`, else inferred.
+async fn config(kubeconfig: Option<&Path>) -> Result<Config, ClusterError> {
+    match kubeconfig {
+        Some(path) => from_file(path).await,
+        None => Config::infer().await.map_err(|e| {
+            ClusterError::Refused(format!(
+                "no Kubernetes configuration found ({e}); run in a pod with a service account, or pass --kubeconfig"
+            ))
+        }),
+    }
 }
 
 async fn from_file(path: &Path) -> Result<Config, ClusterError> {
