@@ -241,15 +241,114 @@ pub async fn reconcile(client: &Client, opts: &RenderOptions) -> Result<Pass, ku
 /// error: the sweep must never run on a partial or failed list.
 pub async fn pod_uids(client: &Client) -> Result<std::collections::HashSet<String>, kube::Error> {
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
-    let mut uids = std::collections::HashSet::new();
+    all_of(&pods, |m| m.uid).await
+}
+
+/// The names of every Node (metadata only); an error as for [`pod_uids`].
+pub async fn node_names(client: &Client) -> Result<std::collections::HashSet<String>, kube::Error> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    all_of(&nodes, |m| m.name).await
+}
+
+/// `pick` of every object `api` lists, page by page (metadata only).
+async fn all_of<K>(
+    api: &Api<K>,
+    pick: impl Fn(k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<String>,
+) -> Result<std::collections::HashSet<String>, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut out = std::collections::HashSet::new();
     let mut lp = ListParams::default().limit(500);
     loop {
-        let page = pods.list_metadata(&lp).await?;
-        uids.extend(page.items.into_iter().filter_map(|p| p.metadata.uid));
+        let page = api.list_metadata(&lp).await?;
+        out.extend(page.items.into_iter().filter_map(|p| pick(p.metadata)));
         match page.metadata.continue_ {
             Some(c) if !c.is_empty() => lp = lp.continue_token(&c),
-            _ => return Ok(uids),
+            _ => return Ok(out),
         }
+    }
+}
+
+/// Gives back the blocks of nodes that are gone: a node deleted (replaced,
+/// scaled in) never releases what it held. After its name has been
+/// missing from every Node list for `grace`, its blocks' held addresses
+/// are released (any node may then take their free addresses) and a
+/// block with no claim left is deleted — the claims themselves go with
+/// their pods ([`ClaimSweeper`]). Every write has the block's
+/// resourceVersion as a precondition.
+#[derive(Debug)]
+pub struct BlockSweeper {
+    grace: Duration,
+    missing_since: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl BlockSweeper {
+    /// A sweeper with `grace`.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            missing_since: Default::default(),
+        }
+    }
+
+    /// One pass against the nodes that exist now; returns the blocks
+    /// given back (held addresses released, or deleted).
+    pub async fn pass(
+        &mut self,
+        client: &Client,
+        live: &std::collections::HashSet<String>,
+    ) -> Result<usize, kube::Error> {
+        use kube::api::{DeleteParams, Preconditions};
+
+        use crate::ipam::cluster::RailBlock;
+        let blocks: Api<RailBlock> = Api::all(client.clone());
+        let now = std::time::Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        let mut given = 0;
+        for block in blocks.list(&ListParams::default()).await?.items {
+            let node = &block.spec.node;
+            if live.contains(node) {
+                continue;
+            }
+            seen.insert(node.clone());
+            let since = *self.missing_since.entry(node.clone()).or_insert(now);
+            if now.duration_since(since) < self.grace
+                || (block.spec.held.is_empty() && !block.spec.claims.is_empty())
+            {
+                continue;
+            }
+            let name = block.metadata.name.clone().unwrap_or_default();
+            let result = if block.spec.claims.is_empty() {
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        resource_version: block.metadata.resource_version.clone(),
+                        uid: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                blocks.delete(&name, &dp).await.map(|_| ())
+            } else {
+                let mut next = block.clone();
+                next.spec.held.clear();
+                next.spec.lend_requested = false;
+                blocks
+                    .replace(&name, &PostParams::default(), &next)
+                    .await
+                    .map(|_| ())
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(block = %name, node = %node, claims = block.spec.claims.len(),
+                        "gave back the block of a node that is gone");
+                    given += 1;
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.missing_since.retain(|n, _| seen.contains(n));
+        Ok(given)
     }
 }
 
@@ -471,6 +570,8 @@ pub struct Metrics {
     pub pass_errors: prometheus_client::metrics::counter::Counter,
     /// Claims of gone pods released.
     pub claims_released: prometheus_client::metrics::counter::Counter,
+    /// Blocks of gone nodes given back.
+    pub blocks_given_back: prometheus_client::metrics::counter::Counter,
     /// Webhook answers by result (`unchanged`, `patched`, `denied`,
     /// `bad_request`).
     pub webhook: prometheus_client::metrics::family::Family<
@@ -526,6 +627,11 @@ impl Metrics {
             "claims_released",
             "Address claims of pods that are gone, released",
             self.claims_released.clone(),
+        );
+        r.register(
+            "blocks_given_back",
+            "Address blocks of nodes that are gone, given back",
+            self.blocks_given_back.clone(),
         );
         r.register(
             "webhook_requests",

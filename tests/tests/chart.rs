@@ -291,7 +291,7 @@ fn kubernetes_ipam_gives_the_agent_railblocks_and_railpools_and_nothing_else() {
         .unwrap()["rules"]
         .to_string();
     assert!(
-        ctl_role.contains(r#""resources":["pods"],"verbs":["list"]"#),
+        ctl_role.contains(r#""resources":["pods","nodes"],"verbs":["list"]"#),
         "{ctl_role}"
     );
     let ctl =

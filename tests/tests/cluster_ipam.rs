@@ -798,3 +798,84 @@ fn an_idle_node_lends_its_held_addresses_to_a_node_that_needs_them() {
         "{err}"
     );
 }
+
+/// The controller's block sweep against the real API server, with the
+/// live node names given (this server has no nodes API): after the grace,
+/// a deleted node's held addresses are released — another node then takes
+/// them — and, once its pods' claims are gone too, its block is deleted.
+#[test]
+fn blocks_of_a_node_that_is_gone_are_given_back_after_the_grace_period() {
+    let api = server();
+    // A /28: one block. node-x takes it, serves one pod, and is deleted.
+    let x = node(&api, "node-x", "172.16.3.0/28");
+    let held = x
+        .allocate_owned(key(0, "node-x"), &candidates(), None, &owner(0, "node-x"))
+        .unwrap();
+    x.flush().unwrap();
+    drop(x);
+    let kubeconfig = api.kubeconfig();
+    let mut sweeper = railnet_agent::controller::BlockSweeper::new(Duration::from_millis(800));
+    let mut sweep = |live: &[&str]| -> usize {
+        let live: HashSet<String> = live.iter().map(|s| s.to_string()).collect();
+        let (kubeconfig, sweeper) = (kubeconfig.clone(), &mut sweeper);
+        api.inside(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let client =
+                    railnet_agent::ipam::cluster::client(Some(&kubeconfig), Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                sweeper.pass(&client, &live).await.unwrap()
+            })
+        })
+    };
+    let y = node(&api, "node-y", "172.16.3.0/28");
+    let refused = y
+        .allocate_owned(key(0, "node-y"), &candidates(), None, &owner(0, "node-y"))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("node-x"), "{refused}");
+    // Within the grace: nothing; a node still listed: never.
+    assert_eq!(sweep(&["node-y"]), 0);
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(
+        sweep(&["node-y", "node-x"]),
+        0,
+        "node-x is back in the list"
+    );
+    assert_eq!(
+        sweep(&["node-y"]),
+        0,
+        "missing again: the grace starts over"
+    );
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(sweep(&["node-y"]), 1, "node-x's held addresses released");
+    let got = y
+        .allocate_owned(key(1, "node-y"), &candidates(), None, &owner(1, "node-y"))
+        .expect("node-y takes an address node-x held");
+    assert_ne!(got.address, held.address, "node-x's pod keeps its claim");
+    // node-x's pod is gone too (the claim sweep's part, here by hand): its
+    // block, with node-y's claim in it, stays; node-y's release empties it
+    // and the next pass deletes it.
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    let mut block = list["items"][0].clone();
+    let name = block["metadata"]["name"].as_str().unwrap().to_owned();
+    block["spec"]["claims"]
+        .as_object_mut()
+        .unwrap()
+        .remove(&held.address.to_string());
+    let (code, body) = api.put(
+        &format!("/apis/railnet.io/v1alpha1/railblocks/{name}"),
+        &block,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(sweep(&["node-y"]), 0, "node-y's claim keeps the block");
+    y.release(&got.key.container_id, "net1").unwrap();
+    y.flush().unwrap();
+    assert_eq!(sweep(&["node-y"]), 1, "the emptied block is deleted");
+    let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
+    assert!(list["items"].as_array().unwrap().is_empty(), "{list}");
+}

@@ -6,7 +6,9 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use railnet_agent::{
-    controller::{ClaimSweeper, Leader, RenderOptions, pod_uids, reconcile},
+    controller::{
+        BlockSweeper, ClaimSweeper, Leader, RenderOptions, node_names, pod_uids, reconcile,
+    },
     ipam::cluster,
 };
 use tracing::{info, warn};
@@ -47,7 +49,8 @@ struct Args {
     #[arg(long)]
     tombstone_dir: Option<String>,
     /// Seconds a claim's pod must be missing from the cluster before its
-    /// address is released (Kubernetes IPAM mode); 0 turns the sweep off.
+    /// address is released, and a block's node before the block is given
+    /// back (Kubernetes IPAM mode); 0 turns both sweeps off.
     #[arg(long, default_value_t = 300)]
     claim_grace_seconds: u64,
     /// Keep each RailPool's status (allocated/total addresses) current
@@ -174,6 +177,8 @@ fn main() -> ExitCode {
         }
         let mut sweeper = ClaimSweeper::new(Duration::from_secs(args.claim_grace_seconds));
         let mut pods_unlisted = false;
+        let mut blocks = BlockSweeper::new(Duration::from_secs(args.claim_grace_seconds));
+        let mut nodes_unlisted = false;
         let mut leading = false;
         let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
         loop {
@@ -241,6 +246,27 @@ fn main() -> ExitCode {
                         Err(e) if !pods_unlisted => {
                             pods_unlisted = true;
                             warn!(error = %e, "cannot list pods; claims of deleted pods are not released until it can");
+                        }
+                        Err(_) => {}
+                    }
+                    // The same for blocks of deleted nodes; never on a
+                    // failed node list.
+                    match node_names(&client).await {
+                        Ok(live) => {
+                            nodes_unlisted = false;
+                            match blocks.pass(&client, &live).await {
+                                Ok(n) => {
+                                    metrics.blocks_given_back.inc_by(n as u64);
+                                }
+                                Err(e) => {
+                                    metrics.pass_errors.inc();
+                                    warn!(error = %e, "block sweep failed; retrying next interval");
+                                }
+                            }
+                        }
+                        Err(e) if !nodes_unlisted => {
+                            nodes_unlisted = true;
+                            warn!(error = %e, "cannot list nodes; blocks of deleted nodes are not given back until it can");
                         }
                         Err(_) => {}
                     }
