@@ -369,7 +369,8 @@ fn main() -> ExitCode {
         // Kubernetes mode: claims made since the last flush are in the
         // journal already; writing them now saves the next agent the
         // catching up (and shows them to the controller at once).
-        let flushed = tokio::task::spawn_blocking(move || last.ipam.flush()).await;
+        // On a plain thread: the store runs its own runtime.
+        let flushed = std::thread::spawn(move || last.ipam.flush()).join();
         if let Ok(Err(e)) = flushed {
             tracing::warn!(error = %e, "claims not written before exit; the next agent writes them from its journal");
         }

@@ -491,7 +491,7 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
     ];
     // The agent's "node" is the API server's netns: the only place its
     // loopback address is reachable.
-    let agent = Agent::start_with(&api.ns, &pools, &flags);
+    let mut agent = Agent::start_with(&api.ns, &pools, &flags);
     let bin = ScratchDir::new("cnibin");
     let ipam = bin.path().join("railnet-ipam");
     std::os::unix::fs::symlink(binary("RAILNET_CNI_BIN", "railnet"), &ipam).unwrap();
@@ -564,6 +564,17 @@ fn the_agent_claims_in_the_api_server_and_asks_for_a_retry_while_it_is_gone() {
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!((2..7).contains(&writes), "{writes} writes\n{metrics}");
     assert!(metrics.contains("railnet_ipam_api_write_conflicts_total 0"));
+    // SIGTERM: the agent ends cleanly (writing what it has left); the
+    // claims are in the API server.
+    let out = add("c-fifth");
+    assert!(out.ok, "{}", out.stdout);
+    agent.stop();
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+    assert!(
+        claims_in(&api).iter().any(|(_, c, _)| c == "c-fifth"),
+        "{}",
+        agent.log()
+    );
 }
 
 /// Pools as users of the seeds write them: RailPool objects, read by every
