@@ -947,6 +947,7 @@ mod tests {
                 spoofchk: Some(false),
                 trust: Some(true),
                 link_state: Some(crate::netconf::VfLinkMode::Enable),
+                mac: None,
             }
         );
     }

@@ -109,10 +109,14 @@ pub struct VfSettings {
     pub trust: Option<bool>,
     /// Link state the PF reports to the VF.
     pub link_state: Option<VfLinkMode>,
+    /// The VF's MAC as its PF knows it (the one spoof checking allows):
+    /// the pod's `runtimeConfig.mac`, set on the netdev and through the PF.
+    #[serde(default)]
+    pub mac: Option<[u8; 6]>,
 }
 
 impl VfSettings {
-    /// Whether anything is asked.
+    /// Whether anything is asked of the PF besides the MAC.
     pub fn is_empty(&self) -> bool {
         self.vlan.is_none()
             && self.spoofchk.is_none()
@@ -331,6 +335,7 @@ impl NetConf {
             spoofchk: on_off("spoofchk", &self.spoofchk)?,
             trust: on_off("trust", &self.trust)?,
             link_state,
+            mac: None,
         })
     }
 
@@ -536,6 +541,7 @@ mod tests {
                 spoofchk: Some(false),
                 trust: Some(true),
                 link_state: Some(VfLinkMode::Enable),
+                mac: None,
             }
         );
         for (extra, field, hint) in [

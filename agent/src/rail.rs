@@ -349,20 +349,28 @@ impl RailService {
         let vf = sriov::vf_netdev(&self.sysfs_root, &bdf)
             .map_err(|e| invalid(format!("VF {bdf} (deviceID) cannot be used"), e))?;
         // VF attributes go through the PF: find it before changing anything.
-        let settings = conf
+        let mut settings = conf
             .vf_settings()
             .map_err(|e| invalid("VF attributes", e.to_string()))?;
-        let pf_side = if settings.is_empty() {
-            None
-        } else {
-            Some(sriov::pf_of(&self.sysfs_root, &bdf).map_err(|e| {
-                invalid(
+        // A MAC the pod asks for goes through the PF too: with spoof
+        // checking on, the NIC drops frames from any other MAC.
+        settings.mac = mac;
+        let pf_side = match sriov::pf_of(&self.sysfs_root, &bdf) {
+            _ if settings.is_empty() && settings.mac.is_none() => None,
+            Ok(pf) => Some(pf),
+            // A MAC alone needs no PF to work without spoof checking.
+            Err(e) if settings.is_empty() => {
+                tracing::info!(vf = %bdf, why = %e, "no PF found: the MAC is set on the VF netdev only");
+                None
+            }
+            Err(e) => {
+                return Err(invalid(
                     format!(
                         "VF {bdf}: vlan, spoofchk, trust and link_state are set through its PF"
                     ),
                     e,
-                )
-            })?)
+                ));
+            }
         };
         let records = self.vf_records.clone();
         let holder = sriov::Holder::of(&att.args, &att.container_id, &att.ifname);
@@ -552,28 +560,24 @@ impl RailService {
                 .execute()
                 .await
                 .map_err(|e| format!("restoring VF {}: {}", rec.name, describe(&e)))?;
+            // The PF's view of the VF, put back. Best effort: a PF that
+            // refuses (or is gone) must not keep the pod in Terminating;
+            // the VF is back either way.
             if let Some(side) = &rec.pf {
-                let pf = rtnl::link_by_name(&h, &side.pf)
-                    .await
-                    .map_err(|e| format!("looking up PF {}: {}", side.pf, describe(&e)))?
-                    .ok_or_else(|| {
-                        format!(
-                            "PF {} is gone; VF {} keeps its attributes",
-                            side.pf, side.vf
-                        )
-                    })?;
-                h.link()
-                    .set(rtnl::vf_request(pf.index, side.vf, &side.was))
-                    .execute()
-                    .await
-                    .map_err(|e| {
-                        format!(
-                            "restoring VF {} attributes through PF {}: {}",
-                            side.vf,
-                            side.pf,
-                            describe(&e)
-                        )
-                    })?;
+                let restored = match rtnl::link_by_name(&h, &side.pf).await {
+                    Ok(Some(pf)) => h
+                        .link()
+                        .set(rtnl::vf_request(pf.index, side.vf, &side.was))
+                        .execute()
+                        .await
+                        .map_err(|e| describe(&e)),
+                    Ok(None) => Err("the PF is gone".to_owned()),
+                    Err(e) => Err(describe(&e)),
+                };
+                if let Err(why) = restored {
+                    tracing::warn!(pf = %side.pf, vf = side.vf, %why,
+                        "VF attributes not restored through the PF; the next pod's ADD sets its own");
+                }
             }
             Ok(())
         })

@@ -280,7 +280,12 @@ pub async fn vf_settings(
                             _ => VfLinkMode::Auto,
                         });
                     }
-                    VfInfo::Mac(v) => id = Some(v.vf_id),
+                    VfInfo::Mac(v) => {
+                        id = Some(v.vf_id);
+                        let mut mac = [0; 6];
+                        mac.copy_from_slice(&v.mac[..6]);
+                        out.mac = Some(mac);
+                    }
                     _ => {}
                 }
             }
@@ -293,16 +298,20 @@ pub async fn vf_settings(
 }
 
 /// The request that sets VF `vf`'s attributes through PF `pf`, as
-/// iproute2's `ip link set dev <pf> vf <vf> vlan V qos Q spoofchk on|off
-/// trust on|off state auto|enable|disable` sends them (one `IFLA_VF_INFO`
-/// in `IFLA_VFINFO_LIST`, in that order; only those asked).
+/// iproute2's `ip link set dev <pf> vf <vf> mac M vlan V qos Q spoofchk
+/// on|off trust on|off state auto|enable|disable` sends them (one
+/// `IFLA_VF_INFO` in `IFLA_VFINFO_LIST`, in that order; only those asked).
 pub fn vf_request(pf: u32, vf: u32, set: &crate::netconf::VfSettings) -> LinkMessage {
     use rtnetlink::packet_route::link::{
-        LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan, VfLinkState,
+        LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan,
+        VfLinkState,
     };
 
     use crate::netconf::VfLinkMode;
     let mut info = Vec::new();
+    if let Some(mac) = set.mac {
+        info.push(VfInfo::Mac(VfInfoMac::new(vf, &mac)));
+    }
     if let Some(v) = set.vlan {
         info.push(VfInfo::Vlan(VfInfoVlan::new(vf, v.into(), set.qos.into())));
     }

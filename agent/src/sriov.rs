@@ -118,6 +118,7 @@ pub fn restore_of(
         link_state: set
             .link_state
             .map(|_| was.link_state.unwrap_or(VfLinkMode::Auto)),
+        mac: set.mac.map(|_| was.mac.unwrap_or([0; 6])),
     }
 }
 
@@ -318,6 +319,7 @@ mod tests {
             spoofchk: Some(true),
             trust: Some(false),
             link_state: Some(VfLinkMode::Auto),
+            mac: None,
         };
         assert_eq!(
             restore_of(&set, &was),

@@ -137,11 +137,13 @@ fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
         spoofchk: Some(false),
         trust: Some(true),
         link_state: Some(VfLinkMode::Enable),
+        mac: Some([0x02, 0xaa, 0, 0, 0, 0x01]),
     };
     let cases: Vec<(Vec<&str>, VfSettings)> = vec![
         (
             vec![
-                "vlan", "100", "qos", "2", "spoofchk", "off", "trust", "on", "state", "enable",
+                "mac", POD_MAC, "vlan", "100", "qos", "2", "spoofchk", "off", "trust", "on",
+                "state", "enable",
             ],
             all,
         ),
@@ -155,6 +157,7 @@ fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
                 spoofchk: Some(true),
                 trust: Some(false),
                 link_state: Some(VfLinkMode::Auto),
+                mac: None,
             },
         ),
         (
@@ -286,6 +289,7 @@ fn vf_attributes_are_set_through_the_pf_and_put_back_on_del() {
     conf["spoofchk"] = "on".into();
     conf["trust"] = "on".into();
     conf["link_state"] = "enable".into();
+    conf["runtimeConfig"] = serde_json::json!({ "mac": POD_MAC });
     let add = cni("ADD", &conf, "vf-sim", Some(&pod.ns.path()), "net1");
     assert!(add.ok, "{}\n{}", add.stdout, agent.log());
     let set = vf1();
@@ -294,11 +298,12 @@ fn vf_attributes_are_set_through_the_pf_and_put_back_on_del() {
     assert_eq!(set["spoofchk"], true, "{set}");
     assert_eq!(set["trust"], true, "{set}");
     assert_eq!(set["link_state"], "enable", "{set}");
+    assert_eq!(set["address"], POD_MAC, "the PF knows the pod's MAC: {set}");
     assert!(pod.ns.has_link("net1"));
     let del = cni("DEL", &conf, "vf-sim", Some(&pod.ns.path()), "net1");
     assert!(del.ok, "{}\n{}", del.stdout, agent.log());
     let after = vf1();
-    for key in ["vlan_list", "spoofchk", "trust", "link_state"] {
+    for key in ["address", "vlan_list", "spoofchk", "trust", "link_state"] {
         assert_eq!(after.get(key), before.get(key), "{key}: {before} → {after}");
     }
     assert!(node.has_link(VF));
