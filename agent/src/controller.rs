@@ -270,6 +270,43 @@ where
     }
 }
 
+/// How long each thing (a claim's pod, a block's node) has been missing
+/// from the lists, pass after pass: what is seen again starts over.
+#[derive(Debug)]
+struct Missing<K> {
+    grace: Duration,
+    since: std::collections::HashMap<K, std::time::Instant>,
+    seen: std::collections::HashSet<K>,
+}
+
+impl<K: Eq + std::hash::Hash + Clone> Missing<K> {
+    fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            since: Default::default(),
+            seen: Default::default(),
+        }
+    }
+
+    /// Starts a pass.
+    fn start(&mut self) {
+        self.seen.clear();
+    }
+
+    /// Notes `key` missing at `now`; whether it has been for the grace.
+    fn for_grace(&mut self, key: K, now: std::time::Instant) -> bool {
+        self.seen.insert(key.clone());
+        let since = *self.since.entry(key).or_insert(now);
+        now.duration_since(since) >= self.grace
+    }
+
+    /// Ends a pass: what it did not find missing is forgotten.
+    fn end(&mut self) {
+        let seen = &self.seen;
+        self.since.retain(|k, _| seen.contains(k));
+    }
+}
+
 /// Gives back the blocks of nodes that are gone: a node deleted (replaced,
 /// scaled in) never releases what it held. After its name has been
 /// missing from every Node list for `grace`, its blocks' held addresses
@@ -279,16 +316,14 @@ where
 /// resourceVersion as a precondition.
 #[derive(Debug)]
 pub struct BlockSweeper {
-    grace: Duration,
-    missing_since: std::collections::HashMap<String, std::time::Instant>,
+    missing: Missing<String>,
 }
 
 impl BlockSweeper {
     /// A sweeper with `grace`.
     pub fn new(grace: Duration) -> Self {
         Self {
-            grace,
-            missing_since: Default::default(),
+            missing: Missing::new(grace),
         }
     }
 
@@ -299,35 +334,27 @@ impl BlockSweeper {
         client: &Client,
         live: &std::collections::HashSet<String>,
     ) -> Result<usize, kube::Error> {
-        use kube::api::{DeleteParams, Preconditions};
-
-        use crate::ipam::cluster::RailBlock;
+        use crate::ipam::cluster::{RailBlock, if_unchanged};
         let blocks: Api<RailBlock> = Api::all(client.clone());
         let now = std::time::Instant::now();
-        let mut seen = std::collections::HashSet::new();
+        self.missing.start();
         let mut given = 0;
         for block in blocks.list(&ListParams::default()).await?.items {
             let node = &block.spec.node;
             if live.contains(node) {
                 continue;
             }
-            seen.insert(node.clone());
-            let since = *self.missing_since.entry(node.clone()).or_insert(now);
-            if now.duration_since(since) < self.grace
+            if !self.missing.for_grace(node.clone(), now)
                 || (block.spec.held.is_empty() && !block.spec.claims.is_empty())
             {
                 continue;
             }
             let name = block.metadata.name.clone().unwrap_or_default();
             let result = if block.spec.claims.is_empty() {
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: block.metadata.resource_version.clone(),
-                        uid: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                blocks.delete(&name, &dp).await.map(|_| ())
+                blocks
+                    .delete(&name, &if_unchanged(&block.metadata))
+                    .await
+                    .map(|_| ())
             } else {
                 let mut next = block.clone();
                 next.spec.held.clear();
@@ -347,7 +374,7 @@ impl BlockSweeper {
                 Err(e) => return Err(e),
             }
         }
-        self.missing_since.retain(|n, _| seen.contains(n));
+        self.missing.end();
         Ok(given)
     }
 }
@@ -360,16 +387,14 @@ impl BlockSweeper {
 /// without a pod UID are left to their node.
 #[derive(Debug)]
 pub struct ClaimSweeper {
-    grace: Duration,
-    missing_since: std::collections::HashMap<(String, String), std::time::Instant>,
+    missing: Missing<(String, String)>,
 }
 
 impl ClaimSweeper {
     /// A sweeper with `grace`.
     pub fn new(grace: Duration) -> Self {
         Self {
-            grace,
-            missing_since: Default::default(),
+            missing: Missing::new(grace),
         }
     }
 
@@ -382,7 +407,7 @@ impl ClaimSweeper {
         use crate::ipam::cluster::RailBlock;
         let blocks: Api<RailBlock> = Api::all(client.clone());
         let now = std::time::Instant::now();
-        let mut seen = std::collections::HashSet::new();
+        self.missing.start();
         let mut released = 0;
         for block in blocks.list(&ListParams::default()).await?.items {
             let name = block.metadata.name.clone().unwrap_or_default();
@@ -392,9 +417,7 @@ impl ClaimSweeper {
                     continue;
                 }
                 let key = (name.clone(), format!("{address}/{}", claim.pod_uid));
-                seen.insert(key.clone());
-                let since = *self.missing_since.entry(key).or_insert(now);
-                if now.duration_since(since) >= self.grace {
+                if self.missing.for_grace(key, now) {
                     doomed.push(address.clone());
                 }
             }
@@ -421,7 +444,7 @@ impl ClaimSweeper {
             }
         }
         // Forget claims that were released or whose pod came back.
-        self.missing_since.retain(|k, _| seen.contains(k));
+        self.missing.end();
         Ok(released)
     }
 }
@@ -444,9 +467,9 @@ pub struct Uninstalled {
 /// deleting it would let a reinstalled railnet hand those addresses out
 /// a second time while the pods still use them.
 pub async fn uninstall(client: &Client) -> Result<Uninstalled, kube::Error> {
-    use kube::api::{DeleteParams, Preconditions};
+    use kube::api::DeleteParams;
 
-    use crate::ipam::cluster::RailBlock;
+    use crate::ipam::cluster::{RailBlock, if_unchanged};
     let mut done = Uninstalled::default();
     let all: Api<DynamicObject> = Api::all_with(client.clone(), &nads());
     for nad in all.list(&ListParams::default()).await?.items {
@@ -494,13 +517,7 @@ pub async fn uninstall(client: &Client) -> Result<Uninstalled, kube::Error> {
             continue;
         }
         // Only as we saw it: a claim written meanwhile keeps the block.
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                resource_version: b.metadata.resource_version.clone(),
-                uid: None,
-            }),
-            ..DeleteParams::default()
-        };
+        let dp = if_unchanged(&b.metadata);
         match blocks.delete(&name, &dp).await {
             Ok(_) => done.blocks += 1,
             Err(kube::Error::Api(s)) if s.code == 404 => {}

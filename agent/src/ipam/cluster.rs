@@ -1516,14 +1516,10 @@ impl Inner {
             };
             let result = if delete {
                 // Give the range back: deleted only if nobody wrote since.
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: current.metadata.resource_version.clone(),
-                        uid: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                self.api.delete(name, &dp).await.map(|_| None)
+                self.api
+                    .delete(name, &if_unchanged(&current.metadata))
+                    .await
+                    .map(|_| None)
             } else {
                 self.api
                     .replace(name, &PostParams::default(), &next)
@@ -1649,6 +1645,18 @@ async fn from_file(path: &Path) -> Result<Config, ClusterError> {
     Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
         .map_err(|e| ClusterError::Refused(format!("kubeconfig {}: {e}", path.display())))
+}
+
+/// Delete parameters that delete the object only as `meta` saw it (its
+/// resourceVersion): a write since makes the delete fail with 409.
+pub fn if_unchanged(meta: &ObjectMeta) -> DeleteParams {
+    DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: meta.resource_version.clone(),
+            uid: None,
+        }),
+        ..DeleteParams::default()
+    }
 }
 
 /// Whether the block as it is now says what became of a failed write:
