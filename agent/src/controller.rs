@@ -58,11 +58,13 @@ pub fn render(
 ) -> Result<(Value, BTreeMap<String, String>), String> {
     let ty = spec["type"].as_str().unwrap_or_default();
     let mode = match ty {
-        "macvlan" | "ipvlan" | "sriov" => ty,
-        "ib-sriov" | "ipoib" => {
-            return Err(format!(
-                "type {ty} is not supported by this railnet version (InfiniBand interfaces are not wired yet); use macvlan, ipvlan or sriov"
-            ));
+        "macvlan" | "ipvlan" | "sriov" | "ib-sriov" => ty,
+        "ipoib" => {
+            return Err(
+                "type ipoib is not supported by this railnet version (IPoIB children are not wired yet); \
+                 use ib-sriov, or ipoib-cni with a railnet network of mode chained"
+                    .to_owned(),
+            );
         }
         other => return Err(format!("type {other:?} is unknown")),
     };
@@ -102,6 +104,16 @@ pub fn render(
         ("linkState", "link_state"),
     ] {
         if let Some(v) = spec["vf"].get(from) {
+            o.insert(to.into(), v.clone());
+        }
+    }
+    // Multus passes the pod's GUID (ib-kubernetes sets it) only when asked.
+    if mode == "ib-sriov" {
+        o.insert("capabilities".into(), json!({"infinibandGUID": true}));
+    }
+    // InfiniBand VF settings under ib-sriov-cni's keys.
+    for (from, to) in [("linkState", "link_state"), ("pkey", "pkey")] {
+        if let Some(v) = spec["ib"].get(from) {
             o.insert(to.into(), v.clone());
         }
     }
@@ -931,18 +943,39 @@ mod tests {
     }
 
     #[test]
-    fn sriov_carries_the_resource_and_ib_is_refused_by_name() {
+    fn sriov_carries_the_resource_and_ipoib_is_refused_by_name() {
         let spec = json!({"rail": 1, "type": "sriov", "resourceName": "nvidia.com/rail1",
             "ippools": {"ipv4": ["rail1"]}, "rdmaIsolation": true});
         let (_, a) = render(&spec, &RenderOptions::default()).unwrap();
         assert_eq!(a[RESOURCE_NAME], "nvidia.com/rail1");
-        let ib =
-            json!({"rail": 1, "type": "ib-sriov", "resourceName": "r", "ippools": {"ipv4": ["p"]}});
+        let ib = json!({"rail": 1, "type": "ipoib", "master": "ib0", "ippools": {"ipv4": ["p"]}});
         assert!(
             render(&ib, &RenderOptions::default())
                 .unwrap_err()
-                .contains("ib-sriov")
+                .contains("ipoib")
         );
+    }
+
+    /// An ib-sriov RailNetwork (the seeds' InfiniBand rails) renders into a
+    /// NAD railnet's parser takes: the VF's resource, isolation, and the
+    /// `ib` settings under ib-sriov-cni's keys.
+    #[test]
+    fn ib_sriov_networks_render_for_the_cni() {
+        let spec = json!({"rail": 1, "type": "ib-sriov", "resourceName": "spidernet.io/eno3np2",
+            "ippools": {"ipv4": ["gpu1-net91"]}, "rdmaIsolation": true,
+            "ib": {"pkey": "0x8001", "linkState": "enable"}});
+        let (mut conf, a) = render(&spec, &RenderOptions::default()).unwrap();
+        assert_eq!(a[RESOURCE_NAME], "spidernet.io/eno3np2");
+        assert_eq!(conf["capabilities"]["infinibandGUID"], true);
+        conf["name"] = "gpu1".into();
+        conf["deviceID"] = "0000:3b:00.2".into();
+        conf["runtimeConfig"] = json!({"infinibandGUID": "00:11:22:33:44:55:66:77"});
+        let parsed = crate::netconf::NetConf::parse(conf.to_string().as_bytes()).unwrap();
+        assert!(parsed.ib_sriov() && parsed.rdma_isolation);
+        let set = parsed.vf_settings().unwrap();
+        assert_eq!(set.link_state, Some(crate::netconf::VfLinkMode::Enable));
+        assert_eq!(set.node_guid, Some(0x0011_2233_4455_6677));
+        assert_eq!(set.port_guid, Some(0x0011_2233_4455_6677));
     }
 
     /// A RailNetwork's `vf` settings reach the NAD under sriov-cni's keys,
@@ -965,6 +998,7 @@ mod tests {
                 trust: Some(true),
                 link_state: Some(crate::netconf::VfLinkMode::Enable),
                 mac: None,
+                ..Default::default()
             }
         );
     }

@@ -90,9 +90,24 @@ pub struct NetConf {
     /// See `vlan`.
     #[serde(default)]
     pub spoofchk: Option<serde_json::Value>,
-    /// See `vlan` (sriov-cni's key is `link_state`).
+    /// See `vlan` (sriov-cni's key is `link_state`); mode ib-sriov too.
     #[serde(default, rename = "link_state", alias = "linkState")]
     pub link_state: Option<serde_json::Value>,
+    /// Mode ib-sriov: the VF's InfiniBand GUID (`xx:xx:xx:xx:xx:xx:xx:xx`),
+    /// set as its node and port GUID through the PF. A pod's
+    /// `runtimeConfig.infinibandGUID` or `args.cni.guid` wins, as in
+    /// ib-sriov-cni.
+    #[serde(default)]
+    pub guid: Option<String>,
+    /// Mode ib-sriov: the partition key (`0x8001`). Checked and left to the
+    /// subnet manager, as ib-sriov-cni does (ib-kubernetes with UFM adds the
+    /// GUID to the partition); the VF's partitions are the SM's to give.
+    #[serde(default)]
+    pub pkey: Option<serde_json::Value>,
+    /// Plugin-specific arguments (`args.cni`), which Multus fills from the
+    /// pod's network selection (`cni-args`).
+    #[serde(default)]
+    pub args: Option<serde_json::Value>,
 }
 
 /// VF attributes set through the PF (what sriov-cni sets); `None`: left
@@ -113,6 +128,12 @@ pub struct VfSettings {
     /// the pod's `runtimeConfig.mac`, set on the netdev and through the PF.
     #[serde(default)]
     pub mac: Option<[u8; 6]>,
+    /// An InfiniBand VF's node GUID (`ip link set … vf N node_guid`).
+    #[serde(default)]
+    pub node_guid: Option<u64>,
+    /// An InfiniBand VF's port GUID (`ip link set … vf N port_guid`).
+    #[serde(default)]
+    pub port_guid: Option<u64>,
 }
 
 impl VfSettings {
@@ -122,6 +143,13 @@ impl VfSettings {
             && self.spoofchk.is_none()
             && self.trust.is_none()
             && self.link_state.is_none()
+            && self.node_guid.is_none()
+            && self.port_guid.is_none()
+    }
+
+    /// Whether a GUID is asked (the VF's driver must be rebound for it).
+    pub fn sets_guid(&self) -> bool {
+        self.node_guid.is_some() || self.port_guid.is_some()
     }
 }
 
@@ -152,6 +180,50 @@ pub struct RuntimeConfig {
     /// them from the pod's networks annotation), `a.b.c.d/len` or bare.
     #[serde(default)]
     pub ips: Vec<String>,
+    /// The GUID for an InfiniBand VF (the `infinibandGUID` capability;
+    /// ib-kubernetes puts it in the pod's networks annotation).
+    #[serde(default, rename = "infinibandGUID")]
+    pub infiniband_guid: Option<String>,
+}
+
+/// Parses a GUID as iproute2 does (`xx:xx:xx:xx:xx:xx:xx:xx`, the first
+/// byte most significant).
+pub fn parse_guid(text: &str) -> Option<u64> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 8 {
+        return None;
+    }
+    let mut guid = 0u64;
+    for p in parts {
+        if p.len() != 2 {
+            return None;
+        }
+        guid = guid << 8 | u64::from(u8::from_str_radix(p, 16).ok()?);
+    }
+    Some(guid)
+}
+
+/// Writes a GUID as `xx:xx:xx:xx:xx:xx:xx:xx`.
+pub fn format_guid(guid: u64) -> String {
+    guid.to_be_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A partition key: `"0x8001"` (or a number), 16 bits, not the invalid
+/// key 0 (with or without the membership bit).
+pub fn parse_pkey(v: &serde_json::Value) -> Option<u16> {
+    let n = match v {
+        serde_json::Value::String(s) => {
+            let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
+            u16::from_str_radix(hex, 16).ok()?
+        }
+        serde_json::Value::Number(n) => u16::try_from(n.as_u64()?).ok()?,
+        _ => return None,
+    };
+    (n & 0x7fff != 0).then_some(n)
 }
 
 /// `a.b.c.d/len` (as the `ips` capability carries it) or a bare address.
@@ -208,7 +280,9 @@ pub enum NetConfError {
     #[error("rail {0} is out of range; rails are numbered 1 to {MAX_RAIL}")]
     Rail(u32),
     /// A mode that is not built yet.
-    #[error("mode {0:?} is not supported; use \"macvlan\", \"ipvlan\", \"sriov\" or \"chained\"")]
+    #[error(
+        "mode {0:?} is not supported; use \"macvlan\", \"ipvlan\", \"sriov\", \"ib-sriov\" or \"chained\""
+    )]
     Mode(String),
     /// Missing master.
     #[error("\"master\" is empty; name the node's rail NIC, e.g. \"eno3np1\"")]
@@ -228,16 +302,45 @@ pub enum NetConfError {
          NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the VF's device plugin"
     )]
     IsolationNeedsDevice,
-    /// `sriov` without the VF's PCI address.
+    /// `sriov` or `ib-sriov` without the VF's PCI address.
     #[error(
-        "mode \"sriov\" needs the VF's PCI address in \"deviceID\"; Multus adds it when the \
+        "mode \"{0}\" needs the VF's PCI address in \"deviceID\"; Multus adds it when the \
          NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the SR-IOV device plugin"
     )]
-    SriovNeedsDevice,
+    SriovNeedsDevice(String),
+    /// An Ethernet VF attribute on an InfiniBand VF.
+    #[error(
+        "\"{0}\" is an Ethernet VF attribute; an InfiniBand VF has none (partitions, \"pkey\", \
+         separate IB traffic): remove it, or use mode \"sriov\" for a RoCE VF"
+    )]
+    NotOnInfiniBand(&'static str),
+    /// A GUID or pkey on an Ethernet VF.
+    #[error(
+        "\"guid\", \"pkey\" and runtimeConfig.infinibandGUID are InfiniBand VF attributes: \
+         use mode \"ib-sriov\" for an IB VF, or remove them"
+    )]
+    InfiniBandOnly,
+    /// A MAC asked of an IPoIB interface.
+    #[error(
+        "runtimeConfig.mac: an InfiniBand VF's address comes from its GUID; \
+         ask for runtimeConfig.infinibandGUID instead"
+    )]
+    MacOnInfiniBand,
+    /// A GUID that does not parse.
+    #[error(
+        "{0} {1:?} is not a usable GUID; write 8 bytes as 00:11:22:33:44:55:66:77 \
+         (all zeros and all ones are not GUIDs)"
+    )]
+    Guid(&'static str, String),
+    /// A partition key that does not parse.
+    #[error(
+        "pkey {0} is not a partition key; write it as \"0x8001\" (16 bits, not 0x0000 or 0x8000)"
+    )]
+    Pkey(String),
     /// A VF attribute outside mode sriov (nothing would set it).
     #[error(
-        "\"{0}\" is a VF attribute set through the PF, which only mode \"sriov\" does; \
-         with \"chained\", set it in sriov-cni's config before railnet, or remove it"
+        "\"{0}\" is a VF attribute set through the PF, which only modes \"sriov\" and \"ib-sriov\" do; \
+         with \"chained\", set it in sriov-cni's (or ib-sriov-cni's) config before railnet, or remove it"
     )]
     VfAttribute(&'static str),
     /// A VF attribute whose value is not one sriov-cni accepts.
@@ -264,6 +367,31 @@ impl NetConf {
     /// Whether an earlier plugin made the interface.
     pub fn chained(&self) -> bool {
         self.mode == "chained"
+    }
+
+    /// Mode ib-sriov: the GUID to give the VF — `runtimeConfig.infinibandGUID`,
+    /// else `args.cni.guid`, else `guid` (ib-sriov-cni's order).
+    pub fn ib_guid(&self) -> Result<Option<u64>, NetConfError> {
+        let from_args = self
+            .args
+            .as_ref()
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("guid"))
+            .and_then(|g| g.as_str());
+        let (field, text) = match (
+            self.runtime_config.infiniband_guid.as_deref(),
+            from_args,
+            self.guid.as_deref(),
+        ) {
+            (Some(g), _, _) => ("runtimeConfig.infinibandGUID", g),
+            (None, Some(g), _) => ("args.cni.guid", g),
+            (None, None, Some(g)) => ("guid", g),
+            (None, None, None) => return Ok(None),
+        };
+        match parse_guid(text) {
+            Some(g) if g != 0 && g != u64::MAX => Ok(Some(g)),
+            _ => Err(NetConfError::Guid(field, text.to_owned())),
+        }
     }
 
     /// The addresses asked for in `runtimeConfig.ips` (validated at parse).
@@ -329,6 +457,11 @@ impl NetConf {
                 ));
             }
         };
+        let guid = if self.ib_sriov() {
+            self.ib_guid()?
+        } else {
+            None
+        };
         Ok(VfSettings {
             vlan,
             qos: qos.unwrap_or(0) as u8,
@@ -336,12 +469,20 @@ impl NetConf {
             trust: on_off("trust", &self.trust)?,
             link_state,
             mac: None,
+            node_guid: guid,
+            port_guid: guid,
         })
     }
 
-    /// Whether the interface is a VF railnet moves in.
+    /// Whether the interface is a VF railnet moves in (modes sriov and
+    /// ib-sriov).
     pub fn sriov(&self) -> bool {
-        self.mode == "sriov"
+        self.mode == "sriov" || self.ib_sriov()
+    }
+
+    /// Whether the interface is an InfiniBand VF (its IPoIB netdev).
+    pub fn ib_sriov(&self) -> bool {
+        self.mode == "ib-sriov"
     }
 
     /// Parses and validates a config from CNI stdin bytes.
@@ -362,7 +503,7 @@ impl NetConf {
         if !(1..=MAX_RAIL).contains(&self.rail) {
             return Err(NetConfError::Rail(self.rail));
         }
-        if !["macvlan", "ipvlan", "sriov", "chained"].contains(&self.mode.as_str()) {
+        if !["macvlan", "ipvlan", "sriov", "ib-sriov", "chained"].contains(&self.mode.as_str()) {
             return Err(NetConfError::Mode(self.mode.clone()));
         }
         if !self.chained() && !self.sriov() && self.master.is_empty() {
@@ -370,7 +511,32 @@ impl NetConf {
         }
         if self.sriov() {
             if self.device_id.as_deref().unwrap_or("").is_empty() {
-                return Err(NetConfError::SriovNeedsDevice);
+                return Err(NetConfError::SriovNeedsDevice(self.mode.clone()));
+            }
+            if self.ib_sriov() {
+                // InfiniBand has no VLANs and the PF cannot spoof-check or
+                // trust an IB VF: partitions (pkey) do that job.
+                for (name, set) in [
+                    ("vlan", &self.vlan),
+                    ("vlanQoS", &self.vlan_qos),
+                    ("trust", &self.trust),
+                    ("spoofchk", &self.spoofchk),
+                ] {
+                    if set.is_some() {
+                        return Err(NetConfError::NotOnInfiniBand(name));
+                    }
+                }
+                if self.runtime_config.mac.is_some() {
+                    return Err(NetConfError::MacOnInfiniBand);
+                }
+                if let Some(p) = &self.pkey {
+                    parse_pkey(p).ok_or_else(|| NetConfError::Pkey(p.to_string()))?;
+                }
+            } else if self.guid.is_some()
+                || self.pkey.is_some()
+                || self.runtime_config.infiniband_guid.is_some()
+            {
+                return Err(NetConfError::InfiniBandOnly);
             }
             self.vf_settings()?;
         } else {
@@ -380,6 +546,16 @@ impl NetConf {
                 ("trust", &self.trust),
                 ("spoofchk", &self.spoofchk),
                 ("link_state", &self.link_state),
+                ("guid", &self.guid.clone().map(serde_json::Value::from)),
+                ("pkey", &self.pkey),
+                (
+                    "runtimeConfig.infinibandGUID",
+                    &self
+                        .runtime_config
+                        .infiniband_guid
+                        .clone()
+                        .map(serde_json::Value::from),
+                ),
             ] {
                 if set.is_some() {
                     return Err(NetConfError::VfAttribute(name));
@@ -525,7 +701,7 @@ mod tests {
     fn sriov_needs_its_vf_and_refuses_pf_attributes() {
         assert_eq!(
             NetConf::parse(&conf(r#","mode":"sriov""#)).unwrap_err(),
-            NetConfError::SriovNeedsDevice
+            NetConfError::SriovNeedsDevice("sriov".into())
         );
         let c = NetConf::parse(&conf(r#","mode":"sriov","deviceID":"0000:3b:00.2""#)).unwrap();
         assert!(c.sriov());
@@ -542,6 +718,7 @@ mod tests {
                 trust: Some(true),
                 link_state: Some(VfLinkMode::Enable),
                 mac: None,
+                ..VfSettings::default()
             }
         );
         for (extra, field, hint) in [
@@ -567,6 +744,91 @@ mod tests {
             NetConf::parse(&conf(r#","vlan":100"#)).unwrap_err(),
             NetConfError::VfAttribute("vlan")
         );
+    }
+
+    /// ib-sriov-cni's keys: the GUID from runtimeConfig, then args.cni,
+    /// then the config; pkey and link_state checked; Ethernet VF
+    /// attributes and MACs refused by name.
+    #[test]
+    fn ib_sriov_takes_guids_and_refuses_ethernet_attributes() {
+        let ib = |extra: &str| {
+            NetConf::parse(&conf(&format!(
+                r#","mode":"ib-sriov","deviceID":"0000:3b:00.2"{extra}"#
+            )))
+        };
+        let c = ib(r#","guid":"00:00:00:00:00:00:00:0a","link_state":"enable","pkey":"0x8001""#)
+            .unwrap();
+        assert!(c.sriov() && c.ib_sriov());
+        let s = c.vf_settings().unwrap();
+        assert_eq!((s.node_guid, s.port_guid), (Some(10), Some(10)));
+        assert_eq!(s.link_state, Some(VfLinkMode::Enable));
+        let c = ib(r#","guid":"00:00:00:00:00:00:00:0a","args":{"cni":{"guid":"00:00:00:00:00:00:00:0b"}}"#)
+            .unwrap();
+        assert_eq!(c.ib_guid().unwrap(), Some(11));
+        let c = ib(r#","args":{"cni":{"guid":"00:00:00:00:00:00:00:0b"}},"runtimeConfig":{"infinibandGUID":"0c:00:00:00:00:00:00:0c"}"#)
+            .unwrap();
+        assert_eq!(c.ib_guid().unwrap(), Some(0x0c00_0000_0000_000c));
+        assert_eq!(
+            ib("").unwrap().vf_settings().unwrap(),
+            VfSettings::default()
+        );
+        for (extra, want) in [
+            (
+                r#","guid":"00:11:22""#,
+                "guid \"00:11:22\" is not a usable GUID",
+            ),
+            (
+                r#","runtimeConfig":{"infinibandGUID":"00:00:00:00:00:00:00:00"}"#,
+                "runtimeConfig.infinibandGUID",
+            ),
+            (r#","guid":"ff:ff:ff:ff:ff:ff:ff:ff""#, "all ones"),
+            (r#","pkey":"0x8000""#, "not a partition key"),
+            (r#","pkey":"8001""#, "not a partition key"),
+            (r#","vlan":100"#, "Ethernet VF attribute"),
+            (r#","spoofchk":"on""#, "Ethernet VF attribute"),
+            (
+                r#","runtimeConfig":{"mac":"02:00:00:00:00:01"}"#,
+                "infinibandGUID instead",
+            ),
+        ] {
+            let text = ib(extra).unwrap_err().to_string();
+            assert!(text.contains(want), "{extra}: {text}");
+        }
+        // GUIDs on an Ethernet VF, or outside a VF mode: refused.
+        assert_eq!(
+            NetConf::parse(&conf(
+                r#","mode":"sriov","deviceID":"0000:3b:00.2","guid":"00:00:00:00:00:00:00:0a""#
+            ))
+            .unwrap_err(),
+            NetConfError::InfiniBandOnly
+        );
+        assert_eq!(
+            NetConf::parse(&conf(r#","pkey":"0x8001""#)).unwrap_err(),
+            NetConfError::VfAttribute("pkey")
+        );
+        assert_eq!(
+            NetConf::parse(&conf(r#","mode":"ib-sriov""#)).unwrap_err(),
+            NetConfError::SriovNeedsDevice("ib-sriov".into())
+        );
+    }
+
+    #[test]
+    fn guids_read_and_write_as_iproute2_does() {
+        assert_eq!(
+            parse_guid("00:11:22:33:44:55:66:77"),
+            Some(0x0011_2233_4455_6677)
+        );
+        assert_eq!(
+            format_guid(0x0011_2233_4455_6677),
+            "00:11:22:33:44:55:66:77"
+        );
+        for bad in [
+            "00:11:22:33:44:55:66",
+            "0:11:22:33:44:55:66:77",
+            "00:11:22:33:44:55:66:7g",
+        ] {
+            assert_eq!(parse_guid(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -100,6 +100,16 @@ fn valid_container_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// A VF ready to move into a pod: its netdev in the host now (a rebind
+/// may have renamed it) and what [`RailService::prepare_vf`] did.
+struct PreparedVf {
+    name: String,
+    index: u32,
+    mtu: u32,
+    /// Its driver was rebound (a new GUID): its RDMA device is new too.
+    rebound: bool,
+}
+
 /// What ADD does about RDMA for one interface.
 enum RdmaPlan {
     /// The node has no RDMA device at all (no RDMA subsystem, or none
@@ -253,11 +263,48 @@ impl RailService {
                 return Err(e);
             }
         };
+        // A VF is recorded and set up through its PF first: a new GUID
+        // rebinds it, which makes its RDMA device anew.
+        let mac = conf
+            .runtime_config
+            .mac
+            .as_deref()
+            .and_then(crate::netconf::parse_mac);
+        let vf = if conf.sriov() {
+            match self.prepare_vf(att, &conf, mac) {
+                Ok(vf) => Some(vf),
+                Err(e) => {
+                    let _ = self.ipam.release(&att.container_id, &att.ifname);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let undo_vf = || {
+            if vf.is_some()
+                && let Err(e) = self.give_vf_back(&att.container_id, &att.ifname, None)
+            {
+                tracing::warn!(error = %e, "could not put the VF back after a failed ADD");
+            }
+        };
+        let rdma = match &vf {
+            Some(v) if v.rebound => match rdma_plan(&conf, &self.sysfs_root) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    undo_vf();
+                    let _ = self.ipam.release(&att.container_id, &att.ifname);
+                    return Err(e);
+                }
+            },
+            _ => rdma,
+        };
         // Isolation moves the VF's RDMA device before its interface is
         // wired: a driver that cannot move it (EOPNOTSUPP) leaves nothing
-        // to undo but the addresses.
+        // to undo but the VF's settings and the addresses.
         if let RdmaPlan::Isolate(dev) = &rdma {
             if let Err(e) = rdma::isolate(dev, netns) {
+                undo_vf();
                 let _ = self.ipam.release(&att.container_id, &att.ifname);
                 return Err(ApiError::new(
                     code::DATAPLANE,
@@ -283,7 +330,7 @@ impl RailService {
                 tracing::warn!(error = %e, "could not record the isolated RDMA device's name");
             }
         }
-        match self.wire(att, &conf, netns, netns_id, addrs) {
+        match self.wire(att, &conf, netns, netns_id, addrs, vf.as_ref()) {
             Ok(mut result) => {
                 result.rdma = match &rdma {
                     RdmaPlan::None => None,
@@ -335,16 +382,18 @@ impl RailService {
         }
     }
 
-    /// Mode sriov, node side: records what the VF netdev of `deviceID`
-    /// looks like, then moves it into the pod under the pod's interface
-    /// name (with the MTU and MAC asked for) in one request. Returns its MTU.
-    fn take_vf(
+    /// Modes sriov and ib-sriov, before anything else changes: records what
+    /// the VF netdev of `deviceID` looks like and what its PF says of it,
+    /// then sets what goes through the PF (VLAN, MAC, link state, GUIDs).
+    /// A new GUID takes effect only when the VF's driver probes it again,
+    /// so the VF is rebound, which makes its netdev and RDMA device anew —
+    /// hence before RDMA isolation. On error nothing is left changed.
+    fn prepare_vf(
         &self,
         att: &Attachment,
         conf: &NetConf,
-        netns: &PodNetns,
         mac: Option<[u8; 6]>,
-    ) -> Result<u32, ApiError> {
+    ) -> Result<PreparedVf, ApiError> {
         let bdf = conf.device_id.clone().unwrap_or_default();
         let vf = sriov::vf_netdev(&self.sysfs_root, &bdf)
             .map_err(|e| invalid(format!("VF {bdf} (deviceID) cannot be used"), e))?;
@@ -355,30 +404,35 @@ impl RailService {
         // A MAC the pod asks for goes through the PF too: with spoof
         // checking on, the NIC drops frames from any other MAC.
         settings.mac = mac;
-        let pf_side = match sriov::pf_of(&self.sysfs_root, &bdf) {
-            _ if settings.is_empty() && settings.mac.is_none() => None,
-            Ok(pf) => Some(pf),
-            // A MAC alone needs no PF to work without spoof checking.
-            Err(e) if settings.is_empty() => {
-                tracing::info!(vf = %bdf, why = %e, "no PF found: the MAC is set on the VF netdev only");
-                None
-            }
-            Err(e) => {
-                return Err(invalid(
-                    format!(
-                        "VF {bdf}: vlan, spoofchk, trust and link_state are set through its PF"
-                    ),
-                    e,
-                ));
+        let pf_side = if settings.is_empty() && settings.mac.is_none() {
+            None
+        } else {
+            match sriov::pf_of(&self.sysfs_root, &bdf) {
+                Ok(pf) => Some(pf),
+                // A MAC alone needs no PF to work without spoof checking.
+                Err(e) if settings.is_empty() => {
+                    tracing::info!(vf = %bdf, why = %e, "no PF found: the MAC is set on the VF netdev only");
+                    None
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        format!(
+                            "VF {bdf}: vlan, spoofchk, trust, link_state and GUIDs are set through its PF"
+                        ),
+                        e,
+                    ));
+                }
             }
         };
         let records = self.vf_records.clone();
         let holder = sriov::Holder::of(&att.args, &att.container_id, &att.ifname);
         let cid = att.container_id.clone();
         let ifname = att.ifname.clone();
-        let want_mtu = conf.mtu;
-        let netns_fd = std::os::fd::AsRawFd::as_raw_fd(netns.fd());
-        with_rtnl(|h| async move {
+        let ib = conf.ib_sriov();
+        let vf_name = vf.clone();
+        let bdf2 = bdf.clone();
+        let prepared = with_rtnl(|h| async move {
+            let (vf, bdf) = (vf_name, bdf2);
             let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
             let Some(link) = rtnl::link_by_name(&h, &vf)
                 .await
@@ -389,6 +443,14 @@ impl RailService {
                     "another pod may hold it: the device plugin should not hand out one VF twice",
                 ));
             };
+            let own_guid = sriov::ipoib_guid(&link.mac);
+            if ib && !settings.sets_guid() && matches!(own_guid, Some(0) | Some(u64::MAX)) {
+                return Err(invalid(
+                    format!("InfiniBand VF {vf} ({bdf}) has no GUID"),
+                    "give it one: runtimeConfig.infinibandGUID (ib-kubernetes sets it), \"guid\" in the network, \
+                     or on the node `ip link set <pf> vf N node_guid G` and `… port_guid G`",
+                ));
+            }
             // The PF's view of the VF, for DEL to put back what ADD changes.
             let mut pf = None;
             if let Some((pf_name, vf_number)) = &pf_side {
@@ -401,7 +463,7 @@ impl RailService {
                             "the agent runs in the host network namespace (hostNetwork)",
                         )
                     })?;
-                let was = rtnl::vf_settings(&h, pf_link.index, *vf_number)
+                let mut was = rtnl::vf_settings(&h, pf_link.index, *vf_number)
                     .await
                     .map_err(|e| dp(format!("reading VF {vf_number} of PF {pf_name}"), describe(&e)))?
                     .ok_or_else(|| {
@@ -410,6 +472,14 @@ impl RailService {
                             "its driver reports no VFs: is SR-IOV enabled (sriov_numvfs)?",
                         )
                     })?;
+                // A driver that does not report GUIDs: the VF's own address
+                // holds its port GUID (ib-sriov-cni reads it there too).
+                if was.port_guid.is_none() {
+                    was.port_guid = own_guid;
+                }
+                if was.node_guid.is_none() {
+                    was.node_guid = own_guid;
+                }
                 pf = Some((pf_link.index, sriov::PfSide {
                     pf: pf_name.clone(),
                     vf: *vf_number,
@@ -426,28 +496,84 @@ impl RailService {
             };
             sriov::save(&records, "vf", &cid, &ifname, &record)
                 .map_err(|e| dp(format!("recording VF {vf} before moving it"), e.to_string()))?;
-            if let Some((pf_index, side)) = &pf
-                && let Err(e) = h
-                    .link()
-                    .set(rtnl::vf_request(*pf_index, side.vf, &settings))
-                    .execute()
-                    .await
-            {
-                sriov::forget(&records, "vf", &cid, &ifname);
-                let why = match errno(&e) {
-                    Some(libc::EOPNOTSUPP) => format!(
-                        "the driver of PF {} cannot set them (EOPNOTSUPP); set only what it supports, or use a NIC whose driver does",
-                        side.pf
-                    ),
-                    _ => describe(&e),
-                };
-                return Err(ApiError::new(
-                    code::DATAPLANE,
-                    format!("setting VF {} attributes through PF {}", side.vf, side.pf),
-                    why,
-                ));
+            if let Some((pf_index, side)) = &pf {
+                for req in rtnl::vf_requests(*pf_index, side.vf, &settings) {
+                    if let Err(e) = h.link().set(req).execute().await {
+                        // Put back whatever went through before the refusal.
+                        for undo in rtnl::vf_requests(*pf_index, side.vf, &side.was) {
+                            let _ = h.link().set(undo).execute().await;
+                        }
+                        sriov::forget(&records, "vf", &cid, &ifname);
+                        let why = match errno(&e) {
+                            Some(libc::EOPNOTSUPP) => format!(
+                                "the driver of PF {} cannot set them (EOPNOTSUPP); set only what it supports, or use a NIC whose driver does",
+                                side.pf
+                            ),
+                            _ => describe(&e),
+                        };
+                        return Err(ApiError::new(
+                            code::DATAPLANE,
+                            format!("setting VF {} attributes through PF {}", side.vf, side.pf),
+                            why,
+                        ));
+                    }
+                }
             }
-            let mut msg = LinkUnspec::new_with_index(link.index)
+            Ok(PreparedVf {
+                name: vf,
+                index: link.index,
+                mtu: link.mtu,
+                rebound: false,
+            })
+        })
+        .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))??;
+        if !settings.sets_guid() {
+            return Ok(prepared);
+        }
+        let back = sriov::rebind(&self.sysfs_root, &bdf, std::time::Duration::from_secs(10))
+            .and_then(|name| {
+                let n = name.clone();
+                let link = with_rtnl(|h| async move { rtnl::link_by_name(&h, &n).await })
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| describe(&e))?
+                    .ok_or_else(|| format!("VF netdev {name} is not in the agent's netns"))?;
+                Ok(PreparedVf {
+                    name,
+                    index: link.index,
+                    mtu: link.mtu,
+                    rebound: true,
+                })
+            });
+        back.map_err(|e| {
+            if let Err(undo) = self.give_vf_back(&att.container_id, &att.ifname, None) {
+                tracing::warn!(error = %undo, "could not put the VF back after a failed rebind");
+            }
+            ApiError::new(
+                code::DATAPLANE,
+                format!("rebinding VF {bdf} for its new GUID"),
+                e,
+            )
+        })
+    }
+
+    /// Modes sriov and ib-sriov, after [`Self::prepare_vf`]: moves the VF
+    /// netdev into the pod under the pod's interface name (with the MTU
+    /// and MAC asked for) in one request. Returns its MTU. On error the VF
+    /// is put back as it was.
+    fn move_vf(
+        &self,
+        att: &Attachment,
+        conf: &NetConf,
+        netns: &PodNetns,
+        vf: &PreparedVf,
+        mac: Option<[u8; 6]>,
+    ) -> Result<u32, ApiError> {
+        let ifname = att.ifname.clone();
+        let want_mtu = conf.mtu;
+        let netns_fd = std::os::fd::AsRawFd::as_raw_fd(netns.fd());
+        let (index, name, mtu) = (vf.index, vf.name.clone(), vf.mtu);
+        let moved = with_rtnl(|h| async move {
+            let mut msg = LinkUnspec::new_with_index(index)
                 .down()
                 .setns_by_fd(netns_fd)
                 .name(ifname.clone());
@@ -457,30 +583,31 @@ impl RailService {
             if let Some(m) = mac {
                 msg = msg.address(m.to_vec());
             }
-            if let Err(e) = h.link().set(msg.build()).execute().await {
-                if let Some((pf_index, side)) = &pf {
-                    let _ = h
-                        .link()
-                        .set(rtnl::vf_request(*pf_index, side.vf, &side.was))
-                        .execute()
-                        .await;
-                }
-                sriov::forget(&records, "vf", &cid, &ifname);
-                return Err(match errno(&e) {
+            h.link()
+                .set(msg.build())
+                .execute()
+                .await
+                .map_err(|e| match errno(&e) {
                     Some(libc::EEXIST) => ApiError::new(
                         code::DATAPLANE,
                         format!("interface {ifname} already exists in the pod netns"),
                         "pick another CNI_IFNAME for this network",
                     ),
-                    _ => dp(
-                        format!("moving VF {vf} into the pod as {ifname}"),
+                    _ => ApiError::new(
+                        code::DATAPLANE,
+                        format!("moving VF {name} into the pod as {ifname}"),
                         describe(&e),
                     ),
-                });
-            }
-            Ok(want_mtu.unwrap_or(link.mtu))
+                })
         })
-        .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
+        .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?;
+        if let Err(e) = moved {
+            if let Err(undo) = self.give_vf_back(&att.container_id, &att.ifname, None) {
+                tracing::warn!(error = %undo, "could not put the VF back after a failed move");
+            }
+            return Err(e);
+        }
+        Ok(want_mtu.unwrap_or(mtu))
     }
 
     /// Mode sriov, DEL: moves the pod's VF back to the agent's netns under
@@ -532,6 +659,48 @@ impl RailService {
             })
             .map_err(|e| e.to_string())??;
         }
+        // The PF's view of the VF first (a GUID put back rebinds the VF,
+        // making its netdev anew). Best effort: a PF that refuses (or is
+        // gone) must not keep the pod in Terminating; the VF comes back
+        // either way.
+        if let Some(side) = record.pf.clone() {
+            let restored = with_rtnl(|h| async move {
+                match rtnl::link_by_name(&h, &side.pf).await {
+                    Ok(Some(pf)) => {
+                        for req in rtnl::vf_requests(pf.index, side.vf, &side.was) {
+                            h.link()
+                                .set(req)
+                                .execute()
+                                .await
+                                .map_err(|e| describe(&e))?;
+                        }
+                        Ok(())
+                    }
+                    Ok(None) => Err("the PF is gone".to_owned()),
+                    Err(e) => Err(describe(&e)),
+                }
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let pf = record.pf.as_ref().expect("some");
+            match restored {
+                Err(why) => {
+                    tracing::warn!(pf = %pf.pf, vf = pf.vf, %why,
+                        "VF attributes not restored through the PF; the next pod's ADD sets its own");
+                }
+                Ok(()) if pf.was.sets_guid() => {
+                    if let Err(e) = sriov::rebind(
+                        &self.sysfs_root,
+                        &record.pci_address,
+                        std::time::Duration::from_secs(10),
+                    ) {
+                        tracing::warn!(vf = %record.pci_address, error = %e,
+                            "VF not rebound after its GUID was put back; it keeps the pod's GUID until its driver probes it again");
+                    }
+                }
+                Ok(()) => {}
+            }
+        }
         let current = sriov::vf_netdev(&self.sysfs_root, &record.pci_address).ok();
         let rec = record.clone();
         with_rtnl(|h| async move {
@@ -559,27 +728,7 @@ impl RailService {
                 .set(msg.build())
                 .execute()
                 .await
-                .map_err(|e| format!("restoring VF {}: {}", rec.name, describe(&e)))?;
-            // The PF's view of the VF, put back. Best effort: a PF that
-            // refuses (or is gone) must not keep the pod in Terminating;
-            // the VF is back either way.
-            if let Some(side) = &rec.pf {
-                let restored = match rtnl::link_by_name(&h, &side.pf).await {
-                    Ok(Some(pf)) => h
-                        .link()
-                        .set(rtnl::vf_request(pf.index, side.vf, &side.was))
-                        .execute()
-                        .await
-                        .map_err(|e| describe(&e)),
-                    Ok(None) => Err("the PF is gone".to_owned()),
-                    Err(e) => Err(describe(&e)),
-                };
-                if let Err(why) = restored {
-                    tracing::warn!(pf = %side.pf, vf = side.vf, %why,
-                        "VF attributes not restored through the PF; the next pod's ADD sets its own");
-                }
-            }
-            Ok(())
+                .map_err(|e| format!("restoring VF {}: {}", rec.name, describe(&e)))
         })
         .map_err(|e| e.to_string())??;
         sriov::forget(&self.vf_records, "vf", container_id, ifname);
@@ -893,6 +1042,7 @@ impl RailService {
         netns: &PodNetns,
         netns_id: NetnsId,
         addrs: RailAddresses,
+        vf: Option<&PreparedVf>,
     ) -> Result<AddResult, ApiError> {
         let dp = |msg: &str, details: String| ApiError::new(code::DATAPLANE, msg, details);
         // Node side: the master lives in the agent's netns (hostNetwork).
@@ -914,8 +1064,8 @@ impl RailService {
         let sriov = conf.sriov();
         let mtu = if chained {
             0
-        } else if sriov {
-            self.take_vf(att, conf, netns, mac)?
+        } else if let Some(vf) = vf {
+            self.move_vf(att, conf, netns, vf, mac)?
         } else {
             with_rtnl(|h| async move {
                 let Some(m) = rtnl::link_by_name(&h, &master)
@@ -1042,8 +1192,8 @@ impl RailService {
         // to the earlier plugin, which removes it after us.
         let mode = att.netconf.get("mode").and_then(|m| m.as_str());
         // A VF is not ours to delete: it is stripped and goes home.
-        let chained = mode == Some("chained") || mode == Some("sriov");
-        let sriov = mode == Some("sriov");
+        let sriov = mode == Some("sriov") || mode == Some("ib-sriov");
+        let chained = mode == Some("chained") || sriov;
         let isolated = att.netconf.get("rdmaIsolation").and_then(|m| m.as_bool()) == Some(true);
         let ours = self.ipam.addresses_of(&att.container_id, &att.ifname);
         // An isolated RDMA device goes home before the interface is

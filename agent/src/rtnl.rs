@@ -286,6 +286,9 @@ pub async fn vf_settings(
                         mac.copy_from_slice(&v.mac[..6]);
                         out.mac = Some(mac);
                     }
+                    // Only drivers that can report them (mlx5) send these.
+                    VfInfo::IbNodeGuid(v) => out.node_guid = Some(v.guid),
+                    VfInfo::IbPortGuid(v) => out.port_guid = Some(v.guid),
                     _ => {}
                 }
             }
@@ -297,10 +300,46 @@ pub async fn vf_settings(
     Ok(None)
 }
 
-/// The request that sets VF `vf`'s attributes through PF `pf`, as
-/// iproute2's `ip link set dev <pf> vf <vf> mac M vlan V qos Q spoofchk
-/// on|off trust on|off state auto|enable|disable` sends them (one
-/// `IFLA_VF_INFO` in `IFLA_VFINFO_LIST`, in that order; only those asked).
+/// The requests that set VF `vf`'s attributes through PF `pf`: the
+/// Ethernet ones and link state in one ([`vf_request`]), then the node
+/// GUID, then the port GUID, each in a request of its own — the kernel
+/// applies one GUID per request and ignores what follows it (hence
+/// `ip link set dev <pf> vf N node_guid G` and `… port_guid G` are two
+/// commands in every guide).
+pub fn vf_requests(pf: u32, vf: u32, set: &crate::netconf::VfSettings) -> Vec<LinkMessage> {
+    use rtnetlink::packet_route::link::{LinkVfInfo, VfInfo, VfInfoGuid};
+
+    let mut out = Vec::new();
+    let rest = crate::netconf::VfSettings {
+        node_guid: None,
+        port_guid: None,
+        ..*set
+    };
+    if !rest.is_empty() || rest.mac.is_some() {
+        out.push(vf_request(pf, vf, &rest));
+    }
+    for guid in [
+        set.node_guid
+            .map(|g| VfInfo::IbNodeGuid(VfInfoGuid::new(vf, g))),
+        set.port_guid
+            .map(|g| VfInfo::IbPortGuid(VfInfoGuid::new(vf, g))),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut msg = rtnetlink::LinkUnspec::new_with_index(pf).build();
+        msg.attributes
+            .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![guid])]));
+        out.push(msg);
+    }
+    out
+}
+
+/// The request that sets VF `vf`'s Ethernet attributes and link state
+/// through PF `pf`, as iproute2's `ip link set dev <pf> vf <vf> mac M vlan
+/// V qos Q spoofchk on|off trust on|off state auto|enable|disable` sends
+/// them (one `IFLA_VF_INFO` in `IFLA_VFINFO_LIST`, in that order; only
+/// those asked). GUIDs are not in it: see [`vf_requests`].
 pub fn vf_request(pf: u32, vf: u32, set: &crate::netconf::VfSettings) -> LinkMessage {
     use rtnetlink::packet_route::link::{
         LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan,

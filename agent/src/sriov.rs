@@ -119,6 +119,66 @@ pub fn restore_of(
             .link_state
             .map(|_| was.link_state.unwrap_or(VfLinkMode::Auto)),
         mac: set.mac.map(|_| was.mac.unwrap_or([0; 6])),
+        // A GUID the PF did not report (or reported as none) goes back to
+        // all ones: the driver's "no GUID assigned", what ib-sriov-cni
+        // restores.
+        node_guid: set.node_guid.map(|_| known_guid(was.node_guid)),
+        port_guid: set.port_guid.map(|_| known_guid(was.port_guid)),
+    }
+}
+
+fn known_guid(g: Option<u64>) -> u64 {
+    match g {
+        Some(g) if g != 0 => g,
+        _ => u64::MAX,
+    }
+}
+
+/// The port GUID in an IPoIB hardware address (20 bytes: flags and QPN,
+/// then the 16-byte GID whose lower 8 bytes are the port GUID), from its
+/// `aa:bb:…` text; `None` for other addresses (Ethernet).
+pub fn ipoib_guid(hwaddr: &str) -> Option<u64> {
+    let bytes: Vec<u8> = hwaddr
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    (bytes.len() == 20).then(|| u64::from_be_bytes(bytes[12..].try_into().expect("8 bytes")))
+}
+
+/// Rebinds VF `bdf` to its driver (`<sysfs>/bus/pci/devices/<bdf>/driver`:
+/// write the address to its `unbind`, then `bind`), as ib-sriov-cni does:
+/// an InfiniBand VF takes a new GUID only when its driver probes it again.
+/// Its netdev and RDMA device are made anew; returns the netdev's name once
+/// it is back (within `wait`).
+pub fn rebind(sysfs: &Path, bdf: &str, wait: std::time::Duration) -> Result<String, String> {
+    let dev = sysfs.join("bus/pci/devices").join(bdf);
+    let driver = std::fs::canonicalize(dev.join("driver")).map_err(|e| {
+        format!(
+            "{}: {e}; the VF must be bound to its driver (mlx5_core) for its GUID to be set",
+            dev.join("driver").display()
+        )
+    })?;
+    for op in ["unbind", "bind"] {
+        std::fs::write(driver.join(op), bdf).map_err(|e| {
+            format!(
+                "writing {bdf} to {}: {e} (rebinding the VF so that it takes its new GUID)",
+                driver.join(op).display()
+            )
+        })?;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        match vf_netdev(sysfs, bdf) {
+            Ok(name) => return Ok(name),
+            Err(e) if start.elapsed() >= wait => {
+                return Err(format!(
+                    "VF {bdf} has no netdev {:.0?} after its driver was rebound: {e}",
+                    wait
+                ));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
     }
 }
 
@@ -320,6 +380,7 @@ mod tests {
             trust: Some(false),
             link_state: Some(VfLinkMode::Auto),
             mac: None,
+            ..VfSettings::default()
         };
         assert_eq!(
             restore_of(&set, &was),
@@ -330,5 +391,52 @@ mod tests {
                 ..VfSettings::default()
             }
         );
+        // A GUID the PF did not report goes back to all ones, a reported
+        // one as it was.
+        let set = VfSettings {
+            node_guid: Some(7),
+            port_guid: Some(7),
+            ..VfSettings::default()
+        };
+        let was = VfSettings {
+            port_guid: Some(0x1122),
+            ..VfSettings::default()
+        };
+        let back = restore_of(&set, &was);
+        assert_eq!(
+            (back.node_guid, back.port_guid),
+            (Some(u64::MAX), Some(0x1122))
+        );
+    }
+
+    #[test]
+    fn an_ipoib_address_holds_the_port_guid() {
+        let hw = "00:00:10:49:fe:80:00:00:00:00:00:00:0c:42:a1:03:00:6e:2b:40";
+        assert_eq!(ipoib_guid(hw), Some(0x0c42_a103_006e_2b40));
+        assert_eq!(ipoib_guid("02:00:00:00:00:01"), None);
+    }
+
+    /// Rebinding writes the VF's address to its driver's unbind, then bind,
+    /// and returns its netdev; a VF with no driver is said so.
+    #[test]
+    fn rebinding_goes_through_the_driver() {
+        let root = std::env::temp_dir().join(format!("railnet-rebind-{}", std::process::id()));
+        let bdf = "0000:3b:00.2";
+        let devs = root.join("bus/pci/devices");
+        let drv = root.join("bus/pci/drivers/mlx5_core");
+        std::fs::create_dir_all(devs.join(bdf).join("net/ib2")).unwrap();
+        std::fs::create_dir_all(&drv).unwrap();
+        let e = rebind(&root, bdf, std::time::Duration::ZERO).unwrap_err();
+        assert!(e.contains("bound to its driver"), "{e}");
+        std::os::unix::fs::symlink("../../drivers/mlx5_core", devs.join(bdf).join("driver"))
+            .unwrap();
+        assert_eq!(
+            rebind(&root, bdf, std::time::Duration::ZERO).unwrap(),
+            "ib2"
+        );
+        for op in ["unbind", "bind"] {
+            assert_eq!(std::fs::read_to_string(drv.join(op)).unwrap(), bdf, "{op}");
+        }
+        std::fs::remove_dir_all(root).unwrap();
     }
 }

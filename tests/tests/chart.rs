@@ -158,6 +158,7 @@ fn helm_lint_passes_for_every_documented_values_file() {
         Some("examples/8-rail-roce.yaml"),
         Some("examples/sriov-exclusive.yaml"),
         Some("examples/kubernetes-ipam.yaml"),
+        Some("examples/infiniband.yaml"),
     ] {
         let mut cmd = Command::new(helm());
         cmd.args(["lint", "--strict", chart().to_str().unwrap()]);
@@ -352,6 +353,48 @@ fn sriov_example_chains_after_sriov_and_names_the_resource() {
     }
     let pod = &of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"];
     assert_eq!(pod["hostPID"], true);
+}
+
+/// The InfiniBand example: ib-sriov networks railnet accepts, each with
+/// its device plugin resource, isolation, and ib-sriov-cni's keys; with a
+/// GUID from the pod (the infinibandGUID capability) the VF settings are
+/// the link state and the GUID.
+#[test]
+fn infiniband_example_renders_ib_sriov_networks_railnet_accepts() {
+    let objects = render(&[
+        "-f",
+        chart().join("examples/infiniband.yaml").to_str().unwrap(),
+    ])
+    .unwrap();
+    let nads = check(&objects, true);
+    assert_eq!(nads.len(), 2);
+    for nad in &nads {
+        assert!(
+            nad["metadata"]["annotations"]["k8s.v1.cni.cncf.io/resourceName"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("spidernet.io/gpu")),
+            "{nad}"
+        );
+        let mut conf = railnet_conf(nad);
+        assert_eq!(conf["mode"], "ib-sriov");
+        assert_eq!(conf["pkey"], "0x8001");
+        assert_eq!(conf["link_state"], "enable");
+        assert_eq!(conf["rdmaIsolation"], true);
+        assert_eq!(
+            conf["capabilities"]["infinibandGUID"], true,
+            "Multus passes no GUID without it"
+        );
+        assert_eq!(conf["capabilities"]["CNIDeviceInfoFile"], true);
+        conf["deviceID"] = "0000:3b:00.2".into();
+        conf["runtimeConfig"] = serde_json::json!({"infinibandGUID": "00:11:22:33:44:55:66:77"});
+        let parsed = NetConf::parse(conf.to_string().as_bytes()).unwrap();
+        let set = parsed.vf_settings().unwrap();
+        assert_eq!(set.node_guid, Some(0x0011_2233_4455_6677));
+        assert_eq!(
+            set.link_state,
+            Some(railnet_agent::netconf::VfLinkMode::Enable)
+        );
+    }
 }
 
 #[test]

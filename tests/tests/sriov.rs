@@ -138,6 +138,7 @@ fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
         trust: Some(true),
         link_state: Some(VfLinkMode::Enable),
         mac: Some([0x02, 0xaa, 0, 0, 0, 0x01]),
+        ..VfSettings::default()
     };
     let cases: Vec<(Vec<&str>, VfSettings)> = vec![
         (
@@ -158,6 +159,7 @@ fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
                 trust: Some(false),
                 link_state: Some(VfLinkMode::Auto),
                 mac: None,
+                ..VfSettings::default()
             },
         ),
         (
@@ -196,6 +198,63 @@ fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
         assert_eq!(
             pick(link_attributes(&ours)),
             pick(link_attributes(ifinfo)),
+            "IFLA_VFINFO_LIST for `{}`",
+            args.join(" ")
+        );
+    }
+}
+
+/// InfiniBand VF GUIDs: each of railnet's requests is iproute2's `ip link
+/// set dev <pf> vf 3 node_guid G` (then `port_guid G`) byte for byte —
+/// one GUID per request, since the kernel applies the first GUID of a
+/// request and ignores the rest — and the link state goes in a request of
+/// its own before them, as `… vf 3 state enable`.
+#[test]
+fn vf_guids_are_byte_for_byte_what_iproute2_sends() {
+    use rtnetlink::packet_core::Emitable;
+
+    let ns = Netns::new("guidgold");
+    ns.ip(&["link", "add", "ib0", "type", "veth", "peer", "name", "ib0p"]);
+    let index = ns.ip_json(&["link", "show", "dev", "ib0"])[0]["ifindex"]
+        .as_u64()
+        .unwrap() as u32;
+    let guid = "00:11:22:33:44:55:66:77";
+    let g = railnet_agent::netconf::parse_guid(guid).unwrap();
+    let ours = railnet_agent::rtnl::vf_requests(
+        index,
+        3,
+        &VfSettings {
+            link_state: Some(VfLinkMode::Enable),
+            node_guid: Some(g),
+            port_guid: Some(g),
+            ..VfSettings::default()
+        },
+    );
+    assert_eq!(ours.len(), 3, "state, node GUID, port GUID: three requests");
+    let commands = [
+        vec!["state", "enable"],
+        vec!["node_guid", guid],
+        vec!["port_guid", guid],
+    ];
+    for (msg, args) in ours.iter().zip(commands) {
+        let mut cmd = vec!["link", "set", "dev", "ib0", "vf", "3"];
+        cmd.extend(&args);
+        let sends = netlink_sends(&ns, "ip", &cmd);
+        let theirs = sends
+            .iter()
+            .find(|m| m.len() > 32 && u16::from_ne_bytes([m[4], m[5]]) == 16)
+            .unwrap_or_else(|| panic!("ip {cmd:?} sent no RTM_NEWLINK: {sends:?}"));
+        let mut bytes = vec![0; msg.buffer_len()];
+        msg.emit(&mut bytes);
+        let pick = |attrs: Vec<(u16, Vec<u8>)>| {
+            attrs
+                .into_iter()
+                .find(|(t, _)| *t == IFLA_VFINFO_LIST)
+                .map(|(_, b)| b)
+        };
+        assert_eq!(
+            pick(link_attributes(&bytes)),
+            pick(link_attributes(&theirs[16..])),
             "IFLA_VFINFO_LIST for `{}`",
             args.join(" ")
         );
@@ -307,4 +366,78 @@ fn vf_attributes_are_set_through_the_pf_and_put_back_on_del() {
         assert_eq!(after.get(key), before.get(key), "{key}: {before} → {after}");
     }
     assert!(node.has_link(VF));
+
+    // An InfiniBand VF's GUID through a PF whose driver cannot set GUIDs
+    // (netdevsim has no ndo_set_vf_guid: EOPNOTSUPP, as an Ethernet-only
+    // NIC answers). The link state went through first; refused, named,
+    // and put back: nothing changed, nothing allocated, no record.
+    let mut ib = conf.clone();
+    for key in ["vlan", "vlanQoS", "spoofchk", "trust", "runtimeConfig"] {
+        ib.as_object_mut().unwrap().remove(key);
+    }
+    ib["mode"] = "ib-sriov".into();
+    ib["link_state"] = "disable".into();
+    ib["runtimeConfig"] = serde_json::json!({ "infinibandGUID": "00:11:22:33:44:55:66:77" });
+    let refused = cni("ADD", &ib, "ib-sim", Some(&pod.ns.path()), "net1");
+    assert!(!refused.ok, "{}", refused.stdout);
+    let text = format!("{} {}", refused.json["msg"], refused.json["details"]);
+    assert!(
+        text.contains(&pf) && text.contains("EOPNOTSUPP") && text.contains("VF 1"),
+        "{text}"
+    );
+    let untouched = vf1();
+    assert_eq!(
+        untouched.get("link_state"),
+        before.get("link_state"),
+        "the link state set before the GUID was refused stayed: {untouched}"
+    );
+    assert!(node.has_link(VF) && !pod.ns.has_link("net1"));
+    let records = agent.state_path().parent().unwrap().join("vfs");
+    assert!(!records.join("vf-ib-sim-net1.json").exists());
+    assert_eq!(agent.allocations(node), 0);
+}
+
+/// Mode ib-sriov end to end (no InfiniBand here: the VF netdev is a veth,
+/// Ethernet, which has no GUID to check): the VF moves in with its rail
+/// and comes back on DEL; a GUID asked of a VF whose PF sysfs does not
+/// name is refused before anything changes.
+#[test]
+fn an_ib_vf_moves_in_and_back_and_a_guid_needs_its_pf() {
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    let router = fabric.router(1);
+    veth_between(node, VF, router, "vf3r");
+    router.ip(&["link", "set", "vf3r", "master", "br0", "up"]);
+    let sysfs = sysfs_for_vf(None);
+    let (agent, mut conf) = sriov_agent(&fabric, &sysfs);
+    conf["mode"] = "ib-sriov".into();
+    conf["pkey"] = "0x8001".into();
+    let pod = fabric.pod(0);
+    let add = cni("ADD", &conf, "ib-pod", Some(&pod.ns.path()), "net1");
+    assert!(add.ok, "{}\n{}", add.stdout, agent.log());
+    assert!(!node.has_link(VF) && pod.ns.has_link("net1"));
+    let addr = add.json["ips"][0]["address"].as_str().unwrap();
+    assert!(
+        pod.ns
+            .ping(addr.split('/').next().unwrap(), "172.16.1.254", 3, 56)
+    );
+    let del = cni("DEL", &conf, "ib-pod", Some(&pod.ns.path()), "net1");
+    assert!(del.ok, "{}\n{}", del.stdout, agent.log());
+    assert!(node.has_link(VF) && !pod.ns.has_link("net1"));
+    assert_eq!(agent.allocations(node), 0);
+
+    conf["runtimeConfig"] = serde_json::json!({ "infinibandGUID": "00:11:22:33:44:55:66:77" });
+    let refused = cni("ADD", &conf, "ib-pod2", Some(&pod.ns.path()), "net1");
+    assert!(!refused.ok);
+    let text = format!("{} {}", refused.json["msg"], refused.json["details"]);
+    assert!(
+        text.contains("GUIDs are set through its PF") && text.contains("physfn"),
+        "{text}"
+    );
+    assert!(node.has_link(VF) && !pod.ns.has_link("net1"));
+    assert_eq!(agent.allocations(node), 0);
+    // Ethernet VF attributes on an InfiniBand VF: refused before the agent.
+    conf["vlan"] = 100.into();
+    let bad = cni("ADD", &conf, "ib-pod3", Some(&pod.ns.path()), "net1");
+    assert!(!bad.ok && bad.stdout.contains("pkey"), "{}", bad.stdout);
 }
