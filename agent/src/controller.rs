@@ -58,16 +58,15 @@ pub fn render(
 ) -> Result<(Value, BTreeMap<String, String>), String> {
     let ty = spec["type"].as_str().unwrap_or_default();
     let mode = match ty {
-        "macvlan" | "ipvlan" | "sriov" | "ib-sriov" => ty,
-        "ipoib" => {
-            return Err(
-                "type ipoib is not supported by this railnet version (IPoIB children are not wired yet); \
-                 use ib-sriov, or ipoib-cni with a railnet network of mode chained"
-                    .to_owned(),
-            );
-        }
+        "macvlan" | "ipvlan" | "sriov" | "ib-sriov" | "ipoib" => ty,
         other => return Err(format!("type {other:?} is unknown")),
     };
+    if ty == "ipoib" && spec["ib"].get("linkState").is_some() {
+        return Err(
+            "ib.linkState is set through a VF's PF (type ib-sriov); an IPoIB child follows its port: remove it"
+                .to_owned(),
+        );
+    }
     let mut conf = json!({
         "cniVersion": spec.get("cniVersion").cloned().unwrap_or_else(|| "0.3.1".into()),
         "name": Value::Null,
@@ -943,16 +942,25 @@ mod tests {
     }
 
     #[test]
-    fn sriov_carries_the_resource_and_ipoib_is_refused_by_name() {
+    fn sriov_carries_the_resource_and_ipoib_its_partition() {
         let spec = json!({"rail": 1, "type": "sriov", "resourceName": "nvidia.com/rail1",
             "ippools": {"ipv4": ["rail1"]}, "rdmaIsolation": true});
         let (_, a) = render(&spec, &RenderOptions::default()).unwrap();
         assert_eq!(a[RESOURCE_NAME], "nvidia.com/rail1");
-        let ib = json!({"rail": 1, "type": "ipoib", "master": "ib0", "ippools": {"ipv4": ["p"]}});
+        let ib = json!({"rail": 1, "type": "ipoib", "master": "ib0", "ippools": {"ipv4": ["p"]},
+            "ib": {"pkey": "0x8001"}});
+        let (mut conf, a) = render(&ib, &RenderOptions::default()).unwrap();
+        assert!(a.is_empty());
+        conf["name"] = "ib1".into();
+        let parsed = crate::netconf::NetConf::parse(conf.to_string().as_bytes()).unwrap();
+        assert!(parsed.ipoib());
+        assert_eq!(parsed.pkey, Some("0x8001".into()));
+        let mut bad = ib.clone();
+        bad["ib"]["linkState"] = "enable".into();
         assert!(
-            render(&ib, &RenderOptions::default())
+            render(&bad, &RenderOptions::default())
                 .unwrap_err()
-                .contains("ipoib")
+                .contains("ib.linkState")
         );
     }
 

@@ -281,7 +281,7 @@ pub enum NetConfError {
     Rail(u32),
     /// A mode that is not built yet.
     #[error(
-        "mode {0:?} is not supported; use \"macvlan\", \"ipvlan\", \"sriov\", \"ib-sriov\" or \"chained\""
+        "mode {0:?} is not supported; use \"macvlan\", \"ipvlan\", \"sriov\", \"ib-sriov\", \"ipoib\" or \"chained\""
     )]
     Mode(String),
     /// Missing master.
@@ -326,6 +326,12 @@ pub enum NetConfError {
          ask for runtimeConfig.infinibandGUID instead"
     )]
     MacOnInfiniBand,
+    /// ARP probes asked of an IPoIB rail.
+    #[error(
+        "\"detectIPConflict\" and \"detectGateway\" probe with Ethernet ARP, which an IPoIB \
+         interface does not carry; remove them for mode \"ipoib\""
+    )]
+    ArpOnInfiniBand,
     /// A GUID that does not parse.
     #[error(
         "{0} {1:?} is not a usable GUID; write 8 bytes as 00:11:22:33:44:55:66:77 \
@@ -485,12 +491,22 @@ impl NetConf {
         self.mode == "ib-sriov"
     }
 
+    /// Whether the interface is an IPoIB child of the master (an IB port).
+    pub fn ipoib(&self) -> bool {
+        self.mode == "ipoib"
+    }
+
     /// Parses and validates a config from CNI stdin bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, NetConfError> {
         let mut conf: NetConf =
             serde_json::from_slice(bytes).map_err(|e| NetConfError::Decode(e.to_string()))?;
         if conf.device_id.is_none() {
             conf.device_id = conf.runtime_config.device_id.clone();
+        }
+        // The rail program reads Ethernet frames; IPoIB carries none, so
+        // its rails are kept on their rail by per-rail rules (DESIGN.md).
+        if conf.ipoib() {
+            conf.routing = Routing::Rules;
         }
         conf.validate()?;
         Ok(conf)
@@ -503,7 +519,9 @@ impl NetConf {
         if !(1..=MAX_RAIL).contains(&self.rail) {
             return Err(NetConfError::Rail(self.rail));
         }
-        if !["macvlan", "ipvlan", "sriov", "ib-sriov", "chained"].contains(&self.mode.as_str()) {
+        if !["macvlan", "ipvlan", "sriov", "ib-sriov", "ipoib", "chained"]
+            .contains(&self.mode.as_str())
+        {
             return Err(NetConfError::Mode(self.mode.clone()));
         }
         if !self.chained() && !self.sriov() && self.master.is_empty() {
@@ -547,7 +565,14 @@ impl NetConf {
                 ("spoofchk", &self.spoofchk),
                 ("link_state", &self.link_state),
                 ("guid", &self.guid.clone().map(serde_json::Value::from)),
-                ("pkey", &self.pkey),
+                (
+                    "pkey",
+                    &if self.ipoib() {
+                        None
+                    } else {
+                        self.pkey.clone()
+                    },
+                ),
                 (
                     "runtimeConfig.infinibandGUID",
                     &self
@@ -560,6 +585,17 @@ impl NetConf {
                 if set.is_some() {
                     return Err(NetConfError::VfAttribute(name));
                 }
+            }
+        }
+        if self.ipoib() {
+            if let Some(p) = &self.pkey {
+                parse_pkey(p).ok_or_else(|| NetConfError::Pkey(p.to_string()))?;
+            }
+            if self.runtime_config.mac.is_some() {
+                return Err(NetConfError::MacOnInfiniBand);
+            }
+            if self.detect_ip_conflict || self.detect_gateway {
+                return Err(NetConfError::ArpOnInfiniBand);
             }
         }
         if self.ippools.ipv4.is_empty() && self.ippools.ipv6.is_empty() {
@@ -810,6 +846,33 @@ mod tests {
             NetConf::parse(&conf(r#","mode":"ib-sriov""#)).unwrap_err(),
             NetConfError::SriovNeedsDevice("ib-sriov".into())
         );
+    }
+
+    /// ipoib: a child of the master on the network's partition; rules
+    /// routing (no Ethernet for the program), no MAC, no ARP probes.
+    #[test]
+    fn ipoib_children_use_rules_and_refuse_ethernet_requests() {
+        let c = NetConf::parse(&conf(r#","mode":"ipoib","pkey":"0x8001""#)).unwrap();
+        assert!(c.ipoib() && !c.sriov());
+        assert_eq!(c.routing, Routing::Rules);
+        for (extra, want) in [
+            (r#","pkey":"0x0000""#, "not a partition key"),
+            (
+                r#","runtimeConfig":{"mac":"02:00:00:00:00:01"}"#,
+                "infinibandGUID",
+            ),
+            (r#","detectGateway":true"#, "Ethernet ARP"),
+            (
+                r#","rdmaIsolation":true,"deviceID":"0000:3b:00.2""#,
+                "shares its master",
+            ),
+            (r#","vlan":100"#, "\"vlan\" is a VF attribute"),
+        ] {
+            let text = NetConf::parse(&conf(&format!(r#","mode":"ipoib"{extra}"#)))
+                .unwrap_err()
+                .to_string();
+            assert!(text.contains(want), "{extra}: {text}");
+        }
     }
 
     #[test]

@@ -1053,6 +1053,16 @@ impl RailService {
         let node_started = std::time::Instant::now();
         let chained = conf.chained();
         let ipvlan = conf.mode == "ipvlan";
+        let ipoib = conf.ipoib();
+        let pkey = conf.pkey.as_ref().and_then(crate::netconf::parse_pkey);
+        // An IPoIB child is made in the host (where its parent is) under a
+        // name of its own, then moved in under the pod's.
+        let temp_name = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&att.container_id, &att.ifname).hash(&mut h);
+            format!("rn{:012x}", h.finish() & 0xffff_ffff_ffff)
+        };
         let kind = conf.mode.clone();
         let mac = conf
             .runtime_config
@@ -1092,6 +1102,67 @@ impl RailService {
                         format!("mtu {mtu} is above master {master}'s mtu {}", m.mtu),
                         "lower \"mtu\" or raise the rail NIC's MTU",
                     ));
+                }
+                if ipoib {
+                    let Some((parent_pkey, parent_mode)) = m.ipoib else {
+                        return Err(invalid(
+                            format!("master {master} is not an IPoIB interface"),
+                            "mode \"ipoib\" makes a child of an InfiniBand port's netdev (e.g. ib0; \
+                             `ip -d link show` says ipoib); for a RoCE NIC use mode \"macvlan\"",
+                        ));
+                    };
+                    // The network's partition, else the parent's; the
+                    // parent's mode (datagram or connected).
+                    let req = rtnl::ipoib_request(
+                        m.index,
+                        &temp_name,
+                        pkey.unwrap_or(parent_pkey),
+                        parent_mode,
+                    );
+                    h.link().add(req).execute().await.map_err(|e| match errno(&e) {
+                        Some(libc::EOPNOTSUPP) => invalid(
+                            "this kernel cannot make IPoIB children",
+                            "load ib_ipoib (modprobe ib_ipoib)",
+                        ),
+                        _ => dp(&format!("creating the IPoIB child of {master}"), describe(&e)),
+                    })?;
+                    let child = rtnl::link_by_name(&h, &temp_name)
+                        .await
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| {
+                            dp(
+                                &format!("the IPoIB child {temp_name} of {master}"),
+                                "made, then not found".to_owned(),
+                            )
+                        })?;
+                    let moved = h
+                        .link()
+                        .set(
+                            LinkUnspec::new_with_index(child.index)
+                                .down()
+                                .setns_by_fd(netns_fd)
+                                .name(ifname.clone())
+                                .mtu(mtu)
+                                .build(),
+                        )
+                        .execute()
+                        .await;
+                    if let Err(e) = moved {
+                        let _ = h.link().del(child.index).execute().await;
+                        return Err(match errno(&e) {
+                            Some(libc::EEXIST) => ApiError::new(
+                                code::DATAPLANE,
+                                format!("interface {ifname} already exists in the pod netns"),
+                                "pick another CNI_IFNAME for this network",
+                            ),
+                            _ => dp(
+                                &format!("moving the IPoIB child into the pod as {ifname}"),
+                                describe(&e),
+                            ),
+                        });
+                    }
+                    return Ok(mtu);
                 }
                 // macvlan (bridge) for RoCE NICs; ipvlan (l2) where the NIC
                 // or the switch allows one MAC only.
@@ -1143,6 +1214,7 @@ impl RailService {
             netns: netns_id,
             pins: PodPins::new(&self.pin_root, &att.container_id),
             detect: (conf.detect_ip_conflict, conf.detect_gateway),
+            ethernet: !conf.ipoib(),
         };
         let pod_side = netns
             .run(move || plan.configure())
@@ -1403,6 +1475,8 @@ struct PodRail {
     /// The optional checks before ADD answers (netconf `detectIPConflict`,
     /// `detectGateway`).
     detect: (bool, bool),
+    /// Ethernet framing (not IPoIB): ARP probes and announcements apply.
+    ethernet: bool,
 }
 
 /// Whether `dst` lies inside the subnet `own` (so no gateway is needed).
@@ -1485,7 +1559,9 @@ impl PodRail {
         let (link, routes) =
             with_rtnl(|h| self.install(h)).map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
         let installed = started.elapsed();
-        if let Some(v4) = self.addrs.v4 {
+        if let Some(v4) = self.addrs.v4
+            && self.ethernet
+        {
             self.detect(link.index, &link.mac, v4.addr())?;
             // Peers may hold a stale MAC for this address (a previous pod):
             // announce ours. Best effort: a lost announcement costs an ARP.

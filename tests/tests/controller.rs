@@ -134,7 +134,7 @@ fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
         (
             "rail3",
             json!({"rail": 3, "type": "ipoib", "master": "ib0",
-                   "ippools": {"ipv4": ["rail3"]}}),
+                   "ippools": {"ipv4": ["rail3"]}, "ib": {"linkState": "enable"}}),
         ),
     ] {
         let (code, body) = api.post(NETS, &network(name, spec));
@@ -168,7 +168,7 @@ fn rail_networks_become_nads_that_stay_as_rendered_across_a_leader_change() {
             .as_str()
             .map(str::to_owned)
     });
-    assert!(why.contains("ipoib"), "{why}");
+    assert!(why.contains("ib.linkState"), "{why}");
     assert!(nad("rail3").is_none());
     let (_, n1) = api.get(&format!("{NETS}/rail1"));
     assert_eq!(n1["status"]["networkAttachmentDefinition"], "rail1");
