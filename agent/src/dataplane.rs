@@ -8,7 +8,8 @@
 //! maps (and TCX links) alive while the agent restarts; DEL removes the
 //! filter and the pins. Everything here runs on a thread inside the pod's
 //! netns: interface names resolve there, and a TCX link binds the ifindex
-//! of the calling thread's netns.
+//! of the calling thread's netns. The program is loaded once per pod and
+//! pinned as `…/prog`; the pod's other rails attach that one.
 //!
 //! Why clsact by default: attaching a TCX link waits for an RCU grace
 //! period (the kernel swaps the device's program array and synchronizes
@@ -42,6 +43,10 @@ use crate::bpf_object;
 
 /// Default directory for the pods' pins.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/railnet";
+
+/// The pod's loaded program, pinned next to its maps (`<pod>/prog`): the
+/// pod's later rails attach it instead of loading (verifying) their own.
+const PROGRAM_PIN: &str = "prog";
 
 /// One rail of one pod, as the program needs it.
 #[derive(Clone, Debug)]
@@ -233,14 +238,30 @@ impl PodPins {
             ifname: att.ifname.clone(),
             why,
         };
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM_RAIL_EGRESS)
-            .expect("rail_egress in object")
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
         let t1 = std::time::Instant::now();
-        prog.load()
-            .map_err(|e| attach_err(format!("verifier: {e:#}")))?;
+        // The verifier is most of an ADD's CPU: a pod's later rails attach
+        // the program its first rail loaded (pinned with the pod's maps,
+        // which it references), so an 8-rail pod is verified once.
+        let prog_pin = self.dir.join(PROGRAM_PIN);
+        let mut pinned = SchedClassifier::from_pin(&prog_pin).ok();
+        let reused = pinned.is_some();
+        let prog: &mut SchedClassifier = match pinned.as_mut() {
+            Some(p) => p,
+            None => {
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(PROGRAM_RAIL_EGRESS)
+                    .expect("rail_egress in object")
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| attach_err(e.to_string()))?;
+                prog.load()
+                    .map_err(|e| attach_err(format!("verifier: {e:#}")))?;
+                // Best effort: without the pin the next rail loads its own.
+                if let Err(e) = prog.pin(&prog_pin) {
+                    tracing::debug!(error = %e, "rail program not pinned for the pod's next rails");
+                }
+                prog
+            }
+        };
         let t2 = std::time::Instant::now();
         let link_path = self.link_path(&att.ifname);
         // A stale pin of the same name (a retried ADD) is replaced.
@@ -262,6 +283,7 @@ impl PodPins {
             tracing::debug!(
                 maps_us = (t1 - t0).as_micros() as u64,
                 verifier_us = (t2 - t1).as_micros() as u64,
+                reused,
                 attach_pin_us = t2.elapsed().as_micros() as u64,
                 "rail program attached"
             );
@@ -291,6 +313,7 @@ impl PodPins {
                 .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
         }
         let t3 = std::time::Instant::now();
+        drop(pinned);
         drop(ebpf);
         tracing::debug!(
             load_to_attach_us = (t3 - t0).as_micros() as u64,

@@ -145,6 +145,32 @@ fn eight_rails_round_trip_through_libcni() {
             k + 1
         );
     }
+    // The pod's rails run one program, loaded (verified) for its first
+    // rail and attached by the others: one id in every rail's filter.
+    let ids_of = |pod: &railnet_tests::FabricPod| -> std::collections::BTreeSet<String> {
+        (1..=RAILS)
+            .map(|k| {
+                let out = std::process::Command::new("tc")
+                    .args(["-n", pod.ns.name(), "filter", "show", "dev"])
+                    .arg(format!("net{k}"))
+                    .arg("egress")
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.split_whitespace()
+                    .skip_while(|w| *w != "id")
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("no program on net{k}: {text}"))
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(ids_of(&pods[0]).len(), 1, "{:?}", ids_of(&pods[0]));
+    assert_ne!(
+        ids_of(&pods[0]),
+        ids_of(&pods[1]),
+        "each pod has its own program"
+    );
     // CHECK through libcni (it passes the cached result as prevResult);
     // 0.3.1 has no CHECK.
     for (k, file) in (1..=RAILS).zip(&confs[0]) {
