@@ -156,7 +156,8 @@ impl Metrics {
 /// (the host's: every device in shared mode, those not moved into a pod
 /// in exclusive mode), each labelled with the pod and interface holding
 /// its VF (found by PCI address in the VF records) — empty for a device
-/// no pod holds. Empty on a node without RDMA.
+/// no pod holds — and those of devices isolated in pods, read inside each
+/// pod's netns. Empty on a node without RDMA.
 fn rdma_counters(
     node: &str,
     sysfs: &std::path::Path,
@@ -179,6 +180,7 @@ fn rdma_counters(
         }
     };
     let holders = crate::sriov::holders(records);
+    let seen: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
     for dev in devices {
         let holder = crate::sriov::rdma_device_pci(sysfs, &dev.name)
             .and_then(|pci| holders.get(&pci).cloned())
@@ -207,6 +209,39 @@ fn rdma_counters(
                         ("netdev".into(), port.netdev.clone().unwrap_or_default()),
                         ("pod".into(), holder.pod.clone()),
                         ("interface".into(), holder.interface.clone()),
+                        ("counter".into(), name),
+                    ])
+                    .inc_by(value);
+            }
+        }
+    }
+    // Isolated devices (exclusive mode) are visible only inside their pod's
+    // netns: read there, over an RDMA netlink socket opened in it.
+    for rec in crate::sriov::rdma_records(records) {
+        if rec.netns_inode == 0 || seen.contains(&rec.device) {
+            continue;
+        }
+        let Some(path) = crate::netns::path_of(rec.netns_inode) else {
+            continue; // the pod is gone; the kernel returned the device
+        };
+        let read = crate::rdma::counters_in(&path, &rec.device);
+        let ports = match read {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(device = %rec.device, error = %e, "RDMA counters: cannot read them in the pod's netns");
+                continue;
+            }
+        };
+        for (port, counters) in ports {
+            for (name, value) in counters {
+                family
+                    .get_or_create(&vec![
+                        ("node".into(), node.to_owned()),
+                        ("device".into(), rec.device.clone()),
+                        ("port".into(), port.port.to_string()),
+                        ("netdev".into(), port.netdev.clone().unwrap_or_default()),
+                        ("pod".into(), rec.holder.pod.clone()),
+                        ("interface".into(), rec.holder.interface.clone()),
                         ("counter".into(), name),
                     ])
                     .inc_by(value);

@@ -148,6 +148,31 @@ fn current_cookie() -> Option<u64> {
     (rc == 0).then_some(cookie)
 }
 
+/// A path that opens the network namespace with nsfs inode `inode`: one a
+/// runtime pinned (`/run/netns`, `/var/run/netns`) or one a process is in
+/// (`/proc/<pid>/ns/net`); `None` when nothing holds it any more.
+pub fn path_of(inode: u64) -> Option<std::path::PathBuf> {
+    let is = |p: &std::path::Path| std::fs::metadata(p).is_ok_and(|m| m.ino() == inode);
+    for dir in ["/run/netns", "/var/run/netns"] {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if is(&e.path()) {
+                return Some(e.path());
+            }
+        }
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter(|p| {
+            p.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .map(|p| p.path().join("ns/net"))
+        .find(|p| is(p))
+}
+
 /// Every network namespace this host can see alive: those held by a
 /// process (`/proc/*/ns/net`) and those pinned by a runtime (`/run/netns`,
 /// `/var/run/netns`), each with its cookie where it could be read.

@@ -319,6 +319,7 @@ impl RailService {
                 pci_address: conf.device_id.clone().unwrap_or_default(),
                 device: dev.name.clone(),
                 holder: sriov::Holder::of(&att.args, &att.container_id, &att.ifname),
+                netns_inode: netns_id.inode,
             };
             if let Err(e) = sriov::save(
                 &self.vf_records,

@@ -620,6 +620,34 @@ fn parse_attributes(buf: &[u8]) -> Result<Vec<Attr>, String> {
     Ok(out)
 }
 
+/// One port of a device and its hardware counters (name, value).
+pub type PortCounters = (RdmaPort, Vec<(String, u64)>);
+
+/// The hardware counters of `device`'s ports as the network namespace at
+/// `netns` sees them: read over an RDMA netlink socket opened inside it
+/// (on a thread of its own), where an isolated device alone is visible.
+pub fn counters_in(netns: &std::path::Path, device: &str) -> Result<Vec<PortCounters>, String> {
+    let ns = std::fs::File::open(netns).map_err(|e| format!("{}: {e}", netns.display()))?;
+    let device = device.to_owned();
+    std::thread::Builder::new()
+        .name("railnet-rdma-stat".into())
+        .spawn(move || -> Result<Vec<PortCounters>, String> {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering the pod's netns: {e}"))?;
+            let mut nl = RdmaNetlink::open().map_err(|e| e.to_string())?;
+            let dev = nl.device(&device).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for port in nl.ports(&dev).map_err(|e| e.to_string())? {
+                let counters = nl.counters(&dev, port.port).map_err(|e| e.to_string())?;
+                out.push((port, counters));
+            }
+            Ok(out)
+        })
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|_| "the reading thread panicked".to_owned())?
+}
+
 /// The RDMA devices of a PCI function (`<sysfs>/bus/pci/devices/<bdf>/infiniband/`).
 pub fn devices_of_pci(sysfs: &std::path::Path, bdf: &str) -> Vec<String> {
     let mut names: Vec<String> =

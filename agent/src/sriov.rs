@@ -301,6 +301,26 @@ pub struct RdmaRecord {
     /// Whose it is now.
     #[serde(default)]
     pub holder: Holder,
+    /// The pod netns it was moved into (nsfs inode; 0: not recorded), where
+    /// the metrics read its counters: from the host it is not visible.
+    #[serde(default)]
+    pub netns_inode: u64,
+}
+
+/// Every isolated-device record in `dir` (the devices pods hold now).
+pub fn rdma_records(dir: &Path) -> Vec<RdmaRecord> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("rdma-")
+            && name.ends_with(".json")
+            && let Ok(bytes) = std::fs::read(entry.path())
+            && let Ok(r) = serde_json::from_slice::<RdmaRecord>(&bytes)
+        {
+            out.push(r);
+        }
+    }
+    out
 }
 
 /// The bytes of `aa:bb:cc:dd:ee:ff`; `None` for anything else and for the

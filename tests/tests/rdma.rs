@@ -345,6 +345,65 @@ fn exclusive_a_move_reaches_the_driver_and_is_explained() {
     assert!(seen.iter().all(|d| d.name != "rxexmove"), "{seen:?}");
 }
 
+/// An isolated device's counters are read inside the netns it was moved
+/// to, where alone it is visible in exclusive mode, and labelled with the
+/// pod holding it. No driver here can move a device (rxe and siw answer
+/// EOPNOTSUPP), so the record a successful move writes is planted, and the
+/// "pod" netns holding the device is the initial one — where a new device
+/// lives in exclusive mode — while the agent runs in its node's netns, from
+/// which, exactly as from a host for a moved device, it cannot be seen.
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn exclusive_an_isolated_device_s_counters_are_read_in_its_pod_netns() {
+    use std::os::unix::fs::MetadataExt;
+
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    let _rxe = Rxe::on_dummy(node, "rdmaiso", "rxeiso");
+    let agent = Agent::start(node, &fabric.pools(0));
+    let seen = in_ns(node, |nl| nl.devices().unwrap());
+    assert!(
+        seen.iter().all(|d| d.name != "rxeiso"),
+        "the agent's netns must not see the device: {seen:?}"
+    );
+    let counted = || {
+        agent
+            .scrape(node, "/metrics")
+            .lines()
+            .filter(|l| {
+                l.starts_with("railnet_rdma_port_hw_counter_total{")
+                    && l.contains("device=\"rxeiso\"")
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(counted().is_empty(), "{:?}", counted());
+    let records = agent.state_path().parent().unwrap().join("vfs");
+    std::fs::create_dir_all(&records).unwrap();
+    let inode = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let record = railnet_agent::sriov::RdmaRecord {
+        pci_address: "0000:3b:00.2".into(),
+        device: "rxeiso".into(),
+        holder: railnet_agent::sriov::Holder {
+            pod: "default/trainer-0".into(),
+            interface: "net1".into(),
+        },
+        netns_inode: inode,
+    };
+    railnet_agent::sriov::save(&records, "rdma", "iso", "net1", &record).unwrap();
+    let lines = counted();
+    assert!(!lines.is_empty(), "no counters of rxeiso:\n{}", agent.log());
+    for l in &lines {
+        assert!(
+            l.contains("pod=\"default/trainer-0\"") && l.contains("interface=\"net1\""),
+            "{l}"
+        );
+    }
+    // The record gone (DEL gave the device back): not looked for any more.
+    railnet_agent::sriov::forget(&records, "rdma", "iso", "net1");
+    assert!(counted().is_empty(), "{:?}", counted());
+}
+
 #[test]
 #[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
 fn exclusive_mode_change_while_pods_exist_says_how() {
