@@ -179,6 +179,24 @@ fn rdma_counters(
             return family;
         }
     };
+    let count = |device: &str,
+                 port: &crate::rdma::RdmaPort,
+                 holder: &crate::sriov::Holder,
+                 counters: Vec<(String, u64)>| {
+        for (name, value) in counters {
+            family
+                .get_or_create(&vec![
+                    ("node".into(), node.to_owned()),
+                    ("device".into(), device.to_owned()),
+                    ("port".into(), port.port.to_string()),
+                    ("netdev".into(), port.netdev.clone().unwrap_or_default()),
+                    ("pod".into(), holder.pod.clone()),
+                    ("interface".into(), holder.interface.clone()),
+                    ("counter".into(), name),
+                ])
+                .inc_by(value);
+        }
+    };
     let holders = crate::sriov::holders(records);
     let seen: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
     for dev in devices {
@@ -200,19 +218,7 @@ fn rdma_counters(
                     continue;
                 }
             };
-            for (name, value) in counters {
-                family
-                    .get_or_create(&vec![
-                        ("node".into(), node.to_owned()),
-                        ("device".into(), dev.name.clone()),
-                        ("port".into(), port.port.to_string()),
-                        ("netdev".into(), port.netdev.clone().unwrap_or_default()),
-                        ("pod".into(), holder.pod.clone()),
-                        ("interface".into(), holder.interface.clone()),
-                        ("counter".into(), name),
-                    ])
-                    .inc_by(value);
-            }
+            count(&dev.name, &port, &holder, counters);
         }
     }
     // Isolated devices (exclusive mode) are visible only inside their pod's
@@ -233,19 +239,7 @@ fn rdma_counters(
             }
         };
         for (port, counters) in ports {
-            for (name, value) in counters {
-                family
-                    .get_or_create(&vec![
-                        ("node".into(), node.to_owned()),
-                        ("device".into(), rec.device.clone()),
-                        ("port".into(), port.port.to_string()),
-                        ("netdev".into(), port.netdev.clone().unwrap_or_default()),
-                        ("pod".into(), rec.holder.pod.clone()),
-                        ("interface".into(), rec.holder.interface.clone()),
-                        ("counter".into(), name),
-                    ])
-                    .inc_by(value);
-            }
+            count(&rec.device, &port, &rec.holder, counters);
         }
     }
     family

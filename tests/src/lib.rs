@@ -1041,6 +1041,40 @@ pub fn netlink_sends(ns: &Netns, program: &str, args: &[&str]) -> Vec<Vec<u8>> {
     messages
 }
 
+/// The RTM_NEWLINK `ip <args>` sends from inside `ns`, without its netlink
+/// header (the ifinfomsg and attributes): what railnet's own request must
+/// equal.
+pub fn iproute2_newlink(ns: &Netns, args: &[&str]) -> Vec<u8> {
+    const RTM_NEWLINK: u16 = 16;
+    let sends = netlink_sends(ns, "ip", args);
+    sends
+        .iter()
+        .find(|m| m.len() > 32 && u16::from_ne_bytes([m[4], m[5]]) == RTM_NEWLINK)
+        .unwrap_or_else(|| panic!("ip {args:?} sent no RTM_NEWLINK: {sends:?}"))[16..]
+        .to_vec()
+}
+
+/// A link message of railnet's as the kernel receives it (the ifinfomsg
+/// and attributes).
+pub fn emitted(msg: &rtnetlink::packet_route::link::LinkMessage) -> Vec<u8> {
+    use rtnetlink::packet_core::Emitable;
+    let mut bytes = vec![0; msg.buffer_len()];
+    msg.emit(&mut bytes);
+    bytes
+}
+
+/// The attributes of kinds `kinds` in a link message, sorted: what two
+/// requests are compared by when their other attributes may differ in
+/// order or presence.
+pub fn link_attributes_of(ifinfo_and_attrs: &[u8], kinds: &[u16]) -> Vec<(u16, Vec<u8>)> {
+    let mut v: Vec<(u16, Vec<u8>)> = link_attributes(ifinfo_and_attrs)
+        .into_iter()
+        .filter(|(t, _)| kinds.contains(t))
+        .collect();
+    v.sort();
+    v
+}
+
 /// The attributes of an rtnetlink link message (`ifinfomsg` first, then
 /// attributes), by type, as raw bytes (header included).
 pub fn link_attributes(ifinfo_and_attrs: &[u8]) -> Vec<(u16, Vec<u8>)> {

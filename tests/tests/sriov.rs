@@ -12,7 +12,8 @@ use std::path::Path;
 
 use railnet_agent::netconf::{VfLinkMode, VfSettings};
 use railnet_tests::{
-    Agent, Netns, RailFabric, ScratchDir, cni, link_attributes, netlink_sends, veth_between,
+    Agent, Netns, RailFabric, ScratchDir, cni, emitted, iproute2_newlink, link_attributes_of,
+    veth_between,
 };
 
 const VF: &str = "ens1f0v3";
@@ -124,8 +125,6 @@ const IFLA_VFINFO_LIST: u16 = 22;
 /// refuses both, which does not matter for what was sent).
 #[test]
 fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
-    use rtnetlink::packet_core::Emitable;
-
     let ns = Netns::new("vfgold");
     ns.ip(&["link", "add", "pf0", "type", "veth", "peer", "name", "pf0p"]);
     let index = ns.ip_json(&["link", "show", "dev", "pf0"])[0]["ifindex"]
@@ -173,31 +172,17 @@ fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
     for (args, set) in cases {
         let mut cmd = vec!["link", "set", "dev", "pf0", "vf", "3"];
         cmd.extend(&args);
-        let sends = netlink_sends(&ns, "ip", &cmd);
-        // RTM_NEWLINK (16) is what `ip link set` sends.
-        let theirs = sends
-            .iter()
-            .find(|m| m.len() > 32 && u16::from_ne_bytes([m[4], m[5]]) == 16)
-            .unwrap_or_else(|| panic!("ip {cmd:?} sent no RTM_NEWLINK: {sends:?}"));
-        let ifinfo = &theirs[16..];
+        let theirs = iproute2_newlink(&ns, &cmd);
         assert_eq!(
-            u32::from_ne_bytes(ifinfo[4..8].try_into().unwrap()),
+            u32::from_ne_bytes(theirs[4..8].try_into().unwrap()),
             index,
             "iproute2 addressed the PF by index"
         );
-        let msg = railnet_agent::rtnl::vf_request(index, 3, &set);
-        let mut ours = vec![0; msg.buffer_len()];
-        msg.emit(&mut ours);
-        assert_eq!(&ours[4..8], &ifinfo[4..8], "the PF's index");
-        let pick = |attrs: Vec<(u16, Vec<u8>)>| {
-            attrs
-                .into_iter()
-                .find(|(t, _)| *t == IFLA_VFINFO_LIST)
-                .map(|(_, b)| b)
-        };
+        let ours = emitted(&railnet_agent::rtnl::vf_request(index, 3, &set));
+        assert_eq!(&ours[4..8], &theirs[4..8], "the PF's index");
         assert_eq!(
-            pick(link_attributes(&ours)),
-            pick(link_attributes(ifinfo)),
+            link_attributes_of(&ours, &[IFLA_VFINFO_LIST]),
+            link_attributes_of(&theirs, &[IFLA_VFINFO_LIST]),
             "IFLA_VFINFO_LIST for `{}`",
             args.join(" ")
         );
@@ -211,8 +196,6 @@ fn vf_attributes_are_byte_for_byte_what_iproute2_sends() {
 /// its own before them, as `… vf 3 state enable`.
 #[test]
 fn vf_guids_are_byte_for_byte_what_iproute2_sends() {
-    use rtnetlink::packet_core::Emitable;
-
     let ns = Netns::new("guidgold");
     ns.ip(&["link", "add", "ib0", "type", "veth", "peer", "name", "ib0p"]);
     let index = ns.ip_json(&["link", "show", "dev", "ib0"])[0]["ifindex"]
@@ -239,22 +222,10 @@ fn vf_guids_are_byte_for_byte_what_iproute2_sends() {
     for (msg, args) in ours.iter().zip(commands) {
         let mut cmd = vec!["link", "set", "dev", "ib0", "vf", "3"];
         cmd.extend(&args);
-        let sends = netlink_sends(&ns, "ip", &cmd);
-        let theirs = sends
-            .iter()
-            .find(|m| m.len() > 32 && u16::from_ne_bytes([m[4], m[5]]) == 16)
-            .unwrap_or_else(|| panic!("ip {cmd:?} sent no RTM_NEWLINK: {sends:?}"));
-        let mut bytes = vec![0; msg.buffer_len()];
-        msg.emit(&mut bytes);
-        let pick = |attrs: Vec<(u16, Vec<u8>)>| {
-            attrs
-                .into_iter()
-                .find(|(t, _)| *t == IFLA_VFINFO_LIST)
-                .map(|(_, b)| b)
-        };
+        let theirs = iproute2_newlink(&ns, &cmd);
         assert_eq!(
-            pick(link_attributes(&bytes)),
-            pick(link_attributes(&theirs[16..])),
+            link_attributes_of(&emitted(msg), &[IFLA_VFINFO_LIST]),
+            link_attributes_of(&theirs, &[IFLA_VFINFO_LIST]),
             "IFLA_VFINFO_LIST for `{}`",
             args.join(" ")
         );
