@@ -139,6 +139,26 @@ fn main() {
             .sum();
         println!("pod A's program counted {steered} packets steered back to their own rail");
     }
+    // One program per pod: verified for its first rail, attached by all.
+    let ids: std::collections::BTreeSet<String> = (1..=RAILS)
+        .filter_map(|k| {
+            let out = std::process::Command::new("tc")
+                .args(["-n", a.pod.ns.name(), "filter", "show", "dev"])
+                .arg(format!("net{k}"))
+                .arg("egress")
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split_whitespace()
+                .skip_while(|w| *w != "id")
+                .nth(1)
+                .map(str::to_owned)
+        })
+        .collect();
+    println!(
+        "pod A's {RAILS} rails run {} program(s): loaded and verified once, attached to each rail",
+        ids.len()
+    );
 
     println!("\nnode A's agent is killed (SIGKILL); the pinned programs keep steering:");
     agent_a.kill9();
@@ -168,8 +188,9 @@ fn main() {
     if doctor.contains("no RDMA netlink") {
         println!(
             "RDMA: this kernel has no RDMA subsystem, so these rails carry TCP only. On a GPU node\n  \
-             ADD names each rail's RDMA device and GID index, refuses a master without one, and\n  \
-             `railnet doctor` checks netns mode, link layers, MTUs and nvidia_peermem\n  \
+             ADD names each rail's RDMA device and GID index, refuses a master without one, moves a\n  \
+             VF's own device into its pod in exclusive mode (an InfiniBand VF gets its GUID through\n  \
+             the PF first), and `railnet doctor` checks netns mode, link layers, MTUs and nvidia_peermem\n  \
              (cargo xtask test runs all of it on Linux 6.1 with soft RoCE, in both RDMA netns modes)"
         );
     } else {
