@@ -1407,28 +1407,31 @@ impl Inner {
         use kube::api::{WatchEvent, WatchParams};
         loop {
             let Some(i) = inner.upgrade() else { return };
-            let version = match i.check_lend_requests().await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot look for lend requests; again in a second");
-                    drop(i);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            let wp = WatchParams::default()
-                .labels(&format!("{NODE_LABEL}={}", i.opts.node))
-                .timeout(290);
-            let stream = match i.watch_api.watch(&wp, &version).await {
+            // A list (to answer requests made while no watch ran), then a
+            // watch from its version; either failing is retried in a second.
+            let started = async {
+                let version = i
+                    .check_lend_requests()
+                    .await
+                    .map_err(|e| format!("cannot look for lend requests: {e}"))?;
+                let wp = WatchParams::default()
+                    .labels(&format!("{NODE_LABEL}={}", i.opts.node))
+                    .timeout(290);
+                i.watch_api
+                    .watch(&wp, &version)
+                    .await
+                    .map_err(|e| format!("cannot watch this node's blocks: {e}"))
+            }
+            .await;
+            drop(i);
+            let stream = match started {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot watch this node's blocks; again in a second");
-                    drop(i);
+                    tracing::debug!(error = %e, "again in a second");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            drop(i);
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 let Some(i) = inner.upgrade() else { return };
