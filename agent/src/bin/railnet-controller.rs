@@ -228,50 +228,58 @@ fn main() -> ExitCode {
                     warn!(error = %e, "cannot update RailPool status; retrying next interval");
                 }
                 if args.claim_grace_seconds > 0 {
-                    // Never sweep on a failed pod list: every claim would
-                    // look orphaned.
-                    match pod_uids(&client).await {
-                        Ok(live) => {
-                            pods_unlisted = false;
-                            match sweeper.pass(&client, &live).await {
-                                Ok(n) => {
-                                    metrics.claims_released.inc_by(n as u64);
-                                }
-                                Err(e) => {
-                                    metrics.pass_errors.inc();
-                                    warn!(error = %e, "claim sweep failed; retrying next interval");
-                                }
-                            }
-                        }
-                        Err(e) if !pods_unlisted => {
-                            pods_unlisted = true;
-                            warn!(error = %e, "cannot list pods; claims of deleted pods are not released until it can");
-                        }
-                        Err(_) => {}
-                    }
-                    // The same for blocks of deleted nodes; never on a
-                    // failed node list.
-                    match node_names(&client).await {
-                        Ok(live) => {
-                            nodes_unlisted = false;
-                            match blocks.pass(&client, &live).await {
-                                Ok(n) => {
-                                    metrics.blocks_given_back.inc_by(n as u64);
-                                }
-                                Err(e) => {
-                                    metrics.pass_errors.inc();
-                                    warn!(error = %e, "block sweep failed; retrying next interval");
-                                }
-                            }
-                        }
-                        Err(e) if !nodes_unlisted => {
-                            nodes_unlisted = true;
-                            warn!(error = %e, "cannot list nodes; blocks of deleted nodes are not given back until it can");
-                        }
-                        Err(_) => {}
-                    }
+                    sweep(
+                        pod_uids(&client).await,
+                        &mut pods_unlisted,
+                        ("pods", "claims of deleted pods are not released"),
+                        async |live| sweeper.pass(&client, live).await,
+                        &metrics.claims_released,
+                        &metrics.pass_errors,
+                    )
+                    .await;
+                    sweep(
+                        node_names(&client).await,
+                        &mut nodes_unlisted,
+                        ("nodes", "blocks of deleted nodes are not given back"),
+                        async |live| blocks.pass(&client, live).await,
+                        &metrics.blocks_given_back,
+                        &metrics.pass_errors,
+                    )
+                    .await;
                 }
             }
         }
     })
+}
+
+/// One sweep against what is alive now (`listed`): never on a failed list,
+/// where everything would look gone. A failing list is logged once until it
+/// works again (`unlisted`); `what`: what is listed, and what waits for it.
+async fn sweep(
+    listed: Result<std::collections::HashSet<String>, kube::Error>,
+    unlisted: &mut bool,
+    what: (&str, &str),
+    pass: impl AsyncFnOnce(&std::collections::HashSet<String>) -> Result<usize, kube::Error>,
+    done: &prometheus_client::metrics::counter::Counter,
+    errors: &prometheus_client::metrics::counter::Counter,
+) {
+    match listed {
+        Ok(live) => {
+            *unlisted = false;
+            match pass(&live).await {
+                Ok(n) => {
+                    done.inc_by(n as u64);
+                }
+                Err(e) => {
+                    errors.inc();
+                    warn!(error = %e, "sweep against the live {} failed; retrying next interval", what.0);
+                }
+            }
+        }
+        Err(e) if !*unlisted => {
+            *unlisted = true;
+            warn!(error = %e, "cannot list {}; {} until it can", what.0, what.1);
+        }
+        Err(_) => {}
+    }
 }
