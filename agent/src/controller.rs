@@ -164,6 +164,67 @@ pub fn desired_nad(net: &DynamicObject, opts: &RenderOptions) -> Result<DynamicO
     Ok(nad)
 }
 
+/// Watches RailNetworks and the NADs rendered from them, and wakes
+/// `changed` at every event: a new network gets its NAD, and a hand edit
+/// is put back, within a pass rather than an `--interval`. Each watch
+/// lists first (for the version to watch from) and starts over when it
+/// ends or fails (a second later). `client` must have no read timeout.
+pub async fn watch_changes(client: Client, changed: std::sync::Arc<tokio::sync::Notify>) {
+    let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
+    let rendered: Api<DynamicObject> = Api::all_with(client, &nads());
+    tokio::join!(
+        watch_one(nets, ListParams::default(), changed.clone()),
+        watch_one(
+            rendered,
+            ListParams::default().labels(&format!("{MANAGED_BY}=railnet")),
+            changed,
+        ),
+    );
+}
+
+async fn watch_one(
+    api: Api<DynamicObject>,
+    lp: ListParams,
+    changed: std::sync::Arc<tokio::sync::Notify>,
+) {
+    use futures::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    loop {
+        let started = async {
+            let version = api
+                .list_metadata(&lp.clone().limit(1))
+                .await?
+                .metadata
+                .resource_version
+                .unwrap_or_default();
+            let mut wp = WatchParams::default().timeout(290);
+            if let Some(l) = &lp.label_selector {
+                wp = wp.labels(l);
+            }
+            api.watch(&wp, &version).await
+        }
+        .await;
+        let stream = match started {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot watch; again in a second");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(WatchEvent::Added(_) | WatchEvent::Modified(_) | WatchEvent::Deleted(_)) => {
+                    changed.notify_one();
+                }
+                Ok(WatchEvent::Bookmark(_)) => {}
+                Ok(WatchEvent::Error(_)) | Err(_) => break,
+            }
+        }
+    }
+}
+
 /// Whether `live` already is what `want` says (the fields we own).
 fn in_sync(live: &DynamicObject, want: &DynamicObject) -> bool {
     let annotations = |o: &DynamicObject| {

@@ -203,10 +203,10 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
     assert_eq!(
         roles[0]["rules"],
         serde_json::json!([
-            {"apiGroups": ["railnet.io"], "resources": ["railnetworks"], "verbs": ["get", "list"]},
+            {"apiGroups": ["railnet.io"], "resources": ["railnetworks"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["railnet.io"], "resources": ["railnetworks/status"], "verbs": ["patch"]},
             {"apiGroups": ["k8s.cni.cncf.io"], "resources": ["network-attachment-definitions"],
-             "verbs": ["get", "list", "create", "update"]}
+             "verbs": ["get", "list", "watch", "create", "update"]}
         ])
     );
     // The controller: two replicas electing a leader with a Lease in the

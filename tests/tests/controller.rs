@@ -43,6 +43,17 @@ struct Controller {
 
 impl Controller {
     fn start(api: &ApiServer, identity: &str, metrics_port: u16, dir: &ScratchDir) -> Self {
+        Self::start_every(api, identity, metrics_port, dir, 1)
+    }
+
+    /// A controller whose periodic pass comes every `interval` seconds.
+    fn start_every(
+        api: &ApiServer,
+        identity: &str,
+        metrics_port: u16,
+        dir: &ScratchDir,
+        interval: u64,
+    ) -> Self {
         let log = dir.path().join(format!("{identity}.log"));
         let child = api
             .controller()
@@ -50,9 +61,9 @@ impl Controller {
                 "--identity",
                 identity,
                 "--lease-seconds",
-                "3",
+                &interval.max(3).to_string(),
                 "--interval",
-                "1",
+                &interval.to_string(),
                 "--metrics-address",
                 &format!("127.0.0.1:{metrics_port}"),
             ])
@@ -344,4 +355,47 @@ fn uninstall_deletes_what_railnet_made_and_keeps_addresses_pods_still_hold() {
     );
     assert_eq!(api.get(&format!("{BLOCKS}/rail1.172-16-1-0-28")).0, 404);
     assert_eq!(api.get(&format!("{BLOCKS}/rail1.172-16-1-16-28")).0, 200);
+}
+
+/// Changes reach the NADs through watches, not the periodic pass: with
+/// passes an hour apart, a RailNetwork created after the first pass gets
+/// its NAD, a NAD edited by hand is put back, and a RailNetwork's
+/// spec change (a new MTU) reaches its NAD — each within seconds.
+#[test]
+fn changes_are_rendered_when_they_happen_not_at_the_next_interval() {
+    let api = server();
+    let dir = ScratchDir::new("controller-watch");
+    let ctl = Controller::start_every(&api, "ctl-w", 9468, &dir, 3600);
+    let log = ctl.log.clone();
+    let logs = move || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("the controller leads", &logs, || {
+        let (_, l) = api.get(LEASE);
+        (l["spec"]["holderIdentity"] == "ctl-w").then_some(())
+    });
+    let nad = |name: &str| {
+        let (code, body) = api.get(&format!("{NADS}/{name}"));
+        (code == 200).then_some(body)
+    };
+    let spec = json!({"rail": 4, "type": "macvlan", "master": "eno3np4",
+                      "ippools": {"ipv4": ["rail4"]}, "mtu": 4200});
+    let (code, body) = api.post(NETS, &network("rail4", spec));
+    assert_eq!(code, 201, "{body}");
+    let rendered = eventually("NAD rail4 rendered", &logs, || nad("rail4"));
+    let mut live = rendered.clone();
+    live["spec"]["config"] = json!({"cniVersion": "0.3.1", "name": "rail4", "type": "macvlan"})
+        .to_string()
+        .into();
+    let (code, body) = api.put(&format!("{NADS}/rail4"), &live);
+    assert_eq!(code, 200, "{body}");
+    eventually("the edited NAD put back", &logs, || {
+        (nad("rail4")?["spec"]["config"] == rendered["spec"]["config"]).then_some(())
+    });
+    let (_, mut net) = api.get(&format!("{NETS}/rail4"));
+    net["spec"]["mtu"] = 9000.into();
+    let (code, body) = api.put(&format!("{NETS}/rail4"), &net);
+    assert_eq!(code, 200, "{body}");
+    eventually("the new MTU in the NAD", &logs, || {
+        let conf: Value = serde_json::from_str(nad("rail4")?["spec"]["config"].as_str()?).ok()?;
+        (conf["mtu"] == 9000).then_some(())
+    });
 }

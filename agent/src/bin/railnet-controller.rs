@@ -180,10 +180,24 @@ fn main() -> ExitCode {
         let mut blocks = BlockSweeper::new(Duration::from_secs(args.claim_grace_seconds));
         let mut nodes_unlisted = false;
         let mut leading = false;
+        // A pass every --interval, and as soon as a RailNetwork or a NAD
+        // rendered from one changes.
+        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+        match cluster::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
+            Ok(c) => {
+                tokio::spawn(railnet_agent::controller::watch_changes(c, changed.clone()));
+            }
+            Err(e) => warn!(error = %e, "no watch client; passes every --interval only"),
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                _ = changed.notified() => {
+                    // Events come in bursts (a pass's own writes among
+                    // them): one pass after the burst.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
             }
             match leader.try_lead().await {

@@ -563,12 +563,7 @@ impl ClusterStore {
             .build()
             .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
         let client = rt.block_on(client(opts.kubeconfig.as_deref(), opts.timeout))?;
-        let watch_client = rt.block_on(async {
-            let mut config = config(opts.kubeconfig.as_deref()).await?;
-            config.connect_timeout = Some(opts.timeout);
-            config.read_timeout = None;
-            Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
-        })?;
+        let watch_client = rt.block_on(watch_client(opts.kubeconfig.as_deref(), opts.timeout))?;
         let inner = Arc::new(Inner {
             api: Api::all(client),
             watch_api: Api::all(watch_client),
@@ -1653,6 +1648,18 @@ pub async fn client(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Clie
     config.connect_timeout = Some(timeout);
     config.read_timeout = Some(timeout);
     config.write_timeout = Some(timeout);
+    Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
+}
+
+/// A client for watches: like [`client`], but without a read timeout (a
+/// watch waits minutes between events).
+pub async fn watch_client(
+    kubeconfig: Option<&Path>,
+    timeout: Duration,
+) -> Result<Client, ClusterError> {
+    let mut config = config(kubeconfig).await?;
+    config.connect_timeout = Some(timeout);
+    config.read_timeout = None;
     Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
 }
 
