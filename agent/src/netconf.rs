@@ -503,9 +503,10 @@ impl NetConf {
         if conf.device_id.is_none() {
             conf.device_id = conf.runtime_config.device_id.clone();
         }
-        // The rail program reads Ethernet frames; IPoIB carries none, so
-        // its rails are kept on their rail by per-rail rules (DESIGN.md).
-        if conf.ipoib() {
+        // The rail program reads Ethernet frames; IPoIB (an IPoIB child, or
+        // an InfiniBand VF's netdev) carries none, so IB rails are kept on
+        // their rail by per-rail rules (DESIGN.md).
+        if conf.ipoib() || conf.ib_sriov() {
             conf.routing = Routing::Rules;
         }
         conf.validate()?;
@@ -795,6 +796,11 @@ mod tests {
         let c = ib(r#","guid":"00:00:00:00:00:00:00:0a","link_state":"enable","pkey":"0x8001""#)
             .unwrap();
         assert!(c.sriov() && c.ib_sriov());
+        assert_eq!(
+            c.routing,
+            Routing::Rules,
+            "no Ethernet frames for the program"
+        );
         let s = c.vf_settings().unwrap();
         assert_eq!((s.node_guid, s.port_guid), (Some(10), Some(10)));
         assert_eq!(s.link_state, Some(VfLinkMode::Enable));

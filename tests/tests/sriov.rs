@@ -388,10 +388,12 @@ fn an_ib_vf_moves_in_and_back_and_a_guid_needs_its_pf() {
     assert!(add.ok, "{}\n{}", add.stdout, agent.log());
     assert!(!node.has_link(VF) && pod.ns.has_link("net1"));
     let addr = add.json["ips"][0]["address"].as_str().unwrap();
-    assert!(
-        pod.ns
-            .ping(addr.split('/').next().unwrap(), "172.16.1.254", 3, 56)
-    );
+    let addr = addr.split('/').next().unwrap();
+    assert!(pod.ns.ping(addr, "172.16.1.254", 3, 56));
+    // IPoIB carries no Ethernet frames for the program: rules keep the
+    // rail (asked for ebpf, given rules).
+    let rules = pod.ns.ip(&["-4", "rule", "show"]);
+    assert!(rules.contains(&format!("from {addr}")), "{rules}");
     let del = cni("DEL", &conf, "ib-pod", Some(&pod.ns.path()), "net1");
     assert!(del.ok, "{}\n{}", del.stdout, agent.log());
     assert!(node.has_link(VF) && !pod.ns.has_link("net1"));
