@@ -281,10 +281,9 @@ impl RailService {
         } else {
             None
         };
+        let took_vf = vf.is_some();
         let undo_vf = || {
-            if vf.is_some()
-                && let Err(e) = self.give_vf_back(&att.container_id, &att.ifname, None)
-            {
+            if took_vf && let Err(e) = self.give_vf_back(&att.container_id, &att.ifname, None) {
                 tracing::warn!(error = %e, "could not put the VF back after a failed ADD");
             }
         };
@@ -331,6 +330,24 @@ impl RailService {
                 tracing::warn!(error = %e, "could not record the isolated RDMA device's name");
             }
         }
+        // Moving an InfiniBand VF's RDMA device makes its IPoIB netdev anew
+        // in the host: the VF's netdev is looked up again before it moves.
+        let vf = match (vf, &rdma) {
+            (Some(_), RdmaPlan::Isolate(_)) if conf.ib_sriov() => {
+                match self.vf_again(conf.device_id.as_deref().unwrap_or_default()) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        if let Err(back) = rdma::give_back(netns, &att.ifname) {
+                            tracing::warn!(error = %back, "could not return the RDMA device after a failed ADD");
+                        }
+                        undo_vf();
+                        let _ = self.ipam.release(&att.container_id, &att.ifname);
+                        return Err(e);
+                    }
+                }
+            }
+            (vf, _) => vf,
+        };
         match self.wire(att, &conf, netns, netns_id, addrs, vf.as_ref()) {
             Ok(mut result) => {
                 result.rdma = match &rdma {
@@ -555,6 +572,41 @@ impl RailService {
                 e,
             )
         })
+    }
+
+    /// VF `bdf`'s netdev as it is now (its driver or its RDMA device's move
+    /// may have made it anew), waiting up to 10 s for it to appear.
+    fn vf_again(&self, bdf: &str) -> Result<PreparedVf, ApiError> {
+        let start = std::time::Instant::now();
+        let gone = |why: String| {
+            ApiError::new(
+                code::DATAPLANE,
+                format!("VF {bdf}'s netdev did not come back after its RDMA device moved"),
+                why,
+            )
+        };
+        loop {
+            let found = sriov::vf_netdev(&self.sysfs_root, bdf).and_then(|name| {
+                let n = name.clone();
+                with_rtnl(|h| async move { rtnl::link_by_name(&h, &n).await })
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| describe(&e))?
+                    .map(|link| PreparedVf {
+                        name: name.clone(),
+                        index: link.index,
+                        mtu: link.mtu,
+                        rebound: false,
+                    })
+                    .ok_or_else(|| format!("{name} is not in the agent's netns"))
+            });
+            match found {
+                Ok(v) => return Ok(v),
+                Err(e) if start.elapsed() >= std::time::Duration::from_secs(10) => {
+                    return Err(gone(e));
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
     }
 
     /// Modes sriov and ib-sriov, after [`Self::prepare_vf`]: moves the VF

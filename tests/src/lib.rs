@@ -148,6 +148,25 @@ impl Netns {
         ns
     }
 
+    /// A name for the initial network namespace (`ip netns attach <name> 1`),
+    /// for tests inside a qemu guest that need what only it sees (RDMA
+    /// devices in exclusive mode). Dropping it removes the name only.
+    /// Panics unless the caller has checked it runs in such a guest: the
+    /// machine's own initial namespace is never a test's.
+    #[track_caller]
+    pub fn initial_in_guest(tag: &str, in_guest: bool) -> Self {
+        assert!(
+            in_guest,
+            "the initial netns is used only inside a test guest"
+        );
+        let name = unique(tag);
+        sh(Command::new("ip").args(["netns", "attach", &name, "1"]));
+        let ns = Self { name };
+        // A guest boots with its loopback down; the agent serves /metrics there.
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
     /// Its name for `ip -n`.
     pub fn name(&self) -> &str {
         &self.name

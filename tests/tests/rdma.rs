@@ -567,6 +567,59 @@ fn exclusive_isolation_of_a_vf_without_an_rdma_device_is_refused_cleanly() {
     assert_eq!(agent.allocations(node), 0);
 }
 
+/// Mode ib-sriov with isolation, in exclusive mode: the VF's RDMA device
+/// (found by its PCI address in sysfs) is moved before its netdev, and a
+/// driver that cannot move it (rxe: EOPNOTSUPP, as here) fails ADD with
+/// the reason and leaves everything as it was: the VF's netdev in the node
+/// under its name, no record, no address.
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn exclusive_an_ib_vf_whose_device_cannot_move_is_refused_with_nothing_changed() {
+    const BDF: &str = "0000:3b:00.4";
+    // In exclusive mode only the initial netns sees the device, and the
+    // agent runs there (hostNetwork), as on a node: the guest's.
+    let exclusive = RdmaNetlink::open()
+        .and_then(|mut nl| nl.netns_mode())
+        .is_ok_and(|m| m == NetnsMode::Exclusive);
+    let host = Netns::initial_in_guest("host", exclusive);
+    let fabric = RailFabric::new(1, 1);
+    let node = &host;
+    node.ip(&["link", "add", "ib4v", "type", "dummy"]);
+    let _rxe = Rxe::on_dummy(node, "rdmaib4", "rxeib4");
+    let sysfs = railnet_tests::ScratchDir::new("sysfs");
+    let pci = sysfs.path().join("bus/pci/devices").join(BDF);
+    std::fs::create_dir_all(pci.join("net/ib4v")).unwrap();
+    std::fs::create_dir_all(pci.join("infiniband/rxeib4")).unwrap();
+    let agent = Agent::start_with(
+        node,
+        &fabric.pools(0),
+        &["--sysfs-root", sysfs.path().to_str().unwrap()],
+    );
+    let pod = fabric.pod(0);
+    let mut conf = fabric.netconf(1, &agent, "ebpf");
+    conf["mode"] = "ib-sriov".into();
+    conf["rdmaIsolation"] = true.into();
+    conf["deviceID"] = BDF.into();
+    let out = cni("ADD", &conf, "ib-xiso", Some(&pod.ns.path()), "net1");
+    assert!(!out.ok, "{}", out.stdout);
+    let text = format!("{} {}", out.json["msg"], out.json["details"]);
+    assert!(
+        text.contains("rxeib4") && text.contains("cannot change netns"),
+        "{text}"
+    );
+    assert!(node.has_link("ib4v") && !pod.ns.has_link("net1"));
+    let records = agent.state_path().parent().unwrap().join("vfs");
+    let left: Vec<_> = std::fs::read_dir(&records)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "records left: {left:?}");
+    assert_eq!(agent.allocations(node), 0);
+    drop(agent);
+    for dev in ["ib4v", "rdmaib4"] {
+        node.ip(&["link", "del", dev]);
+    }
+}
+
 /// `railnet_rdma_port_hw_counter_total` of one device and counter.
 /// In shared mode a VF's RDMA device stays in the host while its netdev
 /// goes to the pod (mode sriov): the device's counters carry the pod and
