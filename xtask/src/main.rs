@@ -50,7 +50,7 @@ enum Task {
     },
     /// Benchmarks, printed as figures and ratios to targets (`dataplane`).
     Bench {
-        /// Which benchmark.
+        /// Which benchmark: dataplane, ipam, cni, cni-parallel, kube.
         #[arg(default_value = "dataplane")]
         which: String,
     },
