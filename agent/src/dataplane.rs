@@ -9,7 +9,7 @@
 //! filter and the pins. Everything here runs on a thread inside the pod's
 //! netns: interface names resolve there, and a TCX link binds the ifindex
 //! of the calling thread's netns. The program is loaded once per pod and
-//! pinned as `…/prog`; the pod's other rails attach that one.
+//! pinned as `…/prog-<object id>`; the pod's other rails attach that one.
 //!
 //! Why clsact by default: attaching a TCX link waits for an RCU grace
 //! period (the kernel swaps the device's program array and synchronizes
@@ -44,9 +44,21 @@ use crate::bpf_object;
 /// Default directory for the pods' pins.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/railnet";
 
-/// The pod's loaded program, pinned next to its maps (`<pod>/prog`): the
-/// pod's later rails attach it instead of loading (verifying) their own.
-const PROGRAM_PIN: &str = "prog";
+/// The pod's loaded program, pinned next to its maps (`<pod>/prog-<id>`):
+/// the pod's later rails attach it instead of loading (verifying) their
+/// own. `<id>` names this agent's object (FNV-1a of its bytes), so after an
+/// upgrade a pod's new rails get the new program, not the one an older
+/// agent left.
+fn program_pin(object: &'static [u8]) -> &'static str {
+    // One object per agent binary: hashed once.
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        let hash = object.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("prog-{hash:016x}")
+    })
+}
 
 /// One rail of one pod, as the program needs it.
 #[derive(Clone, Debug)]
@@ -242,7 +254,7 @@ impl PodPins {
         // The verifier is most of an ADD's CPU: a pod's later rails attach
         // the program its first rail loaded (pinned with the pod's maps,
         // which it references), so an 8-rail pod is verified once.
-        let prog_pin = self.dir.join(PROGRAM_PIN);
+        let prog_pin = self.dir.join(program_pin(object));
         let mut pinned = SchedClassifier::from_pin(&prog_pin).ok();
         let reused = pinned.is_some();
         let prog: &mut SchedClassifier = match pinned.as_mut() {

@@ -137,13 +137,21 @@ fn eight_rails_round_trip_through_libcni() {
     assert!(err.contains(ASKED) && err.contains("already held"), "{err}");
     assert!(!third.ns.has_link("net2"));
     assert_eq!(agents[0].allocations(&fabric.nodes[0]), before);
-    // Every rail carries traffic between the two pods.
+    // Every rail carries traffic between the two pods: three replies
+    // within 3 s. First contact right after the ADDs includes ARP, which
+    // here sometimes needs retransmits on one rail (A's neighbour entry
+    // shows 5 probes; the replies come ~1 s late; a 60 ms pause before the
+    // pings makes it vanish — seen before this test checked programs, cause
+    // not found, noted in the issue).
     for (k, (a, b)) in addrs[0].iter().zip(&addrs[1]).enumerate() {
-        assert!(
-            pods[0].ns.ping(a, b, 3, 56),
-            "rail {} from {a} to {b}",
-            k + 1
-        );
+        let replied = pods[0]
+            .ns
+            .command("ping")
+            .args(["-q", "-n", "-c", "3", "-i", "0.01", "-w", "3", "-I", a, b])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(replied, "rail {} from {a} to {b}", k + 1);
     }
     // The pod's rails run one program, loaded (verified) for its first
     // rail and attached by the others: one id in every rail's filter.
