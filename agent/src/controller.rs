@@ -61,6 +61,12 @@ pub fn render(
         "macvlan" | "ipvlan" | "sriov" | "ib-sriov" | "ipoib" => ty,
         other => return Err(format!("type {other:?} is unknown")),
     };
+    if ty == "ipoib" && spec["ib"].get("ibKubernetesEnabled").is_some() {
+        return Err(
+            "ib.ibKubernetesEnabled is for ib-sriov VFs (ib-kubernetes gives each a GUID): remove it"
+                .to_owned(),
+        );
+    }
     if ty == "ipoib" && spec["ib"].get("linkState").is_some() {
         return Err(
             "ib.linkState is set through a VF's PF (type ib-sriov); an IPoIB child follows its port: remove it"
@@ -111,7 +117,11 @@ pub fn render(
         o.insert("capabilities".into(), json!({"infinibandGUID": true}));
     }
     // InfiniBand VF settings under ib-sriov-cni's keys.
-    for (from, to) in [("linkState", "link_state"), ("pkey", "pkey")] {
+    for (from, to) in [
+        ("linkState", "link_state"),
+        ("pkey", "pkey"),
+        ("ibKubernetesEnabled", "ibKubernetesEnabled"),
+    ] {
         if let Some(v) = spec["ib"].get(from) {
             o.insert(to.into(), v.clone());
         }
@@ -1032,7 +1042,7 @@ mod tests {
     fn ib_sriov_networks_render_for_the_cni() {
         let spec = json!({"rail": 1, "type": "ib-sriov", "resourceName": "spidernet.io/eno3np2",
             "ippools": {"ipv4": ["gpu1-net91"]}, "rdmaIsolation": true,
-            "ib": {"pkey": "0x8001", "linkState": "enable"}});
+            "ib": {"pkey": "0x8001", "linkState": "enable", "ibKubernetesEnabled": true}});
         let (mut conf, a) = render(&spec, &RenderOptions::default()).unwrap();
         assert_eq!(a[RESOURCE_NAME], "spidernet.io/eno3np2");
         assert_eq!(conf["capabilities"]["infinibandGUID"], true);
@@ -1040,7 +1050,7 @@ mod tests {
         conf["deviceID"] = "0000:3b:00.2".into();
         conf["runtimeConfig"] = json!({"infinibandGUID": "00:11:22:33:44:55:66:77"});
         let parsed = crate::netconf::NetConf::parse(conf.to_string().as_bytes()).unwrap();
-        assert!(parsed.ib_sriov() && parsed.rdma_isolation);
+        assert!(parsed.ib_sriov() && parsed.rdma_isolation && parsed.ib_kubernetes_enabled);
         let set = parsed.vf_settings().unwrap();
         assert_eq!(set.link_state, Some(crate::netconf::VfLinkMode::Enable));
         assert_eq!(set.node_guid, Some(0x0011_2233_4455_6677));

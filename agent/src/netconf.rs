@@ -108,6 +108,11 @@ pub struct NetConf {
     /// pod's network selection (`cni-args`).
     #[serde(default)]
     pub args: Option<serde_json::Value>,
+    /// Mode ib-sriov with ib-kubernetes (ib-sriov-cni's key): ADD waits
+    /// until ib-kubernetes has configured the pod (`args.cni`
+    /// `mellanox.infiniband.app: configured`) and given it a GUID.
+    #[serde(default, rename = "ibKubernetesEnabled")]
+    pub ib_kubernetes_enabled: bool,
 }
 
 /// VF attributes set through the PF (what sriov-cni sets); `None`: left
@@ -316,8 +321,8 @@ pub enum NetConfError {
     NotOnInfiniBand(&'static str),
     /// A GUID or pkey on an Ethernet VF.
     #[error(
-        "\"guid\", \"pkey\" and runtimeConfig.infinibandGUID are InfiniBand VF attributes: \
-         use mode \"ib-sriov\" for an IB VF, or remove them"
+        "\"guid\", \"pkey\", \"ibKubernetesEnabled\" and runtimeConfig.infinibandGUID are InfiniBand \
+         VF attributes: use mode \"ib-sriov\" for an IB VF, or remove them"
     )]
     InfiniBandOnly,
     /// A MAC asked of an IPoIB interface.
@@ -398,6 +403,37 @@ impl NetConf {
             Some(g) if g != 0 && g != u64::MAX => Ok(Some(g)),
             _ => Err(NetConfError::Guid(field, text.to_owned())),
         }
+    }
+
+    /// With `ibKubernetesEnabled`, whether ib-kubernetes has configured
+    /// this pod: it marks it `mellanox.infiniband.app: configured` in
+    /// `args.cni` and gives it a GUID. Checked at ADD (a DEL must work
+    /// either way); the error says what is missing.
+    pub fn ib_kubernetes_ready(&self) -> Result<(), String> {
+        if !self.ib_kubernetes_enabled {
+            return Ok(());
+        }
+        let state = self
+            .args
+            .as_ref()
+            .and_then(|a| a.get("cni"))
+            .and_then(|c| c.get("mellanox.infiniband.app"))
+            .and_then(|v| v.as_str());
+        if state != Some("configured") {
+            return Err(format!(
+                "ib-kubernetes has not configured this pod yet (args.cni \"mellanox.infiniband.app\" is {}, \
+                 not \"configured\"): is ib-kubernetes running, and does it reach the subnet manager?",
+                state.map_or("missing".to_owned(), |s| format!("{s:?}"))
+            ));
+        }
+        if matches!(self.ib_guid(), Ok(None)) {
+            return Err(
+                "ib-kubernetes configured this pod but gave it no GUID (runtimeConfig.infinibandGUID); \
+                 the network needs the infinibandGUID capability"
+                    .to_owned(),
+            );
+        }
+        Ok(())
     }
 
     /// The addresses asked for in `runtimeConfig.ips` (validated at parse).
@@ -554,6 +590,7 @@ impl NetConf {
             } else if self.guid.is_some()
                 || self.pkey.is_some()
                 || self.runtime_config.infiniband_guid.is_some()
+                || self.ib_kubernetes_enabled
             {
                 return Err(NetConfError::InfiniBandOnly);
             }
@@ -581,6 +618,12 @@ impl NetConf {
                         .infiniband_guid
                         .clone()
                         .map(serde_json::Value::from),
+                ),
+                (
+                    "ibKubernetesEnabled",
+                    &self
+                        .ib_kubernetes_enabled
+                        .then_some(serde_json::Value::Bool(true)),
                 ),
             ] {
                 if set.is_some() {
@@ -879,6 +922,38 @@ mod tests {
                 .to_string();
             assert!(text.contains(want), "{extra}: {text}");
         }
+    }
+
+    /// ibKubernetesEnabled: ADD waits for ib-kubernetes's mark and GUID;
+    /// parsing (and so DEL) does not.
+    #[test]
+    fn ib_kubernetes_must_have_configured_the_pod() {
+        let ib = |extra: &str| {
+            NetConf::parse(&conf(&format!(
+                r#","mode":"ib-sriov","deviceID":"0000:3b:00.2","ibKubernetesEnabled":true{extra}"#
+            )))
+            .unwrap()
+        };
+        let e = ib("").ib_kubernetes_ready().unwrap_err();
+        assert!(
+            e.contains("is missing") && e.contains("ib-kubernetes running"),
+            "{e}"
+        );
+        let e = ib(r#","args":{"cni":{"mellanox.infiniband.app":"pending"}}"#)
+            .ib_kubernetes_ready()
+            .unwrap_err();
+        assert!(e.contains("\"pending\""), "{e}");
+        let e = ib(r#","args":{"cni":{"mellanox.infiniband.app":"configured"}}"#)
+            .ib_kubernetes_ready()
+            .unwrap_err();
+        assert!(e.contains("no GUID"), "{e}");
+        ib(r#","args":{"cni":{"mellanox.infiniband.app":"configured"}},"runtimeConfig":{"infinibandGUID":"00:00:00:00:00:00:00:0a"}"#)
+            .ib_kubernetes_ready()
+            .unwrap();
+        assert_eq!(
+            NetConf::parse(&conf(r#","ibKubernetesEnabled":true"#)).unwrap_err(),
+            NetConfError::VfAttribute("ibKubernetesEnabled")
+        );
     }
 
     #[test]

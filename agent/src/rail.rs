@@ -236,6 +236,15 @@ impl RailService {
                 format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
             ));
         }
+        // ib-kubernetes (when the network waits for it) must have given the
+        // pod its GUID: "try again" until it has.
+        if let Err(why) = conf.ib_kubernetes_ready() {
+            return Err(ApiError::new(
+                code::TRY_AGAIN,
+                "InfiniBand VF not configured by ib-kubernetes yet",
+                why,
+            ));
+        }
         // RDMA first: a node in the wrong mode or a master without an RDMA
         // device is refused before anything is made.
         let rdma = rdma_plan(&conf, &self.sysfs_root)?;

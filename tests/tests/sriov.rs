@@ -399,6 +399,21 @@ fn an_ib_vf_moves_in_and_back_and_a_guid_needs_its_pf() {
     assert!(node.has_link(VF) && !pod.ns.has_link("net1"));
     assert_eq!(agent.allocations(node), 0);
 
+    // Waiting for ib-kubernetes (ibKubernetesEnabled, not yet marked
+    // configured): "try again" (code 11), nothing taken.
+    conf["ibKubernetesEnabled"] = true.into();
+    let wait = cni("ADD", &conf, "ib-pod4", Some(&pod.ns.path()), "net1");
+    assert!(!wait.ok);
+    assert_eq!(wait.json["code"], 11, "{}", wait.stdout);
+    assert!(
+        wait.stdout.contains("mellanox.infiniband.app"),
+        "{}",
+        wait.stdout
+    );
+    assert!(node.has_link(VF) && !pod.ns.has_link("net1"));
+    assert_eq!(agent.allocations(node), 0);
+    conf.as_object_mut().unwrap().remove("ibKubernetesEnabled");
+
     conf["runtimeConfig"] = serde_json::json!({ "infinibandGUID": "00:11:22:33:44:55:66:77" });
     let refused = cni("ADD", &conf, "ib-pod2", Some(&pod.ns.path()), "net1");
     assert!(!refused.ok);
