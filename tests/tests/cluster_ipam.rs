@@ -309,6 +309,13 @@ fn killing_the_api_server_mid_run_loses_and_duplicates_nothing() {
                                     if down.load(Ordering::Relaxed) {
                                         served_while_down.fetch_add(1, Ordering::Relaxed);
                                     }
+                                    // A pod a millisecond: served from held
+                                    // addresses an ADD takes microseconds,
+                                    // and unpaced the nodes could use up
+                                    // their first block between the count
+                                    // reaching 150 and the kill, leaving
+                                    // nothing held to serve the outage from.
+                                    std::thread::sleep(Duration::from_millis(1));
                                     break;
                                 }
                                 Err(IpamError::Unavailable(m)) => {
