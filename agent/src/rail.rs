@@ -343,7 +343,10 @@ impl RailService {
         // in the host: the VF's netdev is looked up again before it moves.
         let vf = match (vf, &rdma) {
             (Some(_), RdmaPlan::Isolate(_)) if conf.ib_sriov() => {
-                match self.vf_again(conf.device_id.as_deref().unwrap_or_default()) {
+                match self.vf_again(
+                    conf.device_id.as_deref().unwrap_or_default(),
+                    "its RDMA device moved",
+                ) {
                     Ok(v) => Some(v),
                     Err(e) => {
                         if let Err(back) = rdma::give_back(netns, &att.ifname) {
@@ -557,65 +560,52 @@ impl RailService {
         if !settings.sets_guid() {
             return Ok(prepared);
         }
-        let back = sriov::rebind(&self.sysfs_root, &bdf, std::time::Duration::from_secs(10))
-            .and_then(|name| {
-                let n = name.clone();
-                let link = with_rtnl(|h| async move { rtnl::link_by_name(&h, &n).await })
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| describe(&e))?
-                    .ok_or_else(|| format!("VF netdev {name} is not in the agent's netns"))?;
-                Ok(PreparedVf {
-                    name,
-                    index: link.index,
-                    mtu: link.mtu,
-                    rebound: true,
-                })
-            });
-        back.map_err(|e| {
-            if let Err(undo) = self.give_vf_back(&att.container_id, &att.ifname, None) {
-                tracing::warn!(error = %undo, "could not put the VF back after a failed rebind");
-            }
-            ApiError::new(
-                code::DATAPLANE,
-                format!("rebinding VF {bdf} for its new GUID"),
-                e,
-            )
-        })
+        sriov::rebind(&self.sysfs_root, &bdf, std::time::Duration::from_secs(10))
+            .map_err(|e| {
+                ApiError::new(
+                    code::DATAPLANE,
+                    format!("rebinding VF {bdf} for its new GUID"),
+                    e,
+                )
+            })
+            .and_then(|_| self.vf_again(&bdf, "its driver was rebound"))
+            .map(|vf| PreparedVf {
+                rebound: true,
+                ..vf
+            })
+            .inspect_err(|_| {
+                if let Err(undo) = self.give_vf_back(&att.container_id, &att.ifname, None) {
+                    tracing::warn!(error = %undo, "could not put the VF back after a failed rebind");
+                }
+            })
     }
 
-    /// VF `bdf`'s netdev as it is now (its driver or its RDMA device's move
-    /// may have made it anew), waiting up to 10 s for it to appear.
-    fn vf_again(&self, bdf: &str) -> Result<PreparedVf, ApiError> {
-        let start = std::time::Instant::now();
-        let gone = |why: String| {
+    /// VF `bdf`'s netdev as it is now, made anew `after` something (its
+    /// driver's rebind, its RDMA device's move): waits up to 10 s for sysfs
+    /// to list it, then looks it up.
+    fn vf_again(&self, bdf: &str, after: &str) -> Result<PreparedVf, ApiError> {
+        let found =
+            sriov::wait_for_netdev(&self.sysfs_root, bdf, std::time::Duration::from_secs(10))
+                .and_then(|name| {
+                    let n = name.clone();
+                    with_rtnl(|h| async move { rtnl::link_by_name(&h, &n).await })
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| describe(&e))?
+                        .map(|link| PreparedVf {
+                            name: name.clone(),
+                            index: link.index,
+                            mtu: link.mtu,
+                            rebound: false,
+                        })
+                        .ok_or_else(|| format!("{name} is not in the agent's netns"))
+                });
+        found.map_err(|why| {
             ApiError::new(
                 code::DATAPLANE,
-                format!("VF {bdf}'s netdev did not come back after its RDMA device moved"),
+                format!("VF {bdf}'s netdev did not come back after {after}"),
                 why,
             )
-        };
-        loop {
-            let found = sriov::vf_netdev(&self.sysfs_root, bdf).and_then(|name| {
-                let n = name.clone();
-                with_rtnl(|h| async move { rtnl::link_by_name(&h, &n).await })
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| describe(&e))?
-                    .map(|link| PreparedVf {
-                        name: name.clone(),
-                        index: link.index,
-                        mtu: link.mtu,
-                        rebound: false,
-                    })
-                    .ok_or_else(|| format!("{name} is not in the agent's netns"))
-            });
-            match found {
-                Ok(v) => return Ok(v),
-                Err(e) if start.elapsed() >= std::time::Duration::from_secs(10) => {
-                    return Err(gone(e));
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        }
+        })
     }
 
     /// Modes sriov and ib-sriov, after [`Self::prepare_vf`]: moves the VF

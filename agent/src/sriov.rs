@@ -167,15 +167,22 @@ pub fn rebind(sysfs: &Path, bdf: &str, wait: std::time::Duration) -> Result<Stri
             )
         })?;
     }
+    wait_for_netdev(sysfs, bdf, wait).map_err(|e| format!("{e} (after its driver was rebound)"))
+}
+
+/// VF `bdf`'s netdev name once sysfs lists it, waiting up to `wait` (a
+/// driver probing it, or an RDMA device's move, makes it anew).
+pub fn wait_for_netdev(
+    sysfs: &Path,
+    bdf: &str,
+    wait: std::time::Duration,
+) -> Result<String, String> {
     let start = std::time::Instant::now();
     loop {
         match vf_netdev(sysfs, bdf) {
             Ok(name) => return Ok(name),
             Err(e) if start.elapsed() >= wait => {
-                return Err(format!(
-                    "VF {bdf} has no netdev {:.0?} after its driver was rebound: {e}",
-                    wait
-                ));
+                return Err(format!("VF {bdf} has no netdev after {wait:.0?}: {e}"));
             }
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }

@@ -1060,6 +1060,20 @@ pub fn netlink_sends(ns: &Netns, program: &str, args: &[&str]) -> Vec<Vec<u8>> {
     messages
 }
 
+/// The id of the BPF program on `dev`'s egress in `ns`, as `tc filter
+/// show` prints it; `None` when none is attached.
+pub fn egress_program_id(ns: &Netns, dev: &str) -> Option<String> {
+    let out = Command::new("tc")
+        .args(["-n", ns.name(), "filter", "show", "dev", dev, "egress"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .map(str::to_owned)
+}
+
 /// The RTM_NEWLINK `ip <args>` sends from inside `ns`, without its netlink
 /// header (the ifinfomsg and attributes): what railnet's own request must
 /// equal.

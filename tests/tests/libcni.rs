@@ -158,18 +158,8 @@ fn eight_rails_round_trip_through_libcni() {
     let ids_of = |pod: &railnet_tests::FabricPod| -> std::collections::BTreeSet<String> {
         (1..=RAILS)
             .map(|k| {
-                let out = std::process::Command::new("tc")
-                    .args(["-n", pod.ns.name(), "filter", "show", "dev"])
-                    .arg(format!("net{k}"))
-                    .arg("egress")
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout).into_owned();
-                text.split_whitespace()
-                    .skip_while(|w| *w != "id")
-                    .nth(1)
-                    .unwrap_or_else(|| panic!("no program on net{k}: {text}"))
-                    .to_owned()
+                railnet_tests::egress_program_id(&pod.ns, &format!("net{k}"))
+                    .unwrap_or_else(|| panic!("no program on net{k}"))
             })
             .collect()
     };

@@ -141,19 +141,7 @@ fn main() {
     }
     // One program per pod: verified for its first rail, attached by all.
     let ids: std::collections::BTreeSet<String> = (1..=RAILS)
-        .filter_map(|k| {
-            let out = std::process::Command::new("tc")
-                .args(["-n", a.pod.ns.name(), "filter", "show", "dev"])
-                .arg(format!("net{k}"))
-                .arg("egress")
-                .output()
-                .ok()?;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.split_whitespace()
-                .skip_while(|w| *w != "id")
-                .nth(1)
-                .map(str::to_owned)
-        })
+        .filter_map(|k| railnet_tests::egress_program_id(&a.pod.ns, &format!("net{k}")))
         .collect();
     println!(
         "pod A's {RAILS} rails run {} program(s): loaded and verified once, attached to each rail",
