@@ -7,6 +7,7 @@
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -362,28 +363,37 @@ impl RailService {
         };
         match self.wire(att, &conf, netns, netns_id, addrs, vf.as_ref()) {
             Ok(mut result) => {
+                let v4 = result.ips.iter().find_map(|ip| match ip.address {
+                    IpNet::V4(a) => Some(a.addr()),
+                    IpNet::V6(_) => None,
+                });
                 result.rdma = match &rdma {
                     RdmaPlan::None => None,
                     RdmaPlan::Shared(port) => Some(RailRdma {
                         device: port.device.clone(),
                         port: port.port,
                         pci_address: pci_address_of_netdev(&conf.master),
-                        gid_index: result
-                            .ips
-                            .iter()
-                            .find_map(|ip| match ip.address {
-                                IpNet::V4(a) => Some(a.addr()),
-                                IpNet::V6(_) => None,
-                            })
+                        gid_index: v4
                             .and_then(|a| rdma::roce_gid_index(&port.device, port.port, a)),
                         isolated: false,
                     }),
-                    // Its sysfs is visible only inside the pod now.
                     RdmaPlan::Isolate(dev) => Some(RailRdma {
                         device: dev.name.clone(),
                         port: 1,
                         pci_address: conf.device_id.clone(),
-                        gid_index: None,
+                        // Its sysfs is visible only inside the pod now, so
+                        // the GID table is read there. An InfiniBand port
+                        // has no RoCE GIDs (NCCL uses its GID 0).
+                        gid_index: match v4 {
+                            Some(a) if !conf.ib_sriov() => {
+                                rdma::roce_gid_index_in(netns.fd().as_fd(), &dev.name, 1, a)
+                                    .unwrap_or_else(|e| {
+                                        tracing::warn!(device = %dev.name, error = %e, "could not read the isolated device's GID table");
+                                        None
+                                    })
+                            }
+                            _ => None,
+                        },
                         isolated: true,
                     }),
                 };

@@ -663,16 +663,85 @@ pub fn devices_of_pci(sysfs: &std::path::Path, bdf: &str) -> Vec<String> {
 }
 
 /// The index of the RoCE GID the kernel derived from `addr` on a port
-/// (`::ffff:a.b.c.d`), preferring RoCE v2, as seen in sysfs. The GID
-/// table follows address changes through a workqueue, so this waits up to
-/// a second for the entry to appear.
+/// (`::ffff:a.b.c.d`), preferring RoCE v2, as seen in the host's sysfs.
+/// The GID table follows address changes through a workqueue, so this
+/// waits up to a second for the entry to appear.
 pub fn roce_gid_index(device: &str, port: u32, addr: std::net::Ipv4Addr) -> Option<u32> {
-    let dir = format!("/sys/class/infiniband/{device}/ports/{port}");
+    roce_gid_index_at(std::path::Path::new("/sys"), device, port, addr)
+}
+
+/// [`roce_gid_index`] of a device the network namespace `netns` sees — an
+/// isolated device, which the host's sysfs no longer shows. Sysfs shows
+/// the RDMA devices of the netns that mounted it, so a thread of its own
+/// takes a private mount namespace, enters `netns`, mounts a sysfs of its
+/// own over `/sys` and reads that; the mount goes with the thread and
+/// never reaches the host's mounts (`/` is made private first).
+pub fn roce_gid_index_in(
+    netns: std::os::fd::BorrowedFd<'_>,
+    device: &str,
+    port: u32,
+    addr: std::net::Ipv4Addr,
+) -> Result<Option<u32>, String> {
+    use nix::{
+        mount::{MsFlags, mount},
+        sched::{CloneFlags, setns, unshare},
+    };
+    let ns = netns
+        .try_clone_to_owned()
+        .map_err(|e| format!("dup netns fd: {e}"))?;
+    let device = device.to_owned();
+    std::thread::Builder::new()
+        .name("railnet-rdma-gid".into())
+        .spawn(move || -> Result<Option<u32>, String> {
+            unshare(CloneFlags::CLONE_NEWNS)
+                .map_err(|e| format!("a private mount namespace: {e}"))?;
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .map_err(|e| format!("making / private: {e}"))?;
+            setns(ns, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering the pod's netns: {e}"))?;
+            match mount(
+                Some("sysfs"),
+                "/sys",
+                Some("sysfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            ) {
+                // The kernel refuses to mount a superblock again where it
+                // is already mounted: `/sys` is already this netns's view.
+                Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+                Err(e) => return Err(format!("mounting the pod netns's sysfs: {e}")),
+            }
+            Ok(roce_gid_index_at(
+                std::path::Path::new("/sys"),
+                &device,
+                port,
+                addr,
+            ))
+        })
+        .map_err(|e| e.to_string())?
+        .join()
+        .map_err(|_| "the reading thread panicked".to_owned())?
+}
+
+/// [`roce_gid_index`] under the sysfs mounted at `sysfs`.
+fn roce_gid_index_at(
+    sysfs: &std::path::Path,
+    device: &str,
+    port: u32,
+    addr: std::net::Ipv4Addr,
+) -> Option<u32> {
+    let dir = sysfs.join(format!("class/infiniband/{device}/ports/{port}"));
     let want = addr.to_ipv6_mapped();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
     loop {
         let mut found: Option<(u32, bool)> = None;
-        if let Ok(entries) = std::fs::read_dir(format!("{dir}/gids")) {
+        if let Ok(entries) = std::fs::read_dir(dir.join("gids")) {
             for e in entries.flatten() {
                 let Ok(index) = e.file_name().to_string_lossy().parse::<u32>() else {
                     continue;
@@ -684,7 +753,7 @@ pub fn roce_gid_index(device: &str, port: u32, addr: std::net::Ipv4Addr) -> Opti
                 if gid != want {
                     continue;
                 }
-                let v2 = std::fs::read_to_string(format!("{dir}/gid_attrs/types/{index}"))
+                let v2 = std::fs::read_to_string(dir.join(format!("gid_attrs/types/{index}")))
                     .map(|t| t.trim() == "RoCE v2")
                     .unwrap_or(false);
                 if found.is_none_or(|(_, had_v2)| v2 && !had_v2) {

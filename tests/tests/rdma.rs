@@ -406,6 +406,64 @@ fn exclusive_an_isolated_device_s_counters_are_read_in_its_pod_netns() {
 
 #[test]
 #[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
+fn exclusive_an_isolated_device_s_gid_index_is_read_in_its_netns() {
+    use railnet_agent::rdma::{roce_gid_index, roce_gid_index_in};
+    use std::os::fd::AsFd;
+
+    // In exclusive mode a soft-RoCE device stays in the initial netns while
+    // its netdev is in the node's — as an isolated VF's device is in its
+    // pod while the agent reads from the host: the node's netns cannot see
+    // it, the initial one can.
+    let fabric = RailFabric::new(1, 1);
+    let node = &fabric.nodes[0];
+    let _rxe = Rxe::on_dummy(node, "rdmagid", "rxegid");
+    node.ip(&["addr", "add", "172.16.1.77/24", "dev", "rdmagid"]);
+    let seen = in_ns(node, |nl| nl.devices().unwrap());
+    assert!(seen.iter().all(|d| d.name != "rxegid"), "{seen:?}");
+    let addr: std::net::Ipv4Addr = "172.16.1.77".parse().unwrap();
+    // What the initial netns's own sysfs says (the test runs there, its
+    // /sys mounted there).
+    let expected = roce_gid_index("rxegid", 1, addr).expect("a RoCE GID for 172.16.1.77");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+
+    let initial = std::fs::File::open("/proc/1/ns/net").unwrap();
+    let node_ns = std::fs::File::open(node.path()).unwrap();
+    // A reader whose /sys shows the node's netns, as a host's /sys does not
+    // show a device isolated in a pod: a thread with a mount namespace of
+    // its own, the node's sysfs mounted over /sys.
+    let (host_view, from_initial, from_node) = std::thread::spawn(move || {
+        use nix::mount::{MsFlags, mount};
+        use nix::sched::{CloneFlags, setns, unshare};
+        unshare(CloneFlags::CLONE_NEWNS).unwrap();
+        let private = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+        mount(None::<&str>, "/", None::<&str>, private, None::<&str>).unwrap();
+        setns(&node_ns, CloneFlags::CLONE_NEWNET).unwrap();
+        let none = MsFlags::empty();
+        mount(Some("sysfs"), "/sys", Some("sysfs"), none, None::<&str>).unwrap();
+        (
+            roce_gid_index("rxegid", 1, addr),
+            roce_gid_index_in(initial.as_fd(), "rxegid", 1, addr),
+            roce_gid_index_in(node_ns.as_fd(), "rxegid", 1, addr),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(host_view, None, "this reader's /sys must not show rxegid");
+    assert_eq!(from_initial, Ok(Some(expected)));
+    assert_eq!(
+        from_node,
+        Ok(None),
+        "the node's netns does not see the device, so neither may its reading"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+        mounts,
+        "reading must leave the host's mounts as they were"
+    );
+}
+
+#[test]
+#[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
 fn exclusive_mode_change_while_pods_exist_says_how() {
     let _pod = Netns::new("xbusy");
     let err = RdmaNetlink::open()
