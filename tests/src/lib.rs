@@ -819,6 +819,9 @@ impl RailFabric {
             node.ip(&["link", "set", "cbr0", "up"]);
             node.ip(&["addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
         }
+        for r in &routers {
+            r.wait_bridge_ports_forwarding();
+        }
         Self {
             routers,
             spine,
@@ -910,6 +913,7 @@ impl RailFabric {
         ]);
         ns.ip(&["link", "set", "eth0", "up"]);
         ns.ip(&["route", "add", "default", "via", &format!("10.244.{n}.1")]);
+        node.wait_bridge_ports_forwarding();
         FabricPod {
             ns,
             node: n,
@@ -919,6 +923,42 @@ impl RailFabric {
 }
 
 impl Netns {
+    /// Waits (up to 3 s) until every bridge port in this netns forwards.
+    /// The bridge learns of a port's carrier through the kernel's linkwatch,
+    /// which handles such events at most once a second: a port that came
+    /// up right after another can stay "disabled" for most of a second and
+    /// drop all it receives. A test fabric is used at once, a real switch
+    /// has been up for days — so the fabric waits before it is used.
+    #[track_caller]
+    pub fn wait_bridge_ports_forwarding(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let links = self.ip_json(&["-d", "link", "show"]);
+            let waiting: Vec<String> = links
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|l| l["linkinfo"]["info_slave_kind"] == "bridge")
+                .filter(|l| l["linkinfo"]["info_slave_data"]["state"] != "forwarding")
+                .map(|l| {
+                    format!(
+                        "{} {}",
+                        l["ifname"], l["linkinfo"]["info_slave_data"]["state"]
+                    )
+                })
+                .collect();
+            if waiting.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bridge ports in {} still not forwarding after 3 s: {waiting:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sets a sysctl inside this netns.
     #[track_caller]
     pub fn sysctl(&self, key: &str, value: &str) {
