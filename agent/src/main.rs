@@ -94,6 +94,12 @@ struct Args {
     /// keeps its order among other TCX programs on the device).
     #[arg(long, env = "RAILNET_TC_ATTACH", value_enum, default_value_t = AttachKind::Clsact)]
     tc_attach: AttachKind,
+    /// Where each Kubernetes pod's rails (interfaces, addresses, RDMA
+    /// devices, GID indexes) and NCCL settings are written for its
+    /// workload, one directory per pod UID; the webhook mounts a pod's own
+    /// at /etc/railnet. Default: `pods/` beside the socket.
+    #[arg(long, env = "RAILNET_POD_INFO_DIR")]
+    pod_info_dir: Option<PathBuf>,
 }
 
 /// `--tc-attach`.
@@ -317,6 +323,14 @@ fn main() -> ExitCode {
             .parent()
             .unwrap_or(std::path::Path::new("/var/lib/railnet"))
             .join("vfs"),
+        pod_info: Some(railnet_agent::podinfo::PodInfo::new(
+            args.pod_info_dir.clone().unwrap_or_else(|| {
+                args.socket
+                    .parent()
+                    .unwrap_or(std::path::Path::new("/run/railnet"))
+                    .join("pods")
+            }),
+        )),
     });
     if let Some((file, cluster)) = file_pools {
         let (service, every) = (

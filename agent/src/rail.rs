@@ -70,6 +70,9 @@ pub struct RailService {
     pub sysfs_root: PathBuf,
     /// Records of VFs given to pods (mode sriov), to restore them on DEL.
     pub vf_records: PathBuf,
+    /// Where each pod's rails are written for its workload
+    /// (`<dir>/<pod UID>/`); `None`: nowhere.
+    pub pod_info: Option<crate::podinfo::PodInfo>,
 }
 
 fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
@@ -216,8 +219,28 @@ fn rdma_plan(conf: &NetConf, sysfs: &Path) -> Result<RdmaPlan, ApiError> {
 
 impl RailService {
     /// CNI ADD. Must run on a thread of its own (it enters the pod netns on
-    /// further threads and blocks on netlink).
+    /// further threads and blocks on netlink). A Kubernetes pod's rail is
+    /// also written where its workload reads it ([`crate::podinfo`]).
     pub fn add(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
+        let result = self.add_rail(att, netns)?;
+        if let (Some(info), Some(uid)) = (&self.pod_info, att.args.get("K8S_POD_UID")) {
+            let rail = crate::podinfo::RailInfo::of(
+                &att.container_id,
+                &att.ifname,
+                att.netconf["rail"].as_u64().unwrap_or(0) as u32,
+                att.netconf["name"].as_str().unwrap_or_default(),
+                &result,
+            );
+            // Best effort, like Multus's device info: the rail works
+            // without it; the workload's file says what it has.
+            if let Err(e) = info.record(uid, &rail) {
+                tracing::warn!(pod_uid = %uid, ifname = %att.ifname, error = %e, "could not write the pod's rail info");
+            }
+        }
+        Ok(result)
+    }
+
+    fn add_rail(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
         let conf = NetConf::parse(att.netconf.to_string().as_bytes())
             .map_err(|e| invalid("invalid network config", e.to_string()))?;
         if !valid_container_id(&att.container_id) {
@@ -976,6 +999,9 @@ impl RailService {
             if valid_container_id(&a.key.container_id) {
                 let _ =
                     PodPins::new(&self.pin_root, &a.key.container_id).detach(&a.key.ifname, None);
+                if let Some(info) = &self.pod_info {
+                    let _ = info.forget(None, &a.key.container_id, &a.key.ifname);
+                }
             }
         }
         Ok(released.len())
@@ -1311,8 +1337,25 @@ impl RailService {
     }
 
     /// CNI DEL: idempotent, best effort; releases the address even when the
-    /// netns is gone. Returns the errors it met but kept going past.
+    /// netns is gone, and forgets the rail in the pod's rail info. Returns
+    /// the errors it met but kept going past.
     pub fn del(&self, att: &Attachment, netns: Option<&PodNetns>) -> Result<(), ApiError> {
+        let done = self.del_rail(att, netns);
+        if let Some(info) = &self.pod_info
+            && valid_container_id(&att.container_id)
+            && valid_ifname(&att.ifname)
+            && let Err(e) = info.forget(
+                att.args.get("K8S_POD_UID").map(String::as_str),
+                &att.container_id,
+                &att.ifname,
+            )
+        {
+            tracing::warn!(ifname = %att.ifname, error = %e, "could not remove the pod's rail info");
+        }
+        done
+    }
+
+    fn del_rail(&self, att: &Attachment, netns: Option<&PodNetns>) -> Result<(), ApiError> {
         if !valid_container_id(&att.container_id) || !valid_ifname(&att.ifname) {
             return Err(ApiError::new(
                 code::INVALID_ENV,

@@ -52,9 +52,22 @@ fn escape(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
+/// The volume that carries a pod's rail info ([`crate::podinfo`]).
+pub const RAIL_INFO_VOLUME: &str = "railnet-rails";
+/// Where the container sees it.
+pub const RAIL_INFO_PATH: &str = "/etc/railnet";
+
 /// Decides the patch for `pod` asking for `group`, given every RailNetwork
-/// in the cluster. Err: the pod must be refused (with this message).
-pub fn inject(pod: &Value, group: &str, networks: &[Value]) -> Result<Injection, String> {
+/// in the cluster; `rail_info`: the agents' pod-info directory on the
+/// nodes, whose `<pod UID>/` is mounted at [`RAIL_INFO_PATH`] in the
+/// chosen container (`None`: not mounted). Err: the pod must be refused
+/// (with this message).
+pub fn inject(
+    pod: &Value,
+    group: &str,
+    networks: &[Value],
+    rail_info: Option<&str>,
+) -> Result<Injection, String> {
     let mut members: Vec<&Value> = networks
         .iter()
         .filter(|n| n["spec"]["group"].as_str() == Some(group))
@@ -108,6 +121,10 @@ pub fn inject(pod: &Value, group: &str, networks: &[Value]) -> Result<Injection,
         None if containers.is_empty() => return Err("the pod has no containers".into()),
         None => 0,
     };
+    let c = &containers[index];
+    if let Some(dir) = rail_info {
+        mount_rail_info(pod, c, index, dir, &mut out.patch);
+    }
     let wanted: Vec<&str> = members
         .iter()
         .filter_map(|n| n["spec"]["resourceName"].as_str())
@@ -115,7 +132,6 @@ pub fn inject(pod: &Value, group: &str, networks: &[Value]) -> Result<Injection,
     if wanted.is_empty() {
         return Ok(out);
     }
-    let c = &containers[index];
     let base = format!("/spec/containers/{index}/resources");
     let mut count: std::collections::BTreeMap<&str, u64> = Default::default();
     for r in wanted {
@@ -148,17 +164,56 @@ pub fn inject(pod: &Value, group: &str, networks: &[Value]) -> Result<Injection,
     Ok(out)
 }
 
+/// Mounts the pod's own directory of `dir` (on its node) read-only at
+/// [`RAIL_INFO_PATH`] in container `index`: a hostPath volume with
+/// `subPathExpr` of the pod's UID, which only the kubelet knows (the API
+/// server assigns it after admission), passed in through the downward API.
+/// Nothing when the pod has the volume already (the webhook ran before).
+fn mount_rail_info(pod: &Value, c: &Value, index: usize, dir: &str, patch: &mut Vec<Value>) {
+    let volumes = pod["spec"]["volumes"].as_array();
+    if volumes.is_some_and(|v| v.iter().any(|v| v["name"] == RAIL_INFO_VOLUME)) {
+        return;
+    }
+    let volume = json!({"name": RAIL_INFO_VOLUME,
+        "hostPath": {"path": dir, "type": "DirectoryOrCreate"}});
+    let env = json!({"name": "RAILNET_POD_UID",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}});
+    let mount = json!({"name": RAIL_INFO_VOLUME, "mountPath": RAIL_INFO_PATH,
+        "readOnly": true, "subPathExpr": "$(RAILNET_POD_UID)"});
+    let base = format!("/spec/containers/{index}");
+    for (path, list, item) in [
+        ("/spec/volumes".to_owned(), volumes.is_some(), volume),
+        (format!("{base}/env"), c["env"].is_array(), env),
+        (
+            format!("{base}/volumeMounts"),
+            c["volumeMounts"].is_array(),
+            mount,
+        ),
+    ] {
+        patch.push(if list {
+            json!({"op": "add", "path": format!("{path}/-"), "value": item})
+        } else {
+            json!({"op": "add", "path": path, "value": [item]})
+        });
+    }
+}
+
 /// The AdmissionReview answer for `review`, with `networks` the cluster's
 /// RailNetworks and `namespace_group` the pod namespace's inject
-/// annotation, if any.
-pub fn answer(review: &Value, networks: &[Value], namespace_group: Option<&str>) -> Value {
+/// annotation, if any, and `rail_info` as [`inject`] takes it.
+pub fn answer(
+    review: &Value,
+    networks: &[Value],
+    namespace_group: Option<&str>,
+    rail_info: Option<&str>,
+) -> Value {
     let uid = review["request"]["uid"].clone();
     let pod = &review["request"]["object"];
     let group = pod["metadata"]["annotations"]
         .get(INJECT)
         .and_then(Value::as_str)
         .or(namespace_group);
-    let response = match group.map(|g| inject(pod, g, networks)) {
+    let response = match group.map(|g| inject(pod, g, networks, rail_info)) {
         None => json!({"uid": uid, "allowed": true}),
         Some(Ok(inj)) => {
             let patch = base64::engine::general_purpose::STANDARD
@@ -218,6 +273,7 @@ pub async fn namespace_group(client: &Client, ns: &str) -> Option<String> {
 /// The response, and how to count it (`None`: not a review).
 async fn handle(
     client: Client,
+    rail_info: Option<&str>,
     req: Request<hyper::body::Incoming>,
 ) -> (Response<Full<Bytes>>, Option<&'static str>) {
     let reply = |code: u16, body: String| {
@@ -268,7 +324,7 @@ async fn handle(
     };
     if !asks && ns_group.is_none() {
         return (
-            reply(200, answer(&review, &[], None).to_string()),
+            reply(200, answer(&review, &[], None, None).to_string()),
             Some("unchanged"),
         );
     }
@@ -294,7 +350,7 @@ async fn handle(
             );
         }
     };
-    let a = answer(&review, &networks, ns_group.as_deref());
+    let a = answer(&review, &networks, ns_group.as_deref(), rail_info);
     let result = match (&a["response"]["allowed"], a["response"].get("patch")) {
         (Value::Bool(false), _) => "denied",
         (_, Some(_)) => "patched",
@@ -304,19 +360,22 @@ async fn handle(
 }
 
 /// Serves `POST /mutate-pods` (and `GET /healthz`) over TLS until the task
-/// is dropped.
+/// is dropped; `rail_info` as [`inject`] takes it.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     client: Client,
     metrics: Arc<crate::controller::Metrics>,
+    rail_info: Option<String>,
 ) {
+    let rail_info: Option<Arc<str>> = rail_info.map(Into::into);
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
         let (acceptor, client, metrics) = (acceptor.clone(), client.clone(), metrics.clone());
+        let rail_info = rail_info.clone();
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {
                 Ok(s) => s,
@@ -327,8 +386,9 @@ pub async fn serve(
             };
             let service = service_fn(move |req| {
                 let (client, metrics) = (client.clone(), metrics.clone());
+                let rail_info = rail_info.clone();
                 async move {
-                    let (response, result) = handle(client, req).await;
+                    let (response, result) = handle(client, rail_info.as_deref(), req).await;
                     if let Some(r) = result {
                         metrics.webhook_answer(r);
                     }
@@ -371,15 +431,16 @@ mod tests {
             let patch: Value = serde_json::from_slice(&patch).unwrap();
             patch[0]["value"].as_str().unwrap().to_owned()
         };
-        let from_ns = answer(&review(json!({})), &nets, Some("ns-group"));
+        let from_ns = answer(&review(json!({})), &nets, Some("ns-group"), None);
         assert!(networks_of(&from_ns).contains("a1"));
         let own = answer(
             &review(json!({INJECT: "pod-group"})),
             &nets,
             Some("ns-group"),
+            None,
         );
         assert!(networks_of(&own).contains("b1"));
-        let none = answer(&review(json!({})), &nets, None);
+        let none = answer(&review(json!({})), &nets, None, None);
         assert!(none["response"].get("patch").is_none());
     }
 
@@ -389,7 +450,7 @@ mod tests {
         iso["spec"]["rdmaIsolation"] = true.into();
         let pod = json!({"metadata": {"annotations": {INJECT: "g"}},
                          "spec": {"containers": [{"name": "c"}], "nodeSelector": {"gpu": "h100"}}});
-        let inj = inject(&pod, "g", &[iso]).unwrap();
+        let inj = inject(&pod, "g", &[iso], None).unwrap();
         assert!(
             inj.patch.iter().any(|op| op["path"]
                 == "/spec/nodeSelector/railnet.io~1rdma-netns-mode"
@@ -398,7 +459,7 @@ mod tests {
             inj.patch
         );
         let shared = net("gpu1", 1, "g", Some("r/1"));
-        let inj = inject(&pod, "g", &[shared]).unwrap();
+        let inj = inject(&pod, "g", &[shared], None).unwrap();
         assert!(
             !inj.patch
                 .iter()
@@ -424,7 +485,7 @@ mod tests {
         ];
         let pod = json!({"metadata": {"annotations": {INJECT: "g"}},
                          "spec": {"containers": [{"name": "c"}]}});
-        let inj = inject(&pod, "g", &nets).unwrap();
+        let inj = inject(&pod, "g", &nets, None).unwrap();
         let listed: Value = serde_json::from_str(inj.patch[0]["value"].as_str().unwrap()).unwrap();
         assert_eq!(listed[0]["name"], "gpu1");
         assert_eq!(listed[1]["name"], "gpu2");

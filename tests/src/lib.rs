@@ -469,6 +469,12 @@ impl Agent {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The directory where this agent writes pod `uid`'s rails for its
+    /// workload (`pods/` beside the socket).
+    pub fn pod_info(&self, uid: &str) -> PathBuf {
+        self.socket.parent().unwrap().join("pods").join(uid)
+    }
+
     /// Path of the agent's allocation database.
     pub fn state_path(&self) -> PathBuf {
         self._dir.path().join("ipam.redb")
@@ -557,7 +563,7 @@ pub fn plugin(
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env(
             "CNI_ARGS",
-            format!("IgnoreUnknown=true;K8S_POD_NAMESPACE=default;K8S_POD_NAME=demo;K8S_POD_INFRA_CONTAINER_ID={container_id}"),
+            format!("IgnoreUnknown=true;K8S_POD_NAMESPACE=default;K8S_POD_NAME=demo;K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{container_id}"),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

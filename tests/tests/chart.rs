@@ -481,6 +481,37 @@ fn the_webhook_is_served_by_the_controller_under_a_certificate_its_ca_bundle_tru
     );
     let args = container["args"].to_string();
     assert!(args.contains("--webhook-address=0.0.0.0:9443"), "{args}");
+    // Pods get their rail info from where the agents write it: `pods/` in
+    // the node directory the DaemonSet mounts for the agent's socket.
+    let ds = &of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"];
+    let socket_dir = ds["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "socket-dir")
+        .map(|v| {
+            v["hostPath"]["path"]
+                .as_str()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_owned()
+        })
+        .expect("the agent's socket-dir volume");
+    assert!(
+        args.contains(&format!("--rail-info-dir={socket_dir}/pods")),
+        "{args}"
+    );
+    let off = render(&[
+        "--set",
+        "controller.webhook.enabled=true",
+        "--set",
+        "controller.webhook.railInfo=false",
+    ])
+    .unwrap();
+    let off_args =
+        of_kind(&off, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string();
+    assert!(!off_args.contains("--rail-info-dir"), "{off_args}");
     // The certificate verifies against the caBundle for the Service's DNS
     // name (openssl, as a client's TLS stack would).
     let dir = std::env::temp_dir().join(format!("railnet-webhook-{}", std::process::id()));

@@ -37,6 +37,14 @@ fn gc_releases_what_the_runtime_no_longer_lists() {
         agent.pin_root.join(&ca).exists(),
         "GC keeps the valid pod's pins"
     );
+    // …and its rail info (the harness's pod UID is uid-<container ID>).
+    assert!(!agent.pod_info(&format!("uid-{cb}")).exists());
+    assert!(
+        agent
+            .pod_info(&format!("uid-{ca}"))
+            .join("rails.json")
+            .exists()
+    );
     let ok = cni("ADD", &conf, &cc, Some(&c.ns.path()), "net1");
     assert!(ok.ok, "after GC the freed address is there: {}", ok.stdout);
     for (cid, pod) in [(&ca, &a), (&cc, &c)] {

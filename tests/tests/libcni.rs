@@ -137,6 +137,31 @@ fn eight_rails_round_trip_through_libcni() {
     assert!(err.contains(ASKED) && err.contains("already held"), "{err}");
     assert!(!third.ns.has_link("net2"));
     assert_eq!(agents[0].allocations(&fabric.nodes[0]), before);
+    // What the workload reads (the webhook mounts the directory at
+    // /etc/railnet): every rail, in rail order, with its address; nothing
+    // for the refused pod.
+    let info = agents[0].pod_info("uid-libcni-a");
+    let rails: Value =
+        serde_json::from_str(&std::fs::read_to_string(info.join("rails.json")).unwrap()).unwrap();
+    let listed: Vec<(String, String)> = rails
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let ip = r["ips"][0].as_str().unwrap().split('/').next().unwrap();
+            (r["interface"].as_str().unwrap().to_owned(), ip.to_owned())
+        })
+        .collect();
+    let expected: Vec<(String, String)> = (1..=RAILS as usize)
+        .map(|k| (format!("net{k}"), addrs[0][k - 1].clone()))
+        .collect();
+    assert_eq!(listed, expected, "rails.json");
+    let env = std::fs::read_to_string(info.join("nccl.env")).unwrap();
+    assert!(
+        env.contains("No rail of this pod has an RDMA device") && !env.contains("NCCL_IB_HCA"),
+        "this kernel has no RDMA: {env}"
+    );
+    assert!(!agents[0].pod_info("uid-libcni-c").exists());
     // Every rail carries traffic between the two pods: three replies
     // within a second, ARP included.
     for (k, (a, b)) in addrs[0].iter().zip(&addrs[1]).enumerate() {
@@ -199,5 +224,9 @@ fn eight_rails_round_trip_through_libcni() {
             assert!(!pod.ns.has_link(&format!("net{k}")), "net{k} left");
         }
         assert_eq!(agents[n].allocations(&fabric.nodes[n]), 0, "addresses left");
+        assert!(
+            !agents[n].pod_info(&format!("uid-{}", ids[n])).exists(),
+            "the pod's rail info outlived its rails"
+        );
     }
 }

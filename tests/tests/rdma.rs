@@ -549,6 +549,13 @@ fn shared_add_uses_the_masters_device_and_refuses_a_master_without_one() {
         addr.to_ipv6_mapped(),
         "GID {index} is not the pod's address"
     );
+    // The workload's NCCL settings name that device and that GID index.
+    let env = std::fs::read_to_string(agent.pod_info("uid-rdma-shared").join("nccl.env")).unwrap();
+    assert!(env.contains("export NCCL_IB_HCA='=rxeadd1:1'\n"), "{env}");
+    assert!(
+        env.contains(&format!("export NCCL_IB_GID_INDEX={index}\n")),
+        "{env}"
+    );
     let before = agent.allocations(node);
     let no = cni(
         "ADD",

@@ -140,11 +140,73 @@ fn apply(mut doc: Value, patch: &Value) -> Value {
                 _ => panic!("{path}: {p} is not a container"),
             };
         }
-        at.as_object_mut()
-            .unwrap_or_else(|| panic!("{path}: parent is not an object"))
-            .insert(last, op["value"].clone());
+        match at {
+            Value::Array(a) if last == "-" => a.push(op["value"].clone()),
+            Value::Object(o) => {
+                o.insert(last, op["value"].clone());
+            }
+            _ => panic!("{path}: cannot add {last} there"),
+        }
     }
     doc
+}
+
+/// kubernetes-validate --strict on a pod: what the webhook added must be
+/// fields Kubernetes knows, where it knows them.
+#[track_caller]
+fn validate_strict(pod: &Value, dir: &Path) {
+    let file = dir.join("pod.json");
+    std::fs::write(&file, pod.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "--no-warn",
+        ])
+        .arg(&file)
+        .output()
+        .expect("python3 -m kubernetes_validate (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict: {}{}\n{pod}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The pod's rail info mounted in container `c` (the one given the
+/// resources): its own directory of the agents' pod-info directory, by UID.
+#[track_caller]
+fn assert_rail_info_mounted(pod: &Value, c: usize) {
+    let volumes = pod["spec"]["volumes"].as_array().expect("volumes");
+    let v: Vec<&Value> = volumes
+        .iter()
+        .filter(|v| v["name"] == "railnet-rails")
+        .collect();
+    assert_eq!(v.len(), 1, "{volumes:?}");
+    assert_eq!(
+        v[0]["hostPath"],
+        json!({"path": "/run/railnet/pods", "type": "DirectoryOrCreate"})
+    );
+    let container = &pod["spec"]["containers"][c];
+    assert!(
+        container["env"].as_array().unwrap().iter().any(|e| e
+            == &json!({"name": "RAILNET_POD_UID",
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}})),
+        "{container}"
+    );
+    assert!(
+        container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m
+                == &json!({"name": "railnet-rails", "mountPath": "/etc/railnet",
+                "readOnly": true, "subPathExpr": "$(RAILNET_POD_UID)"})),
+        "{container}"
+    );
 }
 
 #[test]
@@ -180,6 +242,7 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")
             .arg(dir.path().join("tls.key"))
+            .args(["--rail-info-dir", "/run/railnet/pods"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -233,6 +296,10 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
         json!({"nvidia.com/gpu1rdma": "1", "nvidia.com/gpu2rdma": "1"})
     );
     assert!(after["spec"]["containers"][1].get("resources").is_none());
+    // Its rails' info (rails.json, nccl.env) where that container reads it.
+    assert_rail_info_mounted(&after, 0);
+    assert!(after["spec"]["containers"][1].get("volumeMounts").is_none());
+    validate_strict(&after, dir.path());
     // gpu1-sriov moves its VF's RDMA device into the pod: only nodes in
     // exclusive mode (labelled so by their agents) can run it.
     assert_eq!(
@@ -250,6 +317,11 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
     );
     own["spec"]["containers"][1]["resources"] =
         json!({"limits": {"nvidia.com/gpu": "8", "nvidia.com/gpu1rdma": "2"}});
+    // …and volumes, mounts and env of its own, which are kept.
+    own["spec"]["volumes"] = json!([{"name": "dshm", "emptyDir": {"medium": "Memory"}}]);
+    own["spec"]["containers"][1]["volumeMounts"] =
+        json!([{"name": "dshm", "mountPath": "/dev/shm"}]);
+    own["spec"]["containers"][1]["env"] = json!([{"name": "NCCL_DEBUG", "value": "INFO"}]);
     let answer = call(&review(own.clone()));
     let warnings = answer["response"]["warnings"].to_string();
     assert!(
@@ -266,6 +338,21 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
         json!({"nvidia.com/gpu": "8", "nvidia.com/gpu1rdma": "1", "nvidia.com/gpu2rdma": "1"})
     );
     assert!(after["spec"]["containers"][0].get("resources").is_none());
+    assert_rail_info_mounted(&after, 1);
+    assert_eq!(after["spec"]["volumes"][0]["name"], "dshm");
+    assert_eq!(
+        after["spec"]["containers"][1]["volumeMounts"][0]["name"],
+        "dshm"
+    );
+    assert_eq!(
+        after["spec"]["containers"][1]["env"][0]["name"],
+        "NCCL_DEBUG"
+    );
+    validate_strict(&after, dir.path());
+    // Asked again (a reinvoked webhook): the mount is not added twice.
+    let again = call(&review(after.clone()));
+    let twice = patched(&after, &again);
+    assert_rail_info_mounted(&twice, 1);
 
     // A group nobody defined: refused, naming it (the pod would otherwise
     // start without its RDMA interfaces).
@@ -304,7 +391,7 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
     let text = String::from_utf8_lossy(&out.stdout);
     for line in [
         r#"railnet_controller_webhook_requests_total{result="unchanged"} 2"#,
-        r#"railnet_controller_webhook_requests_total{result="patched"} 2"#,
+        r#"railnet_controller_webhook_requests_total{result="patched"} 3"#,
         r#"railnet_controller_webhook_requests_total{result="denied"} 1"#,
         r#"railnet_controller_webhook_requests_total{result="bad_request"} 1"#,
     ] {
@@ -380,7 +467,7 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
             let client = kube::Client::new(service, "default");
             let metrics = Arc::new(railnet_agent::controller::Metrics::default());
             tokio::select! {
-                _ = railnet_agent::webhook::serve(listener, tls, client, metrics) => {}
+                _ = railnet_agent::webhook::serve(listener, tls, client, metrics, None) => {}
                 _ = stopped => {}
             }
         })

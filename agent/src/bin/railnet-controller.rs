@@ -71,6 +71,12 @@ struct Args {
     /// The webhook's private key (PEM).
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// The agents' pod-info directory on the nodes (their
+    /// `--pod-info-dir`): the webhook mounts each injected pod's own
+    /// directory of it at /etc/railnet (rails.json, nccl.env). Unset: no
+    /// mount.
+    #[arg(long)]
+    rail_info_dir: Option<String>,
     /// Clean up for `helm uninstall` and exit (the chart's pre-delete
     /// hook): delete the NADs rendered from RailNetworks and the RailBlocks
     /// no pod holds an address in; name the blocks kept and why.
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
                 tls,
                 client.clone(),
                 metrics.clone(),
+                args.rail_info_dir.clone(),
             ));
         }
         let mut sweeper = ClaimSweeper::new(Duration::from_secs(args.claim_grace_seconds));

@@ -1,0 +1,328 @@
+//! What a pod's workload needs to know of its rails, where the pod can read
+//! it: `<dir>/<pod UID>/rails.json` and `<dir>/<pod UID>/nccl.env`.
+//!
+//! Multus's `network-status` annotation carries each rail's RDMA device
+//! (the device-info record) but has no place for its GID index, and in
+//! shared mode the RoCE GID index of a pod's address differs from pod to
+//! pod (the seeds warn of it). So the agent writes, per pod, every rail's
+//! interface, address, RDMA device, port and GID index, and the NCCL
+//! settings they make (`NCCL_IB_HCA`, `NCCL_IB_GID_INDEX`). The webhook
+//! mounts the pod's directory read-only at `/etc/railnet` (a hostPath with
+//! `subPathExpr` of the pod's UID), so a job runs `. /etc/railnet/nccl.env`
+//! before NCCL starts.
+//!
+//! One file per rail (`rail-<ifname>.json`) is the record; `rails.json` and
+//! `nccl.env` are rewritten from them after every change, each through a
+//! temporary file and a rename, so a reader never sees half a file.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{AddResult, RailRdma};
+
+/// One rail of a pod, as `rails.json` lists it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RailInfo {
+    /// `CNI_IFNAME` (`net1`).
+    pub interface: String,
+    /// The rail number of its network (0 when the network names none).
+    pub rail: u32,
+    /// The network's name.
+    pub network: String,
+    /// Its addresses, with prefix length.
+    pub ips: Vec<String>,
+    /// Its RDMA device, port and GID index, if the node has RDMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdma: Option<RailRdma>,
+    /// The attachment's container ID (DEL without a pod UID finds it so).
+    pub container_id: String,
+}
+
+impl RailInfo {
+    /// The record of a rail ADD made.
+    pub fn of(
+        container_id: &str,
+        ifname: &str,
+        rail: u32,
+        network: &str,
+        result: &AddResult,
+    ) -> Self {
+        RailInfo {
+            interface: ifname.to_owned(),
+            rail,
+            network: network.to_owned(),
+            ips: result.ips.iter().map(|a| a.address.to_string()).collect(),
+            rdma: result.rdma.clone(),
+            container_id: container_id.to_owned(),
+        }
+    }
+}
+
+/// The per-pod directories under one root.
+#[derive(Debug)]
+pub struct PodInfo {
+    root: PathBuf,
+    /// One rewrite at a time: a pod's rails may be added concurrently.
+    lock: std::sync::Mutex<()>,
+}
+
+/// A pod UID fit to be a directory name: what Kubernetes generates
+/// (a UUID), never a path.
+fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+impl PodInfo {
+    /// Pod directories under `root` (made when first needed).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        PodInfo {
+            root: root.into(),
+            lock: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// The directory of pod `uid`.
+    pub fn dir(&self, uid: &str) -> PathBuf {
+        self.root.join(uid)
+    }
+
+    /// Records `rail` for pod `uid` and rewrites the pod's files.
+    pub fn record(&self, uid: &str, rail: &RailInfo) -> io::Result<()> {
+        if !valid_uid(uid) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("K8S_POD_UID {uid:?} is not a pod UID"),
+            ));
+        }
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.dir(uid);
+        fs::create_dir_all(&dir)?;
+        write_atomically(
+            &dir.join(format!("rail-{}.json", rail.interface)),
+            &serde_json::to_vec_pretty(rail).map_err(io::Error::other)?,
+        )?;
+        self.rewrite(&dir)
+    }
+
+    /// Forgets interface `ifname` of the attachment `container_id` — in
+    /// pod `uid`'s directory, or, without a UID (a DEL whose CNI_ARGS lack
+    /// it), wherever that attachment is recorded — and rewrites what is
+    /// left; a pod directory left empty goes.
+    pub fn forget(&self, uid: Option<&str>, container_id: &str, ifname: &str) -> io::Result<()> {
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dirs: Vec<PathBuf> = match uid {
+            Some(uid) if valid_uid(uid) => vec![self.dir(uid)],
+            _ => match fs::read_dir(&self.root) {
+                Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            },
+        };
+        for dir in dirs {
+            let file = dir.join(format!("rail-{ifname}.json"));
+            let Some(info) = read_rail(&file) else {
+                continue;
+            };
+            if info.container_id != container_id {
+                continue;
+            }
+            fs::remove_file(&file)?;
+            if rails_in(&dir).is_empty() {
+                for name in ["rails.json", "nccl.env"] {
+                    let _ = fs::remove_file(dir.join(name));
+                }
+                let _ = fs::remove_dir(&dir);
+            } else {
+                self.rewrite(&dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites `rails.json` and `nccl.env` from the rail records in `dir`.
+    fn rewrite(&self, dir: &Path) -> io::Result<()> {
+        let rails = rails_in(dir);
+        write_atomically(
+            &dir.join("rails.json"),
+            &serde_json::to_vec_pretty(&rails).map_err(io::Error::other)?,
+        )?;
+        write_atomically(&dir.join("nccl.env"), nccl_env(&rails).as_bytes())
+    }
+}
+
+fn read_rail(file: &Path) -> Option<RailInfo> {
+    serde_json::from_slice(&fs::read(file).ok()?).ok()
+}
+
+/// The rail records in `dir`, by rail then interface.
+fn rails_in(dir: &Path) -> Vec<RailInfo> {
+    let mut rails: Vec<RailInfo> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("rail-") && name.ends_with(".json")
+                })
+                .filter_map(|e| read_rail(&e.path()))
+                .collect()
+        })
+        .unwrap_or_default();
+    rails.sort_by(|a, b| (a.rail, &a.interface).cmp(&(b.rail, &b.interface)));
+    rails
+}
+
+/// The NCCL settings the rails make, as a shell file. `NCCL_IB_HCA` lists
+/// the rails' devices exactly (`=` prefix: `mlx5_1` must not also match
+/// `mlx5_10`); `NCCL_IB_GID_INDEX` is one value for every device, so it is
+/// set only when every RoCE rail's GID index is known and the same.
+pub fn nccl_env(rails: &[RailInfo]) -> String {
+    let mut out = String::from(
+        "# Written by railnet for this pod's rails; rewritten on every rail ADD/DEL.\n",
+    );
+    let with_rdma: Vec<(&RailInfo, &RailRdma)> = rails
+        .iter()
+        .filter_map(|r| r.rdma.as_ref().map(|d| (r, d)))
+        .collect();
+    for (r, d) in &with_rdma {
+        out.push_str(&format!(
+            "# {} (rail {}, {}): {} port {}, GID index {}\n",
+            r.interface,
+            r.rail,
+            r.ips.first().map(String::as_str).unwrap_or("no address"),
+            d.device,
+            d.port,
+            d.gid_index
+                .map_or_else(|| "unknown".to_owned(), |g| g.to_string()),
+        ));
+    }
+    if with_rdma.is_empty() {
+        out.push_str("# No rail of this pod has an RDMA device.\n");
+        return out;
+    }
+    let hcas: Vec<String> = with_rdma
+        .iter()
+        .map(|(_, d)| format!("{}:{}", d.device, d.port))
+        .collect();
+    out.push_str(&format!(
+        "export NCCL_IB_HCA={}\n",
+        shell_quote(&format!("={}", hcas.join(",")))
+    ));
+    let gids: Vec<Option<u32>> = with_rdma.iter().map(|(_, d)| d.gid_index).collect();
+    match gids.first() {
+        Some(Some(first)) if gids.iter().all(|g| *g == Some(*first)) => {
+            out.push_str(&format!("export NCCL_IB_GID_INDEX={first}\n"));
+        }
+        _ => out.push_str(
+            "# NCCL_IB_GID_INDEX is not set: it is one value for all devices, and the rails' \
+             GID indexes differ or are unknown (InfiniBand ports have none); NCCL then picks.\n",
+        ),
+    }
+    out
+}
+
+/// Single-quotes `s` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory
+/// and a rename, so a reader sees the old file or the new one.
+fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rail(ifname: &str, k: u32, dev: Option<(&str, Option<u32>)>) -> RailInfo {
+        RailInfo {
+            interface: ifname.into(),
+            rail: k,
+            network: format!("rail{k}"),
+            ips: vec![format!("172.16.{k}.10/24")],
+            rdma: dev.map(|(d, g)| RailRdma {
+                device: d.into(),
+                port: 1,
+                pci_address: None,
+                gid_index: g,
+                isolated: false,
+            }),
+            container_id: "c1".into(),
+        }
+    }
+
+    #[test]
+    fn nccl_env_names_the_devices_exactly_and_one_gid_index_only_when_shared() {
+        let same = [
+            rail("net1", 1, Some(("mlx5_1", Some(3)))),
+            rail("net2", 2, Some(("mlx5_10", Some(3)))),
+        ];
+        let env = nccl_env(&same);
+        assert!(
+            env.contains("export NCCL_IB_HCA='=mlx5_1:1,mlx5_10:1'\n"),
+            "{env}"
+        );
+        assert!(env.contains("export NCCL_IB_GID_INDEX=3\n"), "{env}");
+        let differ = [
+            rail("net1", 1, Some(("mlx5_1", Some(3)))),
+            rail("net2", 2, Some(("mlx5_2", Some(5)))),
+        ];
+        let env = nccl_env(&differ);
+        assert!(!env.contains("export NCCL_IB_GID_INDEX"), "{env}");
+        assert!(env.contains("GID index 5"), "{env}");
+        let unknown = [rail("net1", 1, Some(("mlx5_1", None)))];
+        assert!(!nccl_env(&unknown).contains("export NCCL_IB_GID_INDEX"));
+        let none = [rail("net1", 1, None)];
+        assert!(!nccl_env(&none).contains("NCCL_IB_HCA"));
+    }
+
+    #[test]
+    fn records_rewrite_the_pod_files_and_the_last_forget_removes_the_directory() {
+        let root = std::env::temp_dir().join(format!("railnet-podinfo-{}", std::process::id()));
+        let info = PodInfo::new(&root);
+        let uid = "6f1e2c3a-0000-4000-8000-000000000001";
+        info.record(uid, &rail("net2", 2, Some(("mlx5_2", Some(3)))))
+            .unwrap();
+        info.record(uid, &rail("net1", 1, Some(("mlx5_1", Some(3)))))
+            .unwrap();
+        let listed: Vec<RailInfo> =
+            serde_json::from_slice(&fs::read(info.dir(uid).join("rails.json")).unwrap()).unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .map(|r| r.interface.as_str())
+                .collect::<Vec<_>>(),
+            ["net1", "net2"],
+            "by rail"
+        );
+        // Another attachment's DEL of the same name changes nothing.
+        info.forget(Some(uid), "other", "net1").unwrap();
+        assert!(info.dir(uid).join("rail-net1.json").exists());
+        // A DEL without the pod UID still finds its record.
+        info.forget(None, "c1", "net1").unwrap();
+        let env = fs::read_to_string(info.dir(uid).join("nccl.env")).unwrap();
+        assert!(
+            env.contains("'=mlx5_2:1'") && !env.contains("mlx5_1"),
+            "{env}"
+        );
+        info.forget(Some(uid), "c1", "net2").unwrap();
+        assert!(
+            !info.dir(uid).exists(),
+            "the pod's directory goes with its last rail"
+        );
+        assert!(info.record("../etc", &rail("net1", 1, None)).is_err());
+        let _ = fs::remove_dir_all(&root);
+    }
+}
