@@ -124,6 +124,34 @@ fn main() {
     }
     let rules = a.pod.ns.ip(&["-4", "rule", "show"]).lines().count();
     println!("pod A IPv4 rules: {rules} (the kernel's defaults; railnet adds none)");
+    // What the workload reads: the webhook mounts this at /etc/railnet.
+    let info = agent_a.pod_info(&format!("uid-{}", a.cid));
+    let rails: serde_json::Value = std::fs::read_to_string(info.join("rails.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let listed: Vec<String> = rails
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["interface"].as_str().unwrap_or("?"),
+                r["ips"][0].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    println!(
+        "\npod A's rail info for its workload (/etc/railnet in the container): rails.json lists {}",
+        listed.join(", ")
+    );
+    for line in std::fs::read_to_string(info.join("nccl.env"))
+        .unwrap_or_default()
+        .lines()
+    {
+        println!("  nccl.env | {line}");
+    }
 
     println!(
         "\n{PINGS} pings from each of A's rail addresses to one of B's (sockets bound to an address, not a device):"
