@@ -483,6 +483,11 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombs
                     }
                 }
             }
+            if let Some(info) = &service.pod_info {
+                for cid in &removed {
+                    let _ = info.forget_container(cid);
+                }
+            }
             removed
         })
         .await

@@ -116,6 +116,21 @@ impl PodInfo {
     /// it), wherever that attachment is recorded — and rewrites what is
     /// left; a pod directory left empty goes.
     pub fn forget(&self, uid: Option<&str>, container_id: &str, ifname: &str) -> io::Result<()> {
+        self.forget_where(uid, container_id, Some(ifname))
+    }
+
+    /// Forgets every rail of the attachment `container_id` (its pod netns
+    /// vanished without a DEL).
+    pub fn forget_container(&self, container_id: &str) -> io::Result<()> {
+        self.forget_where(None, container_id, None)
+    }
+
+    fn forget_where(
+        &self,
+        uid: Option<&str>,
+        container_id: &str,
+        ifname: Option<&str>,
+    ) -> io::Result<()> {
         let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let dirs: Vec<PathBuf> = match uid {
             Some(uid) if valid_uid(uid) => vec![self.dir(uid)],
@@ -126,14 +141,18 @@ impl PodInfo {
             },
         };
         for dir in dirs {
-            let file = dir.join(format!("rail-{ifname}.json"));
-            let Some(info) = read_rail(&file) else {
-                continue;
-            };
-            if info.container_id != container_id {
+            let mut changed = false;
+            for rail in rails_in(&dir) {
+                if rail.container_id != container_id || ifname.is_some_and(|i| i != rail.interface)
+                {
+                    continue;
+                }
+                fs::remove_file(dir.join(format!("rail-{}.json", rail.interface)))?;
+                changed = true;
+            }
+            if !changed {
                 continue;
             }
-            fs::remove_file(&file)?;
             if rails_in(&dir).is_empty() {
                 for name in ["rails.json", "nccl.env"] {
                     let _ = fs::remove_file(dir.join(name));
@@ -322,6 +341,11 @@ mod tests {
             !info.dir(uid).exists(),
             "the pod's directory goes with its last rail"
         );
+        // A pod whose netns vanished: all its rails go at once.
+        info.record(uid, &rail("net1", 1, None)).unwrap();
+        info.record(uid, &rail("net2", 2, None)).unwrap();
+        info.forget_container("c1").unwrap();
+        assert!(!info.dir(uid).exists());
         assert!(info.record("../etc", &rail("net1", 1, None)).is_err());
         let _ = fs::remove_dir_all(&root);
     }

@@ -655,6 +655,8 @@ fn del_and_a_vanished_netns_leave_no_program_map_or_pin() {
     let pins = b.pins(&agent);
     let (progs, maps) = pod_objects(&pins);
     let dir: PathBuf = pins.dir().to_path_buf();
+    let info = agent.pod_info(&format!("uid-{}", b.cid));
+    assert!(info.join("rails.json").exists());
     drop(b);
     let deadline = Instant::now() + Duration::from_secs(10);
     while dir.exists() {
@@ -677,6 +679,7 @@ fn del_and_a_vanished_netns_leave_no_program_map_or_pin() {
         "{}",
         agent.log()
     );
+    assert!(!info.exists(), "the sweep left the pod's rail info");
 }
 
 #[test]
