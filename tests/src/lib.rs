@@ -589,6 +589,32 @@ pub fn plugin(
     }
 }
 
+/// kubernetes-validate --strict on manifests (YAML or JSON): unknown or
+/// misplaced fields fail, naming them.
+#[track_caller]
+pub fn validate_strict(manifests: &str) {
+    let dir = ScratchDir::new("validate");
+    let file = dir.path().join("manifests.yaml");
+    std::fs::write(&file, manifests).unwrap();
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "--no-warn",
+        ])
+        .arg(&file)
+        .output()
+        .expect("python3 -m kubernetes_validate (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict:\n{}{}\n{manifests}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A node with rail NICs cabled to one router netns per fabric, plus a pod
 /// netns: the smallest rail-optimized network that shows steering.
 ///

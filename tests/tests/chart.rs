@@ -34,7 +34,7 @@ fn render(args: &[&str]) -> Result<Vec<Value>, String> {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     let text = String::from_utf8(out.stdout).unwrap();
-    validate_strict(&text);
+    railnet_tests::validate_strict(&text);
     let mut objects = Vec::new();
     for doc in serde_norway::Deserializer::from_str(&text) {
         let v: Value = serde::Deserialize::deserialize(doc).expect("helm output is YAML");
@@ -43,39 +43,6 @@ fn render(args: &[&str]) -> Result<Vec<Value>, String> {
         }
     }
     Ok(objects)
-}
-
-/// kubernetes-validate --strict: unknown or misplaced fields fail.
-#[track_caller]
-fn validate_strict(manifests: &str) {
-    let dir = std::env::temp_dir().join(format!("railnet-chart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join(format!(
-        "{}.yaml",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::write(&file, manifests).unwrap();
-    let out = Command::new("python3")
-        .args([
-            "-m",
-            "kubernetes_validate",
-            "--strict",
-            "--quiet",
-            "--no-warn",
-        ])
-        .arg(&file)
-        .output()
-        .expect("python3 -m kubernetes_validate (cargo xtask setup installs it)");
-    let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "kubernetes-validate --strict:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {

@@ -151,31 +151,6 @@ fn apply(mut doc: Value, patch: &Value) -> Value {
     doc
 }
 
-/// kubernetes-validate --strict on a pod: what the webhook added must be
-/// fields Kubernetes knows, where it knows them.
-#[track_caller]
-fn validate_strict(pod: &Value, dir: &Path) {
-    let file = dir.join("pod.json");
-    std::fs::write(&file, pod.to_string()).unwrap();
-    let out = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "kubernetes_validate",
-            "--strict",
-            "--quiet",
-            "--no-warn",
-        ])
-        .arg(&file)
-        .output()
-        .expect("python3 -m kubernetes_validate (cargo xtask setup installs it)");
-    assert!(
-        out.status.success(),
-        "kubernetes-validate --strict: {}{}\n{pod}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The pod's rail info mounted in container `c` (the one given the
 /// resources): its own directory of the agents' pod-info directory, by UID.
 #[track_caller]
@@ -299,7 +274,9 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
     // Its rails' info (rails.json, nccl.env) where that container reads it.
     assert_rail_info_mounted(&after, 0);
     assert!(after["spec"]["containers"][1].get("volumeMounts").is_none());
-    validate_strict(&after, dir.path());
+    // What the webhook added must be fields Kubernetes knows, where it
+    // knows them.
+    railnet_tests::validate_strict(&after.to_string());
     // gpu1-sriov moves its VF's RDMA device into the pod: only nodes in
     // exclusive mode (labelled so by their agents) can run it.
     assert_eq!(
@@ -348,7 +325,9 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
         after["spec"]["containers"][1]["env"][0]["name"],
         "NCCL_DEBUG"
     );
-    validate_strict(&after, dir.path());
+    // What the webhook added must be fields Kubernetes knows, where it
+    // knows them.
+    railnet_tests::validate_strict(&after.to_string());
     // Asked again (a reinvoked webhook): the mount is not added twice.
     let again = call(&review(after.clone()));
     let twice = patched(&after, &again);
