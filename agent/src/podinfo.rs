@@ -22,7 +22,26 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{AddResult, RailRdma};
+use crate::api::AddResult;
+
+/// A rail's RDMA device, as `rails.json` names it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RailDevice {
+    /// RDMA device name (`mlx5_3`), what NCCL_IB_HCA names.
+    pub device: String,
+    /// Its port.
+    pub port: u32,
+    /// PCI address of the NIC or VF, when it is a PCI function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_address: Option<String>,
+    /// Index of the RoCE GID of the rail's IPv4 address (NCCL_IB_GID_INDEX),
+    /// when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid_index: Option<u32>,
+    /// Whether the device was moved into the pod (exclusive mode).
+    pub isolated: bool,
+}
 
 /// One rail of a pod, as `rails.json` lists it.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -38,7 +57,7 @@ pub struct RailInfo {
     pub ips: Vec<String>,
     /// Its RDMA device, port and GID index, if the node has RDMA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rdma: Option<RailRdma>,
+    pub rdma: Option<RailDevice>,
     /// The attachment's container ID (DEL without a pod UID finds it so).
     pub container_id: String,
 }
@@ -57,7 +76,13 @@ impl RailInfo {
             rail,
             network: network.to_owned(),
             ips: result.ips.iter().map(|a| a.address.to_string()).collect(),
-            rdma: result.rdma.clone(),
+            rdma: result.rdma.as_ref().map(|r| RailDevice {
+                device: r.device.clone(),
+                port: r.port,
+                pci_address: r.pci_address.clone(),
+                gid_index: r.gid_index,
+                isolated: r.isolated,
+            }),
             container_id: container_id.to_owned(),
         }
     }
@@ -207,7 +232,7 @@ pub fn nccl_env(rails: &[RailInfo]) -> String {
     let mut out = String::from(
         "# Written by railnet for this pod's rails; rewritten on every rail ADD/DEL.\n",
     );
-    let with_rdma: Vec<(&RailInfo, &RailRdma)> = rails
+    let with_rdma: Vec<(&RailInfo, &RailDevice)> = rails
         .iter()
         .filter_map(|r| r.rdma.as_ref().map(|d| (r, d)))
         .collect();
@@ -271,7 +296,7 @@ mod tests {
             rail: k,
             network: format!("rail{k}"),
             ips: vec![format!("172.16.{k}.10/24")],
-            rdma: dev.map(|(d, g)| RailRdma {
+            rdma: dev.map(|(d, g)| RailDevice {
                 device: d.into(),
                 port: 1,
                 pci_address: None,
@@ -316,8 +341,13 @@ mod tests {
             .unwrap();
         info.record(uid, &rail("net1", 1, Some(("mlx5_1", Some(3)))))
             .unwrap();
-        let listed: Vec<RailInfo> =
-            serde_json::from_slice(&fs::read(info.dir(uid).join("rails.json")).unwrap()).unwrap();
+        let text = fs::read_to_string(info.dir(uid).join("rails.json")).unwrap();
+        // The workload's view: camelCase keys, as Kubernetes writes them.
+        assert!(
+            text.contains(r#""gidIndex": 3"#) && text.contains(r#""device": "mlx5_1""#),
+            "{text}"
+        );
+        let listed: Vec<RailInfo> = serde_json::from_str(&text).unwrap();
         assert_eq!(
             listed
                 .iter()
