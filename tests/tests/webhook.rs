@@ -506,3 +506,22 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
     let _ = stop.send(());
     server.join().unwrap();
 }
+
+#[test]
+fn a_rail_info_dir_that_is_no_absolute_node_path_is_refused_at_start() {
+    for bad in ["pods", "/run/../etc", "/"] {
+        let out = std::process::Command::new(railnet_tests::binary(
+            "RAILNET_CONTROLLER_BIN",
+            "railnet-controller",
+        ))
+        .args(["--rail-info-dir", bad])
+        .output()
+        .expect("railnet-controller");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(
+            err.contains("--rail-info-dir") && err.contains("/run/railnet/pods"),
+            "{bad}: {err}"
+        );
+    }
+}

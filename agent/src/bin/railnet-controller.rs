@@ -75,13 +75,28 @@ struct Args {
     /// `--pod-info-dir`): the webhook mounts each injected pod's own
     /// directory of it at /etc/railnet (rails.json, nccl.env). Unset: no
     /// mount.
-    #[arg(long)]
+    #[arg(long, value_parser = host_dir)]
     rail_info_dir: Option<String>,
     /// Clean up for `helm uninstall` and exit (the chart's pre-delete
     /// hook): delete the NADs rendered from RailNetworks and the RailBlocks
     /// no pod holds an address in; name the blocks kept and why.
     #[arg(long)]
     uninstall: bool,
+}
+
+/// A directory on the nodes for a hostPath volume: absolute, without `..`
+/// (a relative path would make every injected pod fail to start).
+fn host_dir(s: &str) -> Result<String, String> {
+    let p = std::path::Path::new(s);
+    if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!(
+            "{s:?} is not an absolute path without '..'; give the agents' --pod-info-dir, e.g. /run/railnet/pods"
+        ));
+    }
+    match s.trim_end_matches('/') {
+        "" => Err("\"/\" would mount the node's root; give the agents' --pod-info-dir, e.g. /run/railnet/pods".into()),
+        dir => Ok(dir.to_owned()),
+    }
 }
 
 fn main() -> ExitCode {
