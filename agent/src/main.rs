@@ -483,10 +483,10 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombs
                     }
                 }
             }
-            if let Some(info) = &service.pod_info {
-                for cid in &removed {
-                    let _ = info.forget_container(cid);
-                }
+            if let Some(info) = &service.pod_info
+                && !removed.is_empty()
+            {
+                let _ = info.forget_matching(None, |r| removed.contains(&r.container_id));
             }
             removed
         })

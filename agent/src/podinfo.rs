@@ -133,7 +133,7 @@ impl PodInfo {
             &dir.join(format!("rail-{}.json", rail.interface)),
             &serde_json::to_vec_pretty(rail).map_err(io::Error::other)?,
         )?;
-        self.rewrite(&dir)
+        write_pod_files(&dir, &rails_in(&dir))
     }
 
     /// Forgets interface `ifname` of the attachment `container_id` — in
@@ -141,20 +141,18 @@ impl PodInfo {
     /// it), wherever that attachment is recorded — and rewrites what is
     /// left; a pod directory left empty goes.
     pub fn forget(&self, uid: Option<&str>, container_id: &str, ifname: &str) -> io::Result<()> {
-        self.forget_where(uid, container_id, Some(ifname))
+        self.forget_matching(uid, |r| {
+            r.container_id == container_id && r.interface == ifname
+        })
     }
 
-    /// Forgets every rail of the attachment `container_id` (its pod netns
-    /// vanished without a DEL).
-    pub fn forget_container(&self, container_id: &str) -> io::Result<()> {
-        self.forget_where(None, container_id, None)
-    }
-
-    fn forget_where(
+    /// Forgets every rail `matches` picks — in pod `uid`'s directory, or in
+    /// every pod's — in one pass over the records (GC and the sweep forget
+    /// many attachments at once), and rewrites what is left.
+    pub fn forget_matching(
         &self,
         uid: Option<&str>,
-        container_id: &str,
-        ifname: Option<&str>,
+        matches: impl Fn(&RailInfo) -> bool,
     ) -> io::Result<()> {
         let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let dirs: Vec<PathBuf> = match uid {
@@ -166,39 +164,35 @@ impl PodInfo {
             },
         };
         for dir in dirs {
-            let mut changed = false;
-            for rail in rails_in(&dir) {
-                if rail.container_id != container_id || ifname.is_some_and(|i| i != rail.interface)
-                {
-                    continue;
-                }
-                fs::remove_file(dir.join(format!("rail-{}.json", rail.interface)))?;
-                changed = true;
-            }
-            if !changed {
+            let (gone, kept): (Vec<RailInfo>, Vec<RailInfo>) =
+                rails_in(&dir).into_iter().partition(|r| matches(r));
+            if gone.is_empty() {
                 continue;
             }
-            if rails_in(&dir).is_empty() {
+            for rail in &gone {
+                fs::remove_file(dir.join(format!("rail-{}.json", rail.interface)))?;
+            }
+            if kept.is_empty() {
                 for name in ["rails.json", "nccl.env"] {
                     let _ = fs::remove_file(dir.join(name));
                 }
                 let _ = fs::remove_dir(&dir);
             } else {
-                self.rewrite(&dir)?;
+                write_pod_files(&dir, &kept)?;
             }
         }
         Ok(())
     }
+}
 
-    /// Rewrites `rails.json` and `nccl.env` from the rail records in `dir`.
-    fn rewrite(&self, dir: &Path) -> io::Result<()> {
-        let rails = rails_in(dir);
-        write_atomically(
-            &dir.join("rails.json"),
-            &serde_json::to_vec_pretty(&rails).map_err(io::Error::other)?,
-        )?;
-        write_atomically(&dir.join("nccl.env"), nccl_env(&rails).as_bytes())
-    }
+/// Writes `rails.json` and `nccl.env` of the pod directory `dir` from its
+/// rail records `rails`.
+fn write_pod_files(dir: &Path, rails: &[RailInfo]) -> io::Result<()> {
+    write_atomically(
+        &dir.join("rails.json"),
+        &serde_json::to_vec_pretty(rails).map_err(io::Error::other)?,
+    )?;
+    write_atomically(&dir.join("nccl.env"), nccl_env(rails).as_bytes())
 }
 
 fn read_rail(file: &Path) -> Option<RailInfo> {
@@ -374,7 +368,8 @@ mod tests {
         // A pod whose netns vanished: all its rails go at once.
         info.record(uid, &rail("net1", 1, None)).unwrap();
         info.record(uid, &rail("net2", 2, None)).unwrap();
-        info.forget_container("c1").unwrap();
+        info.forget_matching(None, |r| r.container_id == "c1")
+            .unwrap();
         assert!(!info.dir(uid).exists());
         assert!(info.record("../etc", &rail("net1", 1, None)).is_err());
         let _ = fs::remove_dir_all(&root);

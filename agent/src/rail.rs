@@ -999,10 +999,16 @@ impl RailService {
             if valid_container_id(&a.key.container_id) {
                 let _ =
                     PodPins::new(&self.pin_root, &a.key.container_id).detach(&a.key.ifname, None);
-                if let Some(info) = &self.pod_info {
-                    let _ = info.forget(None, &a.key.container_id, &a.key.ifname);
-                }
             }
+        }
+        if let Some(info) = &self.pod_info
+            && !released.is_empty()
+        {
+            let _ = info.forget_matching(None, |r| {
+                released
+                    .iter()
+                    .any(|a| a.key.container_id == r.container_id && a.key.ifname == r.interface)
+            });
         }
         Ok(released.len())
     }
@@ -1341,9 +1347,9 @@ impl RailService {
     /// the errors it met but kept going past.
     pub fn del(&self, att: &Attachment, netns: Option<&PodNetns>) -> Result<(), ApiError> {
         let done = self.del_rail(att, netns);
+        // Records are only compared with the IDs, never made paths of them:
+        // no need to repeat del_rail's check of the IDs here.
         if let Some(info) = &self.pod_info
-            && valid_container_id(&att.container_id)
-            && valid_ifname(&att.ifname)
             && let Err(e) = info.forget(
                 att.args.get("K8S_POD_UID").map(String::as_str),
                 &att.container_id,

@@ -963,7 +963,7 @@ impl Netns {
     /// has been up for days — so the fabric waits before it is used.
     #[track_caller]
     pub fn wait_bridge_ports_forwarding(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let links = self.ip_json(&["-d", "link", "show"]);
             let waiting: Vec<String> = links
@@ -983,7 +983,7 @@ impl Netns {
                 return;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "bridge ports in {} still not forwarding after 3 s: {waiting:?}",
                 self.name
             );
