@@ -18,6 +18,7 @@ use railnet_agent::{
     netconf::{NetConf, SUPPORTED_VERSIONS},
 };
 
+mod install;
 mod ipam_plugin;
 
 /// The spec version this plugin reports for VERSION.
@@ -29,6 +30,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("doctor") {
         return doctor(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("install") {
+        return install::main(&args[1..]);
     }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let command = env("CNI_COMMAND").unwrap_or_default();

@@ -15,6 +15,7 @@ use std::{
 };
 
 pub mod apiserver;
+pub mod cluster;
 
 use serde_json::Value;
 

@@ -4,6 +4,8 @@
 //! BPF object and the binaries that embed it, `test` runs every test and
 //! lint, `demo` shows a pod's rails wired by the real CNI and agent.
 
+mod cluster_tools;
+mod image;
 mod setup;
 
 use std::{
@@ -39,6 +41,14 @@ enum Task {
     },
     /// fmt and clippy (-D warnings) on the userspace and BPF crates.
     Lint,
+    /// Build railnet's OCI image without Docker: static railnet-agent,
+    /// railnet-controller and railnet CNI binaries, written as an OCI
+    /// archive at target/images/railnet.tar.
+    Image {
+        /// Also the cluster tests' pause and workload images.
+        #[arg(long)]
+        test_images: bool,
+    },
     /// Wire a pod's rails with the real CNI and agent in throwaway netns.
     Demo,
     /// Fuzz what reaches railnet from outside (CNI stdin, CNI_ARGS, agent
@@ -60,14 +70,27 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     match cli.task {
-        Task::Setup => setup::ensure(),
+        Task::Setup => {
+            setup::ensure()?;
+            setup::ensure_cluster()
+        }
         Task::Build { debug } => {
             setup::ensure()?;
             build(&root, !debug).map(|_| ())
         }
         Task::Test { args } => {
             setup::ensure()?;
+            setup::ensure_cluster()?;
             test(&root, &args)
+        }
+        Task::Image { test_images: also } => {
+            setup::ensure()?;
+            image(&root)?;
+            if also {
+                setup::ensure_cluster()?;
+                test_images(&root)?;
+            }
+            Ok(())
         }
         Task::Lint => {
             setup::ensure()?;
@@ -334,9 +357,14 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let obj = build(root, false)?;
     lint(root, &obj)?;
     let libcni = libcni_client(root)?;
-    step("unit and privileged integration tests (real netns, macvlan, clsact and TCX, bpffs)");
+    image(root)?;
+    test_images(root)?;
+    step(
+        "unit and privileged integration tests (real netns, macvlan, clsact and TCX, bpffs; a real Kubernetes cluster)",
+    );
     let bin = root.join("target/debug");
     let mut cmd = Command::new("cargo");
+    cluster_env(root, &mut cmd);
     cmd.current_dir(root)
         .env("RAILNET_LIBCNI_BIN", &libcni)
         .env("RAILNET_BPF_OBJECT", &obj)
@@ -626,3 +654,167 @@ fn demo(root: &Path) -> Result<()> {
         .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
         .env("RAILNET_CNI_BIN", bin.join("railnet")))
 }
+
+/// The image's repository: the chart's default `image.repository`.
+const IMAGE_REPOSITORY: &str = "ghcr.io/railnet/railnet";
+
+/// The chart's appVersion, the image's tag (the chart's default `image.tag`).
+fn chart_app_version(root: &Path) -> Result<String> {
+    let chart = std::fs::read_to_string(root.join("charts/railnet/Chart.yaml"))?;
+    chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .context("charts/railnet/Chart.yaml has no appVersion")
+}
+
+/// Whether an ELF executable asks for a program interpreter (a dynamic
+/// loader): a CNI binary that does would need the node's libc.
+fn has_interpreter(path: &Path) -> Result<bool> {
+    let elf = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&elf[o..o + 8]);
+        u64::from_le_bytes(b) as usize
+    };
+    if elf.len() < 64 || &elf[..5] != b"\x7fELF\x02" {
+        bail!("{} is not a 64-bit ELF file", path.display());
+    }
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    const PT_INTERP: u32 = 3;
+    Ok((0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        elf.get(o..o + 4)
+            .is_some_and(|t| u32::from_le_bytes([t[0], t[1], t[2], t[3]]) == PT_INTERP)
+    }))
+}
+
+/// Builds the static binaries and writes railnet's image; returns the
+/// archive's path.
+fn image(root: &Path) -> Result<PathBuf> {
+    let obj = build_bpf(root)?;
+    step(
+        "static railnet-agent, railnet-controller and railnet (x86_64-unknown-linux-gnu, +crt-static)",
+    );
+    // An explicit --target keeps +crt-static away from proc-macro crates,
+    // which must stay dynamic libraries of the host.
+    let target = "x86_64-unknown-linux-gnu";
+    run(Command::new("cargo")
+        .current_dir(root)
+        .env("RAILNET_BPF_OBJECT", &obj)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            target,
+            "--package",
+            "railnet-agent",
+            "--package",
+            "railnet-cni",
+            "--bins",
+        ]))?;
+    let bin = root.join("target").join(target).join("release");
+    let mut entries = vec![
+        image::Entry::Dir("usr"),
+        image::Entry::Dir("usr/local"),
+        image::Entry::Dir("usr/local/bin"),
+    ];
+    for name in ["railnet-agent", "railnet-controller", "railnet"] {
+        let path = bin.join(name);
+        if has_interpreter(&path)? {
+            bail!(
+                "{} is dynamically linked (it has an ELF interpreter); the image needs static binaries",
+                path.display()
+            );
+        }
+        entries.push(image::file_from(
+            &format!("usr/local/bin/{name}"),
+            0o755,
+            &path,
+        )?);
+    }
+    let name = format!("{IMAGE_REPOSITORY}:{}", chart_app_version(root)?);
+    let out = root.join("target/images/railnet.tar");
+    let digest = image::write_oci_archive(
+        &image::Image {
+            name: name.clone(),
+            entries,
+            entrypoint: vec!["/usr/local/bin/railnet-agent".into()],
+        },
+        &out,
+    )?;
+    eprintln!("    {name} ({digest})");
+    eprintln!("    {}", out.display());
+    Ok(out)
+}
+
+/// Where the cluster tests find their components (`cargo xtask setup`
+/// built them) and images.
+fn cluster_env(root: &Path, cmd: &mut Command) {
+    let dir = |name: &str| {
+        cluster_tools::COMPONENTS
+            .iter()
+            .find(|c| c.name == name)
+            .expect("a known component")
+            .dir()
+    };
+    cmd.env("RAILNET_KUBERNETES_DIR", dir("kubernetes"))
+        .env("RAILNET_ETCD_BIN", dir("etcd").join("etcd"))
+        .env("RAILNET_CONTAINERD_DIR", dir("containerd"))
+        .env("RAILNET_MULTUS_BIN", dir("multus").join("multus"))
+        .env("RAILNET_HELM", setup::HELM)
+        .env("RAILNET_IMAGES_DIR", root.join("target/images"));
+}
+
+/// The images the cluster tests run besides railnet's: the sandbox
+/// ("pause", Kubernetes' pause.c) and a workload with busybox's `ip`,
+/// `ping`, `cat` and `sh` (Debian's busybox-static).
+fn test_images(root: &Path) -> Result<()> {
+    step("test images: pause (registry.k8s.io/pause:3.10.2) and the workload (busybox)");
+    let pause = cluster_tools::pause_binary(root)?;
+    let out = root.join("target/images");
+    let digest = image::write_oci_archive(
+        &image::Image {
+            name: "registry.k8s.io/pause:3.10.2".into(),
+            entries: vec![image::file_from("pause", 0o755, &pause)?],
+            entrypoint: vec!["/pause".into()],
+        },
+        &out.join("pause.tar"),
+    )?;
+    eprintln!("    pause: {digest}");
+    let mut entries = vec![
+        image::Entry::Dir("bin"),
+        image::file_from("bin/busybox", 0o755, Path::new("/bin/busybox"))?,
+    ];
+    for applet in [
+        "sh", "ip", "ping", "cat", "sleep", "ls", "grep", "ps", "nc", "echo", "env", "wc", "true",
+    ] {
+        entries.push(image::Entry::Symlink {
+            path: format!("bin/{applet}"),
+            target: "busybox".into(),
+        });
+    }
+    // Empty mount points the runtime fills.
+    entries.extend([
+        image::Entry::Dir("etc"),
+        image::Entry::Dir("proc"),
+        image::Entry::Dir("sys"),
+        image::Entry::Dir("dev"),
+        image::Entry::Dir("tmp"),
+    ]);
+    let digest = image::write_oci_archive(
+        &image::Image {
+            name: WORKLOAD_IMAGE.into(),
+            entries,
+            entrypoint: vec!["/bin/sh".into()],
+        },
+        &out.join("workload.tar"),
+    )?;
+    eprintln!("    workload: {digest}");
+    Ok(())
+}
+
+/// The cluster tests' workload image.
+const WORKLOAD_IMAGE: &str = "localhost/railnet-test/workload:1";

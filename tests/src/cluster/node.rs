@@ -1,0 +1,370 @@
+//! A test node: a network namespace (a [`crate::RailFabric`] node, its rail
+//! NICs cabled to the rail routers), a mount namespace of its own that
+//! binds per-node directories over the paths kubelet, containerd, Multus
+//! and railnet use (several of them ignore any root-dir setting), a bpffs
+//! of its own, a cgroup of its own, and its containerd and kubelet.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{NodeCgroup, Pki, Tools};
+use crate::{Netns, sh};
+
+/// Host paths each node gets its own copy of (bound over them in its mount
+/// namespace), with the directory name under the node's root.
+pub const NODE_PATHS: &[(&str, &str)] = &[
+    ("/var/lib/kubelet", "var-lib-kubelet"),
+    ("/var/log/pods", "var-log-pods"),
+    ("/var/log/containers", "var-log-containers"),
+    ("/etc/cni/net.d", "etc-cni-net.d"),
+    ("/opt/cni/bin", "opt-cni-bin"),
+    ("/var/lib/cni", "var-lib-cni"),
+    ("/run/railnet", "run-railnet"),
+    ("/var/lib/railnet", "var-lib-railnet"),
+    ("/var/lib/containerd", "var-lib-containerd"),
+    ("/run/containerd", "run-containerd"),
+    // containerd pins pod netns here; the agent watches it.
+    ("/run/netns", "run-netns"),
+];
+
+/// The reference plugins a node's CNI bin dir holds besides Multus.
+const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "macvlan", "portmap"];
+
+/// One node.
+pub struct Node {
+    /// Its Kubernetes name (`node0`, `node1`, …).
+    pub name: String,
+    /// Its address on the management network (the kubelet's node IP).
+    pub ip: String,
+    /// Its pod CIDR on the primary network (`10.244.<n>.0/24`).
+    pub pod_cidr: String,
+    root: PathBuf,
+    holder: Child,
+    cgroup: NodeCgroup,
+    containerd: Option<Child>,
+    kubelet: Option<Child>,
+}
+
+impl Node {
+    /// Makes the node's namespaces and directories (nothing runs yet but
+    /// the process holding its mount namespace).
+    #[track_caller]
+    pub fn prepare(
+        index: usize,
+        net: &Netns,
+        ip: &str,
+        cluster_dir: &Path,
+        cgroup_name: &str,
+        tools: &Tools,
+    ) -> Self {
+        let name = format!("node{index}");
+        let root = cluster_dir.join(&name);
+        for (_, dir) in NODE_PATHS {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let cgroup = NodeCgroup::create(cgroup_name);
+        // The holder: a process in the node's netns and a new mount
+        // namespace whose mounts receive the host's but send none back.
+        let mut cmd = net.command("unshare");
+        cmd.args(["--mount", "--propagation", "slave", "sleep", "infinity"])
+            .stdin(Stdio::null());
+        cgroup.start_inside(&mut cmd);
+        let holder = cmd.spawn().expect("unshare (util-linux)");
+        let mut node = Self {
+            name,
+            ip: ip.to_owned(),
+            pod_cidr: format!("10.244.{index}.0/24"),
+            root,
+            holder,
+            cgroup,
+            containerd: None,
+            kubelet: None,
+        };
+        node.wait_holder();
+        for (host, dir) in NODE_PATHS {
+            node.in_mounts("mount")
+                .arg("--bind")
+                .arg(node.root.join(dir))
+                .arg(host)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .unwrap_or_else(|| panic!("binding {dir} over {host} in {}", node.name));
+        }
+        sh(node
+            .in_mounts("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"]));
+        // As on a systemd host: the node's mounts are shared among its own
+        // mount namespaces (containers' HostToContainer mounts need that),
+        // still slaves of the host's, never sending it anything.
+        sh(node.in_mounts("mount").args(["--make-rshared", "/"]));
+        let bin = node.root.join("opt-cni-bin");
+        for plugin in REFERENCE_PLUGINS {
+            std::os::unix::fs::symlink(tools.cni_plugins.join(plugin), bin.join(plugin)).unwrap();
+        }
+        std::os::unix::fs::symlink(&tools.multus, bin.join("multus")).unwrap();
+        node
+    }
+
+    /// Waits until the holder has its own mount namespace (`unshare` has
+    /// exec'd `sleep`): mounting before would change the host's.
+    #[track_caller]
+    fn wait_holder(&mut self) {
+        let pid = self.holder.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let mine = std::fs::read_link("/proc/self/ns/mnt").ok();
+            let its = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+            if comm.trim() == "sleep" && its.is_some() && its != mine {
+                return;
+            }
+            if let Ok(Some(status)) = self.holder.try_wait() {
+                panic!("{}'s namespace holder exited with {status}", self.name);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}'s mount namespace did not appear",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A command run in the node's mount and network namespaces.
+    pub fn in_mounts(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("-t")
+            .arg(self.holder.id().to_string())
+            .args(["-m", "-n", "--"])
+            .arg(program);
+        cmd
+    }
+
+    /// A host path as the node sees it (its own copy when bound).
+    pub fn path(&self, host: &str) -> PathBuf {
+        for (h, dir) in NODE_PATHS {
+            if let Ok(rest) = Path::new(host).strip_prefix(h) {
+                return self.root.join(dir).join(rest);
+            }
+        }
+        PathBuf::from(host)
+    }
+
+    /// Writes the primary network (Multus delegating to the reference
+    /// bridge on the node's `cbr0`) and Multus's kubeconfig.
+    pub fn write_cni_config(&self, multus_kubeconfig: &Path, pod_gateway: &str) {
+        let dir = self.path("/etc/cni/net.d");
+        std::fs::create_dir_all(dir.join("multus.d")).unwrap();
+        std::fs::copy(multus_kubeconfig, dir.join("multus.d/multus.kubeconfig")).unwrap();
+        let conf = serde_json::json!({
+            "cniVersion": "0.3.1",
+            "name": "multus-cni-network",
+            "type": "multus",
+            "kubeconfig": "/etc/cni/net.d/multus.d/multus.kubeconfig",
+            "delegates": [{
+                "cniVersion": "0.3.1",
+                "name": "podnet",
+                "type": "bridge",
+                "bridge": "cbr0",
+                "isGateway": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{
+                        "subnet": self.pod_cidr,
+                        "rangeStart": self.pod_cidr.replace(".0/24", ".10"),
+                        "gateway": pod_gateway,
+                    }]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            }],
+        });
+        // containerd loads one conf file (the first by name): Multus's.
+        std::fs::write(dir.join("00-multus.conf"), conf.to_string()).unwrap();
+    }
+
+    /// Starts containerd and waits for its socket.
+    #[track_caller]
+    pub fn start_containerd(&mut self, tools: &Tools) {
+        let config = self.root.join("containerd.toml");
+        std::fs::write(
+            &config,
+            r#"version = 3
+root = "/var/lib/containerd"
+state = "/run/containerd"
+[grpc]
+  address = "/run/containerd/containerd.sock"
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+  # Built here and imported: nothing is ever pulled.
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = "registry.k8s.io/pause:3.10.2"
+[plugins.'io.containerd.cri.v1.runtime']
+  # These machines' root lacks CAP_SYS_RESOURCE: nothing may lower an OOM
+  # score, and kubelet asks -998 for every sandbox. Kept at containerd's
+  # own score instead (as for rootless containerd).
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+      SystemdCgroup = false
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ["/opt/cni/bin"]
+    conf_dir = "/etc/cni/net.d"
+    max_conf_num = 1
+"#,
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.root.join("containerd.log")).unwrap();
+        let mut cmd = self.in_mounts(tools.containerd.join("containerd"));
+        cmd.arg("--config")
+            .arg(&config)
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    tools.containerd.display()
+                ),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.cgroup.start_inside(&mut cmd);
+        self.containerd = Some(cmd.spawn().expect("containerd"));
+        let sock = self.path("/run/containerd/containerd.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{}'s containerd did not start:\n{}",
+                self.name,
+                self.log("containerd")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Imports an OCI archive into the node's containerd (CRI's namespace).
+    #[track_caller]
+    pub fn import_image(&self, tools: &Tools, archive: &Path) {
+        sh(self
+            .in_mounts(tools.containerd.join("ctr"))
+            .args([
+                "--address",
+                "/run/containerd/containerd.sock",
+                "-n",
+                "k8s.io",
+                "images",
+                "import",
+            ])
+            .arg(archive));
+    }
+
+    /// Starts kubelet (the caller waits for the Node to be Ready).
+    #[track_caller]
+    pub fn start_kubelet(&mut self, tools: &Tools, kubeconfig: &Path, pki: &Pki) {
+        let config = self.root.join("kubelet.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# These machines mount cgroup v1.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: {cgroup_root}
+failSwapOn: false
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+address: {ip}
+readOnlyPort: 0
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: false}}
+  x509: {{clientCAFile: {ca}}}
+authorization: {{mode: AlwaysAllow}}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {{memory.available: 50Mi, nodefs.available: 1%, imagefs.available: 1%, nodefs.inodesFree: 1%}}
+serializeImagePulls: false
+maxPods: 200
+nodeStatusUpdateFrequency: 4s
+"#,
+                cgroup_root = self.cgroup.pods_root(),
+                ip = self.ip,
+                ca = pki.file("ca.crt").display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.root.join("kubelet.log")).unwrap();
+        let mut cmd = self.in_mounts(tools.kube("kubelet"));
+        cmd.arg(format!("--config={}", config.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--hostname-override={}", self.name))
+            .arg(format!("--node-ip={}", self.ip))
+            .arg("--v=1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.cgroup.start_inside(&mut cmd);
+        self.kubelet = Some(cmd.spawn().expect("kubelet"));
+    }
+
+    /// Stops kubelet and containerd (pods keep running in their cgroups:
+    /// a node whose agents died, as the sweep tests need).
+    pub fn stop_kubelet_and_containerd(&mut self) {
+        for child in [self.kubelet.take(), self.containerd.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A log of the node's (`kubelet`, `containerd`).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.root.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Whether kubelet still runs.
+    pub fn kubelet_alive(&mut self) -> Result<(), String> {
+        match self.kubelet.as_mut().map(|k| k.try_wait()) {
+            Some(Ok(Some(status))) => Err(format!(
+                "{}'s kubelet exited with {status}:\n{}",
+                self.name,
+                tail(&self.log("kubelet"), 30)
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends everything the node runs (kubelet, containerd, shims, pods: all
+    /// in its cgroup) and with it its mount namespace and pod netns.
+    pub fn stop(&mut self) {
+        self.stop_kubelet_and_containerd();
+        self.cgroup.kill_all_and_remove();
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+
+    /// What the node failed to remove.
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        self.cgroup.leftovers()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The last `n` lines of a log.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,69 @@
+//! Where the cluster's components are: built at pinned versions by `cargo
+//! xtask setup` and handed to the tests in the environment.
+
+use std::path::{Path, PathBuf};
+
+/// The components a test cluster runs.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl.
+    pub kubernetes: PathBuf,
+    /// The etcd binary.
+    pub etcd: PathBuf,
+    /// containerd, containerd-shim-runc-v2, ctr.
+    pub containerd: PathBuf,
+    /// The Multus thin plugin binary.
+    pub multus: PathBuf,
+    /// helm.
+    pub helm: PathBuf,
+    /// OCI archives: railnet.tar (`cargo xtask image`), pause.tar, workload.tar.
+    pub images: PathBuf,
+    /// Debian's reference CNI plugins (bridge, host-local, loopback, macvlan).
+    pub cni_plugins: PathBuf,
+}
+
+fn var(name: &str, what: &str) -> PathBuf {
+    let p = std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
+        panic!("{name} is not set: run the cluster tests through `cargo xtask test`, which builds {what} and sets it")
+    });
+    assert!(
+        p.exists(),
+        "{name}={} does not exist: `cargo xtask setup` builds {what}",
+        p.display()
+    );
+    p
+}
+
+impl Tools {
+    /// Reads the paths `cargo xtask test` sets.
+    #[track_caller]
+    pub fn from_env() -> Self {
+        let tools = Self {
+            kubernetes: var("RAILNET_KUBERNETES_DIR", "Kubernetes"),
+            etcd: var("RAILNET_ETCD_BIN", "etcd"),
+            containerd: var("RAILNET_CONTAINERD_DIR", "containerd"),
+            multus: var("RAILNET_MULTUS_BIN", "Multus"),
+            helm: var("RAILNET_HELM", "helm"),
+            images: var("RAILNET_IMAGES_DIR", "the images"),
+            cni_plugins: PathBuf::from("/usr/lib/cni"),
+        };
+        for image in ["railnet.tar", "pause.tar", "workload.tar"] {
+            assert!(
+                tools.images.join(image).is_file(),
+                "{} is missing: `cargo xtask image` writes railnet.tar, `cargo xtask test` the others",
+                tools.images.join(image).display()
+            );
+        }
+        tools
+    }
+
+    /// A Kubernetes binary.
+    pub fn kube(&self, name: &str) -> PathBuf {
+        self.kubernetes.join(name)
+    }
+
+    /// The chart in this repository.
+    pub fn chart() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/railnet")
+    }
+}

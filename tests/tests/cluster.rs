@@ -1,0 +1,266 @@
+//! railnet in a real Kubernetes cluster: `cargo xtask image`'s image,
+//! `helm install` of the chart, two nodes each running kubelet, containerd
+//! and Multus (see `railnet_tests::cluster`), a pod's rails asked for in its
+//! networks annotation exactly as users do. One test, in stages: the
+//! cluster takes a minute to start, every stage builds on the last.
+
+use std::time::Duration;
+
+use railnet_tests::cluster::{API_IP, Cluster, RAILS, rail_subnet};
+use serde_json::{Value, json};
+
+const NS: &str = "railnet";
+const WORKLOAD: &str = "localhost/railnet-test/workload:1";
+
+/// The test fabric's values: the seeds' Solution 2 (a /27 per node per
+/// rail, wildcard pools picked by the master's subnet).
+fn values(nodes: usize) -> Value {
+    let mut pools = Vec::new();
+    for n in 0..nodes {
+        for k in 1..=RAILS {
+            let (subnet, gw, _) = rail_subnet(k, n);
+            let base = 32 * n;
+            pools.push(json!({
+                "name": format!("rail{k}-node{n}"),
+                "subnet": subnet,
+                "gateway": gw,
+                "ips": [format!("172.16.{k}.{}-172.16.{k}.{}", base + 2, base + 29)],
+                "nodeName": [format!("node{n}")],
+            }));
+        }
+    }
+    let networks: Vec<Value> = (1..=RAILS)
+        .map(|k| {
+            json!({
+                "name": format!("rail{k}"),
+                "rail": k,
+                "master": format!("eth{k}"),
+                "ippools": {"ipv4": [format!("rail{k}-*")]},
+                "matchMasterSubnet": true,
+                "deviceInfo": true,
+            })
+        })
+        .collect();
+    json!({
+        // No kube-proxy in the test cluster: railnet's pods are told the
+        // API server's address (a setting users without kube-proxy have too).
+        "k8sServiceHost": API_IP,
+        "k8sServicePort": 6443,
+        "agent": {"sweepInterval": 5},
+        "controller": {"replicas": 1},
+        "pools": pools,
+        "networkDefaults": {"rdmaCIDRs": ["172.16.0.0/16"]},
+        "networks": networks,
+    })
+}
+
+/// A pod on `node` asking for every rail through the networks annotation.
+fn rail_pod(name: &str, node: &str) -> String {
+    let nets: Vec<String> = (1..=RAILS).map(|k| format!("{NS}/rail{k}")).collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "annotations": {"k8s.v1.cni.cncf.io/networks": nets.join(",")},
+        },
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "w",
+                "image": WORKLOAD,
+                "imagePullPolicy": "Never",
+                "command": ["sleep", "100000"],
+            }],
+        },
+    })
+    .to_string()
+}
+
+/// Waits until the pod runs; returns it.
+#[track_caller]
+fn wait_running(c: &mut Cluster, ns: &str, name: &str) -> Value {
+    c.wait_for(
+        &format!("pod {ns}/{name} Running"),
+        Duration::from_secs(120),
+        |c| {
+            let pod = c.kubectl_json(&["get", "pod", name, "-n", ns]);
+            (pod["status"]["phase"] == "Running").then_some(pod)
+        },
+    )
+}
+
+/// The pod's rail addresses by interface, from Multus's network-status.
+#[track_caller]
+fn rail_addresses(pod: &Value) -> Vec<(String, String)> {
+    let status = pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"]
+        .as_str()
+        .unwrap_or_else(|| {
+            panic!(
+                "no network-status annotation on {}",
+                pod["metadata"]["name"]
+            )
+        });
+    let status: Value = serde_json::from_str(status).unwrap();
+    status
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["interface"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("net"))
+        })
+        .map(|s| {
+            (
+                s["interface"].as_str().unwrap().to_owned(),
+                s["ips"][0].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn exec(c: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {
+    let mut args = vec!["exec", "-n", "default", pod, "--"];
+    args.extend(cmd);
+    c.kubectl_try(&args)
+}
+
+#[test]
+fn railnet_in_a_real_cluster() {
+    let mut c = Cluster::start(2);
+
+    // helm install, with the image `cargo xtask image` wrote (imported on
+    // every node; the chart's default repository and tag name it).
+    let values_file = c.scratch("values.json");
+    std::fs::write(&values_file, values(2).to_string()).unwrap();
+    let chart = railnet_tests::cluster::Tools::chart();
+    let out = c
+        .helm()
+        .args(["install", "railnet"])
+        .arg(&chart)
+        .args(["-n", NS, "--create-namespace", "-f"])
+        .arg(&values_file)
+        .args(["--wait", "--timeout", "4m"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm install failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.diagnostics()
+    );
+
+    // The agent runs on every node; its init container put a static
+    // `railnet` into the node's CNI bin dir.
+    // (helm --wait counts a DaemonSet ready at maxUnavailable short.)
+    c.wait_for(
+        "an agent Ready on both nodes",
+        Duration::from_secs(90),
+        |c| {
+            let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", NS]);
+            (ds["status"]["numberReady"] == 2).then_some(())
+        },
+    );
+    for node in &c.nodes {
+        let cni = node.path("/opt/cni/bin/railnet");
+        assert!(cni.is_file(), "{}: no railnet CNI binary", node.name);
+        let headers = c.run(std::process::Command::new("readelf").arg("-l").arg(&cni));
+        assert!(
+            !headers.contains("program interpreter"),
+            "{}'s railnet is dynamically linked:\n{headers}",
+            node.name
+        );
+        assert!(node.path("/opt/cni/bin/railnet-ipam").is_file());
+    }
+
+    // The values' networks are NADs.
+    let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", NS]);
+    let names: Vec<&str> = nads["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["metadata"]["name"].as_str())
+        .collect();
+    for k in 1..=RAILS {
+        assert!(
+            names.contains(&format!("rail{k}").as_str()),
+            "NADs: {names:?}"
+        );
+    }
+
+    // A pod with eight rails on each node, through kubelet, containerd and Multus.
+    c.apply(&rail_pod("rails-a", "node0"));
+    c.apply(&rail_pod("rails-b", "node1"));
+    let a = wait_running(&mut c, "default", "rails-a");
+    let b = wait_running(&mut c, "default", "rails-b");
+    let (rails_a, rails_b) = (rail_addresses(&a), rail_addresses(&b));
+    for (n, rails) in [(0, &rails_a), (1, &rails_b)] {
+        assert_eq!(
+            rails.len(),
+            RAILS as usize,
+            "node{n}'s pod rails: {rails:?}"
+        );
+        for (i, (ifname, ip)) in rails.iter().enumerate() {
+            let k = i as u32 + 1;
+            assert_eq!(ifname, &format!("net{k}"));
+            let (subnet, _, _) = rail_subnet(k, n);
+            let base: u32 = subnet
+                .split('.')
+                .nth(3)
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let last: u32 = ip.rsplit('.').next().unwrap().parse().unwrap();
+            assert!(
+                ip.starts_with(&format!("172.16.{k}.")) && (base + 2..=base + 29).contains(&last),
+                "node{n} net{k} has {ip}, not from rail{k}-node{n} ({subnet})"
+            );
+        }
+    }
+
+    // Inside: the rails' routes, no ip rules (the tc program steers).
+    let routes = exec(&c, "rails-a", &["ip", "route"]).unwrap();
+    for k in 1..=RAILS {
+        assert!(
+            routes.contains(&format!("dev net{k}")),
+            "no route on net{k}:\n{routes}"
+        );
+    }
+    let rules = exec(&c, "rails-a", &["ip", "rule"]).unwrap();
+    assert_eq!(rules.lines().count(), 3, "pods need no ip rules:\n{rules}");
+
+    // Traffic between the pods on every rail, each flow on its own rail:
+    // counted at that rail's router, from node0's NIC.
+    for k in 1..=RAILS {
+        let (src, dst) = (&rails_a[k as usize - 1].1, &rails_b[k as usize - 1].1);
+        let before = c.fabric.rails_rx(0);
+        let ping = exec(
+            &c,
+            "rails-a",
+            &["ping", "-c", "3", "-W", "2", "-I", src, dst],
+        );
+        assert!(ping.is_ok(), "rail {k}: {src} → {dst} failed: {ping:?}");
+        let after = c.fabric.rails_rx(0);
+        let grew: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        assert!(
+            grew[k as usize - 1] >= 3,
+            "rail {k}'s router saw {} packets from node0 (per rail: {grew:?})",
+            grew[k as usize - 1]
+        );
+        for (j, g) in grew.iter().enumerate() {
+            if j + 1 != k as usize {
+                assert!(
+                    *g < 3,
+                    "rail {k}'s flow leaked onto rail {}: {grew:?}",
+                    j + 1
+                );
+            }
+        }
+    }
+}
