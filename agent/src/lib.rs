@@ -19,3 +19,4 @@ pub mod rtnl;
 pub mod server;
 pub mod sriov;
 pub mod webhook;
+pub mod webhook_cert;

@@ -89,11 +89,23 @@ pub fn inject(
             "{NETWORKS} ({own}) was replaced by the networks of group {group:?} ({INJECT})"
         ));
     }
-    out.patch.push(json!({
-        "op": "add",
-        "path": format!("/metadata/annotations/{}", escape(NETWORKS)),
-        "value": Value::from(listed).to_string(),
-    }));
+    let networks_value = Value::from(listed).to_string();
+    // A pod with no annotations at all (most Deployment templates, pods of
+    // an injected namespace): JSON patch cannot add a key to a map that is
+    // not there, so the map comes whole.
+    if annotations.is_object() {
+        out.patch.push(json!({
+            "op": "add",
+            "path": format!("/metadata/annotations/{}", escape(NETWORKS)),
+            "value": networks_value,
+        }));
+    } else {
+        out.patch.push(json!({
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": {NETWORKS: networks_value},
+        }));
+    }
     // Networks that move the VF's RDMA device into the pod work only on
     // nodes in exclusive mode: schedule there (agents label their nodes).
     if members.iter().any(|n| n["spec"]["rdmaIsolation"] == true) {
@@ -465,6 +477,17 @@ mod tests {
                 .iter()
                 .any(|op| op["path"].as_str().unwrap().contains("nodeSelector"))
         );
+    }
+
+    #[test]
+    fn a_pod_without_annotations_gets_the_whole_map() {
+        // Namespace-level injection: the pod itself has no annotations.
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}});
+        let inj = inject(&pod, "g", &[net("gpu1", 1, "g", None)], None).unwrap();
+        assert_eq!(inj.patch[0]["path"], "/metadata/annotations");
+        let listed: Value =
+            serde_json::from_str(inj.patch[0]["value"][NETWORKS].as_str().unwrap()).unwrap();
+        assert_eq!(listed[0]["name"], "gpu1");
     }
 
     #[test]

@@ -47,7 +47,7 @@ fn values(nodes: usize) -> Value {
         "k8sServiceHost": API_IP,
         "k8sServicePort": 6443,
         "agent": {"sweepInterval": 5},
-        "controller": {"replicas": 1},
+        "controller": {"replicas": 1, "webhook": {"enabled": true}},
         "pools": pools,
         "networkDefaults": {"rdmaCIDRs": ["172.16.0.0/16"]},
         "networks": networks,
@@ -126,6 +126,73 @@ fn exec(c: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {
     let mut args = vec!["exec", "-n", "default", pod, "--"];
     args.extend(cmd);
     c.kubectl_try(&args)
+}
+
+/// Rail networks as objects, grouped for the webhook: RailNetwork `railK`
+/// of group `gpu` in namespace `ns`.
+fn rail_networks(ns: &str) -> String {
+    (1..=RAILS)
+        .map(|k| {
+            json!({
+                "apiVersion": "railnet.io/v1alpha1",
+                "kind": "RailNetwork",
+                "metadata": {"name": format!("rail{k}"), "namespace": ns},
+                "spec": {
+                    "rail": k, "type": "macvlan", "master": format!("eth{k}"),
+                    "ippools": {"ipv4": [format!("rail{k}-*")]},
+                    "matchMasterSubnet": true, "group": "gpu",
+                    "rdmaCIDRs": ["172.16.0.0/16"],
+                },
+            })
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// A pod with no annotations at all on `node`, in `ns`.
+fn bare_pod(name: &str, ns: &str, node: &str) -> String {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "nodeName": node, "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
+                            "command": ["sleep", "100000"]}],
+        },
+    })
+    .to_string()
+}
+
+/// Every request a railnet ServiceAccount was refused (403), from the API
+/// server's audit log: `verb resource (namespace) by user`.
+fn refused_to_railnet(c: &Cluster) -> Vec<String> {
+    let mut out: Vec<String> = c
+        .audit_log()
+        .iter()
+        .filter(|e| e["responseStatus"]["code"] == 403)
+        .filter(|e| {
+            e["user"]["username"]
+                .as_str()
+                .is_some_and(|u| u.starts_with(&format!("system:serviceaccount:{NS}:")))
+        })
+        .map(|e| {
+            format!(
+                "{} {}{} ({}) by {}",
+                e["verb"].as_str().unwrap_or("?"),
+                e["objectRef"]["resource"].as_str().unwrap_or("?"),
+                e["objectRef"]["subresource"]
+                    .as_str()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default(),
+                e["objectRef"]["namespace"].as_str().unwrap_or("cluster"),
+                e["user"]["username"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 #[test]
@@ -263,4 +330,97 @@ fn railnet_in_a_real_cluster() {
             }
         }
     }
+
+    // The webhook: pods of a namespace annotated for injection get the
+    // group's rails — here a pod with no annotations at all (most
+    // Deployment templates have none) — and their rail info at /etc/railnet.
+    c.kubectl_ok(&["create", "namespace", "ai"]);
+    c.kubectl_ok(&[
+        "annotate",
+        "namespace",
+        "ai",
+        "railnet.io/rdma-resource-inject=gpu",
+    ]);
+    c.apply(&rail_networks("ai"));
+    c.wait_for(
+        "the RailNetworks rendered into NADs",
+        Duration::from_secs(60),
+        |c| {
+            let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", "ai"]);
+            (nads["items"].as_array().map_or(0, Vec::len) == RAILS as usize).then_some(())
+        },
+    );
+    let created = c.kubectl_stdin(&["apply", "-f", "-"], &bare_pod("injected", "ai", "node0"));
+    assert!(
+        created.is_ok(),
+        "the webhook refused a pod with no annotations: {created:?}"
+    );
+    let injected = wait_running(&mut c, "ai", "injected");
+    let rails = rail_addresses(&injected);
+    assert_eq!(
+        rails.len(),
+        RAILS as usize,
+        "injected pod's rails: {rails:?}"
+    );
+    let info = c.kubectl_try(&[
+        "exec",
+        "-n",
+        "ai",
+        "injected",
+        "--",
+        "cat",
+        "/etc/railnet/rails.json",
+        "/etc/railnet/nccl.env",
+    ]);
+    let info = info.unwrap_or_else(|e| panic!("no rail info in the injected pod: {e}"));
+    for k in 1..=RAILS {
+        assert!(
+            info.contains(&format!("\"net{k}\"")),
+            "rails.json lacks net{k}:\n{info}"
+        );
+    }
+
+    // helm upgrade with a changed value: the webhook keeps admitting pods
+    // (its certificate is the controller's, not re-rendered by Helm).
+    let out = c
+        .helm()
+        .args(["upgrade", "railnet"])
+        .arg(&chart)
+        .args(["-n", NS, "-f"])
+        .arg(&values_file)
+        .args(["--set", "agent.logLevel=debug", "--wait", "--timeout", "4m"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm upgrade: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_for(
+        "the agents rolled after the upgrade",
+        Duration::from_secs(120),
+        |c| {
+            let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", NS]);
+            (ds["status"]["updatedNumberScheduled"] == 2 && ds["status"]["numberReady"] == 2)
+                .then_some(())
+        },
+    );
+    let again = c.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &bare_pod("after-upgrade", "ai", "node1"),
+    );
+    assert!(
+        again.is_ok(),
+        "after helm upgrade the webhook refuses pods: {again:?}"
+    );
+    let after = wait_running(&mut c, "ai", "after-upgrade");
+    assert_eq!(rail_addresses(&after).len(), RAILS as usize);
+
+    // The chart's RBAC under the real authorizer: nothing railnet's
+    // ServiceAccounts asked for was refused during the whole run.
+    let refused = refused_to_railnet(&c);
+    assert!(
+        refused.is_empty(),
+        "the API server refused railnet's ServiceAccounts: {refused:#?}"
+    );
 }

@@ -61,16 +61,30 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:9466")]
     metrics_address: std::net::SocketAddr,
     /// Serve the RDMA resource-injection webhook (`POST /mutate-pods`,
-    /// HTTPS) here; every replica serves it, leader or not.
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    /// HTTPS) here; every replica serves it, leader or not. Its
+    /// certificate: --tls-cert/--tls-key, or one the controller owns
+    /// (--webhook-secret, --webhook-service, --webhook-config).
+    #[arg(long)]
     webhook_address: Option<std::net::SocketAddr>,
     /// The webhook's certificate (PEM), signed by the caBundle of the
     /// MutatingWebhookConfiguration.
-    #[arg(long)]
+    #[arg(long, requires = "tls_key", conflicts_with = "webhook_secret")]
     tls_cert: Option<PathBuf>,
     /// The webhook's private key (PEM).
-    #[arg(long)]
+    #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// The Secret (in the controller's namespace) holding the webhook's CA
+    /// and certificate: made by the controller when missing, served, and
+    /// re-read when it changes; its CA is written into --webhook-config's
+    /// caBundle.
+    #[arg(long, requires_all = ["webhook_service", "webhook_config"])]
+    webhook_secret: Option<String>,
+    /// The webhook's Service (the certificate names it).
+    #[arg(long)]
+    webhook_service: Option<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps.
+    #[arg(long)]
+    webhook_config: Option<String>,
     /// The agents' pod-info directory on the nodes (their
     /// `--pod-info-dir`): the webhook mounts each injected pod's own
     /// directory of it at /etc/railnet (rails.json, nccl.env). Unset: no
@@ -82,6 +96,28 @@ struct Args {
     /// no pod holds an address in; name the blocks kept and why.
     #[arg(long)]
     uninstall: bool,
+}
+
+/// The certificate the controller owns: made or read now (retried until
+/// the API server answers), kept in step with its Secret afterwards.
+async fn owned_certificate(
+    client: &kube::Client,
+    spec: railnet_agent::webhook_cert::CertSpec,
+) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>, String> {
+    use railnet_agent::webhook_cert::{Reloading, certified_key, ensure, keep};
+    let pems = loop {
+        match ensure(client, &spec).await {
+            Ok(p) => break p,
+            Err(e) => {
+                warn!(error = %e, "webhook certificate not ready; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let served = Reloading::new(certified_key(&pems)?);
+    let config = served.server_config()?;
+    tokio::spawn(keep(client.clone(), spec, served, pems));
+    Ok(config)
 }
 
 /// A directory on the nodes for a hostPath volume: absolute, without `..`
@@ -171,10 +207,21 @@ fn main() -> ExitCode {
                 return ExitCode::from(4);
             }
         }
-        if let (Some(addr), Some(cert), Some(key)) =
-            (args.webhook_address, &args.tls_cert, &args.tls_key)
-        {
-            let tls = match railnet_agent::webhook::tls(cert, key) {
+        if let Some(addr) = args.webhook_address {
+            let tls = match (&args.tls_cert, &args.tls_key, &args.webhook_secret) {
+                (Some(cert), Some(key), _) => railnet_agent::webhook::tls(cert, key),
+                (_, _, Some(secret)) => {
+                    let spec = railnet_agent::webhook_cert::CertSpec {
+                        namespace: args.lease_namespace.clone(),
+                        secret: secret.clone(),
+                        service: args.webhook_service.clone().unwrap_or_default(),
+                        webhook_config: args.webhook_config.clone().unwrap_or_default(),
+                    };
+                    owned_certificate(&client, spec).await
+                }
+                _ => Err("--webhook-address needs --tls-cert and --tls-key, or --webhook-secret".into()),
+            };
+            let tls = match tls {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("railnet-controller: webhook TLS: {e}");
