@@ -380,15 +380,16 @@ fn railnet_in_a_real_cluster() {
         );
     }
 
-    // helm upgrade with a changed value: the webhook keeps admitting pods
-    // (its certificate is the controller's, not re-rendered by Helm).
+    // helm upgrade with a changed value that does not roll the controller
+    // (an agent setting): the webhook keeps admitting pods (its certificate
+    // is the controller's, not re-rendered by Helm under a running one).
     let out = c
         .helm()
         .args(["upgrade", "railnet"])
         .arg(&chart)
         .args(["-n", NS, "-f"])
         .arg(&values_file)
-        .args(["--set", "agent.logLevel=debug", "--wait", "--timeout", "4m"])
+        .args(["--set", "agent.sweepInterval=7", "--wait", "--timeout", "4m"])
         .output()
         .unwrap();
     assert!(
