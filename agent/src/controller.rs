@@ -548,6 +548,53 @@ pub struct Uninstalled {
 /// an address in. A block with claims is kept and named with its pods:
 /// deleting it would let a reinstalled railnet hand those addresses out
 /// a second time while the pods still use them.
+/// Stops the controller Deployment `name` in `namespace` (replicas 0) and
+/// waits up to a minute for its pods to go: a running controller would
+/// render the NADs again the moment the cleanup deletes them. A missing
+/// Deployment is already stopped.
+pub async fn stop_controller(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
+    use kube::api::{Patch, PatchParams};
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let scaled = deployments
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 0}})),
+        )
+        .await;
+    let deployment = match scaled {
+        Ok(d) => d,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let selector: Vec<String> = deployment
+        .spec
+        .selector
+        .match_labels
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&selector.join(","));
+    for _ in 0..60 {
+        if pods.list(&lp).await?.items.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    tracing::warn!(
+        deployment = name,
+        "controller pods still there after 60 s; cleaning up anyway"
+    );
+    Ok(())
+}
+
 pub async fn uninstall(client: &Client) -> Result<Uninstalled, kube::Error> {
     use kube::api::DeleteParams;
 

@@ -224,7 +224,7 @@ fn kubernetes_ipam_gives_the_agent_railblocks_and_railpools_and_nothing_else() {
     assert_eq!(
         agent_role["rules"],
         serde_json::json!([{"apiGroups": ["railnet.io"], "resources": ["railblocks"],
-                            "verbs": ["get", "list", "create", "update", "delete"]},
+                            "verbs": ["get", "list", "watch", "create", "update", "delete"]},
                            {"apiGroups": ["railnet.io"], "resources": ["railpools"],
                             "verbs": ["list"]},
                            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}])
@@ -545,7 +545,11 @@ fn helm_uninstall_first_runs_the_cleanup_job_with_only_what_it_deletes() {
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
     assert_eq!(
         pod["containers"][0]["command"],
-        serde_json::json!(["/usr/local/bin/railnet-controller", "--uninstall"])
+        serde_json::json!([
+            "/usr/local/bin/railnet-controller",
+            "--uninstall",
+            "--stop-deployment=rn-railnet-controller"
+        ])
     );
     assert_eq!(
         role["rules"],

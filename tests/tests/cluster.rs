@@ -389,7 +389,13 @@ fn railnet_in_a_real_cluster() {
         .arg(&chart)
         .args(["-n", NS, "-f"])
         .arg(&values_file)
-        .args(["--set", "agent.sweepInterval=7", "--wait", "--timeout", "4m"])
+        .args([
+            "--set",
+            "agent.sweepInterval=7",
+            "--wait",
+            "--timeout",
+            "4m",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -417,11 +423,176 @@ fn railnet_in_a_real_cluster() {
     let after = wait_running(&mut c, "ai", "after-upgrade");
     assert_eq!(rail_addresses(&after).len(), RAILS as usize);
 
-    // The chart's RBAC under the real authorizer: nothing railnet's
-    // ServiceAccounts asked for was refused during the whole run.
+    // helm uninstall once the pods are gone: the cleanup Job removes the
+    // NADs rendered from RailNetworks, Helm the rest; no pin is left.
+    for (ns, pod) in [
+        ("default", "rails-a"),
+        ("default", "rails-b"),
+        ("ai", "injected"),
+        ("ai", "after-upgrade"),
+    ] {
+        c.kubectl_ok(&["delete", "pod", pod, "-n", ns, "--wait=true"]);
+    }
+    uninstall(&mut c);
+
+    // Kubernetes IPAM: RailBlocks in the API server, shared by the nodes.
+    let mut kube_values = values(2);
+    kube_values["ipam"] = json!({"store": "kubernetes"});
+    kube_values["controller"]["claimGraceSeconds"] = json!(5);
+    kube_values["controller"]["interval"] = json!(2);
+    let kube_file = c.scratch("values-kubernetes.json");
+    std::fs::write(&kube_file, kube_values.to_string()).unwrap();
+    let out = c
+        .helm()
+        .args(["install", "railnet"])
+        .arg(&chart)
+        .args(["-n", NS, "-f"])
+        .arg(&kube_file)
+        .args(["--wait", "--timeout", "4m"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm install (kubernetes IPAM): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.wait_for(
+        "agents Ready (kubernetes IPAM)",
+        Duration::from_secs(90),
+        |c| {
+            let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", NS]);
+            (ds["status"]["numberReady"] == 2).then_some(())
+        },
+    );
+    c.apply(&rail_pod("k-a", "node0"));
+    c.apply(&rail_pod("k-b", "node1"));
+    for p in ["k-a", "k-b"] {
+        let pod = wait_running(&mut c, "default", p);
+        let rails = rail_addresses(&pod);
+        assert_eq!(rails.len(), RAILS as usize);
+        // Each address is a claim of this pod in a RailBlock.
+        let claims = c.wait_for(
+            &format!("{p}'s claims in RailBlocks"),
+            Duration::from_secs(30),
+            |c| {
+                let claims = claims_of(c, p);
+                (claims.len() == RAILS as usize).then_some(claims)
+            },
+        );
+        for (_, ip) in &rails {
+            assert!(claims.contains(ip), "{p}'s {ip} is not claimed: {claims:?}");
+        }
+    }
+    // Deleting a pod (kubelet's DEL through Multus) releases its addresses.
+    c.kubectl_ok(&["delete", "pod", "k-a", "--wait=true"]);
+    c.wait_for(
+        "k-a's claims released by its DEL",
+        Duration::from_secs(30),
+        |c| claims_of(c, "k-a").is_empty().then_some(()),
+    );
+    // A node dies: its kubelet and runtime stop, its pod is force-deleted
+    // (no DEL ever comes); the controller's sweep releases the addresses.
+    c.nodes[1].stop_kubelet_and_containerd();
+    c.kubectl_ok(&["delete", "pod", "k-b", "--force", "--grace-period=0"]);
+    c.wait_for(
+        "k-b's claims released by the controller's sweep",
+        Duration::from_secs(60),
+        |c| claims_of(c, "k-b").is_empty().then_some(()),
+    );
+    let log = c.kubectl_ok(&["logs", "-n", NS, "deployment/railnet-controller"]);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("released the claim of a pod that is gone")
+                && l.contains("default/k-b")),
+        "the release was not the controller's sweep:\n{log}"
+    );
+    // The Node object goes: its blocks are given back.
+    c.kubectl_ok(&["delete", "node", "node1"]);
+    c.wait_for(
+        "node1's RailBlocks given back",
+        Duration::from_secs(60),
+        |c| {
+            let blocks = c.kubectl_json(&["get", "railblocks"]);
+            let left = blocks["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["spec"]["node"] == "node1")
+                .count();
+            (left == 0).then_some(())
+        },
+    );
+
+    // The chart's RBAC under the real authorizer, in both IPAM modes:
+    // nothing railnet's ServiceAccounts asked for was refused.
     let refused = refused_to_railnet(&c);
     assert!(
         refused.is_empty(),
         "the API server refused railnet's ServiceAccounts: {refused:#?}"
     );
+}
+
+/// The addresses RailBlocks hold for pod `name` (default namespace).
+fn claims_of(c: &Cluster, name: &str) -> Vec<String> {
+    let blocks = c.kubectl_json(&["get", "railblocks"]);
+    let mut out = Vec::new();
+    for b in blocks["items"].as_array().into_iter().flatten() {
+        for (addr, claim) in b["spec"]["claims"].as_object().into_iter().flatten() {
+            if claim["podName"] == name && claim["podNamespace"] == "default" {
+                out.push(addr.clone());
+            }
+        }
+    }
+    out
+}
+
+/// `helm uninstall`, then checks nothing of railnet's is left: no NAD,
+/// no pin on any node.
+#[track_caller]
+fn uninstall(c: &mut Cluster) {
+    let out = c
+        .helm()
+        .args([
+            "uninstall",
+            "railnet",
+            "-n",
+            NS,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for ns in [NS, "ai"] {
+        let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", ns]);
+        let left: Vec<&str> = nads["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["metadata"]["name"].as_str())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "NADs left in {ns} after uninstall: {left:?}; refused to railnet: {:#?}",
+            refused_to_railnet(c)
+        );
+    }
+    for node in &c.nodes {
+        let pins = node
+            .in_mounts("ls")
+            .args(["-A", "/sys/fs/bpf/railnet"])
+            .output()
+            .unwrap();
+        let left = String::from_utf8_lossy(&pins.stdout).trim().to_owned();
+        assert!(
+            left.is_empty(),
+            "{} keeps pins after uninstall: {left}",
+            node.name
+        );
+    }
 }

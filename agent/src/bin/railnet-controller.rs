@@ -96,6 +96,10 @@ struct Args {
     /// no pod holds an address in; name the blocks kept and why.
     #[arg(long)]
     uninstall: bool,
+    /// With --uninstall: the controller Deployment (in --lease-namespace)
+    /// to stop first, so it does not render the deleted NADs again.
+    #[arg(long, requires = "uninstall")]
+    stop_deployment: Option<String>,
 }
 
 /// The certificate the controller owns: made or read now (retried until
@@ -167,6 +171,13 @@ fn main() -> ExitCode {
             }
         };
         if args.uninstall {
+            if let Some(d) = &args.stop_deployment
+                && let Err(e) =
+                    railnet_agent::controller::stop_controller(&client, &args.lease_namespace, d).await
+            {
+                eprintln!("railnet-controller: uninstall cleanup: stopping Deployment {d}: {e}");
+                return ExitCode::FAILURE;
+            }
             return match railnet_agent::controller::uninstall(&client).await {
                 Ok(done) => {
                     println!(
