@@ -50,7 +50,12 @@ enum Task {
         test_images: bool,
     },
     /// Wire a pod's rails with the real CNI and agent in throwaway netns.
-    Demo,
+    Demo {
+        /// `cluster`: the same in a real two-node Kubernetes cluster
+        /// (kubelet, containerd, Multus, helm install); default: the quick
+        /// embedded demo.
+        which: Option<String>,
+    },
     /// Fuzz what reaches railnet from outside (CNI stdin, CNI_ARGS, agent
     /// requests) with cargo-fuzz; needs rustup's nightly.
     Fuzz {
@@ -60,7 +65,7 @@ enum Task {
     },
     /// Benchmarks, printed as figures and ratios to targets (`dataplane`).
     Bench {
-        /// Which benchmark: dataplane, ipam, cni, cni-parallel, kube.
+        /// Which benchmark: dataplane, ipam, cni, cni-parallel, kube, cluster.
         #[arg(default_value = "dataplane")]
         which: String,
     },
@@ -106,9 +111,28 @@ fn main() -> Result<()> {
             }
             fuzz(&root, seconds)
         }
-        Task::Demo => {
+        Task::Demo { which: None } => {
             setup::ensure()?;
             demo(&root)
+        }
+        Task::Demo { which: Some(w) } if w == "cluster" => {
+            setup::ensure()?;
+            setup::ensure_cluster()?;
+            image(&root)?;
+            test_images(&root)?;
+            step("demo: railnet in a real Kubernetes cluster");
+            release_bin(&root, "railnet-demo-cluster")
+        }
+        Task::Demo { which: Some(w) } => {
+            bail!("unknown demo {w:?}: `cargo xtask demo` or `cargo xtask demo cluster`")
+        }
+        Task::Bench { which } if which == "cluster" => {
+            setup::ensure()?;
+            setup::ensure_cluster()?;
+            image(&root)?;
+            test_images(&root)?;
+            step("benchmark cluster (pod start-up through kubelet, containerd and Multus)");
+            release_bin(&root, "railnet-bench-cluster")
         }
         Task::Bench { which } => {
             setup::ensure()?;
@@ -644,6 +668,22 @@ fn rdma_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
         .with_context(|| format!("RDMA tests ({mode} mode) on Linux 6.1"))?;
     }
     Ok(())
+}
+
+/// Builds a binary of the tests crate (release) and runs it on a test
+/// cluster's components.
+fn release_bin(root: &Path, name: &str) -> Result<()> {
+    run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "--package",
+        "railnet-tests",
+        "--bin",
+        name,
+    ]))?;
+    let mut cmd = Command::new(root.join("target/release").join(name));
+    cluster_env(root, &mut cmd);
+    run(&mut cmd)
 }
 
 fn demo(root: &Path) -> Result<()> {

@@ -7,7 +7,7 @@ use std::{
     process::{Child, Stdio},
 };
 
-use super::{Pki, Tools};
+use super::{NodeCgroup, Pki, Tools};
 use crate::Netns;
 
 /// The `kubernetes` Service's address (first of the service range); no
@@ -20,15 +20,26 @@ pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
 /// The running control-plane processes.
 pub struct ControlPlane {
     procs: Vec<(&'static str, Child)>,
+    // All of them, so a killed test's control plane is found and ended by
+    // the next run, like its nodes.
+    cgroup: NodeCgroup,
     /// The API server's audit log (JSON lines).
     pub audit_log: PathBuf,
     logs: PathBuf,
 }
 
-fn spawn(ns: &Netns, name: &'static str, bin: &Path, args: &[String], logs: &Path) -> Child {
+fn spawn(
+    ns: &Netns,
+    cgroup: &NodeCgroup,
+    name: &'static str,
+    bin: &Path,
+    args: &[String],
+    logs: &Path,
+) -> Child {
     let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    ns.command(bin)
-        .args(args)
+    let mut cmd = ns.command(bin);
+    cgroup.start_inside(&mut cmd);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -41,7 +52,14 @@ impl ControlPlane {
     /// scheduler in `ns` (whose address is `api_ip`); returns once started
     /// (the caller waits for the API server to answer).
     #[track_caller]
-    pub fn start(ns: &Netns, api_ip: &str, tools: &Tools, pki: &Pki, dir: &Path) -> Self {
+    pub fn start(
+        ns: &Netns,
+        cgroup: NodeCgroup,
+        api_ip: &str,
+        tools: &Tools,
+        pki: &Pki,
+        dir: &Path,
+    ) -> Self {
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).unwrap();
         let s = |p: PathBuf| p.display().to_string();
@@ -50,6 +68,7 @@ impl ControlPlane {
             "etcd",
             spawn(
                 ns,
+                &cgroup,
                 "etcd",
                 &tools.etcd,
                 &[
@@ -84,6 +103,7 @@ impl ControlPlane {
             "kube-apiserver",
             spawn(
                 ns,
+                &cgroup,
                 "kube-apiserver",
                 &tools.kube("kube-apiserver"),
                 &[
@@ -128,6 +148,7 @@ impl ControlPlane {
             "kube-controller-manager",
             spawn(
                 ns,
+                &cgroup,
                 "kube-controller-manager",
                 &tools.kube("kube-controller-manager"),
                 &[
@@ -149,6 +170,7 @@ impl ControlPlane {
             "kube-scheduler",
             spawn(
                 ns,
+                &cgroup,
                 "kube-scheduler",
                 &tools.kube("kube-scheduler"),
                 &[
@@ -161,6 +183,7 @@ impl ControlPlane {
         ));
         Self {
             procs,
+            cgroup,
             audit_log,
             logs,
         }
@@ -188,6 +211,7 @@ impl ControlPlane {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.cgroup.kill_all_and_remove();
     }
 }
 

@@ -20,6 +20,7 @@ mod cgroup;
 mod control_plane;
 mod node;
 mod pki;
+mod railnet;
 mod tools;
 
 use std::{
@@ -33,6 +34,7 @@ pub use cgroup::NodeCgroup;
 pub use control_plane::{ControlPlane, KUBERNETES_SERVICE_IP, SERVICE_RANGE};
 pub use node::{NODE_PATHS, Node, tail};
 pub use pki::Pki;
+pub use railnet::{NS, WORKLOAD, rail_addresses, rail_pod, values, wait_running};
 pub use tools::Tools;
 
 use serde_json::Value;
@@ -56,6 +58,37 @@ const KUBELET_SYSCTLS: &[&str] = &[
     "kernel/keys/root_maxkeys",
     "kernel/keys/root_maxbytes",
 ];
+
+/// What a running test cluster must put back on the host — the kernel
+/// settings kubelet rewrites, the mount-point directories it created —
+/// written before changing either, so that a run that was killed (no
+/// teardown) is undone by the next one. On tmpfs: a reboot undoes it too.
+const HOST_STATE: &str = "/run/railnet-test-cluster.json";
+
+/// Puts back what a killed cluster left (its [`HOST_STATE`]), when the
+/// process that wrote it is gone.
+fn restore_host_state_of_dead_run() {
+    let Ok(text) = std::fs::read_to_string(HOST_STATE) else {
+        return;
+    };
+    let state: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let owner = state["pid"].as_u64().unwrap_or(0);
+    if owner != 0 && Path::new(&format!("/proc/{owner}")).exists() {
+        panic!(
+            "another test cluster (pid {owner}) is running: one at a time (they share kubelet's fixed paths)"
+        );
+    }
+    for (k, v) in state["sysctls"].as_object().into_iter().flatten() {
+        eprintln!("cluster: putting back {k} = {v} (an earlier run was killed)");
+        let _ = std::fs::write(format!("/proc/sys/{k}"), v.as_str().unwrap_or_default());
+    }
+    for d in state["created_dirs"].as_array().into_iter().flatten() {
+        if let Some(d) = d.as_str() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    let _ = std::fs::remove_file(HOST_STATE);
+}
 
 /// Node `n`'s management address.
 pub fn node_ip(n: usize) -> String {
@@ -141,6 +174,28 @@ fn clean_leftovers() {
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
     }
+    // Scratch directories of such processes (`ScratchDir`, named alike).
+    for e in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("rn")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && name.ends_with("-cluster")
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            eprintln!(
+                "cluster: removing the leftover directory {}",
+                e.path().display()
+            );
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     // `ip netns` itself makes /run/netns a mount point on the host.
     for (host, _) in NODE_PATHS.iter().filter(|(h, _)| *h != "/run/netns") {
@@ -165,6 +220,7 @@ impl Cluster {
     #[track_caller]
     pub fn start(nodes: usize) -> Self {
         let tools = Tools::from_env();
+        restore_host_state_of_dead_run();
         clean_leftovers();
         let dir = ScratchDir::new("cluster");
         let fabric = RailFabric::new(nodes, RAILS);
@@ -219,7 +275,15 @@ impl Cluster {
 
         let pki = Pki::new(&dir.path().join("pki"), API_IP, KUBERNETES_SERVICE_IP);
         let admin = pki.client("admin", "admin", &["system:masters"]);
-        let control = ControlPlane::start(&cp, API_IP, &tools, &pki, dir.path());
+        let cgroup_base = format!("{CGROUP_PREFIX}{}", std::process::id());
+        let control = ControlPlane::start(
+            &cp,
+            NodeCgroup::create(&format!("{cgroup_base}-cp")),
+            API_IP,
+            &tools,
+            &pki,
+            dir.path(),
+        );
         let saved_sysctls = KUBELET_SYSCTLS
             .iter()
             .filter_map(|k| read_sysctl(k).map(|v| (k.to_string(), v)))
@@ -236,10 +300,10 @@ impl Cluster {
             saved_sysctls,
             dir,
         };
+        cluster.make_mount_points();
+        cluster.write_host_state();
         cluster.wait_api();
         cluster.bootstrap();
-        cluster.make_mount_points();
-        let cgroup_base = format!("{CGROUP_PREFIX}{}", std::process::id());
         for n in 0..nodes {
             let mut node = Node::prepare(
                 n,
@@ -351,6 +415,16 @@ subjects:
             };
             names.iter().all(|n| ready(n)).then_some(())
         });
+    }
+
+    /// Records what teardown must put back ([`HOST_STATE`]).
+    fn write_host_state(&self) {
+        let state = serde_json::json!({
+            "pid": std::process::id(),
+            "sysctls": self.saved_sysctls.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect::<serde_json::Map<String, Value>>(),
+            "created_dirs": self.created_dirs,
+        });
+        std::fs::write(HOST_STATE, state.to_string()).unwrap();
     }
 
     fn restore_sysctls(&self) {
@@ -565,5 +639,6 @@ impl Drop for Cluster {
         for d in &self.created_dirs {
             let _ = std::fs::remove_dir(d);
         }
+        let _ = std::fs::remove_file(HOST_STATE);
     }
 }

@@ -1,0 +1,211 @@
+//! `cargo xtask bench cluster`: pod start-up with 8 rails through the whole
+//! real path — `kubectl apply`, scheduler, kubelet, containerd, Multus, the
+//! CNI plugins — on the two-node test cluster, side by side in one run:
+//! railnet; the reference stack (Multus + reference macvlan + host-local per
+//! rail); and the same pods with no rails, so the cost railnet adds to a
+//! pod's start shows. Figures and ratios only; nothing passes or fails.
+//!
+//! `RAILNET_BENCH_PODS` (default 100) pods per variant, spread over both
+//! nodes. Times are seen by polling the API server once a second, as a
+//! user watching `kubectl get pods` would.
+
+use std::time::{Duration, Instant};
+
+use railnet_tests::cluster::{API_IP, Cluster, RAILS, Tools, WORKLOAD};
+use serde_json::{Value, json};
+
+/// railnet's values: per node and rail a pool of 90 addresses of the
+/// rail's /24 (the fabric's router is .254), so 100 pods fit.
+fn values() -> Value {
+    let mut pools = Vec::new();
+    for n in 0..2usize {
+        for k in 1..=RAILS {
+            let lo = 10 + 100 * n;
+            pools.push(json!({
+                "name": format!("rail{k}-node{n}"),
+                "subnet": format!("172.16.{k}.0/24"),
+                "gateway": format!("172.16.{k}.254"),
+                "ips": [format!("172.16.{k}.{lo}-172.16.{k}.{}", lo + 89)],
+                "nodeName": [format!("node{n}")],
+            }));
+        }
+    }
+    let networks: Vec<Value> = (1..=RAILS)
+        .map(|k| {
+            json!({"name": format!("rail{k}"), "rail": k, "master": format!("eth{k}"),
+                   "ippools": {"ipv4": [format!("rail{k}-*")]}})
+        })
+        .collect();
+    json!({
+        "k8sServiceHost": API_IP, "k8sServicePort": 6443,
+        "controller": {"replicas": 1},
+        "pools": pools,
+        "networkDefaults": {"rdmaCIDRs": ["172.16.0.0/16"]},
+        "networks": networks,
+    })
+}
+
+/// The reference stack's NADs: reference macvlan on each rail NIC with
+/// host-local (node-local ranges: the same range on both nodes, which a
+/// real cluster would need whereabouts for — start-up cost is the same).
+fn reference_nads() -> String {
+    (1..=RAILS)
+        .map(|k| {
+            let conf = json!({
+                "cniVersion": "0.3.1", "name": format!("ref-rail{k}"), "type": "macvlan",
+                "master": format!("eth{k}"), "mode": "bridge",
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("172.18.{k}.0/24")}]]},
+            });
+            json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                   "metadata": {"name": format!("ref-rail{k}"), "namespace": "default"},
+                   "spec": {"config": conf.to_string()}})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+fn pods(tag: &str, n: usize, networks: Option<&str>) -> String {
+    (0..n)
+        .map(|i| {
+            let mut meta = json!({"name": format!("{tag}-{i}"), "namespace": "default",
+                                  "labels": {"bench": tag}});
+            if let Some(nets) = networks {
+                meta["annotations"] = json!({"k8s.v1.cni.cncf.io/networks": nets});
+            }
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                   "spec": {"nodeName": format!("node{}", i % 2), "terminationGracePeriodSeconds": 0,
+                            "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
+                                            "command": ["sleep", "100000"]}]}})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// One variant's figures, seconds.
+struct Batch {
+    up: Vec<f64>,
+    up_total: f64,
+    down_total: f64,
+    missing: usize,
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn run_batch(c: &Cluster, tag: &str, n: usize, networks: Option<&str>) -> Batch {
+    let manifest = pods(tag, n, networks);
+    let start = Instant::now();
+    c.kubectl_stdin(&["apply", "-f", "-"], &manifest)
+        .unwrap_or_else(|e| panic!("kubectl apply: {e}"));
+    let mut up = std::collections::HashMap::new();
+    let deadline = start + Duration::from_secs(900);
+    while up.len() < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        let list = c.kubectl_json(&["get", "pods", "-l", &format!("bench={tag}")]);
+        for p in list["items"].as_array().into_iter().flatten() {
+            if p["status"]["phase"] == "Running" {
+                let name = p["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                up.entry(name)
+                    .or_insert_with(|| start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let up_total = start.elapsed().as_secs_f64();
+    let missing = n - up.len();
+    let start = Instant::now();
+    c.kubectl_ok(&[
+        "delete",
+        "pods",
+        "-l",
+        &format!("bench={tag}"),
+        "--wait=false",
+    ]);
+    loop {
+        let list = c.kubectl_json(&["get", "pods", "-l", &format!("bench={tag}")]);
+        if list["items"].as_array().is_none_or(Vec::is_empty)
+            || start.elapsed() > Duration::from_secs(600)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Batch {
+        up: up.into_values().collect(),
+        up_total,
+        down_total: start.elapsed().as_secs_f64(),
+        missing,
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("RAILNET_BENCH_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut c = Cluster::start(2);
+    let values_file = c.scratch("bench-values.json");
+    std::fs::write(&values_file, values().to_string()).unwrap();
+    c.run(
+        c.helm()
+            .args(["install", "railnet"])
+            .arg(Tools::chart())
+            .args(["-n", "railnet", "--create-namespace", "-f"])
+            .arg(&values_file)
+            .args(["--wait", "--timeout", "4m"]),
+    );
+    c.wait_for("both agents Ready", Duration::from_secs(120), |c| {
+        let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", "railnet"]);
+        (ds["status"]["numberReady"] == 2).then_some(())
+    });
+    c.apply(&reference_nads());
+    let railnet_nets: Vec<String> = (1..=RAILS).map(|k| format!("railnet/rail{k}")).collect();
+    let reference_nets: Vec<String> = (1..=RAILS).map(|k| format!("ref-rail{k}")).collect();
+    let variants: [(&str, Option<String>); 3] = [
+        ("none", None),
+        ("railnet", Some(railnet_nets.join(","))),
+        ("reference", Some(reference_nets.join(","))),
+    ];
+    println!(
+        "cluster start-up: {n} pods over 2 nodes, 8 rails each (no rails for 'none'), kubectl apply → all Running, then delete → all gone"
+    );
+    let mut results = Vec::new();
+    for (tag, nets) in &variants {
+        let b = run_batch(&c, tag, n, nets.as_deref());
+        println!(
+            "  {tag:<10} per pod p50 {:>6.1} s  p99 {:>6.1} s   all Running {:>6.1} s   all deleted {:>6.1} s{}",
+            percentile(&b.up, 0.5),
+            percentile(&b.up, 0.99),
+            b.up_total,
+            b.down_total,
+            if b.missing > 0 {
+                format!("   ({} never Running)", b.missing)
+            } else {
+                String::new()
+            },
+        );
+        results.push(b);
+    }
+    let (none, railnet, reference) = (&results[0], &results[1], &results[2]);
+    println!(
+        "  ratio railnet / reference: all Running {:.2}, p50 {:.2}, all deleted {:.2}",
+        railnet.up_total / reference.up_total,
+        percentile(&railnet.up, 0.5) / percentile(&reference.up, 0.5),
+        railnet.down_total / reference.down_total,
+    );
+    println!(
+        "  cost of 8 rails over none: railnet +{:.1} s per pod (p50), reference +{:.1} s",
+        percentile(&railnet.up, 0.5) - percentile(&none.up, 0.5),
+        percentile(&reference.up, 0.5) - percentile(&none.up, 0.5),
+    );
+}
