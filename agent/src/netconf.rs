@@ -61,8 +61,13 @@ pub struct NetConf {
     pub rdma_isolation: bool,
     /// PCI address of the VF the device plugin allocated; Multus writes it
     /// into the delegate's config (as `deviceID`, some plugins `pciBusID`).
-    #[serde(default, rename = "deviceID", alias = "pciBusID")]
+    #[serde(default, rename = "deviceID")]
     pub device_id: Option<String>,
+    /// The same PCI address under the name some plugins use; Multus writes
+    /// both keys into every delegate. Folded into `device_id` by
+    /// [`NetConf::parse`] (equal, or refused naming both).
+    #[serde(default, rename = "pciBusID", skip_serializing)]
+    pub pci_bus_id: Option<String>,
     /// What the runtime passes per pod for the capabilities the network
     /// declares (Multus: `mac`, `deviceID`, ...).
     #[serde(default)]
@@ -307,6 +312,12 @@ pub enum NetConfError {
          NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the VF's device plugin"
     )]
     IsolationNeedsDevice,
+    /// `deviceID` and `pciBusID` that name different devices.
+    #[error(
+        "\"deviceID\" ({0}) and \"pciBusID\" ({1}) name different devices; Multus writes the \
+         same PCI address into both — remove the one set by hand from the NetworkAttachmentDefinition"
+    )]
+    DeviceIdMismatch(String, String),
     /// `sriov` or `ib-sriov` without the VF's PCI address.
     #[error(
         "mode \"{0}\" needs the VF's PCI address in \"deviceID\"; Multus adds it when the \
@@ -536,6 +547,10 @@ impl NetConf {
     pub fn parse(bytes: &[u8]) -> Result<Self, NetConfError> {
         let mut conf: NetConf =
             serde_json::from_slice(bytes).map_err(|e| NetConfError::Decode(e.to_string()))?;
+        match (conf.device_id.take(), conf.pci_bus_id.take()) {
+            (Some(d), Some(p)) if d != p => return Err(NetConfError::DeviceIdMismatch(d, p)),
+            (d, p) => conf.device_id = d.or(p),
+        }
         if conf.device_id.is_none() {
             conf.device_id = conf.runtime_config.device_id.clone();
         }
@@ -745,6 +760,23 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.device_id.as_deref(), Some("0000:3b:00.2"));
+    }
+
+    #[test]
+    fn multus_writes_device_id_and_pci_bus_id_both() {
+        // Multus's delegateAddDeviceID sets both keys in every delegate.
+        let c = NetConf::parse(&conf(
+            r#","mode":"sriov","deviceID":"0000:3b:00.2","pciBusID":"0000:3b:00.2""#,
+        ))
+        .unwrap();
+        assert_eq!(c.device_id.as_deref(), Some("0000:3b:00.2"));
+        assert_eq!(
+            NetConf::parse(&conf(
+                r#","mode":"sriov","deviceID":"0000:3b:00.2","pciBusID":"0000:3b:00.3""#,
+            ))
+            .unwrap_err(),
+            NetConfError::DeviceIdMismatch("0000:3b:00.2".into(), "0000:3b:00.3".into())
+        );
     }
 
     #[test]
