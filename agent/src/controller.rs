@@ -548,6 +548,27 @@ pub struct Uninstalled {
 /// an address in. A block with claims is kept and named with its pods:
 /// deleting it would let a reinstalled railnet hand those addresses out
 /// a second time while the pods still use them.
+/// Marks the agents' DaemonSet `name` in `namespace` as uninstalling
+/// ([`crate::uninstall::UNINSTALLING`]); a missing one needs no mark.
+pub async fn mark_uninstalling(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use kube::api::{Patch, PatchParams};
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    let patch = json!({"metadata": {"annotations": {crate::uninstall::UNINSTALLING: "true"}}});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Stops the controller Deployment `name` in `namespace` (replicas 0) and
 /// waits up to a minute for its pods to go: a running controller would
 /// render the NADs again the moment the cleanup deletes them. A missing

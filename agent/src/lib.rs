@@ -18,5 +18,6 @@ pub mod rdma;
 pub mod rtnl;
 pub mod server;
 pub mod sriov;
+pub mod uninstall;
 pub mod webhook;
 pub mod webhook_cert;

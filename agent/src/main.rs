@@ -68,6 +68,15 @@ struct Args {
     /// account (or KUBECONFIG).
     #[arg(long, env = "RAILNET_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// The node's CNI bin dir, where the init container installed `railnet`
+    /// and `railnet-ipam`: removed from it when the agent stops because its
+    /// DaemonSet (`--daemonset`) is gone and no pod here holds a rail
+    /// address (the node's share of `helm uninstall`).
+    #[arg(long, requires = "daemonset")]
+    remove_cni_on_uninstall: Option<PathBuf>,
+    /// This agent's DaemonSet, `<namespace>/<name>`.
+    #[arg(long)]
+    daemonset: Option<String>,
     /// Prefix length of the IPv4 address blocks a node claims in
     /// Kubernetes mode (28: 16 addresses; a pod's rails cost one API write
     /// each, a new block one more).
@@ -376,17 +385,65 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(args.sweep_interval),
             args.tombstones.clone(),
         ));
+        let uninstalling = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let uninstall_watch = match (&args.remove_cni_on_uninstall, &args.daemonset) {
+            (Some(_), Some(ds)) => match railnet_agent::ipam::cluster::client(
+                args.kubeconfig.as_deref(),
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(client) => Some(tokio::spawn(railnet_agent::uninstall::watch(
+                    client,
+                    ds.clone(),
+                    uninstalling.clone(),
+                ))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no API client: an uninstall will leave the CNI binaries");
+                    None
+                }
+            },
+            _ => None,
+        };
         let last = service.clone();
         server::serve(listener, args.socket, service, metrics, shutdown_signal()).await;
+        if let Some(w) = uninstall_watch {
+            w.abort();
+        }
         sweeper.abort();
         metrics_task.abort();
         // Kubernetes mode: claims made since the last flush are in the
         // journal already; writing them now saves the next agent the
         // catching up (and shows them to the controller at once).
         // On a plain thread: the store runs its own runtime.
+        let held = last.ipam.allocated();
         let flushed = std::thread::spawn(move || last.ipam.flush()).join();
         if let Ok(Err(e)) = flushed {
             tracing::warn!(error = %e, "claims not written before exit; the next agent writes them from its journal");
+        }
+        if let (Some(dir), Some(ds)) = (&args.remove_cni_on_uninstall, &args.daemonset) {
+            // Seen by the watch; else one last look (an uninstall without
+            // the cleanup Job: the DaemonSet is gone).
+            let gone = if uninstalling.load(std::sync::atomic::Ordering::Relaxed) {
+                Ok(true)
+            } else {
+                match railnet_agent::ipam::cluster::client(
+                args.kubeconfig.as_deref(),
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            {
+                    Ok(client) => railnet_agent::uninstall::daemonset_gone(&client, ds).await,
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match gone {
+                Ok(true) => {
+                    railnet_agent::uninstall::remove_cni_binaries(dir, held);
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot tell an uninstall from a restart; the CNI binaries stay"),
+            }
         }
         ExitCode::SUCCESS
     })

@@ -188,13 +188,41 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
             && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"),
         "{env:?}"
     );
-    let role = &of_kind(&objects, "Role")[0];
+    let roles = of_kind(&objects, "Role");
+    let role = roles
+        .iter()
+        .find(|r| {
+            r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-controller")
+        })
+        .expect("the controller's Role");
     assert_eq!(role["rules"][0]["resources"], serde_json::json!(["leases"]));
+    // In local mode the agent's only API access: reading its own DaemonSet
+    // at exit (the node's share of helm uninstall).
+    let agent_role = roles
+        .iter()
+        .find(|r| r["metadata"]["name"].as_str().unwrap().ends_with("-agent"))
+        .expect("the agent's Role");
+    assert_eq!(
+        agent_role["rules"],
+        serde_json::json!([{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                            "resourceNames": ["rn-railnet-agent"], "verbs": ["get", "list", "watch"]}])
+    );
     let spec = &of_kind(&objects, "DaemonSet")[0]["spec"];
     assert_eq!(spec["updateStrategy"]["rollingUpdate"]["maxSurge"], 0);
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
-    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let off = render(&["--set", "cni.removeOnUninstall=false"]).unwrap();
+    let off_pod = &of_kind(&off, "DaemonSet")[0]["spec"]["template"]["spec"];
+    assert_eq!(off_pod["automountServiceAccountToken"], false);
+    assert!(
+        !off_pod["containers"][0]["args"]
+            .to_string()
+            .contains("--remove-cni-on-uninstall")
+    );
     let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
     for path in ["/run/netns", "/var/run/netns", "/sys/fs/bpf"] {
         let m = mounts
@@ -548,7 +576,8 @@ fn helm_uninstall_first_runs_the_cleanup_job_with_only_what_it_deletes() {
         serde_json::json!([
             "/usr/local/bin/railnet-controller",
             "--uninstall",
-            "--stop-deployment=rn-railnet-controller"
+            "--stop-deployment=rn-railnet-controller",
+            "--mark-daemonset=rn-railnet-agent"
         ])
     );
     assert_eq!(

@@ -100,6 +100,11 @@ struct Args {
     /// to stop first, so it does not render the deleted NADs again.
     #[arg(long, requires = "uninstall")]
     stop_deployment: Option<String>,
+    /// With --uninstall: the agents' DaemonSet (in --lease-namespace) to
+    /// mark as uninstalling, so each agent removes the node's CNI binaries
+    /// as it stops where no pod needs them.
+    #[arg(long, requires = "uninstall")]
+    mark_daemonset: Option<String>,
 }
 
 /// The certificate the controller owns: made or read now (retried until
@@ -176,6 +181,13 @@ fn main() -> ExitCode {
                     railnet_agent::controller::stop_controller(&client, &args.lease_namespace, d).await
             {
                 eprintln!("railnet-controller: uninstall cleanup: stopping Deployment {d}: {e}");
+                return ExitCode::FAILURE;
+            }
+            if let Some(ds) = &args.mark_daemonset
+                && let Err(e) =
+                    railnet_agent::controller::mark_uninstalling(&client, &args.lease_namespace, ds).await
+            {
+                eprintln!("railnet-controller: uninstall cleanup: marking DaemonSet {ds}: {e}");
                 return ExitCode::FAILURE;
             }
             return match railnet_agent::controller::uninstall(&client).await {
