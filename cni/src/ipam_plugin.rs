@@ -119,7 +119,10 @@ pub(crate) fn run(
             let req = request(&conf, env)?;
             // The netns lets the agent's sweep release the addresses of a
             // pod that vanishes without DEL.
-            let netns = env("CNI_NETNS").and_then(|p| File::open(p).ok());
+            // Only a network namespace: any other file means nothing to it.
+            let netns = env("CNI_NETNS")
+                .and_then(|p| File::open(p).ok())
+                .filter(crate::is_network_namespace);
             let socket = socket_path(stdin, env);
             match call(&socket, Op::IpamAdd(req), netns.as_ref())
                 .map_err(|e| unreachable(code::TRY_AGAIN, &socket, e.to_string()))?

@@ -238,7 +238,26 @@ fn open_netns(env: &impl Fn(&str) -> Option<String>) -> Result<(String, File), A
             e.to_string(),
         )
     })?;
+    if !is_network_namespace(&file) {
+        return Err(ApiError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS {path} is not a network namespace"),
+            "give the pod's network namespace: a /proc/<pid>/ns/net file or a bind mount of one \
+             (as runtimes pin them under /var/run/netns)",
+        ));
+    }
     Ok((path, file))
+}
+
+/// Whether `file` is a network namespace (NS_GET_NSTYPE says so; any other
+/// file, or a namespace of another kind, is not).
+fn is_network_namespace(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // _IO(0xb7, 0x3), linux/nsfs.h.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without argument on a descriptor we own.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    kind == libc::CLONE_NEWNET
 }
 
 /// Sends `op` and turns the answer into a result without output; an agent

@@ -65,3 +65,23 @@ fn add_with_a_netns_path_that_does_not_exist_is_an_env_error() {
     assert!(!out.ok);
     assert_eq!(out.json["code"], 4, "{}", out.stdout);
 }
+
+#[test]
+fn add_with_a_netns_path_that_is_no_network_namespace_is_refused_before_anything() {
+    // A regular file, and a namespace of another kind: refused at the edge
+    // (code 4, naming the path), before the agent is asked for an address.
+    let dir = railnet_tests::ScratchDir::new("netns-file");
+    let file = dir.path().join("not-a-netns");
+    std::fs::write(&file, b"").unwrap();
+    let mnt = std::path::PathBuf::from("/proc/self/ns/mnt");
+    for path in [&file, &mnt] {
+        let out = cni("ADD", &conf("/nonexistent"), "c1", Some(path), "net1");
+        assert!(!out.ok);
+        assert_eq!(out.json["code"], 4, "{}: {}", path.display(), out.stdout);
+        let said = format!("{} {}", out.json["msg"], out.json["details"]);
+        assert!(
+            said.contains(&path.display().to_string()) && said.contains("network namespace"),
+            "{said}"
+        );
+    }
+}
