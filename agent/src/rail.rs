@@ -1042,16 +1042,28 @@ impl RailService {
             pod_uid: pod.uid.unwrap_or_default().to_owned(),
         };
         let master_addresses = if let Some(master) = match_master {
-            let master = master.to_owned();
+            let name = master.to_owned();
             let addrs = with_rtnl(|h| async move {
-                match rtnl::link_by_name(&h, &master).await {
-                    Ok(Some(l)) => rtnl::networks(&h, l.index).await.map_err(|e| describe(&e)),
-                    Ok(None) => Ok(vec![]),
+                match rtnl::link_by_name(&h, &name).await {
+                    Ok(Some(l)) => rtnl::networks(&h, l.index)
+                        .await
+                        .map(Some)
+                        .map_err(|e| describe(&e)),
+                    Ok(None) => Ok(None),
                     Err(e) => Err(describe(&e)),
                 }
             })
             .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
             .map_err(|e| ApiError::new(code::DATAPLANE, "reading the master's addresses", e))?;
+            // A master that is not there is the config's fault, not the
+            // pools': said as without matchMasterSubnet.
+            let Some(addrs) = addrs else {
+                return Err(ApiError::new(
+                    code::INVALID_CONFIG,
+                    format!("master {master:?} not found on this node"),
+                    "set \"master\" to one of the node's rail NICs (`ip link` lists them)",
+                ));
+            };
             Some(addrs)
         } else {
             None

@@ -126,6 +126,22 @@ fn a_pod_on_node1_gets_each_rail_from_its_own_node1_pool() {
     }
     assert!(!pod.has_link("net9"), "a refused ADD leaves no interface");
 
+    // A master that is not on this node: the config's fault (code 7, the
+    // master named), not a pool problem.
+    let mut missing = netconf(1, &agent);
+    missing["master"] = "eth77".into();
+    let out = cni("ADD", &missing, &unique("c"), Some(&pod.path()), "net9");
+    assert_eq!(out.json["code"], 7, "{}", out.stdout);
+    assert!(
+        out.json["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"eth77\" not found on this node"),
+        "{}",
+        out.stdout
+    );
+    assert!(!pod.has_link("net9"));
+
     for k in 1..=RAILS {
         assert!(
             cni(
