@@ -274,6 +274,18 @@ impl RailService {
         let rdma = rdma_plan(&conf, &self.sysfs_root)?;
         // Read once: it takes a thread that enters the pod netns.
         let netns_id = netns.id();
+        // A repeat of an ADD (same container and interface) gets the
+        // addresses it holds already: a failure of this ADD must not
+        // release what an earlier one made and a pod may be using.
+        let held_before = !self
+            .ipam
+            .addresses_of(&att.container_id, &att.ifname)
+            .is_empty();
+        let release = || {
+            if !held_before {
+                let _ = self.ipam.release(&att.container_id, &att.ifname);
+            }
+        };
         let addrs = match self.allocate(
             &att.container_id,
             &att.ifname,
@@ -292,7 +304,7 @@ impl RailService {
         ) {
             Ok(a) => a,
             Err(e) => {
-                let _ = self.ipam.release(&att.container_id, &att.ifname);
+                release();
                 return Err(e);
             }
         };
@@ -307,7 +319,7 @@ impl RailService {
             match self.prepare_vf(att, &conf, mac) {
                 Ok(vf) => Some(vf),
                 Err(e) => {
-                    let _ = self.ipam.release(&att.container_id, &att.ifname);
+                    release();
                     return Err(e);
                 }
             }
@@ -325,7 +337,7 @@ impl RailService {
                 Ok(plan) => plan,
                 Err(e) => {
                     undo_vf();
-                    let _ = self.ipam.release(&att.container_id, &att.ifname);
+                    release();
                     return Err(e);
                 }
             },
@@ -337,7 +349,7 @@ impl RailService {
         if let RdmaPlan::Isolate(dev) = &rdma {
             if let Err(e) = rdma::isolate(dev, netns) {
                 undo_vf();
-                let _ = self.ipam.release(&att.container_id, &att.ifname);
+                release();
                 return Err(ApiError::new(
                     code::DATAPLANE,
                     format!("RDMA isolation of {} failed", dev.name),
@@ -377,7 +389,7 @@ impl RailService {
                             tracing::warn!(error = %back, "could not return the RDMA device after a failed ADD");
                         }
                         undo_vf();
-                        let _ = self.ipam.release(&att.container_id, &att.ifname);
+                        release();
                         return Err(e);
                     }
                 }
@@ -439,7 +451,7 @@ impl RailService {
                 {
                     tracing::warn!(error = %back, "could not return the RDMA device after a failed ADD");
                 }
-                let _ = self.ipam.release(&att.container_id, &att.ifname);
+                release();
                 Err(e)
             }
         }

@@ -229,3 +229,40 @@ fn results_come_back_in_the_config_s_version() {
     assert_eq!(out.json["ips"][0]["version"], "4");
     assert!(cni("DEL", &conf, &cid, Some(&pod), "net1").ok);
 }
+
+#[test]
+fn a_repeated_add_keeps_the_address_the_pod_is_using() {
+    // The same ADD again (a runtime retry): whatever it answers, the first
+    // ADD's address stays the pod's and is never handed to another pod.
+    let fabric = Fabric::new(&[1]);
+    let agent = Agent::start(&fabric.node, &fabric.pools());
+    let cid = unique("c");
+    let pod = fabric.pod.path();
+    let first = cni("ADD", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1");
+    assert!(first.ok, "{}\n{}", first.stdout, agent.log());
+    let ip = address_of(&first.json);
+    let again = cni("ADD", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1");
+    if again.ok {
+        assert_eq!(
+            address_of(&again.json),
+            ip,
+            "a repeat answers with the same address"
+        );
+    }
+    let addr = fabric.pod.ip(&["-4", "addr", "show", "dev", "net1"]);
+    assert!(addr.contains(&ip), "the pod lost {ip}:\n{addr}");
+    let other = railnet_tests::Netns::new("pod2");
+    let second = cni(
+        "ADD",
+        &fabric.netconf(1, &agent),
+        &unique("c"),
+        Some(&other.path()),
+        "net1",
+    );
+    assert!(second.ok, "{}", second.stdout);
+    assert_ne!(
+        address_of(&second.json),
+        ip,
+        "another pod got the address the first pod still uses"
+    );
+}
