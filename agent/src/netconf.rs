@@ -312,6 +312,12 @@ pub enum NetConfError {
          NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the VF's device plugin"
     )]
     IsolationNeedsDevice,
+    /// A `deviceID` that is not a PCI address.
+    #[error(
+        "\"deviceID\" {0:?} is not a PCI address (domain:bus:device.function, e.g. 0000:3b:00.2); \
+         Multus passes the VF's address from the device plugin — remove a value set by hand"
+    )]
+    DeviceIdNotPci(String),
     /// `deviceID` and `pciBusID` that name different devices.
     #[error(
         "\"deviceID\" ({0}) and \"pciBusID\" ({1}) name different devices; Multus writes the \
@@ -383,6 +389,28 @@ pub enum NetConfError {
     /// MTU outside what Ethernet allows.
     #[error("mtu {0} is out of range 1280..=9216 (rails carry IPv6, whose minimum is 1280)")]
     Mtu(u32),
+}
+
+/// Whether `s` is a PCI address as sysfs names devices: `DDDD:BB:dd.f`
+/// in hex (a domain of 4 to 8 digits: VMD domains have 5).
+pub fn is_pci_address(s: &str) -> bool {
+    let hex = |p: &str, n: std::ops::RangeInclusive<usize>| {
+        n.contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    let mut parts = s.split(':');
+    let (Some(domain), Some(bus), Some(rest), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let Some((dev, func)) = rest.split_once('.') else {
+        return false;
+    };
+    hex(domain, 4..=8)
+        && hex(bus, 2..=2)
+        && hex(dev, 2..=2)
+        && func.len() == 1
+        && matches!(func.as_bytes()[0], b'0'..=b'7')
 }
 
 impl NetConf {
@@ -553,6 +581,13 @@ impl NetConf {
         }
         if conf.device_id.is_none() {
             conf.device_id = conf.runtime_config.device_id.clone();
+        }
+        // It names a directory under the node's sysfs: whoever writes the
+        // NAD must not be able to name any other path (or a netdev).
+        if let Some(d) = &conf.device_id
+            && !is_pci_address(d)
+        {
+            return Err(NetConfError::DeviceIdNotPci(d.clone()));
         }
         // The rail program reads Ethernet frames; IPoIB (an IPoIB child, or
         // an InfiniBand VF's netdev) carries none, so IB rails are kept on
@@ -760,6 +795,27 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.device_id.as_deref(), Some("0000:3b:00.2"));
+    }
+
+    #[test]
+    fn device_id_must_be_a_pci_address() {
+        for bad in [
+            "/sys/class/net/eth0",
+            "../../../etc",
+            "eth0",
+            "0000:3b:00.8",
+            "0000:3b:00",
+        ] {
+            assert_eq!(
+                NetConf::parse(&conf(&format!(r#","mode":"sriov","deviceID":{bad:?}"#)))
+                    .unwrap_err(),
+                NetConfError::DeviceIdNotPci(bad.into()),
+                "{bad}"
+            );
+        }
+        for good in ["0000:3b:00.2", "10000:01:00.7", "0000:AF:1f.0"] {
+            assert!(is_pci_address(good), "{good}");
+        }
     }
 
     #[test]

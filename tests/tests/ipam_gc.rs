@@ -56,8 +56,10 @@ fn gc_releases_what_the_runtime_no_longer_lists() {
 fn namespace_and_network_affinity_refuse_with_reasons() {
     let fabric = RailFabric::new(1, 1);
     let pools = json!({"pools": [
-        {"name": "rail1-team", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254", "namespace": ["team-a"]},
-        {"name": "rail1-other", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254", "networks": ["storage"]},
+        {"name": "rail1-team", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254",
+         "ips": ["172.16.1.10-172.16.1.99"], "namespace": ["team-a"]},
+        {"name": "rail1-other", "subnet": "172.16.1.0/24", "gateway": "172.16.1.254",
+         "ips": ["172.16.1.100-172.16.1.199"], "networks": ["storage"]},
     ]});
     let agent = Agent::start(&fabric.nodes[0], &pools);
     let mut conf = fabric.netconf(1, &agent, "ebpf");

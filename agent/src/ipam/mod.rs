@@ -772,6 +772,20 @@ fn build_pools(specs: Vec<PoolSpec>) -> Result<BTreeMap<String, Pool>, Vec<IpamE
             Err(e) => errors.push(e),
         }
     }
+    // Two pools handing out one address give it to two pods (a pool renamed
+    // while pods hold its addresses is the same): refused, naming both.
+    let all: Vec<&Pool> = pools.values().collect();
+    for (i, a) in all.iter().enumerate() {
+        for b in &all[i + 1..] {
+            if let Some((first, last)) = a.overlap(b) {
+                errors.push(IpamError::Overlap {
+                    a: a.name.clone(),
+                    b: b.name.clone(),
+                    shared: format!("{first}-{last}"),
+                });
+            }
+        }
+    }
     if errors.is_empty() {
         Ok(pools)
     } else {
@@ -797,6 +811,44 @@ mod tests {
     use proptest::prelude::*;
 
     use super::{pool::tests::spec, *};
+
+    #[test]
+    fn overlapping_pools_are_refused_naming_both_and_the_range() {
+        let errs = build_pools(vec![
+            spec("rail1", "172.16.1.0/24", &["172.16.1.10-172.16.1.50"], None),
+            spec(
+                "rail1-renamed",
+                "172.16.1.0/24",
+                &["172.16.1.40-172.16.1.90"],
+                None,
+            ),
+            spec("rail2", "172.16.2.0/24", &["172.16.2.10-172.16.2.50"], None),
+        ])
+        .unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let said = errs[0].to_string();
+        assert!(
+            said.contains("rail1 and rail1-renamed") && said.contains("172.16.1.40-172.16.1.50"),
+            "{said}"
+        );
+        // Excluding the shared part makes them disjoint.
+        let mut b = spec(
+            "rail1-renamed",
+            "172.16.1.0/24",
+            &["172.16.1.40-172.16.1.90"],
+            None,
+        );
+        b.exclude_ips = (40..=50)
+            .map(|h| format!("172.16.1.{h}").parse().unwrap())
+            .collect();
+        assert!(
+            build_pools(vec![
+                spec("rail1", "172.16.1.0/24", &["172.16.1.10-172.16.1.50"], None),
+                b
+            ])
+            .is_ok()
+        );
+    }
 
     fn key(c: usize) -> AllocationKey {
         AllocationKey {

@@ -82,6 +82,41 @@ pub struct Pool {
     excluded: BTreeSet<u128>,
 }
 
+impl Pool {
+    /// The first stretch of addresses both `self` and `other` can hand out
+    /// (same family; excluded addresses are left out), if any.
+    pub fn overlap(&self, other: &Pool) -> Option<(IpAddr, IpAddr)> {
+        if self.subnet.addr().is_ipv4() != other.subnet.addr().is_ipv4() {
+            return None;
+        }
+        let v4 = self.subnet.addr().is_ipv4();
+        let addr = |n: u128| -> IpAddr {
+            if v4 {
+                IpAddr::V4(std::net::Ipv4Addr::from(n as u32))
+            } else {
+                IpAddr::V6(std::net::Ipv6Addr::from(n))
+            }
+        };
+        for &(a_lo, a_hi) in &self.ranges {
+            for &(b_lo, b_hi) in &other.ranges {
+                let (lo, hi) = (a_lo.max(b_lo), a_hi.min(b_hi));
+                if lo > hi {
+                    continue;
+                }
+                // The shared stretch minus either pool's exclusions.
+                let usable =
+                    (lo..=hi).filter(|n| !self.excluded.contains(n) && !other.excluded.contains(n));
+                let mut usable = usable.take(1 << 20);
+                if let Some(first) = usable.next() {
+                    let last = usable.last().unwrap_or(first);
+                    return Some((addr(first), addr(last)));
+                }
+            }
+        }
+        None
+    }
+}
+
 /// An address as a number, so IPv4 and IPv6 ranges share one allocator.
 pub(crate) fn num(a: IpAddr) -> u128 {
     match a {
@@ -124,6 +159,19 @@ pub enum IpamError {
     /// Two pools of one name.
     #[error("pool {0} is defined twice")]
     Duplicate(String),
+    /// Two pools that can hand out the same address.
+    #[error(
+        "pools {a} and {b} overlap ({shared} is in both): each would hand out the same \
+         addresses to different pods; give each its own range (or excludeIPs the shared part of one)"
+    )]
+    Overlap {
+        /// One pool.
+        a: String,
+        /// The other.
+        b: String,
+        /// The shared addresses, `first-last`.
+        shared: String,
+    },
     /// A route whose next hop is outside the pool's subnet.
     #[error("pool {pool}: route to {dst} via {gw}: the next hop is outside subnet {subnet}")]
     RouteGateway {
