@@ -137,7 +137,29 @@ pub async fn ensure(client: &Client, spec: &CertSpec) -> Result<Pems, String> {
         .await
         .map_err(|e| format!("reading Secret {}/{}: {e}", spec.namespace, spec.secret))?;
     let pems = match existing.as_ref().and_then(pems_of) {
-        Some(p) if certified_key(&p).is_ok() => p,
+        Some(p) if certified_key(&p).is_ok() => {
+            // Made before the webhook configuration existed (a controller
+            // faster than Helm): owned by it now, so it goes with it.
+            if let (Some(h), Some(s)) = (&hook, &existing)
+                && s.metadata
+                    .owner_references
+                    .as_ref()
+                    .is_none_or(Vec::is_empty)
+                && let Some(uid) = h.meta().uid.clone()
+            {
+                let owner = json!({"metadata": {"ownerReferences": [{
+                    "apiVersion": "admissionregistration.k8s.io/v1",
+                    "kind": "MutatingWebhookConfiguration",
+                    "name": spec.webhook_config, "uid": uid}]}});
+                if let Err(e) = secrets
+                    .patch(&spec.secret, &PatchParams::default(), &Patch::Merge(owner))
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot give the webhook Secret its owner");
+                }
+            }
+            p
+        }
         _ => {
             let pems = generate(&spec.dns_names())?;
             let data = [
