@@ -115,25 +115,19 @@ fn main() -> Result<()> {
             setup::ensure()?;
             demo(&root)
         }
-        Task::Demo { which: Some(w) } if w == "cluster" => {
-            setup::ensure()?;
-            setup::ensure_cluster()?;
-            image(&root)?;
-            test_images(&root)?;
-            step("demo: railnet in a real Kubernetes cluster");
-            release_bin(&root, "railnet-demo-cluster")
-        }
+        Task::Demo { which: Some(w) } if w == "cluster" => on_test_cluster(
+            &root,
+            "demo: railnet in a real Kubernetes cluster",
+            "railnet-demo-cluster",
+        ),
         Task::Demo { which: Some(w) } => {
             bail!("unknown demo {w:?}: `cargo xtask demo` or `cargo xtask demo cluster`")
         }
-        Task::Bench { which } if which == "cluster" => {
-            setup::ensure()?;
-            setup::ensure_cluster()?;
-            image(&root)?;
-            test_images(&root)?;
-            step("benchmark cluster (pod start-up through kubelet, containerd and Multus)");
-            release_bin(&root, "railnet-bench-cluster")
-        }
+        Task::Bench { which } if which == "cluster" => on_test_cluster(
+            &root,
+            "benchmark cluster (pod start-up through kubelet, containerd and Multus)",
+            "railnet-bench-cluster",
+        ),
         Task::Bench { which } => {
             setup::ensure()?;
             build(&root, true)?;
@@ -670,9 +664,14 @@ fn rdma_kernel_tests(root: &Path, obj: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds a binary of the tests crate (release) and runs it on a test
-/// cluster's components.
-fn release_bin(root: &Path, name: &str) -> Result<()> {
+/// Sets up the cluster components and images, then builds the tests
+/// crate's binary `name` (release) and runs it on them.
+fn on_test_cluster(root: &Path, what: &str, name: &str) -> Result<()> {
+    setup::ensure()?;
+    setup::ensure_cluster()?;
+    image(root)?;
+    test_images(root)?;
+    step(what);
     run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",

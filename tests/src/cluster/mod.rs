@@ -125,6 +125,15 @@ pub struct Cluster {
     dir: ScratchDir,
 }
 
+/// Whether `name` (`<prefix><pid>-…`, as [`crate::unique`] and the cluster's
+/// cgroups name things) belongs to a test process that is gone.
+fn of_dead_process(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|r| r.split('-').next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
 /// Finds what an earlier cluster left (its cgroups, with processes in
 /// them) and removes it; panics naming what it cannot remove.
 #[track_caller]
@@ -163,13 +172,7 @@ fn clean_leftovers() {
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
-        let pid = name
-            .strip_prefix("rn")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
+        if of_dead_process(&name, "rn") {
             eprintln!("cluster: removing the leftover netns {name}");
             let _ = Command::new("ip").args(["netns", "del", &name]).status();
         }
@@ -181,14 +184,7 @@ fn clean_leftovers() {
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
-        let pid = name
-            .strip_prefix("rn")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && name.ends_with("-cluster")
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
+        if name.ends_with("-cluster") && of_dead_process(&name, "rn") {
             eprintln!(
                 "cluster: removing the leftover directory {}",
                 e.path().display()
