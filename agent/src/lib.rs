@@ -12,6 +12,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod netconf;
 pub mod netns;
+pub mod node_label;
 pub mod podinfo;
 pub mod rail;
 pub mod rdma;

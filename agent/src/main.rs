@@ -77,6 +77,12 @@ struct Args {
     /// This agent's DaemonSet, `<namespace>/<name>`.
     #[arg(long)]
     daemonset: Option<String>,
+    /// Label this node `railnet.io/rdma-netns-mode` with the kernel's RDMA
+    /// netns mode (`exclusive`, `shared`, `none`), in either IPAM mode:
+    /// the webhook schedules exclusive-mode pods by it. Needs patch on
+    /// this Node (the chart's RBAC and admission policy).
+    #[arg(long, env = "RAILNET_LABEL_NODE")]
+    label_node: bool,
     /// Prefix length of the IPv4 address blocks a node claims in
     /// Kubernetes mode (28: 16 addresses; a pod's rails cost one API write
     /// each, a new block one more).
@@ -268,16 +274,6 @@ fn main() -> ExitCode {
                     return ExitCode::from(exit::STORE);
                 }
             }
-            // Say on the Node what RDMA mode it is in: pods needing
-            // exclusive mode are scheduled by it (the webhook adds the
-            // selector). Best effort: the agent serves either way.
-            let mode = railnet_agent::rdma::RdmaNetlink::open()
-                .and_then(|mut r| r.netns_mode())
-                .map(|m| m.to_string())
-                .unwrap_or_else(|_| "none".into());
-            if let Err(e) = cluster.label_node(&mode) {
-                tracing::warn!(node = %node_name, error = %e, "cannot label the node with its RDMA netns mode");
-            }
             file_pools = Some((specs.clone(), cluster.clone()));
             Ipam::with_cluster(all, cluster, journal)
         }
@@ -385,6 +381,17 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(args.sweep_interval),
             args.tombstones.clone(),
         ));
+        let labeller = args.label_node.then(|| {
+            let mode = railnet_agent::rdma::RdmaNetlink::open()
+                .and_then(|mut r| r.netns_mode())
+                .map(|m| m.to_string())
+                .unwrap_or_else(|_| "none".into());
+            tokio::spawn(railnet_agent::node_label::keep_trying(
+                args.kubeconfig.clone(),
+                service.node_name.clone(),
+                mode,
+            ))
+        });
         let uninstalling = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let uninstall_watch = match (&args.remove_cni_on_uninstall, &args.daemonset) {
             (Some(_), Some(ds)) => match railnet_agent::ipam::cluster::client(
@@ -407,8 +414,8 @@ fn main() -> ExitCode {
         };
         let last = service.clone();
         server::serve(listener, args.socket, service, metrics, shutdown_signal()).await;
-        if let Some(w) = uninstall_watch {
-            w.abort();
+        for task in [uninstall_watch, labeller].into_iter().flatten() {
+            task.abort();
         }
         sweeper.abort();
         metrics_task.abort();

@@ -109,7 +109,7 @@ pub fn inject(
     // Networks that move the VF's RDMA device into the pod work only on
     // nodes in exclusive mode: schedule there (agents label their nodes).
     if members.iter().any(|n| n["spec"]["rdmaIsolation"] == true) {
-        let label = crate::ipam::cluster::RDMA_MODE_LABEL;
+        let label = crate::node_label::RDMA_MODE_LABEL;
         if pod["spec"].get("nodeSelector").is_none() {
             out.patch
                 .push(json!({"op": "add", "path": "/spec/nodeSelector",

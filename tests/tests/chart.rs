@@ -158,17 +158,38 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
             "railpools.railnet.io"
         ]
     );
-    // Local IPAM: the agent has no business with the API server; the
-    // controller reads RailNetworks and writes NADs, nothing about
-    // addresses.
+    // Local IPAM: the agent's only business with the API server is its
+    // node's RDMA mode label; the controller reads RailNetworks and writes
+    // NADs, nothing about addresses.
     let roles: Vec<&Value> = of_kind(&objects, "ClusterRole")
         .into_iter()
         // The uninstall hook's (its own test).
         .filter(|r| r["metadata"]["annotations"]["helm.sh/hook"].is_null())
         .collect();
-    assert_eq!(roles.len(), 1, "the controller's only");
+    assert_eq!(roles.len(), 2, "the controller's and the agent's");
+    let named = |suffix: &str| {
+        *roles
+            .iter()
+            .find(|r| r["metadata"]["name"].as_str().unwrap().ends_with(suffix))
+            .unwrap_or_else(|| panic!("the {suffix} ClusterRole"))
+    };
     assert_eq!(
-        roles[0]["rules"],
+        named("-agent")["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}])
+    );
+    // …narrowed by the admission policy to its own node's one label (the
+    // cluster test shows the refusals).
+    let policy = &of_kind(&objects, "ValidatingAdmissionPolicy")[0];
+    assert_eq!(
+        policy["spec"]["matchConditions"][0]["expression"],
+        "request.userInfo.username == 'system:serviceaccount:railnet:rn-railnet-agent'"
+    );
+    assert_eq!(
+        of_kind(&objects, "ValidatingAdmissionPolicyBinding")[0]["spec"]["policyName"],
+        policy["metadata"]["name"]
+    );
+    assert_eq!(
+        named("-controller")["rules"],
         serde_json::json!([
             {"apiGroups": ["railnet.io"], "resources": ["railnetworks"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["railnet.io"], "resources": ["railnetworks/status"], "verbs": ["patch"]},
@@ -215,9 +236,13 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
     let pod = &spec["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["automountServiceAccountToken"], true);
+    assert!(
+        pod["containers"][0]["args"]
+            .to_string()
+            .contains("--label-node")
+    );
     let off = render(&["--set", "cni.removeOnUninstall=false"]).unwrap();
     let off_pod = &of_kind(&off, "DaemonSet")[0]["spec"]["template"]["spec"];
-    assert_eq!(off_pod["automountServiceAccountToken"], false);
     assert!(
         !off_pod["containers"][0]["args"]
             .to_string()
@@ -251,11 +276,11 @@ fn kubernetes_ipam_gives_the_agent_railblocks_and_railpools_and_nothing_else() {
         .expect("the agent's ClusterRole");
     assert_eq!(
         agent_role["rules"],
-        serde_json::json!([{"apiGroups": ["railnet.io"], "resources": ["railblocks"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]},
+                           {"apiGroups": ["railnet.io"], "resources": ["railblocks"],
                             "verbs": ["get", "list", "watch", "create", "update", "delete"]},
                            {"apiGroups": ["railnet.io"], "resources": ["railpools"],
-                            "verbs": ["list"]},
-                           {"apiGroups": [""], "resources": ["nodes"], "verbs": ["patch"]}])
+                            "verbs": ["list"]}])
     );
     let named_agent = |kind: &str| {
         of_kind(&objects, kind)

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use railnet_tests::cluster::{
-    Cluster, NS, RAILS, WORKLOAD, rail_addresses, rail_pod, rail_subnet, values, wait_running,
+    Cluster, NS, RAILS, VFS_PER_NODE, WORKLOAD, helm_install, rail_addresses, rail_pod,
+    rail_subnet, values, vf_pod, wait_running,
 };
 use serde_json::json;
 
@@ -60,6 +61,12 @@ fn refused_to_railnet(c: &Cluster) -> Vec<String> {
         .audit_log()
         .iter()
         .filter(|e| e["responseStatus"]["code"] == 403)
+        // Refusals the test provoked on purpose (curl, as an agent).
+        .filter(|e| {
+            !e["userAgent"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("curl/"))
+        })
         .filter(|e| {
             e["user"]["username"]
                 .as_str()
@@ -89,37 +96,11 @@ fn railnet_in_a_real_cluster() {
     let mut c = Cluster::start(2);
 
     // helm install, with the image `cargo xtask image` wrote (imported on
-    // every node; the chart's default repository and tag name it).
-    let values_file = c.scratch("values.json");
-    std::fs::write(&values_file, values(2).to_string()).unwrap();
-    let chart = railnet_tests::cluster::Tools::chart();
-    let out = c
-        .helm()
-        .args(["install", "railnet"])
-        .arg(&chart)
-        .args(["-n", NS, "--create-namespace", "-f"])
-        .arg(&values_file)
-        .args(["--wait", "--timeout", "4m"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm install failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.diagnostics()
-    );
-
-    // The agent runs on every node; its init container put a static
-    // `railnet` into the node's CNI bin dir.
-    // (helm --wait counts a DaemonSet ready at maxUnavailable short.)
-    c.wait_for(
-        "an agent Ready on both nodes",
-        Duration::from_secs(90),
-        |c| {
-            let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", NS]);
-            (ds["status"]["numberReady"] == 2).then_some(())
-        },
-    );
+    // every node; the chart's default repository and tag name it). The
+    // agent runs on every node; its init container put a static `railnet`
+    // into the node's CNI bin dir.
+    let fabric_values = values(2);
+    helm_install(&mut c, false, "values.json", &fabric_values, &[]);
     for node in &c.nodes {
         let cni = node.path("/opt/cni/bin/railnet");
         assert!(cni.is_file(), "{}: no railnet CNI binary", node.name);
@@ -131,6 +112,10 @@ fn railnet_in_a_real_cluster() {
         );
         assert!(node.path("/opt/cni/bin/railnet-ipam").is_file());
     }
+
+    // Each agent labels its node with its RDMA netns mode (the webhook
+    // schedules exclusive-mode pods by it), with the default local store.
+    node_labels_stage(&mut c);
 
     // The values' networks are NADs.
     let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", NS]);
@@ -219,6 +204,13 @@ fn railnet_in_a_real_cluster() {
             }
         }
     }
+
+    // An SR-IOV network as GPU nodes run it: the device plugin advertises
+    // the rail NIC's VFs, the pod asks for one in its limits and names the
+    // network; kubelet allocates a VF, Multus reads which from kubelet's
+    // pod-resources API and passes its PCI address (deviceID, pciBusID)
+    // to railnet, which moves that VF into the pod with a rail-1 address.
+    sriov_stage(&mut c);
 
     // /metrics from the agent's port on the node (hostNetwork), as
     // Prometheus scrapes it: valid exposition.
@@ -368,34 +360,12 @@ fn railnet_in_a_real_cluster() {
     // helm upgrade with a changed value that does not roll the controller
     // (an agent setting): the webhook keeps admitting pods (its certificate
     // is the controller's, not re-rendered by Helm under a running one).
-    let out = c
-        .helm()
-        .args(["upgrade", "railnet"])
-        .arg(&chart)
-        .args(["-n", NS, "-f"])
-        .arg(&values_file)
-        .args([
-            "--set",
-            "agent.sweepInterval=7",
-            "--wait",
-            "--timeout",
-            "4m",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm upgrade: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    c.wait_for(
-        "the agents rolled after the upgrade",
-        Duration::from_secs(120),
-        |c| {
-            let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", NS]);
-            (ds["status"]["updatedNumberScheduled"] == 2 && ds["status"]["numberReady"] == 2)
-                .then_some(())
-        },
+    helm_install(
+        &mut c,
+        true,
+        "values.json",
+        &fabric_values,
+        &["agent.sweepInterval=7"],
     );
     let again = c.kubectl_stdin(
         &["apply", "-f", "-"],
@@ -427,30 +397,7 @@ fn railnet_in_a_real_cluster() {
     kube_values["ipam"] = json!({"store": "kubernetes"});
     kube_values["controller"]["claimGraceSeconds"] = json!(5);
     kube_values["controller"]["interval"] = json!(2);
-    let kube_file = c.scratch("values-kubernetes.json");
-    std::fs::write(&kube_file, kube_values.to_string()).unwrap();
-    let out = c
-        .helm()
-        .args(["install", "railnet"])
-        .arg(&chart)
-        .args(["-n", NS, "-f"])
-        .arg(&kube_file)
-        .args(["--wait", "--timeout", "4m"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm install (kubernetes IPAM): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    c.wait_for(
-        "agents Ready (kubernetes IPAM)",
-        Duration::from_secs(90),
-        |c| {
-            let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", NS]);
-            (ds["status"]["numberReady"] == 2).then_some(())
-        },
-    );
+    helm_install(&mut c, false, "values-kubernetes.json", &kube_values, &[]);
     c.apply(&rail_pod("k-a", "node0"));
     c.apply(&rail_pod("k-b", "node1"));
     for p in ["k-a", "k-b"] {
@@ -518,6 +465,173 @@ fn railnet_in_a_real_cluster() {
         refused.is_empty(),
         "the API server refused railnet's ServiceAccounts: {refused:#?}"
     );
+}
+
+/// The label every agent puts on its node, and the admission policy that
+/// lets an agent change nothing else: a token of node0's agent (bound to
+/// its pod, as kubelet's are) may set that one label on node0, nothing on
+/// node1, no other label on node0.
+#[track_caller]
+fn node_labels_stage(c: &mut Cluster) {
+    for n in 0..c.nodes.len() {
+        let node = format!("node{n}");
+        c.wait_for(
+            &format!("{node} labelled railnet.io/rdma-netns-mode"),
+            Duration::from_secs(60),
+            |c| {
+                let v = c.kubectl_json(&["get", "node", &node]);
+                v["metadata"]["labels"]["railnet.io/rdma-netns-mode"]
+                    .as_str()
+                    .map(str::to_owned)
+            },
+        );
+    }
+    let agents = c.kubectl_json(&[
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "--field-selector",
+        "spec.nodeName=node0",
+    ]);
+    let pod = agents["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("node0's agent pod")
+        .to_owned();
+    let token = c.kubectl_ok(&[
+        "create",
+        "token",
+        "railnet-agent",
+        "-n",
+        NS,
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        &pod,
+    ]);
+    let label =
+        |value: &str| json!({"metadata": {"labels": {"railnet.io/rdma-netns-mode": value}}});
+    let mode = c.kubectl_json(&["get", "node", "node0"])["metadata"]["labels"]
+        ["railnet.io/rdma-netns-mode"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (code, said) = patch_node_as(c, &token, "node0", &label(&mode));
+    assert_eq!(code, 200, "node0's agent may set its own label: {said}");
+    let (code, said) = patch_node_as(c, &token, "node1", &label("exclusive"));
+    assert!(
+        code >= 400 && said.contains("only the Node it runs on"),
+        "node0's agent labelled node1 ({code}): {said}"
+    );
+    let (code, said) = patch_node_as(
+        c,
+        &token,
+        "node0",
+        &json!({"metadata": {"labels": {"nvidia.com/gpu.present": "true"}}}),
+    );
+    assert!(
+        code >= 400 && said.contains("only the railnet.io/rdma-netns-mode label"),
+        "node0's agent set another label on node0 ({code}): {said}"
+    );
+    let (code, said) = patch_node_as(
+        c,
+        &token,
+        "node0",
+        &json!({"spec": {"unschedulable": true}}),
+    );
+    assert!(
+        code >= 400 && said.contains("spec or annotations"),
+        "node0's agent cordoned node0 ({code}): {said}"
+    );
+}
+
+/// A merge patch of Node `node` with `token` (curl, from the control
+/// plane): the HTTP status and the answer.
+fn patch_node_as(c: &Cluster, token: &str, node: &str, patch: &serde_json::Value) -> (u16, String) {
+    let out = c.run(c.cp.command("curl").args([
+        "-s",
+        "--max-time",
+        "10",
+        "--cacert",
+        c.pki.file("ca.crt").to_str().unwrap(),
+        "-H",
+        &format!("Authorization: Bearer {}", token.trim()),
+        "-H",
+        "Content-Type: application/merge-patch+json",
+        "-X",
+        "PATCH",
+        "--data",
+        &patch.to_string(),
+        "-w",
+        "\n%{http_code}",
+        &format!(
+            "https://{}:6443/api/v1/nodes/{node}",
+            railnet_tests::cluster::API_IP
+        ),
+    ]));
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", "0"));
+    (code.parse().unwrap_or(0), body.to_owned())
+}
+
+/// The SR-IOV stage (see its call).
+#[track_caller]
+fn sriov_stage(c: &mut Cluster) {
+    let node = &c.fabric.nodes[0];
+    let vfs: Vec<(String, String)> = (0..VFS_PER_NODE)
+        .map(|i| {
+            let vf = format!("r1vf{i}");
+            let mac = node.ip_json(&["link", "show", "dev", &vf])[0]["address"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            (vf, mac)
+        })
+        .collect();
+    c.apply(&vf_pod("vf-a", "node0"));
+    let pod = wait_running(c, "default", "vf-a");
+    let rails = rail_addresses(&pod);
+    assert_eq!(rails.len(), 1, "vf-a's networks: {rails:?}");
+    let (ifname, ip) = &rails[0];
+    assert_eq!(ifname, "net1");
+    let last: u32 = ip.rsplit('.').next().unwrap().parse().unwrap();
+    assert!(
+        ip.starts_with("172.16.1.") && (2..=29).contains(&last),
+        "vf-a's {ip} is not from rail1-node0"
+    );
+    // The VF kubelet allocated left the node and is the pod's net1.
+    let node = &c.fabric.nodes[0];
+    let moved: Vec<&(String, String)> = vfs.iter().filter(|(vf, _)| !node.has_link(vf)).collect();
+    assert_eq!(
+        moved.len(),
+        1,
+        "one VF should have left node0 for vf-a; gone: {moved:?}"
+    );
+    let (vf, mac) = moved[0].clone();
+    let in_pod = exec(c, "vf-a", &["cat", "/sys/class/net/net1/address"]).unwrap();
+    assert_eq!(
+        in_pod.trim(),
+        mac,
+        "vf-a's net1 is not VF {vf} (its MAC {mac})"
+    );
+    // Its traffic crosses that VF to rail 1's router.
+    let router = c.fabric.router(1);
+    let port = format!("n0{vf}");
+    let before = router.rx_packets(&port);
+    let ping = exec(c, "vf-a", &["ping", "-c", "3", "-W", "2", "172.16.1.1"]);
+    assert!(ping.is_ok(), "vf-a → rail 1's gateway over {vf}: {ping:?}");
+    assert!(
+        router.rx_packets(&port) >= before + 3,
+        "rail 1's router did not see vf-a's pings on {vf}'s port"
+    );
+    // Deleted (kubelet's DEL through Multus, which kept the deviceID): the
+    // VF is back in the node as it was.
+    c.kubectl_ok(&["delete", "pod", "vf-a", "--wait=true"]);
+    let node = &c.fabric.nodes[0];
+    assert!(node.has_link(&vf), "{vf} did not come back to node0");
+    let back = &node.ip_json(&["link", "show", "dev", &vf])[0];
+    assert_eq!(back["address"], mac.as_str(), "{vf}'s MAC not restored");
 }
 
 /// A counter of the controller's /metrics (`railnet_controller_<name>_total`),

@@ -202,3 +202,25 @@ pub fn pause_binary(root: &Path) -> Result<PathBuf> {
     std::fs::rename(&tmp, &out)?;
     Ok(out)
 }
+
+/// Where [`device_plugin`] puts the tests' device plugin.
+pub fn device_plugin_path(root: &Path) -> PathBuf {
+    root.join("target/railnet-test-deviceplugin")
+}
+
+/// Builds the cluster tests' own device plugin (`tests/cluster/deviceplugin`,
+/// Go, on kubelet's device plugin API): railnet's source, so it is built
+/// like railnet's, every run (Go's build cache makes that a second), not
+/// cached by version.
+pub fn device_plugin(root: &Path) -> Result<PathBuf> {
+    let out = device_plugin_path(root);
+    run(go()?
+        .current_dir(root.join("tests/cluster/deviceplugin"))
+        .env("CGO_ENABLED", "0")
+        .env("GOFLAGS", "-mod=readonly -buildvcs=false")
+        .args(["build", "-trimpath", "-o"])
+        .arg(&out)
+        .arg("."))
+    .context("building the tests' device plugin (tests/cluster/deviceplugin)")?;
+    Ok(out)
+}

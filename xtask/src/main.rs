@@ -804,6 +804,10 @@ fn cluster_env(root: &Path, cmd: &mut Command) {
         .env("RAILNET_CONTAINERD_DIR", dir("containerd"))
         .env("RAILNET_MULTUS_BIN", dir("multus").join("multus"))
         .env("RAILNET_HELM", setup::HELM)
+        .env(
+            "RAILNET_DEVICE_PLUGIN_BIN",
+            cluster_tools::device_plugin_path(root),
+        )
         .env("RAILNET_IMAGES_DIR", root.join("target/images"));
 }
 

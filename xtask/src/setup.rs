@@ -400,7 +400,8 @@ pub fn ensure_cluster() -> Result<()> {
         "    pause (Kubernetes' pause.c, static): {}",
         pause.display()
     );
-
+    let plugin = crate::cluster_tools::device_plugin(&root)?;
+    eprintln!("    the tests' device plugin: {}", plugin.display());
     Ok(())
 }
 

@@ -142,27 +142,6 @@ impl kube::Resource for RailBlock {
     }
 }
 
-/// Node label saying the node's RDMA netns mode (`exclusive`, `shared`, or
-/// `none` when the kernel has no RDMA subsystem): pods whose networks move
-/// RDMA devices (`rdmaIsolation`) are scheduled by it.
-pub const RDMA_MODE_LABEL: &str = "railnet.io/rdma-netns-mode";
-
-/// Labels Node `node` with its RDMA netns mode (a merge patch of that one
-/// label).
-pub async fn label_node(client: &Client, node: &str, mode: &str) -> Result<(), kube::Error> {
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    nodes
-        .patch(
-            node,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(serde_json::json!({
-                "metadata": {"labels": {RDMA_MODE_LABEL: mode}}
-            })),
-        )
-        .await
-        .map(|_| ())
-}
-
 /// The API resource `plural` of `group`/`version` (`kind`), for dynamic
 /// objects (RailNetworks, NADs, Leases, RailPools, Namespaces).
 pub fn resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::core::ApiResource {
@@ -678,16 +657,6 @@ impl ClusterStore {
                 }
             }
             Ok((specs, skipped))
-        })
-    }
-
-    /// Labels this node with its RDMA netns mode ([`label_node`]).
-    pub fn label_node(&self, mode: &str) -> Result<(), ClusterError> {
-        let mode = mode.to_owned();
-        self.run(|i| async move {
-            label_node(&i.api.clone().into_client(), &i.opts.node, &mode)
-                .await
-                .map_err(classify)
         })
     }
 }
@@ -1832,52 +1801,6 @@ mod tests {
         let mut blocks = Blocks::default();
         blocks.by_name.insert("b".into(), b);
         (blocks, "b".into())
-    }
-
-    /// kube-rs over a mock service (the test API server has no nodes): the
-    /// request is one merge patch of the one label, on the node named.
-    #[tokio::test]
-    async fn the_node_label_is_one_merge_patch() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let log = seen.clone();
-        let service = tower::service_fn(move |req: hyper::Request<kube::client::Body>| {
-            let log = log.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let body = http_body_util::BodyExt::collect(body)
-                    .await
-                    .unwrap()
-                    .to_bytes();
-                log.lock().unwrap().push((
-                    parts.method.to_string(),
-                    parts.uri.path().to_owned(),
-                    parts.headers["content-type"].to_str().unwrap().to_owned(),
-                    String::from_utf8(body.to_vec()).unwrap(),
-                ));
-                let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "gpu-7"}});
-                Ok::<_, std::convert::Infallible>(
-                    hyper::Response::builder()
-                        .header("Content-Type", "application/json")
-                        .body(kube::client::Body::from(node.to_string().into_bytes()))
-                        .unwrap(),
-                )
-            }
-        });
-        label_node(&Client::new(service, "default"), "gpu-7", "exclusive")
-            .await
-            .unwrap();
-        let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 1);
-        let (method, path, kind, body) = &seen[0];
-        assert_eq!(
-            (method.as_str(), path.as_str()),
-            ("PATCH", "/api/v1/nodes/gpu-7")
-        );
-        assert_eq!(kind, "application/merge-patch+json");
-        assert_eq!(
-            serde_json::from_str::<serde_json::Value>(body).unwrap(),
-            serde_json::json!({"metadata": {"labels": {"railnet.io/rdma-netns-mode": "exclusive"}}})
-        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use railnet_tests::cluster::{API_IP, Cluster, RAILS, Tools, WORKLOAD};
+use railnet_tests::cluster::{API_IP, Cluster, RAILS, WORKLOAD, helm_install};
 use serde_json::{Value, json};
 
 /// railnet's values: per node and rail a pool of 90 addresses of the
@@ -154,20 +154,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let mut c = Cluster::start(2);
-    let values_file = c.scratch("bench-values.json");
-    std::fs::write(&values_file, values().to_string()).unwrap();
-    c.run(
-        c.helm()
-            .args(["install", "railnet"])
-            .arg(Tools::chart())
-            .args(["-n", "railnet", "--create-namespace", "-f"])
-            .arg(&values_file)
-            .args(["--wait", "--timeout", "4m"]),
-    );
-    c.wait_for("both agents Ready", Duration::from_secs(120), |c| {
-        let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", "railnet"]);
-        (ds["status"]["numberReady"] == 2).then_some(())
-    });
+    helm_install(&mut c, false, "bench-values.json", &values(), &[]);
     c.apply(&reference_nads());
     let railnet_nets: Vec<String> = (1..=RAILS).map(|k| format!("railnet/rail{k}")).collect();
     let reference_nets: Vec<String> = (1..=RAILS).map(|k| format!("ref-rail{k}")).collect();

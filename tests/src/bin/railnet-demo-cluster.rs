@@ -4,10 +4,10 @@
 //! rails each, their addresses and RailBlocks, traffic counted per rail at
 //! the rail routers — then everything torn down.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use railnet_tests::cluster::{
-    Cluster, NS, RAILS, Tools, rail_addresses, rail_pod, values, wait_running,
+    Cluster, NS, RAILS, helm_install, rail_addresses, rail_pod, values, wait_running,
 };
 use serde_json::json;
 
@@ -34,20 +34,7 @@ fn main() {
     say("helm install railnet (Kubernetes IPAM: address blocks are RailBlocks in the API server)");
     let mut v = values(2);
     v["ipam"] = json!({"store": "kubernetes"});
-    let file = c.scratch("demo-values.json");
-    std::fs::write(&file, v.to_string()).unwrap();
-    c.run(
-        c.helm()
-            .args(["install", "railnet"])
-            .arg(Tools::chart())
-            .args(["-n", NS, "--create-namespace", "-f"])
-            .arg(&file)
-            .args(["--wait", "--timeout", "4m"]),
-    );
-    c.wait_for("both agents Ready", Duration::from_secs(120), |c| {
-        let ds = c.kubectl_json(&["get", "daemonset", "railnet-agent", "-n", NS]);
-        (ds["status"]["numberReady"] == 2).then_some(())
-    });
+    helm_install(&mut c, false, "demo-values.json", &v, &[]);
     show(&c, &["get", "pods", "-n", NS, "-o", "wide"]);
     show(&c, &["get", "network-attachment-definitions", "-n", NS]);
 

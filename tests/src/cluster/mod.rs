@@ -32,9 +32,11 @@ use std::{
 
 pub use cgroup::NodeCgroup;
 pub use control_plane::{ControlPlane, KUBERNETES_SERVICE_IP, SERVICE_RANGE};
-pub use node::{NODE_PATHS, Node, tail};
+pub use node::{NODE_PATHS, Node, STAND_IN_SYSFS, tail};
 pub use pki::Pki;
-pub use railnet::{NS, WORKLOAD, rail_addresses, rail_pod, values, wait_running};
+pub use railnet::{
+    NS, VF_NETWORK, WORKLOAD, helm_install, rail_addresses, rail_pod, values, vf_pod, wait_running,
+};
 pub use tools::Tools;
 
 use serde_json::Value;
@@ -45,6 +47,11 @@ use crate::{Netns, RailFabric, ScratchDir, sh, veth_between};
 pub const API_IP: &str = "10.250.0.1";
 /// The rails every node has.
 pub const RAILS: u32 = 8;
+/// The extended resource the tests' device plugin advertises: each node's
+/// stand-in VFs of its rail-1 NIC ([`Node::add_stand_in_vfs`]).
+pub const VF_RESOURCE: &str = "railnet.io/rail1-vf";
+/// Stand-in VFs per node.
+pub const VFS_PER_NODE: usize = 2;
 /// The prefix of every cgroup a test cluster makes (leftovers are found by it).
 const CGROUP_PREFIX: &str = "railnet-cluster-";
 /// Kernel settings kubelet rewrites at start (a kernel oops would then
@@ -321,6 +328,15 @@ impl Cluster {
                 &["system:nodes"],
             );
             node.start_kubelet(&cluster.tools, &kubeconfig, &cluster.pki);
+            let vfs = node.add_stand_in_vfs(
+                &cluster.fabric.nodes[n],
+                cluster.fabric.router(1),
+                n,
+                1,
+                VFS_PER_NODE,
+            );
+            let bdfs: Vec<String> = vfs.into_iter().map(|(bdf, _)| bdf).collect();
+            node.start_device_plugin(&cluster.tools, VF_RESOURCE, &bdfs);
             cluster.nodes.push(node);
         }
         cluster.wait_nodes_ready();
@@ -397,20 +413,27 @@ subjects:
     #[track_caller]
     fn wait_nodes_ready(&mut self) {
         let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
-        self.wait_for("every node Ready", Duration::from_secs(180), |c| {
-            let nodes = c.kubectl_json(&["get", "nodes"]);
-            let ready = |name: &str| {
-                nodes["items"].as_array().into_iter().flatten().any(|n| {
-                    n["metadata"]["name"] == name
+        self.wait_for(
+            "every node Ready, with its VFs",
+            Duration::from_secs(180),
+            |c| {
+                let nodes = c.kubectl_json(&["get", "nodes"]);
+                let ready = |name: &str| {
+                    nodes["items"].as_array().into_iter().flatten().any(|n| {
+                        n["metadata"]["name"] == name
                         && n["status"]["conditions"]
                             .as_array()
                             .into_iter()
                             .flatten()
                             .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-            };
-            names.iter().all(|n| ready(n)).then_some(())
-        });
+                        // …and lists the device plugin's VFs.
+                        && n["status"]["allocatable"][VF_RESOURCE]
+                            == VFS_PER_NODE.to_string().as_str()
+                    })
+                };
+                names.iter().all(|n| ready(n)).then_some(())
+            },
+        );
     }
 
     /// Records what teardown must put back ([`HOST_STATE`]).

@@ -28,7 +28,18 @@ pub const NODE_PATHS: &[(&str, &str)] = &[
     ("/run/containerd", "run-containerd"),
     // containerd pins pod netns here; the agent watches it.
     ("/run/netns", "run-netns"),
+    // The stand-in VFs' sysfs tree (see `Node::add_stand_in_vfs`).
+    (STAND_IN_SYSFS, "stand-in-sysfs"),
 ];
+
+/// Where a node's stand-in VFs are described as sysfs lays out PCI devices
+/// (`bus/pci/devices/<bdf>/net/<netdev>`, `physfn`, `virtfn<n>`): no
+/// machine here has SR-IOV, so the agent is pointed at this tree
+/// (`RAILNET_SYSFS_ROOT`, through the chart's `agent.extraEnv`).
+pub const STAND_IN_SYSFS: &str = "/var/lib/railnet-test-sysfs";
+
+/// The stand-in PF's PCI address (the node's rail-1 NIC, `eth1`).
+const STAND_IN_PF: &str = "0000:3b:00.0";
 
 /// The reference plugins a node's CNI bin dir holds besides Multus.
 const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "macvlan", "portmap"];
@@ -46,6 +57,7 @@ pub struct Node {
     cgroup: NodeCgroup,
     containerd: Option<Child>,
     kubelet: Option<Child>,
+    device_plugin: Option<Child>,
 }
 
 impl Node {
@@ -82,6 +94,7 @@ impl Node {
             cgroup,
             containerd: None,
             kubelet: None,
+            device_plugin: None,
         };
         node.wait_holder();
         for (host, dir) in NODE_PATHS {
@@ -312,12 +325,67 @@ nodeStatusUpdateFrequency: 4s
         self.kubelet = Some(cmd.spawn().expect("kubelet"));
     }
 
+    /// Makes `count` stand-in VFs of the node's rail-`rail` NIC: veths
+    /// named `r<rail>vf<i>` in the node whose other ends are ports of the
+    /// rail router's bridge (where a VF's traffic reaches the rail switch),
+    /// described in [`STAND_IN_SYSFS`] as VFs `0000:3b:00.<i+1>` of a PF
+    /// at [`STAND_IN_PF`] (the rail NIC). Returns their PCI addresses and
+    /// netdev names.
+    #[track_caller]
+    pub fn add_stand_in_vfs(
+        &self,
+        net: &Netns,
+        router: &Netns,
+        index: usize,
+        rail: u32,
+        count: usize,
+    ) -> Vec<(String, String)> {
+        let devices = self.path(STAND_IN_SYSFS).join("bus/pci/devices");
+        let pf = devices.join(STAND_IN_PF);
+        std::fs::create_dir_all(pf.join("net").join(format!("eth{rail}"))).unwrap();
+        let mut vfs = Vec::new();
+        for i in 0..count {
+            let bdf = format!("0000:3b:00.{}", i + 1);
+            let vf = format!("r{rail}vf{i}");
+            let port = format!("n{index}r{rail}vf{i}");
+            crate::veth_between(net, &vf, router, &port);
+            router.ip(&["link", "set", &port, "master", "br0", "up"]);
+            let dev = devices.join(&bdf);
+            std::fs::create_dir_all(dev.join("net").join(&vf)).unwrap();
+            std::os::unix::fs::symlink(format!("../{STAND_IN_PF}"), dev.join("physfn")).unwrap();
+            std::os::unix::fs::symlink(format!("../{bdf}"), pf.join(format!("virtfn{i}"))).unwrap();
+            vfs.push((bdf, vf));
+        }
+        // The router's ports forward once a pod sets its VF up (no carrier
+        // before): the bridge learns that within a second.
+        vfs
+    }
+
+    /// Starts the tests' device plugin advertising `devices` (PCI
+    /// addresses) as `resource`; the caller waits for the node to list it.
+    #[track_caller]
+    pub fn start_device_plugin(&mut self, tools: &Tools, resource: &str, devices: &[String]) {
+        let log = std::fs::File::create(self.root.join("device-plugin.log")).unwrap();
+        let mut cmd = self.in_mounts(&tools.device_plugin);
+        cmd.arg(format!("--resource={resource}"))
+            .arg(format!("--devices={}", devices.join(",")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.cgroup.start_inside(&mut cmd);
+        self.device_plugin = Some(cmd.spawn().expect("the tests' device plugin"));
+    }
+
     /// Stops kubelet and containerd (pods keep running in their cgroups:
     /// a node whose agents died, as the sweep tests need).
     pub fn stop_kubelet_and_containerd(&mut self) {
-        for child in [self.kubelet.take(), self.containerd.take()]
-            .into_iter()
-            .flatten()
+        for child in [
+            self.device_plugin.take(),
+            self.kubelet.take(),
+            self.containerd.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             let mut child = child;
             let _ = child.kill();

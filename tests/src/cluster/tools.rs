@@ -16,6 +16,8 @@ pub struct Tools {
     pub multus: PathBuf,
     /// helm.
     pub helm: PathBuf,
+    /// The tests' device plugin (`tests/cluster/deviceplugin`).
+    pub device_plugin: PathBuf,
     /// OCI archives: railnet.tar (`cargo xtask image`), pause.tar, workload.tar.
     pub images: PathBuf,
     /// Debian's reference CNI plugins (bridge, host-local, loopback, macvlan).
@@ -44,6 +46,7 @@ impl Tools {
             containerd: var("RAILNET_CONTAINERD_DIR", "containerd"),
             multus: var("RAILNET_MULTUS_BIN", "Multus"),
             helm: var("RAILNET_HELM", "helm"),
+            device_plugin: var("RAILNET_DEVICE_PLUGIN_BIN", "the tests' device plugin"),
             images: var("RAILNET_IMAGES_DIR", "the images"),
             cni_plugins: PathBuf::from("/usr/lib/cni"),
         };
