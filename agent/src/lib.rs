@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod bpf_object;
+pub mod check;
 pub mod config;
 pub mod controller;
 pub mod dataplane;

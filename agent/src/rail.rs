@@ -886,8 +886,10 @@ impl RailService {
         Ok(IpamResult { ips, routes })
     }
 
-    /// CNI CHECK: the interface is in the pod with the addresses IPAM holds
-    /// for it, up, and (eBPF mode) the program is attached to it.
+    /// CNI CHECK: the interface is in the pod, up, with the addresses IPAM
+    /// holds for it, as ADD reported it (`prevResult`: addresses, MAC,
+    /// routes; see [`crate::check`]), and (eBPF mode) the program is
+    /// attached to it.
     pub fn check(&self, att: &Attachment, netns: &PodNetns) -> Result<(), ApiError> {
         let conf = NetConf::parse(att.netconf.to_string().as_bytes())
             .map_err(|e| invalid("invalid network config", e.to_string()))?;
@@ -910,34 +912,31 @@ impl RailService {
                     else {
                         return Ok(None);
                     };
-                    let addrs = rtnl::addresses(&h, link.index)
+                    let networks = rtnl::networks(&h, link.index)
                         .await
                         .map_err(|e| describe(&e))?;
-                    Ok::<_, String>(Some(addrs))
+                    let routes = rtnl::routes_on(&h, link.index)
+                        .await
+                        .map_err(|e| describe(&e))?;
+                    Ok::<_, String>(Some(crate::check::Observed {
+                        up: link.up,
+                        mac: link.mac,
+                        networks,
+                        routes,
+                    }))
                 })
             })
             .map_err(|e| ApiError::new(code::DATAPLANE, "entering the pod netns", e.to_string()))?
             .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
             .map_err(|e| ApiError::new(code::DATAPLANE, "reading the pod's interface", e))?;
-        let Some(addrs) = found else {
+        let Some(seen) = found else {
             return Err(ApiError::new(
                 code::DATAPLANE,
                 format!("interface {} is missing from the pod", att.ifname),
                 "something removed it after ADD; delete and re-create the pod",
             ));
         };
-        let missing: Vec<String> = held
-            .iter()
-            .filter(|a| !addrs.contains(a))
-            .map(|a| a.to_string())
-            .collect();
-        if !missing.is_empty() {
-            return Err(ApiError::new(
-                code::DATAPLANE,
-                format!("{} lacks its address {}", att.ifname, missing.join(", ")),
-                "something changed the interface after ADD",
-            ));
-        }
+        crate::check::compare(&att.ifname, &held, att.netconf.get("prevResult"), &seen)?;
         if conf.routing == Routing::Ebpf && held.iter().any(IpAddr::is_ipv4) {
             let pin = self
                 .pin_root

@@ -43,6 +43,8 @@ pub struct Link {
     pub mtu: u32,
     /// MAC address, `aa:bb:…`.
     pub mac: String,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
     /// An IPoIB interface's partition key and mode (0 datagram, 1
     /// connected); `None` for anything else.
     pub ipoib: Option<(u16, u16)>,
@@ -55,6 +57,10 @@ impl From<&LinkMessage> for Link {
             index: msg.header.index,
             mtu: 0,
             mac: String::new(),
+            up: msg
+                .header
+                .flags
+                .contains(rtnetlink::packet_route::link::LinkFlags::Up),
             ipoib: None,
         };
         for attr in &msg.attributes {
@@ -131,6 +137,56 @@ pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<IpAddr>, rtnetlink:
                 // IPv6 addresses carry only IFA_ADDRESS.
                 AddressAttribute::Address(a @ IpAddr::V6(_)) => out.push(*a),
                 _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The main-table routes leaving through link `index`, both families:
+/// (destination, gateway).
+pub async fn routes_on(
+    h: &Handle,
+    index: u32,
+) -> Result<Vec<(ipnet::IpNet, Option<IpAddr>)>, rtnetlink::Error> {
+    use rtnetlink::{
+        RouteMessageBuilder,
+        packet_route::route::{RouteAddress, RouteAttribute},
+    };
+    let ip = |a: &RouteAddress| match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for query in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ] {
+        let v6 = query.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6;
+        let mut routes = h.route().get(query).execute();
+        while let Some(r) = routes.try_next().await? {
+            let mut table = u32::from(r.header.table);
+            let (mut dst, mut gw, mut oif) = (None, None, None);
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::Destination(d) => dst = ip(d),
+                    RouteAttribute::Gateway(g) => gw = ip(g),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if table != u32::from(libc::RT_TABLE_MAIN) || oif != Some(index) {
+                continue;
+            }
+            let dst = dst.unwrap_or(if v6 {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            });
+            if let Ok(net) = ipnet::IpNet::new(dst, r.header.destination_prefix_length) {
+                out.push((net, gw));
             }
         }
     }

@@ -190,27 +190,47 @@ fn a_failed_add_leaves_nothing_behind_and_names_the_problem() {
         "the refused interface is gone again"
     );
 
-    // CHECK agrees while the attachment is intact, and says what broke.
-    let check = cni(
-        "CHECK",
-        &fabric.netconf(1, &agent),
-        &cid,
-        Some(&pod),
-        "net1",
+    // CHECK (given ADD's result, as runtimes pass it) agrees while the
+    // attachment is intact, and says what broke: a route ADD reported
+    // gone, the link down, the address flushed.
+    let mut checked = fabric.netconf(1, &agent);
+    checked["cniVersion"] = "1.0.0".into();
+    checked["prevResult"] = ok.json.clone();
+    let check = || cni("CHECK", &checked, &cid, Some(&pod), "net1");
+    let fresh = check();
+    assert!(fresh.ok, "CHECK of a fresh attachment: {}", fresh.stdout);
+    let route = &ok.json["routes"][0];
+    let (dst, gw) = (
+        route["dst"].as_str().unwrap(),
+        route["gw"].as_str().unwrap(),
     );
-    assert!(check.ok, "CHECK of a fresh attachment: {}", check.stdout);
-    fabric.pod.ip(&["addr", "flush", "dev", "net1"]);
-    let check = cni(
-        "CHECK",
-        &fabric.netconf(1, &agent),
-        &cid,
-        Some(&pod),
-        "net1",
-    );
+    let metric = route["priority"].to_string();
+    fabric.pod.ip(&[
+        "route", "del", dst, "via", gw, "dev", "net1", "metric", &metric,
+    ]);
+    let unrouted = check();
     assert!(
-        !check.ok && check.stdout.contains("lacks its address 172.16.11.10"),
+        !unrouted.ok
+            && unrouted
+                .stdout
+                .contains(&format!("the route {dst} via {gw} dev net1")),
         "{}",
-        check.stdout
+        unrouted.stdout
+    );
+    fabric.pod.ip(&["link", "set", "net1", "down"]);
+    let down = check();
+    assert!(
+        !down.ok && down.stdout.contains("net1 is down"),
+        "{}",
+        down.stdout
+    );
+    fabric.pod.ip(&["link", "set", "net1", "up"]);
+    fabric.pod.ip(&["addr", "flush", "dev", "net1"]);
+    let flushed = check();
+    assert!(
+        !flushed.ok && flushed.stdout.contains("lacks its address 172.16.11.10"),
+        "{}",
+        flushed.stdout
     );
     assert!(cni("DEL", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1").ok);
 }
