@@ -29,6 +29,11 @@ pub const DEFAULT_SOCKET: &str = "/run/railnet/agent.sock";
 /// mid-upgrade), unless the config or `RAILNET_TOMBSTONES` says otherwise.
 pub const DEFAULT_TOMBSTONES: &str = "/var/lib/railnet/tombstones";
 
+/// The node's CNI settings (agent socket, tombstone directory), written by
+/// `railnet install` beside the CNI binaries: the node decides where its
+/// agent is, not a network config.
+pub const NODE_SETTINGS_FILE: &str = "railnet.node.json";
+
 /// The file a DEL tombstone of (container, ifname) lives in. Both were
 /// validated as plain names.
 pub fn tombstone_path(

@@ -157,3 +157,67 @@ mod tests {
         assert!(err.contains("gatway") && err.contains("line 4"), "{err}");
     }
 }
+
+/// The field names a config struct accepts, as written in the file (after
+/// serde's renames), read from its `Deserialize` impl: the chart's values
+/// schema is tested against them, so the two cannot drift apart.
+pub fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+
+    /// A deserializer that answers nothing but remembers the fields a
+    /// struct asks for.
+    struct Probe(&'static [&'static str]);
+
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("probe")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for &mut Probe {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+
+    let mut probe = Probe(&[]);
+    let _ = T::deserialize(&mut probe);
+    probe.0
+}
+
+#[cfg(test)]
+mod field_tests {
+    use super::*;
+
+    #[test]
+    fn field_names_are_as_written_in_the_file() {
+        let fields = field_names::<PoolSpec>();
+        for f in ["name", "excludeIPs", "nodeName", "disable", "ipVersion"] {
+            assert!(fields.contains(&f), "{f} not in {fields:?}");
+        }
+        assert_eq!(field_names::<ConfigFile>(), ["pools"]);
+    }
+}

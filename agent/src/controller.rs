@@ -41,21 +41,9 @@ pub const RESOURCE_NAME: &str = "k8s.v1.cni.cncf.io/resourceName";
 /// Label marking NADs this controller renders.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
-/// Where the agent listens, when not at the default (the NAD then says so).
-#[derive(Clone, Debug, Default)]
-pub struct RenderOptions {
-    /// `agentSocket` for the CNI.
-    pub agent_socket: Option<String>,
-    /// `tombstoneDir` for the CNI.
-    pub tombstone_dir: Option<String>,
-}
-
 /// The CNI config (`spec.config` of the NAD) and annotations for one
 /// RailNetwork's spec, or why this version cannot serve it.
-pub fn render(
-    spec: &Value,
-    opts: &RenderOptions,
-) -> Result<(Value, BTreeMap<String, String>), String> {
+pub fn render(spec: &Value) -> Result<(Value, BTreeMap<String, String>), String> {
     let ty = spec["type"].as_str().unwrap_or_default();
     let mode = match ty {
         "macvlan" | "ipvlan" | "sriov" | "ib-sriov" | "ipoib" => ty,
@@ -126,12 +114,6 @@ pub fn render(
             o.insert(to.into(), v.clone());
         }
     }
-    if let Some(s) = &opts.agent_socket {
-        o.insert("agentSocket".into(), s.clone().into());
-    }
-    if let Some(t) = &opts.tombstone_dir {
-        o.insert("tombstoneDir".into(), t.clone().into());
-    }
     let mut annotations = BTreeMap::new();
     if let Some(r) = spec.get("resourceName").and_then(Value::as_str) {
         annotations.insert(RESOURCE_NAME.to_owned(), r.to_owned());
@@ -141,10 +123,10 @@ pub fn render(
 
 /// What the NAD for RailNetwork `net` must be (name, namespace, owner,
 /// labels, annotations, config).
-pub fn desired_nad(net: &DynamicObject, opts: &RenderOptions) -> Result<DynamicObject, String> {
+pub fn desired_nad(net: &DynamicObject) -> Result<DynamicObject, String> {
     let name = net.metadata.name.clone().unwrap_or_default();
     let ns = net.metadata.namespace.clone().unwrap_or_default();
-    let (mut conf, annotations) = render(&net.data["spec"], opts)?;
+    let (mut conf, annotations) = render(&net.data["spec"])?;
     conf["name"] = name.clone().into();
     let mut nad = DynamicObject::new(&name, &nads()).within(&ns).data(json!({
         "spec": {"config": conf.to_string()}
@@ -265,13 +247,13 @@ pub struct Pass {
 
 /// Renders every RailNetwork once: creates missing NADs, repairs drifted
 /// ones, writes each RailNetwork's status.
-pub async fn reconcile(client: &Client, opts: &RenderOptions) -> Result<Pass, kube::Error> {
+pub async fn reconcile(client: &Client) -> Result<Pass, kube::Error> {
     let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
     let mut pass = Pass::default();
     for net in nets.list(&ListParams::default()).await?.items {
         let name = net.metadata.name.clone().unwrap_or_default();
         let ns = net.metadata.namespace.clone().unwrap_or_default();
-        let status = match desired_nad(&net, opts) {
+        let status = match desired_nad(&net) {
             Ok(want) => {
                 let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &nads());
                 match api.get_opt(&name).await? {
@@ -1065,7 +1047,7 @@ mod tests {
         let spec = json!({"rail": 3, "type": "macvlan", "master": "eno5np1",
             "ippools": {"ipv4": ["rail3"]}, "mtu": 4200, "rdmaCIDRs": ["172.16.0.0/16"],
             "matchMasterSubnet": false, "group": "gpu"});
-        let (mut conf, annotations) = render(&spec, &RenderOptions::default()).unwrap();
+        let (mut conf, annotations) = render(&spec).unwrap();
         conf["name"] = "rail3".into();
         let parsed = NetConf::parse(conf.to_string().as_bytes()).expect("railnet accepts it");
         assert_eq!(parsed.name, "rail3");
@@ -1084,11 +1066,11 @@ mod tests {
     fn sriov_carries_the_resource_and_ipoib_its_partition() {
         let spec = json!({"rail": 1, "type": "sriov", "resourceName": "nvidia.com/rail1",
             "ippools": {"ipv4": ["rail1"]}, "rdmaIsolation": true});
-        let (_, a) = render(&spec, &RenderOptions::default()).unwrap();
+        let (_, a) = render(&spec).unwrap();
         assert_eq!(a[RESOURCE_NAME], "nvidia.com/rail1");
         let ib = json!({"rail": 1, "type": "ipoib", "master": "ib0", "ippools": {"ipv4": ["p"]},
             "ib": {"pkey": "0x8001"}});
-        let (mut conf, a) = render(&ib, &RenderOptions::default()).unwrap();
+        let (mut conf, a) = render(&ib).unwrap();
         assert!(a.is_empty());
         conf["name"] = "ib1".into();
         let parsed = crate::netconf::NetConf::parse(conf.to_string().as_bytes()).unwrap();
@@ -1096,11 +1078,7 @@ mod tests {
         assert_eq!(parsed.pkey, Some("0x8001".into()));
         let mut bad = ib.clone();
         bad["ib"]["linkState"] = "enable".into();
-        assert!(
-            render(&bad, &RenderOptions::default())
-                .unwrap_err()
-                .contains("ib.linkState")
-        );
+        assert!(render(&bad).unwrap_err().contains("ib.linkState"));
     }
 
     /// An ib-sriov RailNetwork (the seeds' InfiniBand rails) renders into a
@@ -1111,7 +1089,7 @@ mod tests {
         let spec = json!({"rail": 1, "type": "ib-sriov", "resourceName": "spidernet.io/eno3np2",
             "ippools": {"ipv4": ["gpu1-net91"]}, "rdmaIsolation": true,
             "ib": {"pkey": "0x8001", "linkState": "enable", "ibKubernetesEnabled": true}});
-        let (mut conf, a) = render(&spec, &RenderOptions::default()).unwrap();
+        let (mut conf, a) = render(&spec).unwrap();
         assert_eq!(a[RESOURCE_NAME], "spidernet.io/eno3np2");
         assert_eq!(conf["capabilities"]["infinibandGUID"], true);
         conf["name"] = "gpu1".into();
@@ -1132,7 +1110,7 @@ mod tests {
         let spec = json!({"rail": 2, "type": "sriov", "resourceName": "nvidia.com/rail2",
             "ippools": {"ipv4": ["rail2"]},
             "vf": {"vlan": 100, "vlanQoS": 2, "trust": "on", "spoofchk": "off", "linkState": "enable"}});
-        let (mut conf, _) = render(&spec, &RenderOptions::default()).unwrap();
+        let (mut conf, _) = render(&spec).unwrap();
         conf["name"] = "rail2".into();
         conf["deviceID"] = "0000:3b:00.2".into();
         let parsed = crate::netconf::NetConf::parse(conf.to_string().as_bytes()).unwrap();

@@ -91,8 +91,9 @@ pub async fn watch(client: Client, daemonset: String, flag: Arc<AtomicBool>) {
     }
 }
 
-/// The names the init container installs (`railnet install`).
-pub const CNI_BINARIES: [&str; 2] = ["railnet", "railnet-ipam"];
+/// The files the init container installs (`railnet install`): the CNI
+/// binaries and the node's settings beside them.
+pub const CNI_BINARIES: [&str; 3] = ["railnet", "railnet-ipam", crate::api::NODE_SETTINGS_FILE];
 
 /// Whether the DaemonSet `namespace/name` is gone or being deleted.
 pub async fn daemonset_gone(client: &Client, daemonset: &str) -> Result<bool, String> {
@@ -142,8 +143,9 @@ mod tests {
         }
         assert!(remove_cni_binaries(&dir, 3).is_empty());
         assert!(dir.join("railnet").exists());
-        assert_eq!(remove_cni_binaries(&dir, 0).len(), 2);
+        assert_eq!(remove_cni_binaries(&dir, 0).len(), 3);
         assert!(!dir.join("railnet").exists() && !dir.join("railnet-ipam").exists());
+        assert!(!dir.join(crate::api::NODE_SETTINGS_FILE).exists());
         assert!(dir.join("macvlan").exists(), "other plugins are not ours");
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -1,8 +1,12 @@
-//! `railnet install <dir>`: the DaemonSet's init container puts this very
-//! binary on the node as `<dir>/railnet` and `<dir>/railnet-ipam`. The image
-//! has no shell, so the binary does it itself; each copy is written under a
-//! temporary name and renamed, so a runtime never executes half a file.
+//! `railnet install <dir> [--socket <path>] [--tombstones <dir>]`: the
+//! DaemonSet's init container puts this very binary on the node as
+//! `<dir>/railnet` and `<dir>/railnet-ipam`, and the node's settings (where
+//! its agent listens and takes tombstones, see [`crate::node`]) beside them.
+//! The image has no shell, so the binary does it itself; each file is
+//! written under a temporary name and renamed, so a runtime never executes
+//! or reads half a file.
 
+use crate::node::{NodeSettings, SETTINGS_FILE};
 use std::{
     io::Write,
     os::unix::fs::PermissionsExt,
@@ -13,16 +17,21 @@ use std::{
 /// The names the binary is installed under.
 const NAMES: [&str; 2] = ["railnet", "railnet-ipam"];
 
-/// Runs `railnet install <dir>`.
+const USAGE: &str = "usage: railnet install <cni-bin-dir> [--socket <path>] [--tombstones <dir>]
+  copies this binary to <cni-bin-dir>/railnet and <cni-bin-dir>/railnet-ipam and writes
+  the node's agent socket and tombstone directory beside them (the chart's init container
+  runs it; defaults: /run/railnet/agent.sock, /var/lib/railnet/tombstones)";
+
+/// Runs `railnet install <dir> [--socket <path>] [--tombstones <dir>]`.
 pub(crate) fn main(args: &[String]) -> ExitCode {
-    let [dir] = args else {
-        eprintln!(
-            "usage: railnet install <cni-bin-dir>\n  copies this binary to <cni-bin-dir>/railnet and \
-             <cni-bin-dir>/railnet-ipam (the chart's init container runs it)"
-        );
-        return ExitCode::from(2);
+    let (dir, settings) = match parse(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("railnet install: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
     };
-    match install(Path::new(dir)) {
+    match install(Path::new(&dir), &settings) {
         Ok(done) => {
             for p in done {
                 println!("installed {}", p.display());
@@ -36,7 +45,44 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
     }
 }
 
-fn install(dir: &Path) -> Result<Vec<PathBuf>, String> {
+/// The directory and the node's settings from the arguments.
+fn parse(args: &[String]) -> Result<(String, NodeSettings), String> {
+    let mut settings = NodeSettings::default();
+    let mut dir = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let (key, value) = match a.split_once('=') {
+            Some((k, v)) if k.starts_with("--") => (k, Some(v.to_owned())),
+            _ => (a.as_str(), None),
+        };
+        let mut value = || {
+            value
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| format!("{key} needs a value"))
+        };
+        match key {
+            "--socket" => settings.agent_socket = absolute(key, value()?)?,
+            "--tombstones" => settings.tombstone_dir = absolute(key, value()?)?,
+            k if k.starts_with('-') => return Err(format!("unknown option {k}")),
+            _ if dir.is_none() => dir = Some(a.clone()),
+            _ => return Err(format!("unexpected argument {a}")),
+        }
+    }
+    Ok((dir.ok_or("the CNI bin dir is missing")?, settings))
+}
+
+fn absolute(key: &str, value: String) -> Result<PathBuf, String> {
+    let p = PathBuf::from(&value);
+    if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!(
+            "{key} {value} must be an absolute path without '..'"
+        ));
+    }
+    Ok(p)
+}
+
+fn install(dir: &Path, settings: &NodeSettings) -> Result<Vec<PathBuf>, String> {
     if !dir.is_dir() {
         return Err(format!(
             "{} is not a directory: mount the node's CNI bin dir there (chart: cni.binDir)",
@@ -61,6 +107,20 @@ fn install(dir: &Path) -> Result<Vec<PathBuf>, String> {
         }
         done.push(dst);
     }
+    let path = dir.join(SETTINGS_FILE);
+    let tmp = dir.join(format!(".{SETTINGS_FILE}.tmp"));
+    let body = serde_json::to_vec_pretty(settings).map_err(|e| e.to_string())?;
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("writing {}: {e}", path.display()));
+    }
+    done.push(path);
     Ok(done)
 }
 
@@ -72,8 +132,17 @@ mod tests {
     fn installs_both_names_executable_and_refuses_a_missing_dir() {
         let dir = std::env::temp_dir().join(format!("railnet-install-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let done = install(&dir).unwrap();
-        assert_eq!(done.len(), 2);
+        let settings = NodeSettings {
+            agent_socket: "/run/rn/agent.sock".into(),
+            tombstone_dir: "/var/lib/rn/tombstones".into(),
+        };
+        let done = install(&dir, &settings).unwrap();
+        assert_eq!(done.len(), 3);
+        assert_eq!(
+            crate::node::read_settings(&dir).unwrap(),
+            Some(settings.clone()),
+            "the node's settings beside the binaries"
+        );
         let me = std::fs::read("/proc/self/exe").unwrap();
         for name in NAMES {
             let p = dir.join(name);
@@ -86,11 +155,43 @@ mod tests {
             assert_eq!(mode & 0o777, 0o755);
         }
         assert!(!dir.join(".railnet.tmp").exists());
-        let err = install(&dir.join("missing")).unwrap_err();
+        let err = install(&dir.join("missing"), &settings).unwrap_err();
         assert!(
             err.contains("not a directory") && err.contains("cni.binDir"),
             "{err}"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn arguments_set_the_node_s_paths_absolute_only() {
+        let args = |a: &[&str]| parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let (dir, s) = args(&[
+            "/host/cni",
+            "--socket=/run/x/agent.sock",
+            "--tombstones",
+            "/var/lib/x/t",
+        ])
+        .unwrap();
+        assert_eq!(dir, "/host/cni");
+        assert_eq!(s.agent_socket, PathBuf::from("/run/x/agent.sock"));
+        assert_eq!(s.tombstone_dir, PathBuf::from("/var/lib/x/t"));
+        assert_eq!(args(&["/host/cni"]).unwrap().1, NodeSettings::default());
+        assert!(
+            args(&["/host/cni", "--socket", "x.sock"])
+                .unwrap_err()
+                .contains("absolute")
+        );
+        assert!(
+            args(&["/host/cni", "--tombstones", "/a/../etc"])
+                .unwrap_err()
+                .contains("'..'")
+        );
+        assert!(
+            args(&["/host/cni", "--bogus"])
+                .unwrap_err()
+                .contains("unknown option")
+        );
+        assert!(args(&[]).unwrap_err().contains("missing"));
     }
 }

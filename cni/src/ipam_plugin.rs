@@ -16,7 +16,7 @@ use railnet_agent::{
 };
 use serde::Deserialize;
 
-use crate::{attachment, call, need, socket_path, unreachable, write_tombstone};
+use crate::{attachment, call, del_paths, need, paths, unreachable, write_tombstone};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -123,7 +123,7 @@ pub(crate) fn run(
             let netns = env("CNI_NETNS")
                 .and_then(|p| File::open(p).ok())
                 .filter(crate::is_network_namespace);
-            let socket = socket_path(stdin, env);
+            let socket = paths(stdin, env)?.socket;
             match call(&socket, Op::IpamAdd(req), netns.as_ref())
                 .map_err(|e| unreachable(code::TRY_AGAIN, &socket, e.to_string()))?
             {
@@ -186,13 +186,14 @@ pub(crate) fn run(
                 pod_uid: None,
                 ips: vec![],
             };
-            let socket = socket_path(stdin, env);
+            let paths = del_paths(stdin, env);
+            let socket = paths.socket.clone();
             match call(&socket, Op::IpamDel(req), None) {
                 Ok(Response::Ok { .. }) => Ok(None),
                 Ok(Response::Error(e)) => Err(e),
                 Err(e) => {
                     let att = attachment(stdin, env)?;
-                    write_tombstone(stdin, env, &att)
+                    write_tombstone(&paths.tombstones, &att)
                         .map(|()| None)
                         .map_err(|te| {
                             let mut err = unreachable(code::TRY_AGAIN, &socket, e.to_string());

@@ -8,7 +8,7 @@ use std::{
     fs::File,
     io::{IsTerminal, Read, Write},
     os::{fd::AsFd, unix::net::UnixStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::ExitCode,
     time::Duration,
 };
@@ -20,6 +20,7 @@ use railnet_agent::{
 
 mod install;
 mod ipam_plugin;
+mod node;
 
 /// The spec version this plugin reports for VERSION.
 pub(crate) const SPEC_VERSION: &str = "1.1.0";
@@ -113,7 +114,7 @@ fn run(
             let conf = parse(stdin)?;
             let att = attachment(stdin, env)?;
             let (netns_path, netns) = open_netns(env)?;
-            let socket = socket_path(stdin, env);
+            let socket = paths(stdin, env)?.socket;
             let resp = call(&socket, Op::Add(att), Some(&netns)).map_err(|e| {
                 unreachable(
                     code::TRY_AGAIN,
@@ -143,14 +144,15 @@ fn run(
             // DEL must succeed on configs and netns that are half gone.
             let att = attachment(stdin, env)?;
             let netns = env("CNI_NETNS").and_then(|p| File::open(p).ok());
-            let socket = socket_path(stdin, env);
+            let paths = del_paths(stdin, env);
+            let socket = paths.socket.clone();
             match call(&socket, Op::Del(att.clone()), netns.as_ref()) {
                 Ok(Response::Ok { .. }) => Ok(None),
                 Ok(Response::Error(e)) => Err(e),
                 // A pod must never hang in Terminating because the agent is
                 // away (an upgrade): leave a tombstone the agent finishes on
                 // start, and succeed.
-                Err(e) => write_tombstone(stdin, env, &att)
+                Err(e) => write_tombstone(&paths.tombstones, &att)
                     .map(|()| None)
                     .map_err(|te| {
                         unreachable(
@@ -163,7 +165,7 @@ fn run(
         }
         "STATUS" => {
             // Spec 1.1: 50, "the plugin is not available".
-            ask(&socket_path(stdin, env), Op::Status, None, 50)
+            ask(&paths(stdin, env)?.socket, Op::Status, None, 50)
         }
         "GC" => {
             // Spec 1.1: the runtime lists the attachments still valid for
@@ -186,7 +188,7 @@ fn run(
                 })
                 .unwrap_or_default();
             let op = Op::Gc(GcRequest { network, valid });
-            ask(&socket_path(stdin, env), op, None, code::TRY_AGAIN)
+            ask(&paths(stdin, env)?.socket, op, None, code::TRY_AGAIN)
         }
         "CHECK" => {
             let conf = parse(stdin)?;
@@ -200,7 +202,7 @@ fn run(
             let att = attachment(stdin, env)?;
             let (_, netns) = open_netns(env)?;
             ask(
-                &socket_path(stdin, env),
+                &paths(stdin, env)?.socket,
                 Op::Check(att),
                 Some(&netns),
                 code::TRY_AGAIN,
@@ -301,11 +303,7 @@ pub(crate) fn attachment(
 
 /// Records a DEL for the agent to finish: written to a temporary name, then
 /// renamed, so the agent never reads half a tombstone.
-pub(crate) fn write_tombstone(
-    stdin: &[u8],
-    env: &impl Fn(&str) -> Option<String>,
-    att: &Attachment,
-) -> Result<(), String> {
+pub(crate) fn write_tombstone(dir: &Path, att: &Attachment) -> Result<(), String> {
     let safe = |s: &str| {
         !s.is_empty()
             && s.len() <= 256
@@ -315,26 +313,28 @@ pub(crate) fn write_tombstone(
     if !safe(&att.container_id) || !safe(&att.ifname) || att.container_id.starts_with('.') {
         return Err("CNI_CONTAINERID or CNI_IFNAME is not a plain name".into());
     }
-    let dir = serde_json::from_slice::<serde_json::Value>(stdin)
-        .ok()
-        .and_then(|v| v.get("tombstoneDir")?.as_str().map(PathBuf::from))
-        .or_else(|| env("RAILNET_TOMBSTONES").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(api::DEFAULT_TOMBSTONES));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let path = api::tombstone_path(&dir, &att.container_id, &att.ifname);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = api::tombstone_path(dir, &att.container_id, &att.ifname);
     let tmp = path.with_extension("tmp");
     let body = serde_json::to_vec(att).map_err(|e| e.to_string())?;
     std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// `agentSocket` in the config, else `RAILNET_SOCKET`, else the default.
-pub(crate) fn socket_path(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> PathBuf {
-    serde_json::from_slice::<serde_json::Value>(stdin)
-        .ok()
-        .and_then(|v| v.get("agentSocket")?.as_str().map(PathBuf::from))
-        .or_else(|| env("RAILNET_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(api::DEFAULT_SOCKET))
+/// Where the node's agent is ([`node`]); a config naming other paths than
+/// the node's is refused.
+pub(crate) fn paths(
+    stdin: &[u8],
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<node::Paths, ApiError> {
+    node::resolve(stdin, env, node::settings()?.as_ref()).strict()
+}
+
+/// As [`paths`], for DEL, which must succeed on configs and nodes that are
+/// half gone: the node's paths whatever the config says (or, with no
+/// readable node settings, the config's).
+pub(crate) fn del_paths(stdin: &[u8], env: &impl Fn(&str) -> Option<String>) -> node::Paths {
+    node::resolve(stdin, env, node::settings().ok().flatten().as_ref()).paths
 }
 
 pub(crate) fn call(
@@ -380,6 +380,31 @@ fn doctor(args: &[String]) -> ExitCode {
     }
 }
 
+/// Where Multus keeps device-info files (the Device Information spec's
+/// directory): the only place railnet writes one.
+const DEVICE_INFO_ROOTS: [&str; 2] = [
+    "/var/run/k8s.cni.cncf.io/devinfo/",
+    "/run/k8s.cni.cncf.io/devinfo/",
+];
+
+/// `path` if it is a device-info file under [`DEVICE_INFO_ROOTS`]: the
+/// CNI runs as root, and the path comes from the network config, which a
+/// NAD author can write — it must not truncate any file on the node.
+fn device_info_path(path: &Path) -> std::io::Result<&Path> {
+    let inside = DEVICE_INFO_ROOTS.iter().any(|r| path.starts_with(r))
+        && !path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    if inside {
+        Ok(path)
+    } else {
+        Err(std::io::Error::other(format!(
+            "not a device-info file under {} (Multus's directory)",
+            DEVICE_INFO_ROOTS[0]
+        )))
+    }
+}
+
 /// With the `CNIDeviceInfoFile` capability, Multus passes a path in
 /// `runtimeConfig` and copies what the plugin writes there into the pod's
 /// `network-status` annotation: the workload learns each rail's RDMA
@@ -394,15 +419,50 @@ fn write_device_info(stdin: &[u8], result: &railnet_agent::api::AddResult) {
         return;
     };
     let path = Path::new(path);
-    let written = path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(path, rdma.device_info().to_string()));
+    let written = device_info_path(path).and_then(|path| {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?
+            .write_all(rdma.device_info().to_string().as_bytes())
+    });
     if let Err(e) = written {
         let _ = writeln!(
             std::io::stderr(),
             "railnet: could not write device info to {}: {e}",
             path.display()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A network config names the device-info file: only Multus's
+    /// directory is written, so a NAD cannot have root truncate a file.
+    #[test]
+    fn device_info_goes_only_under_multus_s_directory() {
+        for ok in [
+            "/var/run/k8s.cni.cncf.io/devinfo/cni/rail1-abc_net1",
+            "/run/k8s.cni.cncf.io/devinfo/cni/x.json",
+        ] {
+            assert!(device_info_path(Path::new(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/etc/shadow",
+            "/var/run/k8s.cni.cncf.io/devinfo/../../../etc/passwd",
+            "/var/run/k8s.cni.cncf.io/devinfox/cni/a",
+            "var/run/k8s.cni.cncf.io/devinfo/cni/a",
+        ] {
+            let e = device_info_path(Path::new(bad)).unwrap_err();
+            assert!(e.to_string().contains("devinfo"), "{bad}: {e}");
+        }
     }
 }

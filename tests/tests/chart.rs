@@ -87,6 +87,12 @@ fn check(objects: &[Value], deviceid: bool) -> Vec<Value> {
         .iter()
         .find_map(|a| a.strip_prefix("--socket="))
         .expect("--socket");
+    // The CNI calls the socket the node's settings name (railnet install).
+    let install = ds[0]["spec"]["template"]["spec"]["initContainers"][0]["command"].to_string();
+    assert!(
+        install.contains(&format!("\"--socket={socket}\"")),
+        "the CNI would call a socket the agent does not serve: {install}"
+    );
     let cm = of_kind(objects, "ConfigMap");
     let pools_yaml = cm[0]["data"]["pools.yaml"].as_str().unwrap();
     parse_pools(Path::new("pools.yaml"), pools_yaml)
@@ -101,12 +107,10 @@ fn check(objects: &[Value], deviceid: bool) -> Vec<Value> {
             conf["name"], nad["metadata"]["name"],
             "NAD and network names"
         );
-        let asked = conf["agentSocket"]
-            .as_str()
-            .unwrap_or("/run/railnet/agent.sock");
-        assert_eq!(
-            asked, socket,
-            "the CNI would call a socket the agent does not serve"
+        // The node says where its agent is (railnet install), not the NAD.
+        assert!(
+            conf.get("agentSocket").is_none() && conf.get("tombstoneDir").is_none(),
+            "a NAD names node paths: {conf}"
         );
         if deviceid {
             // Multus adds the VF's PCI address at runtime.
@@ -418,18 +422,29 @@ fn infiniband_example_renders_ib_sriov_networks_railnet_accepts() {
 }
 
 #[test]
-fn a_moved_socket_reaches_the_nads() {
+fn a_moved_socket_or_state_dir_reaches_the_node_s_cni_settings() {
     let objects = render(&[
         "-f",
         chart().join("examples/8-rail-roce.yaml").to_str().unwrap(),
         "--set",
         "agent.socketDir=/run/railnet-b",
+        "--set",
+        "agent.stateDir=/var/lib/railnet-b",
     ])
     .unwrap();
-    let nads = check(&objects, false);
-    assert_eq!(
-        railnet_conf(&nads[0])["agentSocket"],
-        "/run/railnet-b/agent.sock"
+    check(&objects, false);
+    let pod = &of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"];
+    let install = pod["initContainers"][0]["command"].to_string();
+    assert!(
+        install.contains("--socket=/run/railnet-b/agent.sock")
+            && install.contains("--tombstones=/var/lib/railnet-b/tombstones"),
+        "{install}"
+    );
+    let agent = pod["containers"][0]["args"].to_string();
+    assert!(
+        agent.contains("--socket=/run/railnet-b/agent.sock")
+            && agent.contains("--tombstones=/var/lib/railnet-b/tombstones"),
+        "{agent}"
     );
 }
 
@@ -614,4 +629,67 @@ fn helm_uninstall_first_runs_the_cleanup_job_with_only_what_it_deletes() {
     );
     let off = render(&["--set", "cleanup.enabled=false"]).unwrap();
     assert!(of_kind(&off, "Job").is_empty());
+}
+
+/// The values schema's pools are the agent's pools file: every field the
+/// schema offers is one the agent reads, and the agent's every field is in
+/// the schema, which refuses the rest as the agent does. (The schema once
+/// said `disabled` where the agent reads `disable`: a user following it
+/// crash-looped every agent.)
+#[test]
+fn the_schema_offers_exactly_the_pool_fields_the_agent_reads() {
+    use railnet_agent::{
+        config::field_names,
+        ipam::{PoolSpec, RouteSpec},
+    };
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("values.schema.json")).unwrap())
+            .unwrap();
+    let pool = &schema["properties"]["pools"]["items"];
+    for (what, object, fields) in [
+        ("pools[]", pool, field_names::<PoolSpec>()),
+        (
+            "pools[].routes[]",
+            &pool["properties"]["routes"]["items"],
+            field_names::<RouteSpec>(),
+        ),
+    ] {
+        let mut offered: Vec<&str> = object["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{what} has no properties in the schema"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut read = fields.to_vec();
+        offered.sort_unstable();
+        read.sort_unstable();
+        assert_eq!(offered, read, "{what}: the schema's fields vs the agent's");
+        assert_eq!(
+            object["additionalProperties"], false,
+            "{what}: the agent refuses unknown fields, the schema must too"
+        );
+    }
+    // And a pool using every field renders and is accepted by the agent.
+    let objects = render(&[
+        "--set-json",
+        r#"pools=[{"name":"p","subnet":"172.16.1.0/24","ips":["172.16.1.10-172.16.1.20"],"excludeIPs":["172.16.1.11"],"gateway":"172.16.1.1","routes":[{"to":"172.17.0.0/16","via":"172.16.1.1"}],"nodeName":["n"],"namespace":["ai"],"networks":["rail1"],"disable":true,"ipVersion":"ipv4"}]"#,
+    ])
+    .unwrap();
+    let cm = of_kind(&objects, "ConfigMap")
+        .into_iter()
+        .find(|c| c["data"]["pools.yaml"].is_string())
+        .expect("the pools ConfigMap");
+    parse_pools(
+        std::path::Path::new("pools.yaml"),
+        cm["data"]["pools.yaml"].as_str().unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("the agent refuses the schema's pool: {e:?}"));
+    // The schema refuses the old spelling.
+    assert!(
+        render(&[
+            "--set-json",
+            r#"pools=[{"name":"p","subnet":"172.16.1.0/24","disabled":true}]"#
+        ])
+        .is_err()
+    );
 }

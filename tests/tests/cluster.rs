@@ -205,6 +205,10 @@ fn railnet_in_a_real_cluster() {
         }
     }
 
+    // A NAD author cannot move the node's agent: a network naming another
+    // socket or tombstone directory is refused, and nothing is made there.
+    nad_cannot_move_the_agent(&mut c);
+
     // An SR-IOV network as GPU nodes run it: the device plugin advertises
     // the rail NIC's VFs, the pod asks for one in its limits and names the
     // network; kubelet allocates a VF, Multus reads which from kubelet's
@@ -575,6 +579,69 @@ fn patch_node_as(c: &Cluster, token: &str, node: &str, patch: &serde_json::Value
     (code.parse().unwrap_or(0), body.to_owned())
 }
 
+/// A NAD whose config names another agent socket and tombstone directory
+/// than the node's (which `railnet install` wrote beside the binary): the
+/// pod's sandbox is refused naming both, the pod still deletes, and the
+/// node has no such directory.
+#[track_caller]
+fn nad_cannot_move_the_agent(c: &mut Cluster) {
+    let settings = std::fs::read_to_string(c.nodes[0].path("/opt/cni/bin/railnet.node.json"))
+        .expect("railnet install wrote the node's settings");
+    assert!(settings.contains("/run/railnet/agent.sock"), "{settings}");
+    let config = json!({
+        "cniVersion": "0.3.1", "name": "elsewhere", "type": "railnet", "rail": 1,
+        "master": "eth1", "ippools": {"ipv4": ["rail1-*"]}, "matchMasterSubnet": true,
+        "agentSocket": "/run/elsewhere.sock", "tombstoneDir": "/var/tmp/railnet-elsewhere",
+    });
+    c.apply(
+        &json!({
+            "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": "elsewhere", "namespace": "default"},
+            "spec": {"config": config.to_string()},
+        })
+        .to_string(),
+    );
+    let mut pod: serde_json::Value = serde_json::from_str(&rail_pod("elsewhere", "node0")).unwrap();
+    pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] = "elsewhere".into();
+    c.apply(&pod.to_string());
+    let said = c.wait_for(
+        "the sandbox of a pod on a NAD naming another socket refused",
+        Duration::from_secs(60),
+        |c| {
+            let events = c.kubectl_json(&[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                "involvedObject.name=elsewhere",
+            ]);
+            events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["message"].as_str())
+                .find(|m| m.contains("agentSocket"))
+                .map(str::to_owned)
+        },
+    );
+    assert!(
+        said.contains("agentSocket /run/elsewhere.sock in the network config is not this node's (/run/railnet/agent.sock)"),
+        "{said}"
+    );
+    c.kubectl_ok(&["delete", "pod", "elsewhere", "--wait=true"]);
+    c.kubectl_ok(&["delete", "network-attachment-definition", "elsewhere"]);
+    let made = c.nodes[0]
+        .in_mounts("test")
+        .args(["-e", "/var/tmp/railnet-elsewhere"])
+        .status()
+        .unwrap();
+    assert!(
+        !made.success(),
+        "the NAD's tombstoneDir was created on node0"
+    );
+}
+
 /// The SR-IOV stage (see its call).
 #[track_caller]
 fn sriov_stage(c: &mut Cluster) {
@@ -732,13 +799,14 @@ fn uninstall(c: &mut Cluster, nodes_with_pods: &[usize]) {
     for n in 0..c.nodes.len() {
         let busy = nodes_with_pods.contains(&n);
         let cni = c.nodes[n].path("/opt/cni/bin/railnet");
+        let settings = c.nodes[n].path("/opt/cni/bin/railnet.node.json");
         c.wait_for(
             &format!(
                 "node{n}'s railnet CNI binary {}",
                 if busy { "kept" } else { "removed" }
             ),
             Duration::from_secs(60),
-            |_| (cni.exists() == busy).then_some(()),
+            |_| (cni.exists() == busy && settings.exists() == busy).then_some(()),
         );
         if !busy {
             assert!(

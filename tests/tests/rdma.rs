@@ -507,7 +507,12 @@ fn shared_add_uses_the_masters_device_and_refuses_a_master_without_one() {
     let pod = fabric.pod(0);
     // Multus, for a network with the CNIDeviceInfoFile capability, names
     // a file the plugin fills and copies it into network-status.
-    let devinfo = std::env::temp_dir().join(format!("railnet-devinfo-{}", std::process::id()));
+    // (Multus's directory: the only place railnet writes device info; this
+    // runs in the qemu guest.)
+    let devinfo = std::path::PathBuf::from(format!(
+        "/run/k8s.cni.cncf.io/devinfo/cni-test-{}",
+        std::process::id()
+    ));
     let mut conf = fabric.netconf(1, &agent, "ebpf");
     conf["runtimeConfig"] = serde_json::json!({
         "CNIDeviceInfoFile": devinfo.join("rail1-net1.json"),

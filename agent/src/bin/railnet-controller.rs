@@ -6,9 +6,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use railnet_agent::{
-    controller::{
-        BlockSweeper, ClaimSweeper, Leader, RenderOptions, node_names, pod_uids, reconcile,
-    },
+    controller::{BlockSweeper, ClaimSweeper, Leader, node_names, pod_uids, reconcile},
     ipam::cluster,
 };
 use tracing::{info, warn};
@@ -41,13 +39,6 @@ struct Args {
     /// Seconds between passes (and renewals).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     interval: u64,
-    /// agentSocket written into NADs, when the agents listen elsewhere
-    /// than /run/railnet/agent.sock.
-    #[arg(long)]
-    agent_socket: Option<String>,
-    /// tombstoneDir written into NADs (with --agent-socket).
-    #[arg(long)]
-    tombstone_dir: Option<String>,
     /// Seconds a claim's pod must be missing from the cluster before its
     /// address is released, and a block's node before the block is given
     /// back (Kubernetes IPAM mode); 0 turns both sweeps off.
@@ -216,10 +207,6 @@ fn main() -> ExitCode {
             &identity,
             Duration::from_secs(args.lease_seconds),
         );
-        let opts = RenderOptions {
-            agent_socket: args.agent_socket.clone(),
-            tombstone_dir: args.tombstone_dir.clone(),
-        };
         let metrics = std::sync::Arc::new(railnet_agent::controller::Metrics::default());
         match tokio::net::TcpListener::bind(args.metrics_address).await {
             Ok(l) => {
@@ -308,7 +295,7 @@ fn main() -> ExitCode {
                 }
             }
             if leading {
-                let result = reconcile(&client, &opts).await;
+                let result = reconcile(&client).await;
                 match &result {
                     Ok(pass) => metrics.record(pass),
                     Err(_) => {

@@ -16,7 +16,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-pub use pool::{IpamError, Pool, PoolSpec};
+pub use pool::{IpamError, Pool, PoolSpec, RouteSpec};
 pub use select::{Candidates, PoolRequest, Rejection, select, wildcard_match};
 use serde::{Deserialize, Serialize};
 
