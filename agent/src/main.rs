@@ -336,6 +336,7 @@ fn main() -> ExitCode {
                     .join("pods")
             }),
         )),
+        sweep_gate: std::sync::RwLock::new(()),
     });
     if let Some((file, cluster)) = file_pools {
         let (service, every) = (
@@ -530,6 +531,11 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombs
         let tombstones = tombstones.clone();
         let removed = tokio::task::spawn_blocking(move || {
             service.finish_tombstones(&tombstones);
+            // No ADD between the look and the releases (see sweep_gate).
+            let _gate = service
+                .sweep_gate
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
             let live = railnet_agent::netns::LiveNetns::scan();
             let mut removed = dataplane::sweep(&service.pin_root, &live);
             for cid in &removed {

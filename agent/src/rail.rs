@@ -73,6 +73,28 @@ pub struct RailService {
     /// Where each pod's rails are written for its workload
     /// (`<dir>/<pod UID>/`); `None`: nowhere.
     pub pod_info: Option<crate::podinfo::PodInfo>,
+    /// ADDs hold it shared, the sweep exclusively from its look at the
+    /// live namespaces to its last release: an ADD finishing in between
+    /// (its netns made after the look) would otherwise be taken for a
+    /// pod that is gone.
+    pub sweep_gate: std::sync::RwLock<()>,
+}
+
+/// Refuses a pod netns the sweep could not find later (not pinned under
+/// `/run/netns` or `/var/run/netns`, and no process of it visible in
+/// `/proc`): the sweep would release its addresses and pins within one
+/// interval, taking the pod for gone.
+fn sweep_can_see(id: NetnsId) -> Result<(), ApiError> {
+    if id.inode == 0 || crate::netns::path_of(id.inode).is_some() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        code::INVALID_ENV,
+        "the pod's network namespace is not visible to the agent",
+        "it is neither pinned under /run/netns or /var/run/netns nor held by a process the agent can see \
+         (its CNI_NETNS is likely /proc/<pid>/ns/net): run the agent with the host's PID namespace \
+         (chart: agent.hostPID=true), or the agent would take the pod for gone",
+    ))
 }
 
 fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
@@ -222,6 +244,7 @@ impl RailService {
     /// further threads and blocks on netlink). A Kubernetes pod's rail is
     /// also written where its workload reads it ([`crate::podinfo`]).
     pub fn add(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
+        let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
         let result = self.add_rail(att, netns)?;
         if let (Some(info), Some(uid)) = (&self.pod_info, att.args.get("K8S_POD_UID")) {
             let rail = crate::podinfo::RailInfo::of(
@@ -274,6 +297,7 @@ impl RailService {
         let rdma = rdma_plan(&conf, &self.sysfs_root)?;
         // Read once: it takes a thread that enters the pod netns.
         let netns_id = netns.id();
+        sweep_can_see(netns_id)?;
         // A repeat of an ADD (same container and interface) gets the
         // addresses it holds already: a failure of this ADD must not
         // release what an earlier one made and a pod may be using.
@@ -839,12 +863,15 @@ impl RailService {
         netns: Option<&PodNetns>,
     ) -> Result<IpamResult, ApiError> {
         check_ids(&req.container_id, &req.ifname)?;
+        let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
+        let netns_id = netns.map(PodNetns::id).unwrap_or_default();
+        sweep_can_see(netns_id)?;
         let addrs = match self.allocate(
             &req.container_id,
             &req.ifname,
             &req.ippools,
             req.match_master.as_deref(),
-            netns.map(PodNetns::id).unwrap_or_default(),
+            netns_id,
             (
                 &req.network,
                 PodIds {

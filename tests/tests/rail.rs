@@ -286,3 +286,45 @@ fn a_repeated_add_keeps_the_address_the_pod_is_using() {
         "another pod got the address the first pod still uses"
     );
 }
+
+/// A pod netns the agent's sweep could not find later — held by no process
+/// it sees and pinned nowhere it looks, as `/proc/<pid>/ns/net` of a pod
+/// looks to an agent without the host's PID namespace — is refused at ADD,
+/// naming the fix, before any address: the next sweep would otherwise
+/// take the live pod for gone and release its addresses.
+#[test]
+fn a_netns_the_sweep_cannot_see_is_refused_before_any_address() {
+    let fabric = Fabric::new(&[1]);
+    let agent = Agent::start(&fabric.node, &fabric.pools());
+    let dir = railnet_tests::ScratchDir::new("hidden-netns");
+    let file = dir.path().join("ns");
+    std::fs::write(&file, b"").unwrap();
+    // A namespace held only by a bind mount on this file.
+    railnet_tests::sh(
+        std::process::Command::new("unshare")
+            .arg(format!("--net={}", file.display()))
+            .arg("true"),
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&file);
+    let out = cni(
+        "ADD",
+        &fabric.netconf(1, &agent),
+        &unique("c"),
+        Some(&file),
+        "net1",
+    );
+    assert!(!out.ok, "{}", out.stdout);
+    assert_eq!(out.json["code"], 4, "{}", out.stdout);
+    let said = format!("{} {}", out.json["msg"], out.json["details"]);
+    assert!(
+        said.contains("not visible to the agent") && said.contains("agent.hostPID"),
+        "{said}"
+    );
+    assert_eq!(agent.allocations(&fabric.node), 0, "an address was held");
+}
