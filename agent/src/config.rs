@@ -158,6 +158,27 @@ mod tests {
     }
 }
 
+/// Why each pool that is not pinned to exactly one node cannot be served
+/// by a local store on one node of many: every node it names (all, when
+/// it names none) would hand out the same addresses.
+pub fn unpinned(pools: &[PoolSpec]) -> Vec<String> {
+    pools
+        .iter()
+        .filter(|p| p.node_name.len() != 1)
+        .map(|p| {
+            let whose = if p.node_name.is_empty() {
+                "every node".to_owned()
+            } else {
+                format!("nodes {}", p.node_name.join(", "))
+            };
+            format!(
+                "pool {} would hand out the same addresses on {whose}: with the local store each node allocates on its own — pin it to one node (nodeName: [<node>]), or use ipam.store: kubernetes for pools shared by nodes",
+                p.name
+            )
+        })
+        .collect()
+}
+
 /// The field names a config struct accepts, as written in the file (after
 /// serde's renames), read from its `Deserialize` impl: the chart's values
 /// schema is tested against them, so the two cannot drift apart.
@@ -219,5 +240,24 @@ mod field_tests {
             assert!(fields.contains(&f), "{f} not in {fields:?}");
         }
         assert_eq!(field_names::<ConfigFile>(), ["pools"]);
+    }
+
+    #[test]
+    fn pools_for_a_local_store_on_many_nodes_are_pinned_to_one() {
+        let pools = parse_pools(
+            Path::new("pools.yaml"),
+            "pools:\n\
+             - {name: pinned, subnet: 172.16.1.0/27, nodeName: [n1]}\n\
+             - {name: everywhere, subnet: 172.16.2.0/24}\n\
+             - {name: two, subnet: 172.16.3.0/24, nodeName: [n1, n2]}\n",
+        )
+        .unwrap();
+        let why = unpinned(&pools);
+        assert_eq!(why.len(), 2, "{why:?}");
+        assert!(
+            why[0].starts_with("pool everywhere would hand out the same addresses on every node")
+        );
+        assert!(why[1].contains("pool two") && why[1].contains("nodes n1, n2"));
+        assert!(why.iter().all(|w| w.contains("ipam.store: kubernetes")));
     }
 }

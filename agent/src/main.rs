@@ -77,6 +77,12 @@ struct Args {
     /// This agent's DaemonSet, `<namespace>/<name>`.
     #[arg(long)]
     daemonset: Option<String>,
+    /// This agent serves one node of many, each with its own local store
+    /// (the chart sets it): a pool not pinned to exactly one node
+    /// (`nodeName`) would hand out the same addresses on every node it
+    /// names, so it is refused. A standalone agent (one box) needs no pins.
+    #[arg(long, env = "RAILNET_REQUIRE_PINNED_POOLS")]
+    require_pinned_pools: bool,
     /// Label this node `railnet.io/rdma-netns-mode` with the kernel's RDMA
     /// netns mode (`exclusive`, `shared`, `none`), in either IPAM mode:
     /// the webhook schedules exclusive-mode pods by it. Needs patch on
@@ -204,6 +210,15 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
+    if args.require_pinned_pools && matches!(args.ipam_store, StoreKind::Local) {
+        let shared = config::unpinned(&specs);
+        if !shared.is_empty() {
+            for e in shared {
+                eprintln!("railnet-agent: {}: {e}", args.config.display());
+            }
+            return ExitCode::from(exit::CONFIG);
+        }
+    }
     let node_name = args.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())

@@ -693,3 +693,30 @@ fn the_schema_offers_exactly_the_pool_fields_the_agent_reads() {
         .is_err()
     );
 }
+
+/// With the default local store each node allocates on its own: a pool
+/// shared by nodes would hand the same address to pods on two nodes. The
+/// chart refuses it naming the pool and both ways out, and tells the agent
+/// to refuse it too (a pools file edited by hand).
+#[test]
+fn a_local_store_pool_shared_by_nodes_is_refused() {
+    for pool in [
+        r#"pools=[{"name":"rail1","subnet":"172.16.1.0/24"}]"#,
+        r#"pools=[{"name":"rail1","subnet":"172.16.1.0/24","nodeName":["a","b"]}]"#,
+    ] {
+        let err = render(&["--set-json", pool]).unwrap_err();
+        assert!(
+            err.contains("pools[0] (rail1) is not pinned to one node")
+                && err.contains("nodeName: [<node>]")
+                && err.contains("ipam.store: kubernetes"),
+            "{err}"
+        );
+        render(&["--set-json", pool, "--set", "ipam.store=kubernetes"])
+            .unwrap_or_else(|e| panic!("a shared pool with the kubernetes store: {e}"));
+    }
+    let objects = render(&[]).unwrap();
+    let args =
+        of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string();
+    assert!(args.contains("--require-pinned-pools"), "{args}");
+}
