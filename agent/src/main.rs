@@ -83,6 +83,12 @@ struct Args {
     /// names, so it is refused. A standalone agent (one box) needs no pins.
     #[arg(long, env = "RAILNET_REQUIRE_PINNED_POOLS")]
     require_pinned_pools: bool,
+    /// The interfaces a network may name as its master (names, `*`
+    /// wildcards, comma-separated; e.g. `eno*np1`): any other is refused
+    /// at ADD. Unset: any (whoever writes NADs is then trusted to name
+    /// only rail NICs).
+    #[arg(long, env = "RAILNET_ALLOWED_MASTERS", value_delimiter = ',')]
+    allowed_masters: Vec<String>,
     /// Label this node `railnet.io/rdma-netns-mode` with the kernel's RDMA
     /// netns mode (`exclusive`, `shared`, `none`), in either IPAM mode:
     /// the webhook schedules exclusive-mode pods by it. Needs patch on
@@ -352,6 +358,7 @@ fn main() -> ExitCode {
             }),
         )),
         sweep_gate: std::sync::RwLock::new(()),
+        allowed_masters: args.allowed_masters.clone(),
     });
     if let Some((file, cluster)) = file_pools {
         let (service, every) = (

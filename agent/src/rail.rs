@@ -78,6 +78,10 @@ pub struct RailService {
     /// (its netns made after the look) would otherwise be taken for a
     /// pod that is gone.
     pub sweep_gate: std::sync::RwLock<()>,
+    /// The masters (names, `*` wildcards) a network may name; empty: any.
+    /// The node's operator sets it: a NAD author may otherwise hang pods
+    /// off any interface of the node (its management NIC, say).
+    pub allowed_masters: Vec<String>,
 }
 
 /// Refuses a pod netns the sweep could not find later (not pinned under
@@ -196,6 +200,8 @@ fn rdma_plan(conf: &NetConf, sysfs: &Path) -> Result<RdmaPlan, ApiError> {
                 ),
             ));
         };
+        sriov::must_be_vf(sysfs, &bdf)
+            .map_err(|e| invalid(format!("deviceID {bdf} cannot be given to a pod"), e))?;
         let dev = nl
             .device(&name)
             .map_err(|e| dp("looking up the VF's RDMA device", e))?;
@@ -281,6 +287,25 @@ impl RailService {
                 code::INVALID_ENV,
                 "invalid CNI_IFNAME",
                 format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
+            ));
+        }
+        if !conf.master.is_empty()
+            && !self.allowed_masters.is_empty()
+            && !self
+                .allowed_masters
+                .iter()
+                .any(|m| crate::ipam::wildcard_match(m, &conf.master))
+        {
+            return Err(invalid(
+                format!(
+                    "master {} is not one this node allows for rails",
+                    conf.master
+                ),
+                format!(
+                    "the node allows {} (chart: agent.allowedMasters); name one of them in network {}",
+                    self.allowed_masters.join(", "),
+                    conf.name
+                ),
             ));
         }
         // ib-kubernetes (when the network waits for it) must have given the
@@ -494,6 +519,8 @@ impl RailService {
         mac: Option<[u8; 6]>,
     ) -> Result<PreparedVf, ApiError> {
         let bdf = conf.device_id.clone().unwrap_or_default();
+        sriov::must_be_vf(&self.sysfs_root, &bdf)
+            .map_err(|e| invalid(format!("deviceID {bdf} cannot be given to a pod"), e))?;
         let vf = sriov::vf_netdev(&self.sysfs_root, &bdf)
             .map_err(|e| invalid(format!("VF {bdf} (deviceID) cannot be used"), e))?;
         // VF attributes go through the PF: find it before changing anything.

@@ -189,6 +189,21 @@ pub fn wait_for_netdev(
     }
 }
 
+/// Refuses a PCI address that is not a VF (`<sysfs>/bus/pci/devices/<bdf>/physfn`
+/// missing): the sriov modes move the netdev of `deviceID` into a pod, and
+/// RDMA isolation its RDMA device — named by a NAD, a PF would take the
+/// node's own NIC (its uplink, say) away from it.
+pub fn must_be_vf(sysfs: &Path, bdf: &str) -> Result<(), String> {
+    let physfn = sysfs.join("bus/pci/devices").join(bdf).join("physfn");
+    if std::fs::symlink_metadata(&physfn).is_ok() {
+        return Ok(());
+    }
+    Err(format!(
+        "{bdf} is not a VF ({} is missing): railnet moves only VFs into pods, never a PF or another device of the node",
+        physfn.display()
+    ))
+}
+
 /// The PF netdev and VF number of VF `bdf`: `<sysfs>/bus/pci/devices/<bdf>/physfn`
 /// is the PF's PCI function, whose `net/` holds its netdev and whose
 /// `virtfn<N>` links name its VFs.

@@ -720,3 +720,20 @@ fn a_local_store_pool_shared_by_nodes_is_refused() {
             .to_string();
     assert!(args.contains("--require-pinned-pools"), "{args}");
 }
+
+/// agent.allowedMasters reaches the agent as one flag; unset, no flag (any
+/// master).
+#[test]
+fn allowed_masters_reach_the_agent() {
+    let args = |objects: &[Value]| {
+        of_kind(objects, "DaemonSet")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string()
+    };
+    let set = render(&["--set", "agent.allowedMasters={eno*np1,ib*}"]).unwrap();
+    assert!(
+        args(&set).contains("\"--allowed-masters=eno*np1,ib*\""),
+        "{}",
+        args(&set)
+    );
+    assert!(!args(&render(&[]).unwrap()).contains("--allowed-masters"));
+}

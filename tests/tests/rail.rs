@@ -328,3 +328,33 @@ fn a_netns_the_sweep_cannot_see_is_refused_before_any_address() {
     );
     assert_eq!(agent.allocations(&fabric.node), 0, "an address was held");
 }
+
+/// With an allow-list of masters (the node's rail NICs), a network naming
+/// another interface is refused at ADD, naming it and the list, before
+/// any address; one naming an allowed NIC is wired.
+#[test]
+fn a_master_the_node_does_not_allow_is_refused() {
+    let fabric = Fabric::new(&[1, 2]);
+    let agent = Agent::start_with(
+        &fabric.node,
+        &fabric.pools(),
+        &["--allowed-masters", "eth1,none*"],
+    );
+    let cid = unique("c");
+    let pod = fabric.pod.path();
+    let refused = cni("ADD", &fabric.netconf(2, &agent), &cid, Some(&pod), "net2");
+    assert!(!refused.ok);
+    assert_eq!(refused.json["code"], 7, "{}", refused.stdout);
+    let said = format!("{} {}", refused.json["msg"], refused.json["details"]);
+    assert!(
+        said.contains("master eth2 is not one this node allows")
+            && said.contains("eth1, none*")
+            && said.contains("agent.allowedMasters"),
+        "{said}"
+    );
+    assert!(!fabric.pod.has_link("net2"));
+    assert_eq!(agent.allocations(&fabric.node), 0);
+    let ok = cni("ADD", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1");
+    assert!(ok.ok, "{}\n{}", ok.stdout, agent.log());
+    assert!(cni("DEL", &fabric.netconf(1, &agent), &cid, Some(&pod), "net1").ok);
+}

@@ -660,6 +660,9 @@ fn exclusive_an_ib_vf_whose_device_cannot_move_is_refused_with_nothing_changed()
     let pci = sysfs.path().join("bus/pci/devices").join(BDF);
     std::fs::create_dir_all(pci.join("net/ib4v")).unwrap();
     std::fs::create_dir_all(pci.join("infiniband/rxeib4")).unwrap();
+    // A VF: its PF's function (no PF netdev needed without VF attributes).
+    std::fs::create_dir_all(sysfs.path().join("bus/pci/devices/0000:3b:00.0")).unwrap();
+    std::os::unix::fs::symlink("../0000:3b:00.0", pci.join("physfn")).unwrap();
     let agent = Agent::start_with(
         node,
         &fabric.pools(0),
@@ -713,6 +716,8 @@ fn shared_a_vf_s_rdma_counters_carry_the_pod_holding_it() {
     let sysfs = railnet_tests::ScratchDir::new("sysfs");
     let pci = sysfs.path().join("bus/pci/devices").join(BDF);
     std::fs::create_dir_all(pci.join("net/ens1f0v3")).unwrap();
+    std::fs::create_dir_all(sysfs.path().join("bus/pci/devices/0000:3b:00.0")).unwrap();
+    std::os::unix::fs::symlink("../0000:3b:00.0", pci.join("physfn")).unwrap();
     let ib = sysfs.path().join("class/infiniband/rxevf3");
     std::fs::create_dir_all(&ib).unwrap();
     std::os::unix::fs::symlink(&pci, ib.join("device")).unwrap();

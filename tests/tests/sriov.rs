@@ -21,15 +21,18 @@ const BDF: &str = "0000:3b:00.3";
 const VF_MAC: &str = "02:00:00:00:03:03";
 const POD_MAC: &str = "02:aa:00:00:00:01";
 
-/// The agent's sysfs tree for VF `BDF` (netdev `VF`) and, if given, its
-/// PF: netdev `pf` at 0000:3b:00.0, listing the VF as `virtfn<n>`.
+/// The agent's sysfs tree for VF `BDF` (netdev `VF`) of a PF at
+/// 0000:3b:00.0: if given, netdev `pf` listing the VF as `virtfn<n>`;
+/// else the node's own rail NIC `eth1`, listing no VF (its VF attributes
+/// cannot be set).
 fn sysfs_for_vf(pf: Option<(&str, u32)>) -> ScratchDir {
     let sysfs = ScratchDir::new("sysfs");
     let devs = sysfs.path().join("bus/pci/devices");
     std::fs::create_dir_all(devs.join(BDF).join("net").join(VF)).unwrap();
-    if let Some((pf, n)) = pf {
-        std::fs::create_dir_all(devs.join("0000:3b:00.0/net").join(pf)).unwrap();
-        std::os::unix::fs::symlink("../0000:3b:00.0", devs.join(BDF).join("physfn")).unwrap();
+    std::os::unix::fs::symlink("../0000:3b:00.0", devs.join(BDF).join("physfn")).unwrap();
+    let netdev = pf.map_or("eth1", |(pf, _)| pf);
+    std::fs::create_dir_all(devs.join("0000:3b:00.0/net").join(netdev)).unwrap();
+    if let Some((_, n)) = pf {
         std::os::unix::fs::symlink(
             format!("../{BDF}"),
             devs.join(format!("0000:3b:00.0/virtfn{n}")),
@@ -107,6 +110,18 @@ fn a_vf_moves_in_carries_its_rail_and_comes_back_as_it_was() {
     assert_eq!(agent.allocations(node), 0);
     // DEL again (runtimes retry): nothing to do, success.
     assert!(cni("DEL", &conf, "vf-pod", Some(&pod.ns.path()), "net1").ok);
+
+    // The PF itself (the node's own rail NIC, eth1): never moved into a pod.
+    conf["deviceID"] = "0000:3b:00.0".into();
+    let pf = cni("ADD", &conf, "vf-pod-pf", Some(&pod.ns.path()), "net1");
+    assert!(!pf.ok);
+    assert!(
+        pf.stdout.contains("0000:3b:00.0 is not a VF"),
+        "{}",
+        pf.stdout
+    );
+    assert!(node.has_link("eth1") && !pod.ns.has_link("net1"));
+    assert_eq!(agent.allocations(node), 0);
 
     // A PCI address that is no VF of this node: refused, naming it.
     conf["deviceID"] = "0000:3b:00.7".into();
@@ -419,7 +434,7 @@ fn an_ib_vf_moves_in_and_back_and_a_guid_needs_its_pf() {
     assert!(!refused.ok);
     let text = format!("{} {}", refused.json["msg"], refused.json["details"]);
     assert!(
-        text.contains("GUIDs are set through its PF") && text.contains("physfn"),
+        text.contains("GUIDs are set through its PF") && text.contains("no virtfn link"),
         "{text}"
     );
     assert!(node.has_link(VF) && !pod.ns.has_link("net1"));
