@@ -168,19 +168,57 @@ impl State {
 
     /// Holds a loaded allocation, marking its address taken in its pool.
     fn adopt(&mut self, a: &Allocation) {
-        let pools = self.pools.clone();
-        match (pools.get(&a.pool), self.index.get_mut(&a.pool)) {
-            (Some(pool), Some(index)) if pool.subnet.contains(&a.address) => {
+        if self.own_pool_covers(&a.pool, a.address) {
+            let pools = self.pools.clone();
+            if let (Some(pool), Some(index)) = (pools.get(&a.pool), self.index.get_mut(&a.pool)) {
                 index.mark(pool, a.address);
             }
-            // The pool was removed or changed under a live allocation:
-            // keep holding the address (never hand it out twice), say so.
-            _ => tracing::warn!(
+        } else {
+            // The pool was removed, renamed or changed under a live
+            // allocation: keep the address, in whichever pools now cover
+            // it, until it is released (never hand it out twice).
+            let covering = self.mark_orphan(a.address);
+            tracing::warn!(
                 pool = %a.pool, address = %a.address, container = %a.key.container_id,
-                "allocation refers to a pool that no longer holds it; kept until released"
-            ),
+                held_by = ?covering,
+                "allocation refers to a pool that no longer holds it; kept (in the pools that now cover it) until released"
+            );
         }
         self.hold(a);
+    }
+
+    /// Whether pool `name`, as the pools are now, covers `address`.
+    fn own_pool_covers(&self, name: &str, address: IpAddr) -> bool {
+        self.pools.get(name).is_some_and(|p| p.covers(address))
+    }
+
+    /// Marks `address`, held under a pool that no longer covers it, taken
+    /// in every pool that does. Returns their names.
+    fn mark_orphan(&mut self, address: IpAddr) -> Vec<String> {
+        let pools = self.pools.clone();
+        let mut names = Vec::new();
+        for (name, pool) in pools.iter().filter(|(_, p)| p.covers(address)) {
+            if let Some(index) = self.index.get_mut(name) {
+                index.mark(pool, address);
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+
+    /// Gives back an address held under pool `name`: to that pool if it
+    /// covers it, else to every pool that does ([`Self::mark_orphan`]).
+    fn free(&mut self, name: &str, address: IpAddr) {
+        let pools = self.pools.clone();
+        let targets: Vec<(&String, &Pool)> = match pools.get_key_value(name) {
+            Some(own) if own.1.covers(address) => vec![own],
+            _ => pools.iter().filter(|(_, p)| p.covers(address)).collect(),
+        };
+        for (n, pool) in targets {
+            if let Some(index) = self.index.get_mut(n) {
+                index.free(pool, address);
+            }
+        }
     }
 
     fn hold(&mut self, a: &Allocation) {
@@ -328,6 +366,17 @@ impl Ipam {
             .collect();
         state.index = index;
         state.pools = Arc::new(new);
+        // Addresses held under pools that are gone or no longer cover them
+        // stay taken in the pools that now do.
+        let orphans: Vec<IpAddr> = state
+            .held
+            .values()
+            .filter(|h| !state.own_pool_covers(&h.pool, h.address))
+            .map(|h| h.address)
+            .collect();
+        for address in orphans {
+            state.mark_orphan(address);
+        }
         Ok(changes)
     }
 
@@ -637,15 +686,10 @@ impl Ipam {
     fn release_keys(&self, keys: &[AllocationKey]) -> Result<Vec<Allocation>, IpamError> {
         let released: Vec<Allocation> = {
             let mut state = self.lock();
-            let pools = state.pools.clone();
             let mut out = Vec::new();
             for k in keys {
                 if let Some(h) = state.held.remove(k) {
-                    if let (Some(pool), Some(index)) =
-                        (pools.get(&*h.pool), state.index.get_mut(&*h.pool))
-                    {
-                        index.free(pool, h.address);
-                    }
+                    state.free(&h.pool, h.address);
                     out.push(State::record(k, &h));
                 }
             }
@@ -901,6 +945,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Pool `name` of four addresses, 10.0.0.2-10.0.0.5.
+    fn four(name: &str) -> PoolSpec {
+        spec(name, "10.0.0.0/24", &["10.0.0.2-10.0.0.5"], None)
+    }
+
+    /// Every address `pool` hands out until it is full.
+    fn drain(ipam: &Ipam, pool: &str, from: usize) -> Vec<IpAddr> {
+        let mut got = Vec::new();
+        while let Ok(a) = ipam.allocate(key(from + got.len()), &only(pool), NetnsId::default()) {
+            got.push(a.address);
+        }
+        got
+    }
+
+    /// A pool renamed (or removed) under live allocations: their addresses
+    /// stay held by the pool that now covers them, whether the change comes
+    /// while the agent runs (RailPools) or across a restart (the pools
+    /// file), until they are released.
+    #[test]
+    fn an_address_held_under_a_gone_pool_is_held_by_the_pool_that_covers_it() {
+        let ipam = Ipam::new(vec![four("old")]).unwrap();
+        let held: Vec<IpAddr> = drain(&ipam, "old", 0)[..2].to_vec();
+        ipam.release("c2", "net1").unwrap();
+        ipam.release("c3", "net1").unwrap();
+        ipam.replace_pools(vec![four("renamed")]).unwrap();
+        let fresh = drain(&ipam, "renamed", 100);
+        assert_eq!(fresh.len(), 2, "{fresh:?}");
+        assert!(
+            fresh.iter().all(|a| !held.contains(a)),
+            "{held:?} handed out again: {fresh:?}"
+        );
+        // Released, an orphan's address is the covering pool's again.
+        ipam.release("c0", "net1").unwrap();
+        assert_eq!(drain(&ipam, "renamed", 200), vec![held[0]]);
+
+        // Across a restart: the store's allocation names the old pool.
+        let dir = scratch("orphan");
+        let db = dir.join("ipam.redb");
+        let before = {
+            let ipam = Ipam::with_store(vec![four("old")], Box::new(RedbStore::open(&db).unwrap()))
+                .unwrap();
+            ipam.allocate(key(0), &only("old"), NetnsId::default())
+                .unwrap()
+                .address
+        };
+        let ipam = Ipam::with_store(
+            vec![four("renamed")],
+            Box::new(RedbStore::open(&db).unwrap()),
+        )
+        .unwrap();
+        let fresh = drain(&ipam, "renamed", 100);
+        assert_eq!(fresh.len(), 3);
+        assert!(!fresh.contains(&before), "{before} handed out twice");
+        drop(ipam);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

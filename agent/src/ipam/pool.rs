@@ -481,6 +481,12 @@ impl PoolIndex {
 
 impl Pool {
     /// Offset of address number `n` in the pool's ranges.
+    /// Whether `address` is one of the pool's (in its ranges, excluded or
+    /// not).
+    pub(crate) fn covers(&self, address: IpAddr) -> bool {
+        self.offset_of(num(address)).is_some()
+    }
+
     fn offset_of(&self, n: u128) -> Option<u128> {
         let mut base = 0;
         for &(a, b) in &self.ranges {
