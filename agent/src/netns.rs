@@ -53,6 +53,16 @@ impl PodNetns {
         Self { fd }
     }
 
+    /// Wraps a received fd if it is a network namespace (`NS_GET_NSTYPE`);
+    /// any other fd means nothing to the agent and is refused.
+    pub fn checked(fd: OwnedFd) -> Result<Self, OwnedFd> {
+        if is_network_namespace(fd.as_fd()) {
+            Ok(Self { fd })
+        } else {
+            Err(fd)
+        }
+    }
+
     /// Opens a netns by path (`/var/run/netns/x`, `/proc/<pid>/ns/net`).
     pub fn open(path: &Path) -> Result<Self, NetnsError> {
         let file = File::open(path).map_err(|source| NetnsError::Open {
@@ -146,6 +156,16 @@ fn current_cookie() -> Option<u64> {
         )
     };
     (rc == 0).then_some(cookie)
+}
+
+/// Whether `fd` is a network namespace (`NS_GET_NSTYPE`, Linux 4.11).
+pub fn is_network_namespace(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    // _IO(0xb7, 0x3), linux/nsfs.h.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without argument on a descriptor the caller holds.
+    let kind = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+    kind == libc::CLONE_NEWNET
 }
 
 /// A path that opens the network namespace with nsfs inode `inode`: one a

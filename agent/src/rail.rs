@@ -84,6 +84,27 @@ pub struct RailService {
     pub allowed_masters: Vec<String>,
 }
 
+/// Refuses an ADD for (container, ifname) from another netns than the one
+/// its addresses were allocated for: a repeat ADD comes from the same pod;
+/// another caller naming that container would be handed the pod's
+/// addresses, wired into its own netns. Unknown (zero) parts are not held
+/// against it.
+fn same_netns(ipam: &Ipam, container_id: &str, ifname: &str, now: NetnsId) -> Result<(), ApiError> {
+    let Some(then) = ipam.netns_of(container_id, ifname) else {
+        return Ok(());
+    };
+    let differs = (then.inode != 0 && now.inode != 0 && then.inode != now.inode)
+        || (then.cookie != 0 && now.cookie != 0 && then.cookie != now.cookie);
+    if differs {
+        return Err(ApiError::new(
+            code::INVALID_ENV,
+            format!("{container_id}/{ifname} holds addresses made for another network namespace"),
+            "an ADD repeated for a container must come from its own netns: is CNI_CONTAINERID another pod's?",
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses a pod netns the sweep could not find later (not pinned under
 /// `/run/netns` or `/var/run/netns`, and no process of it visible in
 /// `/proc`): the sweep would release its addresses and pins within one
@@ -323,6 +344,7 @@ impl RailService {
         // Read once: it takes a thread that enters the pod netns.
         let netns_id = netns.id();
         sweep_can_see(netns_id)?;
+        same_netns(&self.ipam, &att.container_id, &att.ifname, netns_id)?;
         // A repeat of an ADD (same container and interface) gets the
         // addresses it holds already: a failure of this ADD must not
         // release what an earlier one made and a pod may be using.
@@ -893,6 +915,7 @@ impl RailService {
         let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
         let netns_id = netns.map(PodNetns::id).unwrap_or_default();
         sweep_can_see(netns_id)?;
+        same_netns(&self.ipam, &req.container_id, &req.ifname, netns_id)?;
         let addrs = match self.allocate(
             &req.container_id,
             &req.ifname,
@@ -1053,13 +1076,30 @@ impl RailService {
             .iter()
             .map(|(c, i)| (c.as_str(), i.as_str()))
             .collect();
+        // An attachment whose pod netns is still alive is a live pod's,
+        // whatever the list says: an empty or short list (a runtime's bug,
+        // or a caller that is no runtime) must not take a running pod's
+        // addresses. Its DEL, or the sweep once the netns is gone, does.
+        let live = crate::netns::LiveNetns::scan();
+        let kept = std::sync::Mutex::new(Vec::new());
         let released = self
             .ipam
             .release_where_allocation(|a| {
-                a.network == req.network
-                    && !valid.contains(&(a.key.container_id.as_str(), a.key.ifname.as_str()))
+                let stale = a.network == req.network
+                    && !valid.contains(&(a.key.container_id.as_str(), a.key.ifname.as_str()));
+                if stale && a.netns_inode != 0 && live.contains(a.netns()) {
+                    kept.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("{}/{}", a.key.container_id, a.key.ifname));
+                    return false;
+                }
+                stale
             })
             .map_err(|e| ApiError::new(code::IO, "GC", e.to_string()))?;
+        let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !kept.is_empty() {
+            tracing::warn!(network = %req.network, attachments = ?kept, "GC: not releasing attachments whose pod netns is alive");
+        }
         for a in &released {
             if valid_container_id(&a.key.container_id) {
                 let _ =

@@ -76,7 +76,15 @@ pub async fn serve(
 fn handle(mut stream: UnixStream, service: &RailService, metrics: &crate::metrics::Metrics) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let response = match api::recv::<Request>(&mut stream) {
-        Ok((req, fd)) => dispatch(req, fd.map(PodNetns::from_fd), service, metrics),
+        Ok((req, None)) => dispatch(req, None, service, metrics),
+        Ok((req, Some(fd))) => match PodNetns::checked(fd) {
+            Ok(ns) => dispatch(req, Some(ns), service, metrics),
+            Err(_) => Response::Error(ApiError::new(
+                code::INVALID_ENV,
+                "the file descriptor sent with the request is not a network namespace",
+                "the CNI sends CNI_NETNS's fd: it must name the pod's network namespace",
+            )),
+        },
         Err(e) => Response::Error(ApiError::new(
             code::DECODE,
             "malformed request to the railnet agent",

@@ -254,12 +254,8 @@ fn open_netns(env: &impl Fn(&str) -> Option<String>) -> Result<(String, File), A
 /// Whether `file` is a network namespace (NS_GET_NSTYPE says so; any other
 /// file, or a namespace of another kind, is not).
 fn is_network_namespace(file: &File) -> bool {
-    use std::os::fd::AsRawFd;
-    // _IO(0xb7, 0x3), linux/nsfs.h.
-    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
-    // SAFETY: an ioctl without argument on a descriptor we own.
-    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
-    kind == libc::CLONE_NEWNET
+    use std::os::fd::AsFd;
+    railnet_agent::netns::is_network_namespace(file.as_fd())
 }
 
 /// Sends `op` and turns the answer into a result without output; an agent

@@ -1077,6 +1077,16 @@ pub fn agent_call(
     socket: &Path,
     op: railnet_agent::api::Op,
 ) -> Result<railnet_agent::api::Response, railnet_agent::api::WireError> {
+    agent_call_with_fd(socket, op, None)
+}
+
+/// [`agent_call`] with a file descriptor passed along (the CNI passes the
+/// pod's netns).
+pub fn agent_call_with_fd(
+    socket: &Path,
+    op: railnet_agent::api::Op,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<railnet_agent::api::Response, railnet_agent::api::WireError> {
     use railnet_agent::api;
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -1087,7 +1097,7 @@ pub fn agent_call(
             client: "railnet-tests".into(),
             op,
         },
-        None,
+        fd,
     )?;
     Ok(api::recv(&mut stream)?.0)
 }

@@ -24,8 +24,24 @@ fn gc_releases_what_the_runtime_no_longer_lists() {
         full.stdout
     );
 
-    // The runtime says only pod A is still attached to this network.
+    // A list without a live pod (empty here: a runtime's bug, or a caller
+    // that is no runtime) does not take its addresses: A and B still have
+    // their netns.
     let mut gc = json!({"cniVersion": "1.1.0", "name": "rail1", "type": "railnet", "agentSocket": agent.socket});
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let out = cni("GC", &gc, "", None, "");
+    assert!(out.ok, "GC: {}\n{}", out.stdout, agent.log());
+    assert!(
+        agent.pin_root.join(&ca).exists() && agent.pin_root.join(&cb).exists(),
+        "GC released pods whose netns is alive"
+    );
+    assert!(!cni("ADD", &conf, &cc, Some(&c.ns.path()), "net1").ok);
+
+    // Pod B is gone without its DEL (its netns with it); the runtime says
+    // only pod A is still attached to this network.
+    let b_netns = b.ns.path();
+    drop(b);
+    assert!(!b_netns.exists());
     gc["cni.dev/valid-attachments"] = json!([{"containerID": ca, "ifname": "net1"}]);
     let out = cni("GC", &gc, "", None, "");
     assert!(out.ok, "GC: {}\n{}", out.stdout, agent.log());

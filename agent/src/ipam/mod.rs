@@ -655,6 +655,15 @@ impl Ipam {
             .collect()
     }
 
+    /// The netns (container, ifname)'s addresses were allocated for, if it
+    /// holds any.
+    pub fn netns_of(&self, container_id: &str, ifname: &str) -> Option<NetnsId> {
+        let state = self.lock();
+        keys_of(container_id, ifname)
+            .iter()
+            .find_map(|k| state.held.get(k).map(|h| h.netns))
+    }
+
     /// Releases everything a container holds.
     pub fn release_container(&self, container_id: &str) -> Result<Vec<Allocation>, IpamError> {
         self.release_where(|k| k.container_id == container_id)
