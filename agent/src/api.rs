@@ -403,6 +403,29 @@ pub fn send<T: Serialize>(
     Ok(())
 }
 
+/// Closes the descriptors of the first `SCM_RIGHTS` message in a control
+/// buffer the kernel truncated (those that fitted were installed).
+fn close_truncated_rights(buf: &[u8]) {
+    let header = std::mem::size_of::<libc::cmsghdr>();
+    if buf.len() < header {
+        return;
+    }
+    // SAFETY: `buf` holds at least one cmsghdr, read without alignment.
+    let cmsg: libc::cmsghdr = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+    if cmsg.cmsg_level != libc::SOL_SOCKET || cmsg.cmsg_type != libc::SCM_RIGHTS {
+        return;
+    }
+    // SAFETY: CMSG_LEN only computes a length.
+    let data = unsafe { libc::CMSG_LEN(0) } as usize;
+    let end = (cmsg.cmsg_len as usize).min(buf.len());
+    for raw in buf.get(data..end).unwrap_or_default().chunks_exact(4) {
+        let fd = RawFd::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
+        // SAFETY: the kernel installed this descriptor for us; nothing
+        // else knows it.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
 /// Receives one message and the fd that came with it, if any.
 pub fn recv<T: for<'de> Deserialize<'de>>(
     stream: &mut UnixStream,
@@ -419,9 +442,23 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
         )
         .map_err(std::io::Error::from)?;
         let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(std::io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                fds.extend(raw);
+        match msg.cmsgs() {
+            Ok(cmsgs) => {
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        fds.extend(raw);
+                    }
+                }
+            }
+            // More fds than room for them: the kernel installed those that
+            // fit (and closed the rest); nix will not read a truncated
+            // buffer, so they are closed here, or each such request would
+            // leak descriptors into the agent.
+            Err(_) => {
+                close_truncated_rights(&space);
+                return Err(WireError::Io(std::io::Error::other(
+                    "a request came with more file descriptors than one netns",
+                )));
             }
         }
         (msg.bytes, fds)
@@ -481,6 +518,42 @@ mod tests {
             );
             assert_eq!(a.args.len(), 2, "malformed parts are skipped");
         }
+    }
+
+    /// Descriptors of this process open on `path` (other tests run in
+    /// parallel threads: only this test's file is counted).
+    fn open_on(path: &std::path::Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+            .count()
+    }
+
+    /// A sender passing more fds than the agent makes room for: refused,
+    /// and none of them stays open in the agent.
+    #[test]
+    fn too_many_fds_are_refused_and_closed() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let path = std::env::temp_dir().join(format!("railnet-fds-{}", std::process::id()));
+        std::fs::write(&path, b"").unwrap();
+        let files: Vec<std::fs::File> = (0..8)
+            .map(|_| std::fs::File::open(&path).unwrap())
+            .collect();
+        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &[IoSlice::new(&16u32.to_le_bytes())],
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .unwrap();
+        let err = recv::<Request>(&mut b).unwrap_err();
+        assert!(err.to_string().contains("more file descriptors"), "{err}");
+        assert_eq!(open_on(&path), 8, "received descriptors left open");
+        drop(files);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -420,18 +420,23 @@ impl NetConf {
     }
 
     /// Mode ib-sriov: the GUID to give the VF — `runtimeConfig.infinibandGUID`,
-    /// else `args.cni.guid`, else `guid` (ib-sriov-cni's order).
+    /// else `args.cni.guid`, else `guid` (ib-sriov-cni's order). With
+    /// `ibKubernetesEnabled` only ib-kubernetes's (`runtimeConfig`): a
+    /// GUID the pod wrote in its own `cni-args` would let it pick another
+    /// pod's GUID, and with it that pod's partitions.
     pub fn ib_guid(&self) -> Result<Option<u64>, NetConfError> {
         let from_args = self
             .args
             .as_ref()
             .and_then(|a| a.get("cni"))
             .and_then(|c| c.get("guid"))
-            .and_then(|g| g.as_str());
+            .and_then(|g| g.as_str())
+            .filter(|_| !self.ib_kubernetes_enabled);
+        let own = self.guid.as_deref().filter(|_| !self.ib_kubernetes_enabled);
         let (field, text) = match (
             self.runtime_config.infiniband_guid.as_deref(),
             from_args,
-            self.guid.as_deref(),
+            own,
         ) {
             (Some(g), _, _) => ("runtimeConfig.infinibandGUID", g),
             (None, Some(g), _) => ("args.cni.guid", g),
@@ -1038,6 +1043,17 @@ mod tests {
         ib(r#","args":{"cni":{"mellanox.infiniband.app":"configured"}},"runtimeConfig":{"infinibandGUID":"00:00:00:00:00:00:00:0a"}"#)
             .ib_kubernetes_ready()
             .unwrap();
+        // A GUID the pod wrote into its own cni-args (or the network's
+        // fixed one) is not ib-kubernetes's: ignored, the ADD waits.
+        let own = ib(
+            r#","guid":"00:00:00:00:00:00:00:0c","args":{"cni":{"mellanox.infiniband.app":"configured","guid":"00:00:00:00:00:00:00:0b"}}"#,
+        );
+        assert_eq!(own.ib_guid().unwrap(), None);
+        assert!(own.ib_kubernetes_ready().unwrap_err().contains("no GUID"));
+        let both = ib(
+            r#","args":{"cni":{"mellanox.infiniband.app":"configured","guid":"00:00:00:00:00:00:00:0b"}},"runtimeConfig":{"infinibandGUID":"00:00:00:00:00:00:00:0a"}"#,
+        );
+        assert_eq!(both.ib_guid().unwrap(), Some(0x0a));
         assert_eq!(
             NetConf::parse(&conf(r#","ibKubernetesEnabled":true"#)).unwrap_err(),
             NetConfError::VfAttribute("ibKubernetesEnabled")
