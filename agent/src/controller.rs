@@ -243,6 +243,9 @@ pub struct Pass {
     pub repaired: usize,
     /// RailNetworks that cannot be rendered (status says why).
     pub refused: usize,
+    /// RailNetworks whose NAD or status the API server did not take this
+    /// pass (each logged; the others were still rendered).
+    pub failed: usize,
 }
 
 /// Renders every RailNetwork once: creates missing NADs, repairs drifted
@@ -251,54 +254,73 @@ pub async fn reconcile(client: &Client) -> Result<Pass, kube::Error> {
     let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
     let mut pass = Pass::default();
     for net in nets.list(&ListParams::default()).await?.items {
-        let name = net.metadata.name.clone().unwrap_or_default();
-        let ns = net.metadata.namespace.clone().unwrap_or_default();
-        let status = match desired_nad(&net) {
-            Ok(want) => {
-                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &nads());
-                match api.get_opt(&name).await? {
-                    None => {
-                        api.create(&PostParams::default(), &want).await?;
-                        tracing::info!(network = %name, namespace = %ns, "rendered NetworkAttachmentDefinition");
-                        pass.created += 1;
-                    }
-                    Some(live) if !in_sync(&live, &want) => {
-                        let mut fixed = want.clone();
-                        fixed.metadata.resource_version = live.metadata.resource_version.clone();
-                        // Keep annotations others put there (Multus
-                        // tooling), ours win.
-                        let mut a = live.metadata.annotations.clone().unwrap_or_default();
-                        a.remove(RESOURCE_NAME);
-                        a.extend(want.metadata.annotations.clone().unwrap_or_default());
-                        fixed.metadata.annotations = (!a.is_empty()).then_some(a);
-                        api.replace(&name, &PostParams::default(), &fixed).await?;
-                        tracing::warn!(network = %name, namespace = %ns, "NetworkAttachmentDefinition differed from its RailNetwork; put back");
-                        pass.repaired += 1;
-                    }
-                    Some(_) => {}
-                }
-                json!({"networkAttachmentDefinition": name, "conditions": [
-                    {"type": "Ready", "status": "True", "reason": "Rendered",
-                     "message": format!("NetworkAttachmentDefinition {ns}/{name} is in sync")}]})
-            }
-            Err(why) => {
-                pass.refused += 1;
-                json!({"conditions": [
-                    {"type": "Ready", "status": "False", "reason": "Unsupported", "message": why}]})
-            }
-        };
-        if net.data.get("status") != Some(&status) {
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), &ns, &railnetworks());
-            api.patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await?;
+        // One network the API server refuses (a NAD another tool holds, a
+        // namespace being deleted, a conflict) must not stop the others.
+        if let Err(e) = reconcile_one(client, &net, &mut pass).await {
+            pass.failed += 1;
+            tracing::warn!(
+                network = net.metadata.name.as_deref().unwrap_or_default(),
+                namespace = net.metadata.namespace.as_deref().unwrap_or_default(),
+                error = %e,
+                "cannot render this RailNetwork this pass; the others go on"
+            );
         }
     }
     Ok(pass)
+}
+
+/// Renders one RailNetwork: its NAD, then its status.
+async fn reconcile_one(
+    client: &Client,
+    net: &DynamicObject,
+    pass: &mut Pass,
+) -> Result<(), kube::Error> {
+    let name = net.metadata.name.clone().unwrap_or_default();
+    let ns = net.metadata.namespace.clone().unwrap_or_default();
+    let status = match desired_nad(net) {
+        Ok(want) => {
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &nads());
+            match api.get_opt(&name).await? {
+                None => {
+                    api.create(&PostParams::default(), &want).await?;
+                    tracing::info!(network = %name, namespace = %ns, "rendered NetworkAttachmentDefinition");
+                    pass.created += 1;
+                }
+                Some(live) if !in_sync(&live, &want) => {
+                    let mut fixed = want.clone();
+                    fixed.metadata.resource_version = live.metadata.resource_version.clone();
+                    // Keep annotations others put there (Multus
+                    // tooling), ours win.
+                    let mut a = live.metadata.annotations.clone().unwrap_or_default();
+                    a.remove(RESOURCE_NAME);
+                    a.extend(want.metadata.annotations.clone().unwrap_or_default());
+                    fixed.metadata.annotations = (!a.is_empty()).then_some(a);
+                    api.replace(&name, &PostParams::default(), &fixed).await?;
+                    tracing::warn!(network = %name, namespace = %ns, "NetworkAttachmentDefinition differed from its RailNetwork; put back");
+                    pass.repaired += 1;
+                }
+                Some(_) => {}
+            }
+            json!({"networkAttachmentDefinition": name, "conditions": [
+                {"type": "Ready", "status": "True", "reason": "Rendered",
+                 "message": format!("NetworkAttachmentDefinition {ns}/{name} is in sync")}]})
+        }
+        Err(why) => {
+            pass.refused += 1;
+            json!({"conditions": [
+                {"type": "Ready", "status": "False", "reason": "Unsupported", "message": why}]})
+        }
+    };
+    if net.data.get("status") != Some(&status) {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &railnetworks());
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The UIDs of every pod in the cluster (metadata only). An error is an
@@ -988,6 +1010,73 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 mod tests {
     use super::*;
     use crate::netconf::NetConf;
+
+    /// One RailNetwork whose NAD the API server refuses does not stop the
+    /// pass: the other's NAD is made and its status written (kube-rs over
+    /// a mock service: the test API server cannot be made to refuse one
+    /// create).
+    #[tokio::test]
+    async fn a_network_the_api_server_refuses_does_not_stop_the_others() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let service = tower::service_fn(move |req: hyper::Request<kube::client::Body>| {
+            let log = log.clone();
+            async move {
+                let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+                log.lock().unwrap().push(format!("{method} {path}"));
+                let net = |name: &str| {
+                    json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetwork",
+                           "metadata": {"name": name, "namespace": "ai"},
+                           "spec": {"rail": 1, "type": "macvlan", "master": "eth1",
+                                    "ippools": {"ipv4": ["rail1"]}}})
+                };
+                let (code, body) = match (method.as_str(), path.as_str()) {
+                    ("GET", "/apis/railnet.io/v1alpha1/railnetworks") => (
+                        200,
+                        json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetworkList",
+                               "metadata": {}, "items": [net("a"), net("b")]}),
+                    ),
+                    ("POST", p) if p.ends_with("/network-attachment-definitions") => {
+                        let body = http_body_util::BodyExt::collect(req.into_body())
+                            .await
+                            .unwrap()
+                            .to_bytes();
+                        let obj: Value = serde_json::from_slice(&body).unwrap();
+                        if obj["metadata"]["name"] == "a" {
+                            (
+                                500,
+                                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                         "message": "etcdserver: request timed out", "code": 500}),
+                            )
+                        } else {
+                            (201, obj)
+                        }
+                    }
+                    ("PATCH", _) => (200, net("b")),
+                    _ => (
+                        404,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                      "reason": "NotFound", "code": 404}),
+                    ),
+                };
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder()
+                        .status(code)
+                        .header("Content-Type", "application/json")
+                        .body(kube::client::Body::from(body.to_string().into_bytes()))
+                        .unwrap(),
+                )
+            }
+        });
+        let pass = reconcile(&Client::new(service, "default")).await.unwrap();
+        assert_eq!((pass.created, pass.failed), (1, 1), "{pass:?}");
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|r| r == "PATCH /apis/railnet.io/v1alpha1/namespaces/ai/railnetworks/b/status"),
+            "b's status not written: {seen:?}"
+        );
+    }
 
     /// kube-rs over a mock service (no pods API exists in the test API
     /// server): every page of the pod list is read, and a failed list is

@@ -82,6 +82,11 @@ struct Args {
     /// mount.
     #[arg(long, value_parser = host_dir)]
     rail_info_dir: Option<String>,
+    /// The namespace whose RailNetworks pods of every namespace may be
+    /// given (an administrator's: the chart's release namespace); beyond
+    /// it, a pod's group is resolved only in its own namespace.
+    #[arg(long, env = "RAILNET_SHARED_NETWORKS_NAMESPACE")]
+    shared_networks_namespace: Option<String>,
     /// Clean up for `helm uninstall` and exit (the chart's pre-delete
     /// hook): delete the NADs rendered from RailNetworks and the RailBlocks
     /// no pod holds an address in; name the blocks kept and why.
@@ -252,6 +257,7 @@ fn main() -> ExitCode {
                 client.clone(),
                 metrics.clone(),
                 args.rail_info_dir.clone(),
+                args.shared_networks_namespace.clone(),
             ));
         }
         let mut sweeper = ClaimSweeper::new(Duration::from_secs(args.claim_grace_seconds));
@@ -297,17 +303,23 @@ fn main() -> ExitCode {
             if leading {
                 let result = reconcile(&client).await;
                 match &result {
-                    Ok(pass) => metrics.record(pass),
+                    Ok(pass) => {
+                        metrics.record(pass);
+                        if pass.failed > 0 {
+                            metrics.pass_errors.inc();
+                        }
+                    }
                     Err(_) => {
                         metrics.pass_errors.inc();
                     }
                 }
                 match result {
-                    Ok(pass) if pass.created + pass.repaired + pass.refused > 0 => {
+                    Ok(pass) if pass.created + pass.repaired + pass.refused + pass.failed > 0 => {
                         info!(
                             created = pass.created,
                             repaired = pass.repaired,
                             refused = pass.refused,
+                            failed = pass.failed,
                             "pass"
                         );
                     }
