@@ -6,6 +6,13 @@
 //! `resourceName` in its container's limits. A networks annotation the pod
 //! set itself is overwritten, as the seeds say, and the admission response
 //! warns that it was.
+//!
+//! A group is resolved in the pod's own namespace and in one shared
+//! namespace an administrator owns (the chart's: the release namespace):
+//! a RailNetwork made in namespace A is never injected into a pod of
+//! namespace B. Multus, separately, lets a pod name `otherns/nad` unless its
+//! `namespaceIsolation` is on (with the shared namespace among its
+//! `globalNamespaces`).
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -57,24 +64,52 @@ pub const RAIL_INFO_VOLUME: &str = "railnet-rails";
 /// Where the container sees it.
 pub const RAIL_INFO_PATH: &str = "/etc/railnet";
 
-/// Decides the patch for `pod` asking for `group`, given every RailNetwork
-/// in the cluster; `rail_info`: the agents' pod-info directory on the
-/// nodes, whose `<pod UID>/` is mounted at [`RAIL_INFO_PATH`] in the
-/// chosen container (`None`: not mounted). Err: the pod must be refused
-/// (with this message).
+/// Where a pod's group is looked up: its own namespace and the shared one.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
+    /// The pod's namespace.
+    pub pod: &'a str,
+    /// The administrator's namespace whose RailNetworks every namespace
+    /// may use (`None`: only the pod's own).
+    pub shared: Option<&'a str>,
+}
+
+impl Scope<'_> {
+    fn admits(&self, network: &Value) -> bool {
+        let ns = network["metadata"]["namespace"].as_str();
+        ns == Some(self.pod) || (ns.is_some() && ns == self.shared)
+    }
+
+    fn describe(&self) -> String {
+        match self.shared {
+            Some(s) if s != self.pod => {
+                format!("namespace {} or the shared namespace {s}", self.pod)
+            }
+            _ => format!("namespace {}", self.pod),
+        }
+    }
+}
+
+/// Decides the patch for `pod` asking for `group`, given RailNetworks
+/// (those outside `scope` are never used); `rail_info`: the agents'
+/// pod-info directory on the nodes, whose `<pod UID>/` is mounted at
+/// [`RAIL_INFO_PATH`] in the chosen container (`None`: not mounted). Err:
+/// the pod must be refused (with this message).
 pub fn inject(
     pod: &Value,
     group: &str,
     networks: &[Value],
+    scope: Scope<'_>,
     rail_info: Option<&str>,
 ) -> Result<Injection, String> {
     let mut members: Vec<&Value> = networks
         .iter()
-        .filter(|n| n["spec"]["group"].as_str() == Some(group))
+        .filter(|n| n["spec"]["group"].as_str() == Some(group) && scope.admits(n))
         .collect();
     if members.is_empty() {
         return Err(format!(
-            "{INJECT}: {group:?} names no RailNetwork (set spec.group: {group} on the rail networks, or fix the annotation); without them the pod would start with no RDMA interfaces"
+            "{INJECT}: {group:?} names no RailNetwork in {} (set spec.group: {group} on rail networks there, or fix the annotation; another namespace's networks are never injected); without them the pod would start with no RDMA interfaces",
+            scope.describe()
         ));
     }
     members.sort_by_key(|n| n["spec"]["rail"].as_u64().unwrap_or(u64::MAX));
@@ -210,22 +245,28 @@ fn mount_rail_info(pod: &Value, c: &Value, index: usize, dir: &str, patch: &mut 
     }
 }
 
-/// The AdmissionReview answer for `review`, with `networks` the cluster's
-/// RailNetworks and `namespace_group` the pod namespace's inject
-/// annotation, if any, and `rail_info` as [`inject`] takes it.
+/// The AdmissionReview answer for `review`, with `networks` RailNetworks
+/// (of the pod's namespace and `shared`, the shared namespace; any others
+/// are ignored), `namespace_group` the pod namespace's inject annotation,
+/// if any, and `rail_info` as [`inject`] takes it.
 pub fn answer(
     review: &Value,
     networks: &[Value],
     namespace_group: Option<&str>,
+    shared: Option<&str>,
     rail_info: Option<&str>,
 ) -> Value {
     let uid = review["request"]["uid"].clone();
     let pod = &review["request"]["object"];
+    let scope = Scope {
+        pod: review["request"]["namespace"].as_str().unwrap_or_default(),
+        shared,
+    };
     let group = pod["metadata"]["annotations"]
         .get(INJECT)
         .and_then(Value::as_str)
         .or(namespace_group);
-    let response = match group.map(|g| inject(pod, g, networks, rail_info)) {
+    let response = match group.map(|g| inject(pod, g, networks, scope, rail_info)) {
         None => json!({"uid": uid, "allowed": true}),
         Some(Ok(inj)) => {
             let patch = base64::engine::general_purpose::STANDARD
@@ -286,6 +327,7 @@ pub async fn namespace_group(client: &Client, ns: &str) -> Option<String> {
 async fn handle(
     client: Client,
     rail_info: Option<&str>,
+    shared: Option<&str>,
     req: Request<hyper::body::Incoming>,
 ) -> (Response<Full<Bytes>>, Option<&'static str>) {
     let reply = |code: u16, body: String| {
@@ -336,17 +378,30 @@ async fn handle(
     };
     if !asks && ns_group.is_none() {
         return (
-            reply(200, answer(&review, &[], None, None).to_string()),
+            reply(200, answer(&review, &[], None, None, None).to_string()),
             Some("unchanged"),
         );
     }
-    let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
-    let networks: Vec<Value> = match nets.list(&ListParams::default()).await {
-        Ok(l) => l
-            .items
-            .into_iter()
-            .map(|n| serde_json::to_value(n).unwrap_or_default())
-            .collect(),
+    // Only the namespaces a pod's group may come from are read.
+    let mut listed = Ok(Vec::new());
+    let mut namespaces = vec![ns.as_str()];
+    namespaces.extend(shared.filter(|s| *s != ns));
+    for n in namespaces {
+        let nets: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &railnetworks());
+        listed = match (listed, nets.list(&ListParams::default()).await) {
+            (Ok(mut all), Ok(l)) => {
+                all.extend(
+                    l.items
+                        .into_iter()
+                        .map(|n| serde_json::to_value(n).unwrap_or_default()),
+                );
+                Ok(all)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+    }
+    let networks: Vec<Value> = match listed {
+        Ok(all) => all,
         Err(e) => {
             // Refuse rather than start the pod without its rails.
             let uid = review["request"]["uid"].clone();
@@ -362,7 +417,7 @@ async fn handle(
             );
         }
     };
-    let a = answer(&review, &networks, ns_group.as_deref(), rail_info);
+    let a = answer(&review, &networks, ns_group.as_deref(), shared, rail_info);
     let result = match (&a["response"]["allowed"], a["response"].get("patch")) {
         (Value::Bool(false), _) => "denied",
         (_, Some(_)) => "patched",
@@ -372,22 +427,25 @@ async fn handle(
 }
 
 /// Serves `POST /mutate-pods` (and `GET /healthz`) over TLS until the task
-/// is dropped; `rail_info` as [`inject`] takes it.
+/// is dropped; `rail_info` as [`inject`] takes it, `shared` the shared
+/// networks' namespace ([`Scope`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     client: Client,
     metrics: Arc<crate::controller::Metrics>,
     rail_info: Option<String>,
+    shared: Option<String>,
 ) {
     let rail_info: Option<Arc<str>> = rail_info.map(Into::into);
+    let shared: Option<Arc<str>> = shared.map(Into::into);
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             continue;
         };
         let (acceptor, client, metrics) = (acceptor.clone(), client.clone(), metrics.clone());
-        let rail_info = rail_info.clone();
+        let (rail_info, shared) = (rail_info.clone(), shared.clone());
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {
                 Ok(s) => s,
@@ -398,9 +456,10 @@ pub async fn serve(
             };
             let service = service_fn(move |req| {
                 let (client, metrics) = (client.clone(), metrics.clone());
-                let rail_info = rail_info.clone();
+                let (rail_info, shared) = (rail_info.clone(), shared.clone());
                 async move {
-                    let (response, result) = handle(client, rail_info.as_deref(), req).await;
+                    let (response, result) =
+                        handle(client, rail_info.as_deref(), shared.as_deref(), req).await;
                     if let Some(r) = result {
                         metrics.webhook_answer(r);
                     }
@@ -426,6 +485,13 @@ mod tests {
         json!({"metadata": {"name": name, "namespace": "railnet"}, "spec": spec})
     }
 
+    /// The tests' pods are in namespace `ai`; the networks in `railnet`,
+    /// the shared namespace.
+    const SCOPE: Scope<'static> = Scope {
+        pod: "ai",
+        shared: Some("railnet"),
+    };
+
     #[test]
     fn a_namespace_annotation_applies_unless_the_pod_names_its_own_group() {
         let nets = [
@@ -433,7 +499,7 @@ mod tests {
             net("b1", 1, "pod-group", Some("r/b")),
         ];
         let review = |annotations: Value| {
-            json!({"request": {"uid": "u", "object": {"metadata": {"annotations": annotations},
+            json!({"request": {"uid": "u", "namespace": "ai", "object": {"metadata": {"annotations": annotations},
                    "spec": {"containers": [{"name": "c"}]}}}})
         };
         let networks_of = |answer: &Value| -> String {
@@ -443,16 +509,23 @@ mod tests {
             let patch: Value = serde_json::from_slice(&patch).unwrap();
             patch[0]["value"].as_str().unwrap().to_owned()
         };
-        let from_ns = answer(&review(json!({})), &nets, Some("ns-group"), None);
+        let from_ns = answer(
+            &review(json!({})),
+            &nets,
+            Some("ns-group"),
+            Some("railnet"),
+            None,
+        );
         assert!(networks_of(&from_ns).contains("a1"));
         let own = answer(
             &review(json!({INJECT: "pod-group"})),
             &nets,
             Some("ns-group"),
+            Some("railnet"),
             None,
         );
         assert!(networks_of(&own).contains("b1"));
-        let none = answer(&review(json!({})), &nets, None, None);
+        let none = answer(&review(json!({})), &nets, None, Some("railnet"), None);
         assert!(none["response"].get("patch").is_none());
     }
 
@@ -462,7 +535,7 @@ mod tests {
         iso["spec"]["rdmaIsolation"] = true.into();
         let pod = json!({"metadata": {"annotations": {INJECT: "g"}},
                          "spec": {"containers": [{"name": "c"}], "nodeSelector": {"gpu": "h100"}}});
-        let inj = inject(&pod, "g", &[iso], None).unwrap();
+        let inj = inject(&pod, "g", &[iso], SCOPE, None).unwrap();
         assert!(
             inj.patch.iter().any(|op| op["path"]
                 == "/spec/nodeSelector/railnet.io~1rdma-netns-mode"
@@ -471,7 +544,7 @@ mod tests {
             inj.patch
         );
         let shared = net("gpu1", 1, "g", Some("r/1"));
-        let inj = inject(&pod, "g", &[shared], None).unwrap();
+        let inj = inject(&pod, "g", &[shared], SCOPE, None).unwrap();
         assert!(
             !inj.patch
                 .iter()
@@ -483,7 +556,7 @@ mod tests {
     fn a_pod_without_annotations_gets_the_whole_map() {
         // Namespace-level injection: the pod itself has no annotations.
         let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}});
-        let inj = inject(&pod, "g", &[net("gpu1", 1, "g", None)], None).unwrap();
+        let inj = inject(&pod, "g", &[net("gpu1", 1, "g", None)], SCOPE, None).unwrap();
         assert_eq!(inj.patch[0]["path"], "/metadata/annotations");
         let listed: Value =
             serde_json::from_str(inj.patch[0]["value"][NETWORKS].as_str().unwrap()).unwrap();
@@ -508,11 +581,43 @@ mod tests {
         ];
         let pod = json!({"metadata": {"annotations": {INJECT: "g"}},
                          "spec": {"containers": [{"name": "c"}]}});
-        let inj = inject(&pod, "g", &nets, None).unwrap();
+        let inj = inject(&pod, "g", &nets, SCOPE, None).unwrap();
         let listed: Value = serde_json::from_str(inj.patch[0]["value"].as_str().unwrap()).unwrap();
         assert_eq!(listed[0]["name"], "gpu1");
         assert_eq!(listed[1]["name"], "gpu2");
         assert_eq!(listed.as_array().unwrap().len(), 2);
         assert_eq!(inj.patch[1]["value"]["limits"]["nvidia.com/shared"], "2");
+    }
+
+    /// A group is resolved in the pod's namespace and the shared one: a
+    /// RailNetwork another tenant made in its own namespace is never given
+    /// to this pod, even under the same group name.
+    #[test]
+    fn another_namespace_s_networks_are_never_injected() {
+        let mut theirs = net("evil1", 1, "g", Some("r/x"));
+        theirs["metadata"]["namespace"] = "tenant-b".into();
+        let mut own = net("gpu1", 1, "g", Some("r/1"));
+        own["metadata"]["namespace"] = "ai".into();
+        let pod = json!({"metadata": {"annotations": {INJECT: "g"}},
+                         "spec": {"containers": [{"name": "c"}]}});
+        let inj = inject(&pod, "g", &[theirs.clone(), own], SCOPE, None).unwrap();
+        let listed = inj.patch[0]["value"].as_str().unwrap();
+        assert!(
+            listed.contains("gpu1") && !listed.contains("evil1"),
+            "{listed}"
+        );
+        let only_theirs = inject(&pod, "g", &[theirs], SCOPE, None).unwrap_err();
+        assert!(
+            only_theirs
+                .contains("names no RailNetwork in namespace ai or the shared namespace railnet"),
+            "{only_theirs}"
+        );
+        // Without a shared namespace, only the pod's own.
+        let alone = Scope {
+            pod: "ai",
+            shared: None,
+        };
+        let shared_net = net("gpu1", 1, "g", None);
+        assert!(inject(&pod, "g", &[shared_net], alone, None).is_err());
     }
 }

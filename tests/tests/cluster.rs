@@ -361,6 +361,12 @@ fn railnet_in_a_real_cluster() {
         );
     }
 
+    // Tenants: a RailNetwork of namespace ai is never another namespace's.
+    // A namespace annotated with ai's group gets nothing of it (the pod is
+    // refused, naming where the group is looked up); a pod naming ai's NAD
+    // directly is refused by Multus (namespaceIsolation).
+    tenants_stage(&mut c);
+
     // helm upgrade with a changed value that does not roll the controller
     // (an agent setting): the webhook keeps admitting pods (its certificate
     // is the controller's, not re-rendered by Helm under a running one).
@@ -640,6 +646,54 @@ fn nad_cannot_move_the_agent(c: &mut Cluster) {
         !made.success(),
         "the NAD's tombstoneDir was created on node0"
     );
+}
+
+/// The tenants stage (see its call).
+#[track_caller]
+fn tenants_stage(c: &mut Cluster) {
+    c.kubectl_ok(&["create", "namespace", "tenant-b"]);
+    c.kubectl_ok(&[
+        "annotate",
+        "namespace",
+        "tenant-b",
+        "railnet.io/rdma-resource-inject=gpu",
+    ]);
+    let refused = c.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &bare_pod("borrower", "tenant-b", "node0"),
+    );
+    let said = refused.expect_err("a pod of tenant-b was given ai's RailNetworks");
+    assert!(
+        said.contains("names no RailNetwork in namespace tenant-b or the shared namespace railnet"),
+        "{said}"
+    );
+    let mut pod: serde_json::Value = serde_json::from_str(&rail_pod("crossing", "node0")).unwrap();
+    pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] = "ai/rail1".into();
+    c.apply(&pod.to_string());
+    let said = c.wait_for(
+        "Multus refusing a pod that names another namespace's NAD",
+        Duration::from_secs(60),
+        |c| {
+            let events = c.kubectl_json(&[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                "involvedObject.name=crossing",
+            ]);
+            events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["message"].as_str())
+                .find(|m| m.contains("namespace isolation"))
+                .map(str::to_owned)
+        },
+    );
+    assert!(said.contains("refers to target namespace ai"), "{said}");
+    c.kubectl_ok(&["delete", "pod", "crossing", "--wait=true"]);
+    c.kubectl_ok(&["delete", "namespace", "tenant-b", "--wait=false"]);
 }
 
 /// The SR-IOV stage (see its call).

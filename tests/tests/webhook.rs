@@ -218,6 +218,9 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
             .arg("--tls-key")
             .arg(dir.path().join("tls.key"))
             .args(["--rail-info-dir", "/run/railnet/pods"])
+            // The networks are the administrator's, shared with every
+            // namespace; the pods are in `ai`.
+            .args(["--shared-networks-namespace", "railnet"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -407,7 +410,14 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
                 200,
                 json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}}),
             ),
-            "/apis/railnet.io/v1alpha1/railnetworks" => (
+            // Only the pod's namespace and the shared one are read.
+            "/apis/railnet.io/v1alpha1/namespaces/ai/railnetworks"
+            | "/apis/railnet.io/v1alpha1/namespaces/web/railnetworks" => (
+                200,
+                json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetworkList",
+                       "metadata": {"resourceVersion": "1"}, "items": []}),
+            ),
+            "/apis/railnet.io/v1alpha1/namespaces/railnet/railnetworks" => (
                 200,
                 json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetworkList",
                        "metadata": {"resourceVersion": "1"},
@@ -446,7 +456,7 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
             let client = kube::Client::new(service, "default");
             let metrics = Arc::new(railnet_agent::controller::Metrics::default());
             tokio::select! {
-                _ = railnet_agent::webhook::serve(listener, tls, client, metrics, None) => {}
+                _ = railnet_agent::webhook::serve(listener, tls, client, metrics, None, Some("railnet".into())) => {}
                 _ = stopped => {}
             }
         })

@@ -178,6 +178,11 @@ impl Node {
             "name": "multus-cni-network",
             "type": "multus",
             "kubeconfig": "/etc/cni/net.d/multus.d/multus.kubeconfig",
+            // A pod may name only its own namespace's NADs and railnet's
+            // (the release namespace, where the administrator's are): the
+            // multi-tenancy model the README asks of Multus.
+            "namespaceIsolation": true,
+            "globalNamespaces": super::NS,
             "delegates": [{
                 "cniVersion": "0.3.1",
                 "name": "podnet",
