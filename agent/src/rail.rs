@@ -418,18 +418,9 @@ impl RailService {
         // wired: a driver that cannot move it (EOPNOTSUPP) leaves nothing
         // to undo but the VF's settings and the addresses.
         if let RdmaPlan::Isolate(dev) = &rdma {
-            if let Err(e) = rdma::isolate(dev, netns) {
-                undo_vf();
-                release();
-                return Err(ApiError::new(
-                    code::DATAPLANE,
-                    format!("RDMA isolation of {} failed", dev.name),
-                    e.to_string(),
-                ));
-            }
-            tracing::info!(device = %dev.name, ifname = %att.ifname, "RDMA device moved into the pod netns");
-            // If the pod's netns dies without a DEL, the kernel returns the
-            // device, maybe under another name: DEL restores this one.
+            // Recorded before the move: if the agent dies right after it,
+            // DEL (or the next agent) still knows the device to restore —
+            // the kernel returns it, maybe renamed, when the netns dies.
             let record = sriov::RdmaRecord {
                 pci_address: conf.device_id.clone().unwrap_or_default(),
                 device: dev.name.clone(),
@@ -443,8 +434,25 @@ impl RailService {
                 &att.ifname,
                 &record,
             ) {
-                tracing::warn!(error = %e, "could not record the isolated RDMA device's name");
+                undo_vf();
+                release();
+                return Err(ApiError::new(
+                    code::IO,
+                    format!("cannot record RDMA device {} before moving it", dev.name),
+                    format!("{e}; without the record a crash would leave it unrestorable"),
+                ));
             }
+            if let Err(e) = rdma::isolate(dev, netns) {
+                sriov::forget(&self.vf_records, "rdma", &att.container_id, &att.ifname);
+                undo_vf();
+                release();
+                return Err(ApiError::new(
+                    code::DATAPLANE,
+                    format!("RDMA isolation of {} failed", dev.name),
+                    e.to_string(),
+                ));
+            }
+            tracing::info!(device = %dev.name, ifname = %att.ifname, "RDMA device moved into the pod netns");
         }
         // Moving an InfiniBand VF's RDMA device makes its IPoIB netdev anew
         // in the host: the VF's netdev is looked up again before it moves.

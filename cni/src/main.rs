@@ -300,6 +300,15 @@ pub(crate) fn attachment(
 /// Records a DEL for the agent to finish: written to a temporary name, then
 /// renamed, so the agent never reads half a tombstone.
 pub(crate) fn write_tombstone(dir: &Path, att: &Attachment) -> Result<(), String> {
+    write_tombstone_capped(dir, att, MAX_TOMBSTONES)
+}
+
+/// DELs left for an agent that is away, at most: one per pod rail — 8
+/// rails of 500 pods deleted while the agent was down. Beyond, a DEL fails
+/// (the runtime retries it) rather than fill the node's disk.
+const MAX_TOMBSTONES: usize = 4096;
+
+fn write_tombstone_capped(dir: &Path, att: &Attachment, cap: usize) -> Result<(), String> {
     let safe = |s: &str| {
         !s.is_empty()
             && s.len() <= 256
@@ -311,6 +320,15 @@ pub(crate) fn write_tombstone(dir: &Path, att: &Attachment) -> Result<(), String
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let path = api::tombstone_path(dir, &att.container_id, &att.ifname);
+    let waiting = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .count();
+    if waiting >= cap && !path.exists() {
+        return Err(format!(
+            "{waiting} DELs already wait in {} for the agent: is the railnet-agent pod running on this node?",
+            dir.display()
+        ));
+    }
     let tmp = path.with_extension("tmp");
     let body = serde_json::to_vec(att).map_err(|e| e.to_string())?;
     std::fs::write(&tmp, body).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -440,6 +458,30 @@ fn write_device_info(stdin: &[u8], result: &railnet_agent::api::AddResult) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Tombstones stop at the cap: the DEL fails (and is retried) instead
+    /// of filling the disk; a repeat of a waiting one is still written.
+    #[test]
+    fn tombstones_stop_at_the_cap() {
+        let dir = std::env::temp_dir().join(format!("railnet-tombs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let att = |c: &str| Attachment {
+            container_id: c.into(),
+            ifname: "net1".into(),
+            netconf: serde_json::json!({}),
+            args: Default::default(),
+        };
+        for c in ["a", "b", "c"] {
+            write_tombstone_capped(&dir, &att(c), 3).unwrap();
+        }
+        let e = write_tombstone_capped(&dir, &att("d"), 3).unwrap_err();
+        assert!(
+            e.contains("3 DELs already wait") && e.contains("railnet-agent"),
+            "{e}"
+        );
+        write_tombstone_capped(&dir, &att("b"), 3).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A network config names the device-info file: only Multus's
     /// directory is written, so a NAD cannot have root truncate a file.
