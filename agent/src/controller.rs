@@ -866,6 +866,29 @@ pub struct Leader {
     name: String,
     identity: String,
     duration: Duration,
+    /// The other holder's lease as last seen changing: its
+    /// resourceVersion, and when (this process's monotonic clock).
+    observed: std::sync::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+/// Whether a lease another replica holds has expired, judged as
+/// client-go's leader election does: by how long this process has seen it
+/// unchanged (`rv` its resourceVersion), never by comparing its renewTime
+/// with the local clock — replicas whose clocks disagree by more than the
+/// lease would both lead.
+fn lease_expired(
+    observed: &mut Option<(String, std::time::Instant)>,
+    rv: &str,
+    now: std::time::Instant,
+    held_for: Duration,
+) -> bool {
+    match observed {
+        Some((seen, since)) if seen == rv => now.duration_since(*since) > held_for,
+        _ => {
+            *observed = Some((rv.to_owned(), now));
+            false
+        }
+    }
 }
 
 impl Leader {
@@ -882,6 +905,7 @@ impl Leader {
             name: name.into(),
             identity: identity.into(),
             duration,
+            observed: std::sync::Mutex::new(None),
         }
     }
 
@@ -910,11 +934,19 @@ impl Leader {
                 let holder = live.data["spec"]["holderIdentity"]
                     .as_str()
                     .unwrap_or_default();
-                let renewed = live.data["spec"]["renewTime"].as_str().and_then(parse_time);
                 let held_for = live.data["spec"]["leaseDurationSeconds"]
                     .as_u64()
                     .unwrap_or(secs);
-                let expired = renewed.is_none_or(|t| unix_now() > t + held_for);
+                let expired = holder.is_empty()
+                    || lease_expired(
+                        &mut self.observed.lock().unwrap_or_else(|p| p.into_inner()),
+                        live.metadata
+                            .resource_version
+                            .as_deref()
+                            .unwrap_or_default(),
+                        std::time::Instant::now(),
+                        Duration::from_secs(held_for),
+                    );
                 if holder != self.identity && !expired {
                     return Ok(false);
                 }
@@ -942,13 +974,6 @@ impl Leader {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Now as RFC 3339 with microseconds (the Lease's MicroTime).
 fn now_rfc3339() -> String {
     let d = std::time::SystemTime::now()
@@ -969,30 +994,7 @@ fn format_time(secs: u64, micros: u32) -> String {
     )
 }
 
-/// Seconds since the epoch of an RFC 3339 UTC time (`...Z`).
-fn parse_time(t: &str) -> Option<u64> {
-    let (date, time) = t.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let time = time.trim_end_matches('Z');
-    let time = time.split('.').next()?;
-    let mut h = time.split(':').map(|x| x.parse::<u64>());
-    let (hh, mm, ss) = (h.next()?.ok()?, h.next()?.ok()?, h.next()?.ok()?);
-    let days = days_from_civil(y, m, day);
-    Some(days as u64 * 86_400 + hh * 3600 + mm * 60 + ss)
-}
-
-// Howard Hinnant's civil-date algorithms: no date crate for two functions.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
+// Howard Hinnant's civil-date algorithm: no date crate for one function.
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
@@ -1120,12 +1122,51 @@ mod tests {
         assert!(pod_uids(&Client::new(failing, "default")).await.is_err());
     }
 
+    /// A lease another replica holds expires only after this process has
+    /// seen it unchanged for its duration: its renewTime, stamped by
+    /// another clock, is never compared with ours.
     #[test]
-    fn times_round_trip() {
-        for secs in [0, 951_782_400, 1_700_000_000, 1_795_000_123] {
-            let t = format_time(secs, 42);
-            assert_eq!(parse_time(&t), Some(secs), "{t}");
-        }
+    fn a_lease_expires_by_what_this_process_saw_not_by_its_timestamps() {
+        let t0 = std::time::Instant::now();
+        let held = Duration::from_secs(15);
+        let mut seen = None;
+        // First sight, however old its renewTime says it is: not expired.
+        assert!(!lease_expired(&mut seen, "100", t0, held));
+        assert!(!lease_expired(
+            &mut seen,
+            "100",
+            t0 + Duration::from_secs(15),
+            held
+        ));
+        assert!(lease_expired(
+            &mut seen,
+            "100",
+            t0 + Duration::from_secs(16),
+            held
+        ));
+        // Renewed (a new resourceVersion): the clock starts again.
+        assert!(!lease_expired(
+            &mut seen,
+            "101",
+            t0 + Duration::from_secs(20),
+            held
+        ));
+        assert!(!lease_expired(
+            &mut seen,
+            "101",
+            t0 + Duration::from_secs(30),
+            held
+        ));
+        assert!(lease_expired(
+            &mut seen,
+            "101",
+            t0 + Duration::from_secs(36),
+            held
+        ));
+    }
+
+    #[test]
+    fn times_are_written_as_rfc3339() {
         // `date -u -d @1795000123` and a leap day.
         assert_eq!(format_time(1_795_000_123, 7), "2026-11-18T11:08:43.000007Z");
         assert_eq!(format_time(951_782_400, 0), "2000-02-29T00:00:00.000000Z");
