@@ -89,6 +89,11 @@ struct Args {
     /// only rail NICs).
     #[arg(long, env = "RAILNET_ALLOWED_MASTERS", value_delimiter = ',')]
     allowed_masters: Vec<String>,
+    /// Where the pods' interface sysctls (rp_filter, arp_ignore, accept_ra…)
+    /// are written: `/proc/sys`, or the node's procfs mounted elsewhere
+    /// where the container's `/proc/sys` is read-only (unprivileged).
+    #[arg(long, env = "RAILNET_SYSCTL_ROOT", default_value = "/proc/sys")]
+    sysctl_root: PathBuf,
     /// Label this node `railnet.io/rdma-netns-mode` with the kernel's RDMA
     /// netns mode (`exclusive`, `shared`, `none`), in either IPAM mode:
     /// the webhook schedules exclusive-mode pods by it. Needs patch on
@@ -203,6 +208,10 @@ fn main() -> ExitCode {
     };
     if let Err(e) = railnet_agent::dataplane::set_tc_attach(attach) {
         eprintln!("railnet-agent: --tc-attach: {e}");
+        return ExitCode::from(exit::CONFIG);
+    }
+    if let Err(e) = railnet_agent::rail::set_sysctl_root(args.sysctl_root.clone()) {
+        eprintln!("railnet-agent: --sysctl-root: {e}");
         return ExitCode::from(exit::CONFIG);
     }
     if let Err(e) = bpf_object::object() {

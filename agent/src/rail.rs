@@ -1678,8 +1678,29 @@ async fn resolve_gateway(h: &Handle, index: u32, gw: IpAddr, ifname: &str) {
 
 /// Writes a sysctl of this thread's netns; `Ok` if the knob does not exist
 /// (IPv6 disabled).
-fn sysctl(path: &str, value: &str) -> Result<(), String> {
-    match fs::write(path, value) {
+/// Where the pods' interface sysctls are written (`/proc/sys` unless
+/// [`set_sysctl_root`] said otherwise).
+static SYSCTL_ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Chooses where interface sysctls are written (once, at start): an
+/// unprivileged container's `/proc/sys` is read-only, so the chart mounts
+/// the node's there instead. Entries under `net/` are the writing thread's
+/// netns's, whichever procfs they are reached through.
+pub fn set_sysctl_root(root: PathBuf) -> Result<(), String> {
+    SYSCTL_ROOT
+        .set(root)
+        .map_err(|_| "the sysctl root is set once, at start".into())
+}
+
+/// Writes `value` to sysctl `key` (`net/ipv4/conf/…`, relative to the
+/// sysctl root); one that does not exist (IPv6 off) is no error.
+fn sysctl(key: &str, value: &str) -> Result<(), String> {
+    let root = SYSCTL_ROOT
+        .get()
+        .map_or(Path::new("/proc/sys"), PathBuf::as_path);
+    let path = root.join(key);
+    let path = path.display().to_string();
+    match fs::write(&path, value) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(format!("{path}: {e}")),
@@ -1764,30 +1785,24 @@ impl PodRail {
         // the lowest-metric one; stable GID indexes need no RA/SLAAC
         // addresses. All before the link comes up.
         for (path, value) in [
-            (format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter"), "2"),
+            (format!("net/ipv4/conf/{ifname}/rp_filter"), "2"),
             // No ARP flux between rails: answer only for this rail's own
             // address, and ask with it as the sender even when the packet
             // that needs the ARP carries another rail's source (ipvlan
             // demultiplexes the reply by that address and drops it
             // otherwise, seen on Linux 6.1).
-            (format!("/proc/sys/net/ipv4/conf/{ifname}/arp_ignore"), "1"),
-            (
-                format!("/proc/sys/net/ipv4/conf/{ifname}/arp_announce"),
-                "2",
-            ),
-            (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"), "0"),
-            (format!("/proc/sys/net/ipv6/conf/{ifname}/autoconf"), "0"),
+            (format!("net/ipv4/conf/{ifname}/arp_ignore"), "1"),
+            (format!("net/ipv4/conf/{ifname}/arp_announce"), "2"),
+            (format!("net/ipv6/conf/{ifname}/accept_ra"), "0"),
+            (format!("net/ipv6/conf/{ifname}/autoconf"), "0"),
             // Without DAD the link-local address is valid at once, so the
             // gateway's neighbour solicitation (which needs it as source)
             // goes out at ADD instead of ~2 s later; rail addresses come
             // from IPAM and are unique by construction.
-            (format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0"),
+            (format!("net/ipv6/conf/{ifname}/accept_dad"), "0"),
             // Unsolicited neighbour advertisements when the IPv6 address
             // appears, so peers and switches learn the pod at once.
-            (
-                format!("/proc/sys/net/ipv6/conf/{ifname}/ndisc_notify"),
-                "1",
-            ),
+            (format!("net/ipv6/conf/{ifname}/ndisc_notify"), "1"),
         ] {
             sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
         }

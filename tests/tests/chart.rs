@@ -253,7 +253,25 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
             .contains("--remove-cni-on-uninstall")
     );
     let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
-    for path in ["/run/netns", "/var/run/netns", "/sys/fs/bpf"] {
+    // Not privileged: the capabilities values.yaml explains, railnet's own
+    // bpffs directory, the PCI bus writable; /lib/modules not at all.
+    let sc = &pod["containers"][0]["securityContext"];
+    assert_eq!(sc["privileged"], false, "{sc}");
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!([
+            "NET_ADMIN",
+            "SYS_ADMIN",
+            "SYS_PTRACE",
+            "BPF",
+            "PERFMON",
+            "NET_RAW"
+        ])
+    );
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/sys/bus/pci"));
+    assert!(!mounts.iter().any(|m| m["mountPath"] == "/lib/modules"));
+    for path in ["/run/netns", "/var/run/netns", "/host/bpf/railnet"] {
         let m = mounts
             .iter()
             .find(|m| m["mountPath"] == path)

@@ -113,6 +113,22 @@ fn railnet_in_a_real_cluster() {
         assert!(node.path("/opt/cni/bin/railnet-ipam").is_file());
     }
 
+    // The agents run unprivileged, with only the capabilities values.yaml
+    // lists (everything below runs so).
+    let want: u64 = [12u32, 13, 19, 21, 38, 39].iter().map(|b| 1u64 << b).sum();
+    let caps = agent_capabilities();
+    assert_eq!(
+        caps.len(),
+        2,
+        "railnet-agent processes of this cluster: {caps:x?}"
+    );
+    for cap in caps {
+        assert_eq!(
+            cap, want,
+            "an agent's effective capabilities are {cap:#x}, not NET_ADMIN, NET_RAW, SYS_PTRACE, SYS_ADMIN, PERFMON, BPF ({want:#x})"
+        );
+    }
+
     // Each agent labels its node with its RDMA netns mode (the webhook
     // schedules exclusive-mode pods by it), with the default local store.
     node_labels_stage(&mut c);
@@ -475,6 +491,26 @@ fn railnet_in_a_real_cluster() {
         refused.is_empty(),
         "the API server refused railnet's ServiceAccounts: {refused:#?}"
     );
+}
+
+/// CapEff of every railnet-agent process of this test's cluster (found by
+/// its cgroup, named after this process).
+fn agent_capabilities() -> Vec<u64> {
+    let mine = format!("railnet-cluster-{}-", std::process::id());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|p| {
+            std::fs::read_to_string(p.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "railnet-agent")
+                && std::fs::read_to_string(p.path().join("cgroup")).is_ok_and(|c| c.contains(&mine))
+        })
+        .filter_map(|p| {
+            let status = std::fs::read_to_string(p.path().join("status")).ok()?;
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .collect()
 }
 
 /// The label every agent puts on its node, and the admission policy that
