@@ -43,7 +43,9 @@ struct Args {
     )]
     state: PathBuf,
     /// Address for `/metrics` and `/healthz`.
-    #[arg(long, env = "RAILNET_METRICS_ADDRESS", default_value = "0.0.0.0:9465")]
+    /// (`ip:port`; an IPv6 address with or without brackets, as the
+    /// downward API's status.hostIP gives it.)
+    #[arg(long, env = "RAILNET_METRICS_ADDRESS", default_value = "0.0.0.0:9465", value_parser = socket_address)]
     metrics_address: std::net::SocketAddr,
     /// Where the CNI leaves DELs it could not deliver; finished on start
     /// and at every sweep.
@@ -619,6 +621,24 @@ fn check_pin_root(root: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `ip:port`, where `ip` may be an IPv6 address without brackets (the
+/// chart writes `$(HOST_IP):<port>`, and a node's IP may be IPv6).
+fn socket_address(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = text.parse() {
+        return Ok(a);
+    }
+    let (ip, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} is not ip:port"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{text:?}: {ip:?} is not an IP address"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{text:?}: {port:?} is not a port"))?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
 /// SIGTERM (kubelet, the demo) or SIGINT (a person) ends the agent cleanly.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -627,5 +647,26 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_addresses_as_the_downward_api_gives_them() {
+        for (text, want) in [
+            ("0.0.0.0:9465", "0.0.0.0:9465"),
+            ("10.0.0.7:9465", "10.0.0.7:9465"),
+            ("[fd00::7]:9465", "[fd00::7]:9465"),
+            ("fd00::7:9465", "[fd00::7]:9465"),
+        ] {
+            assert_eq!(super::socket_address(text).unwrap().to_string(), want);
+        }
+        assert!(
+            super::socket_address("node0:9465")
+                .unwrap_err()
+                .contains("not an IP")
+        );
+        assert!(super::socket_address("10.0.0.7").is_err());
     }
 }

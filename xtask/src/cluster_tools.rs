@@ -96,6 +96,30 @@ pub const COMPONENTS: &[GoComponent] = &[
     },
 ];
 
+/// Built for `cargo xtask bench cluster` only: whereabouts, the cluster-wide
+/// reference IPAM railnet is compared with (the tests do not need it).
+pub const BENCH_COMPONENTS: &[GoComponent] = &[GoComponent {
+    name: "whereabouts",
+    version: "v0.9.2",
+    module: "whereabouts",
+    packages: &[(
+        "github.com/k8snetworkplumbingwg/whereabouts/cmd",
+        "whereabouts",
+    )],
+    version_vars: &[],
+}];
+
+/// The directory of whereabouts's CRDs in the module cache (the module is
+/// there once [`BENCH_COMPONENTS`] are built).
+pub fn whereabouts_crds(root: &Path) -> Result<PathBuf> {
+    let out = go()?
+        .current_dir(root.join("tests/cluster/build/whereabouts"))
+        .args(["env", "GOMODCACHE"])
+        .output()?;
+    let cache = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok(Path::new(&cache).join("github.com/k8snetworkplumbingwg/whereabouts@v0.9.2/doc/crds"))
+}
+
 /// The Go toolchain that builds them: the machine's own (1.26, in
 /// /usr/local/go), not Debian's golang-go (1.19, which builds the libcni
 /// client) that may sit beside it on PATH.

@@ -671,6 +671,26 @@ fn on_test_cluster(root: &Path, what: &str, name: &str) -> Result<()> {
     setup::ensure_cluster()?;
     image(root)?;
     test_images(root)?;
+    let mut extra = Vec::new();
+    if name == "railnet-bench-cluster" {
+        for c in cluster_tools::BENCH_COMPONENTS {
+            if !c.present() {
+                step(&format!(
+                    "building {} {} (the benchmark's reference IPAM)",
+                    c.name, c.version
+                ));
+                c.build(root)?;
+            }
+        }
+        extra.push((
+            "RAILNET_WHEREABOUTS_BIN",
+            cluster_tools::BENCH_COMPONENTS[0].dir().join("whereabouts"),
+        ));
+        extra.push((
+            "RAILNET_WHEREABOUTS_CRDS",
+            cluster_tools::whereabouts_crds(root)?,
+        ));
+    }
     step(what);
     run(Command::new("cargo").current_dir(root).args([
         "build",
@@ -682,6 +702,7 @@ fn on_test_cluster(root: &Path, what: &str, name: &str) -> Result<()> {
     ]))?;
     let mut cmd = Command::new(root.join("target/release").join(name));
     cluster_env(root, &mut cmd);
+    cmd.envs(extra);
     run(&mut cmd)
 }
 

@@ -65,6 +65,61 @@ fn reference_nads() -> String {
         .join("\n---\n")
 }
 
+/// whereabouts as its README installs it — its CRDs, and its ClusterRole
+/// for the identity the plugin uses on the nodes (Multus's kubeconfig) —
+/// and one NAD per rail: reference macvlan with whereabouts, one range per
+/// rail shared by both nodes (the seeds' Solution 1, what railnet's
+/// Kubernetes IPAM serves).
+fn setup_whereabouts(c: &Cluster) {
+    let dir = std::env::var_os("RAILNET_WHEREABOUTS_CRDS")
+        .map(std::path::PathBuf::from)
+        .expect("RAILNET_WHEREABOUTS_CRDS (cargo xtask bench cluster sets it)");
+    for crd in [
+        "whereabouts.cni.cncf.io_ippools.yaml",
+        "whereabouts.cni.cncf.io_overlappingrangeipreservations.yaml",
+    ] {
+        c.apply(&std::fs::read_to_string(dir.join(crd)).unwrap());
+    }
+    c.apply(
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: whereabouts-cni}
+rules:
+  - apiGroups: [whereabouts.cni.cncf.io]
+    resources: [ippools, overlappingrangeipreservations, nodeslicepools]
+    verbs: [get, list, watch, create, update, patch, delete]
+  - apiGroups: [coordination.k8s.io]
+    resources: [leases]
+    verbs: ["*"]
+  - apiGroups: [""]
+    resources: [pods, nodes]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: whereabouts-cni}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: whereabouts-cni}
+subjects:
+  - {apiGroup: rbac.authorization.k8s.io, kind: User, name: multus}
+"#,
+    );
+    let nads: Vec<String> = (1..=RAILS)
+        .map(|k| {
+            let conf = json!({
+                "cniVersion": "0.3.1", "name": format!("wb-rail{k}"), "type": "macvlan",
+                "master": format!("eth{k}"), "mode": "bridge",
+                "ipam": {"type": "whereabouts", "range": format!("172.19.{k}.0/24"),
+                         "kubernetes": {"kubeconfig": "/etc/cni/net.d/multus.d/multus.kubeconfig"}},
+            });
+            json!({"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+                   "metadata": {"name": format!("wb-rail{k}"), "namespace": "default"},
+                   "spec": {"config": conf.to_string()}})
+            .to_string()
+        })
+        .collect();
+    c.apply(&nads.join("\n---\n"));
+}
+
 fn pods(tag: &str, n: usize, networks: Option<&str>) -> String {
     (0..n)
         .map(|i| {
@@ -158,11 +213,16 @@ fn main() {
     c.apply(&reference_nads());
     let railnet_nets: Vec<String> = (1..=RAILS).map(|k| format!("railnet/rail{k}")).collect();
     let reference_nets: Vec<String> = (1..=RAILS).map(|k| format!("ref-rail{k}")).collect();
-    let variants: [(&str, Option<String>); 3] = [
+    let mut variants: Vec<(&str, Option<String>)> = vec![
         ("none", None),
         ("railnet", Some(railnet_nets.join(","))),
         ("reference", Some(reference_nets.join(","))),
     ];
+    if c.tools.whereabouts.is_some() {
+        setup_whereabouts(&c);
+        let nets: Vec<String> = (1..=RAILS).map(|k| format!("wb-rail{k}")).collect();
+        variants.push(("whereabouts", Some(nets.join(","))));
+    }
     println!(
         "cluster start-up: {n} pods over 2 nodes, 8 rails each (no rails for 'none'), kubectl apply → all Running, then delete → all gone"
     );
@@ -184,6 +244,14 @@ fn main() {
         results.push(b);
     }
     let (none, railnet, reference) = (&results[0], &results[1], &results[2]);
+    if let Some(wb) = results.get(3) {
+        println!(
+            "  ratio railnet / whereabouts (cluster-wide IPAM): all Running {:.2}, p50 {:.2}, all deleted {:.2}",
+            railnet.up_total / wb.up_total,
+            percentile(&railnet.up, 0.5) / percentile(&wb.up, 0.5),
+            railnet.down_total / wb.down_total,
+        );
+    }
     println!(
         "  ratio railnet / reference: all Running {:.2}, p50 {:.2}, all deleted {:.2}",
         railnet.up_total / reference.up_total,

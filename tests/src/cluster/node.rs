@@ -119,6 +119,9 @@ impl Node {
             std::os::unix::fs::symlink(tools.cni_plugins.join(plugin), bin.join(plugin)).unwrap();
         }
         std::os::unix::fs::symlink(&tools.multus, bin.join("multus")).unwrap();
+        if let Some(wb) = &tools.whereabouts {
+            std::os::unix::fs::symlink(wb, bin.join("whereabouts")).unwrap();
+        }
         node
     }
 

@@ -22,6 +22,9 @@ pub struct Tools {
     pub images: PathBuf,
     /// Debian's reference CNI plugins (bridge, host-local, loopback, macvlan).
     pub cni_plugins: PathBuf,
+    /// whereabouts, for the benchmark only (`cargo xtask bench cluster`
+    /// builds it and sets `RAILNET_WHEREABOUTS_BIN`); `None` in the tests.
+    pub whereabouts: Option<PathBuf>,
 }
 
 fn var(name: &str, what: &str) -> PathBuf {
@@ -49,6 +52,7 @@ impl Tools {
             device_plugin: var("RAILNET_DEVICE_PLUGIN_BIN", "the tests' device plugin"),
             images: var("RAILNET_IMAGES_DIR", "the images"),
             cni_plugins: PathBuf::from("/usr/lib/cni"),
+            whereabouts: std::env::var_os("RAILNET_WHEREABOUTS_BIN").map(PathBuf::from),
         };
         for image in ["railnet.tar", "pause.tar", "workload.tar"] {
             assert!(
