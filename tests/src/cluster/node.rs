@@ -121,6 +121,19 @@ impl Node {
         std::os::unix::fs::symlink(&tools.multus, bin.join("multus")).unwrap();
         if let Some(wb) = &tools.whereabouts {
             std::os::unix::fs::symlink(wb, bin.join("whereabouts")).unwrap();
+            // Its flat file, which it will not run without (its DaemonSet
+            // writes the same): the API server through Multus's identity.
+            let conf = node.root.join("etc-cni-net.d/whereabouts.d");
+            std::fs::create_dir_all(&conf).unwrap();
+            std::fs::write(
+                conf.join("whereabouts.conf"),
+                serde_json::json!({
+                    "datastore": "kubernetes",
+                    "kubernetes": {"kubeconfig": "/etc/cni/net.d/multus.d/multus.kubeconfig"},
+                })
+                .to_string(),
+            )
+            .unwrap();
         }
         node
     }
