@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use railnet_tests::cluster::{
-    Cluster, NS, RAILS, VFS_PER_NODE, WORKLOAD, helm_install, rail_addresses, rail_pod,
-    rail_subnet, values, vf_pod, wait_running,
+    Cluster, NS, RAILS, VFS_PER_NODE, WORKLOAD, helm_install, networks_pod, rail_addresses,
+    rail_pod, rail_subnet, values, vf_pod, wait_running,
 };
 use serde_json::json;
 
@@ -643,29 +643,12 @@ fn nad_cannot_move_the_agent(c: &mut Cluster) {
         })
         .to_string(),
     );
-    let mut pod: serde_json::Value = serde_json::from_str(&rail_pod("elsewhere", "node0")).unwrap();
-    pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] = "elsewhere".into();
-    c.apply(&pod.to_string());
-    let said = c.wait_for(
+    c.apply(&networks_pod("elsewhere", "node0", "elsewhere"));
+    let said = event_of(
+        c,
+        "elsewhere",
+        "agentSocket",
         "the sandbox of a pod on a NAD naming another socket refused",
-        Duration::from_secs(60),
-        |c| {
-            let events = c.kubectl_json(&[
-                "get",
-                "events",
-                "-n",
-                "default",
-                "--field-selector",
-                "involvedObject.name=elsewhere",
-            ]);
-            events["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e["message"].as_str())
-                .find(|m| m.contains("agentSocket"))
-                .map(str::to_owned)
-        },
     );
     assert!(
         said.contains("agentSocket /run/elsewhere.sock in the network config is not this node's (/run/railnet/agent.sock)"),
@@ -682,6 +665,30 @@ fn nad_cannot_move_the_agent(c: &mut Cluster) {
         !made.success(),
         "the NAD's tombstoneDir was created on node0"
     );
+}
+
+/// Waits (a minute) for an event of pod `pod` (namespace default) whose
+/// message contains `containing`; returns that message.
+#[track_caller]
+fn event_of(c: &mut Cluster, pod: &str, containing: &str, what: &str) -> String {
+    let selector = format!("involvedObject.name={pod}");
+    c.wait_for(what, Duration::from_secs(60), |c| {
+        let events = c.kubectl_json(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            &selector,
+        ]);
+        events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["message"].as_str())
+            .find(|m| m.contains(containing))
+            .map(str::to_owned)
+    })
 }
 
 /// The tenants stage (see its call).
@@ -703,29 +710,12 @@ fn tenants_stage(c: &mut Cluster) {
         said.contains("names no RailNetwork in namespace tenant-b or the shared namespace railnet"),
         "{said}"
     );
-    let mut pod: serde_json::Value = serde_json::from_str(&rail_pod("crossing", "node0")).unwrap();
-    pod["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] = "ai/rail1".into();
-    c.apply(&pod.to_string());
-    let said = c.wait_for(
+    c.apply(&networks_pod("crossing", "node0", "ai/rail1"));
+    let said = event_of(
+        c,
+        "crossing",
+        "namespace isolation",
         "Multus refusing a pod that names another namespace's NAD",
-        Duration::from_secs(60),
-        |c| {
-            let events = c.kubectl_json(&[
-                "get",
-                "events",
-                "-n",
-                "default",
-                "--field-selector",
-                "involvedObject.name=crossing",
-            ]);
-            events["items"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e["message"].as_str())
-                .find(|m| m.contains("namespace isolation"))
-                .map(str::to_owned)
-        },
     );
     assert!(said.contains("refers to target namespace ai"), "{said}");
     c.kubectl_ok(&["delete", "pod", "crossing", "--wait=true"]);

@@ -35,7 +35,8 @@ pub use control_plane::{ControlPlane, KUBERNETES_SERVICE_IP, SERVICE_RANGE};
 pub use node::{NODE_PATHS, Node, STAND_IN_SYSFS, tail};
 pub use pki::Pki;
 pub use railnet::{
-    NS, VF_NETWORK, WORKLOAD, helm_install, rail_addresses, rail_pod, values, vf_pod, wait_running,
+    NS, VF_NETWORK, WORKLOAD, helm_install, networks_pod, rail_addresses, rail_pod, values, vf_pod,
+    wait_running,
 };
 pub use tools::Tools;
 

@@ -74,16 +74,16 @@ pub fn values(nodes: usize) -> Value {
     })
 }
 
-/// A pod on `node` asking for every rail through the networks annotation.
-pub fn rail_pod(name: &str, node: &str) -> String {
-    let nets: Vec<String> = (1..=RAILS).map(|k| format!("{NS}/rail{k}")).collect();
-    json!({
+/// A pod on `node` (namespace default) asking for `networks` through the
+/// networks annotation, its container given `limits` if any.
+fn pod(name: &str, node: &str, networks: &str, limits: Option<Value>) -> Value {
+    let mut pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": name,
             "namespace": "default",
-            "annotations": {"k8s.v1.cni.cncf.io/networks": nets.join(",")},
+            "annotations": {"k8s.v1.cni.cncf.io/networks": networks},
         },
         "spec": {
             "nodeName": node,
@@ -95,34 +95,34 @@ pub fn rail_pod(name: &str, node: &str) -> String {
                 "command": ["sleep", "100000"],
             }],
         },
-    })
-    .to_string()
+    });
+    if let Some(limits) = limits {
+        pod["spec"]["containers"][0]["resources"] = json!({ "limits": limits });
+    }
+    pod
+}
+
+/// A pod on `node` asking for `networks` (the annotation's text).
+pub fn networks_pod(name: &str, node: &str, networks: &str) -> String {
+    pod(name, node, networks, None).to_string()
+}
+
+/// A pod on `node` asking for every rail through the networks annotation.
+pub fn rail_pod(name: &str, node: &str) -> String {
+    let nets: Vec<String> = (1..=RAILS).map(|k| format!("{NS}/rail{k}")).collect();
+    networks_pod(name, node, &nets.join(","))
 }
 
 /// A pod on `node` asking for one VF of [`VF_NETWORK`]: the device
 /// plugin's resource in its limits (kubelet allocates a VF), the network
 /// in its annotation (Multus passes that VF's PCI address to railnet).
 pub fn vf_pod(name: &str, node: &str) -> String {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": "default",
-            "annotations": {"k8s.v1.cni.cncf.io/networks": format!("{NS}/{VF_NETWORK}")},
-        },
-        "spec": {
-            "nodeName": node,
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "w",
-                "image": WORKLOAD,
-                "imagePullPolicy": "Never",
-                "command": ["sleep", "100000"],
-                "resources": {"limits": {VF_RESOURCE: "1"}},
-            }],
-        },
-    })
+    pod(
+        name,
+        node,
+        &format!("{NS}/{VF_NETWORK}"),
+        Some(json!({ VF_RESOURCE: "1" })),
+    )
     .to_string()
 }
 
