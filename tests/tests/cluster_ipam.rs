@@ -32,6 +32,12 @@ use railnet_tests::{Agent, ScratchDir, apiserver::ApiServer, binary, plugin};
 use serde_json::{Value, json};
 
 fn server() -> ApiServer {
+    // The agent's log goes into the test's captured output: a failing
+    // test shows what the allocator did (writes refused, retries).
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("railnet_agent=info")
+        .try_init();
     let api = ApiServer::start();
     for crd in ["railnet.io_railblocks.yaml", "railnet.io_railpools.yaml"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -74,11 +80,21 @@ fn node_with(
     })
 }
 
-/// Waits (up to 20 s) until `f` holds.
+/// Waits until `f` holds. What is awaited happens within a second or two
+/// of the flush interval; the wait is long because a loaded CI machine
+/// (each test its own etcd and API server, on two cores) is slow, and
+/// this is a test of what happens, not of how fast.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
+    until(what, || if f() { Ok(()) } else { Err(String::new()) });
+}
+
+/// Waits as `eventually` does; `f` says what it saw when not yet, and the
+/// last of that is in the failure.
+fn until(what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let Err(seen) = f() else { return };
+        assert!(std::time::Instant::now() < deadline, "never: {what} {seen}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -456,9 +472,12 @@ fn a_restarted_agent_keeps_its_pods_addresses() {
     a.release(&exact.key.container_id, "net1").unwrap();
     a.flush().unwrap();
     assert!(claims_in(&api).is_empty());
-    eventually("the emptied blocks are deleted", || {
+    until("the emptied blocks are deleted", || {
         let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
-        list["items"].as_array().unwrap().is_empty()
+        match list["items"].as_array() {
+            Some(items) if items.is_empty() => Ok(()),
+            _ => Err(format!("(left: {:#})", list["items"])),
+        }
     });
     // A claim released while the agent was away (here: its whole block
     // deleted) is not taken back from the journal.
