@@ -916,3 +916,126 @@ fn blocks_of_a_node_that_is_gone_are_given_back_after_the_grace_period() {
     let (_, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
     assert!(list["items"].as_array().unwrap().is_empty(), "{list}");
 }
+
+/// What the intercepted client of `lossy` does with the next request.
+static FAULT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(PASS);
+/// Requests go through.
+const PASS: u8 = 0;
+/// The next write that lends (leaves a block holding only its claimed
+/// addresses) is done by the API server, its answer is lost, and from
+/// then on the server cannot be reached.
+const LOSE_LEND: u8 = 1;
+/// No request reaches the server.
+const UNREACHABLE: u8 = 2;
+
+/// The store's client with `FAULT` between it and the API server: the
+/// real server does the write, only its answer is lost (which no server
+/// can be made to do on cue; a kill would lose the write too, or not).
+fn lossy(client: kube::Client) -> kube::Client {
+    let service = tower::service_fn(move |req: hyper::Request<kube::client::Body>| {
+        let client = client.clone();
+        async move {
+            let lost = || -> Box<dyn std::error::Error + Send + Sync> {
+                "connection reset (the test lost this answer)".into()
+            };
+            match FAULT.load(Ordering::SeqCst) {
+                UNREACHABLE => Err(lost()),
+                LOSE_LEND if req.method() == hyper::Method::PUT => {
+                    use http_body_util::BodyExt;
+                    let (parts, body) = req.into_parts();
+                    let bytes = body.collect().await?.to_bytes();
+                    let block: Value = serde_json::from_slice(&bytes)?;
+                    let held = block["spec"]["held"].as_array().map_or(0, Vec::len);
+                    let claims = block["spec"]["claims"].as_object().map_or(0, |c| c.len());
+                    let req = hyper::Request::from_parts(parts, bytes.to_vec().into());
+                    if held != claims {
+                        return client.send(req).await.map_err(Into::into);
+                    }
+                    let answer = client.send(req).await?;
+                    if !answer.status().is_success() {
+                        return Ok(answer); // not written: nothing to lose
+                    }
+                    FAULT.store(UNREACHABLE, Ordering::SeqCst);
+                    Err(lost())
+                }
+                _ => client.send(req).await.map_err(Into::into),
+            }
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+/// Hardening 12: node A answers B's lend request; the write lands (A's
+/// held addresses are lent) but its answer is lost and A cannot read the
+/// block back. A must not go on handing out the held addresses of its
+/// stale copy (B may have claimed one), and a later flush must never
+/// overwrite B's claim: no address is ever held twice.
+#[test]
+fn a_lend_whose_answer_is_lost_never_hands_an_address_out_twice() {
+    let api = server();
+    // One /28: one block, which A claims whole.
+    let subnet = "172.16.1.0/28";
+    let a = node_with(
+        &api,
+        "node-a",
+        subnet,
+        Box::new(MemoryStore::default()),
+        |o| {
+            o.intercept = Some(lossy);
+        },
+    );
+    let mut given = Vec::new();
+    for i in 1..=2 {
+        let got = a
+            .allocate_owned(key(i, "node-a"), &candidates(), None, &owner(i, "node-a"))
+            .unwrap();
+        given.push((got.address, format!("node-a-pod{i}")));
+    }
+    a.flush().unwrap();
+    FAULT.store(LOSE_LEND, Ordering::SeqCst);
+    // B finds no free block, asks A to lend, and gets a lent address once
+    // A's (answer-lost) write is in.
+    let b = node(&api, "node-b", subnet);
+    let got = b
+        .allocate_owned(key(1, "node-b"), &candidates(), None, &owner(1, "node-b"))
+        .expect("B is lent an address");
+    given.push((got.address, "node-b-pod1".into()));
+    assert_eq!(
+        FAULT.load(Ordering::SeqCst),
+        UNREACHABLE,
+        "A's lend answer was lost"
+    );
+    // A, unable to read its block, must not hand out from its old copy.
+    match a.allocate_owned(key(3, "node-a"), &candidates(), None, &owner(3, "node-a")) {
+        Ok(got) => given.push((got.address, "node-a-pod3".into())),
+        Err(e) => assert!(e.to_string().contains("try again"), "{e}"),
+    }
+    // The server is back: A serves again, and writes what it made.
+    FAULT.store(PASS, Ordering::SeqCst);
+    let got = a
+        .allocate_owned(key(4, "node-a"), &candidates(), None, &owner(4, "node-a"))
+        .expect("A serves once the server answers");
+    given.push((got.address, "node-a-pod4".into()));
+    a.flush().unwrap();
+    b.flush().unwrap();
+    let mut seen = HashMap::new();
+    for (address, who) in &given {
+        if let Some(other) = seen.insert(*address, who) {
+            panic!("{address} was given to {other} and to {who}");
+        }
+    }
+    // The API server agrees: every address given is claimed by whom it
+    // was given to, once.
+    let stored: HashMap<IpAddr, String> = claims_in(&api)
+        .into_iter()
+        .map(|(a, cid, _)| (a, cid))
+        .collect();
+    for (address, who) in &given {
+        assert_eq!(
+            stored.get(address),
+            Some(who),
+            "claim of {address}: {stored:?}"
+        );
+    }
+    assert_eq!(stored.len(), given.len(), "{stored:?}");
+}

@@ -268,6 +268,10 @@ pub struct ClusterOptions {
     /// How long a block of ours stays empty before it is deleted, giving
     /// its range back (10 s: pods come and go without block churn).
     pub empty_block_grace: Duration,
+    /// Wraps the client that reads and writes blocks (not the watch's):
+    /// the seam where fault-injection tests lose a write's answer. `None`
+    /// in the agent.
+    pub intercept: Option<fn(Client) -> Client>,
 }
 
 impl ClusterOptions {
@@ -282,6 +286,7 @@ impl ClusterOptions {
             flush_interval: Duration::from_millis(200),
             lend_wait: Duration::from_secs(3),
             empty_block_grace: Duration::from_secs(10),
+            intercept: None,
         }
     }
 }
@@ -322,8 +327,11 @@ impl Delta {
         self.adds.is_empty() && self.removes.is_empty()
     }
 
-    /// `spec` with these changes made.
-    fn apply(&self, spec: &mut BlockSpec) {
+    /// `spec` with these changes made. A claim of ours at an address
+    /// another attachment already claims in `spec` is not made: it never
+    /// replaces theirs. Returns those addresses (the caller says so
+    /// loudly: two pods were given one address).
+    fn apply(&self, spec: &mut BlockSpec) -> Vec<String> {
         for (a, (cid, ifname)) in &self.removes {
             if spec
                 .claims
@@ -333,9 +341,20 @@ impl Delta {
                 spec.claims.remove(a);
             }
         }
+        let mut refused = Vec::new();
         for (a, c) in &self.adds {
-            spec.claims.insert(a.clone(), c.clone());
+            match spec.claims.get(a) {
+                Some(theirs)
+                    if theirs.container_id != c.container_id || theirs.interface != c.interface =>
+                {
+                    refused.push(a.clone());
+                }
+                _ => {
+                    spec.claims.insert(a.clone(), c.clone());
+                }
+            }
         }
+        refused
     }
 
     /// Forgets the changes of `written` that are still as they were (a
@@ -381,7 +400,7 @@ impl Blocks {
         };
         let mut spec = b.spec.clone();
         if let Some(d) = self.delta.get(name) {
-            d.apply(&mut spec);
+            let _ = d.apply(&mut spec);
         }
         spec.claims
     }
@@ -541,7 +560,12 @@ impl ClusterStore {
             .enable_all()
             .build()
             .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
-        let client = rt.block_on(client(opts.kubeconfig.as_deref(), opts.timeout))?;
+        let mut client = rt.block_on(client(opts.kubeconfig.as_deref(), opts.timeout))?;
+        if let Some(wrap) = opts.intercept {
+            // A client's service starts a task: on the store's runtime.
+            let _in = rt.enter();
+            client = wrap(client);
+        }
         let watch_client = rt.block_on(watch_client(opts.kubeconfig.as_deref(), opts.timeout))?;
         let inner = Arc::new(Inner {
             api: Api::all(client),
@@ -1339,7 +1363,14 @@ impl Inner {
                     blocks.by_name.remove(&name);
                     break;
                 }
-                Err((e, _)) => return Err(e),
+                Err((e, undecided)) => {
+                    // As in `write_own`: a held address may have been
+                    // given up; read the pool again before handing out.
+                    if undecided {
+                        blocks.listed = false;
+                    }
+                    return Err(e);
+                }
             }
         }
         if let Some(d) = blocks.delta.get_mut(&name) {
@@ -1428,7 +1459,11 @@ impl Inner {
         let lock = self.blocks_of(&b.spec.pool);
         let mut blocks = lock.lock().await;
         blocks.lend.insert(name.clone());
-        blocks.by_name.insert(name, b);
+        // The event may be older than our copy (our own answer to this
+        // request can come first): a stale copy would hand out addresses
+        // already lent. The write answering the request reads the block
+        // if our copy is behind.
+        blocks.by_name.entry(name).or_insert(b);
     }
 
     /// Writes each own block that has unwritten claims or releases, a lend
@@ -1488,9 +1523,25 @@ impl Inner {
                 let Some(current) = blocks.by_name.get(name).cloned() else {
                     return self.lost_block(&mut blocks, name);
                 };
-                let written = blocks.delta.get(name).cloned().unwrap_or_default();
+                let mut written = blocks.delta.get(name).cloned().unwrap_or_default();
                 let mut next = current.clone();
-                written.apply(&mut next.spec);
+                for address in written.apply(&mut next.spec) {
+                    // Never overwrite: the stored claim is the one other
+                    // nodes see. Ours is dropped from the write, loudly.
+                    let ours = written.adds.remove(&address).unwrap_or_default();
+                    let theirs = &current.spec.claims[&address];
+                    tracing::error!(
+                        block = name,
+                        %address,
+                        pod = %format!("{}/{}", ours.pod_namespace, ours.pod_name),
+                        container = %ours.container_id,
+                        claimed_by = %format!("{}/{} on node {}", theirs.pod_namespace, theirs.pod_name, theirs.node),
+                        "this node handed out an address another pod already claims; not overwriting that claim — both pods have the address: delete one of them"
+                    );
+                    if let Some(d) = blocks.delta.get_mut(name) {
+                        d.adds.remove(&address);
+                    }
+                }
                 let lend = blocks.lend.contains(name) || current.spec.lend_requested;
                 if lend {
                     let claims = &next.spec.claims;
@@ -1571,7 +1622,17 @@ impl Inner {
                     blocks.by_name.remove(name);
                     return self.lost_block(&mut blocks, name);
                 }
-                Err(Err((e, _))) => return Err(e),
+                Err(Err((e, undecided))) => {
+                    if undecided {
+                        // The write may have happened (a lend gave held
+                        // addresses away) and the block could not be read:
+                        // our copy is not the truth. Nothing is handed out
+                        // of this pool until it is read again.
+                        blocks.listed = false;
+                        tracing::warn!(block = name, error = %e, "a write's answer was lost; reading the pool again before handing out its addresses");
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(ClusterError::Unavailable(format!(
@@ -1899,7 +1960,31 @@ mod tests {
         assert_eq!(b.claims_in(&n), b.claims(&n).len());
         b.delta.get_mut(&n).unwrap().adds.remove("172.16.1.1");
         let mut spec = b.by_name[&n].spec.clone();
-        b.delta[&n].apply(&mut spec);
+        let _ = b.delta[&n].apply(&mut spec);
         assert_eq!(spec.claims.keys().collect::<Vec<_>>(), vec!["172.16.1.2"]);
+    }
+
+    /// Hardening 12: a claim made from a held address that another node
+    /// has claimed meanwhile (the held set was lent and our copy was
+    /// stale) must not replace theirs in the next write.
+    #[test]
+    fn a_flush_never_replaces_another_pods_claim() {
+        let claim = |cid: &str| Claim {
+            container_id: cid.into(),
+            interface: "net1".into(),
+            ..Claim::default()
+        };
+        let mut spec = BlockSpec::default();
+        spec.claims.insert("172.16.1.3".into(), claim("theirs"));
+        let mut d = Delta::default();
+        d.adds.insert("172.16.1.3".into(), claim("ours"));
+        d.adds.insert("172.16.1.4".into(), claim("ours-too"));
+        // The same attachment again is no conflict.
+        spec.claims.insert("172.16.1.5".into(), claim("again"));
+        d.adds.insert("172.16.1.5".into(), claim("again"));
+        assert_eq!(d.apply(&mut spec), vec!["172.16.1.3".to_owned()]);
+        assert_eq!(spec.claims["172.16.1.3"].container_id, "theirs");
+        assert_eq!(spec.claims["172.16.1.4"].container_id, "ours-too");
+        assert_eq!(spec.claims.len(), 3);
     }
 }
