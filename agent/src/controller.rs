@@ -816,47 +816,34 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` (classic text unless OpenMetrics is asked for)
-/// and `/healthz`, plain HTTP, until dropped.
+/// and `/healthz`, plain HTTP within [`crate::http::Limits`], until
+/// dropped.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
-    use http_body_util::Full;
-    use hyper::{Response, body::Bytes, service::service_fn};
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
         let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let openmetrics = req
-                        .headers()
-                        .get("accept")
-                        .and_then(|a| a.to_str().ok())
-                        .is_some_and(crate::metrics::wants_openmetrics);
-                    let (code, kind, body) = match req.uri().path() {
-                        "/metrics" => {
-                            let (kind, body) =
-                                crate::metrics::exposition(openmetrics, metrics.render());
-                            (200, kind, body)
-                        }
-                        "/healthz" => (200, "text/plain", "ok\n".to_owned()),
-                        _ => (404, "text/plain", "try /metrics or /healthz\n".to_owned()),
-                    };
-                    Ok::<_, std::convert::Infallible>(
-                        Response::builder()
-                            .status(code)
-                            .header("Content-Type", kind)
-                            .body(Full::new(Bytes::from(body)))
-                            .expect("a valid response"),
-                    )
+        async move {
+            let openmetrics = req
+                .headers()
+                .get("accept")
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(crate::metrics::wants_openmetrics);
+            match req.uri().path() {
+                "/metrics" => {
+                    let (kind, body) = crate::metrics::exposition(openmetrics, metrics.render());
+                    crate::http::reply(200, kind, body)
                 }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+                "/healthz" => crate::http::reply(200, "text/plain", "ok\n"),
+                _ => crate::http::reply(404, "text/plain", "try /metrics or /healthz\n"),
+            }
+        }
+    };
+    crate::http::serve(
+        listener,
+        crate::http::Limits::default(),
+        crate::http::Plain,
+        handler,
+    )
+    .await;
 }
 
 /// A Lease-based leader election.

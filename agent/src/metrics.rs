@@ -6,7 +6,11 @@
 //! what the kernel counted, also for pods adopted after a restart. So are
 //! the RDMA ports' hardware counters (RDMA netlink, `rdma statistic`).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use prometheus_client::{
     encoding::text::encode,
@@ -18,10 +22,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::net::TcpListener;
 
 use crate::{dataplane, rail::RailService};
 
@@ -294,62 +295,77 @@ pub fn classic_text(openmetrics: &str) -> String {
     out
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
+/// A render reused for a second, one render at a time: a render walks
+/// every pinned map, RDMA netlink and `/proc`, so many scrapers (or one
+/// client asking in a loop) cost at most one walk a second, not one per
+/// request.
+#[derive(Debug)]
+pub struct Rendered {
+    max_age: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, Arc<String>)>>,
+}
+
+impl Rendered {
+    /// Renders reused for `max_age`.
+    pub fn new(max_age: Duration) -> Self {
+        Self {
+            max_age,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The last render if younger than `max_age`, else a new one by
+    /// `render` (off the runtime: it blocks). Callers that arrive during a
+    /// render wait for it and share it.
+    pub async fn get(&self, render: impl FnOnce() -> String + Send + 'static) -> Arc<String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, body)) = &*last
+            && at.elapsed() < self.max_age
+        {
+            return body.clone();
+        }
+        let body = Arc::new(
+            tokio::task::spawn_blocking(render)
+                .await
+                .unwrap_or_default(),
+        );
+        *last = Some((Instant::now(), body.clone()));
+        body
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the task is dropped, within
+/// [`crate::http::Limits`] (it listens on the node's address).
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<RailService>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let (metrics, service) = (metrics.clone(), service.clone());
-        tokio::spawn(async move {
-            // The whole request head, however the client's writes were
-            // split (one read may hold only its first line), within 5 s
-            // and 8 KiB.
-            let mut buf = Vec::with_capacity(1024);
-            let head = async {
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                true
-            };
-            match tokio::time::timeout(std::time::Duration::from_secs(5), head).await {
-                Ok(true) => {}
-                _ => return,
-            }
-            let request = String::from_utf8_lossy(&buf);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
+    let rendered = Arc::new(Rendered::new(Duration::from_secs(1)));
+    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+        let (metrics, service, rendered) = (metrics.clone(), service.clone(), rendered.clone());
+        async move {
             // Prometheus asks for OpenMetrics in its Accept header; other
             // scrapers (and promtool) read the classic text format.
-            let openmetrics = request
-                .lines()
-                .any(|l| l.to_ascii_lowercase().starts_with("accept:") && wants_openmetrics(l));
-            let (status, kind, body) = match path {
+            let openmetrics = req
+                .headers()
+                .get("accept")
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(wants_openmetrics);
+            match req.uri().path() {
                 "/metrics" => {
-                    let body = tokio::task::spawn_blocking(move || metrics.render(&service))
-                        .await
-                        .unwrap_or_default();
-                    let (kind, body) = exposition(openmetrics, body);
-                    ("200 OK", kind, body)
+                    let body = rendered.get(move || metrics.render(&service)).await;
+                    let (kind, body) = exposition(openmetrics, (*body).clone());
+                    crate::http::reply(200, kind, body)
                 }
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics or /healthz\n".to_owned(),
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = conn.write_all(head.as_bytes()).await;
-            let _ = conn.write_all(body.as_bytes()).await;
-        });
-    }
+                "/healthz" => crate::http::reply(200, "text/plain", "ok\n"),
+                _ => crate::http::reply(404, "text/plain", "try /metrics or /healthz\n"),
+            }
+        }
+    };
+    crate::http::serve(
+        listener,
+        crate::http::Limits::default(),
+        crate::http::Plain,
+        handler,
+    )
+    .await;
 }
 
 /// Binds the metrics listener.
@@ -360,6 +376,33 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hardening 8: scrapes at once share one render; a render is
+    /// reused until it is `max_age` old.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scrapes_at_once_cost_one_render() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let renders = Arc::new(AtomicUsize::new(0));
+        let rendered = Arc::new(Rendered::new(Duration::from_millis(500)));
+        let scrape = || {
+            let (renders, rendered) = (renders.clone(), rendered.clone());
+            tokio::spawn(async move {
+                rendered
+                    .get(move || {
+                        std::thread::sleep(Duration::from_millis(50));
+                        format!("render {}", renders.fetch_add(1, Ordering::SeqCst) + 1)
+                    })
+                    .await
+            })
+        };
+        let all: Vec<_> = (0..20).map(|_| scrape()).collect();
+        for s in all {
+            assert_eq!(*s.await.unwrap(), "render 1");
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(*scrape().await.unwrap(), "render 2");
+        assert_eq!(renders.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn classic_text_names_counters_by_their_samples() {

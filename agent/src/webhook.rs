@@ -14,17 +14,12 @@
 //! `namespaceIsolation` is on (with the shared namespace among its
 //! `globalNamespaces`).
 
-use std::{convert::Infallible, sync::Arc};
+use std::{sync::Arc, time::Duration};
 
 use base64::Engine;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Request, Response, body::Bytes, service::service_fn};
-use hyper_util::rt::TokioIo;
-use kube::{
-    Api, Client,
-    api::ListParams,
-    core::{ApiResource, DynamicObject},
-};
+use hyper::{Request, Response, body::Bytes};
+use kube::Client;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::{
@@ -35,7 +30,7 @@ use tokio_rustls::{
     },
 };
 
-use crate::{controller::railnetworks, ipam::cluster::resource};
+use crate::webhook_cache::Cache;
 
 /// The annotation that asks for injection; its value names the group.
 pub const INJECT: &str = "railnet.io/rdma-resource-inject";
@@ -305,27 +300,9 @@ pub fn tls(
     Ok(Arc::new(config))
 }
 
-fn namespaces() -> ApiResource {
-    resource("", "v1", "Namespace", "namespaces")
-}
-
-/// The inject annotation of namespace `ns`; `None` when it has none or it
-/// cannot be read (the pod is then judged by its own annotation).
-pub async fn namespace_group(client: &Client, ns: &str) -> Option<String> {
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), &namespaces());
-    match api.get_opt(ns).await {
-        Ok(Some(n)) => n.metadata.annotations?.get(INJECT).cloned(),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!(namespace = ns, error = %e, "cannot read the namespace's annotations");
-            None
-        }
-    }
-}
-
 /// The response, and how to count it (`None`: not a review).
 async fn handle(
-    client: Client,
+    cache: &Cache,
     rail_info: Option<&str>,
     shared: Option<&str>,
     req: Request<hyper::body::Incoming>,
@@ -371,10 +348,24 @@ async fn handle(
     let asks = review["request"]["object"]["metadata"]["annotations"]
         .get(INJECT)
         .is_some();
+    if !cache.is_ready() {
+        // Refuse rather than start the pod without its rails.
+        let uid = review["request"]["uid"].clone();
+        return (
+            reply(
+                200,
+                json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "response": {"uid": uid, "allowed": false, "status": {"code": 503,
+                        "message": "railnet has not read the RailNetworks and namespaces yet (is the API server reachable from railnet-controller?); try again"}}})
+                .to_string(),
+            ),
+            Some("denied"),
+        );
+    }
     let ns_group = if asks {
         None
     } else {
-        namespace_group(&client, &ns).await
+        cache.namespace_annotation(&ns, INJECT).await
     };
     if !asks && ns_group.is_none() {
         return (
@@ -383,40 +374,10 @@ async fn handle(
         );
     }
     // Only the namespaces a pod's group may come from are read.
-    let mut listed = Ok(Vec::new());
-    let mut namespaces = vec![ns.as_str()];
-    namespaces.extend(shared.filter(|s| *s != ns));
-    for n in namespaces {
-        let nets: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &railnetworks());
-        listed = match (listed, nets.list(&ListParams::default()).await) {
-            (Ok(mut all), Ok(l)) => {
-                all.extend(
-                    l.items
-                        .into_iter()
-                        .map(|n| serde_json::to_value(n).unwrap_or_default()),
-                );
-                Ok(all)
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
-        };
+    let mut networks = cache.networks_in(&ns);
+    if let Some(shared) = shared.filter(|s| *s != ns) {
+        networks.extend(cache.networks_in(shared));
     }
-    let networks: Vec<Value> = match listed {
-        Ok(all) => all,
-        Err(e) => {
-            // Refuse rather than start the pod without its rails.
-            let uid = review["request"]["uid"].clone();
-            return (
-                reply(
-                    200,
-                    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                        "response": {"uid": uid, "allowed": false, "status": {"code": 503,
-                            "message": format!("railnet cannot list RailNetworks ({e}); try again")}}})
-                    .to_string(),
-                ),
-                Some("denied"),
-            );
-        }
-    };
     let a = answer(&review, &networks, ns_group.as_deref(), shared, rail_info);
     let result = match (&a["response"]["allowed"], a["response"].get("patch")) {
         (Value::Bool(false), _) => "denied",
@@ -427,8 +388,9 @@ async fn handle(
 }
 
 /// Serves `POST /mutate-pods` (and `GET /healthz`) over TLS until the task
-/// is dropped; `rail_info` as [`inject`] takes it, `shared` the shared
-/// networks' namespace ([`Scope`]).
+/// is dropped, within the bounds of [`crate::http::Limits`] (any pod can
+/// reach the webhook's Service); `rail_info` as [`inject`] takes it,
+/// `shared` the shared networks' namespace ([`Scope`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -439,38 +401,32 @@ pub async fn serve(
 ) {
     let rail_info: Option<Arc<str>> = rail_info.map(Into::into);
     let shared: Option<Arc<str>> = shared.map(Into::into);
-    let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
-        let (acceptor, client, metrics) = (acceptor.clone(), client.clone(), metrics.clone());
-        let (rail_info, shared) = (rail_info.clone(), shared.clone());
-        tokio::spawn(async move {
-            let stream = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            let service = service_fn(move |req| {
-                let (client, metrics) = (client.clone(), metrics.clone());
-                let (rail_info, shared) = (rail_info.clone(), shared.clone());
-                async move {
-                    let (response, result) =
-                        handle(client, rail_info.as_deref(), shared.as_deref(), req).await;
-                    if let Some(r) = result {
-                        metrics.webhook_answer(r);
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+    let cache = Cache::start(&client);
+    // Serving before the first lists are in would only refuse pods.
+    if !cache.wait_ready(Duration::from_secs(30)).await {
+        tracing::warn!(
+            "the webhook's RailNetworks and namespaces are not listed yet; refusing pods until they are"
+        );
     }
+    let handler = move |req| {
+        let (cache, metrics) = (cache.clone(), metrics.clone());
+        let (rail_info, shared) = (rail_info.clone(), shared.clone());
+        async move {
+            let (response, result) =
+                handle(&cache, rail_info.as_deref(), shared.as_deref(), req).await;
+            if let Some(r) = result {
+                metrics.webhook_answer(r);
+            }
+            response
+        }
+    };
+    crate::http::serve(
+        listener,
+        crate::http::Limits::default(),
+        TlsAcceptor::from(tls),
+        handler,
+    )
+    .await;
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::{
 };
 
 pub mod apiserver;
+pub mod bounds;
 pub mod cluster;
 
 use serde_json::Value;
@@ -440,7 +441,10 @@ impl Agent {
             let get = || -> std::io::Result<String> {
                 let mut s = std::net::TcpStream::connect(&address)?;
                 s.write_all(
-                    format!("GET {path} HTTP/1.1\r\nHost: agent\r\n{accept}\r\n").as_bytes(),
+                    format!(
+                        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n{accept}\r\n"
+                    )
+                    .as_bytes(),
                 )?;
                 let mut out = String::new();
                 s.read_to_string(&mut out)?;

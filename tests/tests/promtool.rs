@@ -63,7 +63,7 @@ fn a_real_scrape_passes_promtool_and_openmetrics_is_negotiated() {
     let split = node.run(|| {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect("127.0.0.1:9465").unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n")
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));
         s.write_all(b"Accept: application/openmetrics-text\r\n\r\n")
@@ -77,4 +77,14 @@ fn a_real_scrape_passes_promtool_and_openmetrics_is_negotiated() {
         "answered before the whole request came: {}",
         split.lines().next().unwrap_or("")
     );
+
+    // Hardening 8: the agent's /metrics (it listens on the node's
+    // address) bears idle, slow and too many connections, and a scrape
+    // flood costs one render a second (the unit test of `Rendered`).
+    railnet_tests::bounds::check(node, "127.0.0.1:9465".parse().unwrap(), || {
+        node.command("curl")
+            .args(["-sf", "http://127.0.0.1:9465/metrics"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
 }

@@ -7,8 +7,9 @@
 //!
 //! The namespace-level annotation needs Namespace objects, which this API
 //! server does not serve: that test runs the same TLS server in-process
-//! with a kube client over a mock service that answers for the namespaces
-//! and RailNetworks (and says so).
+//! with a kube client over a mock service that answers the lists and
+//! watches of namespaces and RailNetworks (and says so). The real cluster
+//! test covers the namespace annotation against kube-apiserver.
 
 use std::{
     path::Path,
@@ -121,6 +122,63 @@ fn wait_serving(ns: &Netns, ca: &Path, log: impl Fn() -> String) {
     }
 }
 
+/// The real `railnet-controller` serving the webhook on 127.0.0.1:9443
+/// (and `/metrics` on :9466) in `api`'s netns, with a certificate from a
+/// CA of the test's own in `dir` (`ca.crt`); its log in
+/// `dir/controller.log`.
+fn webhook_controller(api: &ApiServer, dir: &Path) -> Killed {
+    certificates(dir);
+    Killed(
+        api.controller()
+            .args(["--webhook-address", "127.0.0.1:9443"])
+            .arg("--tls-cert")
+            .arg(dir.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(dir.join("tls.key"))
+            .args(["--rail-info-dir", "/run/railnet/pods"])
+            // The networks are the administrator's, shared with every
+            // namespace; the pods are in `ai`.
+            .args(["--shared-networks-namespace", "railnet"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("controller.log")).unwrap())
+            .spawn()
+            .expect("railnet-controller"),
+    )
+}
+
+/// Hardening 8: any pod can reach the webhook's Service, and the
+/// controller's `/metrics` listens on its pod address. Idle connections,
+/// a request sent a byte at a time and more connections than the cap
+/// neither stop them answering nor are held past the deadlines.
+#[test]
+fn the_webhook_and_controller_metrics_bear_idle_slow_and_too_many_connections() {
+    let api = ApiServer::start();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text =
+        std::fs::read_to_string(root.join("../charts/railnet/crds/railnet.io_railnetworks.yaml"))
+            .unwrap();
+    api.install_crd(&serde_norway::from_str(&text).unwrap());
+    let dir = ScratchDir::new("webhook-bounds");
+    let _controller = webhook_controller(&api, dir.path());
+    let log = dir.path().join("controller.log");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ca = dir.path().join("ca.crt");
+    wait_serving(&api.ns, &ca, log_text);
+    let plain = pod(json!({}), &["main"]);
+    railnet_tests::bounds::check(&api.ns, "127.0.0.1:9443".parse().unwrap(), || {
+        post(&api.ns, &ca, &review(plain.clone())).is_ok_and(|a| a["response"]["allowed"] == true)
+    });
+    railnet_tests::bounds::check(&api.ns, "127.0.0.1:9466".parse().unwrap(), || {
+        api.ns
+            .command("curl")
+            .args(["-sf", "http://127.0.0.1:9466/metrics"])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("railnet_")
+            })
+    });
+}
+
 /// Applies RFC 6902 `add` operations (all the webhook emits).
 fn apply(mut doc: Value, patch: &Value) -> Value {
     for op in patch.as_array().unwrap() {
@@ -208,24 +266,8 @@ fn pods_asking_for_a_group_get_its_networks_and_resources() {
         assert_eq!(code, 201, "{body}");
     }
     let dir = ScratchDir::new("webhook");
-    certificates(dir.path());
+    let _controller = webhook_controller(&api, dir.path());
     let log = dir.path().join("controller.log");
-    let _controller = Killed(
-        api.controller()
-            .args(["--webhook-address", "127.0.0.1:9443"])
-            .arg("--tls-cert")
-            .arg(dir.path().join("tls.crt"))
-            .arg("--tls-key")
-            .arg(dir.path().join("tls.key"))
-            .args(["--rail-info-dir", "/run/railnet/pods"])
-            // The networks are the administrator's, shared with every
-            // namespace; the pods are in `ai`.
-            .args(["--shared-networks-namespace", "railnet"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("railnet-controller"),
-    );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let ca = dir.path().join("ca.crt");
     let call = |body: &Value| -> Value {
@@ -397,33 +439,37 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
     certificates(dir.path());
     let asked = Arc::new(Mutex::new(Vec::<String>::new()));
     let log = asked.clone();
+    let mut evil = network("evil1", 1, "rdma-network", "nvidia.com/evil");
+    evil["metadata"]["namespace"] = "web".into();
     let service = tower::service_fn(move |req: hyper::Request<kube::client::Body>| {
         let path = req.uri().path().to_owned();
-        log.lock().unwrap().push(path.clone());
+        let watch = req.uri().query().is_some_and(|q| q.contains("watch=true"));
+        log.lock()
+            .unwrap()
+            .push(format!("{path}{}", if watch { " (watch)" } else { "" }));
+        let meta = |name: &str, annotations: Value| {
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                   "metadata": {"name": name, "annotations": annotations}})
+        };
         let (code, body) = match path.as_str() {
-            "/api/v1/namespaces/ai" => (
+            // Lists, as the webhook's watches start; their watches then
+            // wait (below) as an API server's do between events.
+            "/api/v1/namespaces" => (
                 200,
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ai",
-                       "annotations": {"railnet.io/rdma-resource-inject": "rdma-network"}}}),
+                json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                       "metadata": {"resourceVersion": "1"},
+                       "items": [meta("ai", json!({"railnet.io/rdma-resource-inject": "rdma-network"})),
+                                 meta("web", json!({}))]}),
             ),
-            "/api/v1/namespaces/web" => (
-                200,
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}}),
-            ),
-            // Only the pod's namespace and the shared one are read.
-            "/apis/railnet.io/v1alpha1/namespaces/ai/railnetworks"
-            | "/apis/railnet.io/v1alpha1/namespaces/web/railnetworks" => (
-                200,
-                json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetworkList",
-                       "metadata": {"resourceVersion": "1"}, "items": []}),
-            ),
-            "/apis/railnet.io/v1alpha1/namespaces/railnet/railnetworks" => (
+            "/apis/railnet.io/v1alpha1/railnetworks" => (
                 200,
                 json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetworkList",
                        "metadata": {"resourceVersion": "1"},
                        "items": [network("gpu1-sriov", 1, "rdma-network", "nvidia.com/gpu1rdma"),
                                  network("gpu2-sriov", 2, "rdma-network", "nvidia.com/gpu2rdma"),
-                                 network("storage", 9, "storage", "nvidia.com/storage")]}),
+                                 network("storage", 9, "storage", "nvidia.com/storage"),
+                                 // Another namespace's: never injected into `ai`.
+                                 evil.clone()]}),
             ),
             _ => (
                 404,
@@ -432,6 +478,9 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
             ),
         };
         async move {
+            if watch && code == 200 {
+                std::future::pending::<()>().await;
+            }
             Ok::<_, std::convert::Infallible>(
                 hyper::Response::builder()
                     .status(code)
@@ -504,15 +553,23 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
     let (_, answer) = in_ns("web", json!({}));
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"].get("patch").is_none(), "{answer}");
-    // The namespace was read only when the pod did not say.
+    // Reviews cost no API request: the namespaces and RailNetworks were
+    // listed once and are watched; no namespace was read by name.
     let asked = asked.lock().unwrap().clone();
+    let mut kinds = asked.clone();
+    kinds.sort();
+    kinds.dedup();
     assert_eq!(
-        asked
-            .iter()
-            .filter(|p| p.starts_with("/api/v1/namespaces/"))
-            .collect::<Vec<_>>(),
-        ["/api/v1/namespaces/ai", "/api/v1/namespaces/web"]
+        kinds,
+        [
+            "/api/v1/namespaces",
+            "/api/v1/namespaces (watch)",
+            "/apis/railnet.io/v1alpha1/railnetworks",
+            "/apis/railnet.io/v1alpha1/railnetworks (watch)"
+        ],
+        "{asked:?}"
     );
+    assert_eq!(asked.len(), 4, "{asked:?}");
     let _ = stop.send(());
     server.join().unwrap();
 }
