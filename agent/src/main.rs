@@ -47,6 +47,12 @@ struct Args {
     /// downward API's status.hostIP gives it.)
     #[arg(long, env = "RAILNET_METRICS_ADDRESS", default_value = "0.0.0.0:9465", value_parser = socket_address)]
     metrics_address: std::net::SocketAddr,
+    /// How long a `/metrics` render is reused (milliseconds): a render
+    /// walks every pinned map, RDMA netlink and `/proc`, so a client
+    /// scraping in a loop costs one render per this, not one per request.
+    /// 0: a fresh render per request, still one at a time.
+    #[arg(long, env = "RAILNET_METRICS_MAX_AGE_MS", default_value_t = 1000)]
+    metrics_max_age_ms: u64,
     /// Where the CNI leaves DELs it could not deliver; finished on start
     /// and at every sweep.
     #[arg(long, env = "RAILNET_TOMBSTONES", default_value = api::DEFAULT_TOMBSTONES)]
@@ -409,6 +415,7 @@ fn main() -> ExitCode {
             metrics_listener,
             metrics.clone(),
             service.clone(),
+            std::time::Duration::from_millis(args.metrics_max_age_ms),
         ));
         let sweeper = tokio::spawn(sweep_loop(
             service.clone(),

@@ -295,10 +295,10 @@ pub fn classic_text(openmetrics: &str) -> String {
     out
 }
 
-/// A render reused for a second, one render at a time: a render walks
-/// every pinned map, RDMA netlink and `/proc`, so many scrapers (or one
-/// client asking in a loop) cost at most one walk a second, not one per
-/// request.
+/// A render reused for a while (a second, in the agent), one render at
+/// a time: a render walks every pinned map, RDMA netlink and `/proc`, so
+/// many scrapers (or one client asking in a loop) cost at most one walk
+/// per `max_age`, not one per request.
 #[derive(Debug)]
 pub struct Rendered {
     max_age: Duration,
@@ -335,9 +335,15 @@ impl Rendered {
 }
 
 /// Serves `/metrics` and `/healthz` until the task is dropped, within
-/// [`crate::http::Limits`] (it listens on the node's address).
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, service: Arc<RailService>) {
-    let rendered = Arc::new(Rendered::new(Duration::from_secs(1)));
+/// [`crate::http::Limits`] (it listens on the node's address); a render
+/// is reused for `max_age`.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    service: Arc<RailService>,
+    max_age: Duration,
+) {
+    let rendered = Arc::new(Rendered::new(max_age));
     let handler = move |req: hyper::Request<hyper::body::Incoming>| {
         let (metrics, service, rendered) = (metrics.clone(), service.clone(), rendered.clone());
         async move {

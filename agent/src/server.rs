@@ -17,9 +17,24 @@ use crate::{
     rail::RailService,
 };
 
-/// How long one request may take to arrive; a client that connects and
-/// says nothing must not pin a thread forever.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole request may take to arrive: the CNI sends it as soon
+/// as it connects. A client that says nothing, or sends a byte now and
+/// then, must not pin a thread (each read has no deadline of its own
+/// that could be renewed a byte at a time).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Requests served at once (each on its own thread); more wait in the
+/// socket's backlog until one ends. Far more than kubelet starts at once
+/// on a node, far fewer threads than would hurt it.
+pub const MAX_REQUESTS: usize = 128;
+
+/// Whether a peer with these credentials may call the agent: root (the
+/// runtime runs CNI plugins as root) or the agent's own user. The socket
+/// is root-only (0600) too; this holds if its mode or owner is loosened,
+/// e.g. by a hostPath mount that shares it with a pod.
+fn may_call(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
 
 /// Binds the socket: parent directory created, stale socket replaced,
 /// permissions root-only (anyone who can talk to it can rewire pods).
@@ -46,26 +61,44 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
+    let runtime = tokio::runtime::Handle::current();
     loop {
+        // A free slot before the next accept: at the cap, callers wait in
+        // the backlog rather than each getting a thread.
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let allowed = stream.peer_cred().map(|c| (c.uid(), may_call(c.uid())));
                     let service = service.clone();
                     let metrics = metrics.clone();
+                    let runtime = runtime.clone();
                     // Each request gets its own OS thread: it blocks on
                     // netlink and spawns netns threads of its own.
                     let spawned = stream.into_std().and_then(|s| {
                         s.set_nonblocking(false)?;
                         std::thread::Builder::new()
                             .name("railnet-request".into())
-                            .spawn(move || handle(s, &service, &metrics))
+                            .spawn(move || {
+                                let _slot = slot;
+                                handle(s, allowed, &runtime, &service, &metrics)
+                            })
                     });
                     if let Err(e) = spawned {
                         warn!(error = %e, "cannot serve a connection");
                     }
                 }
-                Err(e) => warn!(error = %e, "accept failed"),
+                Err(e) => {
+                    // Out of file descriptors, most likely: not again at
+                    // once (that would spin).
+                    warn!(error = %e, "accept failed; again in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     }
@@ -73,9 +106,47 @@ pub async fn serve(
     info!(socket = %path.display(), "stopped serving");
 }
 
-fn handle(mut stream: UnixStream, service: &RailService, metrics: &crate::metrics::Metrics) {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let response = match api::recv::<Request>(&mut stream) {
+/// Serves one connection: its request must arrive whole within
+/// [`REQUEST_DEADLINE`] (the socket is shut down then, ending the read),
+/// and `allowed` (the peer's uid, and whether it may call) decides
+/// whether it is served.
+fn handle(
+    mut stream: UnixStream,
+    allowed: std::io::Result<(u32, bool)>,
+    runtime: &tokio::runtime::Handle,
+    service: &RailService,
+    metrics: &crate::metrics::Metrics,
+) {
+    let received = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Ok(watched) = stream.try_clone() {
+        let received = received.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(REQUEST_DEADLINE).await;
+            if !received.load(std::sync::atomic::Ordering::Acquire) {
+                tracing::debug!("no whole request within {REQUEST_DEADLINE:?}; closing");
+                let _ = watched.shutdown(std::net::Shutdown::Both);
+            }
+        });
+    }
+    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    let request = api::recv::<Request>(&mut stream);
+    received.store(true, std::sync::atomic::Ordering::Release);
+    let refused = match allowed {
+        Ok((_, true)) => None,
+        Ok((uid, false)) => Some(format!("the caller runs as uid {uid}")),
+        Err(e) => Some(format!("the caller's credentials cannot be read ({e})")),
+    };
+    if let Some(why) = refused {
+        warn!(%why, "refused a request on the CNI socket");
+        let response = Response::Error(ApiError::new(
+            code::INVALID_ENV,
+            format!("only root may call the railnet agent; {why}"),
+            "the container runtime runs CNI plugins as root; nothing else should reach this socket",
+        ));
+        let _ = api::send(&mut stream, &response, None);
+        return;
+    }
+    let response = match request {
         Ok((req, None)) => dispatch(req, None, service, metrics),
         Ok((req, Some(fd))) => match PodNetns::checked(fd) {
             Ok(ns) => dispatch(req, Some(ns), service, metrics),

@@ -362,6 +362,9 @@ impl Agent {
             .arg(self.node_name.as_deref().unwrap_or(node.name()))
             .arg("--tombstones")
             .arg(self.tombstones())
+            // Tests read counters right after the traffic or request that
+            // moves them: a fresh render per scrape (still one at a time).
+            .args(["--metrics-max-age-ms", "0"])
             .args(&self.extra);
         cmd
     }

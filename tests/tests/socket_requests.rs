@@ -66,3 +66,91 @@ fn a_request_with_a_file_that_is_no_netns_is_refused() {
     }
     assert_eq!(agent.allocations(&fabric.nodes[0]), 0);
 }
+
+/// Hardening 8: a client that connects and sends its request a byte now
+/// and then is cut off once the request deadline has passed (each byte
+/// would renew a per-read timeout), idle connections are cut too, and
+/// meanwhile the agent answers others.
+#[test]
+fn a_request_trickled_a_byte_at_a_time_is_cut_off_while_others_are_served() {
+    use std::{
+        io::{Read, Write},
+        os::unix::net::UnixStream,
+        time::{Duration, Instant},
+    };
+    let fabric = RailFabric::new(1, 1);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let deadline = railnet_agent::server::REQUEST_DEADLINE;
+    let idle: Vec<UnixStream> = (0..20)
+        .map(|_| UnixStream::connect(&agent.socket).unwrap())
+        .collect();
+    let slow = UnixStream::connect(&agent.socket).unwrap();
+    let started = Instant::now();
+    let mut writer = slow.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        // A length prefix announcing 200 bytes, then a byte every 500 ms.
+        let mut bytes = 200u32.to_le_bytes().to_vec();
+        bytes.extend([b' '; 200]);
+        for b in bytes {
+            if writer.write_all(&[b]).is_err() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        None
+    });
+    // Others are served meanwhile.
+    let status = agent_call_with_fd(&agent.socket, Op::Status, None).unwrap();
+    assert!(matches!(status, Response::Ok { .. }), "{status:?}");
+    // The trickle is cut within the deadline (and a little slack).
+    let cut = trickle.join().unwrap();
+    assert!(
+        cut.is_some_and(|t| t < deadline + Duration::from_secs(3)),
+        "a request trickled in for {:?} was still being read (deadline {deadline:?})",
+        started.elapsed()
+    );
+    // So are the idle ones.
+    for (i, mut s) in idle.into_iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            !matches!(s.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "idle connection {i} still open after {:?}",
+            started.elapsed()
+        );
+    }
+    drop(slow);
+}
+
+/// Hardening 8: only root (or the agent's own user) may call the agent,
+/// also if the socket's mode is loosened (here: 0666): a caller running
+/// as another user is told so, and nothing is done for it.
+#[test]
+fn a_caller_that_is_not_root_is_refused_even_if_the_socket_is_open_to_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let fabric = RailFabric::new(1, 1);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    for p in [agent.socket.parent().unwrap(), agent.socket.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let socket = agent.socket.clone();
+    let answer = std::thread::spawn(move || {
+        // This thread only (a raw syscall, not libc's all-threads
+        // setresuid): the kernel records the caller's credentials at
+        // connect.
+        let dropped = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+        assert_eq!(dropped, 0, "cannot drop to uid 65534");
+        agent_call_with_fd(&socket, Op::IpamAdd(rail1_ipam_request(unique("c"))), None)
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    match answer {
+        Response::Error(e) => assert!(e.msg.contains("only root may call"), "{e:?}"),
+        other => panic!("a non-root caller was served: {other:?}"),
+    }
+    assert_eq!(agent.allocations(&fabric.nodes[0]), 0);
+    // Root still is.
+    let status = agent_call_with_fd(&agent.socket, Op::Status, None).unwrap();
+    assert!(matches!(status, Response::Ok { .. }), "{status:?}");
+}
