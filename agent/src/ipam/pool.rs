@@ -38,8 +38,11 @@ pub struct PoolSpec {
     /// Pod namespaces that may use the pool; all when empty.
     #[serde(default)]
     pub namespace: Vec<String>,
-    /// Networks (NetworkAttachmentDefinition names) that may use the pool;
-    /// all when empty.
+    /// Networks that may use the pool, by the network name in the CNI
+    /// config; all when empty. That name is whatever the NAD's author
+    /// wrote (Multus passes the NAD's config unchanged, and no trusted
+    /// word of the NAD's namespace), so this sorts networks, it does not
+    /// keep tenants out: `namespace` (the pod's, from the runtime) does.
     #[serde(default)]
     pub networks: Vec<String>,
     /// `ipv4` or `ipv6`; optional, checked against the subnet.
