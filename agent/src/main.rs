@@ -390,6 +390,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let swept = railnet_agent::rail::sweep_ipoib_leftovers();
+    if !swept.is_empty() {
+        info!(children = ?swept, "removed IPoIB children an interrupted ADD left in the node");
+    }
     let finished = service.finish_tombstones(&args.tombstones);
     if finished > 0 {
         info!(finished, "finished DELs left while the agent was away");

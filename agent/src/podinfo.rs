@@ -58,7 +58,9 @@ pub struct RailInfo {
     /// Its RDMA device, port and GID index, if the node has RDMA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdma: Option<RailDevice>,
-    /// The attachment's container ID (DEL without a pod UID finds it so).
+    /// The attachment's container ID (DEL without a pod UID finds it so);
+    /// empty in what the pod writes of itself (`railnet pod-info`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub container_id: String,
 }
 
@@ -86,6 +88,118 @@ impl RailInfo {
             container_id: container_id.to_owned(),
         }
     }
+}
+
+/// How an interface alias (`IFLA_IFALIAS`, `ip link show` prints it)
+/// written by railnet begins: the rest is the rail's record.
+pub const ALIAS_PREFIX: &str = "railnet/v1 ";
+
+/// The kernel's limit on an alias (IFALIASZ, with its terminating NUL).
+const MAX_ALIAS: usize = 255;
+
+/// What the alias carries: the rest of a [`RailInfo`] is on the interface
+/// itself (its name and addresses) or the node's business (the container).
+#[derive(Deserialize, Serialize)]
+struct AliasRecord {
+    rail: u32,
+    network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rdma: Option<RailDevice>,
+}
+
+impl RailInfo {
+    /// The record as the alias of its interface in the pod, which the pod
+    /// reads itself (`railnet pod-info`: no hostPath, no API server, no
+    /// privilege — what Pod Security `baseline` and `restricted` allow).
+    /// Within the kernel's 255 bytes: a network name that does not fit is
+    /// cut.
+    pub fn alias(&self) -> String {
+        let mut record = AliasRecord {
+            rail: self.rail,
+            network: self.network.clone(),
+            rdma: self.rdma.clone(),
+        };
+        loop {
+            let text = format!(
+                "{ALIAS_PREFIX}{}",
+                serde_json::to_string(&record).unwrap_or_default()
+            );
+            if text.len() <= MAX_ALIAS || record.network.is_empty() {
+                return text;
+            }
+            let over = text.len() - MAX_ALIAS;
+            let keep = record.network.len().saturating_sub(over);
+            let mut cut = keep;
+            while !record.network.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            record.network.truncate(cut);
+        }
+    }
+
+    /// The record of interface `interface` with addresses `ips` from its
+    /// alias; `None` if railnet did not write it.
+    pub fn from_alias(interface: &str, ips: Vec<String>, alias: &str) -> Option<Self> {
+        let record: AliasRecord = serde_json::from_str(alias.strip_prefix(ALIAS_PREFIX)?).ok()?;
+        Some(RailInfo {
+            interface: interface.to_owned(),
+            rail: record.rail,
+            network: record.network,
+            ips,
+            rdma: record.rdma,
+            container_id: String::new(),
+        })
+    }
+}
+
+/// The rails of the network namespace this thread is in, from the aliases
+/// railnet wrote on their interfaces: what a pod's init container reads
+/// of itself. Unprivileged: a netlink dump of one's own namespace.
+pub fn rails_here() -> io::Result<Vec<RailInfo>> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::link::LinkAttribute;
+    crate::rtnl::with_rtnl(|h| async move {
+        let mut rails = Vec::new();
+        let mut links = h.link().get().execute();
+        while let Some(link) = links.try_next().await.map_err(io::Error::other)? {
+            let (mut name, mut alias) = (None, None);
+            for attr in &link.attributes {
+                match attr {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::IfAlias(a) => alias = Some(a.clone()),
+                    _ => {}
+                }
+            }
+            let (Some(name), Some(alias)) = (name, alias) else {
+                continue;
+            };
+            if !alias.starts_with(ALIAS_PREFIX) {
+                continue;
+            }
+            let ips = crate::rtnl::networks(&h, link.header.index)
+                .await
+                .map_err(io::Error::other)?
+                .into_iter()
+                // Link-local addresses are the link's, not the rail's.
+                .filter(
+                    |n| !matches!(n.addr(), std::net::IpAddr::V6(a) if a.is_unicast_link_local()),
+                )
+                .map(|n| n.to_string())
+                .collect();
+            if let Some(rail) = RailInfo::from_alias(&name, ips, &alias) {
+                rails.push(rail);
+            }
+        }
+        rails.sort_by(|a, b| (a.rail, &a.interface).cmp(&(b.rail, &b.interface)));
+        Ok(rails)
+    })?
+}
+
+/// Writes `rails.json` and `nccl.env` for `rails` into `dir` (made if
+/// missing), each through a temporary file and a rename.
+pub fn write_files(dir: &Path, rails: &[RailInfo]) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    write_pod_files(dir, rails)
 }
 
 /// The per-pod directories under one root.
@@ -299,6 +413,35 @@ mod tests {
             }),
             container_id: "c1".into(),
         }
+    }
+
+    /// The record on the interface comes back as it was written (but the
+    /// container ID, the node's), and never outgrows the kernel's alias.
+    #[test]
+    fn the_interface_alias_round_trips_and_fits() {
+        let mut r = rail("net3", 3, Some(("mlx5_3", Some(5))));
+        r.rdma.as_mut().unwrap().pci_address = Some("0000:3b:00.2".into());
+        let alias = r.alias();
+        assert!(
+            alias.starts_with(ALIAS_PREFIX) && alias.len() <= MAX_ALIAS,
+            "{alias}"
+        );
+        let back = RailInfo::from_alias("net3", r.ips.clone(), &alias).unwrap();
+        assert_eq!(
+            back,
+            RailInfo {
+                container_id: String::new(),
+                ..r.clone()
+            }
+        );
+        // A network name of a NAD's full 253 characters is cut to fit.
+        r.network = "n".repeat(253);
+        let alias = r.alias();
+        assert!(alias.len() <= MAX_ALIAS, "{} bytes", alias.len());
+        let back = RailInfo::from_alias("net3", vec![], &alias).unwrap();
+        assert!(back.network.len() < 253 && back.rdma == r.rdma);
+        // Not railnet's alias: not a rail.
+        assert!(RailInfo::from_alias("eth0", vec![], "uplink to ToR 7").is_none());
     }
 
     #[test]

@@ -266,6 +266,60 @@ fn rdma_plan(conf: &NetConf, sysfs: &Path) -> Result<RdmaPlan, ApiError> {
     }
 }
 
+/// The host-side name of the IPoIB child made for `container_id`'s
+/// `ifname` before it is moved into the pod: `rn` and 12 hex digits of a
+/// hash of the two.
+pub fn ipoib_temp_name(container_id: &str, ifname: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (container_id, ifname).hash(&mut h);
+    format!("rn{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
+/// Whether `name` is one [`ipoib_temp_name`] makes.
+pub fn is_ipoib_temp_name(name: &str) -> bool {
+    name.len() == 14
+        && name.starts_with("rn")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Removes IPoIB children an ADD made in the host and never moved into
+/// its pod (the agent stopped in between); returns their names. Run
+/// before the agent serves: no ADD is between the two steps then.
+pub fn sweep_ipoib_leftovers() -> Vec<String> {
+    let swept = with_rtnl(|h| async move {
+        let mut gone = Vec::new();
+        for (name, index) in rtnl::ipoib_links(&h).await.unwrap_or_default() {
+            if is_ipoib_temp_name(&name) && h.link().del(index).execute().await.is_ok() {
+                gone.push(name);
+            }
+        }
+        gone
+    });
+    swept.unwrap_or_default()
+}
+
+/// Sets `alias` on interface `ifname` in the pod's netns.
+fn label_interface(netns: &PodNetns, ifname: &str, alias: &str) -> Result<(), String> {
+    let (ifname, alias) = (ifname.to_owned(), alias.to_owned());
+    netns
+        .run(move || {
+            with_rtnl(|h| async move {
+                let link = rtnl::link_by_name(&h, &ifname)
+                    .await
+                    .map_err(|e| describe(&e))?
+                    .ok_or_else(|| format!("{ifname} is not in the pod"))?;
+                rtnl::set_alias(&h, link.index, &alias)
+                    .await
+                    .map_err(|e| describe(&e))
+            })
+            .map_err(|e| e.to_string())?
+        })
+        .map_err(|e| e.to_string())?
+}
+
 impl RailService {
     /// CNI ADD. Must run on a thread of its own (it enters the pod netns on
     /// further threads and blocks on netlink). A Kubernetes pod's rail is
@@ -273,19 +327,24 @@ impl RailService {
     pub fn add(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
         let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
         let result = self.add_rail(att, netns)?;
-        if let (Some(info), Some(uid)) = (&self.pod_info, att.args.get("K8S_POD_UID")) {
-            let rail = crate::podinfo::RailInfo::of(
-                &att.container_id,
-                &att.ifname,
-                att.netconf["rail"].as_u64().unwrap_or(0) as u32,
-                att.netconf["name"].as_str().unwrap_or_default(),
-                &result,
-            );
-            // Best effort, like Multus's device info: the rail works
-            // without it; the workload's file says what it has.
-            if let Err(e) = info.record(uid, &rail) {
-                tracing::warn!(pod_uid = %uid, ifname = %att.ifname, error = %e, "could not write the pod's rail info");
-            }
+        let rail = crate::podinfo::RailInfo::of(
+            &att.container_id,
+            &att.ifname,
+            att.netconf["rail"].as_u64().unwrap_or(0) as u32,
+            att.netconf["name"].as_str().unwrap_or_default(),
+            &result,
+        );
+        // Best effort, like Multus's device info: the rail works without
+        // them; the workload's files say what they have. On the interface
+        // (the pod reads it there itself) and, with a pod-info directory,
+        // in the pod's directory on the node.
+        if let Err(e) = label_interface(netns, &att.ifname, &rail.alias()) {
+            tracing::warn!(ifname = %att.ifname, error = %e, "could not write the rail's record on its interface");
+        }
+        if let (Some(info), Some(uid)) = (&self.pod_info, att.args.get("K8S_POD_UID"))
+            && let Err(e) = info.record(uid, &rail)
+        {
+            tracing::warn!(pod_uid = %uid, ifname = %att.ifname, error = %e, "could not write the pod's rail info");
         }
         Ok(result)
     }
@@ -814,13 +873,20 @@ impl RailService {
                     match rtnl::link_by_name(&h, &ifname).await {
                         Ok(Some(link)) => h
                             .link()
-                            .set(
-                                LinkUnspec::new_with_index(link.index)
+                            .set({
+                                let mut back = LinkUnspec::new_with_index(link.index)
                                     .down()
                                     .setns_by_fd(host_fd)
                                     .name(name.clone())
-                                    .build(),
-                            )
+                                    .build();
+                                // The pod's rail record does not go with it.
+                                back.attributes.push(
+                                    rtnetlink::packet_route::link::LinkAttribute::IfAlias(
+                                        String::new(),
+                                    ),
+                                );
+                                back
+                            })
                             .execute()
                             .await
                             .map_err(|e| {
@@ -1276,12 +1342,7 @@ impl RailService {
         let pkey = conf.pkey.as_ref().and_then(crate::netconf::parse_pkey);
         // An IPoIB child is made in the host (where its parent is) under a
         // name of its own, then moved in under the pod's.
-        let temp_name = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (&att.container_id, &att.ifname).hash(&mut h);
-            format!("rn{:012x}", h.finish() & 0xffff_ffff_ffff)
-        };
+        let temp_name = ipoib_temp_name(&att.container_id, &att.ifname);
         let kind = conf.mode.clone();
         let mac = conf
             .runtime_config
@@ -1330,6 +1391,15 @@ impl RailService {
                              `ip -d link show` says ipoib); for a RoCE NIC use mode \"macvlan\"",
                         ));
                     };
+                    // A child of this very attachment left in the host
+                    // (the agent died between making and moving it): it
+                    // goes, or the name is taken.
+                    if let Ok(Some(old)) = rtnl::link_by_name(&h, &temp_name).await
+                        && old.ipoib.is_some()
+                    {
+                        tracing::warn!(child = %temp_name, "removing an IPoIB child a crashed ADD left in the host");
+                        let _ = h.link().del(old.index).execute().await;
+                    }
                     // The network's partition, else the parent's; the
                     // parent's mode (datagram or connected).
                     let req = rtnl::ipoib_request(
@@ -2157,5 +2227,31 @@ async fn add_rule(
                 .await
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hardening 13: the startup sweep removes exactly the names an ADD
+    /// makes for its IPoIB children, never a node's own IPoIB interfaces.
+    #[test]
+    fn the_ipoib_sweep_knows_its_own_children_by_name() {
+        for (cid, ifname) in [("c1", "net1"), (&"f".repeat(64)[..], "net8")] {
+            let name = ipoib_temp_name(cid, ifname);
+            assert!(is_ipoib_temp_name(&name), "{name}");
+            assert!(name.len() <= 15, "{name} is too long for a netdev");
+        }
+        for theirs in [
+            "ib0",
+            "ib0.8001",
+            "rn0",
+            "rn00000000000g",
+            "rn0123456789ABC",
+            "ibp59s0",
+        ] {
+            assert!(!is_ipoib_temp_name(theirs), "{theirs}");
+        }
     }
 }

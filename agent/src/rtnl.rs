@@ -110,6 +110,24 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<Link>, r
     }
 }
 
+/// Every IPoIB link of the calling thread's netns: (name, index).
+pub async fn ipoib_links(handle: &Handle) -> Result<Vec<(String, u32)>, rtnetlink::Error> {
+    let mut out = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Some(msg) = links.try_next().await? {
+        if Link::from(&msg).ipoib.is_none() {
+            continue;
+        }
+        if let Some(name) = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        }) {
+            out.push((name, msg.header.index));
+        }
+    }
+    Ok(out)
+}
+
 /// The errno of a netlink error, if it is one.
 pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
     match err {
@@ -235,6 +253,14 @@ pub async fn networks(h: &Handle, index: u32) -> Result<Vec<ipnet::IpNet>, rtnet
         }
     }
     Ok(out)
+}
+
+/// Sets the alias (`IFLA_IFALIAS`) of link `index`.
+pub async fn set_alias(h: &Handle, index: u32, alias: &str) -> Result<(), rtnetlink::Error> {
+    let mut msg = rtnetlink::LinkUnspec::new_with_index(index).build();
+    msg.attributes
+        .push(LinkAttribute::IfAlias(alias.to_owned()));
+    h.link().set(msg).execute().await
 }
 
 /// Deletes the given addresses from a link (others stay).

@@ -59,6 +59,24 @@ pub const RAIL_INFO_VOLUME: &str = "railnet-rails";
 /// Where the container sees it.
 pub const RAIL_INFO_PATH: &str = "/etc/railnet";
 
+/// Where a pod's containers read its rail info at [`RAIL_INFO_PATH`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RailInfoSource {
+    /// The agents' pod-info directory on the node (their
+    /// `--pod-info-dir`), the pod's own `<UID>/` of it by a hostPath
+    /// volume: kept current by the agent, refused where Pod Security
+    /// `baseline` or `restricted` is enforced.
+    NodeDir(String),
+    /// An init container of this image (railnet's own) writes it into an
+    /// in-memory emptyDir from the records on the pod's interfaces
+    /// (`railnet pod-info`), unprivileged: allowed by every Pod Security
+    /// level.
+    InitContainer(String),
+}
+
+/// The injected init container's name.
+pub const RAIL_INFO_INIT: &str = "railnet-rail-info";
+
 /// Where a pod's group is looked up: its own namespace and the shared one.
 #[derive(Clone, Copy, Debug)]
 pub struct Scope<'a> {
@@ -86,16 +104,15 @@ impl Scope<'_> {
 }
 
 /// Decides the patch for `pod` asking for `group`, given RailNetworks
-/// (those outside `scope` are never used); `rail_info`: the agents'
-/// pod-info directory on the nodes, whose `<pod UID>/` is mounted at
-/// [`RAIL_INFO_PATH`] in the chosen container (`None`: not mounted). Err:
-/// the pod must be refused (with this message).
+/// (those outside `scope` are never used); `rail_info`: where the chosen
+/// container reads the pod's rail info at [`RAIL_INFO_PATH`] (`None`: it
+/// does not). Err: the pod must be refused (with this message).
 pub fn inject(
     pod: &Value,
     group: &str,
     networks: &[Value],
     scope: Scope<'_>,
-    rail_info: Option<&str>,
+    rail_info: Option<&RailInfoSource>,
 ) -> Result<Injection, String> {
     let mut members: Vec<&Value> = networks
         .iter()
@@ -164,8 +181,14 @@ pub fn inject(
         None => 0,
     };
     let c = &containers[index];
-    if let Some(dir) = rail_info {
-        mount_rail_info(pod, c, index, dir, &mut out.patch);
+    match rail_info {
+        Some(RailInfoSource::NodeDir(dir)) => {
+            mount_rail_info(pod, c, index, dir, &mut out.patch);
+        }
+        Some(RailInfoSource::InitContainer(image)) => {
+            rail_info_init(pod, c, index, image, &mut out.patch);
+        }
+        None => {}
     }
     let wanted: Vec<&str> = members
         .iter()
@@ -223,21 +246,68 @@ fn mount_rail_info(pod: &Value, c: &Value, index: usize, dir: &str, patch: &mut 
     let mount = json!({"name": RAIL_INFO_VOLUME, "mountPath": RAIL_INFO_PATH,
         "readOnly": true, "subPathExpr": "$(RAILNET_POD_UID)"});
     let base = format!("/spec/containers/{index}");
-    for (path, list, item) in [
-        ("/spec/volumes".to_owned(), volumes.is_some(), volume),
-        (format!("{base}/env"), c["env"].is_array(), env),
-        (
-            format!("{base}/volumeMounts"),
-            c["volumeMounts"].is_array(),
-            mount,
-        ),
-    ] {
-        patch.push(if list {
-            json!({"op": "add", "path": format!("{path}/-"), "value": item})
-        } else {
-            json!({"op": "add", "path": path, "value": [item]})
-        });
+    push_to(patch, "/spec/volumes", volumes.is_some(), volume);
+    push_to(patch, &format!("{base}/env"), c["env"].is_array(), env);
+    push_to(
+        patch,
+        &format!("{base}/volumeMounts"),
+        c["volumeMounts"].is_array(),
+        mount,
+    );
+}
+
+/// Adds `item` to the list at `path` (the whole list if the pod has none).
+fn push_to(patch: &mut Vec<Value>, path: &str, exists: bool, item: Value) {
+    patch.push(if exists {
+        json!({"op": "add", "path": format!("{path}/-"), "value": item})
+    } else {
+        json!({"op": "add", "path": path, "value": [item]})
+    });
+}
+
+/// Gives container `index` the pod's rail info at [`RAIL_INFO_PATH`] from
+/// an in-memory emptyDir that an init container of `image` fills first
+/// (before any other init container: they may want it too). The init
+/// container runs after the pod's interfaces are made (the sandbox's CNI
+/// ADD comes before every container) and asks for nothing Pod Security
+/// `restricted` forbids. Nothing when the pod has the volume already.
+fn rail_info_init(pod: &Value, c: &Value, index: usize, image: &str, patch: &mut Vec<Value>) {
+    let volumes = pod["spec"]["volumes"].as_array();
+    if volumes.is_some_and(|v| v.iter().any(|v| v["name"] == RAIL_INFO_VOLUME)) {
+        return;
     }
+    push_to(
+        patch,
+        "/spec/volumes",
+        volumes.is_some(),
+        json!({"name": RAIL_INFO_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}),
+    );
+    let init = json!({
+        "name": RAIL_INFO_INIT,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["/usr/local/bin/railnet", "pod-info", "--out", RAIL_INFO_PATH],
+        "volumeMounts": [{"name": RAIL_INFO_VOLUME, "mountPath": RAIL_INFO_PATH}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
+                      "limits": {"cpu": "100m", "memory": "32Mi"}},
+        "securityContext": {
+            "runAsNonRoot": true, "runAsUser": 65534, "runAsGroup": 65534,
+            "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"}
+        }
+    });
+    if pod["spec"]["initContainers"].is_array() {
+        patch.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": init}));
+    } else {
+        patch.push(json!({"op": "add", "path": "/spec/initContainers", "value": [init]}));
+    }
+    push_to(
+        patch,
+        &format!("/spec/containers/{index}/volumeMounts"),
+        c["volumeMounts"].is_array(),
+        json!({"name": RAIL_INFO_VOLUME, "mountPath": RAIL_INFO_PATH, "readOnly": true}),
+    );
 }
 
 /// The AdmissionReview answer for `review`, with `networks` RailNetworks
@@ -249,7 +319,7 @@ pub fn answer(
     networks: &[Value],
     namespace_group: Option<&str>,
     shared: Option<&str>,
-    rail_info: Option<&str>,
+    rail_info: Option<&RailInfoSource>,
 ) -> Value {
     let uid = review["request"]["uid"].clone();
     let pod = &review["request"]["object"];
@@ -303,7 +373,7 @@ pub fn tls(
 /// The response, and how to count it (`None`: not a review).
 async fn handle(
     cache: &Cache,
-    rail_info: Option<&str>,
+    rail_info: Option<&RailInfoSource>,
     shared: Option<&str>,
     req: Request<hyper::body::Incoming>,
 ) -> (Response<Full<Bytes>>, Option<&'static str>) {
@@ -389,17 +459,19 @@ async fn handle(
 
 /// Serves `POST /mutate-pods` (and `GET /healthz`) over TLS until the task
 /// is dropped, within the bounds of [`crate::http::Limits`] (any pod can
-/// reach the webhook's Service); `rail_info` as [`inject`] takes it,
-/// `shared` the shared networks' namespace ([`Scope`]).
+/// reach the webhook's Service); `client` watches RailNetworks and
+/// namespaces (a client without a read timeout: see
+/// [`crate::ipam::cluster::watch_client`]); `rail_info` as [`inject`]
+/// takes it, `shared` the shared networks' namespace ([`Scope`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     client: Client,
     metrics: Arc<crate::controller::Metrics>,
-    rail_info: Option<String>,
+    rail_info: Option<RailInfoSource>,
     shared: Option<String>,
 ) {
-    let rail_info: Option<Arc<str>> = rail_info.map(Into::into);
+    let rail_info: Option<Arc<RailInfoSource>> = rail_info.map(Arc::new);
     let shared: Option<Arc<str>> = shared.map(Into::into);
     let cache = Cache::start(&client);
     // Serving before the first lists are in would only refuse pods.
@@ -575,5 +647,64 @@ mod tests {
         };
         let shared_net = net("gpu1", 1, "g", None);
         assert!(inject(&pod, "g", &[shared_net], alone, None).is_err());
+    }
+
+    /// Hardening 15: with the init-container source, nothing Pod Security
+    /// `baseline` or `restricted` refuses is added (no hostPath, no
+    /// privilege), the init container comes before the pod's own, and the
+    /// chosen container mounts what it writes.
+    #[test]
+    fn rail_info_from_an_init_container_needs_no_host_path() {
+        let pod = json!({"metadata": {"annotations": {}}, "spec": {
+            "initContainers": [{"name": "theirs", "image": "x"}],
+            "containers": [{"name": "main", "volumeMounts": [{"name": "data", "mountPath": "/d"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}]}});
+        let source = RailInfoSource::InitContainer("ghcr.io/railnet/railnet:0.1.0".into());
+        let inj = inject(
+            &pod,
+            "g",
+            &[net("gpu1", 1, "g", None)],
+            SCOPE,
+            Some(&source),
+        )
+        .unwrap();
+        let op = |path: &str| {
+            inj.patch
+                .iter()
+                .find(|p| p["path"] == path)
+                .unwrap_or_else(|| panic!("no {path} in {:#}", Value::from(inj.patch.clone())))
+                .clone()
+        };
+        let text = Value::from(inj.patch.clone()).to_string();
+        assert!(!text.contains("hostPath"), "{text}");
+        assert_eq!(
+            op("/spec/volumes/-")["value"]["emptyDir"]["medium"],
+            "Memory"
+        );
+        let init = op("/spec/initContainers/0")["value"].clone();
+        assert_eq!(init["name"], RAIL_INFO_INIT);
+        assert_eq!(init["image"], "ghcr.io/railnet/railnet:0.1.0");
+        assert_eq!(init["command"][1], "pod-info");
+        let sc = &init["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+        let mount = op("/spec/containers/0/volumeMounts/-")["value"].clone();
+        assert_eq!(mount["mountPath"], RAIL_INFO_PATH);
+        assert_eq!(mount["readOnly"], true);
+        // A pod with no init containers gets the list.
+        let bare = json!({"metadata": {}, "spec": {"containers": [{"name": "main"}]}});
+        let inj = inject(
+            &bare,
+            "g",
+            &[net("gpu1", 1, "g", None)],
+            SCOPE,
+            Some(&source),
+        )
+        .unwrap();
+        assert!(inj.patch.iter().any(
+            |p| p["path"] == "/spec/initContainers" && p["value"][0]["name"] == RAIL_INFO_INIT
+        ));
     }
 }

@@ -121,19 +121,17 @@ impl Cache {
     /// Namespace `ns`'s value of annotation `key`, if it has one; `None`
     /// too when it cannot be read (the pod is then judged by its own
     /// annotation). From the watch once namespaces are listed; read from
-    /// the API server until then (an API server that serves no
-    /// namespaces, or a role without `list`, stays on reads).
+    /// the API server until then, and for a namespace the watch has not
+    /// brought yet (an API server that serves no namespaces, or a role
+    /// without `list`, stays on reads).
     pub async fn namespace_annotation(&self, ns: &str, key: &str) -> Option<String> {
-        if self.namespaces_ready.load(Ordering::Acquire) {
-            return self
-                .namespaces
-                .get(&reflector::ObjectRef::new(ns))?
-                .metadata
-                .annotations
-                .as_ref()?
-                .get(key)
-                .cloned();
+        if self.namespaces_ready.load(Ordering::Acquire)
+            && let Some(n) = self.namespaces.get(&reflector::ObjectRef::new(ns))
+        {
+            return n.metadata.annotations.as_ref()?.get(key).cloned();
         }
+        // Not listed yet, or a namespace made a moment ago that the watch
+        // has not brought yet: read it.
         let api: Api<PartialObjectMeta<Namespace>> = Api::all(self.client.clone());
         match api.get_metadata_opt(ns).await {
             Ok(n) => n?.metadata.annotations?.get(key).cloned(),

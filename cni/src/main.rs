@@ -21,6 +21,7 @@ use railnet_agent::{
 mod install;
 mod ipam_plugin;
 mod node;
+mod pod_info;
 
 /// The spec version this plugin reports for VERSION.
 pub(crate) const SPEC_VERSION: &str = "1.1.0";
@@ -34,6 +35,9 @@ fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) == Some("install") {
         return install::main(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("pod-info") {
+        return pod_info::main(&args[1..]);
     }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let command = env("CNI_COMMAND").unwrap_or_default();

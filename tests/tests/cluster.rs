@@ -404,6 +404,12 @@ fn railnet_in_a_real_cluster() {
     let after = wait_running(&mut c, "ai", "after-upgrade");
     assert_eq!(rail_addresses(&after).len(), RAILS as usize);
 
+    // Pod Security: a namespace enforcing `baseline` refuses the hostPath
+    // the default rail info needs; with railInfoSource initContainer the
+    // pod is admitted and reads the same files, written by an unprivileged
+    // init container from its own interfaces.
+    pod_security_stage(&mut c, &fabric_values);
+
     // helm uninstall once the pods are gone: the cleanup Job removes the
     // NADs rendered from RailNetworks, Helm the rest; no pin is left.
     // rails-b stays on node1 through the uninstall.
@@ -689,6 +695,109 @@ fn event_of(c: &mut Cluster, pod: &str, containing: &str, what: &str) -> String 
             .find(|m| m.contains(containing))
             .map(str::to_owned)
     })
+}
+
+/// The Pod Security stage (see its call).
+#[track_caller]
+fn pod_security_stage(c: &mut Cluster, fabric_values: &serde_json::Value) {
+    c.kubectl_ok(&["create", "namespace", "secure"]);
+    c.kubectl_ok(&[
+        "label",
+        "namespace",
+        "secure",
+        "pod-security.kubernetes.io/enforce=baseline",
+    ]);
+    c.kubectl_ok(&[
+        "annotate",
+        "namespace",
+        "secure",
+        "railnet.io/rdma-resource-inject=gpu",
+    ]);
+    c.apply(&rail_networks("secure"));
+    c.wait_for(
+        "the RailNetworks rendered into NADs",
+        Duration::from_secs(60),
+        |c| {
+            let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", "secure"]);
+            (nads["items"].as_array().map_or(0, Vec::len) == RAILS as usize).then_some(())
+        },
+    );
+    let refused = c.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &bare_pod("hostpath-refused", "secure", "node0"),
+    );
+    let said = refused.expect_err("Pod Security baseline admitted a hostPath volume");
+    assert!(said.contains("hostPath"), "{said}");
+    helm_install(
+        c,
+        true,
+        "values.json",
+        fabric_values,
+        &[
+            "agent.sweepInterval=7",
+            "controller.webhook.railInfoSource=initContainer",
+        ],
+    );
+    // The controller restarted with the new setting: until its webhook
+    // answers, pods are refused (failurePolicy Fail).
+    c.wait_for(
+        "the webhook admitting pods of a baseline namespace",
+        Duration::from_secs(120),
+        |c| {
+            c.kubectl_stdin(
+                &["apply", "-f", "-"],
+                &bare_pod("restricted-ok", "secure", "node0"),
+            )
+            .ok()
+        },
+    );
+    let pod = wait_running(c, "secure", "restricted-ok");
+    let rails = rail_addresses(&pod);
+    assert_eq!(rails.len(), RAILS as usize, "{rails:?}");
+    let init = &pod["spec"]["initContainers"][0];
+    assert_eq!(init["name"], "railnet-rail-info", "{init:#}");
+    assert!(
+        !pod["spec"].to_string().contains("hostPath"),
+        "{:#}",
+        pod["spec"]
+    );
+    let info = c
+        .kubectl_try(&[
+            "exec",
+            "-n",
+            "secure",
+            "restricted-ok",
+            "--",
+            "cat",
+            "/etc/railnet/rails.json",
+        ])
+        .unwrap_or_else(|e| panic!("no rail info in the pod: {e}"));
+    let listed: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let from_file: Vec<(String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let ip = r["ips"][0].as_str().unwrap_or_default();
+            (
+                r["interface"].as_str().unwrap_or_default().to_owned(),
+                ip.split('/').next().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        from_file, rails,
+        "rails.json against Multus's network-status"
+    );
+    c.kubectl_ok(&[
+        "delete",
+        "pod",
+        "restricted-ok",
+        "-n",
+        "secure",
+        "--wait=true",
+    ]);
+    c.kubectl_ok(&["delete", "namespace", "secure", "--wait=false"]);
 }
 
 /// The tenants stage (see its call).

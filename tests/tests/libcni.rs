@@ -162,6 +162,47 @@ fn eight_rails_round_trip_through_libcni() {
         "this kernel has no RDMA: {env}"
     );
     assert!(!agents[0].pod_info("uid-libcni-c").exists());
+    // The same, as the pod reads it of itself from its interfaces (the
+    // webhook's init container under Pod Security baseline/restricted):
+    // unprivileged, no hostPath, identical files but for the container ID.
+    let own = railnet_tests::ScratchDir::new("pod-info");
+    std::fs::set_permissions(
+        own.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let out = pods[0]
+        .ns
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(railnet_tests::binary("RAILNET_CNI_BIN", "railnet"))
+        .args(["pod-info", "--out"])
+        .arg(own.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut from_node = rails.clone();
+    for r in from_node.as_array_mut().unwrap() {
+        r.as_object_mut().unwrap().remove("containerId");
+    }
+    let from_pod: Value =
+        serde_json::from_str(&std::fs::read_to_string(own.path().join("rails.json")).unwrap())
+            .unwrap();
+    assert_eq!(from_pod, from_node, "rails.json as the pod reads it");
+    assert_eq!(
+        std::fs::read_to_string(own.path().join("nccl.env")).unwrap(),
+        env,
+        "nccl.env as the pod reads it"
+    );
     // Every rail carries traffic between the two pods: three replies
     // within a second, ARP included.
     for (k, (a, b)) in addrs[0].iter().zip(&addrs[1]).enumerate() {

@@ -80,8 +80,14 @@ struct Args {
     /// `--pod-info-dir`): the webhook mounts each injected pod's own
     /// directory of it at /etc/railnet (rails.json, nccl.env). Unset: no
     /// mount.
-    #[arg(long, value_parser = host_dir)]
+    #[arg(long, value_parser = host_dir, conflicts_with = "rail_info_image")]
     rail_info_dir: Option<String>,
+    /// railnet's image: the webhook gives each injected pod an init
+    /// container of it (`railnet pod-info`) that writes the rail info into
+    /// an in-memory volume mounted at /etc/railnet — no hostPath, so Pod
+    /// Security `baseline` and `restricted` namespaces admit the pod.
+    #[arg(long)]
+    rail_info_image: Option<String>,
     /// The namespace whose RailNetworks pods of every namespace may be
     /// given (an administrator's: the chart's release namespace); beyond
     /// it, a pod's group is resolved only in its own namespace.
@@ -251,12 +257,28 @@ fn main() -> ExitCode {
                 }
             };
             info!(%addr, "serving the RDMA resource-injection webhook");
+            // The webhook's watches wait minutes between events: a client
+            // without a read timeout (one would end every idle watch,
+            // and the back-off after each would leave the cache stale).
+            let watching = match cluster::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("railnet-controller: the webhook's watch client: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             tokio::spawn(railnet_agent::webhook::serve(
                 listener,
                 tls,
-                client.clone(),
+                watching,
                 metrics.clone(),
-                args.rail_info_dir.clone(),
+                match (&args.rail_info_dir, &args.rail_info_image) {
+                    (Some(dir), _) => Some(railnet_agent::webhook::RailInfoSource::NodeDir(dir.clone())),
+                    (None, Some(image)) => {
+                        Some(railnet_agent::webhook::RailInfoSource::InitContainer(image.clone()))
+                    }
+                    (None, None) => None,
+                },
                 args.shared_networks_namespace.clone(),
             ));
         }
