@@ -1,4 +1,4 @@
-//! `railnet doctor`: the host checks the AI-cluster guides ask for before a
+//! `railnetctl doctor`: the host checks the AI-cluster guides ask for before a
 //! node runs RDMA pods, in one command, each failure with its fix.
 
 use std::{fmt, path::Path};

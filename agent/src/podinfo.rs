@@ -59,7 +59,7 @@ pub struct RailInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rdma: Option<RailDevice>,
     /// The attachment's container ID (DEL without a pod UID finds it so);
-    /// empty in what the pod writes of itself (`railnet pod-info`).
+    /// empty in what the pod writes of itself (`railnetctl pod-info`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub container_id: String,
 }
@@ -109,7 +109,7 @@ struct AliasRecord {
 
 impl RailInfo {
     /// The record as the alias of its interface in the pod, which the pod
-    /// reads itself (`railnet pod-info`: no hostPath, no API server, no
+    /// reads itself (`railnetctl pod-info`: no hostPath, no API server, no
     /// privilege — what Pod Security `baseline` and `restricted` allow).
     /// Within the kernel's 255 bytes: a network name that does not fit is
     /// cut.

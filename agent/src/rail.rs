@@ -208,7 +208,7 @@ fn rdma_plan(conf: &NetConf, sysfs: &Path) -> Result<RdmaPlan, ApiError> {
                 ),
                 "switch the node to exclusive mode: `echo 'options ib_core netns_mode=0' > /etc/modprobe.d/ib_core.conf` \
                  and reboot (`rdma system set netns exclusive` works only while no pod exists); \
-                 `railnet doctor --expect exclusive` checks it",
+                 `railnetctl doctor --expect exclusive` checks it",
             ));
         }
         let bdf = conf.device_id.clone().unwrap_or_default();

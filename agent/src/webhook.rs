@@ -69,7 +69,7 @@ pub enum RailInfoSource {
     NodeDir(String),
     /// An init container of this image (railnet's own) writes it into an
     /// in-memory emptyDir from the records on the pod's interfaces
-    /// (`railnet pod-info`), unprivileged: allowed by every Pod Security
+    /// (`railnetctl pod-info`), unprivileged: allowed by every Pod Security
     /// level.
     InitContainer(String),
 }
@@ -286,7 +286,7 @@ fn rail_info_init(pod: &Value, c: &Value, index: usize, image: &str, patch: &mut
         "name": RAIL_INFO_INIT,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["/usr/local/bin/railnet", "pod-info", "--out", RAIL_INFO_PATH],
+        "command": ["/usr/local/bin/railnetctl", "pod-info", "--out", RAIL_INFO_PATH],
         "volumeMounts": [{"name": RAIL_INFO_VOLUME, "mountPath": RAIL_INFO_PATH}],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
                       "limits": {"cpu": "100m", "memory": "32Mi"}},

@@ -1,7 +1,9 @@
 //! `railnet install <dir> [--socket <path>] [--tombstones <dir>]`: the
 //! DaemonSet's init container puts this very binary on the node as
-//! `<dir>/railnet` and `<dir>/railnet-ipam`, and the node's settings (where
-//! its agent listens and takes tombstones, see [`crate::node`]) beside them.
+//! `<dir>/railnet` and `<dir>/railnet-ipam`, `railnetctl` (the operator
+//! tool, from beside it in the image) as `<dir>/railnetctl`, and the node's
+//! settings (where its agent listens and takes tombstones, see
+//! [`crate::node`]) beside them.
 //! The image has no shell, so the binary does it itself; each file is
 //! written under a temporary name and renamed, so a runtime never executes
 //! or reads half a file.
@@ -16,6 +18,9 @@ use std::{
 
 /// The names the binary is installed under.
 const NAMES: [&str; 2] = ["railnet", "railnet-ipam"];
+
+/// The operator tool, installed beside them when the image has it.
+const CTL: &str = "railnetctl";
 
 const USAGE: &str = "usage: railnet install <cni-bin-dir> [--socket <path>] [--tombstones <dir>]
   copies this binary to <cni-bin-dir>/railnet and <cni-bin-dir>/railnet-ipam and writes
@@ -92,36 +97,39 @@ fn install(dir: &Path, settings: &NodeSettings) -> Result<Vec<PathBuf>, String> 
     let me = std::fs::read("/proc/self/exe").map_err(|e| format!("reading /proc/self/exe: {e}"))?;
     let mut done = Vec::new();
     for name in NAMES {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let dst = dir.join(name);
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&me)?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &dst)
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(format!("writing {}: {e}", dst.display()));
-        }
-        done.push(dst);
+        done.push(write_file(dir, name, &me, 0o755)?);
     }
-    let path = dir.join(SETTINGS_FILE);
-    let tmp = dir.join(format!(".{SETTINGS_FILE}.tmp"));
+    // The operator tool, where the image has it beside this binary: on
+    // the node too, for `railnetctl doctor` there.
+    let ctl = std::fs::read_link("/proc/self/exe")
+        .ok()
+        .and_then(|p| Some(p.parent()?.join(CTL)))
+        .filter(|p| p.is_file());
+    if let Some(ctl) = ctl {
+        let bytes = std::fs::read(&ctl).map_err(|e| format!("reading {}: {e}", ctl.display()))?;
+        done.push(write_file(dir, CTL, &bytes, 0o755)?);
+    }
     let body = serde_json::to_vec_pretty(settings).map_err(|e| e.to_string())?;
+    done.push(write_file(dir, SETTINGS_FILE, &body, 0o644)?);
+    Ok(done)
+}
+
+/// Writes `dir/name` under a temporary name, then renames it.
+fn write_file(dir: &Path, name: &str, body: &[u8], mode: u32) -> Result<PathBuf, String> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let dst = dir.join(name);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
+        f.write_all(body)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)
+        std::fs::rename(&tmp, &dst)
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("writing {}: {e}", path.display()));
+        return Err(format!("writing {}: {e}", dst.display()));
     }
-    done.push(path);
-    Ok(done)
+    Ok(dst)
 }
 
 #[cfg(test)]

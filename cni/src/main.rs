@@ -21,7 +21,6 @@ use railnet_agent::{
 mod install;
 mod ipam_plugin;
 mod node;
-mod pod_info;
 
 /// The spec version this plugin reports for VERSION.
 pub(crate) const SPEC_VERSION: &str = "1.1.0";
@@ -35,9 +34,6 @@ fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) == Some("install") {
         return install::main(&args[1..]);
-    }
-    if args.first().map(String::as_str) == Some("pod-info") {
-        return pod_info::main(&args[1..]);
     }
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let command = env("CNI_COMMAND").unwrap_or_default();
@@ -373,29 +369,13 @@ pub(crate) fn call(
     Ok(resp)
 }
 
-/// `railnet doctor [--expect exclusive|shared]`: the node's RDMA checks.
-fn doctor(args: &[String]) -> ExitCode {
-    use railnet_agent::{doctor, rdma::NetnsMode};
-    let expect = match args {
-        [] => None,
-        [flag, mode] if flag == "--expect" && mode == "exclusive" => Some(NetnsMode::Exclusive),
-        [flag, mode] if flag == "--expect" && mode == "shared" => Some(NetnsMode::Shared),
-        _ => {
-            eprintln!(
-                "usage: railnet doctor [--expect exclusive|shared]\n  \
-                 --expect: the RDMA netns mode this node's networks need \
-                 (exclusive for SR-IOV/InfiniBand with rdmaIsolation, shared for macvlan)"
-            );
-            return ExitCode::from(2);
-        }
-    };
-    let report = doctor::run(expect);
-    print!("{report}");
-    if report.failed() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+/// `railnet doctor` moved to the operator tool; say where.
+fn doctor(_args: &[String]) -> ExitCode {
+    eprintln!(
+        "railnet doctor is now `railnetctl doctor` (in railnet's image at /usr/local/bin/railnetctl); \
+         this binary is the CNI plugin Multus executes"
+    );
+    ExitCode::from(2)
 }
 
 /// Where Multus keeps device-info files (the Device Information spec's

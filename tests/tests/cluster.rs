@@ -111,6 +111,11 @@ fn railnet_in_a_real_cluster() {
             node.name
         );
         assert!(node.path("/opt/cni/bin/railnet-ipam").is_file());
+        // The operator tool too, runnable on the node (the node's own
+        // netns: its RDMA mode and rail NICs).
+        let ctl = node.path("/opt/cni/bin/railnetctl");
+        let out = c.run(std::process::Command::new(&ctl).arg("--version"));
+        assert!(out.starts_with("railnetctl "), "{}: {out}", node.name);
     }
 
     // The agents run unprivileged, with only the capabilities values.yaml

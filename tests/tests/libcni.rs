@@ -180,7 +180,7 @@ fn eight_rails_round_trip_through_libcni() {
             "--clear-groups",
             "--inh-caps=-all",
         ])
-        .arg(railnet_tests::binary("RAILNET_CNI_BIN", "railnet"))
+        .arg(railnet_tests::binary("RAILNET_CTL_BIN", "railnetctl"))
         .args(["pod-info", "--out"])
         .arg(own.path())
         .output()

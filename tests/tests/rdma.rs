@@ -268,7 +268,7 @@ fn shared_counters_are_read() {
 }
 
 fn doctor(args: &[&str]) -> (bool, String) {
-    let bin = std::env::var("RAILNET_CNI_BIN").expect("RAILNET_CNI_BIN");
+    let bin = railnet_tests::binary("RAILNET_CTL_BIN", "railnetctl");
     let out = Command::new(bin).arg("doctor").args(args).output().unwrap();
     (
         out.status.success(),

@@ -388,6 +388,7 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         .env("RAILNET_BPF_OBJECT", &obj)
         .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
         .env("RAILNET_CNI_BIN", bin.join("railnet"))
+        .env("RAILNET_CTL_BIN", bin.join("railnetctl"))
         .args(["test", "--workspace", "--exclude", "railnet-ebpf"])
         .args(args);
     run(&mut cmd)?;
@@ -570,10 +571,11 @@ fn in_guest(root: &Path, name: &str, body: &str) -> Result<()> {
         format!(
             "set -e\n\
              mkdir -p /run/netns\n\
-             export RAILNET_AGENT_BIN={agent} RAILNET_CNI_BIN={cni} RUST_BACKTRACE=0\n\
+             export RAILNET_AGENT_BIN={agent} RAILNET_CNI_BIN={cni} RAILNET_CTL_BIN={ctl} RUST_BACKTRACE=0\n\
              {body}",
             agent = bin.join("railnet-agent").display(),
             cni = bin.join("railnet").display(),
+            ctl = bin.join("railnetctl").display(),
         ),
     )?;
     let status = Command::new("bash")
@@ -712,7 +714,8 @@ fn demo(root: &Path) -> Result<()> {
     let bin = root.join("target/release");
     run(Command::new(bin.join("railnet-demo"))
         .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))
-        .env("RAILNET_CNI_BIN", bin.join("railnet")))
+        .env("RAILNET_CNI_BIN", bin.join("railnet"))
+        .env("RAILNET_CTL_BIN", bin.join("railnetctl")))
 }
 
 /// The image's repository: the chart's default `image.repository`.
@@ -755,7 +758,7 @@ fn has_interpreter(path: &Path) -> Result<bool> {
 fn image(root: &Path) -> Result<PathBuf> {
     let obj = build_bpf(root)?;
     step(
-        "static railnet-agent, railnet-controller and railnet (x86_64-unknown-linux-gnu, +crt-static)",
+        "static railnet-agent, railnet-controller, railnet and railnetctl (x86_64-unknown-linux-gnu, +crt-static)",
     );
     // An explicit --target keeps +crt-static away from proc-macro crates,
     // which must stay dynamic libraries of the host.
@@ -781,7 +784,12 @@ fn image(root: &Path) -> Result<PathBuf> {
         image::Entry::Dir("usr/local"),
         image::Entry::Dir("usr/local/bin"),
     ];
-    for name in ["railnet-agent", "railnet-controller", "railnet"] {
+    for name in [
+        "railnet-agent",
+        "railnet-controller",
+        "railnet",
+        "railnetctl",
+    ] {
         let path = bin.join(name);
         if has_interpreter(&path)? {
             bail!(

@@ -83,7 +83,7 @@ struct Args {
     #[arg(long, value_parser = host_dir, conflicts_with = "rail_info_image")]
     rail_info_dir: Option<String>,
     /// railnet's image: the webhook gives each injected pod an init
-    /// container of it (`railnet pod-info`) that writes the rail info into
+    /// container of it (`railnetctl pod-info`) that writes the rail info into
     /// an in-memory volume mounted at /etc/railnet — no hostPath, so Pod
     /// Security `baseline` and `restricted` namespaces admit the pod.
     #[arg(long)]

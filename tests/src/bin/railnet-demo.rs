@@ -193,10 +193,10 @@ fn main() {
         .unwrap_or_else(|| "no adoption logged".into());
     println!("agent restarted: {adopted}");
 
-    // RDMA: what `railnet doctor` says about this machine, and what the
+    // RDMA: what `railnetctl doctor` says about this machine, and what the
     // agent reports per rail on a node that has RDMA.
     println!();
-    let doctor = std::process::Command::new(railnet_tests::binary("RAILNET_CNI_BIN", "railnet"))
+    let doctor = std::process::Command::new(railnet_tests::binary("RAILNET_CTL_BIN", "railnetctl"))
         .arg("doctor")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -206,11 +206,11 @@ fn main() {
             "RDMA: this kernel has no RDMA subsystem, so these rails carry TCP only. On a GPU node\n  \
              ADD names each rail's RDMA device and GID index, refuses a master without one, moves a\n  \
              VF's own device into its pod in exclusive mode (an InfiniBand VF gets its GUID through\n  \
-             the PF first), and `railnet doctor` checks netns mode, link layers, MTUs and nvidia_peermem\n  \
+             the PF first), and `railnetctl doctor` checks netns mode, link layers, MTUs and nvidia_peermem\n  \
              (cargo xtask test runs all of it on Linux 6.1 with soft RoCE, in both RDMA netns modes)"
         );
     } else {
-        println!("railnet doctor on this machine:");
+        println!("railnetctl doctor on this machine:");
         for line in doctor.lines() {
             println!("  {line}");
         }

@@ -1,0 +1,76 @@
+//! `railnetctl`: railnet's command-line tool, for the people who run it and
+//! for pods that read their own rails. It ships in railnet's image beside
+//! the agent, the controller and the CNI plugin; the CNI binary (`railnet`)
+//! stays what Multus executes and nothing else.
+//!
+//! - `railnetctl doctor`: a node's host checks before it runs RDMA pods.
+//! - `railnetctl pod-info`: inside a pod, its `rails.json` and `nccl.env`
+//!   from the records railnet left on its interfaces (the webhook's init
+//!   container runs it).
+//!
+//! Operator commands that come later (rail validation across nodes,
+//! importing SpiderIPPools) are subcommands here.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod pod_info;
+
+/// railnet's command-line tool.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The host checks the AI-cluster guides ask for before a node runs
+    /// RDMA pods (RDMA netns mode, link layer, MTU, …), each failure with
+    /// its fix; exit 1 if any fails. Run on the node (as root).
+    Doctor {
+        /// The RDMA netns mode this node's networks need: exclusive for
+        /// SR-IOV/InfiniBand with rdmaIsolation, shared for macvlan.
+        /// Without it the mode is only reported.
+        #[arg(long)]
+        expect: Option<Mode>,
+    },
+    /// Inside a pod: writes <out>/rails.json and <out>/nccl.env from the
+    /// records railnet left on the pod's rail interfaces. Needs no
+    /// privilege, no hostPath and no API access.
+    PodInfo {
+        /// Where to write the two files.
+        #[arg(long, default_value = railnet_agent::webhook::RAIL_INFO_PATH)]
+        out: PathBuf,
+    },
+}
+
+/// An RDMA netns mode, as `--expect` names it.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Mode {
+    Exclusive,
+    Shared,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Doctor { expect } => doctor(expect),
+        Command::PodInfo { out } => pod_info::run(&out),
+    }
+}
+
+fn doctor(expect: Option<Mode>) -> ExitCode {
+    use railnet_agent::rdma::NetnsMode;
+    let report = railnet_agent::doctor::run(expect.map(|m| match m {
+        Mode::Exclusive => NetnsMode::Exclusive,
+        Mode::Shared => NetnsMode::Shared,
+    }));
+    print!("{report}");
+    if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
