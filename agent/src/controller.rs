@@ -7,6 +7,10 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -29,11 +33,6 @@ pub fn nads() -> ApiResource {
         "NetworkAttachmentDefinition",
         "network-attachment-definitions",
     )
-}
-
-/// `leases.coordination.k8s.io/v1`.
-pub fn leases() -> ApiResource {
-    resource("coordination.k8s.io", "v1", "Lease", "leases")
 }
 
 /// Annotation without which Multus passes no `deviceID` to the plugin.
@@ -849,7 +848,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: std::sync
 /// A Lease-based leader election.
 #[derive(Debug)]
 pub struct Leader {
-    api: Api<DynamicObject>,
+    api: Api<Lease>,
     name: String,
     identity: String,
     duration: Duration,
@@ -888,7 +887,7 @@ impl Leader {
         duration: Duration,
     ) -> Self {
         Self {
-            api: Api::namespaced_with(client, namespace, &leases()),
+            api: Api::namespaced(client, namespace),
             name: name.into(),
             identity: identity.into(),
             duration,
@@ -899,100 +898,76 @@ impl Leader {
     /// Takes or renews the lease if it is free, expired or ours; true if we
     /// lead now. A lost race (409) is simply "not leader".
     pub async fn try_lead(&self) -> Result<bool, kube::Error> {
-        let now = now_rfc3339();
-        let secs = self.duration.as_secs().max(1);
-        let spec = json!({
-            "holderIdentity": self.identity,
-            "leaseDurationSeconds": secs,
-            "renewTime": now,
-        });
-        match self.api.get_opt(&self.name).await? {
-            None => {
-                let mut spec = spec.clone();
-                spec["acquireTime"] = now.clone().into();
-                let lease = DynamicObject::new(&self.name, &leases()).data(json!({ "spec": spec }));
-                match self.api.create(&PostParams::default(), &lease).await {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                    Err(e) => Err(e),
-                }
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let secs = i32::try_from(self.duration.as_secs().max(1)).unwrap_or(i32::MAX);
+        let ours = LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(secs),
+            renew_time: Some(now.clone()),
+            ..LeaseSpec::default()
+        };
+        let Some(live) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    acquire_time: Some(now),
+                    ..ours
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = live.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.as_deref().unwrap_or_default();
+        let held_for = spec
+            .lease_duration_seconds
+            .map_or(u64::from(secs.unsigned_abs()), |s| {
+                u64::from(s.unsigned_abs())
+            });
+        let expired = holder.is_empty()
+            || lease_expired(
+                &mut self.observed.lock().unwrap_or_else(|p| p.into_inner()),
+                live.metadata
+                    .resource_version
+                    .as_deref()
+                    .unwrap_or_default(),
+                std::time::Instant::now(),
+                Duration::from_secs(held_for),
+            );
+        if holder != self.identity && !expired {
+            return Ok(false);
+        }
+        let next_spec = if holder == self.identity {
+            LeaseSpec {
+                acquire_time: spec.acquire_time.clone(),
+                lease_transitions: spec.lease_transitions,
+                ..ours
             }
-            Some(live) => {
-                let holder = live.data["spec"]["holderIdentity"]
-                    .as_str()
-                    .unwrap_or_default();
-                let held_for = live.data["spec"]["leaseDurationSeconds"]
-                    .as_u64()
-                    .unwrap_or(secs);
-                let expired = holder.is_empty()
-                    || lease_expired(
-                        &mut self.observed.lock().unwrap_or_else(|p| p.into_inner()),
-                        live.metadata
-                            .resource_version
-                            .as_deref()
-                            .unwrap_or_default(),
-                        std::time::Instant::now(),
-                        Duration::from_secs(held_for),
-                    );
-                if holder != self.identity && !expired {
-                    return Ok(false);
-                }
-                let mut next = live.clone();
-                let mut spec = spec.clone();
-                if holder != self.identity {
-                    spec["acquireTime"] = now.into();
-                    let transitions = live.data["spec"]["leaseTransitions"].as_u64().unwrap_or(0);
-                    spec["leaseTransitions"] = (transitions + 1).into();
-                } else if let Some(a) = live.data["spec"].get("acquireTime") {
-                    spec["acquireTime"] = a.clone();
-                }
-                next.data["spec"] = spec;
-                match self
-                    .api
-                    .replace(&self.name, &PostParams::default(), &next)
-                    .await
-                {
-                    Ok(_) => Ok(true),
-                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                    Err(e) => Err(e),
-                }
+        } else {
+            LeaseSpec {
+                acquire_time: Some(now),
+                lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + 1),
+                ..ours
             }
+        };
+        let mut next = live;
+        next.spec = Some(next_spec);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &next)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
         }
     }
-}
-
-/// Now as RFC 3339 with microseconds (the Lease's MicroTime).
-fn now_rfc3339() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format_time(d.as_secs(), d.subsec_micros())
-}
-
-fn format_time(secs: u64, micros: u32) -> String {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-// Howard Hinnant's civil-date algorithm: no date crate for one function.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]
@@ -1150,13 +1125,6 @@ mod tests {
             t0 + Duration::from_secs(36),
             held
         ));
-    }
-
-    #[test]
-    fn times_are_written_as_rfc3339() {
-        // `date -u -d @1795000123` and a leap day.
-        assert_eq!(format_time(1_795_000_123, 7), "2026-11-18T11:08:43.000007Z");
-        assert_eq!(format_time(951_782_400, 0), "2000-02-29T00:00:00.000000Z");
     }
 
     #[test]
