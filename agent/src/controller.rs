@@ -725,8 +725,9 @@ pub async fn pool_status(client: &Client) -> Result<usize, kube::Error> {
     Ok(updated)
 }
 
-/// The controller's `/metrics` (and the webhook's).
-#[derive(Debug, Default)]
+/// The controller's `/metrics` (and the webhook's): each metric is
+/// registered once, when the struct is made; a scrape only encodes.
+#[derive(Debug)]
 pub struct Metrics {
     /// 1 while this replica leads.
     pub leader: prometheus_client::metrics::gauge::Gauge,
@@ -748,6 +749,65 @@ pub struct Metrics {
         Vec<(String, String)>,
         prometheus_client::metrics::counter::Counter,
     >,
+    registry: prometheus_client::registry::Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Self {
+            leader: Default::default(),
+            nads_created: Default::default(),
+            nads_repaired: Default::default(),
+            networks_refused: Default::default(),
+            pass_errors: Default::default(),
+            claims_released: Default::default(),
+            blocks_given_back: Default::default(),
+            webhook: Default::default(),
+            registry: prometheus_client::registry::Registry::with_prefix("railnet_controller"),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "leader",
+            "1 while this replica leads (holds the Lease)",
+            m.leader.clone(),
+        );
+        r.register(
+            "nads_created",
+            "NetworkAttachmentDefinitions rendered from RailNetworks",
+            m.nads_created.clone(),
+        );
+        r.register(
+            "nads_repaired",
+            "NetworkAttachmentDefinitions put back after they were edited",
+            m.nads_repaired.clone(),
+        );
+        r.register(
+            "networks_refused",
+            "RailNetworks that cannot be rendered (their status says why)",
+            m.networks_refused.clone(),
+        );
+        r.register(
+            "pass_errors",
+            "Passes that failed (retried next interval)",
+            m.pass_errors.clone(),
+        );
+        r.register(
+            "claims_released",
+            "Address claims of pods that are gone, released",
+            m.claims_released.clone(),
+        );
+        r.register(
+            "blocks_given_back",
+            "Address blocks of nodes that are gone, given back",
+            m.blocks_given_back.clone(),
+        );
+        r.register(
+            "webhook_requests",
+            "RDMA resource-injection webhook answers, by result",
+            m.webhook.clone(),
+        );
+        m
+    }
 }
 
 impl Metrics {
@@ -767,49 +827,9 @@ impl Metrics {
 
     /// The exposition (OpenMetrics text).
     pub fn render(&self) -> String {
-        let mut r = prometheus_client::registry::Registry::with_prefix("railnet_controller");
-        r.register(
-            "leader",
-            "1 while this replica leads (holds the Lease)",
-            self.leader.clone(),
-        );
-        r.register(
-            "nads_created",
-            "NetworkAttachmentDefinitions rendered from RailNetworks",
-            self.nads_created.clone(),
-        );
-        r.register(
-            "nads_repaired",
-            "NetworkAttachmentDefinitions put back after they were edited",
-            self.nads_repaired.clone(),
-        );
-        r.register(
-            "networks_refused",
-            "RailNetworks that cannot be rendered (their status says why)",
-            self.networks_refused.clone(),
-        );
-        r.register(
-            "pass_errors",
-            "Passes that failed (retried next interval)",
-            self.pass_errors.clone(),
-        );
-        r.register(
-            "claims_released",
-            "Address claims of pods that are gone, released",
-            self.claims_released.clone(),
-        );
-        r.register(
-            "blocks_given_back",
-            "Address blocks of nodes that are gone, given back",
-            self.blocks_given_back.clone(),
-        );
-        r.register(
-            "webhook_requests",
-            "RDMA resource-injection webhook answers, by result",
-            self.webhook.clone(),
-        );
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
