@@ -1,10 +1,14 @@
 //! IPAM: pools, pool selection, allocation, and the store behind them.
 //!
 //! Allocation happens in memory under one lock (so no address can have two
-//! owners), then is made durable by the store before the caller hears of
-//! it; a failed write undoes the reservation. The embedded store is redb on
-//! local disk with group commit: concurrent ADDs share one fsync.
+//! owners), then is made durable before the caller hears of it; a failed
+//! write undoes the reservation. Where the choice is made and what makes it
+//! durable is the IPAM mode, a [`backend`]: the node's own store (redb on
+//! local disk with group commit: concurrent ADDs share one fsync), or
+//! blocks in the API server shared by every node ([`cluster`]) with that
+//! store as the node's journal.
 
+mod backend;
 pub mod cluster;
 mod pool;
 mod select;
@@ -101,10 +105,10 @@ impl PodRef {
 /// Pools plus the allocations made from them.
 pub struct Ipam {
     state: Mutex<State>,
+    /// The node's own store (in Kubernetes mode, its journal).
     store: Box<dyn AllocationStore>,
-    /// Kubernetes mode: addresses are chosen and claimed in the API server
-    /// (blocks shared by every node); `state` mirrors this node's claims.
-    cluster: Option<Arc<cluster::ClusterStore>>,
+    /// Where addresses are chosen and made durable (the IPAM mode).
+    backend: Box<dyn backend::Backend>,
 }
 
 impl std::fmt::Debug for Ipam {
@@ -274,7 +278,7 @@ impl Ipam {
         Ok(Self {
             state: Mutex::new(state),
             store,
-            cluster: None,
+            backend: Box::new(backend::Local),
         })
     }
 
@@ -312,7 +316,7 @@ impl Ipam {
                 }
             }
         }
-        ipam.cluster = Some(cluster);
+        ipam.backend = Box::new(backend::Kubernetes(cluster));
         Ok(ipam)
     }
 
@@ -320,10 +324,7 @@ impl Ipam {
     /// its held addresses now, instead of at the next flush. Nothing to do
     /// with the local store (every change is durable when made).
     pub fn flush(&self) -> Result<(), IpamError> {
-        match &self.cluster {
-            Some(c) => c.sync().map_err(|e| IpamError::Unavailable(e.to_string())),
-            None => Ok(()),
-        }
+        self.backend.flush()
     }
 
     /// The pools by name, as they are now.
@@ -406,10 +407,7 @@ impl Ipam {
         wanted: Option<IpAddr>,
         owner: &cluster::Owner,
     ) -> Result<Allocation, IpamError> {
-        match &self.cluster {
-            Some(c) => self.allocate_in_cluster(c, key, candidates, wanted, owner),
-            None => self.allocate_local(key, candidates, wanted, owner.netns, &owner.network),
-        }
+        self.backend.allocate(self, key, candidates, wanted, owner)
     }
 
     /// What a repeated ADD for `key` gets: the allocation it holds, or —
@@ -707,23 +705,7 @@ impl Ipam {
         if released.is_empty() {
             return Ok(released);
         }
-        let written = match &self.cluster {
-            Some(c) => c
-                .release(&released)
-                .map_err(|e| IpamError::Unavailable(e.to_string()))
-                .inspect(|()| {
-                    // The claims are released: a journal that still lists
-                    // them is corrected at the next start (their claims
-                    // are gone), so this only warns.
-                    if let Err(e) = self.store.delete(&released) {
-                        tracing::warn!(error = %e, "released allocations remain in the journal until the next start");
-                    }
-                }),
-            None => self
-                .store
-                .delete(&released)
-                .map_err(|e| IpamError::Store(e.to_string())),
-        };
+        let written = self.backend.release(self.store.as_ref(), &released);
         if let Err(e) = written {
             // The record still says "held": hold it in memory too, so the
             // address is not handed out while the disk disagrees.
@@ -757,7 +739,7 @@ impl Ipam {
     /// Kubernetes mode: (API writes accepted, writes refused as
     /// conflicts) since start; `None` with the local store.
     pub fn api_writes(&self) -> Option<(u64, u64)> {
-        self.cluster.as_ref().map(|c| c.write_counts())
+        self.backend.api_writes()
     }
 
     /// Number of addresses held.
