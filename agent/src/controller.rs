@@ -18,7 +18,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use crate::ipam::cluster::resource;
+use crate::kube_api::resource;
 
 /// `railnetworks.railnet.io/v1alpha1`.
 pub fn railnetworks() -> ApiResource {

@@ -11,8 +11,9 @@
 
 use std::{convert::Infallible, future::Future, io, sync::Arc, time::Duration};
 
+use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, body::Bytes, body::Incoming, service::service_fn};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},

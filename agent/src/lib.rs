@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod garp;
 pub mod http;
 pub mod ipam;
+pub mod kube_api;
 pub mod metrics;
 pub mod netconf;
 pub mod netns;

@@ -439,7 +439,7 @@ fn main() -> ExitCode {
         });
         let uninstalling = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let uninstall_watch = match (&args.remove_cni_on_uninstall, &args.daemonset) {
-            (Some(_), Some(ds)) => match railnet_agent::ipam::cluster::client(
+            (Some(_), Some(ds)) => match railnet_agent::kube_api::client(
                 args.kubeconfig.as_deref(),
                 std::time::Duration::from_secs(5),
             )
@@ -479,7 +479,7 @@ fn main() -> ExitCode {
             let gone = if uninstalling.load(std::sync::atomic::Ordering::Relaxed) {
                 Ok(true)
             } else {
-                match railnet_agent::ipam::cluster::client(
+                match railnet_agent::kube_api::client(
                 args.kubeconfig.as_deref(),
                 std::time::Duration::from_secs(5),
             )

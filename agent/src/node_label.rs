@@ -36,17 +36,13 @@ pub async fn keep_trying(kubeconfig: Option<PathBuf>, node: String, mode: String
     let mut wait = Duration::from_secs(1);
     let mut said = false;
     loop {
-        let done = match crate::ipam::cluster::client(
-            kubeconfig.as_deref(),
-            Duration::from_secs(10),
-        )
-        .await
-        {
-            Ok(client) => label_node(&client, &node, &mode)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
+        let done =
+            match crate::kube_api::client(kubeconfig.as_deref(), Duration::from_secs(10)).await {
+                Ok(client) => label_node(&client, &node, &mode)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
         match done {
             Ok(()) => {
                 tracing::info!(node = %node, label = RDMA_MODE_LABEL, %mode, "node labelled");

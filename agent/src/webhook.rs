@@ -17,8 +17,9 @@
 use std::{sync::Arc, time::Duration};
 
 use base64::Engine;
+use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Request, Response, body::Bytes};
+use hyper::{Request, Response};
 use kube::Client;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -461,7 +462,7 @@ async fn handle(
 /// is dropped, within the bounds of [`crate::http::Limits`] (any pod can
 /// reach the webhook's Service); `client` watches RailNetworks and
 /// namespaces (a client without a read timeout: see
-/// [`crate::ipam::cluster::watch_client`]); `rail_info` as [`inject`]
+/// [`crate::kube_api::watch_client`]); `rail_info` as [`inject`]
 /// takes it, `shared` the shared networks' namespace ([`Scope`]).
 pub async fn serve(
     listener: TcpListener,

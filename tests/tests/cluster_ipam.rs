@@ -732,10 +732,9 @@ fn claims_of_pods_that_are_gone_are_released_after_the_grace_period() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let client =
-                railnet_agent::ipam::cluster::client(Some(&kubeconfig), Duration::from_secs(5))
-                    .await
-                    .unwrap();
+            let client = railnet_agent::kube_api::client(Some(&kubeconfig), Duration::from_secs(5))
+                .await
+                .unwrap();
             let mut sweeper =
                 railnet_agent::controller::ClaimSweeper::new(Duration::from_millis(800));
             let live: HashSet<String> = ["uid-node-a-0".to_owned()].into();
@@ -862,7 +861,7 @@ fn blocks_of_a_node_that_is_gone_are_given_back_after_the_grace_period() {
                 .unwrap();
             rt.block_on(async {
                 let client =
-                    railnet_agent::ipam::cluster::client(Some(&kubeconfig), Duration::from_secs(5))
+                    railnet_agent::kube_api::client(Some(&kubeconfig), Duration::from_secs(5))
                         .await
                         .unwrap();
                 sweeper.pass(&client, &live).await.unwrap()

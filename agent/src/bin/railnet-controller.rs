@@ -5,9 +5,8 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use railnet_agent::{
-    controller::{BlockSweeper, ClaimSweeper, Leader, node_names, pod_uids, reconcile},
-    ipam::cluster,
+use railnet_agent::controller::{
+    BlockSweeper, ClaimSweeper, Leader, node_names, pod_uids, reconcile,
 };
 use tracing::{info, warn};
 
@@ -169,7 +168,7 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let client = match cluster::client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await
+        let client = match railnet_agent::kube_api::client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await
         {
             Ok(c) => c,
             Err(e) => {
@@ -260,7 +259,7 @@ fn main() -> ExitCode {
             // The webhook's watches wait minutes between events: a client
             // without a read timeout (one would end every idle watch,
             // and the back-off after each would leave the cache stale).
-            let watching = match cluster::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
+            let watching = match railnet_agent::kube_api::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("railnet-controller: the webhook's watch client: {e}");
@@ -290,7 +289,7 @@ fn main() -> ExitCode {
         // A pass every --interval, and as soon as a RailNetwork or a NAD
         // rendered from one changes.
         let changed = std::sync::Arc::new(tokio::sync::Notify::new());
-        match cluster::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
+        match railnet_agent::kube_api::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
             Ok(c) => {
                 tokio::spawn(railnet_agent::controller::watch_changes(c, changed.clone()));
             }

@@ -32,7 +32,6 @@ use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -40,9 +39,8 @@ use std::{
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
-    Api, Client, Config,
+    Api, Client,
     api::{DeleteParams, ListParams, PostParams, Preconditions},
-    config::{KubeConfigOptions, Kubeconfig},
 };
 use serde::{Deserialize, Serialize};
 
@@ -142,14 +140,7 @@ impl kube::Resource for RailBlock {
     }
 }
 
-/// The API resource `plural` of `group`/`version` (`kind`), for dynamic
-/// objects (RailNetworks, NADs, Leases, RailPools, Namespaces).
-pub fn resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::core::ApiResource {
-    kube::core::ApiResource::from_gvk_with_plural(
-        &kube::core::GroupVersionKind::gvk(group, version, kind),
-        plural,
-    )
-}
+use crate::kube_api::resource;
 
 /// `railpools.railnet.io/v1alpha1`.
 pub fn railpools() -> kube::core::ApiResource {
@@ -560,13 +551,19 @@ impl ClusterStore {
             .enable_all()
             .build()
             .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
-        let mut client = rt.block_on(client(opts.kubeconfig.as_deref(), opts.timeout))?;
+        let mut client = rt.block_on(crate::kube_api::client(
+            opts.kubeconfig.as_deref(),
+            opts.timeout,
+        ))?;
         if let Some(wrap) = opts.intercept {
             // A client's service starts a task: on the store's runtime.
             let _in = rt.enter();
             client = wrap(client);
         }
-        let watch_client = rt.block_on(watch_client(opts.kubeconfig.as_deref(), opts.timeout))?;
+        let watch_client = rt.block_on(crate::kube_api::watch_client(
+            opts.kubeconfig.as_deref(),
+            opts.timeout,
+        ))?;
         let inner = Arc::new(Inner {
             api: Api::all(client),
             watch_api: Api::all(watch_client),
@@ -1659,6 +1656,12 @@ impl Inner {
     }
 }
 
+impl From<crate::kube_api::ClientError> for ClusterError {
+    fn from(e: crate::kube_api::ClientError) -> Self {
+        ClusterError::Refused(e.0)
+    }
+}
+
 impl ClusterError {
     /// For a lost answer, the read-back's error is the one to report when
     /// both failed the same way.
@@ -1668,49 +1671,6 @@ impl ClusterError {
             _ => other,
         }
     }
-}
-
-/// A client from `kubeconfig` (else inferred: KUBECONFIG, ~/.kube/config,
-/// the in-cluster service account) with every request bounded by
-/// `timeout`. Call inside a runtime.
-pub async fn client(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Client, ClusterError> {
-    let mut config = config(kubeconfig).await?;
-    config.connect_timeout = Some(timeout);
-    config.read_timeout = Some(timeout);
-    config.write_timeout = Some(timeout);
-    Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
-}
-
-/// A client for watches: like [`client`], but without a read timeout (a
-/// watch waits minutes between events).
-pub async fn watch_client(
-    kubeconfig: Option<&Path>,
-    timeout: Duration,
-) -> Result<Client, ClusterError> {
-    let mut config = config(kubeconfig).await?;
-    config.connect_timeout = Some(timeout);
-    config.read_timeout = None;
-    Client::try_from(config).map_err(|e| ClusterError::Refused(format!("client: {e}")))
-}
-
-/// The client configuration: `kubeconfig`, else inferred.
-async fn config(kubeconfig: Option<&Path>) -> Result<Config, ClusterError> {
-    match kubeconfig {
-        Some(path) => from_file(path).await,
-        None => Config::infer().await.map_err(|e| {
-            ClusterError::Refused(format!(
-                "no Kubernetes configuration found ({e}); run in a pod with a service account, or pass --kubeconfig"
-            ))
-        }),
-    }
-}
-
-async fn from_file(path: &Path) -> Result<Config, ClusterError> {
-    let kc = Kubeconfig::read_from(path)
-        .map_err(|e| ClusterError::Refused(format!("kubeconfig {}: {e}", path.display())))?;
-    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .map_err(|e| ClusterError::Refused(format!("kubeconfig {}: {e}", path.display())))
 }
 
 /// Delete parameters that delete the object only as `meta` saw it (its
