@@ -122,14 +122,26 @@ fn ip_key(addr: Ipv4Addr) -> u32 {
 #[derive(Clone, Debug)]
 pub struct PodPins {
     dir: PathBuf,
+    /// How [`PodPins::attach`] attaches (and `detach` detaches).
+    attach_kind: TcAttach,
 }
 
 impl PodPins {
-    /// The pins of `container_id` under `root`. The ID was validated by the
-    /// caller to be a plain file name.
+    /// The pins of `container_id` under `root`, attaching with
+    /// [`TcAttach::Clsact`]. The ID was validated by the caller to be a
+    /// plain file name.
     pub fn new(root: &Path, container_id: &str) -> Self {
         Self {
             dir: root.join(container_id),
+            attach_kind: TcAttach::Clsact,
+        }
+    }
+
+    /// The same pins, attaching with `kind` (the service's choice).
+    pub fn attaching_with(self, kind: TcAttach) -> Self {
+        Self {
+            attach_kind: kind,
+            ..self
         }
     }
 
@@ -278,7 +290,7 @@ impl PodPins {
         let link_path = self.link_path(&att.ifname);
         // A stale pin of the same name (a retried ADD) is replaced.
         let _ = fs::remove_file(&link_path);
-        if tc_attach() == TcAttach::Tcx {
+        if self.attach_kind == TcAttach::Tcx {
             let id = prog
                 .attach_with_options(
                     &att.ifname,
@@ -340,7 +352,7 @@ impl PodPins {
     /// Best effort and idempotent: returns every error, keeps going.
     pub fn detach(&self, ifname: &str, ifindex: Option<u32>) -> Vec<String> {
         let mut errors = Vec::new();
-        if ifindex.is_some() && tc_attach() == TcAttach::Clsact {
+        if ifindex.is_some() && self.attach_kind == TcAttach::Clsact {
             // clsact: the filter lives on the device, not in a pin.
             let _ = tc::qdisc_detach_program(ifname, TcAttachType::Egress, PROGRAM_RAIL_EGRESS);
         }
@@ -460,23 +472,16 @@ pub enum TcAttach {
     Tcx,
 }
 
-static TC_ATTACH: std::sync::OnceLock<TcAttach> = std::sync::OnceLock::new();
-
-/// Chooses how this process attaches rail programs (once, at start);
-/// refuses TCX on a kernel without it.
-pub fn set_tc_attach(mode: TcAttach) -> Result<(), String> {
-    if mode == TcAttach::Tcx && !tcx_supported() {
-        return Err("TCX needs Linux 6.6 or newer; use --tc-attach clsact on this kernel".into());
+impl TcAttach {
+    /// `self`, if this kernel supports it.
+    pub fn supported(self) -> Result<Self, String> {
+        if self == TcAttach::Tcx && !tcx_supported() {
+            return Err(
+                "TCX needs Linux 6.6 or newer; use --tc-attach clsact on this kernel".into(),
+            );
+        }
+        Ok(self)
     }
-    TC_ATTACH
-        .set(mode)
-        .map_err(|_| "the tc attach mode is set once, at start".into())
-}
-
-/// How this process attaches rail programs ([`TcAttach::Clsact`] unless
-/// [`set_tc_attach`] chose otherwise).
-pub fn tc_attach() -> TcAttach {
-    TC_ATTACH.get().copied().unwrap_or_default()
 }
 
 /// Whether this kernel attaches tc programs through TCX links (Linux 6.6+).

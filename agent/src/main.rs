@@ -210,14 +210,18 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let attach = match args.tc_attach {
+    let tc_attach = match match args.tc_attach {
         AttachKind::Clsact => railnet_agent::dataplane::TcAttach::Clsact,
         AttachKind::Tcx => railnet_agent::dataplane::TcAttach::Tcx,
-    };
-    if let Err(e) = railnet_agent::dataplane::set_tc_attach(attach) {
-        eprintln!("railnet-agent: --tc-attach: {e}");
-        return ExitCode::from(exit::CONFIG);
     }
+    .supported()
+    {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("railnet-agent: --tc-attach: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
     if let Err(e) = railnet_agent::rail::set_sysctl_root(args.sysctl_root.clone()) {
         eprintln!("railnet-agent: --sysctl-root: {e}");
         return ExitCode::from(exit::CONFIG);
@@ -376,6 +380,7 @@ fn main() -> ExitCode {
         )),
         sweep_gate: std::sync::RwLock::new(()),
         allowed_masters: args.allowed_masters.clone(),
+        tc_attach,
     });
     if let Some((file, cluster)) = file_pools {
         let (service, every) = (

@@ -82,6 +82,8 @@ pub struct RailService {
     /// The node's operator sets it: a NAD author may otherwise hang pods
     /// off any interface of the node (its management NIC, say).
     pub allowed_masters: Vec<String>,
+    /// How rail programs are attached (chosen once, at start).
+    pub tc_attach: crate::dataplane::TcAttach,
 }
 
 /// Refuses an ADD for (container, ifname) from another netns than the one
@@ -321,6 +323,11 @@ fn label_interface(netns: &PodNetns, ifname: &str, alias: &str) -> Result<(), St
 }
 
 impl RailService {
+    /// The pins of `container_id`, attaching as this service does.
+    fn pins(&self, container_id: &str) -> PodPins {
+        PodPins::new(&self.pin_root, container_id).attaching_with(self.tc_attach)
+    }
+
     /// CNI ADD. Must run on a thread of its own (it enters the pod netns on
     /// further threads and blocks on netlink). A Kubernetes pod's rail is
     /// also written where its workload reads it ([`crate::podinfo`]).
@@ -1176,8 +1183,7 @@ impl RailService {
         }
         for a in &released {
             if valid_container_id(&a.key.container_id) {
-                let _ =
-                    PodPins::new(&self.pin_root, &a.key.container_id).detach(&a.key.ifname, None);
+                let _ = self.pins(&a.key.container_id).detach(&a.key.ifname, None);
             }
         }
         if let Some(info) = &self.pod_info
@@ -1501,7 +1507,7 @@ impl RailService {
             routing: conf.routing,
             mtu,
             netns: netns_id,
-            pins: PodPins::new(&self.pin_root, &att.container_id),
+            pins: self.pins(&att.container_id),
             detect: (conf.detect_ip_conflict, conf.detect_gateway),
             ethernet: !conf.ipoib(),
         };
@@ -1514,7 +1520,7 @@ impl RailService {
                 // Undo: the macvlan (and with it its addresses, routes and
                 // TCX link) goes; pins and rules of this interface go.
                 let ifname = att.ifname.clone();
-                let pins = PodPins::new(&self.pin_root, &att.container_id);
+                let pins = self.pins(&att.container_id);
                 let ours = self.ipam.addresses_of(&att.container_id, &att.ifname);
                 let _ = netns.run(move || {
                     let _ = pins.detach(&ifname, None);
@@ -1564,7 +1570,7 @@ impl RailService {
                 format!("{:?} / {:?}", att.container_id, att.ifname),
             ));
         }
-        let pins = PodPins::new(&self.pin_root, &att.container_id);
+        let pins = self.pins(&att.container_id);
         let mut errors = Vec::new();
         // DEL gets the same config as ADD; a chained rail's interface belongs
         // to the earlier plugin, which removes it after us.
