@@ -18,7 +18,7 @@ use tracing::{info, warn};
 /// RailNetwork's status says whether its NAD is in sync or why it cannot be
 /// rendered.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "railnet-controller", version)]
 struct Args {
     /// Kubeconfig; unset: the in-cluster service account (or KUBECONFIG).
     #[arg(long, env = "RAILNET_KUBECONFIG")]

@@ -19,7 +19,7 @@ mod pod_info;
 
 /// railnet's command-line tool.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "railnetctl", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
