@@ -834,34 +834,13 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (classic text unless OpenMetrics is asked for)
-/// and `/healthz`, plain HTTP within [`crate::http::Limits`], until
-/// dropped.
+/// Serves the controller's `GET /metrics` and `/healthz` (see
+/// [`crate::metrics::serve_exposition`]) until dropped.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Metrics>) {
-    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+    crate::metrics::serve_exposition(listener, move || {
         let metrics = metrics.clone();
-        async move {
-            let openmetrics = req
-                .headers()
-                .get("accept")
-                .and_then(|a| a.to_str().ok())
-                .is_some_and(crate::metrics::wants_openmetrics);
-            match req.uri().path() {
-                "/metrics" => {
-                    let (kind, body) = crate::metrics::exposition(openmetrics, metrics.render());
-                    crate::http::reply(200, kind, body)
-                }
-                "/healthz" => crate::http::reply(200, "text/plain", "ok\n"),
-                _ => crate::http::reply(404, "text/plain", "try /metrics or /healthz\n"),
-            }
-        }
-    };
-    crate::http::serve(
-        listener,
-        crate::http::Limits::default(),
-        crate::http::Plain,
-        handler,
-    )
+        async move { metrics.render() }
+    })
     .await;
 }
 

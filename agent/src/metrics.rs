@@ -344,8 +344,24 @@ pub async fn serve(
     max_age: Duration,
 ) {
     let rendered = Arc::new(Rendered::new(max_age));
-    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+    serve_exposition(listener, move || {
         let (metrics, service, rendered) = (metrics.clone(), service.clone(), rendered.clone());
+        async move { (*rendered.get(move || metrics.render(&service)).await).clone() }
+    })
+    .await;
+}
+
+/// Serves `GET /metrics` from `render` (OpenMetrics text; the classic text
+/// format unless the scraper asks for OpenMetrics) and `/healthz`, plain
+/// HTTP within [`crate::http::Limits`], until dropped: the agent's and the
+/// controller's endpoint.
+pub async fn serve_exposition<F, Fut>(listener: TcpListener, render: F)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
+    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+        let render = render.clone();
         async move {
             // Prometheus asks for OpenMetrics in its Accept header; other
             // scrapers (and promtool) read the classic text format.
@@ -356,8 +372,7 @@ pub async fn serve(
                 .is_some_and(wants_openmetrics);
             match req.uri().path() {
                 "/metrics" => {
-                    let body = rendered.get(move || metrics.render(&service)).await;
-                    let (kind, body) = exposition(openmetrics, (*body).clone());
+                    let (kind, body) = exposition(openmetrics, render().await);
                     crate::http::reply(200, kind, body)
                 }
                 "/healthz" => crate::http::reply(200, "text/plain", "ok\n"),

@@ -336,22 +336,7 @@ fn railnet_in_a_real_cluster() {
     // The webhook: pods of a namespace annotated for injection get the
     // group's rails — here a pod with no annotations at all (most
     // Deployment templates have none) — and their rail info at /etc/railnet.
-    c.kubectl_ok(&["create", "namespace", "ai"]);
-    c.kubectl_ok(&[
-        "annotate",
-        "namespace",
-        "ai",
-        "railnet.io/rdma-resource-inject=gpu",
-    ]);
-    c.apply(&rail_networks("ai"));
-    c.wait_for(
-        "the RailNetworks rendered into NADs",
-        Duration::from_secs(60),
-        |c| {
-            let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", "ai"]);
-            (nads["items"].as_array().map_or(0, Vec::len) == RAILS as usize).then_some(())
-        },
-    );
+    injected_namespace(&mut c, "ai", &[]);
     let created = c.kubectl_stdin(&["apply", "-f", "-"], &bare_pod("injected", "ai", "node0"));
     assert!(
         created.is_ok(),
@@ -702,30 +687,38 @@ fn event_of(c: &mut Cluster, pod: &str, containing: &str, what: &str) -> String 
     })
 }
 
-/// The Pod Security stage (see its call).
+/// Namespace `ns` with `labels`, annotated for injection of group `gpu`,
+/// with the 8 RailNetworks of that group rendered into its NADs.
 #[track_caller]
-fn pod_security_stage(c: &mut Cluster, fabric_values: &serde_json::Value) {
-    c.kubectl_ok(&["create", "namespace", "secure"]);
-    c.kubectl_ok(&[
-        "label",
-        "namespace",
-        "secure",
-        "pod-security.kubernetes.io/enforce=baseline",
-    ]);
+fn injected_namespace(c: &mut Cluster, ns: &str, labels: &[&str]) {
+    c.kubectl_ok(&["create", "namespace", ns]);
+    for l in labels {
+        c.kubectl_ok(&["label", "namespace", ns, l]);
+    }
     c.kubectl_ok(&[
         "annotate",
         "namespace",
-        "secure",
+        ns,
         "railnet.io/rdma-resource-inject=gpu",
     ]);
-    c.apply(&rail_networks("secure"));
+    c.apply(&rail_networks(ns));
     c.wait_for(
         "the RailNetworks rendered into NADs",
         Duration::from_secs(60),
         |c| {
-            let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", "secure"]);
+            let nads = c.kubectl_json(&["get", "network-attachment-definitions", "-n", ns]);
             (nads["items"].as_array().map_or(0, Vec::len) == RAILS as usize).then_some(())
         },
+    );
+}
+
+/// The Pod Security stage (see its call).
+#[track_caller]
+fn pod_security_stage(c: &mut Cluster, fabric_values: &serde_json::Value) {
+    injected_namespace(
+        c,
+        "secure",
+        &["pod-security.kubernetes.io/enforce=baseline"],
     );
     let refused = c.kubectl_stdin(
         &["apply", "-f", "-"],
