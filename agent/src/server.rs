@@ -102,7 +102,10 @@ pub async fn serve(
             }
         }
     }
-    let _ = fs::remove_file(&path);
+    if let Err(e) = fs::remove_file(&path) {
+        warn!(socket = %path.display(), error = %e, "stopped serving; the socket file stays");
+        return;
+    }
     info!(socket = %path.display(), "stopped serving");
 }
 
@@ -124,11 +127,14 @@ fn handle(
             tokio::time::sleep(REQUEST_DEADLINE).await;
             if !received.load(std::sync::atomic::Ordering::Acquire) {
                 tracing::debug!("no whole request within {REQUEST_DEADLINE:?}; closing");
+                // Err: the client closed it first; nothing left to cut.
                 let _ = watched.shutdown(std::net::Shutdown::Both);
             }
         });
     }
-    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    if let Err(e) = stream.set_write_timeout(Some(REQUEST_DEADLINE)) {
+        warn!(error = %e, "no write deadline on a CNI connection");
+    }
     let request = api::recv::<Request>(&mut stream);
     received.store(true, std::sync::atomic::Ordering::Release);
     let refused = match allowed {
@@ -143,7 +149,9 @@ fn handle(
             format!("only root may call the railnet agent; {why}"),
             "the container runtime runs CNI plugins as root; nothing else should reach this socket",
         ));
-        let _ = api::send(&mut stream, &response, None);
+        if let Err(e) = api::send(&mut stream, &response, None) {
+            warn!(error = %e, "cannot tell a refused caller why");
+        }
         return;
     }
     let response = match request {

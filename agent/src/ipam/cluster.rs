@@ -538,6 +538,15 @@ struct Ask {
     reply: tokio::sync::oneshot::Sender<Result<Answer, ClusterError>>,
 }
 
+impl Ask {
+    /// Answers the ADD that asked.
+    fn answer(self, answer: Result<Answer, ClusterError>) {
+        // Err: the ADD stopped waiting (its request ended); nobody to tell,
+        // and a claim made for it is found again by a retried ADD.
+        let _ = self.reply.send(answer);
+    }
+}
+
 /// Rounds of compare-and-swap before giving up on a busy block.
 const MAX_ROUNDS: usize = 64;
 
@@ -869,7 +878,7 @@ impl Inner {
             && let Err(e) = self.relist(blocks, &pool.name).await
         {
             for ask in batch {
-                let _ = ask.reply.send(Err(e.clone()));
+                ask.answer(Err(e.clone()));
             }
             return;
         }
@@ -886,7 +895,7 @@ impl Inner {
                     if let Some(w) = ask.wanted
                         && w != held
                     {
-                        let _ = ask.reply.send(Err(ClusterError::Full(format!(
+                        ask.answer(Err(ClusterError::Full(format!(
                             "this interface already holds {held}"
                         ))));
                     } else if let Some(g) = groups.get_mut(&name) {
@@ -894,7 +903,7 @@ impl Inner {
                         // first's write.
                         g.push((ask, held));
                     } else {
-                        let _ = ask.reply.send(Ok(Answer::Address(held)));
+                        ask.answer(Ok(Answer::Address(held)));
                     }
                     continue;
                 }
@@ -904,11 +913,11 @@ impl Inner {
                 };
                 match target {
                     Err(e) => {
-                        let _ = ask.reply.send(Err(e));
+                        ask.answer(Err(e));
                     }
                     Ok(Target::None) => full.push(ask),
                     Ok(Target::Refused(why)) => {
-                        let _ = ask.reply.send(Err(ClusterError::Full(why)));
+                        ask.answer(Err(ClusterError::Full(why)));
                     }
                     // Choosing may have fetched a block that already holds
                     // this ask's claim (a write whose answer was lost):
@@ -922,7 +931,7 @@ impl Inner {
                             .adds
                             .insert(address.to_string(), ask.claim.clone());
                         blocks.empty_since.remove(&name);
-                        let _ = ask.reply.send(Ok(Answer::Address(address)));
+                        ask.answer(Ok(Answer::Address(address)));
                     }
                     Ok(Target::Write(name, address)) => {
                         // Held in the cache until the write says otherwise.
@@ -945,7 +954,7 @@ impl Inner {
                 relisted = true;
                 if let Err(e) = self.relist(blocks, &pool.name).await {
                     for ask in full.into_iter().chain(open.drain(..)) {
-                        let _ = ask.reply.send(Err(e.clone()));
+                        ask.answer(Err(e.clone()));
                     }
                     return;
                 }
@@ -973,11 +982,11 @@ impl Inner {
                 } else {
                     Err(ClusterError::Full(why))
                 };
-                let _ = ask.reply.send(answer);
+                ask.answer(answer);
             }
         }
         for ask in open {
-            let _ = ask.reply.send(Err(ClusterError::Unavailable(format!(
+            ask.answer(Err(ClusterError::Unavailable(format!(
                 "pool {}: {MAX_ROUNDS} rounds of conflicting writes",
                 pool.name
             ))));
@@ -1038,7 +1047,7 @@ impl Inner {
                 self.count_write();
                 blocks.by_name.insert(name.to_owned(), b);
                 for (ask, address) in members {
-                    let _ = ask.reply.send(Ok(Answer::Address(address)));
+                    ask.answer(Ok(Answer::Address(address)));
                 }
                 return Vec::new();
             }
@@ -1056,7 +1065,7 @@ impl Inner {
                             && c.interface == ask.claim.interface
                     });
                     if ours {
-                        let _ = ask.reply.send(Ok(Answer::Address(address)));
+                        ask.answer(Ok(Answer::Address(address)));
                     } else {
                         again.push(ask);
                     }
@@ -1075,7 +1084,7 @@ impl Inner {
                     blocks.listed = false;
                 }
                 for (ask, _) in members {
-                    let _ = ask.reply.send(Err(err.clone()));
+                    ask.answer(Err(err.clone()));
                 }
                 Vec::new()
             }
