@@ -1038,3 +1038,72 @@ fn a_lend_whose_answer_is_lost_never_hands_an_address_out_twice() {
     }
     assert_eq!(stored.len(), given.len(), "{stored:?}");
 }
+
+/// Many nodes in one process (the scale issue's simulation) share one
+/// runtime: stores made with `connect_on` claim, lend and flush as stores
+/// with runtimes of their own do — 8 nodes, 15 pods each, from a pool of
+/// 126 addresses in 8 blocks (a node that claims two makes another
+/// borrow), every address once.
+#[test]
+fn stores_on_one_shared_runtime_fill_a_pool_without_a_duplicate() {
+    let api = server();
+    let kubeconfig = api.kubeconfig();
+    // Built inside the server's netns: its workers are made there, and the
+    // stores' sockets with them.
+    let rt = api.inside(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    });
+    let subnet = "172.16.32.0/25";
+    let nodes: Vec<(String, Arc<Ipam>)> = (0..8)
+        .map(|n| {
+            let name = format!("node-{n}");
+            let mut opts = ClusterOptions::new(&name);
+            opts.kubeconfig = Some(kubeconfig.clone());
+            opts.timeout = Duration::from_secs(10);
+            // A borrower waits for a lender's flush: on a loaded machine
+            // (every test its own API server) that can take seconds.
+            opts.lend_wait = Duration::from_secs(20);
+            let store = ClusterStore::connect_on(opts, rt.handle().clone()).expect("client");
+            let ipam = Ipam::with_cluster(
+                pools(subnet),
+                Arc::new(store),
+                Box::new(MemoryStore::default()),
+            )
+            .expect("load");
+            (name, Arc::new(ipam))
+        })
+        .collect();
+    let given: Vec<IpAddr> = std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .map(|(name, ipam)| {
+                s.spawn(move || {
+                    (0..15)
+                        .map(|i| {
+                            ipam.allocate_owned(key(i, name), &candidates(), None, &owner(i, name))
+                                .unwrap_or_else(|e| panic!("{name} pod {i}: {e}"))
+                                .address
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let unique: HashSet<IpAddr> = given.iter().copied().collect();
+    assert_eq!(unique.len(), given.len(), "an address was given twice");
+    for (_, ipam) in &nodes {
+        ipam.flush().unwrap();
+    }
+    let stored: HashSet<IpAddr> = claims_in(&api).into_iter().map(|(a, _, _)| a).collect();
+    assert_eq!(stored, unique, "the API server's claims are what was given");
+    drop(nodes);
+    rt.shutdown_background();
+}

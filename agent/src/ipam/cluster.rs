@@ -499,10 +499,29 @@ enum Answer {
 /// The API-server-backed store. Its calls block (the agent's request
 /// threads are plain threads); one small runtime, built where the store is
 /// made, runs every request — so its sockets live in the network namespace
-/// of the thread that connected, whoever calls.
+/// of the thread that connected, whoever calls. Many stores in one process
+/// (a simulation of many nodes) share one runtime instead
+/// ([`ClusterStore::connect_on`]).
 pub struct ClusterStore {
-    rt: tokio::runtime::Runtime,
+    rt: StoreRuntime,
     inner: Arc<Inner>,
+}
+
+/// The runtime a store's requests run on.
+enum StoreRuntime {
+    /// Its own (the agent's case).
+    Own(tokio::runtime::Runtime),
+    /// One the process shares among many stores.
+    Shared(tokio::runtime::Handle),
+}
+
+impl StoreRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        match self {
+            StoreRuntime::Own(rt) => rt.handle(),
+            StoreRuntime::Shared(h) => h,
+        }
+    }
 }
 
 struct Inner {
@@ -560,6 +579,22 @@ impl ClusterStore {
             .enable_all()
             .build()
             .map_err(|e| ClusterError::Refused(format!("tokio runtime: {e}")))?;
+        Self::connect_with(opts, StoreRuntime::Own(rt))
+    }
+
+    /// As [`ClusterStore::connect`], on `runtime` (shared with other
+    /// stores; its sockets live in its workers' network namespace). Call
+    /// it, and the store's methods, outside that runtime's tasks: they
+    /// block.
+    pub fn connect_on(
+        opts: ClusterOptions,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, ClusterError> {
+        Self::connect_with(opts, StoreRuntime::Shared(runtime))
+    }
+
+    fn connect_with(opts: ClusterOptions, runtime: StoreRuntime) -> Result<Self, ClusterError> {
+        let rt = runtime.handle();
         let mut client = rt.block_on(crate::kube_api::client(
             opts.kubeconfig.as_deref(),
             opts.timeout,
@@ -584,7 +619,7 @@ impl ClusterStore {
         });
         rt.spawn(Inner::flush_loop(Arc::downgrade(&inner)));
         rt.spawn(Inner::lend_watch(Arc::downgrade(&inner)));
-        Ok(Self { rt, inner })
+        Ok(Self { rt: runtime, inner })
     }
 
     /// This node's name.
@@ -606,9 +641,9 @@ impl ClusterStore {
     where
         F: std::future::Future<Output = Result<T, ClusterError>> + Send + 'static,
     {
-        let task = self.rt.spawn(f(self.inner.clone()));
-        self.rt
-            .block_on(task)
+        let rt = self.rt.handle();
+        let task = rt.spawn(f(self.inner.clone()));
+        rt.block_on(task)
             .unwrap_or_else(|e| Err(ClusterError::Unavailable(format!("request task: {e}"))))
     }
 
@@ -656,7 +691,7 @@ impl ClusterStore {
     /// Claims made or released locally and not written yet.
     pub fn unwritten(&self) -> usize {
         let pools: Vec<_> = self.inner.pool_locks();
-        self.rt.block_on(async move {
+        self.rt.handle().block_on(async move {
             let mut n = 0;
             for (_, lock) in pools {
                 let blocks = lock.lock().await;
