@@ -90,6 +90,9 @@ impl Cache {
 
     /// Waits up to `within` for [`Cache::is_ready`].
     pub async fn wait_ready(&self, within: Duration) -> bool {
+        // Polls the flag: a second `wait_until_ready` on the same store
+        // (beside `mark_ready`'s) never resolved here (kube-runtime 5), and
+        // the webhook then started 30 s late.
         let deadline = tokio::time::Instant::now() + within;
         while !self.is_ready() {
             if tokio::time::Instant::now() >= deadline {

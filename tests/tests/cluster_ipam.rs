@@ -124,6 +124,26 @@ fn candidates() -> Candidates {
     }
 }
 
+/// `given` (address, to whom) as a map, panicking if an address was given
+/// twice.
+fn each_once(given: impl IntoIterator<Item = (IpAddr, String)>) -> HashMap<IpAddr, String> {
+    let mut owner_of = HashMap::new();
+    for (address, who) in given {
+        if let Some(other) = owner_of.insert(address, who.clone()) {
+            panic!("{address} was given to {other} and to {who}");
+        }
+    }
+    owner_of
+}
+
+/// The API server's claims: address → container.
+fn claimed(api: &ApiServer) -> HashMap<IpAddr, String> {
+    claims_in(api)
+        .into_iter()
+        .map(|(a, cid, _)| (a, cid))
+        .collect()
+}
+
 /// Every claim the API server holds: address → (container, interface).
 fn claims_in(api: &ApiServer) -> Vec<(IpAddr, String, String)> {
     let (code, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
@@ -193,20 +213,10 @@ fn two_nodes_share_a_pool_without_one_duplicate() {
         writes * 2 < changes,
         "{writes} API writes for {changes} claims and releases"
     );
-    let mut owner_of: HashMap<IpAddr, &str> = HashMap::new();
-    for (cid, a) in &acked {
-        if let Some(other) = owner_of.insert(*a, cid) {
-            panic!("{a} was given to {other} and to {cid}");
-        }
-    }
+    let expected = each_once(acked.iter().map(|(c, a)| (*a, c.clone())));
     // What the API server holds is exactly what the nodes acknowledged
     // and still hold: no lost claim, no leaked one.
-    let stored: HashMap<IpAddr, String> = claims_in(&api)
-        .into_iter()
-        .map(|(a, cid, _)| (a, cid))
-        .collect();
-    let expected: HashMap<IpAddr, String> = acked.iter().map(|(c, a)| (*a, c.clone())).collect();
-    assert_eq!(stored, expected);
+    assert_eq!(claimed(&api), expected);
     // Both nodes really allocated (neither did all the work through the
     // other's blocks).
     let (code, list) = api.get("/apis/railnet.io/v1alpha1/railblocks");
@@ -1017,26 +1027,10 @@ fn a_lend_whose_answer_is_lost_never_hands_an_address_out_twice() {
     given.push((got.address, "node-a-pod4".into()));
     a.flush().unwrap();
     b.flush().unwrap();
-    let mut seen = HashMap::new();
-    for (address, who) in &given {
-        if let Some(other) = seen.insert(*address, who) {
-            panic!("{address} was given to {other} and to {who}");
-        }
-    }
+    let given = each_once(given);
     // The API server agrees: every address given is claimed by whom it
     // was given to, once.
-    let stored: HashMap<IpAddr, String> = claims_in(&api)
-        .into_iter()
-        .map(|(a, cid, _)| (a, cid))
-        .collect();
-    for (address, who) in &given {
-        assert_eq!(
-            stored.get(address),
-            Some(who),
-            "claim of {address}: {stored:?}"
-        );
-    }
-    assert_eq!(stored.len(), given.len(), "{stored:?}");
+    assert_eq!(claimed(&api), given);
 }
 
 /// Many nodes in one process (the scale issue's simulation) share one
@@ -1077,16 +1071,17 @@ fn stores_on_one_shared_runtime_fill_a_pool_without_a_duplicate() {
             (name, Arc::new(ipam))
         })
         .collect();
-    let given: Vec<IpAddr> = std::thread::scope(|s| {
+    let given: Vec<(IpAddr, String)> = std::thread::scope(|s| {
         let handles: Vec<_> = nodes
             .iter()
             .map(|(name, ipam)| {
                 s.spawn(move || {
                     (0..15)
                         .map(|i| {
-                            ipam.allocate_owned(key(i, name), &candidates(), None, &owner(i, name))
-                                .unwrap_or_else(|e| panic!("{name} pod {i}: {e}"))
-                                .address
+                            let a = ipam
+                                .allocate_owned(key(i, name), &candidates(), None, &owner(i, name))
+                                .unwrap_or_else(|e| panic!("{name} pod {i}: {e}"));
+                            (a.address, a.key.container_id)
                         })
                         .collect::<Vec<_>>()
                 })
@@ -1097,13 +1092,15 @@ fn stores_on_one_shared_runtime_fill_a_pool_without_a_duplicate() {
             .flat_map(|h| h.join().unwrap())
             .collect()
     });
-    let unique: HashSet<IpAddr> = given.iter().copied().collect();
-    assert_eq!(unique.len(), given.len(), "an address was given twice");
+    let given = each_once(given);
     for (_, ipam) in &nodes {
         ipam.flush().unwrap();
     }
-    let stored: HashSet<IpAddr> = claims_in(&api).into_iter().map(|(a, _, _)| a).collect();
-    assert_eq!(stored, unique, "the API server's claims are what was given");
+    assert_eq!(
+        claimed(&api),
+        given,
+        "the API server's claims are what was given"
+    );
     drop(nodes);
     rt.shutdown_background();
 }

@@ -122,6 +122,18 @@ fn wait_serving(ns: &Netns, ca: &Path, log: impl Fn() -> String) {
     }
 }
 
+/// A real API server (in a netns of the test's own) that serves
+/// RailNetworks.
+fn networks_server() -> ApiServer {
+    let api = ApiServer::start();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text =
+        std::fs::read_to_string(root.join("../charts/railnet/crds/railnet.io_railnetworks.yaml"))
+            .unwrap();
+    api.install_crd(&serde_norway::from_str(&text).unwrap());
+    api
+}
+
 /// The real `railnet-controller` serving the webhook on 127.0.0.1:9443
 /// (and `/metrics` on :9466) in `api`'s netns, with a certificate from a
 /// CA of the test's own in `dir` (`ca.crt`); its log in
@@ -152,12 +164,7 @@ fn webhook_controller(api: &ApiServer, dir: &Path) -> Killed {
 /// neither stop them answering nor are held past the deadlines.
 #[test]
 fn the_webhook_and_controller_metrics_bear_idle_slow_and_too_many_connections() {
-    let api = ApiServer::start();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text =
-        std::fs::read_to_string(root.join("../charts/railnet/crds/railnet.io_railnetworks.yaml"))
-            .unwrap();
-    api.install_crd(&serde_norway::from_str(&text).unwrap());
+    let api = networks_server();
     let dir = ScratchDir::new("webhook-bounds");
     let _controller = webhook_controller(&api, dir.path());
     let log = dir.path().join("controller.log");
@@ -244,12 +251,7 @@ fn assert_rail_info_mounted(pod: &Value, c: usize) {
 
 #[test]
 fn pods_asking_for_a_group_get_its_networks_and_resources() {
-    let api = ApiServer::start();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text =
-        std::fs::read_to_string(root.join("../charts/railnet/crds/railnet.io_railnetworks.yaml"))
-            .unwrap();
-    api.install_crd(&serde_norway::from_str(&text).unwrap());
+    let api = networks_server();
     for n in [
         network("gpu2-sriov", 2, "rdma-network", "nvidia.com/gpu2rdma"),
         {
