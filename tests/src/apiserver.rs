@@ -126,6 +126,27 @@ impl ApiServer {
         self.dir.path().join("admin.kubeconfig")
     }
 
+    /// The PIDs of the API server and of etcd (for their CPU and memory).
+    pub fn pids(&self) -> (u32, u32) {
+        (self.server.id(), self.etcd.id())
+    }
+
+    /// GET as text (e.g. `/metrics`); empty if it failed.
+    pub fn get_text(&self, path: &str) -> String {
+        let pki = self.dir.path().join("pki");
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.ns.name(), "curl", "-sfk"])
+            .arg("--cert")
+            .arg(pki.join("admin.crt"))
+            .arg("--key")
+            .arg(pki.join("admin.key"))
+            .arg(format!("https://127.0.0.1:{PORT}{path}"))
+            .stderr(Stdio::null())
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Kills the API server process (etcd keeps running): what clients see
     /// when the control plane goes away mid-request.
     pub fn kill_server(&mut self) {

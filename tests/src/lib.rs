@@ -17,10 +17,27 @@ use std::{
 pub mod apiserver;
 pub mod bounds;
 pub mod cluster;
+pub mod kube_scale;
 
 use serde_json::Value;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Raises this process's open-file limit to its hard limit (a simulation
+/// of many nodes holds thousands of sockets).
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit for the call to fill and read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
 
 /// A name no other fabric of this or another process uses.
 pub fn unique(tag: &str) -> String {

@@ -286,7 +286,16 @@ impl ClusterOptions {
 /// yet written.
 #[derive(Default)]
 struct Blocks {
+    /// The cache may be handed out from: read since start, and not in
+    /// doubt since (a write whose outcome is unknown clears it).
     listed: bool,
+    /// `by_name` came from a list of the whole pool (else only this
+    /// node's blocks and those it met since were read: at a job launch
+    /// on many nodes, every node listing every block of every pool is
+    /// what grows with the square of the nodes).
+    complete: bool,
+    /// Anything of the pool was read since start.
+    read: bool,
     /// As the API server last returned them.
     by_name: BTreeMap<String, RailBlock>,
     /// Own blocks: claims made and released locally, for the next flush.
@@ -310,12 +319,39 @@ struct Delta {
     adds: BTreeMap<String, Claim>,
     /// Claims released: address → (container ID, interface) whose claim it
     /// was (removed only while it still is).
-    removes: BTreeMap<String, (String, String)>,
+    removes: BTreeSet<Release>,
 }
+
+/// A claim released: (address, container ID, interface). Keyed by all
+/// three, not by the address: an address released and handed out again
+/// before the next flush has two changes to write — the old claim's
+/// removal and the new claim — and the new one released too makes a
+/// third (a job launch whose pods failed and were retried lost the first
+/// removal when releases were keyed by address, leaking the claim).
+type Release = (String, String, String);
 
 impl Delta {
     fn is_empty(&self) -> bool {
         self.adds.is_empty() && self.removes.is_empty()
+    }
+
+    /// Whether stored claim `c` at `address` is released here.
+    fn releases(&self, address: &str, c: &Claim) -> bool {
+        self.removes.iter().any(|(a, cid, ifname)| {
+            a == address && cid == &c.container_id && ifname == &c.interface
+        })
+    }
+
+    /// Releases `who`'s claim at `address` (unwritten or stored).
+    fn release(&mut self, address: &str, who: (String, String)) {
+        if self
+            .adds
+            .get(address)
+            .is_some_and(|c| c.container_id == who.0 && c.interface == who.1)
+        {
+            self.adds.remove(address);
+        }
+        self.removes.insert((address.to_owned(), who.0, who.1));
     }
 
     /// `spec` with these changes made. A claim of ours at an address
@@ -323,7 +359,7 @@ impl Delta {
     /// replaces theirs. Returns those addresses (the caller says so
     /// loudly: two pods were given one address).
     fn apply(&self, spec: &mut BlockSpec) -> Vec<String> {
-        for (a, (cid, ifname)) in &self.removes {
+        for (a, cid, ifname) in &self.removes {
             if spec
                 .claims
                 .get(a)
@@ -356,10 +392,8 @@ impl Delta {
                 self.adds.remove(a);
             }
         }
-        for (a, k) in &written.removes {
-            if self.removes.get(a) == Some(k) {
-                self.removes.remove(a);
-            }
+        for r in &written.removes {
+            self.removes.remove(r);
         }
     }
 }
@@ -374,12 +408,7 @@ impl Blocks {
         if let Some(c) = d.adds.get(address) {
             return Some(c);
         }
-        match (d.removes.get(address), stored) {
-            (Some((cid, ifname)), Some(c)) if &c.container_id == cid && &c.interface == ifname => {
-                None
-            }
-            _ => stored,
-        }
+        stored.filter(|c| !d.releases(address, c))
     }
 
     /// Every claim of block `name`, unwritten changes included (what
@@ -410,12 +439,7 @@ impl Blocks {
             .spec
             .claims
             .iter()
-            .filter(|(a, c)| {
-                !d.adds.contains_key(*a)
-                    && !d.removes.get(*a).is_some_and(|(cid, ifname)| {
-                        &c.container_id == cid && &c.interface == ifname
-                    })
-            })
+            .filter(|(a, c)| !d.adds.contains_key(*a) && !d.releases(a, c))
             .count();
         kept + d.adds.len()
     }
@@ -459,6 +483,11 @@ impl Blocks {
                 && b.spec.held.contains(&text) == held
                 && self.claim(name, &text).is_none()
         })
+    }
+
+    /// Whether anything of the pool was read since start.
+    fn started(&self) -> bool {
+        self.read
     }
 
     /// The names of the blocks `node` owns.
@@ -534,6 +563,13 @@ struct Inner {
     conflicts: std::sync::atomic::AtomicU64,
     /// Writes (claims, releases, block claims) the API server accepted.
     writes: std::sync::atomic::AtomicU64,
+    /// Lists sent (pool relists, lend checks, loads).
+    lists: std::sync::atomic::AtomicU64,
+    /// Watches opened on this node's blocks, and the events they brought.
+    watches: std::sync::atomic::AtomicU64,
+    watch_events: std::sync::atomic::AtomicU64,
+    /// ADDs that went round again: a lost write race, or a wait for a lend.
+    retries: std::sync::atomic::AtomicU64,
     /// One lock per pool: this node's writers to a pool queue behind each
     /// other (they would only conflict), pools proceed in parallel.
     pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Blocks>>>>,
@@ -546,6 +582,39 @@ impl std::fmt::Debug for ClusterStore {
         f.debug_struct("ClusterStore")
             .field("node", &self.inner.opts.node)
             .finish()
+    }
+}
+
+/// A store's requests to the API server, counted since it started (the
+/// scale benchmark sums them over its simulated nodes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Writes the API server accepted.
+    pub writes: u64,
+    /// Writes it refused because the block had changed (409).
+    pub conflicts: u64,
+    /// Lists.
+    pub lists: u64,
+    /// Watches opened.
+    pub watches: u64,
+    /// Events those watches brought.
+    pub watch_events: u64,
+    /// ADDs served again: their write lost a race, or they waited for
+    /// another node to lend.
+    pub retries: u64,
+}
+
+impl std::ops::Add for Traffic {
+    type Output = Traffic;
+    fn add(self, o: Traffic) -> Traffic {
+        Traffic {
+            writes: self.writes + o.writes,
+            conflicts: self.conflicts + o.conflicts,
+            lists: self.lists + o.lists,
+            watches: self.watches + o.watches,
+            watch_events: self.watch_events + o.watch_events,
+            retries: self.retries + o.retries,
+        }
     }
 }
 
@@ -614,6 +683,10 @@ impl ClusterStore {
             opts,
             conflicts: Default::default(),
             writes: Default::default(),
+            lists: Default::default(),
+            watches: Default::default(),
+            watch_events: Default::default(),
+            retries: Default::default(),
             pools: Mutex::default(),
             pending: Mutex::default(),
         });
@@ -634,6 +707,20 @@ impl ClusterStore {
             self.inner.writes.load(Relaxed),
             self.inner.conflicts.load(Relaxed),
         )
+    }
+
+    /// What this store asked of the API server since start.
+    pub fn traffic(&self) -> Traffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = &self.inner;
+        Traffic {
+            writes: i.writes.load(Relaxed),
+            conflicts: i.conflicts.load(Relaxed),
+            lists: i.lists.load(Relaxed),
+            watches: i.watches.load(Relaxed),
+            watch_events: i.watch_events.load(Relaxed),
+            retries: i.retries.load(Relaxed),
+        }
     }
 
     /// Runs `f` on the store's runtime and waits for it.
@@ -749,6 +836,7 @@ impl Inner {
         &self,
         journal: Vec<Allocation>,
     ) -> Result<(Vec<Allocation>, Vec<Allocation>), ClusterError> {
+        Self::count(&self.lists);
         let list = self
             .api
             .list(&ListParams::default())
@@ -759,6 +847,8 @@ impl Inner {
             let name = b.metadata.name.clone().unwrap_or_default();
             let blocks = by_pool.entry(b.spec.pool.clone()).or_default();
             blocks.listed = true;
+            blocks.complete = true;
+            blocks.read = true;
             blocks.by_name.insert(name, b);
         }
         let me = &self.opts.node;
@@ -879,7 +969,10 @@ impl Inner {
                 Answer::Wait(why) if Instant::now() >= deadline => {
                     return Err(ClusterError::Full(why));
                 }
-                Answer::Wait(_) => tokio::time::sleep(self.opts.flush_interval).await,
+                Answer::Wait(_) => {
+                    Self::count(&self.retries);
+                    tokio::time::sleep(self.opts.flush_interval).await
+                }
             }
         }
     }
@@ -909,9 +1002,15 @@ impl Inner {
     /// is written once. A write that lost a race is read back: asks whose
     /// claim made it are answered, the rest go round again.
     async fn serve(&self, blocks: &mut Blocks, pool: &Pool, batch: Vec<Ask>) {
-        if !blocks.listed
-            && let Err(e) = self.relist(blocks, &pool.name).await
-        {
+        // Never read: this node's own blocks are enough to start handing
+        // out (a free block is found by claiming it). In doubt after a
+        // lost write: the whole pool, so a claim of ours is found.
+        let read = match (blocks.listed, blocks.started()) {
+            (true, _) => Ok(()),
+            (false, false) => self.relist_own(blocks, &pool.name).await,
+            (false, true) => self.relist(blocks, &pool.name).await,
+        };
+        if let Err(e) = read {
             for ask in batch {
                 ask.answer(Err(e.clone()));
             }
@@ -978,7 +1077,10 @@ impl Inner {
                 }
             }
             for (name, members) in groups {
-                open.extend(self.write_group(blocks, &name, members).await);
+                let again = self.write_group(blocks, &name, members).await;
+                self.retries
+                    .fetch_add(again.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                open.extend(again);
             }
             if full.is_empty() {
                 continue;
@@ -1160,6 +1262,7 @@ impl Inner {
     /// changes stay).
     async fn relist(&self, blocks: &mut Blocks, pool: &str) -> Result<(), ClusterError> {
         let lp = ListParams::default().labels(&format!("{POOL_LABEL}={pool}"));
+        Self::count(&self.lists);
         let list = self.api.list(&lp).await.map_err(classify)?;
         blocks.by_name = list
             .items
@@ -1168,6 +1271,28 @@ impl Inner {
             .map(|b| (b.metadata.name.clone().unwrap_or_default(), b))
             .collect();
         blocks.listed = true;
+        blocks.complete = true;
+        blocks.read = true;
+        Ok(())
+    }
+
+    /// Reads this node's own blocks of `pool` (a first read: nothing of
+    /// the pool is cached yet).
+    async fn relist_own(&self, blocks: &mut Blocks, pool: &str) -> Result<(), ClusterError> {
+        let lp = ListParams::default().labels(&format!(
+            "{POOL_LABEL}={pool},{NODE_LABEL}={}",
+            self.opts.node
+        ));
+        Self::count(&self.lists);
+        let list = self.api.list(&lp).await.map_err(classify)?;
+        blocks.by_name.extend(
+            list.items
+                .into_iter()
+                .filter(|b| b.spec.pool == pool && b.spec.node == self.opts.node)
+                .map(|b| (b.metadata.name.clone().unwrap_or_default(), b)),
+        );
+        blocks.listed = true;
+        blocks.read = true;
         Ok(())
     }
 
@@ -1192,32 +1317,48 @@ impl Inner {
             }
         }
         let prefix = self.prefix(pool);
-        // Walk aligned blocks over the pool's ranges; a /64 is never
+        // Walk aligned blocks over the pool's ranges, from a block of this
+        // node's own (nodes that all began at the first block would race
+        // for each block in turn: at a job launch on 50 nodes, four
+        // refused block claims for every block made). A /64 is never
         // enumerated: every step either skips a known block or stops.
         let size: u128 = 1u128 << (if pool.is_v6() { 128 } else { 32 } - u32::from(prefix));
-        for &(lo, hi) in pool.ranges() {
-            let mut start = lo - lo % size;
-            while start <= hi {
-                let cidr = block_cidr(pool, start, prefix);
-                let name = block_name(&pool.name, &cidr);
-                if !blocks.by_name.contains_key(&name) && any_free(pool, &cidr) {
-                    let b = self.claim_block(pool, &name, &cidr).await?;
-                    let mine = &b.spec.node == me;
-                    blocks.by_name.insert(name.clone(), b);
-                    if mine && let Some(a) = blocks.free(pool, &name, true) {
-                        return Ok(Target::Local(name, a));
-                    }
+        let spread = u128::from(spread(me));
+        let mut met = 0;
+        for start in block_starts(pool.ranges(), size, spread) {
+            let cidr = block_cidr(pool, start, prefix);
+            let name = block_name(&pool.name, &cidr);
+            if !blocks.by_name.contains_key(&name) && any_free(pool, &cidr) {
+                let b = self.claim_block(pool, &name, &cidr).await?;
+                let mine = &b.spec.node == me;
+                blocks.by_name.insert(name.clone(), b);
+                if mine && let Some(a) = blocks.free(pool, &name, true) {
+                    return Ok(Target::Local(name, a));
                 }
-                match start.checked_add(size) {
-                    Some(s) => start = s,
-                    None => break,
+                // Another node's: with only our own blocks read, a pool
+                // filling up would be probed block by block. One list of
+                // the pool instead (after this batch's writes).
+                met += 1;
+                if !mine && !blocks.complete && met >= 2 {
+                    return Ok(Target::None);
                 }
             }
         }
+        if !blocks.complete {
+            return Ok(Target::None);
+        }
+        // Another node's block with a free address that nobody holds:
+        // also from a place of this node's own, or every borrower would
+        // write into the same block and all but one be refused.
         let names: Vec<String> = blocks.by_name.keys().cloned().collect();
-        for name in names {
-            if let Some(a) = blocks.free(pool, &name, false) {
-                return Ok(Target::Write(name, a));
+        let first = if names.is_empty() {
+            0
+        } else {
+            (spread % names.len() as u128) as usize
+        };
+        for name in names[first..].iter().chain(&names[..first]) {
+            if let Some(a) = blocks.free(pool, name, false) {
+                return Ok(Target::Write(name.clone(), a));
             }
         }
         Ok(Target::None)
@@ -1307,6 +1448,7 @@ impl Inner {
                     return Ok(b);
                 }
                 Err(e) if status(&e) == Some(409) => {
+                    self.count_conflict(Some(409));
                     if let Some(b) = self.get(name).await? {
                         return Ok(b);
                     }
@@ -1322,6 +1464,10 @@ impl Inner {
     fn count_write(&self) {
         self.writes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn count(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn count_conflict(&self, code: Option<u16>) {
@@ -1348,12 +1494,14 @@ impl Inner {
                 .cloned()
         };
         let mut name = holder(blocks);
-        if name.is_none() && !blocks.listed {
+        if name.is_none() && !(blocks.listed && blocks.complete) {
             self.relist(blocks, &a.pool).await?;
             name = holder(blocks);
         }
         let Some(name) = name else {
-            return Ok(()); // nothing holds it: already released
+            // Nothing holds it: already released.
+            tracing::debug!(address = %key, container = %a.key.container_id, "release: no claim found");
+            return Ok(());
         };
         let me = &self.opts.node;
         let b = &blocks.by_name[&name];
@@ -1363,16 +1511,14 @@ impl Inner {
             // Ours to hand out: no one else can take it meanwhile, so the
             // flush writes the release. (Also when the claim is not
             // written yet: a flush may be writing it right now.)
-            let d = blocks.delta.entry(name).or_default();
-            d.adds.remove(&key);
-            d.removes.insert(key, who);
+            tracing::debug!(address = %key, container = %a.key.container_id, block = %name, "release: for the next flush");
+            blocks.delta.entry(name).or_default().release(&key, who);
             return Ok(());
         }
         // Written now, and a held address given up with it: another node
         // needs to see it free.
         if let Some(d) = blocks.delta.get_mut(&name) {
-            d.adds.remove(&key);
-            d.removes.insert(key.clone(), who);
+            d.release(&key, who.clone());
         }
         for _ in 0..MAX_ROUNDS {
             let Some(current) = blocks.by_name.get(&name) else {
@@ -1415,7 +1561,7 @@ impl Inner {
             }
         }
         if let Some(d) = blocks.delta.get_mut(&name) {
-            d.removes.remove(&key);
+            d.removes.remove(&(key, who.0, who.1));
         }
         Ok(())
     }
@@ -1453,6 +1599,7 @@ impl Inner {
                 let wp = WatchParams::default()
                     .labels(&format!("{NODE_LABEL}={}", i.opts.node))
                     .timeout(290);
+                Self::count(&i.watches);
                 i.watch_api
                     .watch(&wp, &version)
                     .await
@@ -1471,6 +1618,7 @@ impl Inner {
             let mut stream = std::pin::pin!(stream);
             while let Some(event) = stream.next().await {
                 let Some(i) = inner.upgrade() else { return };
+                Self::count(&i.watch_events);
                 match event {
                     Ok(WatchEvent::Added(b) | WatchEvent::Modified(b)) => i.note_lend(b).await,
                     Ok(WatchEvent::Deleted(_) | WatchEvent::Bookmark(_)) => {}
@@ -1484,6 +1632,7 @@ impl Inner {
     /// returns the list's resourceVersion, to watch from.
     async fn check_lend_requests(&self) -> Result<String, ClusterError> {
         let lp = ListParams::default().labels(&format!("{NODE_LABEL}={}", self.opts.node));
+        Self::count(&self.lists);
         let list = self.api.list(&lp).await.map_err(classify)?;
         for b in list.items {
             self.note_lend(b).await;
@@ -1620,6 +1769,7 @@ impl Inner {
             match back {
                 Ok(stored) => {
                     self.count_write();
+                    tracing::debug!(block = name, adds = ?written.adds.keys().collect::<Vec<_>>(), removes = ?written.removes, "flushed");
                     if let Some(d) = blocks.delta.get_mut(name) {
                         d.subtract(&written);
                         if d.is_empty() {
@@ -1786,6 +1936,46 @@ fn any_free(pool: &Pool, cidr: &IpNet) -> bool {
     (lo..=hi).any(|n| pool.holds(pool::addr(pool.is_v6(), n)))
 }
 
+/// Where `node` begins its search of a pool's blocks: a stable hash of
+/// its name (FNV-1a), so nodes spread over the pool instead of racing.
+fn spread(node: &str) -> u64 {
+    node.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The starts of the aligned blocks of `size` over `ranges`, beginning
+/// at the `first`-th (modulo their number) and wrapping round to those
+/// before it; each once per range.
+fn block_starts(ranges: &[(u128, u128)], size: u128, first: u128) -> impl Iterator<Item = u128> {
+    let spans: Vec<(u128, u128)> = ranges
+        .iter()
+        .map(|&(lo, hi)| {
+            let start = lo - lo % size;
+            (start, (hi - start) / size + 1)
+        })
+        .collect();
+    let total = spans.iter().fold(0u128, |t, (_, n)| t.saturating_add(*n));
+    let mut skip = if total == 0 { 0 } else { first % total };
+    let (mut after, mut before) = (Vec::new(), Vec::new());
+    for (start, n) in spans {
+        if skip >= n {
+            before.push((start, n));
+            skip -= n;
+        } else {
+            if skip > 0 {
+                before.push((start, skip));
+            }
+            after.push((start + skip * size, n - skip));
+            skip = 0;
+        }
+    }
+    after
+        .into_iter()
+        .chain(before)
+        .flat_map(move |(start, n)| (0..n).map(move |i| start + i * size))
+}
+
 fn block_cidr(pool: &Pool, start: u128, prefix: u8) -> IpNet {
     IpNet::new(pool::addr(pool.is_v6(), start), prefix).expect("prefix fits the family")
 }
@@ -1892,6 +2082,30 @@ mod tests {
     }
 
     #[test]
+    fn the_block_search_starts_where_the_node_says_and_visits_each_block_once() {
+        // Two ranges: 0..=63 (4 blocks of 16) and 96..=111 (1 block).
+        let ranges = [(0, 63), (96, 111)];
+        let all = |first| block_starts(&ranges, 16, first).collect::<Vec<_>>();
+        assert_eq!(all(0), [0, 16, 32, 48, 96]);
+        assert_eq!(all(2), [32, 48, 96, 0, 16]);
+        assert_eq!(all(4), [96, 0, 16, 32, 48]);
+        assert_eq!(all(7), all(2), "modulo the number of blocks");
+        // A range that starts inside a block begins at that block.
+        assert_eq!(block_starts(&[(5, 20)], 16, 1).collect::<Vec<_>>(), [16, 0]);
+        // A /64 of /122 blocks is never enumerated to find the first.
+        let v6 = [(0, (1u128 << 64) - 1)];
+        assert_eq!(
+            block_starts(&v6, 64, u128::MAX).next(),
+            Some(((1u128 << 58) - 1) * 64)
+        );
+        // Nodes' starting points differ.
+        let starts: std::collections::BTreeSet<u64> = (0..100)
+            .map(|n| spread(&format!("gpu-{n:04}")) % 4096)
+            .collect();
+        assert!(starts.len() > 95, "{} distinct of 100", starts.len());
+    }
+
+    #[test]
     fn free_addresses_skip_network_broadcast_and_claims() {
         let p = pool("172.16.1.0/24", &[]);
         let free = |claimed: &[&str]| {
@@ -1933,7 +2147,7 @@ mod tests {
         d.adds.insert("172.16.1.2".into(), claim("c2"));
         // A release of a claim that is not the one stored changes nothing.
         d.removes
-            .insert("172.16.1.1".into(), ("other".into(), "net1".into()));
+            .insert(("172.16.1.1".into(), "other".into(), "net1".into()));
         assert_eq!(b.free(&p, &n, true), None);
         assert_eq!(b.claims(&n).len(), 2);
         assert_eq!(b.claims_in(&n), 2);
@@ -1950,8 +2164,7 @@ mod tests {
         b.delta
             .get_mut(&n)
             .unwrap()
-            .removes
-            .insert("172.16.1.1".into(), (String::new(), String::new()));
+            .release("172.16.1.1", (String::new(), String::new()));
         assert_eq!(b.free(&p, &n, true), Some("172.16.1.1".parse().unwrap()));
         assert_eq!(b.claims_in(&n), 1);
         // A claim made again at an address whose stored claim is released
@@ -1966,6 +2179,52 @@ mod tests {
         let mut spec = b.by_name[&n].spec.clone();
         let _ = b.delta[&n].apply(&mut spec);
         assert_eq!(spec.claims.keys().collect::<Vec<_>>(), vec!["172.16.1.2"]);
+    }
+
+    /// Found by the scale bench: a pod released, its address handed to
+    /// the next pod and that one released too, all between two flushes —
+    /// both stored claims' removals must reach the API server.
+    #[test]
+    fn an_address_released_twice_between_flushes_leaves_no_claim() {
+        let (mut b, n) = blocks("172.16.1.0/28", &[], &["172.16.1.1"]);
+        let claim = |cid: &str| Claim {
+            container_id: cid.into(),
+            interface: "net1".into(),
+            ..Claim::default()
+        };
+        // Pod a's claim is stored.
+        b.by_name
+            .get_mut(&n)
+            .unwrap()
+            .spec
+            .claims
+            .insert("172.16.1.1".into(), claim("a"));
+        let who = |cid: &str| (cid.to_owned(), "net1".to_owned());
+        let d = b.delta.entry(n.clone()).or_default();
+        d.release("172.16.1.1", who("a"));
+        // Pod b gets the address, and is released before the flush; its
+        // claim may be in a write already in flight.
+        d.adds.insert("172.16.1.1".into(), claim("b"));
+        let in_flight = d.clone();
+        d.release("172.16.1.1", who("b"));
+        assert_eq!(b.claims_in(&n), 0);
+        // The in-flight write lands with b's claim (a's removed).
+        let mut stored = b.by_name[&n].spec.clone();
+        assert!(in_flight.apply(&mut stored).is_empty());
+        assert_eq!(stored.claims["172.16.1.1"], claim("b"));
+        let d = b.delta.get_mut(&n).unwrap();
+        d.subtract(&in_flight);
+        // The next write removes b's claim too.
+        let _ = d.apply(&mut stored);
+        assert!(stored.claims.is_empty(), "left: {:?}", stored.claims);
+        // Had no write been in flight, one write removes both.
+        let mut fresh = b.by_name[&n].spec.clone();
+        let mut d = Delta::default();
+        d.release("172.16.1.1", who("a"));
+        d.adds.insert("172.16.1.1".into(), claim("b"));
+        d.release("172.16.1.1", who("b"));
+        let _ = d.apply(&mut fresh);
+        assert!(fresh.claims.is_empty(), "left: {:?}", fresh.claims);
     }
 
     /// Hardening 12: a claim made from a held address that another node

@@ -50,9 +50,10 @@ fn main() {
         // The parallel part alone (what `perf record -a` should see).
         "cni-parallel" => cni_parallel(),
         "kube" => kube_bench(),
+        "kube-scale" => kube_scale(),
         other => {
             eprintln!(
-                "unknown benchmark {other:?}; try `dataplane`, `ipam`, `cni`, `cni-parallel` or `kube`"
+                "unknown benchmark {other:?}; try `dataplane`, `ipam`, `cni`, `cni-parallel`, `kube` or `kube-scale`"
             );
             std::process::exit(2);
         }
@@ -867,6 +868,73 @@ fn cni_parallel() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     drop((agent, fabric));
+}
+
+/// `cargo xtask bench kube-scale`: a job launch on S simulated nodes (S =
+/// 100, 250, 500, or `RAILNET_SCALE_NODES=50,100`), each starting 8 pods ×
+/// 8 rails at once against one real CRD API server (fresh per run), with
+/// pools to spare and with pools exactly the job's size (nodes lend).
+/// Exits 1 if the API server's RailBlocks show a duplicate, a lost or a
+/// leaked allocation, or a short pool not filled.
+fn kube_scale() {
+    use railnet_tests::{
+        apiserver::{ApiServer, apiserver_bin},
+        kube_scale::{self, Pools, Scenario},
+    };
+    if !apiserver_bin().is_file() {
+        eprintln!("the CRD API server is missing: `cargo xtask setup` builds it");
+        std::process::exit(1);
+    }
+    let sizes: Vec<usize> = std::env::var("RAILNET_SCALE_NODES")
+        .unwrap_or_else(|_| "100,250,500".into())
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .expect("RAILNET_SCALE_NODES: node counts, e.g. 100,250")
+        })
+        .collect();
+    let pools: Vec<Pools> = match std::env::var("RAILNET_SCALE_POOLS").as_deref() {
+        Ok("plenty") => vec![Pools::Plenty],
+        Ok("short") => vec![Pools::Short],
+        _ => vec![Pools::Plenty, Pools::Short],
+    };
+    // Simulated nodes hold two API connections each and a thread per pod.
+    railnet_tests::raise_nofile_limit();
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    println!(
+        "Kubernetes-mode IPAM at scale: a job launch, 8 pods x {} rails on every node at once, one real CRD API server (etcd on disk), {} CPUs for it all",
+        kube_scale::RAILS,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let mut bad = false;
+    for &nodes in &sizes {
+        for &p in &pools {
+            let api = ApiServer::start();
+            kube_scale::install_crd(&api);
+            let report = kube_scale::run(
+                &api,
+                Scenario {
+                    nodes,
+                    pods_per_node: 8,
+                    pools: p,
+                    deadline: Duration::from_secs(600),
+                },
+                |_| (),
+            );
+            report.print();
+            bad |= !report.violations.is_empty();
+        }
+    }
+    if bad {
+        eprintln!("kube-scale: the API server's RailBlocks show violations (above)");
+        std::process::exit(1);
+    }
 }
 
 /// `cargo xtask bench kube`: Kubernetes-mode IPAM against the real CRD API
