@@ -4,8 +4,8 @@
 //! the per-node watch) with its journal on tmpfs, all in this process on
 //! one shared runtime. A job launch: every node starts P pods at once, 8
 //! rails each, allocated one after another as Multus calls them; a pod
-//! whose ADD fails gives back what it got and is tried again after a
-//! second, as kubelet does with a failed sandbox.
+//! whose ADD fails gives back what it got and is tried again 10–15 s
+//! later, as kubelet does with a failed sandbox.
 //!
 //! What is measured is what the API server saw and what the pods got; the
 //! verdict (no address twice, no acknowledged allocation lost, the short
@@ -83,6 +83,9 @@ pub struct Report {
     pub apiserver_usage: ProcUsage,
     /// The same for etcd.
     pub etcd_usage: ProcUsage,
+    /// The same for the simulated nodes (this process: they share the
+    /// machine's CPUs with the server).
+    pub nodes_usage: ProcUsage,
     /// RailBlocks at the end.
     pub blocks: usize,
     /// Ground-truth violations, each a sentence; empty when correct.
@@ -191,6 +194,7 @@ pub fn run(api: &ApiServer, s: Scenario, tune: impl Fn(&mut ClusterOptions)) -> 
         .collect();
     let (server_pid, etcd_pid) = api.pids();
     let (api0, etcd0) = (ProcUsage::of(server_pid), ProcUsage::of(etcd_pid));
+    let nodes0 = ProcUsage::of(std::process::id());
     let requests0 = server_requests(api);
 
     let pods = s.nodes * s.pods_per_node;
@@ -244,6 +248,7 @@ pub fn run(api: &ApiServer, s: Scenario, tune: impl Fn(&mut ClusterOptions)) -> 
         }
     }
     let apiserver_usage = ProcUsage::of(server_pid).since(api0);
+    let nodes_usage = ProcUsage::of(std::process::id()).since(nodes0);
     let etcd_usage = ProcUsage::of(etcd_pid).since(etcd0);
     let requests1 = server_requests(api);
     let server_requests = requests1
@@ -305,15 +310,18 @@ pub fn run(api: &ApiServer, s: Scenario, tune: impl Fn(&mut ClusterOptions)) -> 
         server_requests,
         apiserver_usage,
         etcd_usage,
+        nodes_usage,
         blocks,
         violations,
     }
 }
 
 /// One pod: its rails one after another; on a failure, what it got is
-/// given back and the pod tried again a second later (kubelet tears a
-/// failed sandbox down and retries it). Returns when it had every rail
-/// (`None`: not by the deadline) and its allocations' latencies.
+/// given back and the pod tried again 10–15 s later, as kubelet does (a
+/// failed sandbox is torn down, DEL retried until it succeeds, and the
+/// pod worker requeued after `workerBackOffPeriod`, 10 s with up to 50 %
+/// jitter). Returns when it had every rail (`None`: not by the deadline)
+/// and its allocations' latencies.
 fn pod(
     node: &Node,
     p: usize,
@@ -381,7 +389,16 @@ fn pod(
                 if Instant::now() >= until {
                     return (None, latencies);
                 }
-                std::thread::sleep(Duration::from_secs(1));
+                // Jitter from the pod's own name and attempt: pods that
+                // failed together do not come back together.
+                let seed = node
+                    .name
+                    .bytes()
+                    .fold(p * 7919 + attempt * 104_729, |h, b| {
+                        h.wrapping_mul(31).wrapping_add(usize::from(b))
+                    });
+                let jitter = seed % 5000;
+                std::thread::sleep(Duration::from_millis(10_000 + jitter as u64));
             }
         }
     }
@@ -596,11 +613,12 @@ impl Report {
             verbs.join(", ")
         );
         println!(
-            "      API server {:.1} CPU-s, peak {:.0} MB; etcd {:.1} CPU-s, peak {:.0} MB",
+            "      API server {:.1} CPU-s, peak {:.0} MB; etcd {:.1} CPU-s, peak {:.0} MB; the simulated nodes {:.1} CPU-s",
             self.apiserver_usage.cpu_s,
             self.apiserver_usage.peak_mb,
             self.etcd_usage.cpu_s,
-            self.etcd_usage.peak_mb
+            self.etcd_usage.peak_mb,
+            self.nodes_usage.cpu_s
         );
         if self.violations.is_empty() {
             println!(

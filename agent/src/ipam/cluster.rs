@@ -36,6 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use backon::BackoffBuilder;
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
@@ -254,7 +255,9 @@ pub struct ClusterOptions {
     /// How often claims made from held addresses are written (200 ms).
     pub flush_interval: Duration,
     /// How long an ADD waits for another node to lend a held address
-    /// before saying the pool is exhausted (3 s).
+    /// before saying the pool is exhausted (10 s: at a job launch on 100
+    /// nodes with pools exactly the job's size, 3 s sent borrowers back
+    /// to kubelet, whose retry comes 10 s later and costs a DEL and an ADD).
     pub lend_wait: Duration,
     /// How long a block of ours stays empty before it is deleted, giving
     /// its range back (10 s: pods come and go without block churn).
@@ -275,7 +278,7 @@ impl ClusterOptions {
             block_prefix_v6: 122,
             timeout: Duration::from_secs(5),
             flush_interval: Duration::from_millis(200),
-            lend_wait: Duration::from_secs(3),
+            lend_wait: Duration::from_secs(10),
             empty_block_grace: Duration::from_secs(10),
             intercept: None,
         }
@@ -296,6 +299,8 @@ struct Blocks {
     complete: bool,
     /// Anything of the pool was read since start.
     read: bool,
+    /// When the whole pool was last listed.
+    listed_at: Option<Instant>,
     /// As the API server last returned them.
     by_name: BTreeMap<String, RailBlock>,
     /// Own blocks: claims made and released locally, for the next flush.
@@ -485,6 +490,23 @@ impl Blocks {
         })
     }
 
+    /// Whether another node's block holds addresses nobody claims (it can
+    /// be asked to lend them).
+    fn has_lenders(&self, me: &str) -> bool {
+        self.by_name.values().any(|b| {
+            b.spec.node != me && b.spec.held.iter().any(|a| !b.spec.claims.contains_key(a))
+        })
+    }
+
+    /// Whether the whole pool was listed less than a second ago.
+    fn fresh(&self) -> bool {
+        self.listed
+            && self.complete
+            && self
+                .listed_at
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+    }
+
     /// Whether anything of the pool was read since start.
     fn started(&self) -> bool {
         self.read
@@ -575,6 +597,8 @@ struct Inner {
     pools: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Blocks>>>>,
     /// ADDs waiting for their pool's lock, by pool.
     pending: Mutex<HashMap<String, Vec<Ask>>>,
+    /// Own blocks seen asking us to lend, for the next flush.
+    lend_asks: Mutex<Vec<RailBlock>>,
 }
 
 impl std::fmt::Debug for ClusterStore {
@@ -689,6 +713,7 @@ impl ClusterStore {
             retries: Default::default(),
             pools: Mutex::default(),
             pending: Mutex::default(),
+            lend_asks: Mutex::default(),
         });
         rt.spawn(Inner::flush_loop(Arc::downgrade(&inner)));
         rt.spawn(Inner::lend_watch(Arc::downgrade(&inner)));
@@ -739,12 +764,16 @@ impl ClusterStore {
     /// server does not have yet (made from held addresses just before the
     /// agent stopped: they are written by the next flush). Returns those
     /// to keep, and the journal's allocations that are gone (released
-    /// while the agent was away, or their block is no longer ours).
+    /// while the agent was away, or their block is no longer ours). The
+    /// list that answers this is every block: it is kept as the cache of
+    /// every pool in `pools` (none read again at its first ADD).
     pub fn load(
         &self,
         journal: Vec<Allocation>,
+        pools: &[String],
     ) -> Result<(Vec<Allocation>, Vec<Allocation>), ClusterError> {
-        self.run(|i| async move { i.load(journal).await })
+        let pools = pools.to_vec();
+        self.run(|i| async move { i.load(journal, pools).await })
     }
 
     /// Allocates for `key` from `pool` (exactly `wanted` if given). A
@@ -835,6 +864,7 @@ impl Inner {
     async fn load(
         &self,
         journal: Vec<Allocation>,
+        pools: Vec<String>,
     ) -> Result<(Vec<Allocation>, Vec<Allocation>), ClusterError> {
         Self::count(&self.lists);
         let list = self
@@ -842,7 +872,19 @@ impl Inner {
             .list(&ListParams::default())
             .await
             .map_err(classify)?;
-        let mut by_pool: BTreeMap<String, Blocks> = BTreeMap::new();
+        // Every pool read, those with no block too.
+        let mut by_pool: BTreeMap<String, Blocks> = pools
+            .into_iter()
+            .map(|p| {
+                let blocks = Blocks {
+                    listed: true,
+                    complete: true,
+                    read: true,
+                    ..Blocks::default()
+                };
+                (p, blocks)
+            })
+            .collect();
         for b in list.items {
             let name = b.metadata.name.clone().unwrap_or_default();
             let blocks = by_pool.entry(b.spec.pool.clone()).or_default();
@@ -935,6 +977,14 @@ impl Inner {
             netns_cookie: owner.netns.cookie,
         };
         let deadline = Instant::now() + self.opts.lend_wait;
+        // Waits for a lend grow (jittered) from one flush interval to 2 s:
+        // borrowers that asked together do not all look again together.
+        let mut waits = backon::ExponentialBuilder::new()
+            .with_min_delay(self.opts.flush_interval)
+            .with_max_delay(Duration::from_secs(2).max(self.opts.flush_interval))
+            .with_jitter()
+            .without_max_times()
+            .build();
         loop {
             // Group commit: every ADD for this pool that arrives while a
             // write is in flight waits in `pending`; whoever takes the
@@ -971,7 +1021,9 @@ impl Inner {
                 }
                 Answer::Wait(_) => {
                     Self::count(&self.retries);
-                    tokio::time::sleep(self.opts.flush_interval).await
+                    let wait = waits.next().unwrap_or(self.opts.flush_interval);
+                    tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now())))
+                        .await
                 }
             }
         }
@@ -1087,7 +1139,15 @@ impl Inner {
             }
             // The cache may be stale (another node released): look once
             // more before saying the pool is full.
-            if !relisted {
+            // At most one list a second: borrowers waiting for lenders
+            // each listed the whole pool from etcd every 200 ms, and at a
+            // launch on 100 nodes those lists were most of the API
+            // server's work.
+            // (Skipped only while there are lenders to wait for: a pool
+            // that looks full is always read again before an ADD is told
+            // so.)
+            let waiting_is_enough = blocks.fresh() && blocks.has_lenders(&self.opts.node);
+            if !relisted && !waiting_is_enough {
                 relisted = true;
                 if let Err(e) = self.relist(blocks, &pool.name).await {
                     for ask in full.into_iter().chain(open.drain(..)) {
@@ -1098,7 +1158,7 @@ impl Inner {
                 open.extend(full);
                 continue;
             }
-            let lenders = self.ask_to_lend(blocks).await;
+            let lenders = self.ask_to_lend(blocks, full.len()).await;
             blocks.tight = true;
             for ask in full {
                 let why = match ask.wanted {
@@ -1131,18 +1191,39 @@ impl Inner {
     }
 
     /// Asks the owners of blocks with held addresses nobody claims to lend
-    /// them (sets `lendRequested` where it is not set yet). Returns those
-    /// owners; best effort: a failed ask is asked again next time.
-    async fn ask_to_lend(&self, blocks: &mut Blocks) -> Vec<String> {
+    /// them (sets `lendRequested` where it is not set yet) — enough blocks
+    /// for `need` addresses, from a place of this node's own: every
+    /// borrower asking every block was a write per borrower per block, most
+    /// of them refused as conflicts. Returns those owners; best effort: a
+    /// failed ask is asked again next time.
+    async fn ask_to_lend(&self, blocks: &mut Blocks, need: usize) -> Vec<String> {
         let me = &self.opts.node;
-        let names: Vec<String> = blocks
+        let spare = |b: &RailBlock| {
+            b.spec
+                .held
+                .iter()
+                .filter(|a| !b.spec.claims.contains_key(*a))
+                .count()
+        };
+        let candidates: Vec<String> = blocks
             .by_name
             .iter()
-            .filter(|(_, b)| {
-                &b.spec.node != me && b.spec.held.iter().any(|a| !b.spec.claims.contains_key(a))
-            })
+            .filter(|(_, b)| &b.spec.node != me && spare(b) > 0)
             .map(|(n, _)| n.clone())
             .collect();
+        let first = match candidates.len() {
+            0 => 0,
+            n => (spread(me) % n as u64) as usize,
+        };
+        let mut names = Vec::new();
+        let mut covered = 0;
+        for name in candidates[first..].iter().chain(&candidates[..first]) {
+            if covered >= need {
+                break;
+            }
+            covered += spare(&blocks.by_name[name]);
+            names.push(name.clone());
+        }
         let mut owners = BTreeSet::new();
         for name in names {
             let b = &blocks.by_name[&name];
@@ -1273,16 +1354,23 @@ impl Inner {
         blocks.listed = true;
         blocks.complete = true;
         blocks.read = true;
+        blocks.listed_at = Some(Instant::now());
         Ok(())
     }
 
     /// Reads this node's own blocks of `pool` (a first read: nothing of
     /// the pool is cached yet).
     async fn relist_own(&self, blocks: &mut Blocks, pool: &str) -> Result<(), ClusterError> {
-        let lp = ListParams::default().labels(&format!(
-            "{POOL_LABEL}={pool},{NODE_LABEL}={}",
-            self.opts.node
-        ));
+        // From the API server's cache (`resourceVersion=0`), not a read
+        // of every block of the pool from etcd: a block of ours the cache
+        // has not seen yet is met again when claimed (409), and nothing
+        // is handed out of a block not read.
+        let lp = ListParams::default()
+            .labels(&format!(
+                "{POOL_LABEL}={pool},{NODE_LABEL}={}",
+                self.opts.node
+            ))
+            .match_any();
         Self::count(&self.lists);
         let list = self.api.list(&lp).await.map_err(classify)?;
         blocks.by_name.extend(
@@ -1335,11 +1423,13 @@ impl Inner {
                 if mine && let Some(a) = blocks.free(pool, &name, true) {
                     return Ok(Target::Local(name, a));
                 }
-                // Another node's: with only our own blocks read, a pool
-                // filling up would be probed block by block. One list of
-                // the pool instead (after this batch's writes).
+                // Another node's: with only our own blocks read (or a list
+                // of the pool from before the launch), a pool filling up
+                // would be probed block by block, a refused create and a
+                // read each. One list of the pool instead (after this
+                // batch's writes).
                 met += 1;
-                if !mine && !blocks.complete && met >= 2 {
+                if !mine && met >= 2 && !blocks.fresh() {
                     return Ok(Target::None);
                 }
             }
@@ -1587,43 +1677,98 @@ impl Inner {
     async fn lend_watch(inner: std::sync::Weak<Inner>) {
         use futures::StreamExt;
         use kube::api::{WatchEvent, WatchParams};
+        // Failed starts, and watches the API server ended at once, are
+        // retried after a growing, jittered pause: at a job launch on 100
+        // nodes, an API server too busy to answer a list in time met every
+        // node's retry each second, all together, and answered none (ten
+        // thousand lists given up in seven minutes).
+        let pauses = || {
+            backon::ExponentialBuilder::new()
+                .with_min_delay(Duration::from_secs(1))
+                .with_max_delay(Duration::from_secs(30))
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut pause = pauses();
+        // Where the last watch got to: a watch that ended (the server's
+        // timeout, or a busy server closing a slow watcher) resumes from
+        // there without a list; one refused as too old lists again.
+        let mut resume: Option<String> = None;
         loop {
             let Some(i) = inner.upgrade() else { return };
-            // A list (to answer requests made while no watch ran), then a
-            // watch from its version; either failing is retried in a second.
             let started = async {
-                let version = i
-                    .check_lend_requests()
-                    .await
-                    .map_err(|e| format!("cannot look for lend requests: {e}"))?;
+                // A list (to answer requests made while no watch ran),
+                // then a watch from its version.
+                let version = match resume.take() {
+                    Some(v) => v,
+                    None => i
+                        .check_lend_requests()
+                        .await
+                        .map_err(|e| format!("cannot look for lend requests: {e}"))?,
+                };
                 let wp = WatchParams::default()
                     .labels(&format!("{NODE_LABEL}={}", i.opts.node))
                     .timeout(290);
+                let wp = WatchParams {
+                    bookmarks: true,
+                    ..wp
+                };
                 Self::count(&i.watches);
-                i.watch_api
+                let stream = i
+                    .watch_api
                     .watch(&wp, &version)
                     .await
-                    .map_err(|e| format!("cannot watch this node's blocks: {e}"))
+                    .map_err(|e| format!("cannot watch this node's blocks: {e}"))?;
+                Ok::<_, String>((stream, version))
             }
             .await;
             drop(i);
-            let stream = match started {
+            let (stream, mut version) = match started {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(error = %e, "again in a second");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let wait = pause.next().unwrap_or(Duration::from_secs(30));
+                    tracing::debug!(error = %e, ?wait, "the lend watch did not start; trying again");
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             };
             let mut stream = std::pin::pin!(stream);
+            let opened = tokio::time::Instant::now();
+            let mut relist = false;
             while let Some(event) = stream.next().await {
                 let Some(i) = inner.upgrade() else { return };
                 Self::count(&i.watch_events);
                 match event {
-                    Ok(WatchEvent::Added(b) | WatchEvent::Modified(b)) => i.note_lend(b).await,
-                    Ok(WatchEvent::Deleted(_) | WatchEvent::Bookmark(_)) => {}
-                    Ok(WatchEvent::Error(_)) | Err(_) => break,
+                    Ok(WatchEvent::Added(b) | WatchEvent::Modified(b)) => {
+                        version = b.metadata.resource_version.clone().unwrap_or(version);
+                        i.note_lend(b);
+                    }
+                    Ok(WatchEvent::Deleted(b)) => {
+                        version = b.metadata.resource_version.unwrap_or(version);
+                    }
+                    Ok(WatchEvent::Bookmark(b)) => version = b.metadata.resource_version,
+                    Ok(WatchEvent::Error(e)) => {
+                        tracing::debug!(error = %e, "the lend watch was refused; again from a fresh list");
+                        relist = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the lend watch failed; again from a fresh list");
+                        relist = true;
+                        break;
+                    }
                 }
+            }
+            if !relist {
+                resume = Some(version);
+            }
+            if opened.elapsed() < Duration::from_secs(5) {
+                let wait = pause.next().unwrap_or(Duration::from_secs(30));
+                tracing::debug!(lasted = ?opened.elapsed(), ?wait, "the lend watch ended early");
+                tokio::time::sleep(wait).await;
+            } else {
+                pause = pauses();
             }
         }
     }
@@ -1631,29 +1776,49 @@ impl Inner {
     /// Notes the lend requests on this node's blocks (one list of them);
     /// returns the list's resourceVersion, to watch from.
     async fn check_lend_requests(&self) -> Result<String, ClusterError> {
-        let lp = ListParams::default().labels(&format!("{NODE_LABEL}={}", self.opts.node));
+        // From the cache: the watch follows from its version, so nothing
+        // written after it is missed.
+        let lp = ListParams::default()
+            .labels(&format!("{NODE_LABEL}={}", self.opts.node))
+            .match_any();
         Self::count(&self.lists);
         let list = self.api.list(&lp).await.map_err(classify)?;
         for b in list.items {
-            self.note_lend(b).await;
+            self.note_lend(b);
         }
         Ok(list.metadata.resource_version.unwrap_or_default())
     }
 
     /// If block `b` (ours) asks us to lend, the next flush answers.
-    async fn note_lend(&self, b: RailBlock) {
+    ///
+    /// Noted without waiting for the pool's lock (held across API writes):
+    /// a watch whose reader stalls is closed by the API server when its
+    /// buffer fills — at a job launch on 100 nodes, nine watches in ten
+    /// lasted under 100 ms, each restart a list.
+    fn note_lend(&self, b: RailBlock) {
         if !b.spec.lend_requested || b.spec.node != self.opts.node {
             return;
         }
-        let name = b.metadata.name.clone().unwrap_or_default();
-        let lock = self.blocks_of(&b.spec.pool);
-        let mut blocks = lock.lock().await;
-        blocks.lend.insert(name.clone());
-        // The event may be older than our copy (our own answer to this
-        // request can come first): a stale copy would hand out addresses
-        // already lent. The write answering the request reads the block
-        // if our copy is behind.
-        blocks.by_name.entry(name).or_insert(b);
+        self.lend_asks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(b);
+    }
+
+    /// Hands the lend requests noted since the last flush to their pools.
+    async fn take_lend_asks(&self) {
+        let asks = std::mem::take(&mut *self.lend_asks.lock().unwrap_or_else(|p| p.into_inner()));
+        for b in asks {
+            let name = b.metadata.name.clone().unwrap_or_default();
+            let lock = self.blocks_of(&b.spec.pool);
+            let mut blocks = lock.lock().await;
+            blocks.lend.insert(name.clone());
+            // The event may be older than our copy (our own answer to
+            // this request can come first): a stale copy would hand out
+            // addresses already lent. The write answering the request
+            // reads the block if our copy is behind.
+            blocks.by_name.entry(name).or_insert(b);
+        }
     }
 
     /// Writes each own block that has unwritten claims or releases, a lend
@@ -1663,6 +1828,7 @@ impl Inner {
     /// being served from held addresses, also while the API server is
     /// away.
     async fn flush(&self, now: bool) -> Result<(), ClusterError> {
+        self.take_lend_asks().await;
         let mut first = None;
         for (_, lock) in self.pool_locks() {
             let due = {

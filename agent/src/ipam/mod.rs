@@ -295,7 +295,10 @@ impl Ipam {
     ) -> Result<Self, OpenError> {
         let recorded = journal.load().map_err(OpenError::Store)?;
         let (kept, gone) = cluster
-            .load(recorded)
+            .load(
+                recorded,
+                &specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+            )
             .map_err(|e| OpenError::Store(StoreError::Db(e.to_string())))?;
         for a in &gone {
             tracing::info!(
