@@ -65,7 +65,7 @@ enum Task {
     },
     /// Benchmarks, printed as figures and ratios to targets (`dataplane`).
     Bench {
-        /// Which benchmark: dataplane, ipam, cni, cni-parallel, kube, cluster.
+        /// Which benchmark: dataplane, ipam, cni, cni-parallel, kube, kube-scale, cluster.
         #[arg(default_value = "dataplane")]
         which: String,
     },

@@ -1405,23 +1405,33 @@ impl Inner {
             }
         }
         let prefix = self.prefix(pool);
-        // Walk aligned blocks over the pool's ranges, from a block of this
-        // node's own (nodes that all began at the first block would race
-        // for each block in turn: at a job launch on 50 nodes, four
-        // refused block claims for every block made). A /64 is never
-        // enumerated: every step either skips a known block or stops.
+        // Walk aligned blocks over the pool's ranges. Nodes that all
+        // walked from the first block raced for each block in turn (at a
+        // job launch on 50 nodes, four refused block claims for every
+        // block made). A /64 is never enumerated: every step either skips
+        // a known block or stops.
         let size: u128 = 1u128 << (if pool.is_v6() { 128 } else { 32 } - u32::from(prefix));
         let spread = u128::from(spread(me));
         let mut met = 0;
-        for start in block_starts(pool.ranges(), size, spread) {
-            let cidr = block_cidr(pool, start, prefix);
-            let name = block_name(&pool.name, &cidr);
-            if !blocks.by_name.contains_key(&name) && any_free(pool, &cidr) {
+        // In order while nobody else is met (a quiet pool fills from its
+        // start: addresses a person can predict); from the node's own
+        // place once another node's block is met (at a launch every node
+        // meets one block taken, not every block before its own).
+        'phases: for first in [0, spread] {
+            for start in block_starts(pool.ranges(), size, first) {
+                let cidr = block_cidr(pool, start, prefix);
+                let name = block_name(&pool.name, &cidr);
+                if blocks.by_name.contains_key(&name) || !any_free(pool, &cidr) {
+                    continue;
+                }
                 let b = self.claim_block(pool, &name, &cidr).await?;
                 let mine = &b.spec.node == me;
                 blocks.by_name.insert(name.clone(), b);
                 if mine && let Some(a) = blocks.free(pool, &name, true) {
                     return Ok(Target::Local(name, a));
+                }
+                if mine {
+                    continue;
                 }
                 // Another node's: with only our own blocks read (or a list
                 // of the pool from before the launch), a pool filling up
@@ -1429,10 +1439,16 @@ impl Inner {
                 // read each. One list of the pool instead (after this
                 // batch's writes).
                 met += 1;
-                if !mine && met >= 2 && !blocks.fresh() {
+                if met >= 2 && !blocks.fresh() {
                     return Ok(Target::None);
                 }
+                if first == 0 {
+                    continue 'phases;
+                }
             }
+            // The first phase walked every block without meeting another
+            // node's: nothing left to claim.
+            break;
         }
         if !blocks.complete {
             return Ok(Target::None);

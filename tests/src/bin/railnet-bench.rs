@@ -873,7 +873,9 @@ fn cni_parallel() {
 /// `cargo xtask bench kube-scale`: a job launch on S simulated nodes (S =
 /// 100, 250, 500, or `RAILNET_SCALE_NODES=50,100`), each starting 8 pods ×
 /// 8 rails at once against one real CRD API server (fresh per run), with
-/// pools to spare and with pools exactly the job's size (nodes lend).
+/// pools to spare and with pools exactly the job's size (nodes lend);
+/// `RAILNET_SCALE_POOLS=plenty|short` runs one case,
+/// `RAILNET_SCALE_BLOCK_PREFIX=29` sets the agents' block size.
 /// Exits 1 if the API server's RailBlocks show a duplicate, a lost or a
 /// leaked allocation, or a short pool not filled.
 fn kube_scale() {
@@ -899,6 +901,11 @@ fn kube_scale() {
         Ok("short") => vec![Pools::Short],
         _ => vec![Pools::Plenty, Pools::Short],
     };
+    // The chart's ipam.blockPrefixV4 (28 unless said).
+    let block_prefix: Option<u8> = std::env::var("RAILNET_SCALE_BLOCK_PREFIX").ok().map(|p| {
+        p.parse()
+            .expect("RAILNET_SCALE_BLOCK_PREFIX: a prefix length, e.g. 29")
+    });
     // Simulated nodes hold two API connections each and a thread per pod.
     railnet_tests::raise_nofile_limit();
     if std::env::var_os("RUST_LOG").is_some() {
@@ -925,7 +932,11 @@ fn kube_scale() {
                     pools: p,
                     deadline: Duration::from_secs(600),
                 },
-                |_| (),
+                |o| {
+                    if let Some(prefix) = block_prefix {
+                        o.block_prefix_v4 = prefix;
+                    }
+                },
             );
             report.print();
             bad |= !report.violations.is_empty();
