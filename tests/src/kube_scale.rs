@@ -343,15 +343,7 @@ fn pod(
         let mut got = Vec::new();
         let mut failed = None;
         for k in 1..=RAILS {
-            let key = AllocationKey {
-                container_id: container.clone(),
-                ifname: format!("net{k}"),
-                family: Family::V4,
-            };
-            let c = Candidates {
-                pools: vec![format!("rail{k}")],
-                rejected: vec![],
-            };
+            let (key, c) = rail_ask(&container, k);
             let t0 = Instant::now();
             match node.ipam.allocate_owned(key, &c, None, &owner) {
                 Ok(a) => {
@@ -403,6 +395,22 @@ fn pod(
         }
     }
     unreachable!()
+}
+
+/// What Multus's call for rail `k` of `container` asks the allocator:
+/// interface `net<k>`, IPv4, from pool `rail<k>`.
+pub fn rail_ask(container: &str, k: usize) -> (AllocationKey, Candidates) {
+    (
+        AllocationKey {
+            container_id: container.to_owned(),
+            ifname: format!("net{k}"),
+            family: Family::V4,
+        },
+        Candidates {
+            pools: vec![format!("rail{k}")],
+            rejected: vec![],
+        },
+    )
 }
 
 /// A failure's message without the parts that differ per pod (addresses,

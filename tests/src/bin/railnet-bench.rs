@@ -958,7 +958,7 @@ fn kube_bench() {
     use std::sync::Arc;
 
     use railnet_agent::ipam::{
-        AllocationKey, Candidates, Family, Ipam, PoolSpec, RedbStore,
+        Ipam, PoolSpec, RedbStore,
         cluster::{ClusterOptions, ClusterStore, Owner},
     };
     use railnet_tests::apiserver::{ApiServer, apiserver_bin};
@@ -1018,15 +1018,10 @@ fn kube_bench() {
                         let mut lat = Vec::new();
                         for p in 0..PODS_PER_THREAD {
                             for k in 1..=RAILS {
-                                let key = AllocationKey {
-                                    container_id: format!("{name}-{t}-{p}"),
-                                    ifname: format!("net{k}"),
-                                    family: Family::V4,
-                                };
-                                let c = Candidates {
-                                    pools: vec![format!("rail{k}")],
-                                    rejected: vec![],
-                                };
+                                let (key, c) = railnet_tests::kube_scale::rail_ask(
+                                    &format!("{name}-{t}-{p}"),
+                                    k,
+                                );
                                 let t0 = Instant::now();
                                 ipam.allocate_owned(key, &c, None, &Owner::default())
                                     .unwrap();
