@@ -493,9 +493,9 @@ impl Blocks {
     /// Whether another node's block holds addresses nobody claims (it can
     /// be asked to lend them).
     fn has_lenders(&self, me: &str) -> bool {
-        self.by_name.values().any(|b| {
-            b.spec.node != me && b.spec.held.iter().any(|a| !b.spec.claims.contains_key(a))
-        })
+        self.by_name
+            .values()
+            .any(|b| b.spec.node != me && spare(b) > 0)
     }
 
     /// Whether the whole pool was listed less than a second ago.
@@ -505,11 +505,6 @@ impl Blocks {
             && self
                 .listed_at
                 .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-    }
-
-    /// Whether anything of the pool was read since start.
-    fn started(&self) -> bool {
-        self.read
     }
 
     /// The names of the blocks `node` owns.
@@ -727,11 +722,8 @@ impl ClusterStore {
 
     /// (accepted writes, writes refused as conflicts) since start.
     pub fn write_counts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (
-            self.inner.writes.load(Relaxed),
-            self.inner.conflicts.load(Relaxed),
-        )
+        let t = self.traffic();
+        (t.writes, t.conflicts)
     }
 
     /// What this store asked of the API server since start.
@@ -873,24 +865,17 @@ impl Inner {
             .await
             .map_err(classify)?;
         // Every pool read, those with no block too.
-        let mut by_pool: BTreeMap<String, Blocks> = pools
-            .into_iter()
-            .map(|p| {
-                let blocks = Blocks {
-                    listed: true,
-                    complete: true,
-                    read: true,
-                    ..Blocks::default()
-                };
-                (p, blocks)
-            })
-            .collect();
+        let whole = || Blocks {
+            listed: true,
+            complete: true,
+            read: true,
+            ..Blocks::default()
+        };
+        let mut by_pool: BTreeMap<String, Blocks> =
+            pools.into_iter().map(|p| (p, whole())).collect();
         for b in list.items {
             let name = b.metadata.name.clone().unwrap_or_default();
-            let blocks = by_pool.entry(b.spec.pool.clone()).or_default();
-            blocks.listed = true;
-            blocks.complete = true;
-            blocks.read = true;
+            let blocks = by_pool.entry(b.spec.pool.clone()).or_insert_with(whole);
             blocks.by_name.insert(name, b);
         }
         let me = &self.opts.node;
@@ -1057,7 +1042,7 @@ impl Inner {
         // Never read: this node's own blocks are enough to start handing
         // out (a free block is found by claiming it). In doubt after a
         // lost write: the whole pool, so a claim of ours is found.
-        let read = match (blocks.listed, blocks.started()) {
+        let read = match (blocks.listed, blocks.read) {
             (true, _) => Ok(()),
             (false, false) => self.relist_own(blocks, &pool.name).await,
             (false, true) => self.relist(blocks, &pool.name).await,
@@ -1198,26 +1183,15 @@ impl Inner {
     /// failed ask is asked again next time.
     async fn ask_to_lend(&self, blocks: &mut Blocks, need: usize) -> Vec<String> {
         let me = &self.opts.node;
-        let spare = |b: &RailBlock| {
-            b.spec
-                .held
-                .iter()
-                .filter(|a| !b.spec.claims.contains_key(*a))
-                .count()
-        };
         let candidates: Vec<String> = blocks
             .by_name
             .iter()
             .filter(|(_, b)| &b.spec.node != me && spare(b) > 0)
             .map(|(n, _)| n.clone())
             .collect();
-        let first = match candidates.len() {
-            0 => 0,
-            n => (spread(me) % n as u64) as usize,
-        };
         let mut names = Vec::new();
         let mut covered = 0;
-        for name in candidates[first..].iter().chain(&candidates[..first]) {
+        for name in rotated(&candidates, spread(me)) {
             if covered >= need {
                 break;
             }
@@ -1411,13 +1385,13 @@ impl Inner {
         // block made). A /64 is never enumerated: every step either skips
         // a known block or stops.
         let size: u128 = 1u128 << (if pool.is_v6() { 128 } else { 32 } - u32::from(prefix));
-        let spread = u128::from(spread(me));
+        let start = u128::from(spread(me));
         let mut met = 0;
         // In order while nobody else is met (a quiet pool fills from its
         // start: addresses a person can predict); from the node's own
         // place once another node's block is met (at a launch every node
         // meets one block taken, not every block before its own).
-        'phases: for first in [0, spread] {
+        'phases: for first in [0, start] {
             for start in block_starts(pool.ranges(), size, first) {
                 let cidr = block_cidr(pool, start, prefix);
                 let name = block_name(&pool.name, &cidr);
@@ -1457,12 +1431,7 @@ impl Inner {
         // also from a place of this node's own, or every borrower would
         // write into the same block and all but one be refused.
         let names: Vec<String> = blocks.by_name.keys().cloned().collect();
-        let first = if names.is_empty() {
-            0
-        } else {
-            (spread % names.len() as u128) as usize
-        };
-        for name in names[first..].iter().chain(&names[..first]) {
+        for name in rotated(&names, spread(me)) {
             if let Some(a) = blocks.free(pool, name, false) {
                 return Ok(Target::Write(name.clone(), a));
             }
@@ -1568,8 +1537,7 @@ impl Inner {
     }
 
     fn count_write(&self) {
-        self.writes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self::count(&self.writes);
     }
 
     fn count(counter: &std::sync::atomic::AtomicU64) {
@@ -1808,9 +1776,9 @@ impl Inner {
     /// If block `b` (ours) asks us to lend, the next flush answers.
     ///
     /// Noted without waiting for the pool's lock (held across API writes):
-    /// a watch whose reader stalls is closed by the API server when its
-    /// buffer fills — at a job launch on 100 nodes, nine watches in ten
-    /// lasted under 100 ms, each restart a list.
+    /// the API server closes a watch whose reader stalls once its buffer
+    /// fills (at a job launch on 100 nodes watches were seen closing
+    /// within 100 ms; this alone did not stop that — see `lend_watch`).
     fn note_lend(&self, b: RailBlock) {
         if !b.spec.lend_requested || b.spec.node != self.opts.node {
             return;
@@ -2124,6 +2092,24 @@ fn spread(node: &str) -> u64 {
     node.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// Held addresses of block `b` that nobody claims (it can lend them).
+fn spare(b: &RailBlock) -> usize {
+    b.spec
+        .held
+        .iter()
+        .filter(|a| !b.spec.claims.contains_key(*a))
+        .count()
+}
+
+/// `items` from the one `seed` picks, wrapping round.
+fn rotated<T>(items: &[T], seed: u64) -> impl Iterator<Item = &T> {
+    let first = match items.len() {
+        0 => 0,
+        n => (seed % n as u64) as usize,
+    };
+    items[first..].iter().chain(&items[..first])
 }
 
 /// The starts of the aligned blocks of `size` over `ranges`, beginning
