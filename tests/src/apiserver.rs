@@ -1,8 +1,15 @@
-//! A real Kubernetes CRD API server for tests: Debian's etcd and the
-//! upstream apiextensions-apiserver (built from Debian's Go sources), both
-//! inside a netns of the test's own on its loopback, with a throwaway CA and
-//! an admin client certificate. It serves CRDs and custom resources only (no
-//! pods, nodes or namespaces objects); requests go through curl.
+//! A real Kubernetes API server for tests, inside a netns of the test's own
+//! on its loopback, with a throwaway CA and an admin client certificate;
+//! requests go through curl. Two kinds:
+//!
+//! - [`ApiServer::start`]: Debian's etcd and the upstream
+//!   apiextensions-apiserver (built from Debian's Go sources). It serves
+//!   CRDs and custom resources only (no pods, nodes or namespaces objects),
+//!   without API Priority and Fairness, everyone as the admin.
+//! - [`ApiServer::start_kube`]: etcd and kube-apiserver as the real cluster
+//!   runs them (`cargo xtask setup` builds both), RBAC and API Priority and
+//!   Fairness on, and a bearer token per identity — what a cluster's agents
+//!   meet.
 
 use std::{
     path::{Path, PathBuf},
@@ -29,19 +36,48 @@ pub fn apiserver_bin() -> PathBuf {
     PathBuf::from("/var/tmp/railnet-tools/apiextensions-apiserver")
 }
 
-/// A running etcd + apiextensions-apiserver; stopped on drop.
+/// The user every identity of [`ApiServer::start_kube`] authenticates as:
+/// the chart's agent ServiceAccount (its groups too), so API Priority and
+/// Fairness classifies the requests as a cluster's agents' are.
+pub const AGENT_USER: &str = "system:serviceaccount:railnet:railnet-agent";
+
+/// Which server serves.
+#[derive(Clone, Debug)]
+enum Flavor {
+    /// apiextensions-apiserver over Debian's etcd.
+    Crd,
+    /// kube-apiserver (this binary) over the cluster tests' etcd.
+    Kube { bin: PathBuf, identities: usize },
+}
+
+/// A running etcd + API server; stopped on drop.
 pub struct ApiServer {
     /// The netns both run in (loopback only).
     pub ns: Netns,
     dir: ScratchDir,
+    flavor: Flavor,
     etcd: Child,
     server: Child,
 }
 
 const PORT: u16 = 6443;
 
+/// A path from the cluster tests' environment (`cargo xtask` sets it).
+#[track_caller]
+fn tool(var: &str, what: &str) -> PathBuf {
+    let p = PathBuf::from(std::env::var_os(var).unwrap_or_else(|| {
+        panic!("{var} is not set: run through `cargo xtask`, which builds {what} and sets it")
+    }));
+    assert!(
+        p.exists(),
+        "{var}={} does not exist: `cargo xtask setup` builds {what}",
+        p.display()
+    );
+    p
+}
+
 impl ApiServer {
-    /// Starts both and waits until the server answers.
+    /// Starts etcd and apiextensions-apiserver and waits until it answers.
     #[track_caller]
     pub fn start() -> Self {
         let bin = apiserver_bin();
@@ -50,6 +86,23 @@ impl ApiServer {
             "{} is missing: `cargo xtask setup` builds it (or set RAILNET_APISERVER_BIN)",
             bin.display()
         );
+        Self::start_flavor(Flavor::Crd, Path::new("etcd"))
+    }
+
+    /// Starts etcd and kube-apiserver (`RAILNET_KUBERNETES_DIR`,
+    /// `RAILNET_ETCD_BIN`) with RBAC and API Priority and Fairness, and
+    /// `identities` bearer tokens, each authenticating as [`AGENT_USER`]
+    /// ([`ApiServer::identity_kubeconfig`]); waits until it answers.
+    /// Grant them rights with [`ApiServer::post`] of RBAC objects.
+    #[track_caller]
+    pub fn start_kube(identities: usize) -> Self {
+        let bin = tool("RAILNET_KUBERNETES_DIR", "Kubernetes").join("kube-apiserver");
+        let etcd = tool("RAILNET_ETCD_BIN", "etcd");
+        Self::start_flavor(Flavor::Kube { bin, identities }, &etcd)
+    }
+
+    #[track_caller]
+    fn start_flavor(flavor: Flavor, etcd_bin: &Path) -> Self {
         let ns = Netns::new("apiserver");
         let dir = ScratchDir::new("apiserver");
         let d = dir.path();
@@ -73,9 +126,32 @@ impl ApiServer {
             ),
         )
         .unwrap();
+        if let Flavor::Kube { identities, .. } = &flavor {
+            crate::sh(
+                Command::new("openssl")
+                    .current_dir(&pki)
+                    .args(["genrsa", "-out", "sa.key", "2048"]),
+            );
+            crate::sh(
+                Command::new("openssl")
+                    .current_dir(&pki)
+                    .args(["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]),
+            );
+            let tokens: String = (0..*identities)
+                .map(|n| {
+                    format!(
+                        "{},{AGENT_USER},agent-{n},\"system:serviceaccounts,system:serviceaccounts:railnet\"\n",
+                        token(n)
+                    )
+                })
+                .collect();
+            std::fs::write(pki.join("tokens.csv"), tokens).unwrap();
+        }
         let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
         let etcd = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "etcd", "--name", "t"])
+            .args(["netns", "exec", ns.name()])
+            .arg(etcd_bin)
+            .args(["--name", "t"])
             .arg("--data-dir")
             .arg(d.join("etcd"))
             .args([
@@ -94,10 +170,11 @@ impl ApiServer {
             .stderr(log("etcd.err"))
             .spawn()
             .expect("etcd (Debian's etcd-server)");
-        let server = spawn_server(&ns, &bin, d);
+        let server = spawn_server(&ns, &flavor, d);
         let api = Self {
             ns,
             dir,
+            flavor,
             etcd,
             server,
         };
@@ -124,6 +201,28 @@ impl ApiServer {
     /// from inside [`ApiServer::ns`] only).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("admin.kubeconfig")
+    }
+
+    /// A kubeconfig for identity `n` of [`ApiServer::start_kube`]: its own
+    /// bearer token, authenticating as [`AGENT_USER`].
+    pub fn identity_kubeconfig(&self, n: usize) -> PathBuf {
+        let path = self.dir.path().join(format!("identity-{n}.kubeconfig"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"https://127.0.0.1:{PORT}\", insecure-skip-tls-verify: true}}}}]\n\
+                 users: [{{name: agent-{n}, user: {{token: {}}}}}]\n\
+                 contexts: [{{name: t, context: {{cluster: t, user: agent-{n}}}}}]\ncurrent-context: t\n",
+                token(n)
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Whether this is kube-apiserver ([`ApiServer::start_kube`]).
+    pub fn is_kube(&self) -> bool {
+        matches!(self.flavor, Flavor::Kube { .. })
     }
 
     /// The PIDs of the API server and of etcd (for their CPU and memory).
@@ -160,7 +259,7 @@ impl ApiServer {
     #[track_caller]
     pub fn restart_server(&mut self) {
         self.kill_server();
-        self.server = spawn_server(&self.ns, &apiserver_bin(), self.dir.path());
+        self.server = spawn_server(&self.ns, &self.flavor, self.dir.path());
         self.wait_ready();
         let (_, crds) = self.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions");
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -329,9 +428,15 @@ pub fn cell<'a>(table: &'a Value, row: usize, column: &str) -> &'a Value {
     &table["rows"][row]["cells"][at]
 }
 
-/// Starts apiextensions-apiserver in `ns` with the PKI and kubeconfig in
-/// `d` (appending to its logs: a restart keeps the first run's).
-fn spawn_server(ns: &Netns, bin: &Path, d: &Path) -> Child {
+/// Identity `n`'s bearer token (the server is reachable from its netns
+/// only, so a guessable token protects nothing less than a random one).
+fn token(n: usize) -> String {
+    format!("railnet-test-identity-{n:06}")
+}
+
+/// Starts the API server in `ns` with the PKI and kubeconfig in `d`
+/// (appending to its logs: a restart keeps the first run's).
+fn spawn_server(ns: &Netns, flavor: &Flavor, d: &Path) -> Child {
     let pki = d.join("pki");
     let kubeconfig = d.join("admin.kubeconfig");
     let log = |name: &str| {
@@ -341,28 +446,51 @@ fn spawn_server(ns: &Netns, bin: &Path, d: &Path) -> Child {
             .open(d.join(name))
             .unwrap()
     };
-    Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(bin)
-        .args([
-            "--etcd-servers=http://127.0.0.1:2379",
-            "--bind-address=127.0.0.1",
-            &format!("--secure-port={PORT}"),
-        ])
-        .arg(format!("--cert-dir={}", d.join("certs").display()))
-        .arg(format!("--client-ca-file={}", pki.join("ca.crt").display()))
-        .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
-        .arg("--authentication-skip-lookup")
-        .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
-        .arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .args([
-            "--enable-priority-and-fairness=false",
-            "--disable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy",
-        ])
-        .stdout(log("apiserver.log"))
-        .stderr(log("apiserver.err"))
-        .spawn()
-        .expect("apiextensions-apiserver")
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]);
+    match flavor {
+        Flavor::Crd => {
+            cmd.arg(apiserver_bin())
+                .arg(format!("--authentication-kubeconfig={}", kubeconfig.display()))
+                .arg("--authentication-skip-lookup")
+                .arg(format!("--authorization-kubeconfig={}", kubeconfig.display()))
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args([
+                    "--enable-priority-and-fairness=false",
+                    "--disable-admission-plugins=NamespaceLifecycle,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy,MutatingAdmissionPolicy",
+                ]);
+        }
+        Flavor::Kube { bin, .. } => {
+            let f = |name: &str| pki.join(name).display().to_string();
+            cmd.arg(bin).args([
+                // Its default: the agents' requests meet the priority
+                // levels and queues a cluster's do.
+                "--enable-priority-and-fairness=true".into(),
+                "--authorization-mode=RBAC".into(),
+                format!("--token-auth-file={}", f("tokens.csv")),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                // Nothing outside the netns reaches it, and no Service
+                // endpoint needs to name it (it may not be a loopback one).
+                "--advertise-address=127.0.0.1".into(),
+                "--endpoint-reconciler-type=none".into(),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                format!("--service-account-key-file={}", f("sa.pub")),
+                format!("--service-account-signing-key-file={}", f("sa.key")),
+                "--profiling=false".into(),
+            ]);
+        }
+    }
+    cmd.args([
+        "--etcd-servers=http://127.0.0.1:2379",
+        "--bind-address=127.0.0.1",
+        &format!("--secure-port={PORT}"),
+    ])
+    .arg(format!("--cert-dir={}", d.join("certs").display()))
+    .arg(format!("--client-ca-file={}", pki.join("ca.crt").display()))
+    .stdout(log("apiserver.log"))
+    .stderr(log("apiserver.err"))
+    .spawn()
+    .expect("apiextensions-apiserver")
 }
 
 impl Drop for ApiServer {

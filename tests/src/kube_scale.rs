@@ -78,6 +78,9 @@ pub struct Report {
     pub traffic: Traffic,
     /// The API server's own count of requests on RailBlocks, by verb.
     pub server_requests: BTreeMap<String, u64>,
+    /// What API Priority and Fairness did (kube-apiserver; empty on the
+    /// CRD server, which runs without it).
+    pub flow_control: Vec<FlowControl>,
     /// CPU seconds and peak resident MB of the API server and of etcd
     /// over the run.
     pub apiserver_usage: ProcUsage,
@@ -176,12 +179,20 @@ pub fn run(api: &ApiServer, s: Scenario, tune: impl Fn(&mut ClusterOptions)) -> 
             .build()
             .expect("runtime")
     });
-    let kubeconfig = api.kubeconfig();
+    if api.is_kube() {
+        grant_agent_role(api);
+    }
     let nodes: Vec<Node> = (0..s.nodes)
         .map(|n| {
             let name = format!("gpu-{n:04}");
             let mut opts = ClusterOptions::new(&name);
-            opts.kubeconfig = Some(kubeconfig.clone());
+            // On kube-apiserver each node is its own identity (a token of
+            // its own, the chart's agent role), as a cluster's agents are.
+            opts.kubeconfig = Some(if api.is_kube() {
+                api.identity_kubeconfig(n)
+            } else {
+                api.kubeconfig()
+            });
             tune(&mut opts);
             let store =
                 Arc::new(ClusterStore::connect_on(opts, rt.handle().clone()).expect("client"));
@@ -195,7 +206,7 @@ pub fn run(api: &ApiServer, s: Scenario, tune: impl Fn(&mut ClusterOptions)) -> 
     let (server_pid, etcd_pid) = api.pids();
     let (api0, etcd0) = (ProcUsage::of(server_pid), ProcUsage::of(etcd_pid));
     let nodes0 = ProcUsage::of(std::process::id());
-    let requests0 = server_requests(api);
+    let metrics0 = api.get_text("/metrics");
 
     let pods = s.nodes * s.pods_per_node;
     let start = Barrier::new(pods + 1);
@@ -250,14 +261,9 @@ pub fn run(api: &ApiServer, s: Scenario, tune: impl Fn(&mut ClusterOptions)) -> 
     let apiserver_usage = ProcUsage::of(server_pid).since(api0);
     let nodes_usage = ProcUsage::of(std::process::id()).since(nodes0);
     let etcd_usage = ProcUsage::of(etcd_pid).since(etcd0);
-    let requests1 = server_requests(api);
-    let server_requests = requests1
-        .into_iter()
-        .map(|(verb, n)| {
-            let before = requests0.get(&verb).copied().unwrap_or(0);
-            (verb, n.saturating_sub(before))
-        })
-        .collect();
+    let metrics1 = api.get_text("/metrics");
+    let server_requests = server_requests(&metrics0, &metrics1);
+    let flow_control = flow_control(&metrics0, &metrics1);
     let traffic = nodes
         .iter()
         .map(|n| n.store.traffic())
@@ -308,6 +314,7 @@ pub fn run(api: &ApiServer, s: Scenario, tune: impl Fn(&mut ClusterOptions)) -> 
         failure_reasons,
         traffic,
         server_requests,
+        flow_control,
         apiserver_usage,
         etcd_usage,
         nodes_usage,
@@ -430,31 +437,150 @@ fn reason(why: &str) -> String {
     out.replace("gpu-N", "gpu-…")
 }
 
-/// The API server's count of requests on RailBlocks by verb, from its
-/// `/metrics` (`apiserver_request_total`).
-fn server_requests(api: &ApiServer) -> BTreeMap<String, u64> {
-    let text = api.get_text("/metrics");
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        if !rest.contains("resource=\"railblocks\"") {
-            continue;
+/// A Prometheus text exposition's samples of metric `name`, each as its
+/// labels and value.
+fn samples<'a>(
+    text: &'a str,
+    name: &'a str,
+) -> impl Iterator<Item = (BTreeMap<&'a str, &'a str>, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.rsplit_once("} ")?;
+        let labels = labels
+            .split("\",")
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once("=\"")?;
+                Some((k, v.trim_end_matches('"')))
+            })
+            .collect();
+        Some((labels, value.trim().parse().ok()?))
+    })
+}
+
+/// Counters of `name` summed by `key` of their labels, for samples
+/// `keep` accepts; the difference `after - before`.
+fn counter_delta(
+    before: &str,
+    after: &str,
+    name: &str,
+    keep: impl Fn(&BTreeMap<&str, &str>) -> bool,
+    key: impl Fn(&BTreeMap<&str, &str>) -> String,
+) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for (text, sign) in [(after, 1.0), (before, -1.0)] {
+        for (labels, v) in samples(text, name).filter(|(l, _)| keep(l)) {
+            *out.entry(key(&labels)).or_default() += sign * v;
         }
-        let verb = rest
-            .split("verb=\"")
-            .nth(1)
-            .and_then(|v| v.split('"').next())
-            .unwrap_or("?");
-        let n: f64 = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        *out.entry(verb.to_owned()).or_insert(0) += n as u64;
     }
+    out.retain(|_, v| *v > 0.0);
     out
+}
+
+/// The API server's count of requests on RailBlocks by verb between two
+/// readings of its `/metrics` (`apiserver_request_total`).
+fn server_requests(before: &str, after: &str) -> BTreeMap<String, u64> {
+    counter_delta(
+        before,
+        after,
+        "apiserver_request_total",
+        |l| l.get("resource") == Some(&"railblocks"),
+        |l| l.get("verb").copied().unwrap_or("?").to_owned(),
+    )
+    .into_iter()
+    .map(|(k, v)| (k, v as u64))
+    .collect()
+}
+
+/// What API Priority and Fairness did with one flow schema's requests
+/// during the run (kube-apiserver only).
+#[derive(Clone, Debug, Default)]
+pub struct FlowControl {
+    /// The FlowSchema that classified them.
+    pub flow_schema: String,
+    /// The priority level it sent them to.
+    pub priority_level: String,
+    /// Requests let through.
+    pub dispatched: u64,
+    /// Requests refused with 429, by reason (queue full, time out…).
+    pub rejected: BTreeMap<String, u64>,
+    /// Mean time a dispatched request waited in its queue, ms.
+    pub mean_wait_ms: f64,
+}
+
+/// API Priority and Fairness between two readings of `/metrics`: one row
+/// per flow schema that dispatched or rejected anything, the exempt
+/// (the harness's admin) left out.
+fn flow_control(before: &str, after: &str) -> Vec<FlowControl> {
+    let by_schema = |l: &BTreeMap<&str, &str>| {
+        format!(
+            "{}\t{}",
+            l.get("flow_schema").unwrap_or(&"?"),
+            l.get("priority_level").unwrap_or(&"?")
+        )
+    };
+    let not_exempt = |l: &BTreeMap<&str, &str>| l.get("priority_level") != Some(&"exempt");
+    let dispatched = counter_delta(
+        before,
+        after,
+        "apiserver_flowcontrol_dispatched_requests_total",
+        not_exempt,
+        by_schema,
+    );
+    let rejected = counter_delta(
+        before,
+        after,
+        "apiserver_flowcontrol_rejected_requests_total",
+        not_exempt,
+        |l| {
+            format!(
+                "{}\t{}",
+                by_schema(l),
+                l.get("reason").copied().unwrap_or("?")
+            )
+        },
+    );
+    let executed = |l: &BTreeMap<&str, &str>| not_exempt(l) && l.get("execute") == Some(&"true");
+    let wait_sum = counter_delta(
+        before,
+        after,
+        "apiserver_flowcontrol_request_wait_duration_seconds_sum",
+        executed,
+        by_schema,
+    );
+    let wait_count = counter_delta(
+        before,
+        after,
+        "apiserver_flowcontrol_request_wait_duration_seconds_count",
+        executed,
+        by_schema,
+    );
+    let mut rows: BTreeMap<String, FlowControl> = BTreeMap::new();
+    let row = |rows: &mut BTreeMap<String, FlowControl>, key: &str| {
+        let (schema, level) = key.split_once('\t').unwrap_or((key, "?"));
+        rows.entry(key.to_owned())
+            .or_insert_with(|| FlowControl {
+                flow_schema: schema.to_owned(),
+                priority_level: level.to_owned(),
+                ..Default::default()
+            })
+            .clone()
+    };
+    for (key, n) in &dispatched {
+        let mut r = row(&mut rows, key);
+        r.dispatched = *n as u64;
+        let count = wait_count.get(key).copied().unwrap_or(0.0);
+        if count > 0.0 {
+            r.mean_wait_ms = wait_sum.get(key).copied().unwrap_or(0.0) / count * 1e3;
+        }
+        rows.insert(key.clone(), r);
+    }
+    for (key, n) in &rejected {
+        let (schema_level, reason) = key.rsplit_once('\t').unwrap_or((key, "?"));
+        let mut r = row(&mut rows, schema_level);
+        r.rejected.insert(reason.to_owned(), *n as u64);
+        rows.insert(schema_level.to_owned(), r);
+    }
+    rows.into_values().collect()
 }
 
 /// Reads every RailBlock and checks what the pods were told against it:
@@ -620,6 +746,25 @@ impl Report {
             "      the API server counted on RailBlocks: {}",
             verbs.join(", ")
         );
+        for f in &self.flow_control {
+            let rejected: Vec<String> = f
+                .rejected
+                .iter()
+                .map(|(why, n)| format!("{n} {why}"))
+                .collect();
+            println!(
+                "      flow control: {} -> {}: {} dispatched, mean queue wait {:.1} ms, rejected (429) {}",
+                f.flow_schema,
+                f.priority_level,
+                f.dispatched,
+                f.mean_wait_ms,
+                if rejected.is_empty() {
+                    "none".to_owned()
+                } else {
+                    rejected.join(", ")
+                }
+            );
+        }
         println!(
             "      API server {:.1} CPU-s, peak {:.0} MB; etcd {:.1} CPU-s, peak {:.0} MB; the simulated nodes {:.1} CPU-s",
             self.apiserver_usage.cpu_s,
@@ -660,6 +805,62 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Binds the agents' identities (the ServiceAccount
+/// [`crate::apiserver::AGENT_USER`] names) to what the chart's agent
+/// ClusterRole grants on RailBlocks (read from
+/// `charts/railnet/templates/rbac.yaml`: a verb the agent needs and the
+/// chart forgot fails the run) and nothing else.
+#[track_caller]
+pub fn grant_agent_role(api: &ApiServer) {
+    let rbac = "/apis/rbac.authorization.k8s.io/v1";
+    let (code, body) = api.post(
+        &format!("{rbac}/clusterroles"),
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "railnet-agent"},
+            "rules": [{"apiGroups": ["railnet.io"], "resources": ["railblocks"],
+                       "verbs": chart_agent_verbs("railblocks")}],
+        }),
+    );
+    assert!(matches!(code, 201 | 409), "ClusterRole refused: {body}");
+    let (code, body) = api.post(
+        &format!("{rbac}/clusterrolebindings"),
+        &json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "railnet-agent"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "railnet-agent"},
+            "subjects": [{"kind": "ServiceAccount", "namespace": "railnet", "name": "railnet-agent"}],
+        }),
+    );
+    assert!(
+        matches!(code, 201 | 409),
+        "ClusterRoleBinding refused: {body}"
+    );
+}
+
+/// The verbs the chart's agent ClusterRole grants on `resource` (its rule
+/// is written `resources: [<resource>]` with `verbs: [...]` on the next
+/// line; the template is not rendered, so the rule is found by its text).
+#[track_caller]
+fn chart_agent_verbs(resource: &str) -> Vec<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/railnet/templates/rbac.yaml");
+    let text = std::fs::read_to_string(&path).expect("the chart's rbac.yaml");
+    let mut lines = text.lines();
+    lines
+        .find(|l| l.trim() == format!("resources: [{resource}]"))
+        .and_then(|_| lines.next())
+        .and_then(|l| l.trim().strip_prefix("verbs: ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .map(|v| v.split(',').map(|v| v.trim().to_owned()).collect())
+        .unwrap_or_else(|| {
+            panic!(
+                "no `resources: [{resource}]` rule with its verbs in {}",
+                path.display()
+            )
+        })
 }
 
 /// Installs the RailBlock CRD (the chart's) on `api`.

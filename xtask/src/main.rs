@@ -134,7 +134,12 @@ fn main() -> Result<()> {
             let libcni = libcni_client(&root)?;
             step(&format!("benchmark {which}"));
             let bin = root.join("target/release");
-            run(Command::new(bin.join("railnet-bench"))
+            let mut cmd = Command::new(bin.join("railnet-bench"));
+            if which == "kube-scale" {
+                // It runs kube-apiserver and etcd as the cluster tests do.
+                cluster_env(&root, &mut cmd);
+            }
+            run(cmd
                 .arg(&which)
                 .env("RAILNET_LIBCNI_BIN", libcni)
                 .env("RAILNET_AGENT_BIN", bin.join("railnet-agent"))

@@ -883,7 +883,19 @@ fn kube_scale() {
         apiserver::{ApiServer, apiserver_bin},
         kube_scale::{self, Pools, Scenario},
     };
-    if !apiserver_bin().is_file() {
+    // Which servers: the CRD server (no API Priority and Fairness, one
+    // admin identity) and kube-apiserver (APF and RBAC on, a token per
+    // node), both unless said.
+    let servers: Vec<bool> = match std::env::var("RAILNET_SCALE_SERVER").as_deref() {
+        Ok("crd") => vec![false],
+        Ok("kube") => vec![true],
+        Ok("both") | Err(_) => vec![false, true],
+        Ok(other) => {
+            eprintln!("RAILNET_SCALE_SERVER={other:?}: crd, kube or both");
+            std::process::exit(2);
+        }
+    };
+    if servers.contains(&false) && !apiserver_bin().is_file() {
         eprintln!("the CRD API server is missing: `cargo xtask setup` builds it");
         std::process::exit(1);
     }
@@ -915,31 +927,45 @@ fn kube_scale() {
             .init();
     }
     println!(
-        "Kubernetes-mode IPAM at scale: a job launch, 8 pods x {} rails on every node at once, one real CRD API server (etcd on disk), {} CPUs for it all",
+        "Kubernetes-mode IPAM at scale: a job launch, 8 pods x {} rails on every node at once, one real API server (etcd on disk), {} CPUs for it all",
         kube_scale::RAILS,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut bad = false;
-    for &nodes in &sizes {
-        for &p in &pools {
-            let api = ApiServer::start();
-            kube_scale::install_crd(&api);
-            let report = kube_scale::run(
-                &api,
-                Scenario {
-                    nodes,
-                    pods_per_node: 8,
-                    pools: p,
-                    deadline: Duration::from_secs(600),
-                },
-                |o| {
-                    if let Some(prefix) = block_prefix {
-                        o.block_prefix_v4 = prefix;
-                    }
-                },
-            );
-            report.print();
-            bad |= !report.violations.is_empty();
+    for &kube in &servers {
+        println!(
+            "{}",
+            if kube {
+                " kube-apiserver: API Priority and Fairness and RBAC on, a token of its own per node (the chart's agent ServiceAccount and role)"
+            } else {
+                " the CRD API server (apiextensions-apiserver): no API Priority and Fairness, every node the admin"
+            }
+        );
+        for &nodes in &sizes {
+            for &p in &pools {
+                let api = if kube {
+                    ApiServer::start_kube(nodes)
+                } else {
+                    ApiServer::start()
+                };
+                kube_scale::install_crd(&api);
+                let report = kube_scale::run(
+                    &api,
+                    Scenario {
+                        nodes,
+                        pods_per_node: 8,
+                        pools: p,
+                        deadline: Duration::from_secs(600),
+                    },
+                    |o| {
+                        if let Some(prefix) = block_prefix {
+                            o.block_prefix_v4 = prefix;
+                        }
+                    },
+                );
+                report.print();
+                bad |= !report.violations.is_empty();
+            }
         }
     }
     if bad {
