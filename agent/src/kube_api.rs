@@ -28,9 +28,22 @@ pub fn resource(group: &str, version: &str, kind: &str, plural: &str) -> kube::c
 /// the in-cluster service account) with every request bounded by
 /// `timeout`. Call inside a runtime.
 pub async fn client(kubeconfig: Option<&Path>, timeout: Duration) -> Result<Client, ClientError> {
+    client_waiting(kubeconfig, timeout, timeout).await
+}
+
+/// As [`client`], but an answer may take `answer` once a request is sent
+/// (connecting and sending stay bounded by `timeout`): for requests a
+/// busy kube-apiserver queues (API Priority and Fairness holds a request
+/// up to a quarter of its 60 s request timeout before refusing it with
+/// 429, which the client retries as the server says).
+pub async fn client_waiting(
+    kubeconfig: Option<&Path>,
+    timeout: Duration,
+    answer: Duration,
+) -> Result<Client, ClientError> {
     let mut config = config(kubeconfig).await?;
     config.connect_timeout = Some(timeout);
-    config.read_timeout = Some(timeout);
+    config.read_timeout = Some(answer);
     config.write_timeout = Some(timeout);
     Client::try_from(config).map_err(|e| ClientError(format!("client: {e}")))
 }

@@ -167,6 +167,7 @@ impl ApiServer {
                 "t=http://127.0.0.1:2380",
             ])
             .stdout(log("etcd.log"))
+            .die_with_parent()
             .stderr(log("etcd.err"))
             .spawn()
             .expect("etcd (Debian's etcd-server)");
@@ -491,6 +492,30 @@ fn spawn_server(ns: &Netns, flavor: &Flavor, d: &Path) -> Child {
     .stderr(log("apiserver.err"))
     .spawn()
     .expect("apiextensions-apiserver")
+}
+
+/// A child that ends with the process that started it.
+trait DieWithParent {
+    /// A killed test or benchmark leaves no etcd or API server behind (its
+    /// netns and scratch directory are named `rn<pid>-…` for removal).
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn die_with_parent(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between
+        // fork and exec. `ip netns exec` execs the server, which keeps the
+        // setting.
+        unsafe {
+            self.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        }
+    }
 }
 
 impl Drop for ApiServer {

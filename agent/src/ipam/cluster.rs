@@ -250,8 +250,18 @@ pub struct ClusterOptions {
     pub block_prefix_v4: u8,
     /// Prefix length of IPv6 blocks (122: 64 addresses).
     pub block_prefix_v6: u8,
-    /// Per-request limit; an unreachable server fails calls within it.
+    /// How long connecting and sending a request may take: an unreachable
+    /// server fails calls within it (5 s).
     pub timeout: Duration,
+    /// How long a sent request may wait for its answer (15 s): as long as
+    /// kube-apiserver's API Priority and Fairness may queue it before
+    /// refusing it with 429 (a quarter of its 60 s request timeout). A
+    /// client that gives up sooner turns a busy server's queue into a
+    /// failed ADD that kubelet retries 10 s later with a DEL and a new
+    /// ADD: at a job launch on 500 nodes, 5 s sent 197 of 4 000 pods back
+    /// and took 80 s; 15 s, 27 pods and 44 s (`cargo xtask bench
+    /// kube-scale`).
+    pub answer_timeout: Duration,
     /// How often claims made from held addresses are written (200 ms).
     pub flush_interval: Duration,
     /// How long an ADD waits for another node to lend a held address
@@ -277,6 +287,7 @@ impl ClusterOptions {
             block_prefix_v4: 28,
             block_prefix_v6: 122,
             timeout: Duration::from_secs(5),
+            answer_timeout: Duration::from_secs(15),
             flush_interval: Duration::from_millis(200),
             lend_wait: Duration::from_secs(10),
             empty_block_grace: Duration::from_secs(10),
@@ -683,9 +694,10 @@ impl ClusterStore {
 
     fn connect_with(opts: ClusterOptions, runtime: StoreRuntime) -> Result<Self, ClusterError> {
         let rt = runtime.handle();
-        let mut client = rt.block_on(crate::kube_api::client(
+        let mut client = rt.block_on(crate::kube_api::client_waiting(
             opts.kubeconfig.as_deref(),
             opts.timeout,
+            opts.answer_timeout,
         ))?;
         if let Some(wrap) = opts.intercept {
             // A client's service starts a task: on the store's runtime.
@@ -1080,7 +1092,7 @@ impl Inner {
                 }
                 let target = match ask.wanted {
                     Some(a) => self.exact_target(blocks, pool, a).await,
-                    None => self.next_target(blocks, pool).await,
+                    None => self.next_target(blocks, pool, relisted).await,
                 };
                 match target {
                     Err(e) => {
@@ -1370,8 +1382,15 @@ impl Inner {
 
     /// Where the next address comes from: a held address of ours, else a
     /// block nobody has claimed (claimed now, held whole), else a free
-    /// address nobody holds in any block.
-    async fn next_target(&self, blocks: &mut Blocks, pool: &Pool) -> Result<Target, ClusterError> {
+    /// address nobody holds in any block. `listed_now`: the whole pool
+    /// was listed for this batch (as fresh as a list can be: blocks met
+    /// after it were claimed since, and the walk goes on past them).
+    async fn next_target(
+        &self,
+        blocks: &mut Blocks,
+        pool: &Pool,
+        listed_now: bool,
+    ) -> Result<Target, ClusterError> {
         let me = &self.opts.node;
         for name in blocks.owned_by(me) {
             if let Some(a) = blocks.free(pool, &name, true) {
@@ -1412,8 +1431,13 @@ impl Inner {
                 // would be probed block by block, a refused create and a
                 // read each. One list of the pool instead (after this
                 // batch's writes).
+                // Not after a list made for this batch, though: on a busy
+                // API server the walk outlives a second, and saying "none"
+                // then sent an ADD of a pool with thousands of free blocks
+                // to wait for lenders (at a launch on 500 nodes against
+                // kube-apiserver, one pod was told its /16 was exhausted).
                 met += 1;
-                if met >= 2 && !blocks.fresh() {
+                if met >= 2 && !listed_now && !blocks.fresh() {
                     return Ok(Target::None);
                 }
                 if first == 0 {

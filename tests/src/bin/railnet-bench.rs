@@ -872,10 +872,13 @@ fn cni_parallel() {
 
 /// `cargo xtask bench kube-scale`: a job launch on S simulated nodes (S =
 /// 100, 250, 500, or `RAILNET_SCALE_NODES=50,100`), each starting 8 pods ×
-/// 8 rails at once against one real CRD API server (fresh per run), with
+/// 8 rails at once against one real API server (fresh per run: the CRD
+/// API server, then kube-apiserver with API Priority and Fairness, RBAC
+/// and a token per node; `RAILNET_SCALE_SERVER=crd|kube` runs one), with
 /// pools to spare and with pools exactly the job's size (nodes lend);
 /// `RAILNET_SCALE_POOLS=plenty|short` runs one case,
-/// `RAILNET_SCALE_BLOCK_PREFIX=29` sets the agents' block size.
+/// `RAILNET_SCALE_BLOCK_PREFIX=29` sets the agents' block size,
+/// `RAILNET_SCALE_ANSWER_TIMEOUT=5` how long they wait for an answer.
 /// Exits 1 if the API server's RailBlocks show a duplicate, a lost or a
 /// leaked allocation, or a short pool not filled.
 fn kube_scale() {
@@ -918,6 +921,15 @@ fn kube_scale() {
         p.parse()
             .expect("RAILNET_SCALE_BLOCK_PREFIX: a prefix length, e.g. 29")
     });
+    // How long the agents wait for an answer
+    // (`ClusterOptions::answer_timeout`), seconds.
+    let answer_timeout: Option<Duration> =
+        std::env::var("RAILNET_SCALE_ANSWER_TIMEOUT").ok().map(|t| {
+            Duration::from_secs_f64(
+                t.parse()
+                    .expect("RAILNET_SCALE_ANSWER_TIMEOUT: seconds, e.g. 5"),
+            )
+        });
     // Simulated nodes hold two API connections each and a thread per pod.
     railnet_tests::raise_nofile_limit();
     if std::env::var_os("RUST_LOG").is_some() {
@@ -960,6 +972,9 @@ fn kube_scale() {
                     |o| {
                         if let Some(prefix) = block_prefix {
                             o.block_prefix_v4 = prefix;
+                        }
+                        if let Some(t) = answer_timeout {
+                            o.answer_timeout = t;
                         }
                     },
                 );
