@@ -755,3 +755,119 @@ fn allowed_masters_reach_the_agent() {
     );
     assert!(!args(&render(&[]).unwrap()).contains("--allowed-masters"));
 }
+
+/// The chart's README (`helm show readme`) lists every value: each key of
+/// `values.yaml` down to where the schema stops describing fields (a map
+/// the schema takes whole, like `resources`, is one row), with the default
+/// `values.yaml` gives it and a sentence. A key added to `values.yaml`
+/// without a row or a schema entry, a schema field `values.yaml` lacks, a
+/// row for a key that is gone, or a default that changed on one side
+/// fails here, naming it.
+#[test]
+fn the_chart_readme_lists_every_value_with_its_default() {
+    let read = |name: &str| std::fs::read_to_string(chart().join(name)).unwrap();
+    let values: Value = serde_norway::from_str(&read("values.yaml")).unwrap();
+    let schema: Value = serde_json::from_str(&read("values.schema.json")).unwrap();
+    let readme = read("README.md");
+
+    fn leaves(
+        value: &Value,
+        schema: &Value,
+        path: &str,
+        out: &mut Vec<(String, Value)>,
+        drift: &mut Vec<String>,
+    ) {
+        let (Some(map), Some(fields)) = (value.as_object(), schema["properties"].as_object())
+        else {
+            out.push((path.to_owned(), value.clone()));
+            return;
+        };
+        let join = |k: &str| {
+            if path.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{path}.{k}")
+            }
+        };
+        for (k, v) in map {
+            match fields.get(k) {
+                Some(s) => leaves(v, s, &join(k), out, drift),
+                None => {
+                    drift.push(format!(
+                        "{} is in values.yaml, not in values.schema.json",
+                        join(k)
+                    ));
+                    out.push((join(k), v.clone()));
+                }
+            }
+        }
+        for k in fields.keys().filter(|k| !map.contains_key(*k)) {
+            drift.push(format!(
+                "{} is in values.schema.json, not in values.yaml (give it its default there)",
+                join(k)
+            ));
+        }
+    }
+    let mut keys = Vec::new();
+    let mut drift = Vec::new();
+    leaves(&values, &schema, "", &mut keys, &mut drift);
+
+    // Rows under "## Values": | `key` | `default` | sentence |
+    let table = readme
+        .split_once("\n## Values\n")
+        .expect("the README has a \"## Values\" section")
+        .1;
+    let mut rows = std::collections::BTreeMap::new();
+    for line in table.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.trim_matches('|').split(" | ").map(str::trim).collect();
+        let [key, default, what] = cells[..] else {
+            drift.push(format!(
+                "README row {line:?}: not `| key | default | what |`"
+            ));
+            continue;
+        };
+        let key = key.trim_matches('`');
+        if what.is_empty() {
+            drift.push(format!("README row {key}: says nothing about it"));
+        }
+        let default: Value = serde_norway::from_str(default.trim_matches('`'))
+            .unwrap_or_else(|e| panic!("README row {key}: default {default} is not YAML: {e}"));
+        if rows.insert(key.to_owned(), default).is_some() {
+            drift.push(format!("README lists {key} twice"));
+        }
+    }
+    assert!(rows.len() > 10, "the README's values table is missing");
+    for (key, default) in &keys {
+        match rows.remove(key) {
+            None => drift.push(format!(
+                "{key} is in values.yaml but not in the README's table"
+            )),
+            Some(d) if &d != default => drift.push(format!(
+                "{key}: the README says the default is {d}, values.yaml {default}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for key in rows.keys() {
+        drift.push(format!(
+            "the README lists {key}, which values.yaml does not have"
+        ));
+    }
+    assert!(
+        drift.is_empty(),
+        "the chart's README, values.yaml and values.schema.json disagree:\n{}",
+        drift.join("\n")
+    );
+
+    // It is what `helm show readme` prints.
+    let out = Command::new(helm())
+        .args(["show", "readme", chart().to_str().unwrap()])
+        .output()
+        .expect("helm");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), readme.trim());
+}
