@@ -21,6 +21,7 @@ pub mod rail;
 pub mod rdma;
 pub mod rtnl;
 pub mod server;
+pub mod spiderpool;
 pub mod sriov;
 pub mod uninstall;
 pub mod webhook;

@@ -7,14 +7,17 @@
 //! - `railnetctl pod-info`: inside a pod, its `rails.json` and `nccl.env`
 //!   from the records railnet left on its interfaces (the webhook's init
 //!   container runs it).
+//! - `railnetctl import spiderpool FILE…`: SpiderIPPools and
+//!   SpiderMultusConfigs as RailPools and RailNetworks.
 //!
-//! Operator commands that come later (rail validation across nodes,
-//! importing SpiderIPPools) are subcommands here.
+//! Operator commands that come later (rail validation across nodes) are
+//! subcommands here.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod import;
 mod pod_info;
 
 /// railnet's command-line tool.
@@ -45,6 +48,12 @@ enum Command {
         #[arg(long, default_value = railnet_agent::webhook::RAIL_INFO_PATH)]
         out: PathBuf,
     },
+    /// Turns another tool's objects into railnet's, on stdout as YAML;
+    /// what could not be mapped goes to stderr with why (exit 1).
+    Import {
+        #[command(subcommand)]
+        from: import::From,
+    },
 }
 
 /// An RDMA netns mode, as `--expect` names it.
@@ -58,6 +67,7 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Doctor { expect } => doctor(expect),
         Command::PodInfo { out } => pod_info::run(&out),
+        Command::Import { from } => import::run(from),
     }
 }
 
