@@ -218,6 +218,25 @@ fn read_sysctl(key: &str) -> Option<String> {
         .map(|v| v.trim().to_owned())
 }
 
+/// Fails at once, saying why, when the disk the nodes keep their state on
+/// is nearly full: their kubelets then evict pods (DiskPressure, below 1 %
+/// free), which otherwise shows up minutes later as a `helm install` that
+/// timed out with the controller's pods evicted.
+#[track_caller]
+fn assert_disk_room(path: &std::path::Path) {
+    let Ok(st) = nix::sys::statvfs::statvfs(path) else {
+        return;
+    };
+    let gb = |blocks: u64| (blocks as f64) * (st.fragment_size() as f64) / 1e9;
+    let (free, size) = (gb(st.blocks_available()), gb(st.blocks()));
+    let need = (size * 0.02).max(3.0);
+    assert!(
+        free >= need,
+        "only {free:.1} GB free on the filesystem of {} (of {size:.0} GB): the test nodes' kubelets evict pods when it runs low; free at least {need:.1} GB (old target/ directories, clones) and run again",
+        path.display()
+    );
+}
+
 impl Cluster {
     /// Starts a cluster of `nodes` nodes and waits until every node is
     /// Ready.
@@ -227,6 +246,7 @@ impl Cluster {
         restore_host_state_of_dead_run();
         clean_leftovers();
         let dir = ScratchDir::new("cluster");
+        assert_disk_room(dir.path());
         let fabric = RailFabric::new(nodes, RAILS);
         for k in 1..=RAILS {
             let r = fabric.router(k);
