@@ -62,20 +62,6 @@ pub struct ApiServer {
 
 const PORT: u16 = 6443;
 
-/// A path from the cluster tests' environment (`cargo xtask` sets it).
-#[track_caller]
-fn tool(var: &str, what: &str) -> PathBuf {
-    let p = PathBuf::from(std::env::var_os(var).unwrap_or_else(|| {
-        panic!("{var} is not set: run through `cargo xtask`, which builds {what} and sets it")
-    }));
-    assert!(
-        p.exists(),
-        "{var}={} does not exist: `cargo xtask setup` builds {what}",
-        p.display()
-    );
-    p
-}
-
 impl ApiServer {
     /// Starts etcd and apiextensions-apiserver and waits until it answers.
     #[track_caller]
@@ -96,8 +82,9 @@ impl ApiServer {
     /// Grant them rights with [`ApiServer::post`] of RBAC objects.
     #[track_caller]
     pub fn start_kube(identities: usize) -> Self {
-        let bin = tool("RAILNET_KUBERNETES_DIR", "Kubernetes").join("kube-apiserver");
-        let etcd = tool("RAILNET_ETCD_BIN", "etcd");
+        let bin = crate::cluster::tool_path("RAILNET_KUBERNETES_DIR", "Kubernetes")
+            .join("kube-apiserver");
+        let etcd = crate::cluster::tool_path("RAILNET_ETCD_BIN", "etcd");
         Self::start_flavor(Flavor::Kube { bin, identities }, &etcd)
     }
 

@@ -555,30 +555,29 @@ fn flow_control(before: &str, after: &str) -> Vec<FlowControl> {
         by_schema,
     );
     let mut rows: BTreeMap<String, FlowControl> = BTreeMap::new();
-    let row = |rows: &mut BTreeMap<String, FlowControl>, key: &str| {
-        let (schema, level) = key.split_once('\t').unwrap_or((key, "?"));
-        rows.entry(key.to_owned())
-            .or_insert_with(|| FlowControl {
+    fn row<'a>(rows: &'a mut BTreeMap<String, FlowControl>, key: &str) -> &'a mut FlowControl {
+        rows.entry(key.to_owned()).or_insert_with(|| {
+            let (schema, level) = key.split_once('\t').unwrap_or((key, "?"));
+            FlowControl {
                 flow_schema: schema.to_owned(),
                 priority_level: level.to_owned(),
                 ..Default::default()
-            })
-            .clone()
-    };
+            }
+        })
+    }
     for (key, n) in &dispatched {
-        let mut r = row(&mut rows, key);
+        let r = row(&mut rows, key);
         r.dispatched = *n as u64;
         let count = wait_count.get(key).copied().unwrap_or(0.0);
         if count > 0.0 {
             r.mean_wait_ms = wait_sum.get(key).copied().unwrap_or(0.0) / count * 1e3;
         }
-        rows.insert(key.clone(), r);
     }
     for (key, n) in &rejected {
         let (schema_level, reason) = key.rsplit_once('\t').unwrap_or((key, "?"));
-        let mut r = row(&mut rows, schema_level);
-        r.rejected.insert(reason.to_owned(), *n as u64);
-        rows.insert(schema_level.to_owned(), r);
+        row(&mut rows, schema_level)
+            .rejected
+            .insert(reason.to_owned(), *n as u64);
     }
     rows.into_values().collect()
 }

@@ -39,6 +39,7 @@ pub use railnet::{
     wait_running,
 };
 pub use tools::Tools;
+pub(crate) use tools::var as tool_path;
 
 use serde_json::Value;
 

@@ -27,9 +27,12 @@ pub struct Tools {
     pub whereabouts: Option<PathBuf>,
 }
 
-fn var(name: &str, what: &str) -> PathBuf {
+/// The path in environment variable `name` (`cargo xtask` sets it for the
+/// cluster tests and benchmarks), which must exist.
+#[track_caller]
+pub(crate) fn var(name: &str, what: &str) -> PathBuf {
     let p = std::env::var_os(name).map(PathBuf::from).unwrap_or_else(|| {
-        panic!("{name} is not set: run the cluster tests through `cargo xtask test`, which builds {what} and sets it")
+        panic!("{name} is not set: run through `cargo xtask test` (or `cargo xtask bench`), which builds {what} and sets it")
     });
     assert!(
         p.exists(),
