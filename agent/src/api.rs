@@ -217,6 +217,24 @@ impl ApiError {
             details: details.into(),
         }
     }
+
+    /// The network config (or what it names on the node) is wrong.
+    pub fn invalid_config(msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self::new(code::INVALID_CONFIG, msg, details)
+    }
+
+    /// The node refused a change (netlink, sysfs, bpffs).
+    pub fn dataplane(msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self::new(code::DATAPLANE, msg, details)
+    }
+
+    /// An interface of the pod's name is in its netns already.
+    pub fn interface_exists(ifname: &str) -> Self {
+        Self::dataplane(
+            format!("interface {ifname} already exists in the pod netns"),
+            "pick another CNI_IFNAME for this network",
+        )
+    }
 }
 
 /// ADD's result, in CNI 1.0 shape (the CNI converts it to the asked version).

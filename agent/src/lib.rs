@@ -12,6 +12,7 @@ pub mod garp;
 pub mod http;
 pub mod ipam;
 pub mod kube_api;
+pub mod link;
 pub mod metrics;
 pub mod netconf;
 pub mod netns;

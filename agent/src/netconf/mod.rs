@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use railnet_common::MAX_RAIL;
 
+mod mode;
+pub use mode::Mode;
+
 /// CNI spec versions railnet reads and answers in.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
@@ -36,8 +39,8 @@ pub struct NetConf {
     /// `deviceID` moved in), or `chained` (an earlier plugin in the chain
     /// made it, e.g. sriov-cni; railnet adds the address, routes and
     /// program).
-    #[serde(default = "default_mode")]
-    pub mode: String,
+    #[serde(default)]
+    pub mode: Mode,
     /// MTU of the pod interface; the master's when absent.
     #[serde(default)]
     pub mtu: Option<u32>,
@@ -273,10 +276,6 @@ pub struct IpPools {
     pub ipv6: Vec<String>,
 }
 
-fn default_mode() -> String {
-    "macvlan".into()
-}
-
 /// What is wrong with a network config.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum NetConfError {
@@ -416,7 +415,7 @@ pub fn is_pci_address(s: &str) -> bool {
 impl NetConf {
     /// Whether an earlier plugin made the interface.
     pub fn chained(&self) -> bool {
-        self.mode == "chained"
+        self.mode == Mode::Chained
     }
 
     /// Mode ib-sriov: the GUID to give the VF — `runtimeConfig.infinibandGUID`,
@@ -563,17 +562,17 @@ impl NetConf {
     /// Whether the interface is a VF railnet moves in (modes sriov and
     /// ib-sriov).
     pub fn sriov(&self) -> bool {
-        self.mode == "sriov" || self.ib_sriov()
+        self.mode.is_vf()
     }
 
     /// Whether the interface is an InfiniBand VF (its IPoIB netdev).
     pub fn ib_sriov(&self) -> bool {
-        self.mode == "ib-sriov"
+        self.mode == Mode::IbSriov
     }
 
     /// Whether the interface is an IPoIB child of the master (an IB port).
     pub fn ipoib(&self) -> bool {
-        self.mode == "ipoib"
+        self.mode == Mode::Ipoib
     }
 
     /// Parses and validates a config from CNI stdin bytes.
@@ -611,17 +610,12 @@ impl NetConf {
         if !(1..=MAX_RAIL).contains(&self.rail) {
             return Err(NetConfError::Rail(self.rail));
         }
-        if !["macvlan", "ipvlan", "sriov", "ib-sriov", "ipoib", "chained"]
-            .contains(&self.mode.as_str())
-        {
-            return Err(NetConfError::Mode(self.mode.clone()));
-        }
-        if !self.chained() && !self.sriov() && self.master.is_empty() {
+        if self.mode.needs_master() && self.master.is_empty() {
             return Err(NetConfError::Master);
         }
         if self.sriov() {
             if self.device_id.as_deref().unwrap_or("").is_empty() {
-                return Err(NetConfError::SriovNeedsDevice(self.mode.clone()));
+                return Err(NetConfError::SriovNeedsDevice(self.mode.to_string()));
             }
             if self.ib_sriov() {
                 // InfiniBand has no VLANs and the PF cannot spoof-check or
@@ -736,13 +730,13 @@ impl NetConf {
             if parse_mac(mac).is_none() {
                 return Err(NetConfError::Mac(mac.clone()));
             }
-            if self.mode == "ipvlan" {
+            if self.mode == Mode::Ipvlan {
                 return Err(NetConfError::MacOnIpvlan);
             }
         }
         if self.rdma_isolation {
             if !self.chained() && !self.sriov() {
-                return Err(NetConfError::IsolationNeedsVf(self.mode.clone()));
+                return Err(NetConfError::IsolationNeedsVf(self.mode.to_string()));
             }
             if self.device_id.as_deref().unwrap_or("").is_empty() {
                 return Err(NetConfError::IsolationNeedsDevice);

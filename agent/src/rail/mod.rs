@@ -1,0 +1,698 @@
+//! ADD, DEL, CHECK and GC of one rail of a pod.
+//!
+//! An ADD allocates, takes what its interface kind needs of the host,
+//! isolates RDMA, makes the interface and configures the pod side — as a
+//! list of [`steps`], each pushing its undo, so a failed ADD leaves
+//! nothing behind; DEL runs the same undos. How an interface is made is
+//! its kind's ([`crate::link`]).
+
+use std::{net::IpAddr, path::PathBuf};
+
+use ipnet::IpNet;
+
+use crate::{
+    api::{
+        AddResult, ApiError, Attachment, GcRequest, IpamRequest, IpamResult, ResultIp, ResultRoute,
+        code,
+    },
+    dataplane::PodPins,
+    ipam::{AllocationKey, Family, Ipam, IpamError, PoolRequest},
+    link,
+    netconf::{Mode, NetConf, Routing, valid_ifname},
+    netns::{NetnsId, PodNetns},
+    rtnl::{self, describe, with_rtnl},
+};
+
+mod add;
+mod pod;
+mod rdma_plan;
+pub mod steps;
+mod take_down;
+
+pub use link::{ipoib_temp_name, is_ipoib_temp_name, sweep_ipoib_leftovers};
+use pod::RailAddresses;
+pub use pod::set_sysctl_root;
+use rdma_plan::rdma_plan;
+use take_down::Rail;
+
+/// Metric of rail K's routes is `ROUTE_METRIC_BASE + K`, so the lowest rail
+/// wins source-less lookups and each rail's route is distinct.
+pub const ROUTE_METRIC_BASE: u32 = 100;
+
+/// In rules mode rail K's routes live in table `RULE_TABLE_BASE + K`.
+pub const RULE_TABLE_BASE: u32 = 100;
+
+/// In rules mode rail K's `from ipK` rules have priority
+/// `RULE_PRIORITY_BASE + K`: after the kernel's `local` rule (0), before
+/// `main` (32766).
+pub const RULE_PRIORITY_BASE: u32 = 1000;
+
+/// Who a pod is, as the runtime said (CNI_ARGS).
+#[derive(Clone, Copy, Debug, Default)]
+struct PodIds<'a> {
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+    uid: Option<&'a str>,
+}
+
+/// What ADD and DEL need from the agent.
+#[derive(Debug)]
+pub struct RailService {
+    /// The allocator.
+    pub ipam: Ipam,
+    /// Root of the pods' bpffs pins.
+    pub pin_root: PathBuf,
+    /// This node's name (pool node affinity).
+    pub node_name: String,
+    /// sysfs, for PCI address lookups (`/sys`).
+    pub sysfs_root: PathBuf,
+    /// Records of VFs given to pods (mode sriov), to restore them on DEL.
+    pub vf_records: PathBuf,
+    /// Where each pod's rails are written for its workload
+    /// (`<dir>/<pod UID>/`); `None`: nowhere.
+    pub pod_info: Option<crate::podinfo::PodInfo>,
+    /// ADDs hold it shared, the sweep exclusively from its look at the
+    /// live namespaces to its last release: an ADD finishing in between
+    /// (its netns made after the look) would otherwise be taken for a
+    /// pod that is gone.
+    pub sweep_gate: std::sync::RwLock<()>,
+    /// The masters (names, `*` wildcards) a network may name; empty: any.
+    /// The node's operator sets it: a NAD author may otherwise hang pods
+    /// off any interface of the node (its management NIC, say).
+    pub allowed_masters: Vec<String>,
+    /// How rail programs are attached (chosen once, at start).
+    pub tc_attach: crate::dataplane::TcAttach,
+}
+
+/// Refuses an ADD for (container, ifname) from another netns than the one
+/// its addresses were allocated for: a repeat ADD comes from the same pod;
+/// another caller naming that container would be handed the pod's
+/// addresses, wired into its own netns. Unknown (zero) parts are not held
+/// against it.
+fn same_netns(ipam: &Ipam, container_id: &str, ifname: &str, now: NetnsId) -> Result<(), ApiError> {
+    let Some(then) = ipam.netns_of(container_id, ifname) else {
+        return Ok(());
+    };
+    let differs = (then.inode != 0 && now.inode != 0 && then.inode != now.inode)
+        || (then.cookie != 0 && now.cookie != 0 && then.cookie != now.cookie);
+    if differs {
+        return Err(ApiError::new(
+            code::INVALID_ENV,
+            format!("{container_id}/{ifname} holds addresses made for another network namespace"),
+            "an ADD repeated for a container must come from its own netns: is CNI_CONTAINERID another pod's?",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a pod netns the sweep could not find later (not pinned under
+/// `/run/netns` or `/var/run/netns`, and no process of it visible in
+/// `/proc`): the sweep would release its addresses and pins within one
+/// interval, taking the pod for gone.
+fn sweep_can_see(id: NetnsId) -> Result<(), ApiError> {
+    if id.inode == 0 || crate::netns::path_of(id.inode).is_some() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        code::INVALID_ENV,
+        "the pod's network namespace is not visible to the agent",
+        "it is neither pinned under /run/netns or /var/run/netns nor held by a process the agent can see \
+         (its CNI_NETNS is likely /proc/<pid>/ns/net): run the agent with the host's PID namespace \
+         (chart: agent.hostPID=true), or the agent would take the pod for gone",
+    ))
+}
+
+fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
+    ApiError::new(code::INVALID_CONFIG, msg, details)
+}
+
+fn check_ids(container_id: &str, ifname: &str) -> Result<(), ApiError> {
+    if !valid_container_id(container_id) || !valid_ifname(ifname) {
+        return Err(ApiError::new(
+            code::INVALID_ENV,
+            "invalid CNI_CONTAINERID or CNI_IFNAME",
+            format!(
+                "{container_id:?} / {ifname:?}: IDs of letters, digits, '-', '_', '.'; names of 1 to 15 bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A container ID becomes a directory name under the pin root: allow only
+/// what runtimes generate, never a path.
+fn valid_container_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Sets `alias` on interface `ifname` in the pod's netns.
+fn label_interface(netns: &PodNetns, ifname: &str, alias: &str) -> Result<(), String> {
+    let (ifname, alias) = (ifname.to_owned(), alias.to_owned());
+    netns
+        .run(move || {
+            with_rtnl(|h| async move {
+                let link = rtnl::link_by_name(&h, &ifname)
+                    .await
+                    .map_err(|e| describe(&e))?
+                    .ok_or_else(|| format!("{ifname} is not in the pod"))?;
+                rtnl::set_alias(&h, link.index, &alias)
+                    .await
+                    .map_err(|e| describe(&e))
+            })
+            .map_err(|e| e.to_string())?
+        })
+        .map_err(|e| e.to_string())?
+}
+
+impl RailService {
+    /// The pins of `container_id`, attaching as this service does.
+    fn pins(&self, container_id: &str) -> PodPins {
+        PodPins::new(&self.pin_root, container_id).attaching_with(self.tc_attach)
+    }
+
+    /// CNI ADD. Must run on a thread of its own (it enters the pod netns on
+    /// further threads and blocks on netlink). A Kubernetes pod's rail is
+    /// also written where its workload reads it ([`crate::podinfo`]).
+    pub fn add(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
+        let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
+        let result = self.add_rail(att, netns)?;
+        let rail = crate::podinfo::RailInfo::of(
+            &att.container_id,
+            &att.ifname,
+            att.netconf["rail"].as_u64().unwrap_or(0) as u32,
+            att.netconf["name"].as_str().unwrap_or_default(),
+            &result,
+        );
+        // Best effort, like Multus's device info: the rail works without
+        // them; the workload's files say what they have. On the interface
+        // (the pod reads it there itself) and, with a pod-info directory,
+        // in the pod's directory on the node.
+        if let Err(e) = label_interface(netns, &att.ifname, &rail.alias()) {
+            tracing::warn!(ifname = %att.ifname, error = %e, "could not write the rail's record on its interface");
+        }
+        if let (Some(info), Some(uid)) = (&self.pod_info, att.args.get("K8S_POD_UID"))
+            && let Err(e) = info.record(uid, &rail)
+        {
+            tracing::warn!(pod_uid = %uid, ifname = %att.ifname, error = %e, "could not write the pod's rail info");
+        }
+        Ok(result)
+    }
+
+    fn add_rail(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
+        let conf = NetConf::parse(att.netconf.to_string().as_bytes())
+            .map_err(|e| invalid("invalid network config", e.to_string()))?;
+        if !valid_container_id(&att.container_id) {
+            return Err(ApiError::new(
+                code::INVALID_ENV,
+                "invalid CNI_CONTAINERID",
+                format!(
+                    "{:?}: use letters, digits, '-', '_' and '.'",
+                    att.container_id
+                ),
+            ));
+        }
+        if !valid_ifname(&att.ifname) {
+            return Err(ApiError::new(
+                code::INVALID_ENV,
+                "invalid CNI_IFNAME",
+                format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
+            ));
+        }
+        self.master_allowed(&conf)?;
+        // ib-kubernetes (when the network waits for it) must have given the
+        // pod its GUID: "try again" until it has.
+        if let Err(why) = conf.ib_kubernetes_ready() {
+            return Err(ApiError::new(
+                code::TRY_AGAIN,
+                "InfiniBand VF not configured by ib-kubernetes yet",
+                why,
+            ));
+        }
+        let kind = link::of(conf.mode);
+        // RDMA first: a node in the wrong mode or a master without an RDMA
+        // device is refused before anything is made.
+        let rdma = rdma_plan(&conf, kind, &self.sysfs_root)?;
+        // Read once: it takes a thread that enters the pod netns.
+        let netns_id = netns.id();
+        sweep_can_see(netns_id)?;
+        same_netns(&self.ipam, &att.container_id, &att.ifname, netns_id)?;
+        // A repeat of an ADD (same container and interface) gets the
+        // addresses it holds already: a failure of this ADD must not
+        // release what an earlier one made and a pod may be using.
+        let held_before = !self
+            .ipam
+            .addresses_of(&att.container_id, &att.ifname)
+            .is_empty();
+        let steps = steps::add_plan(kind, conf.rdma_isolation);
+        let mut adding = add::Adding::new(
+            Rail {
+                service: self,
+                att,
+                kind,
+                netns: Some(netns),
+            },
+            &conf,
+            netns_id,
+            rdma,
+            held_before,
+        );
+        steps::run_add(&mut adding, &steps, held_before)?;
+        Ok(adding.finish())
+    }
+
+    /// Refuses a master the node's operator did not allow for rails.
+    fn master_allowed(&self, conf: &NetConf) -> Result<(), ApiError> {
+        if conf.master.is_empty()
+            || self.allowed_masters.is_empty()
+            || self
+                .allowed_masters
+                .iter()
+                .any(|m| crate::ipam::wildcard_match(m, &conf.master))
+        {
+            return Ok(());
+        }
+        Err(invalid(
+            format!(
+                "master {} is not one this node allows for rails",
+                conf.master
+            ),
+            format!(
+                "the node allows {} (chart: agent.allowedMasters); name one of them in network {}",
+                self.allowed_masters.join(", "),
+                conf.name
+            ),
+        ))
+    }
+
+    /// The records a rail's kind keeps of `container_id`'s `ifname`.
+    fn holding<'a>(&'a self, container_id: &'a str, ifname: &'a str) -> link::Holding<'a> {
+        link::Holding {
+            container_id,
+            ifname,
+            sysfs_root: &self.sysfs_root,
+            vf_records: &self.vf_records,
+        }
+    }
+
+    /// IPAM only: addresses for an interface another plugin makes.
+    pub fn ipam_add(
+        &self,
+        req: &IpamRequest,
+        netns: Option<&PodNetns>,
+    ) -> Result<IpamResult, ApiError> {
+        check_ids(&req.container_id, &req.ifname)?;
+        let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
+        let netns_id = netns.map(PodNetns::id).unwrap_or_default();
+        sweep_can_see(netns_id)?;
+        same_netns(&self.ipam, &req.container_id, &req.ifname, netns_id)?;
+        let addrs = match self.allocate(
+            &req.container_id,
+            &req.ifname,
+            &req.ippools,
+            req.match_master.as_deref(),
+            netns_id,
+            (
+                &req.network,
+                PodIds {
+                    namespace: req.namespace.as_deref(),
+                    name: req.pod_name.as_deref(),
+                    uid: req.pod_uid.as_deref(),
+                },
+                &req.ips,
+            ),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = self.ipam.release(&req.container_id, &req.ifname);
+                return Err(e);
+            }
+        };
+        let mut ips = Vec::new();
+        if let Some(v4) = addrs.v4 {
+            ips.push(ResultIp {
+                address: IpNet::V4(v4),
+                gateway: addrs.gw4.map(IpAddr::V4),
+            });
+        }
+        if let Some(v6) = addrs.v6 {
+            ips.push(ResultIp {
+                address: IpNet::V6(v6),
+                gateway: addrs.gw6.map(IpAddr::V6),
+            });
+        }
+        let routes = addrs
+            .extra_routes
+            .iter()
+            .map(|(dst, gw)| ResultRoute {
+                dst: *dst,
+                gw: Some(*gw),
+                priority: 0,
+            })
+            .collect();
+        Ok(IpamResult { ips, routes })
+    }
+
+    /// CNI CHECK: the interface is in the pod, up, with the addresses IPAM
+    /// holds for it, as ADD reported it (`prevResult`: addresses, MAC,
+    /// routes; see [`crate::check`]), and (eBPF mode) the program is
+    /// attached to it.
+    pub fn check(&self, att: &Attachment, netns: &PodNetns) -> Result<(), ApiError> {
+        let conf = NetConf::parse(att.netconf.to_string().as_bytes())
+            .map_err(|e| invalid("invalid network config", e.to_string()))?;
+        check_ids(&att.container_id, &att.ifname)?;
+        let held = self.ipam.addresses_of(&att.container_id, &att.ifname);
+        if held.is_empty() {
+            return Err(ApiError::new(
+                code::UNKNOWN_CONTAINER,
+                format!("no address is held for {}/{}", att.container_id, att.ifname),
+                "was ADD run for this container and interface?",
+            ));
+        }
+        let ifname = att.ifname.clone();
+        let found = netns
+            .run(move || {
+                with_rtnl(|h| async move {
+                    let Some(link) = rtnl::link_by_name(&h, &ifname)
+                        .await
+                        .map_err(|e| describe(&e))?
+                    else {
+                        return Ok(None);
+                    };
+                    let networks = rtnl::networks(&h, link.index)
+                        .await
+                        .map_err(|e| describe(&e))?;
+                    let routes = rtnl::routes_on(&h, link.index)
+                        .await
+                        .map_err(|e| describe(&e))?;
+                    Ok::<_, String>(Some(crate::check::Observed {
+                        up: link.up,
+                        mac: link.mac,
+                        networks,
+                        routes,
+                    }))
+                })
+            })
+            .map_err(|e| ApiError::new(code::DATAPLANE, "entering the pod netns", e.to_string()))?
+            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
+            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the pod's interface", e))?;
+        let Some(seen) = found else {
+            return Err(ApiError::new(
+                code::DATAPLANE,
+                format!("interface {} is missing from the pod", att.ifname),
+                "something removed it after ADD; delete and re-create the pod",
+            ));
+        };
+        crate::check::compare(&att.ifname, &held, att.netconf.get("prevResult"), &seen)?;
+        if conf.routing == Routing::Ebpf && held.iter().any(IpAddr::is_ipv4) {
+            let pin = self
+                .pin_root
+                .join(&att.container_id)
+                .join("links")
+                .join(&att.ifname);
+            if !pin.exists() {
+                return Err(ApiError::new(
+                    code::DATAPLANE,
+                    format!("the rail program is not attached to {}", att.ifname),
+                    format!("{} is missing; rail traffic is not steered", pin.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes the DELs the CNI left while the agent was away. Returns how
+    /// many were finished; a tombstone that cannot be finished stays.
+    pub fn finish_tombstones(&self, dir: &std::path::Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut done = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let att: Attachment = match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::warn!(tombstone = %path.display(), %why, "unreadable DEL tombstone left in place");
+                    continue;
+                }
+            };
+            // The pod's netns is gone or going: only pins and addresses are
+            // left to undo.
+            match self.del(&att, None) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&path);
+                    done += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(tombstone = %path.display(), error = %e, "DEL tombstone not finished yet")
+                }
+            }
+        }
+        done
+    }
+
+    /// CNI GC: releases every allocation of `req.network` whose attachment
+    /// is not in the valid list, and removes its pins. Returns how many.
+    pub fn gc(&self, req: &GcRequest) -> Result<usize, ApiError> {
+        let valid: std::collections::HashSet<(&str, &str)> = req
+            .valid
+            .iter()
+            .map(|(c, i)| (c.as_str(), i.as_str()))
+            .collect();
+        // An attachment whose pod netns is still alive is a live pod's,
+        // whatever the list says: an empty or short list (a runtime's bug,
+        // or a caller that is no runtime) must not take a running pod's
+        // addresses. Its DEL, or the sweep once the netns is gone, does.
+        let live = crate::netns::LiveNetns::scan();
+        let kept = std::sync::Mutex::new(Vec::new());
+        let released = self
+            .ipam
+            .release_where_allocation(|a| {
+                let stale = a.network == req.network
+                    && !valid.contains(&(a.key.container_id.as_str(), a.key.ifname.as_str()));
+                if stale && a.netns_inode != 0 && live.contains(a.netns()) {
+                    kept.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!("{}/{}", a.key.container_id, a.key.ifname));
+                    return false;
+                }
+                stale
+            })
+            .map_err(|e| ApiError::new(code::IO, "GC", e.to_string()))?;
+        let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !kept.is_empty() {
+            tracing::warn!(network = %req.network, attachments = ?kept, "GC: not releasing attachments whose pod netns is alive");
+        }
+        for a in &released {
+            if valid_container_id(&a.key.container_id) {
+                let _ = self.pins(&a.key.container_id).detach(&a.key.ifname, None);
+            }
+        }
+        if let Some(info) = &self.pod_info
+            && !released.is_empty()
+        {
+            let _ = info.forget_matching(None, |r| {
+                released
+                    .iter()
+                    .any(|a| a.key.container_id == r.container_id && a.key.ifname == r.interface)
+            });
+        }
+        Ok(released.len())
+    }
+
+    /// IPAM only: release.
+    pub fn ipam_del(&self, req: &IpamRequest) -> Result<(), ApiError> {
+        check_ids(&req.container_id, &req.ifname)?;
+        self.ipam
+            .release(&req.container_id, &req.ifname)
+            .map(|_| ())
+            .map_err(|e| ApiError::new(code::IO, "IPAM release", e.to_string()))
+    }
+
+    /// One address per family the network has pools for.
+    fn allocate(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        ippools: &crate::netconf::IpPools,
+        match_master: Option<&str>,
+        netns: NetnsId,
+        // The network, the pod, and the addresses it asked for.
+        (network, pod, requested): (&str, PodIds<'_>, &[IpAddr]),
+    ) -> Result<RailAddresses, ApiError> {
+        let namespace = pod.namespace;
+        let owner = crate::ipam::cluster::Owner {
+            netns,
+            network: network.to_owned(),
+            pod_namespace: pod.namespace.unwrap_or_default().to_owned(),
+            pod_name: pod.name.unwrap_or_default().to_owned(),
+            pod_uid: pod.uid.unwrap_or_default().to_owned(),
+        };
+        let master_addresses = if let Some(master) = match_master {
+            let name = master.to_owned();
+            let addrs = with_rtnl(|h| async move {
+                match rtnl::link_by_name(&h, &name).await {
+                    Ok(Some(l)) => rtnl::networks(&h, l.index)
+                        .await
+                        .map(Some)
+                        .map_err(|e| describe(&e)),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(describe(&e)),
+                }
+            })
+            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
+            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the master's addresses", e))?;
+            // A master that is not there is the config's fault, not the
+            // pools': said as without matchMasterSubnet.
+            let Some(addrs) = addrs else {
+                return Err(ApiError::new(
+                    code::INVALID_CONFIG,
+                    format!("master {master:?} not found on this node"),
+                    "set \"master\" to one of the node's rail NICs (`ip link` lists them)",
+                ));
+            };
+            Some(addrs)
+        } else {
+            None
+        };
+        let mut addrs = RailAddresses::default();
+        let pools = self.ipam.pools();
+        for (patterns, family) in [(&ippools.ipv4, Family::V4), (&ippools.ipv6, Family::V6)] {
+            if patterns.is_empty() {
+                continue;
+            }
+            let candidates = crate::ipam::select(
+                &pools,
+                &PoolRequest {
+                    patterns,
+                    family,
+                    node: &self.node_name,
+                    namespace,
+                    network,
+                    master_addresses: master_addresses.as_deref(),
+                },
+            );
+            let key = AllocationKey {
+                container_id: container_id.to_owned(),
+                ifname: ifname.to_owned(),
+                family,
+            };
+            // An address the pod asked for (runtimeConfig.ips), else the
+            // next free one.
+            let wanted = requested
+                .iter()
+                .find(|a| a.is_ipv6() == (family == Family::V6));
+            let alloc = self
+                .ipam
+                .allocate_owned(key, &candidates, wanted.copied(), &owner)
+                .map_err(|e| match e {
+                    // The API server is away: the runtime tries again.
+                    IpamError::Unavailable(_) => {
+                        ApiError::new(code::TRY_AGAIN, "IPAM", e.to_string())
+                    }
+                    _ => ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()),
+                })?;
+            // A repeated ADD may name a pool removed since (its address
+            // is still held): say so rather than guess its subnet.
+            let Some(pool) = pools.get(&alloc.pool) else {
+                return Err(ApiError::new(
+                    code::POOL_EXHAUSTED,
+                    "IPAM",
+                    format!(
+                        "{} is held from pool {}, which no longer exists; delete the pod",
+                        alloc.address, alloc.pool
+                    ),
+                ));
+            };
+            let net = IpNet::new(alloc.address, pool.subnet.prefix_len())
+                .expect("prefix comes from a valid subnet");
+            let routes = pool.routes.iter().map(|r| (r.dst.trunc(), r.gw));
+            addrs.extra_routes.extend(routes);
+            match (net, pool.gateway) {
+                (IpNet::V4(n), gw) => {
+                    addrs.v4 = Some(n);
+                    addrs.gw4 = match gw {
+                        Some(IpAddr::V4(g)) => Some(g),
+                        _ => None,
+                    };
+                }
+                (IpNet::V6(n), gw) => {
+                    addrs.v6 = Some(n);
+                    addrs.gw6 = match gw {
+                        Some(IpAddr::V6(g)) => Some(g),
+                        _ => None,
+                    };
+                }
+            }
+        }
+        Ok(addrs)
+    }
+
+    /// CNI DEL: idempotent, best effort; releases the address even when the
+    /// netns is gone, and forgets the rail in the pod's rail info. Returns
+    /// the errors it met but kept going past.
+    pub fn del(&self, att: &Attachment, netns: Option<&PodNetns>) -> Result<(), ApiError> {
+        let done = self.del_rail(att, netns);
+        // Records are only compared with the IDs, never made paths of them:
+        // no need to repeat del_rail's check of the IDs here.
+        if let Some(info) = &self.pod_info
+            && let Err(e) = info.forget(
+                att.args.get("K8S_POD_UID").map(String::as_str),
+                &att.container_id,
+                &att.ifname,
+            )
+        {
+            tracing::warn!(ifname = %att.ifname, error = %e, "could not remove the pod's rail info");
+        }
+        done
+    }
+
+    fn del_rail(&self, att: &Attachment, netns: Option<&PodNetns>) -> Result<(), ApiError> {
+        if !valid_container_id(&att.container_id) || !valid_ifname(&att.ifname) {
+            return Err(ApiError::new(
+                code::INVALID_ENV,
+                "invalid CNI_CONTAINERID or CNI_IFNAME",
+                format!("{:?} / {:?}", att.container_id, att.ifname),
+            ));
+        }
+        // DEL gets the same config as ADD, but must take the rail down even
+        // when that config no longer parses (an upgrade, an edited NAD):
+        // only the two keys it needs are read, and a mode it cannot read
+        // is taken for railnet's own interface (removed).
+        let mode = att
+            .netconf
+            .get("mode")
+            .and_then(|m| m.as_str()?.parse::<Mode>().ok())
+            .unwrap_or_default();
+        let isolated = att.netconf.get("rdmaIsolation").and_then(|m| m.as_bool()) == Some(true);
+        let kind = link::of(mode);
+        let mut rail = Rail {
+            service: self,
+            att,
+            kind,
+            netns,
+        };
+        let errors = steps::take_down(&mut rail, steps::del_plan(kind, isolated));
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                code::DATAPLANE,
+                "DEL incomplete",
+                errors.join("; "),
+            ))
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The pod side of a rail: inside the pod netns, what ADD sets on the
+//! interface (sysctls, addresses, routes, rules, neighbours, the rail
+//! program) and what DEL (or a failed ADD) takes off it.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use rtnetlink::{
+    Handle, LinkUnspec, RouteMessageBuilder,
+    packet_route::{
+        address::{AddressAttribute, AddressFlags},
+        neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourState},
+        route::{RouteProtocol, RouteScope},
+        rule::RuleAction,
+    },
+};
+
+use super::{ROUTE_METRIC_BASE, RULE_PRIORITY_BASE, RULE_TABLE_BASE};
+use crate::{
+    api::{AddResult, ApiError, ResultInterface, ResultIp, ResultRoute, code},
+    dataplane::{PodPins, RailAttachment},
+    netconf::Routing,
+    netns::NetnsId,
+    rtnl::{self, describe, with_rtnl},
+};
+
+/// Takes railnet's part off an interface another plugin owns: the rules
+/// naming our addresses, then the addresses (routes go with them).
+pub(super) async fn strip_rail(h: &Handle, ifname: &str, ours: &[IpAddr]) -> Result<(), String> {
+    let link = match rtnl::link_by_name(h, ifname).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("look up {ifname}: {}", describe(&e))),
+    };
+    let mut errors = Vec::new();
+    for addr in ours {
+        if let Err(e) = rtnl::delete_rules_from(h, *addr).await {
+            errors.push(format!("rules from {addr}: {}", describe(&e)));
+        }
+    }
+    if let Err(e) = rtnl::delete_addresses(h, link.index, ours).await {
+        errors.push(format!("addresses on {ifname}: {}", describe(&e)));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Removes a rail interface and the rules that name its addresses (rules,
+/// unlike routes, do not go away with the device).
+pub(super) async fn remove_rail(h: &Handle, ifname: &str) -> Result<(), String> {
+    let link = match rtnl::link_by_name(h, ifname).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(format!("look up {ifname}: {}", describe(&e))),
+    };
+    let mut errors = Vec::new();
+    let addrs = rtnl::addresses(h, link.index).await.unwrap_or_default();
+    for addr in &addrs {
+        if let Err(e) = rtnl::delete_rules_from(h, *addr).await {
+            errors.push(format!("rules from {addr}: {}", describe(&e)));
+        }
+    }
+    if let Err(e) = h.link().del(link.index).execute().await {
+        errors.push(format!("delete {ifname}: {}", describe(&e)));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Has the kernel resolve the rail gateway now and keep it resolved
+/// (a "managed" neighbour entry, Linux 5.16+; a one-shot resolution before
+/// that). A steered packet that meets an unresolved gateway on its new rail
+/// is lost (seen here: the first ping after ADD), so the first packet after
+/// ADD must find the gateway resolved.
+async fn resolve_gateway(h: &Handle, index: u32, gw: IpAddr, ifname: &str) {
+    let mut managed = h
+        .neighbours()
+        .add(index, gw)
+        .state(NeighbourState::None)
+        .replace();
+    managed
+        .message_mut()
+        .attributes
+        .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+    if let Err(e) = managed.execute().await {
+        let once = h
+            .neighbours()
+            .add(index, gw)
+            .flags(NeighbourFlags::Use)
+            .replace()
+            .execute()
+            .await;
+        if let Err(e2) = once {
+            tracing::warn!(%gw, ifname, managed = %describe(&e), once = %describe(&e2),
+                "cannot pre-resolve the rail gateway; the first steered packet may be lost");
+        }
+    }
+}
+
+/// Writes a sysctl of this thread's netns; `Ok` if the knob does not exist
+/// (IPv6 disabled).
+/// Where the pods' interface sysctls are written (`/proc/sys` unless
+/// [`set_sysctl_root`] said otherwise).
+static SYSCTL_ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Chooses where interface sysctls are written (once, at start): an
+/// unprivileged container's `/proc/sys` is read-only, so the chart mounts
+/// the node's there instead. Entries under `net/` are the writing thread's
+/// netns's, whichever procfs they are reached through.
+pub fn set_sysctl_root(root: PathBuf) -> Result<(), String> {
+    SYSCTL_ROOT
+        .set(root)
+        .map_err(|_| "the sysctl root is set once, at start".into())
+}
+
+/// Writes `value` to sysctl `key` (`net/ipv4/conf/…`, relative to the
+/// sysctl root); one that does not exist (IPv6 off) is no error.
+fn sysctl(key: &str, value: &str) -> Result<(), String> {
+    let root = SYSCTL_ROOT
+        .get()
+        .map_or(Path::new("/proc/sys"), PathBuf::as_path);
+    let path = root.join(key);
+    let path = path.display().to_string();
+    match fs::write(&path, value) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("{path}: {e}")),
+    }
+}
+
+/// A rail's addresses and gateways, per family.
+#[derive(Clone, Debug, Default)]
+pub(super) struct RailAddresses {
+    pub(super) v4: Option<Ipv4Net>,
+    pub(super) gw4: Option<Ipv4Addr>,
+    pub(super) v6: Option<Ipv6Net>,
+    pub(super) gw6: Option<Ipv6Addr>,
+    /// The pools' extra routes (`to`, `via`).
+    pub(super) extra_routes: Vec<(IpNet, IpAddr)>,
+}
+
+/// Everything ADD does inside the pod netns for one rail.
+#[derive(Debug)]
+pub(super) struct PodRail {
+    pub(super) ifname: String,
+    pub(super) rail: u32,
+    pub(super) addrs: RailAddresses,
+    pub(super) rdma_cidrs: Vec<IpNet>,
+    pub(super) routing: Routing,
+    pub(super) mtu: u32,
+    pub(super) netns: NetnsId,
+    pub(super) pins: PodPins,
+    /// The optional checks before ADD answers (netconf `detectIPConflict`,
+    /// `detectGateway`).
+    pub(super) detect: (bool, bool),
+    /// Ethernet framing (not IPoIB): ARP probes and announcements apply.
+    pub(super) ethernet: bool,
+}
+
+/// Whether `dst` lies inside the subnet `own` (so no gateway is needed).
+fn on_link(dst: IpNet, own: IpNet) -> bool {
+    own.trunc().contains(&dst.network()) && dst.prefix_len() >= own.prefix_len()
+}
+
+fn same_family(a: IpNet, b: IpNet) -> bool {
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
+}
+
+impl PodRail {
+    /// The RDMA CIDRs of `own`'s family, or `own`'s subnet when the network
+    /// declares none of that family.
+    fn rdma_destinations(&self, own: IpNet) -> Vec<IpNet> {
+        let same: Vec<IpNet> = self
+            .rdma_cidrs
+            .iter()
+            .filter(|c| same_family(**c, own))
+            .map(|c| c.trunc())
+            .collect();
+        if same.is_empty() {
+            vec![own.trunc()]
+        } else {
+            same
+        }
+    }
+
+    /// The rail's own addresses with their gateways, IPv4 first.
+    fn own(&self) -> Vec<(IpNet, Option<IpAddr>)> {
+        let mut own = Vec::new();
+        if let Some(v4) = self.addrs.v4 {
+            own.push((IpNet::V4(v4), self.addrs.gw4.map(IpAddr::V4)));
+        }
+        if let Some(v6) = self.addrs.v6 {
+            own.push((IpNet::V6(v6), self.addrs.gw6.map(IpAddr::V6)));
+        }
+        own
+    }
+
+    /// Runs inside the pod netns.
+    pub(super) fn configure(self) -> Result<AddResult, ApiError> {
+        let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+        let ifname = self.ifname.clone();
+        // A strict rp_filter would drop replies arriving on a rail other than
+        // the lowest-metric one; stable GID indexes need no RA/SLAAC
+        // addresses. All before the link comes up.
+        for (path, value) in [
+            (format!("net/ipv4/conf/{ifname}/rp_filter"), "2"),
+            // No ARP flux between rails: answer only for this rail's own
+            // address, and ask with it as the sender even when the packet
+            // that needs the ARP carries another rail's source (ipvlan
+            // demultiplexes the reply by that address and drops it
+            // otherwise, seen on Linux 6.1).
+            (format!("net/ipv4/conf/{ifname}/arp_ignore"), "1"),
+            (format!("net/ipv4/conf/{ifname}/arp_announce"), "2"),
+            (format!("net/ipv6/conf/{ifname}/accept_ra"), "0"),
+            (format!("net/ipv6/conf/{ifname}/autoconf"), "0"),
+            // Without DAD the link-local address is valid at once, so the
+            // gateway's neighbour solicitation (which needs it as source)
+            // goes out at ADD instead of ~2 s later; rail addresses come
+            // from IPAM and are unique by construction.
+            (format!("net/ipv6/conf/{ifname}/accept_dad"), "0"),
+            // Unsolicited neighbour advertisements when the IPv6 address
+            // appears, so peers and switches learn the pod at once.
+            (format!("net/ipv6/conf/{ifname}/ndisc_notify"), "1"),
+        ] {
+            sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
+        }
+        let started = std::time::Instant::now();
+        let (link, routes) =
+            with_rtnl(|h| self.install(h)).map_err(|e| dp("rtnetlink".into(), e.to_string()))??;
+        let installed = started.elapsed();
+        if let Some(v4) = self.addrs.v4
+            && self.ethernet
+        {
+            self.detect(link.index, &link.mac, v4.addr())?;
+            // Peers may hold a stale MAC for this address (a previous pod):
+            // announce ours. Best effort: a lost announcement costs an ARP.
+            if let Err(e) = crate::garp::announce(link.index, &link.mac, v4.addr()) {
+                tracing::warn!(ifname = %ifname, error = %e, "gratuitous ARP not sent");
+            }
+        }
+        // The program steers IPv4; IPv6 always uses rules (DESIGN.md).
+        if self.routing == Routing::Ebpf
+            && let Some(v4) = self.addrs.v4
+        {
+            let rdma_cidrs = self
+                .rdma_cidrs
+                .iter()
+                .filter_map(|c| match c {
+                    IpNet::V4(c) => Some(*c),
+                    IpNet::V6(_) => None,
+                })
+                .collect();
+            self.pins
+                .attach(&RailAttachment {
+                    ifname: ifname.clone(),
+                    ifindex: link.index,
+                    rail: self.rail,
+                    address: v4,
+                    gateway: self.addrs.gw4,
+                    rdma_cidrs,
+                    netns: self.netns,
+                })
+                .map_err(|e| dp("rail program".into(), e.to_string()))?;
+        }
+        tracing::debug!(
+            ifname = %ifname,
+            install_us = installed.as_micros() as u64,
+            program_us = (started.elapsed() - installed).as_micros() as u64,
+            "pod side of ADD"
+        );
+        let ips = self
+            .own()
+            .into_iter()
+            .map(|(address, gateway)| ResultIp { address, gateway })
+            .collect();
+        Ok(AddResult {
+            interface: ResultInterface {
+                name: ifname,
+                mac: link.mac,
+                mtu: if self.mtu == 0 { link.mtu } else { self.mtu },
+            },
+            ips,
+            routes,
+            rdma: None,
+        })
+    }
+
+    /// The checks users may ask for before ADD answers; an error undoes
+    /// the interface (the caller's undo path).
+    fn detect(&self, ifindex: u32, mac: &str, addr: Ipv4Addr) -> Result<(), ApiError> {
+        let (conflict, gateway) = self.detect;
+        let ifname = &self.ifname;
+        if conflict {
+            let wait = std::time::Duration::from_millis(300);
+            match crate::garp::who_has(ifindex, mac, Ipv4Addr::UNSPECIFIED, addr, wait) {
+                Ok(Some(other)) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        format!(
+                            "address {addr} is already used on rail {} by {}",
+                            self.rail,
+                            crate::garp::format_mac(other)
+                        ),
+                        format!(
+                            "another host answered ARP for {addr} on {ifname}: remove it from the rail, \
+                             or add it to the pool's excludeIPs"
+                        ),
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        "duplicate-address check failed",
+                        format!("{ifname}: {e}"),
+                    ));
+                }
+            }
+        }
+        if gateway && let Some(gw) = self.addrs.gw4 {
+            let wait = std::time::Duration::from_secs(1);
+            match crate::garp::who_has(ifindex, mac, addr, gw, wait) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        format!(
+                            "gateway {gw} of rail {} did not answer ARP on {ifname} within 1 s",
+                            self.rail
+                        ),
+                        "check the rail switch/router and the pool's gateway (detectGateway is on for this network)",
+                    ));
+                }
+                Err(e) => {
+                    return Err(ApiError::new(
+                        code::DATAPLANE,
+                        "gateway check failed",
+                        format!("{ifname}: {e}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Addresses (IPv4 first), link up, main-table routes, the rail's own
+    /// table and rules where they are used, gateway neighbours.
+    async fn install(&self, h: Handle) -> Result<(rtnl::Link, Vec<ResultRoute>), ApiError> {
+        let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+        let name = &self.ifname;
+        let link = rtnl::link_by_name(&h, name)
+            .await
+            .map_err(|e| dp(format!("look up {name}"), describe(&e)))?
+            .ok_or_else(|| dp(format!("{name} vanished from the pod netns"), String::new()))?;
+        let own = self.own();
+        for (address, _) in &own {
+            let mut req = h
+                .address()
+                .add(link.index, address.addr(), address.prefix_len());
+            if matches!(address, IpNet::V6(_)) {
+                // Usable at once: a tentative address cannot source traffic,
+                // and rail addresses come from IPAM, not SLAAC.
+                req.message_mut()
+                    .attributes
+                    .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            }
+            req.execute()
+                .await
+                .map_err(|e| dp(format!("address {address} on {name}"), describe(&e)))?;
+        }
+        h.link()
+            .set(LinkUnspec::new_with_index(link.index).up().build())
+            .execute()
+            .await
+            .map_err(|e| dp(format!("bringing {name} up"), describe(&e)))?;
+        let metric = ROUTE_METRIC_BASE + self.rail;
+        let table = RULE_TABLE_BASE + self.rail;
+        // Two interfaces of one pod claiming the same rail number would
+        // fight over one metric (and the kernel says only "File exists").
+        if let Some(other) = rtnl::device_with_metric(&h, metric, link.index)
+            .await
+            .map_err(|e| dp("reading the pod's routes".into(), describe(&e)))?
+        {
+            return Err(ApiError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "rail {} is already wired in this pod, on {other}",
+                    self.rail
+                ),
+                "each rail network of a pod needs its own \"rail\" number",
+            ));
+        }
+        let mut routes = Vec::new();
+        for &(address, gw) in &own {
+            // Main table: every RDMA CIDR via this rail's gateway at this
+            // rail's metric (what oif-bound IPv4 lookups and source-less
+            // lookups use).
+            if let Some(gw) = gw {
+                for cidr in self.rdma_cidrs.iter().map(|c| c.trunc()) {
+                    if !same_family(cidr, address) || on_link(cidr, address) {
+                        continue;
+                    }
+                    add_route(&h, cidr, gw, link.index, metric, None)
+                        .await
+                        .map_err(|e| {
+                            dp(format!("route {cidr} via {gw} dev {name}"), describe(&e))
+                        })?;
+                    routes.push(ResultRoute {
+                        dst: cidr,
+                        gw: Some(gw),
+                        priority: metric,
+                    });
+                }
+            }
+            // The pool's own extra routes, at this rail's metric.
+            for &(dst, via) in &self.addrs.extra_routes {
+                if !same_family(dst, address)
+                    || routes
+                        .iter()
+                        .any(|r: &ResultRoute| r.dst == dst && r.gw == Some(via))
+                {
+                    continue;
+                }
+                add_route(&h, dst, via, link.index, metric, None)
+                    .await
+                    .map_err(|e| {
+                        dp(
+                            format!("pool route {dst} via {via} dev {name}"),
+                            describe(&e),
+                        )
+                    })?;
+                routes.push(ResultRoute {
+                    dst,
+                    gw: Some(via),
+                    priority: metric,
+                });
+            }
+            // IPv6 ignores oif for source-bound lookups, and rules mode
+            // wants them for IPv4 too: rail K's own table, chosen by source,
+            // only for RDMA destinations (`from ipK to CIDR lookup K` — what
+            // Spiderpool's `not to CIDR lookup main` above `from ipK` means,
+            // and still right with several CIDRs).
+            if self.routing == Routing::Ebpf && matches!(address, IpNet::V4(_)) {
+                continue;
+            }
+            let subnet = address.trunc();
+            add_subnet_route(&h, subnet, link.index, table)
+                .await
+                .map_err(|e| {
+                    dp(
+                        format!("route {subnet} dev {name} table {table}"),
+                        describe(&e),
+                    )
+                })?;
+            for dst in self.rdma_destinations(address) {
+                if let Some(gw) = gw
+                    && !on_link(dst, address)
+                {
+                    add_route(&h, dst, gw, link.index, metric, Some(table))
+                        .await
+                        .map_err(|e| {
+                            dp(format!("route {dst} via {gw} table {table}"), describe(&e))
+                        })?;
+                }
+                add_rule(
+                    &h,
+                    address.addr(),
+                    dst,
+                    table,
+                    RULE_PRIORITY_BASE + self.rail,
+                )
+                .await
+                .map_err(|e| {
+                    dp(
+                        format!("rule from {} to {dst} lookup {table}", address.addr()),
+                        describe(&e),
+                    )
+                })?;
+            }
+        }
+        for (_, gw) in &own {
+            if let Some(gw) = gw {
+                resolve_gateway(&h, link.index, *gw, name).await;
+            }
+        }
+        Ok((link, routes))
+    }
+}
+
+async fn add_route(
+    h: &Handle,
+    dst: IpNet,
+    gw: IpAddr,
+    index: u32,
+    metric: u32,
+    table: Option<u32>,
+) -> Result<(), rtnetlink::Error> {
+    let msg = match (dst, gw) {
+        (IpNet::V4(d), IpAddr::V4(g)) => {
+            let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .gateway(g)
+                .output_interface(index)
+                .priority(metric);
+            match table {
+                Some(t) => b.table_id(t).build(),
+                None => b.build(),
+            }
+        }
+        (IpNet::V6(d), IpAddr::V6(g)) => {
+            let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(d.network(), d.prefix_len())
+                .gateway(g)
+                .output_interface(index)
+                .priority(metric);
+            match table {
+                Some(t) => b.table_id(t).build(),
+                None => b.build(),
+            }
+        }
+        _ => return Ok(()),
+    };
+    h.route().add(msg).execute().await
+}
+
+async fn add_subnet_route(
+    h: &Handle,
+    subnet: IpNet,
+    index: u32,
+    table: u32,
+) -> Result<(), rtnetlink::Error> {
+    let mut msg = match subnet {
+        IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .table_id(table)
+            .build(),
+        IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .output_interface(index)
+            .table_id(table)
+            .build(),
+    };
+    msg.header.protocol = RouteProtocol::Static;
+    h.route().add(msg).execute().await
+}
+
+async fn add_rule(
+    h: &Handle,
+    src: IpAddr,
+    dst: IpNet,
+    table: u32,
+    priority: u32,
+) -> Result<(), rtnetlink::Error> {
+    let req = h
+        .rule()
+        .add()
+        .table_id(table)
+        .action(RuleAction::ToTable)
+        .priority(priority);
+    match (src, dst) {
+        (IpAddr::V4(s), IpNet::V4(d)) => {
+            req.v4()
+                .source_prefix(s, 32)
+                .destination_prefix(d.network(), d.prefix_len())
+                .execute()
+                .await
+        }
+        (IpAddr::V6(s), IpNet::V6(d)) => {
+            req.v6()
+                .source_prefix(s, 128)
+                .destination_prefix(d.network(), d.prefix_len())
+                .execute()
+                .await
+        }
+        _ => Ok(()),
+    }
+}
