@@ -356,6 +356,70 @@ impl PodRail {
         Ok(())
     }
 
+    /// The routes and rules of this rail, in the order they are made: a
+    /// pure function of the rail's addresses, pools and routing mode.
+    fn plan(&self) -> Vec<Change> {
+        let metric = ROUTE_METRIC_BASE + self.rail;
+        let table = RULE_TABLE_BASE + self.rail;
+        let mut changes = Vec::new();
+        for (address, gw) in self.own() {
+            let mut main = Vec::new();
+            // Main table: every RDMA CIDR via this rail's gateway at this
+            // rail's metric (what oif-bound IPv4 lookups and source-less
+            // lookups use).
+            if let Some(gw) = gw {
+                for cidr in self.rdma_cidrs.iter().map(|c| c.trunc()) {
+                    if same_family(cidr, address) && !on_link(cidr, address) {
+                        main.push((cidr, gw));
+                    }
+                }
+            }
+            // The pool's own extra routes, at this rail's metric.
+            for &(dst, via) in &self.addrs.extra_routes {
+                if same_family(dst, address) && !main.contains(&(dst, via)) {
+                    main.push((dst, via));
+                }
+            }
+            changes.extend(main.into_iter().map(|(dst, gw)| Change::Route {
+                dst,
+                gw,
+                metric,
+                table: None,
+            }));
+            // IPv6 ignores oif for source-bound lookups, and rules mode
+            // wants them for IPv4 too: rail K's own table, chosen by source,
+            // only for RDMA destinations (`from ipK to CIDR lookup K` — what
+            // Spiderpool's `not to CIDR lookup main` above `from ipK` means,
+            // and still right with several CIDRs).
+            if self.routing == Routing::Ebpf && matches!(address, IpNet::V4(_)) {
+                continue;
+            }
+            changes.push(Change::SubnetRoute {
+                subnet: address.trunc(),
+                table,
+            });
+            for dst in self.rdma_destinations(address) {
+                if let Some(gw) = gw
+                    && !on_link(dst, address)
+                {
+                    changes.push(Change::Route {
+                        dst,
+                        gw,
+                        metric,
+                        table: Some(table),
+                    });
+                }
+                changes.push(Change::Rule {
+                    src: address.addr(),
+                    dst,
+                    table,
+                    priority: RULE_PRIORITY_BASE + self.rail,
+                });
+            }
+        }
+        changes
+    }
+
     /// Addresses (IPv4 first), link up, main-table routes, the rail's own
     /// table and rules where they are used, gateway neighbours.
     async fn install(&self, h: Handle) -> Result<(rtnl::Link, Vec<ResultRoute>), ApiError> {
@@ -387,7 +451,6 @@ impl PodRail {
             .await
             .map_err(|e| dp(format!("bringing {name} up"), describe(&e)))?;
         let metric = ROUTE_METRIC_BASE + self.rail;
-        let table = RULE_TABLE_BASE + self.rail;
         // Two interfaces of one pod claiming the same rail number would
         // fight over one metric (and the kernel says only "File exists").
         if let Some(other) = rtnl::device_with_metric(&h, metric, link.index)
@@ -404,91 +467,23 @@ impl PodRail {
             ));
         }
         let mut routes = Vec::new();
-        for &(address, gw) in &own {
-            // Main table: every RDMA CIDR via this rail's gateway at this
-            // rail's metric (what oif-bound IPv4 lookups and source-less
-            // lookups use).
-            if let Some(gw) = gw {
-                for cidr in self.rdma_cidrs.iter().map(|c| c.trunc()) {
-                    if !same_family(cidr, address) || on_link(cidr, address) {
-                        continue;
-                    }
-                    add_route(&h, cidr, gw, link.index, metric, None)
-                        .await
-                        .map_err(|e| {
-                            dp(format!("route {cidr} via {gw} dev {name}"), describe(&e))
-                        })?;
-                    routes.push(ResultRoute {
-                        dst: cidr,
-                        gw: Some(gw),
-                        priority: metric,
-                    });
-                }
-            }
-            // The pool's own extra routes, at this rail's metric.
-            for &(dst, via) in &self.addrs.extra_routes {
-                if !same_family(dst, address)
-                    || routes
-                        .iter()
-                        .any(|r: &ResultRoute| r.dst == dst && r.gw == Some(via))
-                {
-                    continue;
-                }
-                add_route(&h, dst, via, link.index, metric, None)
-                    .await
-                    .map_err(|e| {
-                        dp(
-                            format!("pool route {dst} via {via} dev {name}"),
-                            describe(&e),
-                        )
-                    })?;
+        for change in self.plan() {
+            change
+                .apply(&h, link.index)
+                .await
+                .map_err(|e| dp(change.describe(name), describe(&e)))?;
+            if let Change::Route {
+                dst,
+                gw,
+                metric,
+                table: None,
+            } = change
+            {
                 routes.push(ResultRoute {
                     dst,
-                    gw: Some(via),
+                    gw: Some(gw),
                     priority: metric,
                 });
-            }
-            // IPv6 ignores oif for source-bound lookups, and rules mode
-            // wants them for IPv4 too: rail K's own table, chosen by source,
-            // only for RDMA destinations (`from ipK to CIDR lookup K` — what
-            // Spiderpool's `not to CIDR lookup main` above `from ipK` means,
-            // and still right with several CIDRs).
-            if self.routing == Routing::Ebpf && matches!(address, IpNet::V4(_)) {
-                continue;
-            }
-            let subnet = address.trunc();
-            add_subnet_route(&h, subnet, link.index, table)
-                .await
-                .map_err(|e| {
-                    dp(
-                        format!("route {subnet} dev {name} table {table}"),
-                        describe(&e),
-                    )
-                })?;
-            for dst in self.rdma_destinations(address) {
-                if let Some(gw) = gw
-                    && !on_link(dst, address)
-                {
-                    add_route(&h, dst, gw, link.index, metric, Some(table))
-                        .await
-                        .map_err(|e| {
-                            dp(format!("route {dst} via {gw} table {table}"), describe(&e))
-                        })?;
-                }
-                add_rule(
-                    &h,
-                    address.addr(),
-                    dst,
-                    table,
-                    RULE_PRIORITY_BASE + self.rail,
-                )
-                .await
-                .map_err(|e| {
-                    dp(
-                        format!("rule from {} to {dst} lookup {table}", address.addr()),
-                        describe(&e),
-                    )
-                })?;
             }
         }
         for (_, gw) in &own {
@@ -497,6 +492,76 @@ impl PodRail {
             }
         }
         Ok((link, routes))
+    }
+}
+
+/// One route or rule a rail puts in the pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// `dst via gw dev <rail> metric M [table T]`.
+    Route {
+        dst: IpNet,
+        gw: IpAddr,
+        metric: u32,
+        table: Option<u32>,
+    },
+    /// `subnet dev <rail> scope link table T`: the rail's own subnet in
+    /// its table.
+    SubnetRoute { subnet: IpNet, table: u32 },
+    /// `from src to dst lookup T priority P`.
+    Rule {
+        src: IpAddr,
+        dst: IpNet,
+        table: u32,
+        priority: u32,
+    },
+}
+
+impl Change {
+    async fn apply(&self, h: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
+        match *self {
+            Change::Route {
+                dst,
+                gw,
+                metric,
+                table,
+            } => add_route(h, dst, gw, index, metric, table).await,
+            Change::SubnetRoute { subnet, table } => {
+                add_subnet_route(h, subnet, index, table).await
+            }
+            Change::Rule {
+                src,
+                dst,
+                table,
+                priority,
+            } => add_rule(h, src, dst, table, priority).await,
+        }
+    }
+
+    /// What it is, as `ip route`/`ip rule` would say it, for errors.
+    fn describe(&self, dev: &str) -> String {
+        match self {
+            Change::Route {
+                dst,
+                gw,
+                table: None,
+                ..
+            } => format!("route {dst} via {gw} dev {dev}"),
+            Change::Route {
+                dst,
+                gw,
+                table: Some(t),
+                ..
+            } => format!("route {dst} via {gw} table {t}"),
+            Change::SubnetRoute { subnet, table } => {
+                format!("route {subnet} dev {dev} table {table}")
+            }
+            Change::Rule {
+                src, dst, table, ..
+            } => {
+                format!("rule from {src} to {dst} lookup {table}")
+            }
+        }
     }
 }
 
@@ -588,5 +653,135 @@ async fn add_rule(
                 .await
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rail(routing: Routing, v4: Option<&str>, v6: Option<&str>, rdma: &[&str]) -> PodRail {
+        let addrs = RailAddresses {
+            v4: v4.map(|a| a.parse().unwrap()),
+            gw4: v4.map(|_| "172.16.1.1".parse().unwrap()),
+            v6: v6.map(|a| a.parse().unwrap()),
+            gw6: v6.map(|_| "fd00:1::1".parse().unwrap()),
+            extra_routes: Vec::new(),
+        };
+        PodRail {
+            ifname: "net1".into(),
+            rail: 1,
+            addrs,
+            rdma_cidrs: rdma.iter().map(|c| c.parse().unwrap()).collect(),
+            routing,
+            mtu: 0,
+            netns: NetnsId::default(),
+            pins: PodPins::new(Path::new("/nonexistent"), "c1"),
+            detect: (false, false),
+            ethernet: true,
+        }
+    }
+
+    fn said(changes: &[Change]) -> Vec<String> {
+        changes.iter().map(|c| c.describe("net1")).collect()
+    }
+
+    /// The program steers IPv4 in eBPF mode: only main-table routes, one
+    /// per RDMA CIDR off the rail's own subnet, at the rail's metric.
+    #[test]
+    fn an_ebpf_rail_gets_main_table_routes_and_no_rules() {
+        let r = rail(
+            Routing::Ebpf,
+            Some("172.16.1.5/24"),
+            None,
+            &["172.16.0.0/16", "172.16.1.0/24"],
+        );
+        let plan = r.plan();
+        assert_eq!(said(&plan), ["route 172.16.0.0/16 via 172.16.1.1 dev net1"]);
+        assert!(matches!(
+            plan[0],
+            Change::Route {
+                metric: 101,
+                table: None,
+                ..
+            }
+        ));
+    }
+
+    /// Rules mode (Spiderpool's layout): the rail's subnet and its RDMA
+    /// destinations in table 100+K, chosen by `from ipK to CIDR` rules.
+    #[test]
+    fn a_rules_rail_gets_its_own_table_and_a_rule_per_rdma_destination() {
+        let r = rail(
+            Routing::Rules,
+            Some("172.16.1.5/24"),
+            None,
+            &["172.16.0.0/16"],
+        );
+        assert_eq!(
+            said(&r.plan()),
+            [
+                "route 172.16.0.0/16 via 172.16.1.1 dev net1",
+                "route 172.16.1.0/24 dev net1 table 101",
+                "route 172.16.0.0/16 via 172.16.1.1 table 101",
+                "rule from 172.16.1.5 to 172.16.0.0/16 lookup 101",
+            ]
+        );
+        let rule = r
+            .plan()
+            .into_iter()
+            .find(|c| matches!(c, Change::Rule { .. }))
+            .unwrap();
+        assert!(matches!(rule, Change::Rule { priority: 1001, .. }));
+    }
+
+    /// IPv6 route lookups ignore the output device: an IPv6 rail gets
+    /// rules even in eBPF mode; with no RDMA CIDR of its family its own
+    /// subnet is the destination, reached on-link (no gateway route).
+    #[test]
+    fn ipv6_always_gets_rules_and_no_cidr_means_the_rails_own_subnet() {
+        let r = rail(
+            Routing::Ebpf,
+            Some("172.16.1.5/24"),
+            Some("fd00:1::5/64"),
+            &["172.16.0.0/16"],
+        );
+        assert_eq!(
+            said(&r.plan()),
+            [
+                "route 172.16.0.0/16 via 172.16.1.1 dev net1",
+                "route fd00:1::/64 dev net1 table 101",
+                "rule from fd00:1::5 to fd00:1::/64 lookup 101",
+            ]
+        );
+    }
+
+    /// A pool route that repeats an RDMA CIDR's is made once.
+    #[test]
+    fn a_pool_route_the_rdma_cidrs_already_give_is_made_once() {
+        let mut r = rail(
+            Routing::Ebpf,
+            Some("172.16.1.5/24"),
+            None,
+            &["172.16.0.0/16"],
+        );
+        r.addrs.extra_routes = vec![
+            (
+                "172.16.0.0/16".parse().unwrap(),
+                "172.16.1.1".parse().unwrap(),
+            ),
+            (
+                "10.200.0.0/16".parse().unwrap(),
+                "172.16.1.254".parse().unwrap(),
+            ),
+            ("fd00:9::/64".parse().unwrap(), "fd00:1::1".parse().unwrap()),
+        ];
+        assert_eq!(
+            said(&r.plan()),
+            [
+                "route 172.16.0.0/16 via 172.16.1.1 dev net1",
+                "route 10.200.0.0/16 via 172.16.1.254 dev net1",
+            ]
+        );
     }
 }
