@@ -110,7 +110,7 @@ impl PodNetns {
                         source,
                     }
                 })?;
-                Ok(work())
+                Ok(crate::rtnl::one_connection(work))
             })
             .map_err(|e| NetnsError::Thread(e.to_string()))?;
         handle

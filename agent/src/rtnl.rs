@@ -12,26 +12,89 @@ use rtnetlink::{
     },
 };
 
-/// Runs `work` with an rtnetlink handle whose socket is opened on the
-/// calling thread, so it talks to the calling thread's netns. Builds a
-/// single-threaded runtime for it: this runs on a dedicated thread (see
-/// [`crate::netns`]), never on the agent's tokio workers.
+/// Runs `work` with an rtnetlink handle whose socket is in the calling
+/// thread's netns. This runs on a dedicated thread (a request's, or a netns
+/// job's, see [`crate::netns`]), never on the agent's tokio workers. Within
+/// [`one_connection`] every call of the thread shares one single-threaded
+/// runtime and one connection (an ADD makes several calls); outside it,
+/// each call makes its own.
 pub fn with_rtnl<T, F, Fut>(work: F) -> io::Result<T>
 where
     F: FnOnce(Handle) -> Fut,
     Fut: Future<Output = T>,
 {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()?;
-    rt.block_on(async move {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
-        let task = tokio::spawn(conn);
-        let out = work(handle).await;
-        task.abort();
-        Ok(out)
+    THREAD_RTNL.with(|cell| {
+        let mut scope = cell.borrow_mut();
+        let Some(slot) = scope.as_mut() else {
+            let one = ThreadRtnl::open(None)?;
+            return Ok(one.runtime.block_on(work(one.handle.clone())));
+        };
+        // A thread that moved to another netns since opening it (none of
+        // railnet's do: a netns job gets a thread of its own) opens anew.
+        let netns = std::fs::metadata("/proc/thread-self/ns/net")
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok();
+        if slot.as_ref().is_none_or(|c| c.netns != netns) {
+            *slot = Some(ThreadRtnl::open(netns)?);
+        }
+        let c = slot.as_ref().expect("opened above");
+        Ok(c.runtime.block_on(work(c.handle.clone())))
     })
+}
+
+/// Runs `f` with one rtnetlink connection for all the thread's
+/// [`with_rtnl`] calls, opened at the first and closed when `f` returns
+/// (or panics) — never left to the thread's exit, where a runtime cannot
+/// be dropped safely.
+pub fn one_connection<T>(f: impl FnOnce() -> T) -> T {
+    /// Closes the thread's connection and puts back what was there before.
+    struct Close(Option<Option<ThreadRtnl>>);
+    impl Drop for Close {
+        fn drop(&mut self) {
+            let before = self.0.take();
+            let ours = THREAD_RTNL.with(|cell| cell.replace(before));
+            drop(ours);
+        }
+    }
+    let before = THREAD_RTNL.with(|cell| cell.replace(Some(None)));
+    let _close = Close(before);
+    f()
+}
+
+thread_local! {
+    /// `Some` within [`one_connection`]: the thread's connection, once
+    /// opened.
+    static THREAD_RTNL: std::cell::RefCell<Option<Option<ThreadRtnl>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One rtnetlink connection and the runtime that drives it.
+struct ThreadRtnl {
+    /// The netns (inode) the socket was opened in.
+    netns: Option<u64>,
+    handle: Handle,
+    /// Declared last: dropped after the handle, taking the connection's
+    /// task with it.
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ThreadRtnl {
+    fn open(netns: Option<u64>) -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let handle = runtime.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            io::Result::Ok(handle)
+        })?;
+        Ok(Self {
+            netns,
+            handle,
+            runtime,
+        })
+    }
 }
 
 /// A link as railnet needs to know it.

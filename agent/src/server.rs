@@ -86,7 +86,9 @@ pub async fn serve(
                             .name("railnet-request".into())
                             .spawn(move || {
                                 let _slot = slot;
-                                handle(s, allowed, &runtime, &service, &metrics)
+                                crate::rtnl::one_connection(|| {
+                                    handle(s, allowed, &runtime, &service, &metrics)
+                                })
                             })
                     });
                     if let Err(e) = spawned {
