@@ -28,7 +28,8 @@ fn arp_socket() -> io::Result<std::os::fd::OwnedFd> {
 /// Sends one gratuitous ARP request (sender = target = `ip`) out of the
 /// interface `ifindex` of the calling thread's netns.
 pub fn announce(ifindex: u32, mac: &str, ip: Ipv4Addr) -> io::Result<()> {
-    let mac = parse_mac(mac).ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
+    let mac = railnet_wire::mac::parse(mac)
+        .ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
     let frame = arp_request(mac, ip);
     let fd = arp_socket()?;
     // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
@@ -69,7 +70,8 @@ pub fn who_has(
     target: Ipv4Addr,
     wait: std::time::Duration,
 ) -> io::Result<Option<[u8; 6]>> {
-    let ours = parse_mac(mac).ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
+    let ours = railnet_wire::mac::parse(mac)
+        .ok_or_else(|| io::Error::other(format!("bad MAC {mac:?}")))?;
     let fd = arp_socket()?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
@@ -149,24 +151,6 @@ pub fn who_has(
     Ok(answer)
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in &mut out {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(out)
-}
-
 /// The ARP payload (the kernel adds the Ethernet header for SOCK_DGRAM).
 fn arp_request(mac: [u8; 6], ip: Ipv4Addr) -> [u8; 28] {
     let mut p = [0u8; 28];
@@ -189,12 +173,12 @@ mod tests {
     #[test]
     fn the_announcement_names_us_twice() {
         let p = arp_request(
-            parse_mac("02:00:00:00:00:01").unwrap(),
+            railnet_wire::mac::parse("02:00:00:00:00:01").unwrap(),
             "172.16.1.10".parse().unwrap(),
         );
         assert_eq!(&p[14..18], &[172, 16, 1, 10]);
         assert_eq!(&p[24..28], &[172, 16, 1, 10]);
         assert_eq!(&p[8..14], &[2, 0, 0, 0, 0, 1]);
-        assert!(parse_mac("02:00:00:00:00").is_none());
+        assert!(railnet_wire::mac::parse("02:00:00:00:00").is_none());
     }
 }

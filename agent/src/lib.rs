@@ -1,7 +1,7 @@
 //! railnet's node agent: IPAM, pod interface wiring, the per-pod tc program
 //! and the unix socket the CNI binary calls. See DESIGN.md for the map.
 
-pub mod api;
+pub use railnet_wire::{api, netconf};
 pub mod bpf_object;
 pub mod check;
 pub mod config;
@@ -14,7 +14,6 @@ pub mod ipam;
 pub mod kube_api;
 pub mod link;
 pub mod metrics;
-pub mod netconf;
 pub mod netns;
 pub mod node_label;
 pub mod podinfo;

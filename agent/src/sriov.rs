@@ -348,7 +348,7 @@ pub fn rdma_records(dir: &Path) -> Vec<RdmaRecord> {
 /// The bytes of `aa:bb:cc:dd:ee:ff`; `None` for anything else and for the
 /// all-zero MAC an unconfigured VF reports (which cannot be set back).
 pub fn mac_bytes(text: &str) -> Option<[u8; 6]> {
-    crate::garp::parse_mac(text).filter(|mac| *mac != [0; 6])
+    railnet_wire::mac::parse(text).filter(|mac| *mac != [0; 6])
 }
 
 #[cfg(test)]

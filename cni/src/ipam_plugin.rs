@@ -10,7 +10,7 @@
 
 use std::fs::File;
 
-use railnet_agent::{
+use railnet_wire::{
     api::{ApiError, IpamRequest, Op, Response, code},
     netconf::{IpPools, SUPPORTED_VERSIONS},
 };
@@ -65,7 +65,7 @@ fn parse(stdin: &[u8]) -> Result<Conf, ApiError> {
         .runtime_config
         .ips
         .iter()
-        .find(|ip| railnet_agent::netconf::parse_requested(ip).is_none())
+        .find(|ip| railnet_wire::netconf::parse_requested(ip).is_none())
     {
         return Err(ApiError::new(
             code::INVALID_CONFIG,
@@ -84,7 +84,7 @@ fn parse(stdin: &[u8]) -> Result<Conf, ApiError> {
 }
 
 fn request(conf: &Conf, env: &impl Fn(&str) -> Option<String>) -> Result<IpamRequest, ApiError> {
-    let args = railnet_agent::api::parse_cni_args(&env("CNI_ARGS").unwrap_or_default());
+    let args = railnet_wire::api::parse_cni_args(&env("CNI_ARGS").unwrap_or_default());
     Ok(IpamRequest {
         container_id: need(env, "CNI_CONTAINERID")?,
         ifname: need(env, "CNI_IFNAME")?,
@@ -101,7 +101,7 @@ fn request(conf: &Conf, env: &impl Fn(&str) -> Option<String>) -> Result<IpamReq
             .runtime_config
             .ips
             .iter()
-            .filter_map(|ip| railnet_agent::netconf::parse_requested(ip))
+            .filter_map(|ip| railnet_wire::netconf::parse_requested(ip))
             .collect(),
     })
 }

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use railnet_agent::{
+use railnet_wire::{
     api::{self, API_VERSION, ApiError, Attachment, GcRequest, Op, Request, Response, code},
     netconf::{NetConf, SUPPORTED_VERSIONS},
 };
@@ -255,7 +255,7 @@ fn open_netns(env: &impl Fn(&str) -> Option<String>) -> Result<(String, File), A
 /// file, or a namespace of another kind, is not).
 fn is_network_namespace(file: &File) -> bool {
     use std::os::fd::AsFd;
-    railnet_agent::netns::is_network_namespace(file.as_fd())
+    railnet_wire::netns::is_network_namespace(file.as_fd())
 }
 
 /// Sends `op` and turns the answer into a result without output; an agent
@@ -276,8 +276,8 @@ fn ask(
 pub(crate) fn parse(stdin: &[u8]) -> Result<NetConf, ApiError> {
     NetConf::parse(stdin).map_err(|e| {
         let code = match e {
-            railnet_agent::netconf::NetConfError::Version(_) => code::INCOMPATIBLE_VERSION,
-            railnet_agent::netconf::NetConfError::Decode(_) => code::DECODE,
+            railnet_wire::netconf::NetConfError::Version(_) => code::INCOMPATIBLE_VERSION,
+            railnet_wire::netconf::NetConfError::Decode(_) => code::DECODE,
             _ => code::INVALID_CONFIG,
         };
         ApiError::new(code, "invalid network config", e.to_string())
@@ -408,7 +408,7 @@ fn device_info_path(path: &Path) -> std::io::Result<&Path> {
 /// `network-status` annotation: the workload learns each rail's RDMA
 /// device (NCCL_IB_HCA) from it. Best effort, as Multus treats it: the
 /// interface works without it, so a failure is reported on stderr only.
-fn write_device_info(stdin: &[u8], result: &railnet_agent::api::AddResult) {
+fn write_device_info(stdin: &[u8], result: &railnet_wire::api::AddResult) {
     let Some(rdma) = &result.rdma else { return };
     let Ok(conf) = serde_json::from_slice::<serde_json::Value>(stdin) else {
         return;

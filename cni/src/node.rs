@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use railnet_agent::api::{self, ApiError, code};
+use railnet_wire::api::{self, ApiError, code};
 use serde::{Deserialize, Serialize};
 
 /// The settings file's name, in the directory of the installed binary.

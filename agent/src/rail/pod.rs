@@ -312,7 +312,7 @@ impl PodRail {
                         format!(
                             "address {addr} is already used on rail {} by {}",
                             self.rail,
-                            crate::garp::format_mac(other)
+                            railnet_wire::mac::format(other)
                         ),
                         format!(
                             "another host answered ARP for {addr} on {ifname}: remove it from the rail, \

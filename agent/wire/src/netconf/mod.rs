@@ -249,7 +249,7 @@ pub fn parse_requested(s: &str) -> Option<std::net::IpAddr> {
 
 /// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    crate::garp::parse_mac(text).filter(|mac| mac[0] & 1 == 0 && *mac != [0; 6])
+    crate::mac::parse(text).filter(|mac| mac[0] & 1 == 0 && *mac != [0; 6])
 }
 
 /// How a rail's traffic is kept on its rail (DESIGN.md, "Rail routing").
