@@ -93,6 +93,9 @@ struct Pending {
     done: Sender<Result<(), String>>,
 }
 
+/// redb's page cache for the allocation store (see [`RedbStore::open`]).
+const CACHE_BYTES: usize = 4 << 20;
+
 /// redb on local disk. One writer thread takes every change queued while
 /// the previous commit was syncing and commits them together: with 50
 /// concurrent ADDs, one fsync serves dozens of them.
@@ -115,7 +118,13 @@ impl RedbStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Db(format!("{}: {e}", dir.display())))?;
         }
-        let db = Database::create(path)
+        // redb caches up to 1 GiB by default, and keeps every page it has
+        // touched: a node's whole store (tens of MB at 65 000 allocations)
+        // would stay resident for the agent's life. Its interior pages and
+        // one group commit's dirty pages fit in far less.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
             .map_err(|e| StoreError::Db(format!("{}: {e}", path.display())))?;
         // The table exists from the first start on, so reads never race it.
         let txn = db
