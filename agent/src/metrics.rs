@@ -50,15 +50,18 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one request of the CNI socket API.
-    pub fn observe(&self, op: &str, ok: bool, seconds: f64) {
-        let result = if ok { "ok" } else { "error" };
-        self.requests
-            .get_or_create(&vec![
-                ("op".into(), op.into()),
-                ("result".into(), result.into()),
-            ])
-            .inc();
+    /// Records one request of the CNI socket API and, if it failed, why
+    /// (the `reason` label: [`crate::api::ApiError::metric_label`]).
+    pub fn observe(&self, op: &str, failed: Option<&crate::api::ApiError>, seconds: f64) {
+        let mut labels = vec![("op".into(), op.into())];
+        match failed {
+            None => labels.push(("result".into(), "ok".into())),
+            Some(e) => {
+                labels.push(("result".into(), "error".into()));
+                labels.push(("reason".into(), e.metric_label().into()));
+            }
+        }
+        self.requests.get_or_create(&labels).inc();
         self.latency
             .get_or_create(&vec![("op".into(), op.into())])
             .observe(seconds);
@@ -69,7 +72,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("railnet");
         registry.register(
             "cni_requests",
-            "Requests from the CNI binary, by operation and result",
+            "Requests from the CNI binary, by operation, result and (failed ones) reason",
             self.requests.clone(),
         );
         registry.register(

@@ -236,7 +236,7 @@ fn dispatch(
         Op::IpamDel(r) => ("IPAM DEL", format!("{}/{}", r.container_id, r.ifname)),
         Op::Gc(r) => ("GC", r.network.clone()),
     };
-    metrics.observe(op, result.is_ok(), started.elapsed().as_secs_f64());
+    metrics.observe(op, result.as_ref().err(), started.elapsed().as_secs_f64());
     match result {
         Ok(result) => {
             tracing::debug!(op, attachment = %who, elapsed_us = started.elapsed().as_micros() as u64, "done");

@@ -315,6 +315,12 @@ fn steering(flags: &[&str]) {
     );
     assert!(verdict_count(&a.pins(&agent_a), 3, Verdict::Steered) >= u64::from(PINGS));
 
+    // An ADD that fails (a master the node lacks) is counted with why.
+    let mut bad = fabric.netconf(3, &agent_a, "ebpf");
+    bad["master"] = "nosuchnic".into();
+    let refused = cni("ADD", &bad, "metrics-bad", Some(&a.pod.ns.path()), "net9");
+    assert!(!refused.ok, "{}", refused.stdout);
+
     // The same counters, as an operator scrapes them.
     let scrape = agent_a.scrape(&fabric.nodes[0], "/metrics");
     let steered = format!(
@@ -333,6 +339,12 @@ fn steering(flags: &[&str]) {
     );
     assert!(
         scrape.contains("railnet_cni_requests_total{op=\"ADD\",result=\"ok\"} 5"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains(
+            "railnet_cni_requests_total{op=\"ADD\",result=\"error\",reason=\"invalid_config\"} 1"
+        ),
         "{scrape}"
     );
     assert!(

@@ -228,6 +228,26 @@ impl ApiError {
         Self::new(code::DATAPLANE, msg, details)
     }
 
+    /// What kind of failure this is, for the `reason` label of the
+    /// agent's request metrics: one word per CNI error code (a bounded
+    /// set, whatever the message says).
+    pub fn metric_label(&self) -> &'static str {
+        match self.code {
+            code::INCOMPATIBLE_VERSION => "incompatible_version",
+            code::UNSUPPORTED_FIELD => "unsupported_field",
+            code::UNKNOWN_CONTAINER => "unknown_container",
+            code::INVALID_ENV => "invalid_env",
+            code::IO => "io",
+            code::DECODE => "decode",
+            code::INVALID_CONFIG => "invalid_config",
+            code::TRY_AGAIN => "try_again",
+            code::POOL_EXHAUSTED => "pool_exhausted",
+            code::DATAPLANE => "dataplane",
+            code::API_MISMATCH => "api_mismatch",
+            _ => "other",
+        }
+    }
+
     /// An interface of the pod's name is in its netns already.
     pub fn interface_exists(ifname: &str) -> Self {
         Self::dataplane(
