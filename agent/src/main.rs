@@ -222,10 +222,6 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONFIG);
         }
     };
-    if let Err(e) = railnet_agent::rail::set_sysctl_root(args.sysctl_root.clone()) {
-        eprintln!("railnet-agent: --sysctl-root: {e}");
-        return ExitCode::from(exit::CONFIG);
-    }
     if let Err(e) = bpf_object::object() {
         eprintln!("railnet-agent: {e}");
         return ExitCode::from(exit::STUB_BPF);
@@ -381,6 +377,7 @@ fn main() -> ExitCode {
         sweep_gate: std::sync::RwLock::new(()),
         allowed_masters: args.allowed_masters.clone(),
         tc_attach,
+        sysctl_root: args.sysctl_root.clone(),
     });
     if let Some((file, cluster)) = file_pools {
         let (service, every) = (

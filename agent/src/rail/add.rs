@@ -166,6 +166,7 @@ impl<'a> Adding<'a> {
             pins: svc.pins(&att.container_id),
             detect: (conf.detect_ip_conflict, conf.detect_gateway),
             ethernet: self.rail.kind.ethernet(),
+            sysctl_root: svc.sysctl_root.clone(),
         };
         let result = self
             .netns()

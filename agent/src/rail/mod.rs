@@ -31,7 +31,6 @@ mod take_down;
 
 pub use link::{ipoib_temp_name, is_ipoib_temp_name, sweep_ipoib_leftovers};
 use pod::RailAddresses;
-pub use pod::set_sysctl_root;
 use rdma_plan::rdma_plan;
 use take_down::Rail;
 
@@ -82,6 +81,10 @@ pub struct RailService {
     pub allowed_masters: Vec<String>,
     /// How rail programs are attached (chosen once, at start).
     pub tc_attach: crate::dataplane::TcAttach,
+    /// Where pods' interface sysctls are written (`/proc/sys`): an
+    /// unprivileged container's `/proc/sys` is read-only, so the chart
+    /// mounts the node's elsewhere and names it here.
+    pub sysctl_root: PathBuf,
 }
 
 /// Refuses an ADD for (container, ifname) from another netns than the one

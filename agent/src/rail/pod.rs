@@ -107,34 +107,16 @@ async fn resolve_gateway(h: &Handle, index: u32, gw: IpAddr, ifname: &str) {
     }
 }
 
-/// Writes a sysctl of this thread's netns; `Ok` if the knob does not exist
-/// (IPv6 disabled).
-/// Where the pods' interface sysctls are written (`/proc/sys` unless
-/// [`set_sysctl_root`] said otherwise).
-static SYSCTL_ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// Chooses where interface sysctls are written (once, at start): an
-/// unprivileged container's `/proc/sys` is read-only, so the chart mounts
-/// the node's there instead. Entries under `net/` are the writing thread's
-/// netns's, whichever procfs they are reached through.
-pub fn set_sysctl_root(root: PathBuf) -> Result<(), String> {
-    SYSCTL_ROOT
-        .set(root)
-        .map_err(|_| "the sysctl root is set once, at start".into())
-}
-
-/// Writes `value` to sysctl `key` (`net/ipv4/conf/…`, relative to the
-/// sysctl root); one that does not exist (IPv6 off) is no error.
-fn sysctl(key: &str, value: &str) -> Result<(), String> {
-    let root = SYSCTL_ROOT
-        .get()
-        .map_or(Path::new("/proc/sys"), PathBuf::as_path);
+/// Writes `value` to sysctl `key` (`net/ipv4/conf/…`) under `root` (the
+/// service's sysctl root, see [`super::RailService::sysctl_root`]); one
+/// that does not exist (IPv6 off) is no error. Entries under `net/` are the
+/// writing thread's netns's, whichever procfs they are reached through.
+fn sysctl(root: &Path, key: &str, value: &str) -> Result<(), String> {
     let path = root.join(key);
-    let path = path.display().to_string();
     match fs::write(&path, value) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("{path}: {e}")),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 
@@ -165,6 +147,8 @@ pub(super) struct PodRail {
     pub(super) detect: (bool, bool),
     /// Ethernet framing (not IPoIB): ARP probes and announcements apply.
     pub(super) ethernet: bool,
+    /// Where the interface's sysctls are written.
+    pub(super) sysctl_root: PathBuf,
 }
 
 /// Whether `dst` lies inside the subnet `own` (so no gateway is needed).
@@ -235,7 +219,8 @@ impl PodRail {
             // appears, so peers and switches learn the pod at once.
             (format!("net/ipv6/conf/{ifname}/ndisc_notify"), "1"),
         ] {
-            sysctl(&path, value).map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
+            sysctl(&self.sysctl_root, &path, value)
+                .map_err(|e| dp(format!("sysctl on {ifname}"), e))?;
         }
         let started = std::time::Instant::now();
         let (link, routes) =
@@ -679,6 +664,7 @@ mod tests {
             pins: PodPins::new(Path::new("/nonexistent"), "c1"),
             detect: (false, false),
             ethernet: true,
+            sysctl_root: PathBuf::from("/proc/sys"),
         }
     }
 
@@ -754,6 +740,21 @@ mod tests {
                 "rule from fd00:1::5 to fd00:1::/64 lookup 101",
             ]
         );
+    }
+
+    /// Sysctls go under the service's root (the chart mounts the node's
+    /// /proc/sys elsewhere); a knob the kernel lacks (IPv6 off) is no error.
+    #[test]
+    fn sysctls_are_written_under_the_services_root() {
+        let root = std::env::temp_dir().join(format!("railnet-sysctl-{}", std::process::id()));
+        let knob = root.join("net/ipv4/conf/net1");
+        fs::create_dir_all(&knob).unwrap();
+        fs::write(knob.join("rp_filter"), "1").unwrap();
+        sysctl(&root, "net/ipv4/conf/net1/rp_filter", "2").unwrap();
+        assert_eq!(fs::read_to_string(knob.join("rp_filter")).unwrap(), "2");
+        sysctl(&root, "net/ipv6/conf/net1/accept_ra", "0").unwrap();
+        assert!(!root.join("net/ipv6").exists());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     /// A pool route that repeats an RDMA CIDR's is made once.
