@@ -288,7 +288,9 @@ impl PodPins {
         };
         let t2 = std::time::Instant::now();
         let link_path = self.link_path(&att.ifname);
-        // A stale pin of the same name (a retried ADD) is replaced.
+        // A stale pin of the same name (a retried ADD) is replaced; none
+        // there is the usual case, and a pin that cannot go fails the pin
+        // below, saying why.
         let _ = fs::remove_file(&link_path);
         if self.attach_kind == TcAttach::Tcx {
             let id = prog
@@ -353,7 +355,8 @@ impl PodPins {
     pub fn detach(&self, ifname: &str, ifindex: Option<u32>) -> Vec<String> {
         let mut errors = Vec::new();
         if ifindex.is_some() && self.attach_kind == TcAttach::Clsact {
-            // clsact: the filter lives on the device, not in a pin.
+            // clsact: the filter lives on the device, not in a pin. Err:
+            // none there (a failed ADD's), or the device is going anyway.
             let _ = tc::qdisc_detach_program(ifname, TcAttachType::Egress, PROGRAM_RAIL_EGRESS);
         }
         match fs::remove_file(self.link_path(ifname)) {
@@ -449,6 +452,7 @@ static LOADERS: std::sync::Mutex<Vec<EbpfLoader<'static>>> = std::sync::Mutex::n
 
 /// Parses one loader in the background, so the first ADD finds it ready.
 pub fn warm_up() {
+    // Err (no thread): the first ADD parses its own loader, a little later.
     let _ = std::thread::Builder::new()
         .name("railnet-loader".into())
         .spawn(|| {

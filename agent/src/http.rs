@@ -153,6 +153,7 @@ where
                 _ = tokio::time::sleep(limits.lifetime) => {}
             }
             conn.as_mut().graceful_shutdown();
+            // Elapsed: the connection is dropped (closed) here anyway.
             let _ = tokio::time::timeout(limits.request, conn).await;
         });
     }

@@ -196,6 +196,8 @@ fn take_node_lock(path: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::F
         }
         Err((_, e)) => return Err(format!("lock {}: {e}", path.display())),
     };
+    // The pid in the lock file is for a person looking; the lock is what
+    // keeps a second agent out.
     let _ = lock.set_len(0);
     let _ = writeln!(lock, "{}", std::process::id());
     Ok(lock)
@@ -585,7 +587,9 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombs
             let live = railnet_agent::netns::LiveNetns::scan();
             let mut removed = dataplane::sweep(&service.pin_root, &live);
             for cid in &removed {
-                let _ = service.ipam.release_container(cid);
+                if let Err(e) = service.ipam.release_container(cid) {
+                    tracing::warn!(container = %cid, error = %e, "sweep: addresses of a gone pod not released; next sweep tries again");
+                }
             }
             // Rules-mode pods have no pins: their allocations carry the
             // netns inode too.
@@ -601,8 +605,9 @@ async fn sweep_loop(service: Arc<RailService>, every: std::time::Duration, tombs
             }
             if let Some(info) = &service.pod_info
                 && !removed.is_empty()
+                && let Err(e) = info.forget_matching(None, |r| removed.contains(&r.container_id))
             {
-                let _ = info.forget_matching(None, |r| removed.contains(&r.container_id));
+                tracing::warn!(error = %e, "sweep: gone pods left in the rail info");
             }
             removed
         })

@@ -151,6 +151,7 @@ impl Metrics {
             rdma_counters(&service.node_name, &service.sysfs_root, &service.vf_records),
         );
         let mut out = String::new();
+        // Writing into a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
     }

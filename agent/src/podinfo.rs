@@ -288,6 +288,8 @@ impl PodInfo {
             }
             if kept.is_empty() {
                 for name in ["rails.json", "nccl.env"] {
+                    // Absent already is as good as removed; anything else
+                    // shows as the directory's removal failing below.
                     let _ = fs::remove_file(dir.join(name));
                 }
                 let _ = fs::remove_dir(&dir);

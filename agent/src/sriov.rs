@@ -310,7 +310,14 @@ pub fn load<T: for<'de> Deserialize<'de>>(
 
 /// Drops a record once what it describes is back.
 pub fn forget(dir: &Path, kind: &str, container_id: &str, ifname: &str) {
-    let _ = std::fs::remove_file(record_path(dir, kind, container_id, ifname));
+    let path = record_path(dir, kind, container_id, ifname);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Left behind, it is acted on again: restoring what is restored
+        // already is harmless, but say so.
+        Err(e) => tracing::warn!(record = %path.display(), error = %e, "record not removed"),
+    }
 }
 
 /// What an isolated RDMA device was called before a pod took it.

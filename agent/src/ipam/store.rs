@@ -167,6 +167,8 @@ impl Drop for RedbStore {
     fn drop(&mut self) {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(w) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            // Err: the writer panicked; its waiters were told (their
+            // channels closed) and there is nothing left to stop.
             let _ = w.join();
         }
     }
@@ -180,6 +182,8 @@ fn write_loop(db: &Database, rx: &Receiver<Pending>) {
         }
         let result = commit(db, &batch).map_err(|e| e.to_string());
         for p in batch {
+            // Err: the caller stopped waiting; the change is committed
+            // (or not) all the same, as `result` says.
             let _ = p.done.send(result.clone());
         }
     }

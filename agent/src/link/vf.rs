@@ -196,7 +196,10 @@ fn prepare_vf(cx: &LinkCx<'_>) -> Result<Taken, ApiError> {
                 if let Err(e) = h.link().set(req).execute().await {
                     // Put back whatever went through before the refusal.
                     for undo in rtnl::vf_requests(*pf_index, side.vf, &side.was) {
-                        let _ = h.link().set(undo).execute().await;
+                        if let Err(e) = h.link().set(undo).execute().await {
+                            tracing::warn!(pf = %side.pf, vf = side.vf, error = %describe(&e),
+                                "a VF attribute set before the refusal was not put back");
+                        }
                     }
                     sriov::forget(&records, "vf", &cid, &ifname);
                     let why = match errno(&e) {

@@ -332,7 +332,10 @@ impl RailService {
         ) {
             Ok(a) => a,
             Err(e) => {
-                let _ = self.ipam.release(&req.container_id, &req.ifname);
+                // One family may have been given before the other failed.
+                if let Err(undo) = self.ipam.release(&req.container_id, &req.ifname) {
+                    tracing::warn!(error = %undo, "could not release a failed IPAM ADD's first address");
+                }
                 return Err(e);
             }
         };
@@ -455,7 +458,10 @@ impl RailService {
             // left to undo.
             match self.del(&att, None) {
                 Ok(()) => {
-                    let _ = std::fs::remove_file(&path);
+                    // Left in place, it is finished again (a no-op) next time.
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        tracing::warn!(tombstone = %path.display(), error = %e, "finished DEL tombstone not removed");
+                    }
                     done += 1;
                 }
                 Err(e) => {
@@ -500,17 +506,24 @@ impl RailService {
         }
         for a in &released {
             if valid_container_id(&a.key.container_id) {
-                let _ = self.pins(&a.key.container_id).detach(&a.key.ifname, None);
+                let left = self.pins(&a.key.container_id).detach(&a.key.ifname, None);
+                if !left.is_empty() {
+                    tracing::warn!(container = %a.key.container_id, ifname = %a.key.ifname,
+                        errors = %left.join("; "), "GC: pins not all removed; the sweep tries again");
+                }
             }
         }
         if let Some(info) = &self.pod_info
             && !released.is_empty()
         {
-            let _ = info.forget_matching(None, |r| {
+            let forgot = info.forget_matching(None, |r| {
                 released
                     .iter()
                     .any(|a| a.key.container_id == r.container_id && a.key.ifname == r.interface)
             });
+            if let Err(e) = forgot {
+                tracing::warn!(error = %e, "GC: released rails left in the pods' rail info");
+            }
         }
         Ok(released.len())
     }

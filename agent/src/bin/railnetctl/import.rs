@@ -46,7 +46,10 @@ pub fn run(from: From) -> ExitCode {
         }
     }
     let out = spiderpool::import(&sources);
-    let _ = std::io::stdout().write_all(spiderpool::to_yaml(&out.objects).as_bytes());
+    if let Err(e) = std::io::stdout().write_all(spiderpool::to_yaml(&out.objects).as_bytes()) {
+        eprintln!("railnetctl import: writing the manifests: {e}");
+        return ExitCode::FAILURE;
+    }
     for n in &out.notes {
         eprintln!("note: {n}");
     }

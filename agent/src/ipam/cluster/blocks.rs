@@ -153,6 +153,7 @@ impl Blocks {
         };
         let mut spec = b.spec.clone();
         if let Some(d) = self.delta.get(name) {
+            // The clashes it returns are said where the write is made.
             let _ = d.apply(&mut spec);
         }
         spec.claims
