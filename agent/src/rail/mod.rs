@@ -6,31 +6,29 @@
 //! nothing behind; DEL runs the same undos. How an interface is made is
 //! its kind's ([`crate::link`]).
 
-use std::{net::IpAddr, path::PathBuf};
-
-use ipnet::IpNet;
+use std::path::PathBuf;
 
 use crate::{
-    api::{
-        AddResult, ApiError, Attachment, GcRequest, IpamRequest, IpamResult, ResultIp, ResultRoute,
-        code,
-    },
+    api::{AddResult, ApiError, Attachment, code},
     dataplane::PodPins,
-    ipam::{AllocationKey, Family, Ipam, IpamError, PoolRequest},
+    ipam::Ipam,
     link,
-    netconf::{Mode, NetConf, Routing, valid_ifname},
+    netconf::{Mode, NetConf, valid_ifname},
     netns::{NetnsId, PodNetns},
     rtnl::{self, describe, with_rtnl},
 };
 
 mod add;
+mod addresses;
 mod pod;
 mod rdma_plan;
+mod routes;
 pub mod steps;
 mod take_down;
+mod upkeep;
 
+use addresses::PodIds;
 pub use link::{ipoib_temp_name, is_ipoib_temp_name, sweep_ipoib_leftovers};
-use pod::RailAddresses;
 use rdma_plan::rdma_plan;
 use take_down::Rail;
 
@@ -45,14 +43,6 @@ pub const RULE_TABLE_BASE: u32 = 100;
 /// `RULE_PRIORITY_BASE + K`: after the kernel's `local` rule (0), before
 /// `main` (32766).
 pub const RULE_PRIORITY_BASE: u32 = 1000;
-
-/// Who a pod is, as the runtime said (CNI_ARGS).
-#[derive(Clone, Copy, Debug, Default)]
-struct PodIds<'a> {
-    namespace: Option<&'a str>,
-    name: Option<&'a str>,
-    uid: Option<&'a str>,
-}
 
 /// What ADD and DEL need from the agent.
 #[derive(Debug)]
@@ -301,359 +291,6 @@ impl RailService {
             sysfs_root: &self.sysfs_root,
             vf_records: &self.vf_records,
         }
-    }
-
-    /// IPAM only: addresses for an interface another plugin makes.
-    pub fn ipam_add(
-        &self,
-        req: &IpamRequest,
-        netns: Option<&PodNetns>,
-    ) -> Result<IpamResult, ApiError> {
-        check_ids(&req.container_id, &req.ifname)?;
-        let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
-        let netns_id = netns.map(PodNetns::id).unwrap_or_default();
-        sweep_can_see(netns_id)?;
-        same_netns(&self.ipam, &req.container_id, &req.ifname, netns_id)?;
-        let addrs = match self.allocate(
-            &req.container_id,
-            &req.ifname,
-            &req.ippools,
-            req.match_master.as_deref(),
-            netns_id,
-            (
-                &req.network,
-                PodIds {
-                    namespace: req.namespace.as_deref(),
-                    name: req.pod_name.as_deref(),
-                    uid: req.pod_uid.as_deref(),
-                },
-                &req.ips,
-            ),
-        ) {
-            Ok(a) => a,
-            Err(e) => {
-                // One family may have been given before the other failed.
-                if let Err(undo) = self.ipam.release(&req.container_id, &req.ifname) {
-                    tracing::warn!(error = %undo, "could not release a failed IPAM ADD's first address");
-                }
-                return Err(e);
-            }
-        };
-        let mut ips = Vec::new();
-        if let Some(v4) = addrs.v4 {
-            ips.push(ResultIp {
-                address: IpNet::V4(v4),
-                gateway: addrs.gw4.map(IpAddr::V4),
-            });
-        }
-        if let Some(v6) = addrs.v6 {
-            ips.push(ResultIp {
-                address: IpNet::V6(v6),
-                gateway: addrs.gw6.map(IpAddr::V6),
-            });
-        }
-        let routes = addrs
-            .extra_routes
-            .iter()
-            .map(|(dst, gw)| ResultRoute {
-                dst: *dst,
-                gw: Some(*gw),
-                priority: 0,
-            })
-            .collect();
-        Ok(IpamResult { ips, routes })
-    }
-
-    /// CNI CHECK: the interface is in the pod, up, with the addresses IPAM
-    /// holds for it, as ADD reported it (`prevResult`: addresses, MAC,
-    /// routes; see [`crate::check`]), and (eBPF mode) the program is
-    /// attached to it.
-    pub fn check(&self, att: &Attachment, netns: &PodNetns) -> Result<(), ApiError> {
-        let conf = NetConf::parse(att.netconf.to_string().as_bytes())
-            .map_err(|e| invalid("invalid network config", e.to_string()))?;
-        check_ids(&att.container_id, &att.ifname)?;
-        let held = self.ipam.addresses_of(&att.container_id, &att.ifname);
-        if held.is_empty() {
-            return Err(ApiError::new(
-                code::UNKNOWN_CONTAINER,
-                format!("no address is held for {}/{}", att.container_id, att.ifname),
-                "was ADD run for this container and interface?",
-            ));
-        }
-        let ifname = att.ifname.clone();
-        let found = netns
-            .run(move || {
-                with_rtnl(|h| async move {
-                    let Some(link) = rtnl::link_by_name(&h, &ifname)
-                        .await
-                        .map_err(|e| describe(&e))?
-                    else {
-                        return Ok(None);
-                    };
-                    let networks = rtnl::networks(&h, link.index)
-                        .await
-                        .map_err(|e| describe(&e))?;
-                    let routes = rtnl::routes_on(&h, link.index)
-                        .await
-                        .map_err(|e| describe(&e))?;
-                    Ok::<_, String>(Some(crate::check::Observed {
-                        up: link.up,
-                        mac: link.mac,
-                        networks,
-                        routes,
-                    }))
-                })
-            })
-            .map_err(|e| ApiError::new(code::DATAPLANE, "entering the pod netns", e.to_string()))?
-            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
-            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the pod's interface", e))?;
-        let Some(seen) = found else {
-            return Err(ApiError::new(
-                code::DATAPLANE,
-                format!("interface {} is missing from the pod", att.ifname),
-                "something removed it after ADD; delete and re-create the pod",
-            ));
-        };
-        crate::check::compare(&att.ifname, &held, att.netconf.get("prevResult"), &seen)?;
-        if conf.routing == Routing::Ebpf && held.iter().any(IpAddr::is_ipv4) {
-            let pin = self
-                .pin_root
-                .join(&att.container_id)
-                .join("links")
-                .join(&att.ifname);
-            if !pin.exists() {
-                return Err(ApiError::new(
-                    code::DATAPLANE,
-                    format!("the rail program is not attached to {}", att.ifname),
-                    format!("{} is missing; rail traffic is not steered", pin.display()),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Finishes the DELs the CNI left while the agent was away. Returns how
-    /// many were finished; a tombstone that cannot be finished stays.
-    pub fn finish_tombstones(&self, dir: &std::path::Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return 0;
-        };
-        let mut done = 0;
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.extension().and_then(|x| x.to_str()) != Some("json") {
-                continue;
-            }
-            let att: Attachment = match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            {
-                Ok(a) => a,
-                Err(why) => {
-                    tracing::warn!(tombstone = %path.display(), %why, "unreadable DEL tombstone left in place");
-                    continue;
-                }
-            };
-            // The pod's netns is gone or going: only pins and addresses are
-            // left to undo.
-            match self.del(&att, None) {
-                Ok(()) => {
-                    // Left in place, it is finished again (a no-op) next time.
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        tracing::warn!(tombstone = %path.display(), error = %e, "finished DEL tombstone not removed");
-                    }
-                    done += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(tombstone = %path.display(), error = %e, "DEL tombstone not finished yet")
-                }
-            }
-        }
-        done
-    }
-
-    /// CNI GC: releases every allocation of `req.network` whose attachment
-    /// is not in the valid list, and removes its pins. Returns how many.
-    pub fn gc(&self, req: &GcRequest) -> Result<usize, ApiError> {
-        let valid: std::collections::HashSet<(&str, &str)> = req
-            .valid
-            .iter()
-            .map(|(c, i)| (c.as_str(), i.as_str()))
-            .collect();
-        // An attachment whose pod netns is still alive is a live pod's,
-        // whatever the list says: an empty or short list (a runtime's bug,
-        // or a caller that is no runtime) must not take a running pod's
-        // addresses. Its DEL, or the sweep once the netns is gone, does.
-        let live = crate::netns::LiveNetns::scan();
-        let kept = std::sync::Mutex::new(Vec::new());
-        let released = self
-            .ipam
-            .release_where_allocation(|a| {
-                let stale = a.network == req.network
-                    && !valid.contains(&(a.key.container_id.as_str(), a.key.ifname.as_str()));
-                if stale && a.netns_inode != 0 && live.contains(a.netns()) {
-                    kept.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(format!("{}/{}", a.key.container_id, a.key.ifname));
-                    return false;
-                }
-                stale
-            })
-            .map_err(|e| ApiError::new(code::IO, "GC", e.to_string()))?;
-        let kept = kept.into_inner().unwrap_or_else(|p| p.into_inner());
-        if !kept.is_empty() {
-            tracing::warn!(network = %req.network, attachments = ?kept, "GC: not releasing attachments whose pod netns is alive");
-        }
-        for a in &released {
-            if valid_container_id(&a.key.container_id) {
-                let left = self.pins(&a.key.container_id).detach(&a.key.ifname, None);
-                if !left.is_empty() {
-                    tracing::warn!(container = %a.key.container_id, ifname = %a.key.ifname,
-                        errors = %left.join("; "), "GC: pins not all removed; the sweep tries again");
-                }
-            }
-        }
-        if let Some(info) = &self.pod_info
-            && !released.is_empty()
-        {
-            let forgot = info.forget_matching(None, |r| {
-                released
-                    .iter()
-                    .any(|a| a.key.container_id == r.container_id && a.key.ifname == r.interface)
-            });
-            if let Err(e) = forgot {
-                tracing::warn!(error = %e, "GC: released rails left in the pods' rail info");
-            }
-        }
-        Ok(released.len())
-    }
-
-    /// IPAM only: release.
-    pub fn ipam_del(&self, req: &IpamRequest) -> Result<(), ApiError> {
-        check_ids(&req.container_id, &req.ifname)?;
-        self.ipam
-            .release(&req.container_id, &req.ifname)
-            .map(|_| ())
-            .map_err(|e| ApiError::new(code::IO, "IPAM release", e.to_string()))
-    }
-
-    /// One address per family the network has pools for.
-    fn allocate(
-        &self,
-        container_id: &str,
-        ifname: &str,
-        ippools: &crate::netconf::IpPools,
-        match_master: Option<&str>,
-        netns: NetnsId,
-        // The network, the pod, and the addresses it asked for.
-        (network, pod, requested): (&str, PodIds<'_>, &[IpAddr]),
-    ) -> Result<RailAddresses, ApiError> {
-        let namespace = pod.namespace;
-        let owner = crate::ipam::cluster::Owner {
-            netns,
-            network: network.to_owned(),
-            pod_namespace: pod.namespace.unwrap_or_default().to_owned(),
-            pod_name: pod.name.unwrap_or_default().to_owned(),
-            pod_uid: pod.uid.unwrap_or_default().to_owned(),
-        };
-        let master_addresses = if let Some(master) = match_master {
-            let name = master.to_owned();
-            let addrs = with_rtnl(|h| async move {
-                match rtnl::link_by_name(&h, &name).await {
-                    Ok(Some(l)) => rtnl::networks(&h, l.index)
-                        .await
-                        .map(Some)
-                        .map_err(|e| describe(&e)),
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(describe(&e)),
-                }
-            })
-            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
-            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the master's addresses", e))?;
-            // A master that is not there is the config's fault, not the
-            // pools': said as without matchMasterSubnet.
-            let Some(addrs) = addrs else {
-                return Err(ApiError::new(
-                    code::INVALID_CONFIG,
-                    format!("master {master:?} not found on this node"),
-                    "set \"master\" to one of the node's rail NICs (`ip link` lists them)",
-                ));
-            };
-            Some(addrs)
-        } else {
-            None
-        };
-        let mut addrs = RailAddresses::default();
-        let pools = self.ipam.pools();
-        for (patterns, family) in [(&ippools.ipv4, Family::V4), (&ippools.ipv6, Family::V6)] {
-            if patterns.is_empty() {
-                continue;
-            }
-            let candidates = crate::ipam::select(
-                &pools,
-                &PoolRequest {
-                    patterns,
-                    family,
-                    node: &self.node_name,
-                    namespace,
-                    network,
-                    master_addresses: master_addresses.as_deref(),
-                },
-            );
-            let key = AllocationKey {
-                container_id: container_id.to_owned(),
-                ifname: ifname.to_owned(),
-                family,
-            };
-            // An address the pod asked for (runtimeConfig.ips), else the
-            // next free one.
-            let wanted = requested
-                .iter()
-                .find(|a| a.is_ipv6() == (family == Family::V6));
-            let alloc = self
-                .ipam
-                .allocate_owned(key, &candidates, wanted.copied(), &owner)
-                .map_err(|e| match e {
-                    // The API server is away: the runtime tries again.
-                    IpamError::Unavailable(_) => {
-                        ApiError::new(code::TRY_AGAIN, "IPAM", e.to_string())
-                    }
-                    _ => ApiError::new(code::POOL_EXHAUSTED, "IPAM", e.to_string()),
-                })?;
-            // A repeated ADD may name a pool removed since (its address
-            // is still held): say so rather than guess its subnet.
-            let Some(pool) = pools.get(&alloc.pool) else {
-                return Err(ApiError::new(
-                    code::POOL_EXHAUSTED,
-                    "IPAM",
-                    format!(
-                        "{} is held from pool {}, which no longer exists; delete the pod",
-                        alloc.address, alloc.pool
-                    ),
-                ));
-            };
-            let net = IpNet::new(alloc.address, pool.subnet.prefix_len())
-                .expect("prefix comes from a valid subnet");
-            let routes = pool.routes.iter().map(|r| (r.dst.trunc(), r.gw));
-            addrs.extra_routes.extend(routes);
-            match (net, pool.gateway) {
-                (IpNet::V4(n), gw) => {
-                    addrs.v4 = Some(n);
-                    addrs.gw4 = match gw {
-                        Some(IpAddr::V4(g)) => Some(g),
-                        _ => None,
-                    };
-                }
-                (IpNet::V6(n), gw) => {
-                    addrs.v6 = Some(n);
-                    addrs.gw6 = match gw {
-                        Some(IpAddr::V6(g)) => Some(g),
-                        _ => None,
-                    };
-                }
-            }
-        }
-        Ok(addrs)
     }
 
     /// CNI DEL: idempotent, best effort; releases the address even when the
