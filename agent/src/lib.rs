@@ -1,5 +1,13 @@
 //! railnet's node agent: IPAM, pod interface wiring, the per-pod tc program
-//! and the unix socket the CNI binary calls. See DESIGN.md for the map.
+//! and the unix socket the CNI binary calls.
+//!
+//! Where things live: [`rail`] runs a rail's ADD (as steps with their undo)
+//! and DEL; [`link`] makes each kind of pod interface; [`ipam`] hands out
+//! addresses (a local store, or RailBlocks in the API server);
+//! [`dataplane`] loads and attaches the rail program; [`rdma`] and
+//! [`sriov`] move RDMA devices and VFs; [`server`] is the CNI socket;
+//! [`controller`] and [`webhook`] are the cluster side. The README's
+//! layout table says what each may call.
 
 pub use railnet_wire::{api, netconf};
 pub mod bpf_object;

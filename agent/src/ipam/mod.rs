@@ -3,7 +3,7 @@
 //! Allocation happens in memory under one lock (so no address can have two
 //! owners), then is made durable before the caller hears of it; a failed
 //! write undoes the reservation. Where the choice is made and what makes it
-//! durable is the IPAM mode, a [`backend`]: the node's own store (redb on
+//! durable is the IPAM mode, a backend (`backend.rs`): the node's own store (redb on
 //! local disk with group commit: concurrent ADDs share one fsync), or
 //! blocks in the API server shared by every node ([`cluster`]) with that
 //! store as the node's journal.

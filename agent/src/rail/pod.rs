@@ -206,7 +206,8 @@ impl PodRail {
                 tracing::warn!(ifname = %ifname, error = %e, "gratuitous ARP not sent");
             }
         }
-        // The program steers IPv4; IPv6 always uses rules (DESIGN.md).
+        // The program steers IPv4; IPv6 always uses rules (IPv6 route
+        // lookups ignore the output device a program would pick).
         if self.routing == Routing::Ebpf
             && let Some(v4) = self.addrs.v4
         {

@@ -7,7 +7,8 @@
 //! destination when it is on-link in K's subnet), and only when the
 //! destination is inside the RDMA CIDRs: everything else is left to the main
 //! table, which is what `ip rule not to <RDMA CIDR> lookup main` means in a
-//! rules-based setup. See DESIGN.md, "Rail routing".
+//! rules-based setup. IPv6 and InfiniBand rails get per-rail rules instead
+//! (the agent installs them); this program sees only Ethernet IPv4.
 #![no_std]
 #![no_main]
 

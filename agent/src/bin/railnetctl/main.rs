@@ -40,7 +40,7 @@ enum Command {
         #[arg(long)]
         expect: Option<Mode>,
     },
-    /// Inside a pod: writes <out>/rails.json and <out>/nccl.env from the
+    /// Inside a pod: writes `<out>/rails.json` and `<out>/nccl.env` from the
     /// records railnet left on the pod's rail interfaces. Needs no
     /// privilege, no hostPath and no API access.
     PodInfo {

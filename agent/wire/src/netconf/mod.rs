@@ -252,7 +252,9 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     crate::mac::parse(text).filter(|mac| mac[0] & 1 == 0 && *mac != [0; 6])
 }
 
-/// How a rail's traffic is kept on its rail (DESIGN.md, "Rail routing").
+/// How a rail's traffic is kept on its rail: a packet sourced from rail K's
+/// address must leave on rail K, whichever rail the kernel's lowest-metric
+/// route picks.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
@@ -595,7 +597,7 @@ impl NetConf {
         }
         // The rail program reads Ethernet frames; IPoIB (an IPoIB child, or
         // an InfiniBand VF's netdev) carries none, so IB rails are kept on
-        // their rail by per-rail rules (DESIGN.md).
+        // their rail by per-rail rules.
         if conf.ipoib() || conf.ib_sriov() {
             conf.routing = Routing::Rules;
         }
