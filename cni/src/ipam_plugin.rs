@@ -192,7 +192,7 @@ pub(crate) fn run(
                 Ok(Response::Ok { .. }) => Ok(None),
                 Ok(Response::Error(e)) => Err(e),
                 Err(e) => {
-                    let att = attachment(stdin, env)?;
+                    let att = attachment(stdin, env, None)?;
                     write_tombstone(&paths.tombstones, &att)
                         .map(|()| None)
                         .map_err(|te| {

@@ -112,7 +112,7 @@ fn run(
         )),
         "ADD" => {
             let conf = parse(stdin)?;
-            let att = attachment(stdin, env)?;
+            let att = attachment(stdin, env, Some(conf.clone()))?;
             let (netns_path, netns) = open_netns(env)?;
             let socket = paths(stdin, env)?.socket;
             let resp = call(&socket, Op::Add(att), Some(&netns)).map_err(|e| {
@@ -141,8 +141,9 @@ fn run(
             }
         }
         "DEL" => {
-            // DEL must succeed on configs and netns that are half gone.
-            let att = attachment(stdin, env)?;
+            // DEL must succeed on configs and netns that are half gone: the
+            // agent reads only what it needs of the text.
+            let att = attachment(stdin, env, None)?;
             let netns = env("CNI_NETNS").and_then(|p| File::open(p).ok());
             let paths = del_paths(stdin, env);
             let socket = paths.socket.clone();
@@ -199,7 +200,7 @@ fn run(
                     "the config says 0.3.1, which has no CHECK",
                 ));
             }
-            let att = attachment(stdin, env)?;
+            let att = attachment(stdin, env, Some(conf))?;
             let (_, netns) = open_netns(env)?;
             ask(
                 &paths(stdin, env)?.socket,
@@ -284,15 +285,19 @@ pub(crate) fn parse(stdin: &[u8]) -> Result<NetConf, ApiError> {
     })
 }
 
+/// The attachment a request carries: the ids from the environment, the
+/// config as read and, for ADD and CHECK, as parsed (`conf`).
 pub(crate) fn attachment(
     stdin: &[u8],
     env: &impl Fn(&str) -> Option<String>,
+    conf: Option<NetConf>,
 ) -> Result<Attachment, ApiError> {
     let netconf = serde_json::from_slice(stdin).unwrap_or(serde_json::Value::Null);
     Ok(Attachment {
         container_id: need(env, "CNI_CONTAINERID")?,
         ifname: need(env, "CNI_IFNAME")?,
         netconf,
+        conf,
         args: api::parse_cni_args(&env("CNI_ARGS").unwrap_or_default()),
     })
 }
@@ -453,6 +458,7 @@ mod tests {
             container_id: c.into(),
             ifname: "net1".into(),
             netconf: serde_json::json!({}),
+            conf: None,
             args: Default::default(),
         };
         for c in ["a", "b", "c"] {

@@ -154,3 +154,50 @@ fn a_caller_that_is_not_root_is_refused_even_if_the_socket_is_open_to_it() {
     let status = agent_call_with_fd(&agent.socket, Op::Status, None).unwrap();
     assert!(matches!(status, Response::Ok { .. }), "{status:?}");
 }
+
+/// Across a rolling upgrade the agent may be newer than the CNI on the
+/// node: an ADD carrying the config as text only (what railnet's previous
+/// CNI sent) is served as before. A typed config is checked again by the
+/// agent, not trusted: one the CNI would have refused (rail 0) is refused
+/// before anything is made.
+#[test]
+fn an_older_cnis_text_only_add_is_served_and_a_typed_config_is_checked_again() {
+    use railnet_agent::{api::Attachment, netconf::NetConf};
+    let fabric = RailFabric::new(1, 1);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let conf = fabric.netconf(1, &agent, "ebpf");
+    let (old, forged) = (fabric.pod(0), fabric.pod(0));
+    let add = |cid: &str, typed: Option<NetConf>, pod: &railnet_tests::FabricPod| {
+        let netns = std::fs::File::open(pod.ns.path()).unwrap();
+        let att = Attachment {
+            container_id: cid.into(),
+            ifname: "net1".into(),
+            netconf: conf.clone(),
+            conf: typed,
+            args: Default::default(),
+        };
+        agent_call_with_fd(&agent.socket, Op::Add(att), Some(netns.as_fd())).unwrap()
+    };
+    let cid = unique("old-cni");
+    match add(&cid, None, &old) {
+        Response::Ok {
+            result: Some(r), ..
+        } => assert_eq!(r.interface.name, "net1"),
+        other => panic!("a text-only ADD was not served: {other:?}"),
+    }
+    assert!(old.ns.has_link("net1"));
+
+    let mut bad = NetConf::parse(conf.to_string().as_bytes()).unwrap();
+    bad.rail = 0;
+    match add(&unique("forged"), Some(bad), &forged) {
+        Response::Error(e) => {
+            assert_eq!(e.code, 7, "{e:?}");
+            assert!(e.details.contains("rail 0 is out of range"), "{e:?}");
+        }
+        other => panic!("a typed config the CNI would refuse was served: {other:?}"),
+    }
+    assert!(!forged.ns.has_link("net1"));
+    assert_eq!(agent.allocations(&fabric.nodes[0]), 1);
+    assert!(cni("DEL", &conf, &cid, Some(&old.ns.path()), "net1").ok);
+    assert_eq!(agent.allocations(&fabric.nodes[0]), 0);
+}

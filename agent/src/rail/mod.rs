@@ -144,6 +144,16 @@ fn valid_container_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// The network config of an ADD or CHECK, checked: the typed one the CNI
+/// sent, checked again, or (an older CNI sent only the text) parsed here.
+fn conf_of(att: &Attachment) -> Result<NetConf, ApiError> {
+    let conf = match &att.conf {
+        Some(conf) => conf.clone().checked(),
+        None => NetConf::parse(att.netconf.to_string().as_bytes()),
+    };
+    conf.map_err(|e| invalid("invalid network config", e.to_string()))
+}
+
 /// Sets `alias` on interface `ifname` in the pod's netns.
 fn label_interface(netns: &PodNetns, ifname: &str, alias: &str) -> Result<(), String> {
     let (ifname, alias) = (ifname.to_owned(), alias.to_owned());
@@ -174,12 +184,13 @@ impl RailService {
     /// also written where its workload reads it ([`crate::podinfo`]).
     pub fn add(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
         let _gate = self.sweep_gate.read().unwrap_or_else(|p| p.into_inner());
-        let result = self.add_rail(att, netns)?;
+        let conf = conf_of(att)?;
+        let result = self.add_rail(att, &conf, netns)?;
         let rail = crate::podinfo::RailInfo::of(
             &att.container_id,
             &att.ifname,
-            att.netconf["rail"].as_u64().unwrap_or(0) as u32,
-            att.netconf["name"].as_str().unwrap_or_default(),
+            conf.rail,
+            &conf.name,
             &result,
         );
         // Best effort, like Multus's device info: the rail works without
@@ -197,9 +208,12 @@ impl RailService {
         Ok(result)
     }
 
-    fn add_rail(&self, att: &Attachment, netns: &PodNetns) -> Result<AddResult, ApiError> {
-        let conf = NetConf::parse(att.netconf.to_string().as_bytes())
-            .map_err(|e| invalid("invalid network config", e.to_string()))?;
+    fn add_rail(
+        &self,
+        att: &Attachment,
+        conf: &NetConf,
+        netns: &PodNetns,
+    ) -> Result<AddResult, ApiError> {
         if !valid_container_id(&att.container_id) {
             return Err(ApiError::new(
                 code::INVALID_ENV,
@@ -217,7 +231,7 @@ impl RailService {
                 format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
             ));
         }
-        self.master_allowed(&conf)?;
+        self.master_allowed(conf)?;
         // ib-kubernetes (when the network waits for it) must have given the
         // pod its GUID: "try again" until it has.
         if let Err(why) = conf.ib_kubernetes_ready() {
@@ -230,7 +244,7 @@ impl RailService {
         let kind = link::of(conf.mode);
         // RDMA first: a node in the wrong mode or a master without an RDMA
         // device is refused before anything is made.
-        let rdma = rdma_plan(&conf, kind, &self.sysfs_root)?;
+        let rdma = rdma_plan(conf, kind, &self.sysfs_root)?;
         // Read once: it takes a thread that enters the pod netns.
         let netns_id = netns.id();
         sweep_can_see(netns_id)?;
@@ -250,7 +264,7 @@ impl RailService {
                 kind,
                 netns: Some(netns),
             },
-            &conf,
+            conf,
             netns_id,
             rdma,
             held_before,

@@ -3,10 +3,10 @@
 
 use std::net::IpAddr;
 
-use super::{RailService, check_ids, invalid, valid_container_id};
+use super::{RailService, check_ids, conf_of, valid_container_id};
 use crate::{
     api::{ApiError, Attachment, GcRequest, code},
-    netconf::{NetConf, Routing},
+    netconf::Routing,
     netns::PodNetns,
     rtnl::{self, describe, with_rtnl},
 };
@@ -17,8 +17,7 @@ impl RailService {
     /// routes; see [`crate::check`]), and (eBPF mode) the program is
     /// attached to it.
     pub fn check(&self, att: &Attachment, netns: &PodNetns) -> Result<(), ApiError> {
-        let conf = NetConf::parse(att.netconf.to_string().as_bytes())
-            .map_err(|e| invalid("invalid network config", e.to_string()))?;
+        let conf = conf_of(att)?;
         check_ids(&att.container_id, &att.ifname)?;
         let held = self.ipam.addresses_of(&att.container_id, &att.ifname);
         if held.is_empty() {

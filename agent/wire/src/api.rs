@@ -161,8 +161,15 @@ pub struct Attachment {
     pub container_id: String,
     /// `CNI_IFNAME`.
     pub ifname: String,
-    /// The network config exactly as read from stdin.
+    /// The network config exactly as read from stdin (CHECK's
+    /// `prevResult` is read from it, and DEL reads only what it needs).
     pub netconf: serde_json::Value,
+    /// The same config as the CNI parsed and checked it (ADD and CHECK);
+    /// the agent checks it again as a type, never re-reading the text.
+    /// Absent from what an older CNI sent or left as a tombstone: the
+    /// agent then parses `netconf` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conf: Option<crate::netconf::NetConf>,
     /// `CNI_ARGS` as Multus sends them (`K8S_POD_NAMESPACE`, …).
     #[serde(default)]
     pub args: std::collections::BTreeMap<String, String>,
@@ -531,6 +538,18 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
+    /// Across a rolling upgrade: what the previous CNI sent (and left as
+    /// DEL tombstones) has no typed config; it still reads, and the typed
+    /// one is left out of the JSON when there is none.
+    #[test]
+    fn an_older_cnis_attachment_reads_without_a_typed_config() {
+        let old = r#"{"container_id":"c1","ifname":"net1","netconf":{"name":"rail1"},"args":{"K8S_POD_UID":"u1"}}"#;
+        let att: Attachment = serde_json::from_str(old).unwrap();
+        assert_eq!(att.conf, None);
+        assert_eq!(att.args["K8S_POD_UID"], "u1");
+        assert_eq!(serde_json::to_string(&att).unwrap(), old);
+    }
+
     #[test]
     fn request_and_fd_cross_a_socket() {
         let (mut a, mut b) = UnixStream::pair().unwrap();
@@ -541,6 +560,7 @@ mod tests {
                 container_id: "c1".into(),
                 ifname: "net1".into(),
                 netconf: serde_json::json!({"name": "rail1"}),
+                conf: None,
                 args: parse_cni_args("IgnoreUnknown=true;K8S_POD_NAMESPACE=default;broken"),
             }),
         };

@@ -579,8 +579,18 @@ impl NetConf {
 
     /// Parses and validates a config from CNI stdin bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, NetConfError> {
-        let mut conf: NetConf =
+        let conf: NetConf =
             serde_json::from_slice(bytes).map_err(|e| NetConfError::Decode(e.to_string()))?;
+        conf.checked()
+    }
+
+    /// Settles what the config leaves to be inferred (the VF's PCI address
+    /// from its several keys, IB rails' routing) and validates the whole:
+    /// what [`Self::parse`] does after decoding. A config that has been
+    /// through it once comes back the same, so the agent checks a typed
+    /// config the CNI sent it again, trusting nothing.
+    pub fn checked(self) -> Result<Self, NetConfError> {
+        let mut conf = self;
         match (conf.device_id.take(), conf.pci_bus_id.take()) {
             (Some(d), Some(p)) if d != p => return Err(NetConfError::DeviceIdMismatch(d, p)),
             (d, p) => conf.device_id = d.or(p),
@@ -769,6 +779,46 @@ mod tests {
                 "master":"eth1","ippools":{{"ipv4":["rail1"]}}{extra}}}"#
         )
         .into_bytes()
+    }
+
+    /// What crosses the socket: a parsed config, sent as JSON and checked
+    /// again by the agent, is the config the CNI parsed — for every kind
+    /// of rail and the keys each reads.
+    #[test]
+    fn a_parsed_config_sent_and_checked_again_is_the_same_config() {
+        for extra in [
+            r#","rdmaCIDRs":["172.16.0.0/16"],"routing":"rules","mtu":4200,"matchMasterSubnet":true"#,
+            r#","mode":"ipvlan","detectIPConflict":true,"detectGateway":true"#,
+            r#","runtimeConfig":{"mac":"02:aa:bb:cc:dd:ee","ips":["172.16.1.50/24"]}"#,
+            r#","mode":"sriov","pciBusID":"0000:3b:00.2","vlan":100,"vlanQoS":3,"spoofchk":"off","trust":"on","link_state":"enable""#,
+            r#","mode":"sriov","runtimeConfig":{"deviceID":"0000:3b:00.3"},"rdmaIsolation":true"#,
+            r#","mode":"ib-sriov","deviceID":"0000:3b:00.4","guid":"00:00:00:00:00:00:00:0a","pkey":"0x8001","link_state":"enable""#,
+            r#","mode":"ib-sriov","deviceID":"0000:3b:00.4","ibKubernetesEnabled":true,"runtimeConfig":{"infinibandGUID":"0c:00:00:00:00:00:00:0c"}"#,
+            r#","mode":"ipoib","pkey":"0x8002""#,
+            r#","mode":"chained""#,
+        ] {
+            let parsed = NetConf::parse(&conf(extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+            let sent = serde_json::to_value(&parsed).unwrap();
+            let received: NetConf = serde_json::from_value(sent).unwrap();
+            assert_eq!(received.checked().unwrap(), parsed, "{extra}");
+        }
+    }
+
+    /// The agent checks a typed config as it checks text: a config the CNI
+    /// would refuse is refused however it arrives.
+    #[test]
+    fn a_typed_config_is_checked_as_text_is() {
+        let good = NetConf::parse(&conf("")).unwrap();
+        let mut bad = good.clone();
+        bad.rail = 0;
+        assert_eq!(bad.checked().unwrap_err(), NetConfError::Rail(0));
+        let mut bad = good;
+        bad.mode = Mode::Sriov;
+        bad.device_id = Some("../../etc".into());
+        assert!(matches!(
+            bad.checked(),
+            Err(NetConfError::DeviceIdNotPci(_))
+        ));
     }
 
     #[test]
