@@ -119,14 +119,21 @@ fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
     ApiError::new(code::INVALID_CONFIG, msg, details)
 }
 
+/// The one check of the ids a request names, before either is used (a
+/// container ID becomes a directory name, an interface name a netdev's).
 fn check_ids(container_id: &str, ifname: &str) -> Result<(), ApiError> {
-    if !valid_container_id(container_id) || !valid_ifname(ifname) {
+    if !valid_container_id(container_id) {
         return Err(ApiError::new(
             code::INVALID_ENV,
-            "invalid CNI_CONTAINERID or CNI_IFNAME",
-            format!(
-                "{container_id:?} / {ifname:?}: IDs of letters, digits, '-', '_', '.'; names of 1 to 15 bytes"
-            ),
+            "invalid CNI_CONTAINERID",
+            format!("{container_id:?}: use letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    if !valid_ifname(ifname) {
+        return Err(ApiError::new(
+            code::INVALID_ENV,
+            "invalid CNI_IFNAME",
+            format!("{ifname:?}: 1 to 15 bytes, no '/', ':' or spaces"),
         ));
     }
     Ok(())
@@ -214,23 +221,7 @@ impl RailService {
         conf: &NetConf,
         netns: &PodNetns,
     ) -> Result<AddResult, ApiError> {
-        if !valid_container_id(&att.container_id) {
-            return Err(ApiError::new(
-                code::INVALID_ENV,
-                "invalid CNI_CONTAINERID",
-                format!(
-                    "{:?}: use letters, digits, '-', '_' and '.'",
-                    att.container_id
-                ),
-            ));
-        }
-        if !valid_ifname(&att.ifname) {
-            return Err(ApiError::new(
-                code::INVALID_ENV,
-                "invalid CNI_IFNAME",
-                format!("{:?}: 1 to 15 bytes, no '/', ':' or spaces", att.ifname),
-            ));
-        }
+        check_ids(&att.container_id, &att.ifname)?;
         self.master_allowed(conf)?;
         // ib-kubernetes (when the network waits for it) must have given the
         // pod its GUID: "try again" until it has.
@@ -327,13 +318,7 @@ impl RailService {
     }
 
     fn del_rail(&self, att: &Attachment, netns: Option<&PodNetns>) -> Result<(), ApiError> {
-        if !valid_container_id(&att.container_id) || !valid_ifname(&att.ifname) {
-            return Err(ApiError::new(
-                code::INVALID_ENV,
-                "invalid CNI_CONTAINERID or CNI_IFNAME",
-                format!("{:?} / {:?}", att.container_id, att.ifname),
-            ));
-        }
+        check_ids(&att.container_id, &att.ifname)?;
         // DEL gets the same config as ADD, but must take the rail down even
         // when that config no longer parses (an upgrade, an edited NAD):
         // only the two keys it needs are read, and a mode it cannot read
