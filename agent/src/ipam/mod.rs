@@ -128,24 +128,37 @@ struct State {
     /// node with tens of thousands of allocations stays small.
     held: HashMap<AllocationKey, Held>,
     index: HashMap<String, PoolIndex>,
-    names: std::collections::HashSet<Arc<str>>,
+    /// Pool and network names, each once; [`Held`] names them by index.
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, u32>,
 }
 
+/// One held address: 48 bytes, so 65 000 of them (a big node's worth in
+/// `bench ipam`) stay a few MB.
 struct Held {
-    pool: Arc<str>,
     address: IpAddr,
     netns: NetnsId,
-    network: Arc<str>,
+    /// Index into [`State::names`].
+    pool: u32,
+    /// Index into [`State::names`].
+    network: u32,
 }
 
 impl State {
-    fn intern(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.names.get(name) {
-            return n.clone();
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
         }
         let n: Arc<str> = Arc::from(name);
-        self.names.insert(n.clone());
-        n
+        let id = u32::try_from(self.names.len()).expect("fewer than 2^32 pool and network names");
+        self.names.push(n.clone());
+        self.ids.insert(n, id);
+        id
+    }
+
+    /// The pool or network name `id` stands for.
+    fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
     }
 
     /// Holds a fresh allocation and returns its record.
@@ -235,14 +248,14 @@ impl State {
         self.held.insert(a.key.clone(), held);
     }
 
-    fn record(key: &AllocationKey, h: &Held) -> Allocation {
+    fn record(&self, key: &AllocationKey, h: &Held) -> Allocation {
         Allocation {
             key: key.clone(),
-            pool: h.pool.to_string(),
+            pool: self.name(h.pool).to_owned(),
             address: h.address,
             netns_inode: h.netns.inode,
             netns_cookie: h.netns.cookie,
-            network: h.network.to_string(),
+            network: self.name(h.network).to_owned(),
             pod: PodRef::default(),
         }
     }
@@ -357,7 +370,7 @@ impl Ipam {
             }
             let mut ix = PoolIndex::new(pool);
             for h in state.held.values() {
-                if &*h.pool == name.as_str() && pool.subnet.contains(&h.address) {
+                if state.name(h.pool) == name.as_str() && pool.subnet.contains(&h.address) {
                     ix.mark(pool, h.address);
                 }
             }
@@ -375,7 +388,7 @@ impl Ipam {
         let orphans: Vec<IpAddr> = state
             .held
             .values()
-            .filter(|h| !state.own_pool_covers(&h.pool, h.address))
+            .filter(|h| !state.own_pool_covers(state.name(h.pool), h.address))
             .map(|h| h.address)
             .collect();
         for address in orphans {
@@ -421,7 +434,7 @@ impl Ipam {
         key: &AllocationKey,
         wanted: Option<IpAddr>,
     ) -> Option<Result<Allocation, IpamError>> {
-        let held = State::record(key, state.held.get(key)?);
+        let held = state.record(key, state.held.get(key)?);
         Some(match wanted {
             Some(a) if a != held.address => Err(IpamError::Requested {
                 address: a,
@@ -683,13 +696,15 @@ impl Ipam {
         &self,
         doomed: impl Fn(&Allocation) -> bool,
     ) -> Result<Vec<Allocation>, IpamError> {
-        let keys: Vec<AllocationKey> = self
-            .lock()
-            .held
-            .iter()
-            .filter(|(k, h)| doomed(&State::record(k, h)))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys: Vec<AllocationKey> = {
+            let state = self.lock();
+            state
+                .held
+                .iter()
+                .filter(|(k, h)| doomed(&state.record(k, h)))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
         self.release_keys(&keys)
     }
 
@@ -699,8 +714,9 @@ impl Ipam {
             let mut out = Vec::new();
             for k in keys {
                 if let Some(h) = state.held.remove(k) {
-                    state.free(&h.pool, h.address);
-                    out.push(State::record(k, &h));
+                    let pool = state.name(h.pool).to_owned();
+                    state.free(&pool, h.address);
+                    out.push(state.record(k, &h));
                 }
             }
             out
@@ -729,12 +745,10 @@ impl Ipam {
 
     /// Every allocation held.
     pub fn allocations(&self) -> Vec<Allocation> {
-        let mut v: Vec<Allocation> = self
-            .lock()
-            .held
-            .iter()
-            .map(|(k, h)| State::record(k, h))
-            .collect();
+        let mut v: Vec<Allocation> = {
+            let state = self.lock();
+            state.held.iter().map(|(k, h)| state.record(k, h)).collect()
+        };
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
     }
@@ -849,6 +863,17 @@ mod tests {
     use proptest::prelude::*;
 
     use super::{pool::tests::spec, *};
+
+    /// A node's held addresses stay small: 48 bytes an entry besides its
+    /// key (the names live once in the state).
+    #[test]
+    fn a_held_address_costs_48_bytes() {
+        assert!(
+            std::mem::size_of::<Held>() <= 48,
+            "{}",
+            std::mem::size_of::<Held>()
+        );
+    }
 
     #[test]
     fn overlapping_pools_are_refused_naming_both_and_the_range() {
