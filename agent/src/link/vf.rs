@@ -53,7 +53,7 @@ impl RailLink for Vf {
     }
 
     fn take_host(&self, cx: &LinkCx<'_>) -> Result<Option<Taken>, ApiError> {
-        prepare_vf(cx).map(Some)
+        prepare_vf(cx, self.infiniband).map(Some)
     }
 
     fn create(&self, cx: &LinkCx<'_>, taken: Option<&Taken>) -> Result<u32, ApiError> {
@@ -81,10 +81,11 @@ impl RailLink for Vf {
 /// Modes sriov and ib-sriov, before anything else changes: records what
 /// the VF netdev of `deviceID` looks like and what its PF says of it,
 /// then sets what goes through the PF (VLAN, MAC, link state, GUIDs).
+/// `ib`: an InfiniBand VF (its netdev must have, or be given, a GUID).
 /// A new GUID takes effect only when the VF's driver probes it again,
 /// so the VF is rebound, which makes its netdev and RDMA device anew —
 /// hence before RDMA isolation. On error nothing is left changed.
-fn prepare_vf(cx: &LinkCx<'_>) -> Result<Taken, ApiError> {
+fn prepare_vf(cx: &LinkCx<'_>, ib: bool) -> Result<Taken, ApiError> {
     let (conf, who) = (cx.conf, cx.who);
     let bdf = conf.device_id.clone().unwrap_or_default();
     sriov::must_be_vf(who.sysfs_root, &bdf).map_err(|e| {
@@ -123,7 +124,6 @@ fn prepare_vf(cx: &LinkCx<'_>) -> Result<Taken, ApiError> {
     let holder = sriov::Holder::of(cx.args, who.container_id, who.ifname);
     let cid = who.container_id.to_owned();
     let ifname = who.ifname.to_owned();
-    let ib = conf.ib_sriov();
     let vf_name = vf.clone();
     let bdf2 = bdf.clone();
     let prepared = with_rtnl(|h| async move {

@@ -178,8 +178,8 @@ impl<'a> Adding<'a> {
 
     /// What the ADD answers, once every step has run: the pod side's
     /// result and the RDMA device the pod uses on this rail.
-    pub(super) fn finish(self) -> AddResult {
-        let mut result = self.result.clone().expect("the pod side was configured");
+    pub(super) fn finish(mut self) -> AddResult {
+        let mut result = self.result.take().expect("the pod side was configured");
         result.rdma = self.rdma_result(&result);
         if let (RdmaPlan::Shared(_), Some(r)) = (&self.rdma, &result.rdma) {
             tracing::info!(

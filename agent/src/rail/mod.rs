@@ -115,10 +115,6 @@ fn sweep_can_see(id: NetnsId) -> Result<(), ApiError> {
     ))
 }
 
-fn invalid(msg: impl Into<String>, details: impl Into<String>) -> ApiError {
-    ApiError::new(code::INVALID_CONFIG, msg, details)
-}
-
 /// The one check of the ids a request names, before either is used (a
 /// container ID becomes a directory name, an interface name a netdev's).
 fn check_ids(container_id: &str, ifname: &str) -> Result<(), ApiError> {
@@ -158,7 +154,7 @@ fn conf_of(att: &Attachment) -> Result<NetConf, ApiError> {
         Some(conf) => conf.clone().checked(),
         None => NetConf::parse(att.netconf.to_string().as_bytes()),
     };
-    conf.map_err(|e| invalid("invalid network config", e.to_string()))
+    conf.map_err(|e| ApiError::invalid_config("invalid network config", e.to_string()))
 }
 
 /// Sets `alias` on interface `ifname` in the pod's netns.
@@ -275,7 +271,7 @@ impl RailService {
         {
             return Ok(());
         }
-        Err(invalid(
+        Err(ApiError::invalid_config(
             format!(
                 "master {} is not one this node allows for rails",
                 conf.master
