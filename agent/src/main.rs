@@ -428,6 +428,14 @@ fn main() -> ExitCode {
             }
         };
         info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), metrics = %args.metrics_address, "serving");
+        // The rail programs' rare events, with the pod and rail they concern.
+        let program_log = match dataplane::log::open(&args.pin_root) {
+            Ok(logger) => Some(tokio::spawn(dataplane::log::forward(logger))),
+            Err(e) => {
+                tracing::warn!(error = %e, "the rail programs' log is not forwarded");
+                None
+            }
+        };
         let metrics = Arc::new(railnet_agent::metrics::Metrics::default());
         let metrics_task = tokio::spawn(railnet_agent::metrics::serve(
             metrics_listener,
@@ -473,7 +481,10 @@ fn main() -> ExitCode {
         };
         let last = service.clone();
         server::serve(listener, args.socket, service, metrics, shutdown_signal()).await;
-        for task in [uninstall_watch, labeller].into_iter().flatten() {
+        for task in [uninstall_watch, labeller, program_log]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
         sweeper.abort();
@@ -506,6 +517,11 @@ fn main() -> ExitCode {
             match gone {
                 Ok(true) => {
                     railnet_agent::uninstall::remove_cni_binaries(dir, held);
+                    if held == 0
+                        && let Err(e) = dataplane::log::unpin(&args.pin_root)
+                    {
+                        tracing::warn!(error = %e, "the rail programs' log buffer stays pinned");
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot tell an uninstall from a restart; the CNI binaries stay"),

@@ -697,7 +697,7 @@ fn del_and_a_vanished_netns_leave_no_program_map_or_pin() {
 #[test]
 fn a_redirect_that_would_not_fit_the_rail_mtu_is_passed_and_counted() {
     let fabric = RailFabric::new(2, RAILS);
-    let agent_a = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let mut agent_a = Agent::start(&fabric.nodes[0], &fabric.pools(0));
     let agent_b = Agent::start(&fabric.nodes[1], &fabric.pools(1));
     let a = RailedPod::with_mtu(&fabric, 0, &agent_a, "ebpf", &[(2, 1280)]);
     let b = RailedPod::new(&fabric, 1, &agent_b, "ebpf");
@@ -710,10 +710,55 @@ fn a_redirect_that_would_not_fit_the_rail_mtu_is_passed_and_counted() {
     );
     assert_on_rail(&deltas(&before, &fabric.rails_rx(0)), wrong, PINGS);
     assert!(verdict_count(&a.pins(&agent_a), 2, Verdict::MtuExceeded) >= u64::from(PINGS));
+    // The program says so through the agent, naming the pod and the rail,
+    // once: the repeats within a few seconds are counted, not repeated.
+    let said = program_says(&agent_a, 0, &a.cid, 2, "does not fit the rail's MTU");
+    assert_eq!(
+        said,
+        1,
+        "one line for {PINGS} big pings:\n{}",
+        agent_a.log()
+    );
     // Small packets from the same address are still steered.
     let before = fabric.rails_rx(0);
     assert!(a.pod.ns.ping(a.ip(2), b.ip(5), PINGS, 56));
     assert_on_rail(&deltas(&before, &fabric.rails_rx(0)), 2, PINGS);
+    // One log buffer per node, pinned: the program the first agent loaded
+    // still reaches the agent that replaced it.
+    agent_a.stop();
+    let earlier = agent_a.log().len();
+    agent_a.spawn(&fabric.nodes[0]);
+    assert!(a.pod.ns.ping(a.ip(2), b.ip(5), 1, 1300));
+    let said = program_says(&agent_a, earlier, &a.cid, 2, "does not fit the rail's MTU");
+    assert_eq!(
+        said,
+        1,
+        "the restarted agent forwards the program's log:\n{}",
+        agent_a.log()
+    );
     a.del(&fabric, &agent_a, "ebpf");
     b.del(&fabric, &agent_b, "ebpf");
+}
+
+/// How many lines the agent logged, from byte `from` of its log, are the
+/// rail program's event `what` about `cid`'s rail `rail` (forwarding is
+/// asynchronous: waits up to 5 s for the first, then a little for more).
+fn program_says(agent: &Agent, from: usize, cid: &str, rail: u32, what: &str) -> usize {
+    let count = || {
+        agent.log()[from..]
+            .lines()
+            .filter(|l| {
+                l.contains("railnet::program")
+                    && l.contains(what)
+                    && l.contains(&format!("pod={cid}"))
+                    && l.contains(&format!("rail={rail}"))
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while count() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    count()
 }

@@ -9,17 +9,24 @@
 //! table, which is what `ip rule not to <RDMA CIDR> lookup main` means in a
 //! rules-based setup. IPv6 and InfiniBand rails get per-rail rules instead
 //! (the agent installs them); this program sees only Ethernet IPv4.
+//!
+//! The rare events an operator must see — a packet left to the main table
+//! because it would not fit the rail's MTU, a rail whose interface is gone —
+//! are logged through aya-log into one ring buffer the node's pods share
+//! (the agent pins it and reads it). Each record starts `netns <cookie> rail
+//! <K>:` so the agent can name the pod; the steer and pass paths log nothing.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_UNSPEC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_UNSPEC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     helpers::generated::{bpf_check_mtu, bpf_redirect_neigh},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray},
     programs::TcContext,
 };
+use aya_log_ebpf::{error, warn};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -117,7 +124,27 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
         let mut mtu_len: u32 = 0;
         // SAFETY: helper call with the program's own context and a stack slot.
         let mtu = unsafe { bpf_check_mtu(ctx.as_ptr(), rail.ifindex, &mut mtu_len, 0, 0) };
+        if mtu < 0 {
+            // -ENODEV: the rail's interface left the pod but its source
+            // entry stayed (a DEL that never reached the agent).
+            error!(
+                ctx,
+                "netns {} rail {}: its interface (ifindex {}) is gone from the pod; packets from its address are left to the main table",
+                netns_cookie(),
+                k,
+                rail.ifindex
+            );
+            return (k, Verdict::Other, TC_ACT_UNSPEC);
+        }
         if mtu != 0 {
+            warn!(
+                ctx,
+                "netns {} rail {}: a {}-byte packet to {:i} does not fit the rail's MTU; left to the main table",
+                netns_cookie(),
+                k,
+                ctx.len(),
+                dst.to_ne_bytes()
+            );
             return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC);
         }
     }
@@ -139,7 +166,28 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
             0,
         )
     };
+    if action != i64::from(TC_ACT_REDIRECT) {
+        error!(
+            ctx,
+            "netns {} rail {}: the kernel refused to redirect to ifindex {} (tc action {})",
+            netns_cookie(),
+            k,
+            rail.ifindex,
+            action
+        );
+    }
     (k, Verdict::Steered, action as i32)
+}
+
+/// The pod's netns cookie as the agent recorded it, so a log record names
+/// its pod (read only on the logging paths).
+#[inline(always)]
+fn netns_cookie() -> u64 {
+    match META.get_ptr(0) {
+        // SAFETY: a successful lookup of plain old data, copied out at once.
+        Some(meta) => unsafe { (*meta).netns_cookie },
+        None => 0,
+    }
 }
 
 /// A bounds-checked pointer to a `T` at `offset` in the packet.

@@ -16,6 +16,10 @@
 //! before returning), which costs every ADD ~9 ms here and serializes
 //! parallel ADDs behind each other — `cargo xtask bench cni`: ADD p50
 //! 17.3 ms with TCX, 8.6 ms with clsact; 100 pods × 8 rails 9.9 s vs 4.2 s.
+//!
+//! The one map the pods share is the programs' log buffer ([`log`]).
+
+pub mod log;
 
 use crate::netns::{LiveNetns, NetnsId};
 use std::{
@@ -175,11 +179,15 @@ impl PodPins {
             let p = self.dir.join(sub);
             fs::create_dir_all(&p).map_err(Self::pin_err(&p))?;
         }
-        let paths: Vec<(&'static str, PathBuf)> =
+        let mut paths: Vec<(&'static str, PathBuf)> =
             [MAP_RAIL_SOURCES, MAP_RDMA_NETS, MAP_COUNTERS, MAP_META]
                 .into_iter()
                 .map(|n| (n, self.map_path(n)))
                 .collect();
+        // The node's one log buffer, not the pod's (see `log`).
+        if let Some(root) = self.dir.parent() {
+            paths.push((log::MAP_LOGS, log::pin_path(root)));
+        }
         let t0 = std::time::Instant::now();
         tracing::debug!(
             prepare_us = (t0 - t_start).as_micros() as u64,
