@@ -8,9 +8,12 @@
 //! blocks in the API server shared by every node ([`cluster`]) with that
 //! store as the node's journal.
 
+mod allocation;
 mod backend;
 pub mod cluster;
+mod held;
 mod pool;
+mod release;
 mod select;
 pub mod store;
 
@@ -20,87 +23,15 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+pub use allocation::{Allocation, AllocationKey, Family, PodRef};
+use held::State;
 pub use pool::{IpamError, Pool, PoolSpec, RouteSpec};
 pub use select::{Candidates, PoolRequest, Rejection, select, wildcard_match};
-use serde::{Deserialize, Serialize};
 
 use crate::netns::NetnsId;
 pub use store::{AllocationStore, MemoryStore, RedbStore, StoreError};
 
 use pool::PoolIndex;
-
-/// Address family of an allocation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Family {
-    /// IPv4.
-    V4,
-    /// IPv6.
-    V6,
-}
-
-/// What identifies an allocation: a container's interface and a family.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct AllocationKey {
-    /// `CNI_CONTAINERID`.
-    pub container_id: String,
-    /// `CNI_IFNAME`.
-    pub ifname: String,
-    /// Family.
-    pub family: Family,
-}
-
-impl Allocation {
-    /// The pod netns it was made for.
-    pub fn netns(&self) -> NetnsId {
-        NetnsId {
-            inode: self.netns_inode,
-            cookie: self.netns_cookie,
-        }
-    }
-}
-
-/// A durable allocation record.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Allocation {
-    /// Whose.
-    pub key: AllocationKey,
-    /// Pool name.
-    pub pool: String,
-    /// The address.
-    pub address: IpAddr,
-    /// Inode of the pod's netns at ADD (0 if unknown): the sweep releases
-    /// allocations whose netns is gone.
-    pub netns_inode: u64,
-    /// Cookie of that netns (0 if unknown): inodes are reused, cookies not.
-    #[serde(default)]
-    pub netns_cookie: u64,
-    /// The network (NetworkAttachmentDefinition) it was made for; CNI GC
-    /// works per network.
-    #[serde(default)]
-    pub network: String,
-    /// The pod, when the runtime said (Kubernetes mode writes it into the
-    /// claim, also after a restart).
-    #[serde(default, skip_serializing_if = "PodRef::is_empty")]
-    pub pod: PodRef,
-}
-
-/// A pod as CNI_ARGS names it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodRef {
-    /// K8S_POD_NAMESPACE.
-    pub namespace: String,
-    /// K8S_POD_NAME.
-    pub name: String,
-    /// K8S_POD_UID.
-    pub uid: String,
-}
-
-impl PodRef {
-    /// Nothing known.
-    pub fn is_empty(&self) -> bool {
-        self.namespace.is_empty() && self.name.is_empty() && self.uid.is_empty()
-    }
-}
 
 /// Pools plus the allocations made from them.
 pub struct Ipam {
@@ -116,148 +47,6 @@ impl std::fmt::Debug for Ipam {
         f.debug_struct("Ipam")
             .field("pools", &self.lock().pools.len())
             .finish()
-    }
-}
-
-#[derive(Default)]
-struct State {
-    /// The pools, swapped whole when they change (Kubernetes mode reads
-    /// RailPools); readers keep the snapshot they took.
-    pools: Arc<BTreeMap<String, Pool>>,
-    /// The key is stored once; pool and network names are shared, so a
-    /// node with tens of thousands of allocations stays small.
-    held: HashMap<AllocationKey, Held>,
-    index: HashMap<String, PoolIndex>,
-    /// Pool and network names, each once; [`Held`] names them by index.
-    names: Vec<Arc<str>>,
-    ids: HashMap<Arc<str>, u32>,
-}
-
-/// One held address: 48 bytes, so 65 000 of them (a big node's worth in
-/// `bench ipam`) stay a few MB.
-struct Held {
-    address: IpAddr,
-    netns: NetnsId,
-    /// Index into [`State::names`].
-    pool: u32,
-    /// Index into [`State::names`].
-    network: u32,
-}
-
-impl State {
-    fn intern(&mut self, name: &str) -> u32 {
-        if let Some(&id) = self.ids.get(name) {
-            return id;
-        }
-        let n: Arc<str> = Arc::from(name);
-        let id = u32::try_from(self.names.len()).expect("fewer than 2^32 pool and network names");
-        self.names.push(n.clone());
-        self.ids.insert(n, id);
-        id
-    }
-
-    /// The pool or network name `id` stands for.
-    fn name(&self, id: u32) -> &str {
-        &self.names[id as usize]
-    }
-
-    /// Holds a fresh allocation and returns its record.
-    fn hold_new(
-        &mut self,
-        key: AllocationKey,
-        pool: String,
-        address: IpAddr,
-        netns: NetnsId,
-        network: &str,
-    ) -> Allocation {
-        let a = Allocation {
-            key,
-            pool,
-            address,
-            netns_inode: netns.inode,
-            netns_cookie: netns.cookie,
-            network: network.to_owned(),
-            pod: PodRef::default(),
-        };
-        self.hold(&a);
-        a
-    }
-
-    /// Holds a loaded allocation, marking its address taken in its pool.
-    fn adopt(&mut self, a: &Allocation) {
-        if self.own_pool_covers(&a.pool, a.address) {
-            let pools = self.pools.clone();
-            if let (Some(pool), Some(index)) = (pools.get(&a.pool), self.index.get_mut(&a.pool)) {
-                index.mark(pool, a.address);
-            }
-        } else {
-            // The pool was removed, renamed or changed under a live
-            // allocation: keep the address, in whichever pools now cover
-            // it, until it is released (never hand it out twice).
-            let covering = self.mark_orphan(a.address);
-            tracing::warn!(
-                pool = %a.pool, address = %a.address, container = %a.key.container_id,
-                held_by = ?covering,
-                "allocation refers to a pool that no longer holds it; kept (in the pools that now cover it) until released"
-            );
-        }
-        self.hold(a);
-    }
-
-    /// Whether pool `name`, as the pools are now, covers `address`.
-    fn own_pool_covers(&self, name: &str, address: IpAddr) -> bool {
-        self.pools.get(name).is_some_and(|p| p.covers(address))
-    }
-
-    /// Marks `address`, held under a pool that no longer covers it, taken
-    /// in every pool that does. Returns their names.
-    fn mark_orphan(&mut self, address: IpAddr) -> Vec<String> {
-        let pools = self.pools.clone();
-        let mut names = Vec::new();
-        for (name, pool) in pools.iter().filter(|(_, p)| p.covers(address)) {
-            if let Some(index) = self.index.get_mut(name) {
-                index.mark(pool, address);
-                names.push(name.clone());
-            }
-        }
-        names
-    }
-
-    /// Gives back an address held under pool `name`: to that pool if it
-    /// covers it, else to every pool that does ([`Self::mark_orphan`]).
-    fn free(&mut self, name: &str, address: IpAddr) {
-        let pools = self.pools.clone();
-        let targets: Vec<(&String, &Pool)> = match pools.get_key_value(name) {
-            Some(own) if own.1.covers(address) => vec![own],
-            _ => pools.iter().filter(|(_, p)| p.covers(address)).collect(),
-        };
-        for (n, pool) in targets {
-            if let Some(index) = self.index.get_mut(n) {
-                index.free(pool, address);
-            }
-        }
-    }
-
-    fn hold(&mut self, a: &Allocation) {
-        let held = Held {
-            pool: self.intern(&a.pool),
-            address: a.address,
-            netns: a.netns(),
-            network: self.intern(&a.network),
-        };
-        self.held.insert(a.key.clone(), held);
-    }
-
-    fn record(&self, key: &AllocationKey, h: &Held) -> Allocation {
-        Allocation {
-            key: key.clone(),
-            pool: self.name(h.pool).to_owned(),
-            address: h.address,
-            netns_inode: h.netns.inode,
-            netns_cookie: h.netns.cookie,
-            network: self.name(h.network).to_owned(),
-            pod: PodRef::default(),
-        }
     }
 }
 
@@ -653,12 +442,6 @@ impl Ipam {
         Ok(allocation)
     }
 
-    /// Releases whatever (container, ifname) holds, both families. Durable
-    /// when it returns; returns what was released.
-    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Vec<Allocation>, IpamError> {
-        self.release_keys(&keys_of(container_id, ifname))
-    }
-
     /// The addresses (container, ifname) holds, IPv4 first. Direct lookups:
     /// DEL and CHECK must not scan every allocation of the node.
     pub fn addresses_of(&self, container_id: &str, ifname: &str) -> Vec<IpAddr> {
@@ -676,71 +459,6 @@ impl Ipam {
         keys_of(container_id, ifname)
             .iter()
             .find_map(|k| state.held.get(k).map(|h| h.netns))
-    }
-
-    /// Releases everything a container holds.
-    pub fn release_container(&self, container_id: &str) -> Result<Vec<Allocation>, IpamError> {
-        self.release_where(|k| k.container_id == container_id)
-    }
-
-    /// Releases every allocation whose key `doomed` picks (CNI GC).
-    pub fn release_where(
-        &self,
-        doomed: impl Fn(&AllocationKey) -> bool,
-    ) -> Result<Vec<Allocation>, IpamError> {
-        self.release_where_allocation(|a| doomed(&a.key))
-    }
-
-    /// Releases every allocation `doomed` picks (the sweep).
-    pub fn release_where_allocation(
-        &self,
-        doomed: impl Fn(&Allocation) -> bool,
-    ) -> Result<Vec<Allocation>, IpamError> {
-        let keys: Vec<AllocationKey> = {
-            let state = self.lock();
-            state
-                .held
-                .iter()
-                .filter(|(k, h)| doomed(&state.record(k, h)))
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
-        self.release_keys(&keys)
-    }
-
-    fn release_keys(&self, keys: &[AllocationKey]) -> Result<Vec<Allocation>, IpamError> {
-        let released: Vec<Allocation> = {
-            let mut state = self.lock();
-            let mut out = Vec::new();
-            for k in keys {
-                if let Some(h) = state.held.remove(k) {
-                    let pool = state.name(h.pool).to_owned();
-                    state.free(&pool, h.address);
-                    out.push(state.record(k, &h));
-                }
-            }
-            out
-        };
-        if released.is_empty() {
-            return Ok(released);
-        }
-        let written = self.backend.release(self.store.as_ref(), &released);
-        if let Err(e) = written {
-            // The record still says "held": hold it in memory too, so the
-            // address is not handed out while the disk disagrees.
-            let mut state = self.lock();
-            let pools = state.pools.clone();
-            for a in &released {
-                if let (Some(pool), Some(index)) =
-                    (pools.get(&a.pool), state.index.get_mut(&a.pool))
-                {
-                    index.mark(pool, a.address);
-                }
-                state.hold(a);
-            }
-            return Err(e);
-        }
-        Ok(released)
     }
 
     /// Every allocation held.
@@ -863,17 +581,6 @@ mod tests {
     use proptest::prelude::*;
 
     use super::{pool::tests::spec, *};
-
-    /// A node's held addresses stay small: 48 bytes an entry besides its
-    /// key (the names live once in the state).
-    #[test]
-    fn a_held_address_costs_48_bytes() {
-        assert!(
-            std::mem::size_of::<Held>() <= 48,
-            "{}",
-            std::mem::size_of::<Held>()
-        );
-    }
 
     #[test]
     fn overlapping_pools_are_refused_naming_both_and_the_range() {
