@@ -38,13 +38,12 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{
-    Api, Client,
+    Api,
     api::{ListParams, PostParams},
 };
 
@@ -52,9 +51,17 @@ use super::{Allocation, AllocationKey, Pool, pool};
 use crate::netns::NetnsId;
 
 mod blocks;
+mod error;
 mod objects;
+mod options;
 mod own;
 mod search;
+mod traffic;
+
+pub use error::ClusterError;
+use error::{classify, read_back_decides, status};
+pub use options::ClusterOptions;
+pub use traffic::Traffic;
 
 use blocks::{Answer, Blocks, Target, any_free, block_cidr, block_starts, rotated, spare, spread};
 pub use objects::{
@@ -76,81 +83,6 @@ pub struct Owner {
     pub pod_name: String,
     /// Pod UID.
     pub pod_uid: String,
-}
-
-/// What went wrong talking to the cluster.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ClusterError {
-    /// The pool (or the wanted address) has nothing to give; the reason.
-    #[error("{0}")]
-    Full(String),
-    /// The API server cannot be reached or did not answer; nothing changed
-    /// (or a change was read back and found not made).
-    #[error(
-        "the Kubernetes API server did not serve the request ({0}); nothing was allocated — try again"
-    )]
-    Unavailable(String),
-    /// The API server refused a request for a reason retrying won't fix.
-    #[error("the Kubernetes API server refused: {0}")]
-    Refused(String),
-}
-
-/// How the store talks to the API server.
-#[derive(Clone, Debug)]
-pub struct ClusterOptions {
-    /// This node's name: blocks it claims carry it.
-    pub node: String,
-    /// A kubeconfig file; `None` infers (KUBECONFIG, ~/.kube/config, or the
-    /// in-cluster service account).
-    pub kubeconfig: Option<std::path::PathBuf>,
-    /// Prefix length of IPv4 blocks (28: 16 addresses).
-    pub block_prefix_v4: u8,
-    /// Prefix length of IPv6 blocks (122: 64 addresses).
-    pub block_prefix_v6: u8,
-    /// How long connecting and sending a request may take: an unreachable
-    /// server fails calls within it (5 s).
-    pub timeout: Duration,
-    /// How long a sent request may wait for its answer (15 s): as long as
-    /// kube-apiserver's API Priority and Fairness may queue it before
-    /// refusing it with 429 (a quarter of its 60 s request timeout). A
-    /// client that gives up sooner turns a busy server's queue into a
-    /// failed ADD that kubelet retries 10 s later with a DEL and a new
-    /// ADD: at a job launch on 500 nodes, 5 s sent 197 of 4 000 pods back
-    /// and took 80 s; 15 s, 27 pods and 44 s (`cargo xtask bench
-    /// kube-scale`).
-    pub answer_timeout: Duration,
-    /// How often claims made from held addresses are written (200 ms).
-    pub flush_interval: Duration,
-    /// How long an ADD waits for another node to lend a held address
-    /// before saying the pool is exhausted (10 s: at a job launch on 100
-    /// nodes with pools exactly the job's size, 3 s sent borrowers back
-    /// to kubelet, whose retry comes 10 s later and costs a DEL and an ADD).
-    pub lend_wait: Duration,
-    /// How long a block of ours stays empty before it is deleted, giving
-    /// its range back (10 s: pods come and go without block churn).
-    pub empty_block_grace: Duration,
-    /// Wraps the client that reads and writes blocks (not the watch's):
-    /// the seam where fault-injection tests lose a write's answer. `None`
-    /// in the agent.
-    pub intercept: Option<fn(Client) -> Client>,
-}
-
-impl ClusterOptions {
-    /// Defaults for `node`.
-    pub fn new(node: impl Into<String>) -> Self {
-        Self {
-            node: node.into(),
-            kubeconfig: None,
-            block_prefix_v4: 28,
-            block_prefix_v6: 122,
-            timeout: Duration::from_secs(5),
-            answer_timeout: Duration::from_secs(15),
-            flush_interval: Duration::from_millis(200),
-            lend_wait: Duration::from_secs(10),
-            empty_block_grace: Duration::from_secs(10),
-            intercept: None,
-        }
-    }
 }
 
 /// The API-server-backed store. Its calls block (the agent's request
@@ -212,39 +144,6 @@ impl std::fmt::Debug for ClusterStore {
         f.debug_struct("ClusterStore")
             .field("node", &self.inner.opts.node)
             .finish()
-    }
-}
-
-/// A store's requests to the API server, counted since it started (the
-/// scale benchmark sums them over its simulated nodes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// Writes the API server accepted.
-    pub writes: u64,
-    /// Writes it refused because the block had changed (409).
-    pub conflicts: u64,
-    /// Lists.
-    pub lists: u64,
-    /// Watches opened.
-    pub watches: u64,
-    /// Events those watches brought.
-    pub watch_events: u64,
-    /// ADDs served again: their write lost a race, or they waited for
-    /// another node to lend.
-    pub retries: u64,
-}
-
-impl std::ops::Add for Traffic {
-    type Output = Traffic;
-    fn add(self, o: Traffic) -> Traffic {
-        Traffic {
-            writes: self.writes + o.writes,
-            conflicts: self.conflicts + o.conflicts,
-            lists: self.lists + o.lists,
-            watches: self.watches + o.watches,
-            watch_events: self.watch_events + o.watch_events,
-            retries: self.retries + o.retries,
-        }
     }
 }
 
@@ -651,75 +550,6 @@ impl Inner {
             d.removes.remove(&(key, who.0, who.1));
         }
         Ok(())
-    }
-}
-
-impl From<crate::kube_api::ClientError> for ClusterError {
-    fn from(e: crate::kube_api::ClientError) -> Self {
-        ClusterError::Refused(e.0)
-    }
-}
-
-impl ClusterError {
-    /// For a lost answer, the read-back's error is the one to report when
-    /// both failed the same way.
-    fn or(self, other: ClusterError) -> ClusterError {
-        match (&self, &other) {
-            (ClusterError::Unavailable(_), _) => self,
-            _ => other,
-        }
-    }
-}
-
-/// Whether the block as it is now says what became of a failed write:
-/// someone else wrote or deleted it (409, 404), or no answer came (the
-/// write may have happened), or the server failed (5xx).
-fn read_back_decides(code: Option<u16>) -> bool {
-    match code {
-        None | Some(404) | Some(409) => true,
-        Some(c) => c >= 500,
-    }
-}
-
-fn status(e: &kube::Error) -> Option<u16> {
-    match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
-}
-
-/// Sorts an error of the client: what retrying may fix (no answer, a 5xx,
-/// 429) is `Unavailable`; the rest is a refusal with the server's message.
-fn classify(e: kube::Error) -> ClusterError {
-    match &e {
-        kube::Error::Api(s) if s.code >= 500 || s.code == 429 => {
-            ClusterError::Unavailable(format!("{} {}", s.code, s.message))
-        }
-        // A 404 that is not about one object: the resource itself is not
-        // served — the CRD is missing, or the server is still starting.
-        kube::Error::Api(s) if s.code == 404 && s.reason != "NotFound" => {
-            ClusterError::Unavailable(
-                "railnet.io resources (railblocks, railpools) are not served: install the chart's CRDs, or wait for the API server to finish starting"
-                    .into(),
-            )
-        }
-        kube::Error::Api(s) => ClusterError::Refused(format!("{} {}", s.code, s.message)),
-        _ => {
-            // The client's own words are terse ("client error
-            // (SendRequest)"): the chain of causes says what happened.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let more = s.to_string();
-                // Wrappers often repeat their cause's words.
-                if !text.contains(&more) {
-                    text.push_str(": ");
-                    text.push_str(&more);
-                }
-                source = s.source();
-            }
-            ClusterError::Unavailable(text)
-        }
     }
 }
 
