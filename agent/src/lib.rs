@@ -14,6 +14,7 @@ pub mod bpf_object;
 pub mod check;
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod dataplane;
 pub mod doctor;
 pub mod garp;

@@ -1,0 +1,169 @@
+//! Serving: the CNI socket and `/metrics` bound, the background tasks
+//! started (program log, sweep, node label, uninstall watch), requests
+//! served until SIGTERM, and what is done on the way out.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use tokio::task::AbortHandle;
+use tracing::{error, info};
+
+use super::{Args, exit, upkeep};
+use crate::{dataplane, kube_api, metrics, rail::RailService, server};
+
+/// Serves until told to stop; returns the exit code.
+pub(super) async fn serve(args: Args, service: Arc<RailService>) -> u8 {
+    let listener = match server::bind(&args.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(socket = %args.socket.display(), error = %e, "cannot bind");
+            return exit::BIND;
+        }
+    };
+    let metrics_listener = match metrics::bind(args.metrics_address).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(address = %args.metrics_address, error = %e, "cannot bind the metrics endpoint");
+            return exit::BIND;
+        }
+    };
+    info!(socket = %args.socket.display(), pin_root = %args.pin_root.display(), metrics = %args.metrics_address, "serving");
+    let metrics = Arc::new(metrics::Metrics::default());
+    let mut tasks = vec![
+        tokio::spawn(metrics::serve(
+            metrics_listener,
+            metrics.clone(),
+            service.clone(),
+            std::time::Duration::from_millis(args.metrics_max_age_ms),
+        ))
+        .abort_handle(),
+        tokio::spawn(upkeep::sweep_loop(
+            service.clone(),
+            std::time::Duration::from_secs(args.sweep_interval),
+            args.tombstones.clone(),
+        ))
+        .abort_handle(),
+    ];
+    // The rail programs' rare events, with the pod and rail they concern.
+    match dataplane::log::open(&args.pin_root) {
+        Ok(logger) => tasks.push(tokio::spawn(dataplane::log::forward(logger)).abort_handle()),
+        Err(e) => tracing::warn!(error = %e, "the rail programs' log is not forwarded"),
+    }
+    if args.label_node {
+        tasks.push(label_node(&args, &service));
+    }
+    let uninstalling = Arc::new(AtomicBool::new(false));
+    if let Some(task) = watch_uninstall(&args, uninstalling.clone()).await {
+        tasks.push(task);
+    }
+    let last = service.clone();
+    server::serve(
+        listener,
+        args.socket.clone(),
+        service,
+        metrics,
+        shutdown_signal(),
+    )
+    .await;
+    for task in tasks {
+        task.abort();
+    }
+    on_the_way_out(&args, last, uninstalling.load(Ordering::Relaxed)).await;
+    0
+}
+
+/// Labels the node with its RDMA netns mode (what the webhook and the
+/// scheduler read), retrying until the API server takes it.
+fn label_node(args: &Args, service: &RailService) -> AbortHandle {
+    let mode = crate::rdma::RdmaNetlink::open()
+        .and_then(|mut r| r.netns_mode())
+        .map(|m| m.to_string())
+        .unwrap_or_else(|_| "none".into());
+    tokio::spawn(crate::node_label::keep_trying(
+        args.kubeconfig.clone(),
+        service.node_name.clone(),
+        mode,
+    ))
+    .abort_handle()
+}
+
+/// With `--remove-cni-on-uninstall`: watches the DaemonSet for the mark
+/// `helm uninstall`'s hook sets.
+async fn watch_uninstall(args: &Args, flag: Arc<AtomicBool>) -> Option<AbortHandle> {
+    let (Some(_), Some(ds)) = (&args.remove_cni_on_uninstall, &args.daemonset) else {
+        return None;
+    };
+    match kube_api::client(
+        args.kubeconfig.as_deref(),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok(client) => {
+            Some(tokio::spawn(crate::uninstall::watch(client, ds.clone(), flag)).abort_handle())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no API client: an uninstall will leave the CNI binaries");
+            None
+        }
+    }
+}
+
+/// Flushes the claims (Kubernetes mode) and, when this exit is the node's
+/// share of an uninstall, takes railnet's files off the node.
+async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool) {
+    // Kubernetes mode: claims made since the last flush are in the
+    // journal already; writing them now saves the next agent the
+    // catching up (and shows them to the controller at once).
+    // On a plain thread: the store runs its own runtime.
+    let held = last.ipam.allocated();
+    let flushed = std::thread::spawn(move || last.ipam.flush()).join();
+    if let Ok(Err(e)) = flushed {
+        tracing::warn!(error = %e, "claims not written before exit; the next agent writes them from its journal");
+    }
+    let (Some(dir), Some(ds)) = (&args.remove_cni_on_uninstall, &args.daemonset) else {
+        return;
+    };
+    // Seen by the watch; else one last look (an uninstall without the
+    // cleanup Job: the DaemonSet is gone).
+    let gone = if uninstalling {
+        Ok(true)
+    } else {
+        match kube_api::client(
+            args.kubeconfig.as_deref(),
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(client) => crate::uninstall::daemonset_gone(&client, ds).await,
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    match gone {
+        Ok(true) => {
+            crate::uninstall::remove_cni_binaries(dir, held);
+            if held == 0
+                && let Err(e) = dataplane::log::unpin(&args.pin_root)
+            {
+                tracing::warn!(error = %e, "the rail programs' log buffer stays pinned");
+            }
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell an uninstall from a restart; the CNI binaries stay")
+        }
+    }
+}
+
+/// SIGTERM (kubelet, the demo) or SIGINT (a person) ends the agent cleanly.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
