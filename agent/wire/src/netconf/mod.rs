@@ -9,8 +9,16 @@ use serde::{Deserialize, Serialize};
 
 use railnet_common::MAX_RAIL;
 
+mod error;
 mod mode;
+mod vf;
+
+pub use error::NetConfError;
 pub use mode::Mode;
+pub use vf::{
+    RuntimeConfig, VfLinkMode, VfSettings, format_guid, is_pci_address, parse_guid, parse_mac,
+    parse_pkey, parse_requested,
+};
 
 /// CNI spec versions railnet reads and answers in.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -123,135 +131,6 @@ pub struct NetConf {
     pub ib_kubernetes_enabled: bool,
 }
 
-/// VF attributes set through the PF (what sriov-cni sets); `None`: left
-/// as the VF has it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VfSettings {
-    /// VLAN ID (0: none).
-    pub vlan: Option<u16>,
-    /// VLAN priority.
-    pub qos: u8,
-    /// MAC spoof checking.
-    pub spoofchk: Option<bool>,
-    /// Trusted (may change its MAC, enter promiscuous mode).
-    pub trust: Option<bool>,
-    /// Link state the PF reports to the VF.
-    pub link_state: Option<VfLinkMode>,
-    /// The VF's MAC as its PF knows it (the one spoof checking allows):
-    /// the pod's `runtimeConfig.mac`, set on the netdev and through the PF.
-    #[serde(default)]
-    pub mac: Option<[u8; 6]>,
-    /// An InfiniBand VF's node GUID (`ip link set … vf N node_guid`).
-    #[serde(default)]
-    pub node_guid: Option<u64>,
-    /// An InfiniBand VF's port GUID (`ip link set … vf N port_guid`).
-    #[serde(default)]
-    pub port_guid: Option<u64>,
-}
-
-impl VfSettings {
-    /// Whether anything is asked of the PF besides the MAC.
-    pub fn is_empty(&self) -> bool {
-        self.vlan.is_none()
-            && self.spoofchk.is_none()
-            && self.trust.is_none()
-            && self.link_state.is_none()
-            && self.node_guid.is_none()
-            && self.port_guid.is_none()
-    }
-
-    /// Whether a GUID is asked (the VF's driver must be rebound for it).
-    pub fn sets_guid(&self) -> bool {
-        self.node_guid.is_some() || self.port_guid.is_some()
-    }
-}
-
-/// A VF's link state as its PF reports it (`ip link set … vf N state`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VfLinkMode {
-    /// Follows the PF's link.
-    Auto,
-    /// Always up.
-    Enable,
-    /// Always down.
-    Disable,
-}
-
-/// `runtimeConfig`: per-pod values from the runtime.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-pub struct RuntimeConfig {
-    /// The MAC the pod asked for (the `mac` capability; Multus takes it from
-    /// the pod's networks annotation).
-    #[serde(default)]
-    pub mac: Option<String>,
-    /// The device plugin's VF (some runtimes pass it here instead of the
-    /// top level).
-    #[serde(default, rename = "deviceID")]
-    pub device_id: Option<String>,
-    /// Addresses the pod asked for (the `ips` capability; Multus takes
-    /// them from the pod's networks annotation), `a.b.c.d/len` or bare.
-    #[serde(default)]
-    pub ips: Vec<String>,
-    /// The GUID for an InfiniBand VF (the `infinibandGUID` capability;
-    /// ib-kubernetes puts it in the pod's networks annotation).
-    #[serde(default, rename = "infinibandGUID")]
-    pub infiniband_guid: Option<String>,
-}
-
-/// Parses a GUID as iproute2 does (`xx:xx:xx:xx:xx:xx:xx:xx`, the first
-/// byte most significant).
-pub fn parse_guid(text: &str) -> Option<u64> {
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 8 {
-        return None;
-    }
-    let mut guid = 0u64;
-    for p in parts {
-        if p.len() != 2 {
-            return None;
-        }
-        guid = guid << 8 | u64::from(u8::from_str_radix(p, 16).ok()?);
-    }
-    Some(guid)
-}
-
-/// Writes a GUID as `xx:xx:xx:xx:xx:xx:xx:xx`.
-pub fn format_guid(guid: u64) -> String {
-    guid.to_be_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// A partition key: `"0x8001"` (or a number), 16 bits, not the invalid
-/// key 0 (with or without the membership bit).
-pub fn parse_pkey(v: &serde_json::Value) -> Option<u16> {
-    let n = match v {
-        serde_json::Value::String(s) => {
-            let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X"))?;
-            u16::from_str_radix(hex, 16).ok()?
-        }
-        serde_json::Value::Number(n) => u16::try_from(n.as_u64()?).ok()?,
-        _ => return None,
-    };
-    (n & 0x7fff != 0).then_some(n)
-}
-
-/// `a.b.c.d/len` (as the `ips` capability carries it) or a bare address.
-pub fn parse_requested(s: &str) -> Option<std::net::IpAddr> {
-    s.parse::<IpNet>()
-        .map(|n| n.addr())
-        .or_else(|_| s.parse())
-        .ok()
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` as a unicast MAC.
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    crate::mac::parse(text).filter(|mac| mac[0] & 1 == 0 && *mac != [0; 6])
-}
-
 /// How a rail's traffic is kept on its rail: a packet sourced from rail K's
 /// address must leave on rail K, whichever rail the kernel's lowest-metric
 /// route picks.
@@ -276,142 +155,6 @@ pub struct IpPools {
     /// IPv6 pool names (a dual-stack rail gets one address of each).
     #[serde(default)]
     pub ipv6: Vec<String>,
-}
-
-/// What is wrong with a network config.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum NetConfError {
-    /// Not JSON, or a field of the wrong type.
-    #[error("network config is not valid: {0}")]
-    Decode(String),
-    /// A version railnet does not speak.
-    #[error("cniVersion {0:?} is not supported; use one of 0.3.1, 0.4.0, 1.0.0, 1.1.0")]
-    Version(String),
-    /// `rail` outside 1..=64.
-    #[error("rail {0} is out of range; rails are numbered 1 to {MAX_RAIL}")]
-    Rail(u32),
-    /// A mode that is not built yet.
-    #[error(
-        "mode {0:?} is not supported; use \"macvlan\", \"ipvlan\", \"sriov\", \"ib-sriov\", \"ipoib\" or \"chained\""
-    )]
-    Mode(String),
-    /// Missing master.
-    #[error("\"master\" is empty; name the node's rail NIC, e.g. \"eno3np1\"")]
-    Master,
-    /// No pool.
-    #[error("\"ippools\" names no pool; add e.g. {{\"ipv4\": [\"rail1\"]}}")]
-    NoPool,
-    /// `rdmaIsolation` on an interface that has no RDMA device of its own.
-    #[error(
-        "\"rdmaIsolation\" moves a VF's own RDMA device into the pod, and a {0} shares its master's device: \
-         use it with mode \"chained\" after sriov-cni (or ib-sriov-cni), or leave it off for shared mode"
-    )]
-    IsolationNeedsVf(String),
-    /// `rdmaIsolation` without the VF's PCI address.
-    #[error(
-        "\"rdmaIsolation\" needs the VF's PCI address in \"deviceID\"; Multus adds it when the \
-         NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the VF's device plugin"
-    )]
-    IsolationNeedsDevice,
-    /// A `deviceID` that is not a PCI address.
-    #[error(
-        "\"deviceID\" {0:?} is not a PCI address (domain:bus:device.function, e.g. 0000:3b:00.2); \
-         Multus passes the VF's address from the device plugin — remove a value set by hand"
-    )]
-    DeviceIdNotPci(String),
-    /// `deviceID` and `pciBusID` that name different devices.
-    #[error(
-        "\"deviceID\" ({0}) and \"pciBusID\" ({1}) name different devices; Multus writes the \
-         same PCI address into both — remove the one set by hand from the NetworkAttachmentDefinition"
-    )]
-    DeviceIdMismatch(String, String),
-    /// `sriov` or `ib-sriov` without the VF's PCI address.
-    #[error(
-        "mode \"{0}\" needs the VF's PCI address in \"deviceID\"; Multus adds it when the \
-         NetworkAttachmentDefinition has the k8s.v1.cni.cncf.io/resourceName annotation of the SR-IOV device plugin"
-    )]
-    SriovNeedsDevice(String),
-    /// An Ethernet VF attribute on an InfiniBand VF.
-    #[error(
-        "\"{0}\" is an Ethernet VF attribute; an InfiniBand VF has none (partitions, \"pkey\", \
-         separate IB traffic): remove it, or use mode \"sriov\" for a RoCE VF"
-    )]
-    NotOnInfiniBand(&'static str),
-    /// A GUID or pkey on an Ethernet VF.
-    #[error(
-        "\"guid\", \"pkey\", \"ibKubernetesEnabled\" and runtimeConfig.infinibandGUID are InfiniBand \
-         VF attributes: use mode \"ib-sriov\" for an IB VF, or remove them"
-    )]
-    InfiniBandOnly,
-    /// A MAC asked of an IPoIB interface.
-    #[error(
-        "runtimeConfig.mac: an InfiniBand VF's address comes from its GUID; \
-         ask for runtimeConfig.infinibandGUID instead"
-    )]
-    MacOnInfiniBand,
-    /// ARP probes asked of an IPoIB rail.
-    #[error(
-        "\"detectIPConflict\" and \"detectGateway\" probe with Ethernet ARP, which an IPoIB \
-         interface does not carry; remove them for mode \"ipoib\""
-    )]
-    ArpOnInfiniBand,
-    /// A GUID that does not parse.
-    #[error(
-        "{0} {1:?} is not a usable GUID; write 8 bytes as 00:11:22:33:44:55:66:77 \
-         (all zeros and all ones are not GUIDs)"
-    )]
-    Guid(&'static str, String),
-    /// A partition key that does not parse.
-    #[error(
-        "pkey {0} is not a partition key; write it as \"0x8001\" (16 bits, not 0x0000 or 0x8000)"
-    )]
-    Pkey(String),
-    /// A VF attribute outside mode sriov (nothing would set it).
-    #[error(
-        "\"{0}\" is a VF attribute set through the PF, which only modes \"sriov\" and \"ib-sriov\" do; \
-         with \"chained\", set it in sriov-cni's (or ib-sriov-cni's) config before railnet, or remove it"
-    )]
-    VfAttribute(&'static str),
-    /// A VF attribute whose value is not one sriov-cni accepts.
-    #[error("\"{0}\": {1} is not valid; {2}")]
-    VfAttributeValue(&'static str, String, &'static str),
-    /// `runtimeConfig.ips` that does not parse, or asks twice per family,
-    /// or for a family with no pools.
-    #[error("runtimeConfig.ips {0:?}: {1}")]
-    RequestedIp(String, &'static str),
-    /// `runtimeConfig.mac` is not a unicast MAC.
-    #[error("runtimeConfig.mac {0:?} is not a unicast MAC address; write it as 02:00:00:00:00:01")]
-    Mac(String),
-    /// A MAC asked of an ipvlan, which has its master's.
-    #[error(
-        "runtimeConfig.mac: an ipvlan interface has its master's MAC; use mode \"macvlan\" or drop the mac request"
-    )]
-    MacOnIpvlan,
-    /// MTU outside what Ethernet allows.
-    #[error("mtu {0} is out of range 1280..=9216 (rails carry IPv6, whose minimum is 1280)")]
-    Mtu(u32),
-}
-
-/// Whether `s` is a PCI address as sysfs names devices: `DDDD:BB:dd.f`
-/// in hex (a domain of 4 to 8 digits: VMD domains have 5).
-pub fn is_pci_address(s: &str) -> bool {
-    let hex = |p: &str, n: std::ops::RangeInclusive<usize>| {
-        n.contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit())
-    };
-    let mut parts = s.split(':');
-    let (Some(domain), Some(bus), Some(rest), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return false;
-    };
-    let Some((dev, func)) = rest.split_once('.') else {
-        return false;
-    };
-    hex(domain, 4..=8)
-        && hex(bus, 2..=2)
-        && hex(dev, 2..=2)
-        && func.len() == 1
-        && matches!(func.as_bytes()[0], b'0'..=b'7')
 }
 
 impl NetConf {
