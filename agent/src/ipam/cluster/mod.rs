@@ -57,6 +57,7 @@ mod options;
 mod own;
 mod search;
 mod traffic;
+mod walk;
 
 pub use error::ClusterError;
 use error::{classify, read_back_decides, status};
