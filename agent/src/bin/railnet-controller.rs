@@ -153,10 +153,6 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -167,215 +163,271 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let client = match railnet_agent::kube_api::client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, why)) => {
+            eprintln!("railnet-controller: {why}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Why the controller stops: its exit code (2: configuration or API
+/// access, 4: an address cannot be bound, 1: the rest) and what to say.
+type Stop = (u8, String);
+
+/// The uninstall hook, or the controller (and webhook) until Ctrl-C.
+async fn run(args: Args) -> Result<(), Stop> {
+    let client =
+        railnet_agent::kube_api::client(args.kubeconfig.as_deref(), Duration::from_secs(5))
+            .await
+            .map_err(|e| (2, e.to_string()))?;
+    if args.uninstall {
+        return uninstall_cleanup(&client, &args).await;
+    }
+    let metrics = std::sync::Arc::new(railnet_agent::controller::Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
+        .await
+        .map_err(|e| (4, format!("metrics address {}: {e}", args.metrics_address)))?;
+    tokio::spawn(railnet_agent::controller::serve_metrics(
+        listener,
+        metrics.clone(),
+    ));
+    if let Some(addr) = args.webhook_address {
+        start_webhook(&client, &args, addr, metrics.clone()).await?;
+    }
+    // A pass every --interval, and as soon as a RailNetwork or a NAD
+    // rendered from one changes.
+    let changed = std::sync::Arc::new(tokio::sync::Notify::new());
+    match railnet_agent::kube_api::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5))
+        .await
+    {
+        Ok(c) => {
+            tokio::spawn(railnet_agent::controller::watch_changes(c, changed.clone()));
+        }
+        Err(e) => warn!(error = %e, "no watch client; passes every --interval only"),
+    }
+    let mut passes = Passes::new(client, &args, metrics);
+    let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = changed.notified() => {
+                // Events come in bursts (a pass's own writes among
+                // them): one pass after the burst.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        passes.once().await;
+    }
+}
+
+/// `helm uninstall`'s pre-delete hook: stop the controller, tell the
+/// agents, then delete what railnet rendered and what no pod holds.
+async fn uninstall_cleanup(client: &kube::Client, args: &Args) -> Result<(), Stop> {
+    let failed =
+        |what: String| move |e: kube::Error| (1, format!("uninstall cleanup: {what}: {e}"));
+    if let Some(d) = &args.stop_deployment {
+        railnet_agent::controller::stop_controller(client, &args.lease_namespace, d)
+            .await
+            .map_err(failed(format!("stopping Deployment {d}")))?;
+    }
+    if let Some(ds) = &args.mark_daemonset {
+        railnet_agent::controller::mark_uninstalling(client, &args.lease_namespace, ds)
+            .await
+            .map_err(failed(format!("marking DaemonSet {ds}")))?;
+    }
+    let done = railnet_agent::controller::uninstall(client)
+        .await
+        .map_err(|e| (1, format!("uninstall cleanup: {e}")))?;
+    println!(
+        "railnet uninstall: deleted {} NetworkAttachmentDefinition(s) rendered from RailNetworks and {} empty RailBlock(s); RailNetworks and RailPools are kept (yours)",
+        done.nads, done.blocks
+    );
+    for k in &done.kept {
+        println!("  kept {k}");
+    }
+    // Kept blocks do not fail the uninstall: they protect running pods'
+    // addresses.
+    Ok(())
+}
+
+/// Serves the RDMA resource-injection webhook at `addr` (TLS from files,
+/// or a certificate this controller keeps in a Secret).
+async fn start_webhook(
+    client: &kube::Client,
+    args: &Args,
+    addr: std::net::SocketAddr,
+    metrics: std::sync::Arc<railnet_agent::controller::Metrics>,
+) -> Result<(), Stop> {
+    let tls = match (&args.tls_cert, &args.tls_key, &args.webhook_secret) {
+        (Some(cert), Some(key), _) => railnet_agent::webhook::tls(cert, key),
+        (_, _, Some(secret)) => {
+            let spec = railnet_agent::webhook_cert::CertSpec {
+                namespace: args.lease_namespace.clone(),
+                secret: secret.clone(),
+                service: args.webhook_service.clone().unwrap_or_default(),
+                webhook_config: args.webhook_config.clone().unwrap_or_default(),
+            };
+            owned_certificate(client, spec).await
+        }
+        _ => Err("--webhook-address needs --tls-cert and --tls-key, or --webhook-secret".into()),
+    }
+    .map_err(|e| (2, format!("webhook TLS: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| (4, format!("webhook address {addr}: {e}")))?;
+    info!(%addr, "serving the RDMA resource-injection webhook");
+    // The webhook's watches wait minutes between events: a client
+    // without a read timeout (one would end every idle watch, and the
+    // back-off after each would leave the cache stale).
+    let watching =
+        railnet_agent::kube_api::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5))
+            .await
+            .map_err(|e| (2, format!("the webhook's watch client: {e}")))?;
+    let rail_info = match (&args.rail_info_dir, &args.rail_info_image) {
+        (Some(dir), _) => Some(railnet_agent::webhook::RailInfoSource::NodeDir(dir.clone())),
+        (None, Some(image)) => Some(railnet_agent::webhook::RailInfoSource::InitContainer(
+            image.clone(),
+        )),
+        (None, None) => None,
+    };
+    tokio::spawn(railnet_agent::webhook::serve(
+        listener,
+        tls,
+        watching,
+        metrics,
+        rail_info,
+        args.shared_networks_namespace.clone(),
+    ));
+    Ok(())
+}
+
+/// The controller's passes: leadership first; the leader renders the NADs,
+/// writes the RailPools' status and sweeps what gone pods and nodes left.
+struct Passes {
+    client: kube::Client,
+    leader: Leader,
+    identity: String,
+    leading: bool,
+    metrics: std::sync::Arc<railnet_agent::controller::Metrics>,
+    pool_status: bool,
+    /// `None`: sweeps off (`--claim-grace-seconds 0`).
+    sweepers: Option<(ClaimSweeper, BlockSweeper)>,
+    pods_unlisted: bool,
+    nodes_unlisted: bool,
+}
+
+impl Passes {
+    fn new(
+        client: kube::Client,
+        args: &Args,
+        metrics: std::sync::Arc<railnet_agent::controller::Metrics>,
+    ) -> Self {
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let grace = Duration::from_secs(args.claim_grace_seconds);
+        Passes {
+            leader: Leader::new(
+                client.clone(),
+                &args.lease_namespace,
+                &args.lease_name,
+                &identity,
+                Duration::from_secs(args.lease_seconds),
+            ),
+            client,
+            identity,
+            leading: false,
+            metrics,
+            pool_status: args.pool_status,
+            sweepers: (args.claim_grace_seconds > 0)
+                .then(|| (ClaimSweeper::new(grace), BlockSweeper::new(grace))),
+            pods_unlisted: false,
+            nodes_unlisted: false,
+        }
+    }
+
+    /// One pass.
+    async fn once(&mut self) {
+        match self.leader.try_lead().await {
+            Ok(now) if now != self.leading => {
+                self.leading = now;
+                self.metrics.leader.set(i64::from(now));
+                info!(identity = %self.identity, leading = now, "leadership changed");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Cannot renew: stop writing until we can (another
+                // replica may take over meanwhile).
+                warn!(error = %e, "cannot reach the Lease; not leading");
+                self.leading = false;
+                self.metrics.leader.set(0);
+            }
+        }
+        if !self.leading {
+            return;
+        }
+        self.render().await;
+        if self.pool_status
+            && let Err(e) = railnet_agent::controller::pool_status(&self.client).await
         {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("railnet-controller: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        if args.uninstall {
-            if let Some(d) = &args.stop_deployment
-                && let Err(e) =
-                    railnet_agent::controller::stop_controller(&client, &args.lease_namespace, d).await
-            {
-                eprintln!("railnet-controller: uninstall cleanup: stopping Deployment {d}: {e}");
-                return ExitCode::FAILURE;
-            }
-            if let Some(ds) = &args.mark_daemonset
-                && let Err(e) =
-                    railnet_agent::controller::mark_uninstalling(&client, &args.lease_namespace, ds).await
-            {
-                eprintln!("railnet-controller: uninstall cleanup: marking DaemonSet {ds}: {e}");
-                return ExitCode::FAILURE;
-            }
-            return match railnet_agent::controller::uninstall(&client).await {
-                Ok(done) => {
-                    println!(
-                        "railnet uninstall: deleted {} NetworkAttachmentDefinition(s) rendered from RailNetworks and {} empty RailBlock(s); RailNetworks and RailPools are kept (yours)",
-                        done.nads, done.blocks
-                    );
-                    for k in &done.kept {
-                        println!("  kept {k}");
-                    }
-                    // Kept blocks do not fail the uninstall: they protect
-                    // running pods' addresses.
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("railnet-controller: uninstall cleanup: {e}");
-                    ExitCode::FAILURE
-                }
-            };
+            self.metrics.pass_errors.inc();
+            warn!(error = %e, "cannot update RailPool status; retrying next interval");
         }
-        let leader = Leader::new(
-            client.clone(),
-            &args.lease_namespace,
-            &args.lease_name,
-            &identity,
-            Duration::from_secs(args.lease_seconds),
-        );
-        let metrics = std::sync::Arc::new(railnet_agent::controller::Metrics::default());
-        match tokio::net::TcpListener::bind(args.metrics_address).await {
-            Ok(l) => {
-                tokio::spawn(railnet_agent::controller::serve_metrics(l, metrics.clone()));
+        let (client, metrics) = (&self.client, &self.metrics);
+        if let Some((claims, blocks)) = &mut self.sweepers {
+            sweep(
+                pod_uids(client).await,
+                &mut self.pods_unlisted,
+                ("pods", "claims of deleted pods are not released"),
+                async |live| claims.pass(client, live).await,
+                &metrics.claims_released,
+                &metrics.pass_errors,
+            )
+            .await;
+            sweep(
+                node_names(client).await,
+                &mut self.nodes_unlisted,
+                ("nodes", "blocks of deleted nodes are not given back"),
+                async |live| blocks.pass(client, live).await,
+                &metrics.blocks_given_back,
+                &metrics.pass_errors,
+            )
+            .await;
+        }
+    }
+
+    /// Renders every RailNetwork's NAD, counting what it did.
+    async fn render(&self) {
+        let result = reconcile(&self.client).await;
+        match &result {
+            Ok(pass) => {
+                self.metrics.record(pass);
+                if pass.failed > 0 {
+                    self.metrics.pass_errors.inc();
+                }
             }
-            Err(e) => {
-                eprintln!("railnet-controller: metrics address {}: {e}", args.metrics_address);
-                return ExitCode::from(4);
+            Err(_) => {
+                self.metrics.pass_errors.inc();
             }
         }
-        if let Some(addr) = args.webhook_address {
-            let tls = match (&args.tls_cert, &args.tls_key, &args.webhook_secret) {
-                (Some(cert), Some(key), _) => railnet_agent::webhook::tls(cert, key),
-                (_, _, Some(secret)) => {
-                    let spec = railnet_agent::webhook_cert::CertSpec {
-                        namespace: args.lease_namespace.clone(),
-                        secret: secret.clone(),
-                        service: args.webhook_service.clone().unwrap_or_default(),
-                        webhook_config: args.webhook_config.clone().unwrap_or_default(),
-                    };
-                    owned_certificate(&client, spec).await
-                }
-                _ => Err("--webhook-address needs --tls-cert and --tls-key, or --webhook-secret".into()),
-            };
-            let tls = match tls {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("railnet-controller: webhook TLS: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let listener = match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("railnet-controller: webhook address {addr}: {e}");
-                    return ExitCode::from(4);
-                }
-            };
-            info!(%addr, "serving the RDMA resource-injection webhook");
-            // The webhook's watches wait minutes between events: a client
-            // without a read timeout (one would end every idle watch,
-            // and the back-off after each would leave the cache stale).
-            let watching = match railnet_agent::kube_api::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("railnet-controller: the webhook's watch client: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            tokio::spawn(railnet_agent::webhook::serve(
-                listener,
-                tls,
-                watching,
-                metrics.clone(),
-                match (&args.rail_info_dir, &args.rail_info_image) {
-                    (Some(dir), _) => Some(railnet_agent::webhook::RailInfoSource::NodeDir(dir.clone())),
-                    (None, Some(image)) => {
-                        Some(railnet_agent::webhook::RailInfoSource::InitContainer(image.clone()))
-                    }
-                    (None, None) => None,
-                },
-                args.shared_networks_namespace.clone(),
-            ));
+        match result {
+            Ok(pass) if pass.created + pass.repaired + pass.refused + pass.failed > 0 => {
+                info!(
+                    created = pass.created,
+                    repaired = pass.repaired,
+                    refused = pass.refused,
+                    failed = pass.failed,
+                    "pass"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "pass failed; retrying next interval"),
         }
-        let mut sweeper = ClaimSweeper::new(Duration::from_secs(args.claim_grace_seconds));
-        let mut pods_unlisted = false;
-        let mut blocks = BlockSweeper::new(Duration::from_secs(args.claim_grace_seconds));
-        let mut nodes_unlisted = false;
-        let mut leading = false;
-        // A pass every --interval, and as soon as a RailNetwork or a NAD
-        // rendered from one changes.
-        let changed = std::sync::Arc::new(tokio::sync::Notify::new());
-        match railnet_agent::kube_api::watch_client(args.kubeconfig.as_deref(), Duration::from_secs(5)).await {
-            Ok(c) => {
-                tokio::spawn(railnet_agent::controller::watch_changes(c, changed.clone()));
-            }
-            Err(e) => warn!(error = %e, "no watch client; passes every --interval only"),
-        }
-        let mut tick = tokio::time::interval(Duration::from_secs(args.interval));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = changed.notified() => {
-                    // Events come in bursts (a pass's own writes among
-                    // them): one pass after the burst.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
-            }
-            match leader.try_lead().await {
-                Ok(now) if now != leading => {
-                    leading = now;
-                    metrics.leader.set(i64::from(now));
-                    info!(identity = %identity, leading, "leadership changed");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    // Cannot renew: stop writing until we can (another
-                    // replica may take over meanwhile).
-                    warn!(error = %e, "cannot reach the Lease; not leading");
-                    leading = false;
-                    metrics.leader.set(0);
-                }
-            }
-            if leading {
-                let result = reconcile(&client).await;
-                match &result {
-                    Ok(pass) => {
-                        metrics.record(pass);
-                        if pass.failed > 0 {
-                            metrics.pass_errors.inc();
-                        }
-                    }
-                    Err(_) => {
-                        metrics.pass_errors.inc();
-                    }
-                }
-                match result {
-                    Ok(pass) if pass.created + pass.repaired + pass.refused + pass.failed > 0 => {
-                        info!(
-                            created = pass.created,
-                            repaired = pass.repaired,
-                            refused = pass.refused,
-                            failed = pass.failed,
-                            "pass"
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "pass failed; retrying next interval"),
-                }
-                if args.pool_status
-                    && let Err(e) = railnet_agent::controller::pool_status(&client).await
-                {
-                    metrics.pass_errors.inc();
-                    warn!(error = %e, "cannot update RailPool status; retrying next interval");
-                }
-                if args.claim_grace_seconds > 0 {
-                    sweep(
-                        pod_uids(&client).await,
-                        &mut pods_unlisted,
-                        ("pods", "claims of deleted pods are not released"),
-                        async |live| sweeper.pass(&client, live).await,
-                        &metrics.claims_released,
-                        &metrics.pass_errors,
-                    )
-                    .await;
-                    sweep(
-                        node_names(&client).await,
-                        &mut nodes_unlisted,
-                        ("nodes", "blocks of deleted nodes are not given back"),
-                        async |live| blocks.pass(&client, live).await,
-                        &metrics.blocks_given_back,
-                        &metrics.pass_errors,
-                    )
-                    .await;
-                }
-            }
-        }
-    })
+    }
 }
 
 /// One sweep against what is alive now (`listed`): never on a failed list,
