@@ -201,82 +201,40 @@ impl PodPins {
         })
         .map_err(|e| DataplaneError::Load(format!("{e:#}")))?;
 
-        let map_err = |map: &'static str| {
-            move |e: aya::maps::MapError| DataplaneError::Map {
-                map,
-                why: e.to_string(),
-            }
-        };
-        let mut meta: Array<_, Meta> =
-            Array::try_from(ebpf.map_mut(MAP_META).expect("META in object"))
-                .map_err(map_err(MAP_META))?;
-        meta.set(
-            0,
-            Meta {
-                layout_version: LAYOUT_VERSION,
-                _pad: 0,
-                netns_inode: att.netns.inode,
-                netns_cookie: att.netns.cookie,
-            },
-            0,
-        )
-        .map_err(map_err(MAP_META))?;
-        // RDMA CIDRs are network-level and the same for every rail; with
-        // none, each rail's subnet is added. Merged across the pod's ADDs.
-        let mut nets_map: Array<_, RdmaNets> =
-            Array::try_from(ebpf.map_mut(MAP_RDMA_NETS).expect("RDMA_NETS in object"))
-                .map_err(map_err(MAP_RDMA_NETS))?;
-        let mut nets = nets_map.get(&0, 0).map_err(map_err(MAP_RDMA_NETS))?;
-        let rdma: Vec<Ipv4Net> = if att.rdma_cidrs.is_empty() {
-            vec![att.address.trunc()]
-        } else {
-            att.rdma_cidrs.iter().map(|c| c.trunc()).collect()
-        };
-        for net in &rdma {
-            let added = nets.insert(Net4 {
-                addr: ip_key(net.network()),
-                mask: ip_key(net.netmask()),
-            });
-            if !added {
-                return Err(DataplaneError::Map {
-                    map: MAP_RDMA_NETS,
-                    why: format!(
-                        "more than {} IPv4 RDMA CIDRs across the pod's rails; merge them into fewer, wider CIDRs",
-                        railnet_common::MAX_RDMA_CIDRS
-                    ),
-                });
-            }
-        }
-        nets_map.set(0, nets, 0).map_err(map_err(MAP_RDMA_NETS))?;
-        let mut sources: HashMap<_, u32, RailSource> = HashMap::try_from(
-            ebpf.map_mut(MAP_RAIL_SOURCES)
-                .expect("RAIL_SOURCES in object"),
-        )
-        .map_err(map_err(MAP_RAIL_SOURCES))?;
-        let subnet = att.address.trunc();
-        let source = RailSource {
-            ifindex: att.ifindex,
-            rail: att.rail,
-            gateway: att.gateway.map(ip_key).unwrap_or(0),
-            subnet: ip_key(subnet.network()),
-            mask: ip_key(subnet.netmask()),
-            _pad: 0,
-        };
-        sources
-            .insert(ip_key(att.address.addr()), source, 0)
-            .map_err(map_err(MAP_RAIL_SOURCES))?;
+        let t1 = std::time::Instant::now();
+        fill(&mut ebpf, att)?;
+        let t2 = std::time::Instant::now();
+        self.hook(&mut ebpf, object, att)?;
+        let t3 = std::time::Instant::now();
+        drop(ebpf);
+        tracing::debug!(
+            load_us = (t1 - t0).as_micros() as u64,
+            maps_us = (t2 - t1).as_micros() as u64,
+            verify_attach_pin_us = (t3 - t2).as_micros() as u64,
+            drop_us = t3.elapsed().as_micros() as u64,
+            "rail program attached"
+        );
+        Ok(())
+    }
 
+    /// Attaches the pod's program to `att.ifname` egress and pins the
+    /// attachment: the program the pod's first rail loaded if it is pinned,
+    /// else the one in `ebpf`, verified now.
+    fn hook(
+        &self,
+        ebpf: &mut aya::Ebpf,
+        object: &'static [u8],
+        att: &RailAttachment,
+    ) -> Result<(), DataplaneError> {
         let attach_err = |why: String| DataplaneError::Attach {
             ifname: att.ifname.clone(),
             why,
         };
-        let t1 = std::time::Instant::now();
         // The verifier is most of an ADD's CPU: a pod's later rails attach
         // the program its first rail loaded (pinned with the pod's maps,
         // which it references), so an 8-rail pod is verified once.
         let prog_pin = self.dir.join(program_pin(object));
         let mut pinned = SchedClassifier::from_pin(&prog_pin).ok();
-        let reused = pinned.is_some();
         let prog: &mut SchedClassifier = match pinned.as_mut() {
             Some(p) => p,
             None => {
@@ -291,10 +249,10 @@ impl PodPins {
                 if let Err(e) = prog.pin(&prog_pin) {
                     tracing::debug!(error = %e, "rail program not pinned for the pod's next rails");
                 }
+                tracing::debug!("rail program verified (the pod's first rail)");
                 prog
             }
         };
-        let t2 = std::time::Instant::now();
         let link_path = self.link_path(&att.ifname);
         // A stale pin of the same name (a retried ADD) is replaced; none
         // there is the usual case, and a pin that cannot go fails the pin
@@ -314,13 +272,6 @@ impl PodPins {
                 .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
             link.pin(&link_path)
                 .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
-            tracing::debug!(
-                maps_us = (t1 - t0).as_micros() as u64,
-                verifier_us = (t2 - t1).as_micros() as u64,
-                reused,
-                attach_pin_us = t2.elapsed().as_micros() as u64,
-                "rail program attached"
-            );
         } else {
             // A clsact filter stays with the device on its own; there is no
             // link to pin. Drop any filter of ours a retried ADD left, then
@@ -346,14 +297,6 @@ impl PodPins {
             prog.pin(&link_path)
                 .map_err(|e| attach_err(format!("pin {}: {e}", link_path.display())))?;
         }
-        let t3 = std::time::Instant::now();
-        drop(pinned);
-        drop(ebpf);
-        tracing::debug!(
-            load_to_attach_us = (t3 - t0).as_micros() as u64,
-            drop_us = t3.elapsed().as_micros() as u64,
-            "rail program instance released"
-        );
         Ok(())
     }
 
@@ -431,6 +374,75 @@ impl PodPins {
         }
         Ok(out)
     }
+}
+
+/// Programs rail `att` into the pod's maps: the netns it belongs to, the
+/// RDMA CIDRs (merged across the pod's rails), the rail's source entry.
+fn fill(ebpf: &mut aya::Ebpf, att: &RailAttachment) -> Result<(), DataplaneError> {
+    let map_err = |map: &'static str| {
+        move |e: aya::maps::MapError| DataplaneError::Map {
+            map,
+            why: e.to_string(),
+        }
+    };
+    let mut meta: Array<_, Meta> = Array::try_from(ebpf.map_mut(MAP_META).expect("META in object"))
+        .map_err(map_err(MAP_META))?;
+    meta.set(
+        0,
+        Meta {
+            layout_version: LAYOUT_VERSION,
+            _pad: 0,
+            netns_inode: att.netns.inode,
+            netns_cookie: att.netns.cookie,
+        },
+        0,
+    )
+    .map_err(map_err(MAP_META))?;
+    // RDMA CIDRs are network-level and the same for every rail; with
+    // none, each rail's subnet is added. Merged across the pod's ADDs.
+    let mut nets_map: Array<_, RdmaNets> =
+        Array::try_from(ebpf.map_mut(MAP_RDMA_NETS).expect("RDMA_NETS in object"))
+            .map_err(map_err(MAP_RDMA_NETS))?;
+    let mut nets = nets_map.get(&0, 0).map_err(map_err(MAP_RDMA_NETS))?;
+    let rdma: Vec<Ipv4Net> = if att.rdma_cidrs.is_empty() {
+        vec![att.address.trunc()]
+    } else {
+        att.rdma_cidrs.iter().map(|c| c.trunc()).collect()
+    };
+    for net in &rdma {
+        let added = nets.insert(Net4 {
+            addr: ip_key(net.network()),
+            mask: ip_key(net.netmask()),
+        });
+        if !added {
+            return Err(DataplaneError::Map {
+                map: MAP_RDMA_NETS,
+                why: format!(
+                    "more than {} IPv4 RDMA CIDRs across the pod's rails; merge them into fewer, wider CIDRs",
+                    railnet_common::MAX_RDMA_CIDRS
+                ),
+            });
+        }
+    }
+    nets_map.set(0, nets, 0).map_err(map_err(MAP_RDMA_NETS))?;
+    let mut sources: HashMap<_, u32, RailSource> = HashMap::try_from(
+        ebpf.map_mut(MAP_RAIL_SOURCES)
+            .expect("RAIL_SOURCES in object"),
+    )
+    .map_err(map_err(MAP_RAIL_SOURCES))?;
+    let subnet = att.address.trunc();
+    let source = RailSource {
+        ifindex: att.ifindex,
+        rail: att.rail,
+        gateway: att.gateway.map(ip_key).unwrap_or(0),
+        subnet: ip_key(subnet.network()),
+        mask: ip_key(subnet.netmask()),
+        _pad: 0,
+    };
+    sources
+        .insert(ip_key(att.address.addr()), source, 0)
+        .map_err(map_err(MAP_RAIL_SOURCES))?;
+    Ok(())
 }
 
 /// aya's `EbpfLoader::new()` parses the kernel's BTF (megabytes, ~30 ms
