@@ -127,25 +127,10 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
         // One test on the way to a steer, as before there was a log.
         if mtu != 0 {
             if mtu < 0 {
-                // -ENODEV: the rail's interface left the pod but its source
-                // entry stayed (a DEL that never reached the agent).
-                error!(
-                    ctx,
-                    "netns {} rail {}: its interface (ifindex {}) is gone from the pod; packets from its address are left to the main table",
-                    netns_cookie(),
-                    k,
-                    rail.ifindex
-                );
+                say_rail_gone(ctx, k, rail.ifindex);
                 return (k, Verdict::Other, TC_ACT_UNSPEC);
             }
-            warn!(
-                ctx,
-                "netns {} rail {}: a {}-byte packet to {:i} does not fit the rail's MTU; left to the main table",
-                netns_cookie(),
-                k,
-                ctx.len(),
-                dst.to_ne_bytes()
-            );
+            say_too_big(ctx, k, dst);
             return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC);
         }
     }
@@ -168,6 +153,33 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
         )
     };
     (k, Verdict::Steered, action as i32)
+}
+
+/// -ENODEV from the MTU check: the rail's interface left the pod but its
+/// source entry stayed (a DEL that never reached the agent). Out of line,
+/// as [`say_too_big`]: the steer path's code stays as it was.
+#[inline(never)]
+fn say_rail_gone(ctx: &TcContext, rail: u32, ifindex: u32) {
+    error!(
+        ctx,
+        "netns {} rail {}: its interface (ifindex {}) is gone from the pod; packets from its address are left to the main table",
+        netns_cookie(),
+        rail,
+        ifindex
+    );
+}
+
+/// A packet that would not fit rail `rail`'s MTU, left to the main table.
+#[inline(never)]
+fn say_too_big(ctx: &TcContext, rail: u32, dst: u32) {
+    warn!(
+        ctx,
+        "netns {} rail {}: a {}-byte packet to {:i} does not fit the rail's MTU; left to the main table",
+        netns_cookie(),
+        rail,
+        ctx.len(),
+        dst.to_ne_bytes()
+    );
 }
 
 /// The pod's netns cookie as the agent recorded it, so a log record names
