@@ -3,16 +3,20 @@
 //! whose interface is gone), forwarded to the agent's `tracing` output with
 //! the pod and the rail.
 //!
-//! Every pod's program instance writes into one ring buffer, aya-log's
-//! `AYA_LOGS`, pinned once per node at [`pin_path`] — not one buffer and one
-//! reader per pod. Each load reuses the pin (the pods' own maps stay per
-//! pod), so the buffer, and records not yet read, outlive an agent restart
-//! or upgrade; the next agent opens the same pin and reads on. The buffer is
-//! a file directly under the pin root, where the pod sweep, which looks only
-//! at directories, never takes it for a pod.
+//! The pods' programs do not log themselves: on a rare branch they leave
+//! the event in the packet's `cb` and tail-call `rail_say`, one program per
+//! node, loaded here once and kept in a pinned program array ([`say_pin`])
+//! every pod's program references — so aya-log's record code is verified
+//! once per node, not at every pod's ADD (it tripled the verifier's work on
+//! the pod's first rail). `rail_say` writes into aya-log's ring buffer
+//! `AYA_LOGS`, pinned once per node at [`pin_path`]: not one buffer and one
+//! reader per pod. Both pins outlive an agent restart; the next agent opens
+//! the same buffer and reads on, and puts its own `rail_say` in the array.
+//! The pins are files directly under the pin root, where the pod sweep,
+//! which looks only at directories, never takes them for pods.
 //!
-//! Nothing here runs on the packet path: the program logs only on its
-//! rare branches, and the agent reads when the ring buffer says it has
+//! Nothing here runs on the packet path: the program says something only on
+//! its rare branches, and the agent reads when the ring buffer says it has
 //! records (epoll on its fd), not on a timer.
 
 use std::{
@@ -22,8 +26,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::EbpfLoader;
+use aya::{EbpfLoader, maps::ProgramArray, programs::SchedClassifier};
 use aya_log::EbpfLogger;
+use railnet_common::{MAP_SAY, PROGRAM_RAIL_SAY};
 use tokio::io::{Interest, unix::AsyncFd};
 
 use super::{DataplaneError, pinned_pods};
@@ -41,25 +46,76 @@ pub fn pin_path(pin_root: &Path) -> PathBuf {
     pin_root.join("program-log")
 }
 
-/// Removes the log buffer's pin (the node's share of an uninstall, when no
-/// pod is left to write into it). `Ok` if it was not there.
-pub fn unpin(pin_root: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(pin_path(pin_root)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+/// Where the program array holding this agent's `rail_say` is pinned: one
+/// per program object (`say-<id>`, as the pods' program pins), so after an
+/// upgrade the pods an older agent wired keep the array their programs
+/// reference, with the `rail_say` that agent loaded.
+pub fn say_pin(pin_root: &Path, object: &'static [u8]) -> PathBuf {
+    let id = super::program_pin(object).trim_start_matches("prog-");
+    pin_root.join(format!("say-{id}"))
 }
 
-/// Opens (creating and pinning it if this is the node's first agent) the
-/// log buffer every pod's program writes into, reading into [`Forward`].
+/// Removes the log buffer's pin and every `rail_say` array's (the node's
+/// share of an uninstall, when no pod is left to write into them). `Ok` if
+/// they were not there.
+pub fn unpin(pin_root: &Path) -> std::io::Result<()> {
+    let mut pins = vec![pin_path(pin_root)];
+    if let Ok(entries) = std::fs::read_dir(pin_root) {
+        pins.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("say-"))
+                .map(|e| e.path()),
+        );
+    }
+    for pin in pins {
+        match std::fs::remove_file(&pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Opens (creating and pinning them if this is the node's first agent) the
+/// log buffer and the `rail_say` array every pod's program uses, loads
+/// `rail_say` into the array, and returns the buffer's reader, reading into
+/// [`Forward`].
 pub fn open(pin_root: &Path) -> Result<EbpfLogger<Forward>, DataplaneError> {
     let object = bpf_object::object()?;
-    // Creates the object's maps without loading its program: the per-pod
-    // ones are unpinned here and go when `ebpf` does.
+    // Creates the object's maps (the per-pod ones unpinned here: they go
+    // when `ebpf` does) and loads only `rail_say`.
     let mut ebpf = EbpfLoader::new()
         .map_pin_path(MAP_LOGS, pin_path(pin_root))
+        .map_pin_path(MAP_SAY, say_pin(pin_root, object))
         .load(object)
         .map_err(|e| DataplaneError::Load(format!("the program log buffer: {e:#}")))?;
+    let say: &mut SchedClassifier = ebpf
+        .program_mut(PROGRAM_RAIL_SAY)
+        .ok_or_else(|| DataplaneError::Load(format!("{PROGRAM_RAIL_SAY} is not in the object")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| DataplaneError::Load(e.to_string()))?;
+    say.load()
+        .map_err(|e| DataplaneError::Load(format!("{PROGRAM_RAIL_SAY}: verifier: {e:#}")))?;
+    let fd = say
+        .fd()
+        .map_err(|e| DataplaneError::Load(e.to_string()))?
+        .try_clone()
+        .map_err(|e| DataplaneError::Load(e.to_string()))?;
+    let mut array = ProgramArray::try_from(
+        ebpf.map_mut(MAP_SAY)
+            .ok_or_else(|| DataplaneError::Load(format!("{MAP_SAY} is not in the object")))?,
+    )
+    .map_err(|e| DataplaneError::Map {
+        map: MAP_SAY,
+        why: e.to_string(),
+    })?;
+    // The array's entry holds the program from now on (the array is
+    // pinned, so the kernel keeps its entries).
+    array.set(0, &fd, 0).map_err(|e| DataplaneError::Map {
+        map: MAP_SAY,
+        why: e.to_string(),
+    })?;
     EbpfLogger::init_with_logger(&mut ebpf, Forward::new(pin_root)).map_err(|e| {
         DataplaneError::Map {
             map: MAP_LOGS,

@@ -53,7 +53,7 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/railnet";
 /// own. `<id>` names this agent's object (FNV-1a of its bytes), so after an
 /// upgrade a pod's new rails get the new program, not the one an older
 /// agent left.
-fn program_pin(object: &'static [u8]) -> &'static str {
+pub(crate) fn program_pin(object: &'static [u8]) -> &'static str {
     // One object per agent binary: hashed once.
     static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     NAME.get_or_init(|| {
@@ -184,9 +184,11 @@ impl PodPins {
                 .into_iter()
                 .map(|n| (n, self.map_path(n)))
                 .collect();
-        // The node's one log buffer, not the pod's (see `log`).
+        // The node's log buffer and its program that says the rare
+        // events, not the pod's (see `log`).
         if let Some(root) = self.dir.parent() {
             paths.push((log::MAP_LOGS, log::pin_path(root)));
+            paths.push((railnet_common::MAP_SAY, log::say_pin(root, object)));
         }
         let t0 = std::time::Instant::now();
         tracing::debug!(

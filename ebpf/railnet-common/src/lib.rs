@@ -37,6 +37,16 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_META: &str = "META";
 /// Name of the tc egress program.
 pub const PROGRAM_RAIL_EGRESS: &str = "rail_egress";
+/// Name of the program that says the rare events (see the program's docs).
+pub const PROGRAM_RAIL_SAY: &str = "rail_say";
+/// Name of the one-entry program array holding [`PROGRAM_RAIL_SAY`], one per
+/// node (pinned by the agent).
+pub const MAP_SAY: &str = "SAY";
+/// Event in `cb[4]`: a packet too big for its rail's MTU (`cb[3]`: its
+/// destination).
+pub const SAY_TOO_BIG: u32 = 1;
+/// Event in `cb[4]`: the rail's interface is gone (`cb[3]`: its ifindex).
+pub const SAY_GONE: u32 = 2;
 
 /// One of the pod's rails, looked up by its IPv4 source address.
 #[repr(C)]

@@ -12,9 +12,12 @@
 //!
 //! The rare events an operator must see — a packet left to the main table
 //! because it would not fit the rail's MTU, a rail whose interface is gone —
-//! are logged through aya-log into one ring buffer the node's pods share
-//! (the agent pins it and reads it). Each record starts `netns <cookie> rail
-//! <K>:` so the agent can name the pod; the steer and pass paths log nothing.
+//! are said by a second program, [`rail_say`], through aya-log into one ring
+//! buffer the node's pods share (the agent pins both). The pod's program
+//! tail-calls it on those paths only, leaving what happened in the packet's
+//! `cb`: the logging code is verified once per node, not at every pod's ADD,
+//! and the steer and pass paths carry none of it. Each record starts
+//! `netns <cookie> rail <K>:` so the agent can name the pod.
 #![no_std]
 #![no_main]
 
@@ -23,7 +26,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     helpers::generated::{bpf_check_mtu, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
     programs::TcContext,
 };
 use aya_log_ebpf::{error, warn};
@@ -32,7 +35,8 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 use railnet_common::{
-    COUNTER_ENTRIES, MAX_RAIL, MIN_RAIL_MTU, Meta, RailSource, RdmaNets, Verdict, counter_index,
+    COUNTER_ENTRIES, MAX_RAIL, MIN_RAIL_MTU, Meta, RailSource, RdmaNets, SAY_GONE, SAY_TOO_BIG,
+    Verdict, counter_index,
 };
 
 /// The pod's rails by IPv4 source address (network-order bytes as `u32`).
@@ -49,6 +53,10 @@ static RDMA_NETS: Array<RdmaNets> = Array::with_max_entries(1, 0);
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
 
+/// [`rail_say`] at index 0, put there by the agent (one per node, pinned).
+#[map(name = "SAY")]
+static SAY: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// Layout version of the maps, written by the agent that created them.
 #[map(name = "META")]
 static META: Array<Meta> = Array::with_max_entries(1, 0);
@@ -61,17 +69,51 @@ const LINK_LOCAL_SECOND: u8 = 254;
 /// Entry point; see the crate docs for the verdicts.
 #[classifier]
 pub fn rail_egress(ctx: TcContext) -> i32 {
-    let (rail, verdict, action) = classify(&ctx);
+    let (rail, verdict, action, said) = classify(&ctx);
     count(rail, verdict);
+    if said {
+        // SAFETY: a tail call into the node's `rail_say`, which returns the
+        // same action; on failure (none loaded) we go on here.
+        unsafe { SAY.tail_call(&ctx, 0) };
+    }
     action
 }
 
-/// Decides one packet: the rail it is counted under, the verdict, and the tc
-/// action. Every "leave it alone" answer is `TC_ACT_UNSPEC`, so under TCX the
-/// next program on the device still runs.
+/// Says what [`rail_egress`] left in the packet's `cb` (see [`say`]), and
+/// leaves the packet to the main table as `rail_egress` would have.
+#[classifier]
+pub fn rail_say(ctx: TcContext) -> i32 {
+    // SAFETY: the context pointer is the program's own `__sk_buff`.
+    let cb = unsafe { (*ctx.skb.skb).cb };
+    let cookie = u64::from(cb[0]) | (u64::from(cb[1]) << 32);
+    match cb[4] {
+        SAY_TOO_BIG => warn!(
+            &ctx,
+            "netns {} rail {}: a {}-byte packet to {:i} does not fit the rail's MTU; left to the main table",
+            cookie,
+            cb[2],
+            ctx.len(),
+            cb[3].to_ne_bytes()
+        ),
+        SAY_GONE => error!(
+            &ctx,
+            "netns {} rail {}: its interface (ifindex {}) is gone from the pod; packets from its address are left to the main table",
+            cookie,
+            cb[2],
+            cb[3]
+        ),
+        _ => {}
+    }
+    TC_ACT_UNSPEC
+}
+
+/// Decides one packet: the rail it is counted under, the verdict, the tc
+/// action, and whether there is something to say ([`leave`]). Every "leave
+/// it alone" answer is `TC_ACT_UNSPEC`, so under TCX the next program on the
+/// device still runs.
 #[inline(always)]
-fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
-    let pass_other = (0, Verdict::Other, TC_ACT_UNSPEC);
+fn classify(ctx: &TcContext) -> (u32, Verdict, i32, bool) {
+    let pass_other = (0, Verdict::Other, TC_ACT_UNSPEC, false);
     // Direct packet access: at egress the headers are in the linear area;
     // if they are not, the packet is not one we steer.
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -91,7 +133,7 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
     }
     let src = u32::from_ne_bytes(src);
     let Some(rail) = RAIL_SOURCES.get_ptr(src) else {
-        return (0, Verdict::NotRailSource, TC_ACT_UNSPEC);
+        return (0, Verdict::NotRailSource, TC_ACT_UNSPEC, false);
     };
     // SAFETY: the pointer comes from a successful map lookup and the value
     // is plain old data; we copy it out at once.
@@ -104,17 +146,17 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
         None => false,
     };
     if !rdma {
-        return (k, Verdict::NotRdma, TC_ACT_UNSPEC);
+        return (k, Verdict::NotRdma, TC_ACT_UNSPEC, false);
     }
     // SAFETY: the context pointer is the program's own `__sk_buff`.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if ifindex == rail.ifindex {
-        return (k, Verdict::OnRail, TC_ACT_UNSPEC);
+        return (k, Verdict::OnRail, TC_ACT_UNSPEC, false);
     }
     let on_link = dst & rail.mask == rail.subnet;
     // A directed broadcast of the rail's subnet is not unicast RDMA traffic.
     if on_link && dst | !rail.mask == dst {
-        return (k, Verdict::Other, TC_ACT_UNSPEC);
+        return (k, Verdict::Other, TC_ACT_UNSPEC, false);
     }
     // Every rail's MTU is at least MIN_RAIL_MTU (the agent refuses less),
     // so only longer packets can fail to fit; the helper, which resolves
@@ -127,11 +169,13 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
         // One test on the way to a steer, as before there was a log.
         if mtu != 0 {
             if mtu < 0 {
-                say_rail_gone(ctx, k, rail.ifindex);
-                return (k, Verdict::Other, TC_ACT_UNSPEC);
+                // -ENODEV: the rail's interface left the pod but its
+                // source entry stayed (a DEL that never reached the agent).
+                leave(ctx, SAY_GONE, k, rail.ifindex);
+                return (k, Verdict::Other, TC_ACT_UNSPEC, true);
             }
-            say_too_big(ctx, k, dst);
-            return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC);
+            leave(ctx, SAY_TOO_BIG, k, dst);
+            return (k, Verdict::MtuExceeded, TC_ACT_UNSPEC, true);
         }
     }
     let next_hop = if on_link || rail.gateway == 0 {
@@ -152,34 +196,24 @@ fn classify(ctx: &TcContext) -> (u32, Verdict, i32) {
             0,
         )
     };
-    (k, Verdict::Steered, action as i32)
+    (k, Verdict::Steered, action as i32, false)
 }
 
-/// -ENODEV from the MTU check: the rail's interface left the pod but its
-/// source entry stayed (a DEL that never reached the agent). Out of line,
-/// as [`say_too_big`]: the steer path's code stays as it was.
-#[inline(never)]
-fn say_rail_gone(ctx: &TcContext, rail: u32, ifindex: u32) {
-    error!(
-        ctx,
-        "netns {} rail {}: its interface (ifindex {}) is gone from the pod; packets from its address are left to the main table",
-        netns_cookie(),
-        rail,
-        ifindex
-    );
-}
-
-/// A packet that would not fit rail `rail`'s MTU, left to the main table.
-#[inline(never)]
-fn say_too_big(ctx: &TcContext, rail: u32, dst: u32) {
-    warn!(
-        ctx,
-        "netns {} rail {}: a {}-byte packet to {:i} does not fit the rail's MTU; left to the main table",
-        netns_cookie(),
-        rail,
-        ctx.len(),
-        dst.to_ne_bytes()
-    );
+/// Leaves event `what` of rail `rail` (with `value`: the destination, or
+/// the gone interface's index) in the packet's `cb` for [`rail_say`].
+#[inline(always)]
+fn leave(ctx: &TcContext, what: u32, rail: u32, value: u32) {
+    let cookie = netns_cookie();
+    // SAFETY: the context pointer is the program's own `__sk_buff`, whose
+    // `cb` a tc program may write.
+    unsafe {
+        let skb = ctx.skb.skb;
+        (*skb).cb[0] = cookie as u32;
+        (*skb).cb[1] = (cookie >> 32) as u32;
+        (*skb).cb[2] = rail;
+        (*skb).cb[3] = value;
+        (*skb).cb[4] = what;
+    }
 }
 
 /// The pod's netns cookie as the agent recorded it, so a log record names
