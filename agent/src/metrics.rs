@@ -38,6 +38,8 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     requests: Family<Labels, Counter>,
     latency: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Addresses the sweep released (their pods' DEL never came).
+    swept: Counter,
 }
 
 impl Default for Metrics {
@@ -45,6 +47,7 @@ impl Default for Metrics {
         Self {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            swept: Counter::default(),
         }
     }
 }
@@ -65,6 +68,11 @@ impl Metrics {
         self.latency
             .get_or_create(&vec![("op".into(), op.into())])
             .observe(seconds);
+    }
+
+    /// Counts addresses the sweep released.
+    pub fn swept(&self, addresses: usize) {
+        self.swept.inc_by(addresses as u64);
     }
 
     /// The exposition text of everything, read now.
@@ -102,6 +110,11 @@ impl Metrics {
             "Addresses a pool can hand out",
             capacity,
         );
+        registry.register(
+            "sweep_released_addresses",
+            "Addresses the sweep released because their pod's netns was gone and no DEL had come",
+            self.swept.clone(),
+        );
         let allocations = Gauge::<i64>::default();
         allocations.set(service.ipam.allocated() as i64);
         registry.register(
@@ -126,13 +139,26 @@ impl Metrics {
             );
         }
         let packets = Family::<Labels, Counter>::default();
+        // The pod each container belongs to, as its ADD recorded it: a
+        // macvlan pod's traffic carries its namespace and name too.
+        let pods = service
+            .pod_info
+            .as_ref()
+            .map(|info| info.pods())
+            .unwrap_or_default();
         for pod in dataplane::pinned_pods(&service.pin_root) {
             let pins = dataplane::PodPins::new(&service.pin_root, &pod.container_id);
+            let (namespace, name) = pods
+                .get(&pod.container_id)
+                .and_then(|p| p.split_once('/'))
+                .unwrap_or(("", ""));
             if let Ok(counters) = pins.counters() {
                 for (rail, verdict, n) in counters {
                     packets
                         .get_or_create(&vec![
                             ("container".into(), pod.container_id.clone()),
+                            ("namespace".into(), namespace.to_owned()),
+                            ("pod".into(), name.to_owned()),
                             ("rail".into(), rail.to_string()),
                             ("verdict".into(), verdict.name().into()),
                         ])
@@ -142,7 +168,7 @@ impl Metrics {
         }
         registry.register(
             "dataplane_packets",
-            "Packets the rail program saw, per pod, rail (0: none) and verdict",
+            "Packets the rail program saw, per pod (container, and namespace and name when the runtime said), rail (0: none) and verdict",
             packets,
         );
         registry.register(

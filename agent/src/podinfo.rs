@@ -62,6 +62,10 @@ pub struct RailInfo {
     /// empty in what the pod writes of itself (`railnetctl pod-info`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub container_id: String,
+    /// The pod as `namespace/name` (from CNI_ARGS; empty when the runtime
+    /// did not say): what the metrics label its traffic with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod: String,
 }
 
 impl RailInfo {
@@ -72,6 +76,7 @@ impl RailInfo {
         rail: u32,
         network: &str,
         result: &AddResult,
+        pod: &str,
     ) -> Self {
         RailInfo {
             interface: ifname.to_owned(),
@@ -86,6 +91,7 @@ impl RailInfo {
                 isolated: r.isolated,
             }),
             container_id: container_id.to_owned(),
+            pod: pod.to_owned(),
         }
     }
 }
@@ -148,6 +154,7 @@ impl RailInfo {
             ips,
             rdma: record.rdma,
             container_id: String::new(),
+            pod: String::new(),
         })
     }
 }
@@ -248,6 +255,20 @@ impl PodInfo {
             &serde_json::to_vec_pretty(rail).map_err(io::Error::other)?,
         )?;
         write_pod_files(&dir, &rails_in(&dir))
+    }
+
+    /// The pod (`namespace/name`) of every attachment recorded, by
+    /// container ID.
+    pub fn pods(&self) -> std::collections::HashMap<String, String> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Default::default();
+        };
+        entries
+            .flatten()
+            .flat_map(|e| rails_in(&e.path()))
+            .filter(|r| !r.pod.is_empty())
+            .map(|r| (r.container_id, r.pod))
+            .collect()
     }
 
     /// Forgets interface `ifname` of the attachment `container_id` — in
@@ -414,6 +435,7 @@ mod tests {
                 isolated: false,
             }),
             container_id: "c1".into(),
+            pod: String::new(),
         }
     }
 

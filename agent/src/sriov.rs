@@ -48,13 +48,23 @@ impl Holder {
         container_id: &str,
         ifname: &str,
     ) -> Self {
-        let pod = match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
-            (Some(ns), Some(name)) if !name.is_empty() => format!("{ns}/{name}"),
-            _ => container_id.to_owned(),
-        };
+        let pod = Self::pod_of(args);
         Self {
-            pod,
+            pod: if pod.is_empty() {
+                container_id.to_owned()
+            } else {
+                pod
+            },
             interface: ifname.to_owned(),
+        }
+    }
+
+    /// `namespace/name` from CNI_ARGS (K8S_POD_NAMESPACE, K8S_POD_NAME);
+    /// empty when the runtime did not say.
+    pub fn pod_of(args: &std::collections::BTreeMap<String, String>) -> String {
+        match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
+            (Some(ns), Some(name)) if !name.is_empty() => format!("{ns}/{name}"),
+            _ => String::new(),
         }
     }
 }

@@ -324,7 +324,7 @@ fn steering(flags: &[&str]) {
     // The same counters, as an operator scrapes them.
     let scrape = agent_a.scrape(&fabric.nodes[0], "/metrics");
     let steered = format!(
-        "railnet_dataplane_packets_total{{container=\"{}\",rail=\"3\",verdict=\"steered\"}} ",
+        "railnet_dataplane_packets_total{{container=\"{}\",namespace=\"default\",pod=\"demo\",rail=\"3\",verdict=\"steered\"}} ",
         a.cid
     );
     let line = scrape

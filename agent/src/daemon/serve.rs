@@ -41,6 +41,7 @@ pub(super) async fn serve(args: Args, service: Arc<RailService>) -> u8 {
         .abort_handle(),
         tokio::spawn(upkeep::sweep_loop(
             service.clone(),
+            metrics.clone(),
             std::time::Duration::from_secs(args.sweep_interval),
             args.tombstones.clone(),
         ))

@@ -80,6 +80,7 @@ pub(super) fn adopt(pin_root: &std::path::Path) {
 /// pods whose netns is gone.
 pub(super) async fn sweep_loop(
     service: Arc<RailService>,
+    metrics: Arc<crate::metrics::Metrics>,
     every: std::time::Duration,
     tombstones: PathBuf,
 ) {
@@ -88,6 +89,7 @@ pub(super) async fn sweep_loop(
         tick.tick().await;
         let service = service.clone();
         let tombstones = tombstones.clone();
+        let metrics = metrics.clone();
         let removed = tokio::task::spawn_blocking(move || {
             service.finish_tombstones(&tombstones);
             // No ADD between the look and the releases (see sweep_gate).
@@ -98,8 +100,11 @@ pub(super) async fn sweep_loop(
             let live = crate::netns::LiveNetns::scan();
             let mut removed = dataplane::sweep(&service.pin_root, &live);
             for cid in &removed {
-                if let Err(e) = service.ipam.release_container(cid) {
-                    tracing::warn!(container = %cid, error = %e, "sweep: addresses of a gone pod not released; next sweep tries again");
+                match service.ipam.release_container(cid) {
+                    Ok(released) => metrics.swept(released.len()),
+                    Err(e) => {
+                        tracing::warn!(container = %cid, error = %e, "sweep: addresses of a gone pod not released; next sweep tries again")
+                    }
                 }
             }
             // Rules-mode pods have no pins: their allocations carry the
@@ -108,6 +113,7 @@ pub(super) async fn sweep_loop(
                 .ipam
                 .release_where_allocation(|a| a.netns_inode != 0 && !live.contains(a.netns()))
             {
+                metrics.swept(gone.len());
                 for a in gone {
                     if !removed.contains(&a.key.container_id) {
                         removed.push(a.key.container_id);

@@ -195,6 +195,7 @@ impl RailService {
             conf.rail,
             &conf.name,
             &result,
+            &crate::sriov::Holder::pod_of(&att.args),
         );
         // Best effort, like Multus's device info: the rail works without
         // them; the workload's files say what they have. On the interface

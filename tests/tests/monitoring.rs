@@ -1,0 +1,408 @@
+//! The chart's dashboards and alerts against the real thing: Debian's
+//! Prometheus scrapes two agents on the netns fabric while their pods send
+//! traffic, and every panel's query (its template variables substituted as
+//! Grafana would) must return series through Prometheus's HTTP API; each
+//! alert is tested firing and not firing with `promtool test rules`.
+
+use std::{
+    io::{Read, Write},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use railnet_tests::{Agent, Netns, RailFabric, ScratchDir, cni, veth_between};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    ["cluster", "node", "pods"]
+        .iter()
+        .map(|name| {
+            let path = repo().join(format!("charts/railnet/monitoring/dashboards/{name}.json"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            (name.to_string(), serde_json::from_str(&text).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_fires_when_it_should_and_stays_quiet_otherwise() {
+    let out = Command::new("promtool")
+        .args(["test", "rules", "alerts_test.yaml"])
+        .current_dir(repo().join("tests/monitoring"))
+        .output()
+        .expect("promtool (Debian's prometheus; cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "promtool test rules:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The rules the test ran are the ones the chart ships.
+    let (rendered, ok) = helm_template(&[
+        "--set",
+        "monitoring.alerts.enabled=true",
+        "--set",
+        "monitoring.dashboards.enabled=true",
+    ]);
+    assert!(ok, "{rendered}");
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&rendered)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .collect();
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule with monitoring.alerts.enabled");
+    let file: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo().join("charts/railnet/monitoring/alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"], file, "the PrometheusRule is alerts.yaml");
+    for (name, dashboard) in dashboards() {
+        let map = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "ConfigMap"
+                    && d["metadata"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.ends_with(&format!("-dashboard-{name}")))
+            })
+            .unwrap_or_else(|| panic!("no ConfigMap for dashboard {name}"));
+        assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+        let data: Value = serde_json::from_str(
+            map["data"][format!("railnet-{name}.json")]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(data, dashboard, "the ConfigMap holds {name}.json as it is");
+    }
+    let (off, ok) = helm_template(&[]);
+    assert!(ok, "{off}");
+    assert!(
+        !off.contains("PrometheusRule") && !off.contains("-dashboard-"),
+        "monitoring is off by default"
+    );
+}
+
+fn helm_template(set: &[&str]) -> (String, bool) {
+    let helm = std::env::var("RAILNET_HELM").unwrap_or_else(|_| "helm".into());
+    let out = Command::new(helm)
+        .arg("template")
+        .arg("t")
+        .arg(repo().join("charts/railnet"))
+        .args(set)
+        .output()
+        .expect("helm (cargo xtask setup installs it; RAILNET_HELM names it)");
+    (
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        out.status.success(),
+    )
+}
+
+/// Metrics no device here can produce: the RDMA port counters need an RDMA
+/// device, which this machine's netns fabric has none of (the qemu RDMA
+/// tests, `tests/tests/rdma.rs`, read these series from real soft-RoCE
+/// ports). A panel querying only them is checked for its variables, not
+/// its data.
+const NEEDS_RDMA: &str = "railnet_rdma_port_hw_counter_total";
+
+#[test]
+fn every_dashboard_panel_has_data_from_a_real_prometheus() {
+    let fabric = RailFabric::new(2, 2);
+    // A monitoring netns with a link to each node: the agents serve
+    // /metrics on that link, as they do on a node's own address.
+    let mon = Netns::new("mon");
+    for n in 0..2 {
+        let (link, node) = (format!("m{n}"), &fabric.nodes[n]);
+        veth_between(&mon, &link, node, "mgmt");
+        mon.ip(&["addr", "add", &format!("10.250.{n}.1/30"), "dev", &link]);
+        mon.ip(&["link", "set", &link, "up"]);
+        node.ip(&["addr", "add", &format!("10.250.{n}.2/30"), "dev", "mgmt"]);
+        node.ip(&["link", "set", "mgmt", "up"]);
+    }
+    let agents: Vec<Agent> = (0..2)
+        .map(|n| {
+            let address = format!("10.250.{n}.2:9465");
+            Agent::start_with(
+                &fabric.nodes[n],
+                &fabric.pools(n),
+                &["--metrics-address", &address],
+            )
+        })
+        .collect();
+    // One two-rail pod per node, traffic between them on both rails and
+    // across them, and one ADD the agent refuses (a master the node lacks).
+    let pods: Vec<_> = (0..2).map(|n| fabric.pod(n)).collect();
+    let mut ips = [Vec::new(), Vec::new()];
+    for n in 0..2 {
+        for k in 1..=2 {
+            let out = cni(
+                "ADD",
+                &fabric.netconf(k, &agents[n], "ebpf"),
+                &format!("mon-{n}"),
+                Some(&pods[n].ns.path()),
+                &format!("net{k}"),
+            );
+            assert!(out.ok, "{}", out.stdout);
+            let ip = out.json["ips"][0]["address"].as_str().unwrap();
+            ips[n].push(ip.split('/').next().unwrap().to_owned());
+        }
+    }
+    let mut bad = fabric.netconf(2, &agents[0], "ebpf");
+    bad["master"] = "nosuchnic".into();
+    assert!(!cni("ADD", &bad, "mon-bad", Some(&pods[0].ns.path()), "net9").ok);
+
+    let prometheus = Prometheus::start(&mon, &["10.250.0.2:9465", "10.250.1.2:9465"]);
+    let traffic = || {
+        for (from, to) in ips[0].iter().zip(&ips[1]) {
+            assert!(pods[0].ns.ping(from, to, 3, 56));
+        }
+        // From rail 2's address to the other pod's rail 1: the kernel picks
+        // net1 (on-link), the program steers it back onto rail 2.
+        assert!(pods[0].ns.ping(&ips[0][1], &ips[1][0], 3, 56));
+    };
+    traffic();
+    // Two scrapes of everything, with traffic between them, before asking.
+    prometheus.wait_for_samples("railnet_dataplane_packets_total", 2);
+    traffic();
+    std::thread::sleep(Duration::from_secs(3));
+
+    let mut empty = Vec::new();
+    for (file, dashboard) in dashboards() {
+        let vars = variables(&dashboard);
+        for v in dashboard["templating"]["list"].as_array().unwrap() {
+            if let Some(query) = v["query"]["query"].as_str() {
+                let (metric, label) = label_values(query).unwrap_or_else(|| {
+                    panic!("{file}: variable {} is not label_values(…)", v["name"])
+                });
+                if prometheus
+                    .label_values(&substitute(metric, &vars), label)
+                    .is_empty()
+                {
+                    empty.push(format!("{file}: variable {} ({query})", v["name"]));
+                }
+            }
+        }
+        for panel in dashboard["panels"].as_array().unwrap() {
+            let title = panel["title"].as_str().unwrap();
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = substitute(target["expr"].as_str().unwrap(), &vars);
+                assert!(
+                    !expr.contains('$'),
+                    "{file}: panel {title:?} uses a variable the dashboard does not define: {expr}"
+                );
+                let series = prometheus.query(&expr);
+                if series.is_empty() && !expr.contains(NEEDS_RDMA) {
+                    empty.push(format!("{file}: panel {title:?}: {expr}"));
+                }
+            }
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "panels with no data:\n  {}",
+        empty.join("\n  ")
+    );
+    // A pod's traffic carries its namespace and name, not only its
+    // container (what the pods dashboard selects on).
+    let labelled = prometheus.query(
+        r#"railnet_dataplane_packets_total{namespace="default", pod="demo", container="mon-1"}"#,
+    );
+    assert!(!labelled.is_empty(), "no packets labelled with their pod");
+    for n in 0..2 {
+        for k in 1..=2 {
+            let out = cni(
+                "DEL",
+                &fabric.netconf(k, &agents[n], "ebpf"),
+                &format!("mon-{n}"),
+                Some(&pods[n].ns.path()),
+                &format!("net{k}"),
+            );
+            assert!(out.ok, "{}", out.stdout);
+        }
+    }
+}
+
+/// The dashboard's own variables (the data source aside).
+fn variables(dashboard: &Value) -> Vec<String> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["type"] != "datasource")
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A query as Grafana sends it with every variable at "All" (`.*`) and a
+/// rate interval fitting the test's 1 s scrapes.
+fn substitute(expr: &str, vars: &[String]) -> String {
+    let mut out = expr.replace("$__rate_interval", "10s");
+    for v in vars {
+        out = out
+            .replace(&format!("${{{v}}}"), ".*")
+            .replace(&format!("${v}"), ".*");
+    }
+    out
+}
+
+/// `label_values(metric{…}, label)` → (metric selector, label).
+fn label_values(query: &str) -> Option<(&str, &str)> {
+    let inner = query.strip_prefix("label_values(")?.strip_suffix(')')?;
+    let (metric, label) = inner.rsplit_once(',')?;
+    Some((metric.trim(), label.trim()))
+}
+
+/// A Prometheus server in a netns of the test's, its data in a temporary
+/// directory; stopped (by its PID) when dropped.
+struct Prometheus<'a> {
+    ns: &'a Netns,
+    child: Child,
+    dir: ScratchDir,
+}
+
+const LISTEN: &str = "127.0.0.1:9090";
+
+impl<'a> Prometheus<'a> {
+    fn start(ns: &'a Netns, targets: &[&str]) -> Self {
+        let dir = ScratchDir::new("prometheus");
+        let config = dir.path().join("prometheus.yml");
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+                 scrape_configs:\n  - job_name: railnet-agent\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = ns
+            .command("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={LISTEN}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus (Debian's prometheus; cargo xtask setup installs it)");
+        let p = Prometheus { ns, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !p.get("/-/ready").starts_with("HTTP/1.1 200") {
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready:\n{}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// A GET on the API, answered in the netns.
+    fn get(&self, path: &str) -> String {
+        let path = path.to_owned();
+        self.ns.run(move || {
+            let Ok(mut s) = std::net::TcpStream::connect(LISTEN) else {
+                return String::new();
+            };
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            if s.write_all(request.as_bytes()).is_err() || s.read_to_string(&mut out).is_err() {
+                return String::new();
+            }
+            out
+        })
+    }
+
+    fn api(&self, path: &str) -> Value {
+        let response = self.get(path);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or("");
+        let json: Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("{path}: {e}:\n{response}\n{}", self.log()));
+        assert_eq!(json["status"], "success", "{path}: {json}");
+        json["data"].clone()
+    }
+
+    /// The series an instant query returns.
+    fn query(&self, expr: &str) -> Vec<Value> {
+        let data = self.api(&format!("/api/v1/query?query={}", encode(expr)));
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The values `label` takes on the series `selector` matches.
+    fn label_values(&self, selector: &str, label: &str) -> Vec<Value> {
+        let data = self.api(&format!(
+            "/api/v1/label/{label}/values?match[]={}",
+            encode(selector)
+        ));
+        data.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits until every target has `n` samples of `metric`.
+    fn wait_for_samples(&self, metric: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let counts = self.query(&format!("count_over_time({metric}[1m])"));
+            let instances: std::collections::BTreeSet<String> = counts
+                .iter()
+                .filter(|s| {
+                    s["value"][1]
+                        .as_str()
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .is_some_and(|c| c >= n)
+                })
+                .filter_map(|s| s["metric"]["instance"].as_str().map(str::to_owned))
+                .collect();
+            if instances.len() >= 2 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {n} samples of {metric} from both agents: {counts:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+impl Drop for Prometheus<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encoding for a query parameter.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
