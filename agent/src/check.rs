@@ -56,8 +56,7 @@ struct PrevRoute {
 }
 
 fn drifted(msg: String) -> ApiError {
-    ApiError::new(
-        code::DATAPLANE,
+    ApiError::dataplane(
         msg,
         "something changed the pod's interface after ADD; delete and re-create the pod",
     )

@@ -12,7 +12,7 @@ use rtnetlink::LinkUnspec;
 
 use super::{Holding, LinkCx, RailLink, Taken, netns_fd};
 use crate::{
-    api::{ApiError, code},
+    api::ApiError,
     netconf::Mode,
     netns::PodNetns,
     rtnl::{self, describe, errno, with_rtnl},
@@ -128,7 +128,7 @@ fn prepare_vf(cx: &LinkCx<'_>, ib: bool) -> Result<Taken, ApiError> {
     let bdf2 = bdf.clone();
     let prepared = with_rtnl(|h| async move {
         let (vf, bdf) = (vf_name, bdf2);
-        let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+        let dp = |msg: String, details: String| ApiError::dataplane(msg, details);
         let Some(link) = rtnl::link_by_name(&h, &vf)
             .await
             .map_err(|e| dp(format!("looking up VF netdev {vf}"), describe(&e)))?
@@ -209,9 +209,7 @@ fn prepare_vf(cx: &LinkCx<'_>, ib: bool) -> Result<Taken, ApiError> {
                         ),
                         _ => describe(&e),
                     };
-                    return Err(ApiError::new(
-                        code::DATAPLANE,
-                        format!("setting VF {} attributes through PF {}", side.vf, side.pf),
+                    return Err(ApiError::dataplane(format!("setting VF {} attributes through PF {}", side.vf, side.pf),
                         why,
                     ));
                 }
@@ -224,18 +222,12 @@ fn prepare_vf(cx: &LinkCx<'_>, ib: bool) -> Result<Taken, ApiError> {
             rebound: false,
         })
     })
-    .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))??;
+    .map_err(|e| ApiError::dataplane("rtnetlink", e.to_string()))??;
     if !settings.sets_guid() {
         return Ok(prepared);
     }
     sriov::rebind(who.sysfs_root, &bdf, std::time::Duration::from_secs(10))
-        .map_err(|e| {
-            ApiError::new(
-                code::DATAPLANE,
-                format!("rebinding VF {bdf} for its new GUID"),
-                e,
-            )
-        })
+        .map_err(|e| ApiError::dataplane(format!("rebinding VF {bdf} for its new GUID"), e))
         .and_then(|_| vf_again(who.sysfs_root, &bdf, "its driver was rebound"))
         .map(|vf| Taken {
             rebound: true,
@@ -267,8 +259,7 @@ fn vf_again(sysfs: &Path, bdf: &str, after: &str) -> Result<Taken, ApiError> {
                 .ok_or_else(|| format!("{name} is not in the agent's netns"))
         });
     found.map_err(|why| {
-        ApiError::new(
-            code::DATAPLANE,
+        ApiError::dataplane(
             format!("VF {bdf}'s netdev did not come back after {after}"),
             why,
         )
@@ -302,14 +293,13 @@ fn move_vf(cx: &LinkCx<'_>, vf: &Taken) -> Result<u32, ApiError> {
             .await
             .map_err(|e| match errno(&e) {
                 Some(libc::EEXIST) => ApiError::interface_exists(&ifname),
-                _ => ApiError::new(
-                    code::DATAPLANE,
+                _ => ApiError::dataplane(
                     format!("moving VF {name} into the pod as {ifname}"),
                     describe(&e),
                 ),
             })
     })
-    .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?;
+    .map_err(|e| ApiError::dataplane("rtnetlink", e.to_string()))?;
     moved?;
     Ok(want_mtu.unwrap_or(mtu))
 }

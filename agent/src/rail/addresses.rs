@@ -123,8 +123,8 @@ impl RailService {
                     Err(e) => Err(describe(&e)),
                 }
             })
-            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
-            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the master's addresses", e))?;
+            .map_err(|e| ApiError::dataplane("rtnetlink", e.to_string()))?
+            .map_err(|e| ApiError::dataplane("reading the master's addresses", e))?;
             // A master that is not there is the config's fault, not the
             // pools': said as without matchMasterSubnet.
             let Some(addrs) = addrs else {

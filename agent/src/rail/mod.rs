@@ -337,11 +337,7 @@ impl RailService {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(ApiError::new(
-                code::DATAPLANE,
-                "DEL incomplete",
-                errors.join("; "),
-            ))
+            Err(ApiError::dataplane("DEL incomplete", errors.join("; ")))
         }
     }
 }

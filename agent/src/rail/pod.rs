@@ -164,7 +164,7 @@ impl PodRail {
 
     /// Runs inside the pod netns.
     pub(super) fn configure(self) -> Result<AddResult, ApiError> {
-        let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+        let dp = |msg: String, details: String| ApiError::dataplane(msg, details);
         let ifname = self.ifname.clone();
         // A strict rp_filter would drop replies arriving on a rail other than
         // the lowest-metric one; stable GID indexes need no RA/SLAAC
@@ -263,8 +263,7 @@ impl PodRail {
             let wait = std::time::Duration::from_millis(300);
             match crate::garp::who_has(ifindex, mac, Ipv4Addr::UNSPECIFIED, addr, wait) {
                 Ok(Some(other)) => {
-                    return Err(ApiError::new(
-                        code::DATAPLANE,
+                    return Err(ApiError::dataplane(
                         format!(
                             "address {addr} is already used on rail {} by {}",
                             self.rail,
@@ -278,8 +277,7 @@ impl PodRail {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    return Err(ApiError::new(
-                        code::DATAPLANE,
+                    return Err(ApiError::dataplane(
                         "duplicate-address check failed",
                         format!("{ifname}: {e}"),
                     ));
@@ -291,8 +289,7 @@ impl PodRail {
             match crate::garp::who_has(ifindex, mac, addr, gw, wait) {
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    return Err(ApiError::new(
-                        code::DATAPLANE,
+                    return Err(ApiError::dataplane(
                         format!(
                             "gateway {gw} of rail {} did not answer ARP on {ifname} within 1 s",
                             self.rail
@@ -301,8 +298,7 @@ impl PodRail {
                     ));
                 }
                 Err(e) => {
-                    return Err(ApiError::new(
-                        code::DATAPLANE,
+                    return Err(ApiError::dataplane(
                         "gateway check failed",
                         format!("{ifname}: {e}"),
                     ));
@@ -315,7 +311,7 @@ impl PodRail {
     /// Addresses (IPv4 first), link up, main-table routes, the rail's own
     /// table and rules where they are used, gateway neighbours.
     async fn install(&self, h: Handle) -> Result<(rtnl::Link, Vec<ResultRoute>), ApiError> {
-        let dp = |msg: String, details: String| ApiError::new(code::DATAPLANE, msg, details);
+        let dp = |msg: String, details: String| ApiError::dataplane(msg, details);
         let name = &self.ifname;
         let link = rtnl::link_by_name(&h, name)
             .await

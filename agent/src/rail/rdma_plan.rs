@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::{
-    api::{ApiError, code},
+    api::ApiError,
     link::RailLink,
     netconf::NetConf,
     rdma::{self, NetnsMode, RdmaDevice, RdmaError, RdmaNetlink, RdmaPort},
@@ -38,7 +38,7 @@ pub(super) fn rdma_plan(
     link: &dyn RailLink,
     sysfs: &Path,
 ) -> Result<RdmaPlan, ApiError> {
-    let dp = |msg: &str, e: RdmaError| ApiError::new(code::DATAPLANE, msg, e.to_string());
+    let dp = |msg: &str, e: RdmaError| ApiError::dataplane(msg, e.to_string());
     let mut nl = match RdmaNetlink::open() {
         Ok(nl) => nl,
         Err(e @ RdmaError::NoRdma(_)) if conf.rdma_isolation => {

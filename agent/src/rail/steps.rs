@@ -129,7 +129,7 @@ pub fn take_down(node: &mut impl TakeDown, mut set: Vec<Teardown>) -> Vec<String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{api::code, link, netconf::Mode};
+    use crate::{link, netconf::Mode};
 
     /// A node that records what it is asked to do and fails where told.
     #[derive(Default)]
@@ -143,11 +143,7 @@ mod tests {
         fn run(&mut self, step: Step) -> Result<(), ApiError> {
             self.log.push(format!("{step:?}"));
             if self.fail_at == Some(step) {
-                return Err(ApiError::new(
-                    code::DATAPLANE,
-                    format!("{step:?} failed"),
-                    "",
-                ));
+                return Err(ApiError::dataplane(format!("{step:?} failed"), ""));
             }
             Ok(())
         }

@@ -51,12 +51,11 @@ impl RailService {
                     }))
                 })
             })
-            .map_err(|e| ApiError::new(code::DATAPLANE, "entering the pod netns", e.to_string()))?
-            .map_err(|e| ApiError::new(code::DATAPLANE, "rtnetlink", e.to_string()))?
-            .map_err(|e| ApiError::new(code::DATAPLANE, "reading the pod's interface", e))?;
+            .map_err(|e| ApiError::dataplane("entering the pod netns", e.to_string()))?
+            .map_err(|e| ApiError::dataplane("rtnetlink", e.to_string()))?
+            .map_err(|e| ApiError::dataplane("reading the pod's interface", e))?;
         let Some(seen) = found else {
-            return Err(ApiError::new(
-                code::DATAPLANE,
+            return Err(ApiError::dataplane(
                 format!("interface {} is missing from the pod", att.ifname),
                 "something removed it after ADD; delete and re-create the pod",
             ));
@@ -69,8 +68,7 @@ impl RailService {
                 .join("links")
                 .join(&att.ifname);
             if !pin.exists() {
-                return Err(ApiError::new(
-                    code::DATAPLANE,
+                return Err(ApiError::dataplane(
                     format!("the rail program is not attached to {}", att.ifname),
                     format!("{} is missing; rail traffic is not steered", pin.display()),
                 ));
