@@ -171,10 +171,17 @@ impl Metrics {
             "Packets the rail program saw, per pod (container, and namespace and name when the runtime said), rail (0: none) and verdict",
             packets,
         );
+        let (counters, active) =
+            rdma_counters(&service.node_name, &service.sysfs_root, &service.vf_records);
         registry.register(
             "rdma_port_hw_counter",
             "Hardware counters of the node's RDMA ports, named as `rdma statistic` names them",
-            rdma_counters(&service.node_name, &service.sysfs_root, &service.vf_records),
+            counters,
+        );
+        registry.register(
+            "rdma_port_active",
+            "1 while an RDMA port is ACTIVE (`rdma link` state), 0 otherwise: its rail carries no RDMA",
+            active,
         );
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -193,27 +200,40 @@ fn rdma_counters(
     node: &str,
     sysfs: &std::path::Path,
     records: &std::path::Path,
-) -> Family<Labels, Counter> {
+) -> (Family<Labels, Counter>, Family<Labels, Gauge>) {
     let family = Family::<Labels, Counter>::default();
+    let active = Family::<Labels, Gauge>::default();
     let mut nl = match crate::rdma::RdmaNetlink::open() {
         Ok(nl) => nl,
         Err(e) => {
             // No RDMA subsystem: nothing to count.
             tracing::debug!(error = %e, "RDMA counters: no RDMA netlink");
-            return family;
+            return (family, active);
         }
     };
     let devices = match nl.devices() {
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(error = %e, "RDMA counters: cannot list the devices");
-            return family;
+            return (family, active);
         }
     };
     let count = |device: &str,
                  port: &crate::rdma::RdmaPort,
                  holder: &crate::sriov::Holder,
                  counters: Vec<(String, u64)>| {
+        /// `enum ib_port_state`'s IB_PORT_ACTIVE.
+        const ACTIVE: u8 = 4;
+        active
+            .get_or_create(&vec![
+                ("node".into(), node.to_owned()),
+                ("device".into(), device.to_owned()),
+                ("port".into(), port.port.to_string()),
+                ("netdev".into(), port.netdev.clone().unwrap_or_default()),
+                ("pod".into(), holder.pod.clone()),
+                ("interface".into(), holder.interface.clone()),
+            ])
+            .set(i64::from(port.state == Some(ACTIVE)));
         for (name, value) in counters {
             family
                 .get_or_create(&vec![
@@ -245,8 +265,9 @@ fn rdma_counters(
             let counters = match nl.counters(&dev, port.port) {
                 Ok(c) => c,
                 Err(e) => {
+                    // Its state is still worth saying.
                     tracing::debug!(device = %dev.name, port = port.port, error = %e, "RDMA counters: cannot read them");
-                    continue;
+                    Vec::new()
                 }
             };
             count(&dev.name, &port, &holder, counters);
@@ -273,7 +294,7 @@ fn rdma_counters(
             count(&rec.device, &port, &rec.holder, counters);
         }
     }
-    family
+    (family, active)
 }
 
 /// Whether an `Accept` header asks for OpenMetrics (Prometheus does; other

@@ -738,6 +738,28 @@ fn shared_a_vf_s_rdma_counters_carry_the_pod_holding_it() {
     };
     let free = labels();
     assert!(free.contains("pod=\"\""), "{free}");
+    // The port's state, as the RailnetRdmaPortDown alert reads it: its
+    // netdev down takes it out of ACTIVE, up brings it back.
+    let active = || {
+        let text = agent.scrape(node, "/metrics");
+        text.lines()
+            .find(|l| l.starts_with("railnet_rdma_port_active{") && l.contains("device=\"rxevf3\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u8>().ok())
+            .unwrap_or_else(|| panic!("no railnet_rdma_port_active of rxevf3 in:\n{text}"))
+    };
+    assert_eq!(active(), 1);
+    node.ip(&["link", "set", "rdmavf3", "down"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while active() != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(active(), 0, "a port whose netdev is down is not ACTIVE");
+    node.ip(&["link", "set", "rdmavf3", "up"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while active() != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(active(), 1);
     let pod = fabric.pod(0);
     let mut conf = fabric.netconf(1, &agent, "ebpf");
     conf["mode"] = "sriov".into();
