@@ -215,6 +215,35 @@ fn every_dashboard_panel_has_data_from_a_real_prometheus() {
         "panels with no data:\n  {}",
         empty.join("\n  ")
     );
+    // The README's picture of the main panels, drawn from this very
+    // Prometheus (`RAILNET_DASHBOARD_PICTURE=<file.svg>`): a minute of
+    // traffic first, so the lines have a shape.
+    if let Some(path) = std::env::var_os("RAILNET_DASHBOARD_PICTURE") {
+        let start = now();
+        for i in 0..40 {
+            traffic();
+            // Churn, as a job's pods come and go: a third pod's rail
+            // added and deleted, and now and then an ADD refused.
+            let churn = fabric.netconf(1, &agents[1], "ebpf");
+            let extra = fabric.pod(1);
+            if cni("ADD", &churn, "mon-churn", Some(&extra.ns.path()), "net1").ok {
+                assert!(cni("DEL", &churn, "mon-churn", Some(&extra.ns.path()), "net1").ok);
+            }
+            if i % 10 == 5 {
+                let mut bad = fabric.netconf(1, &agents[1], "ebpf");
+                bad["master"] = "nosuchnic".into();
+                let _ = cni("ADD", &bad, "mon-bad2", Some(&pods[1].ns.path()), "net9");
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let panels = [
+            ("cluster", "CNI requests"),
+            ("cluster", "CNI request latency"),
+            ("node", "Rail program verdicts"),
+            ("pods", "Packets per pod and rail"),
+        ];
+        picture(&prometheus, &panels, start, now(), Path::new(&path));
+    }
     // A pod's traffic carries its namespace and name, not only its
     // container (what the pods dashboard selects on).
     let labelled = prometheus.query(
@@ -304,7 +333,7 @@ impl<'a> Prometheus<'a> {
             .expect("prometheus (Debian's prometheus; cargo xtask setup installs it)");
         let p = Prometheus { ns, child, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !p.get("/-/ready").starts_with("HTTP/1.1 200") {
+        while !p.get("/-/ready").starts_with("HTTP/1.0 200") {
             assert!(
                 Instant::now() < deadline,
                 "prometheus not ready:\n{}",
@@ -323,11 +352,11 @@ impl<'a> Prometheus<'a> {
     fn get(&self, path: &str) -> String {
         let path = path.to_owned();
         self.ns.run(move || {
+            // HTTP/1.0: the answer comes whole, never chunked.
             let Ok(mut s) = std::net::TcpStream::connect(LISTEN) else {
                 return String::new();
             };
-            let request =
-                format!("GET {path} HTTP/1.1\r\nHost: prometheus\r\nConnection: close\r\n\r\n");
+            let request = format!("GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n");
             let mut out = String::new();
             if s.write_all(request.as_bytes()).is_err() || s.read_to_string(&mut out).is_err() {
                 return String::new();
@@ -408,4 +437,115 @@ fn encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Draws `panels` (dashboard, title) as Grafana would show them between
+/// `start` and `end`, from `prometheus`'s data, into an SVG at `path`: a
+/// picture for the README, made by the test rather than by hand.
+fn picture(prometheus: &Prometheus, panels: &[(&str, &str)], start: f64, end: f64, path: &Path) {
+    const W: f64 = 460.0;
+    const H: f64 = 250.0;
+    const COLORS: [&str; 8] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    ];
+    let dashboards = dashboards();
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>"#,
+        2.0 * W + 30.0,
+        H * panels.len().div_ceil(2) as f64 + 20.0
+    );
+    for (i, (file, title)) in panels.iter().enumerate() {
+        let (_, dashboard) = dashboards.iter().find(|(f, _)| f == file).unwrap();
+        let panel = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["title"] == *title)
+            .unwrap_or_else(|| panic!("{file}: no panel {title:?}"));
+        let vars = variables(dashboard);
+        let (x0, y0) = (
+            10.0 + (i % 2) as f64 * (W + 10.0),
+            10.0 + (i / 2) as f64 * H,
+        );
+        let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = substitute(target["expr"].as_str().unwrap(), &vars);
+            let legend = target["legendFormat"].as_str().unwrap_or("");
+            let data = prometheus.api(&format!(
+                "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step=1",
+                encode(&expr)
+            ));
+            for series in data["result"].as_array().cloned().unwrap_or_default() {
+                let mut name = legend.to_owned();
+                if let Some(labels) = series["metric"].as_object() {
+                    for (k, v) in labels {
+                        name = name.replace(&format!("{{{{{k}}}}}"), v.as_str().unwrap_or(""));
+                    }
+                }
+                let points = series["values"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|v| Some((v[0].as_f64()?, v[1].as_str()?.parse::<f64>().ok()?)))
+                    .filter(|(_, y)| y.is_finite())
+                    .collect();
+                lines.push((name, points));
+            }
+        }
+        let unit = panel["fieldConfig"]["defaults"]["unit"]
+            .as_str()
+            .unwrap_or("");
+        let top = lines
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+            .fold(0.0_f64, f64::max)
+            .max(1e-9);
+        let (px, py, pw, ph) = (x0 + 40.0, y0 + 22.0, W - 50.0, H - 110.0);
+        svg += &format!(
+            r##"<text x="{x0}" y="{}" font-size="13" font-weight="bold">{} / {}</text><rect x="{px}" y="{py}" width="{pw}" height="{ph}" fill="none" stroke="#bbb"/><text x="{x0}" y="{}">{}</text><text x="{x0}" y="{}">0</text>"##,
+            y0 + 14.0,
+            xml(file),
+            xml(title),
+            py + 10.0,
+            xml(&format!("{top:.3} {unit}")),
+            py + ph
+        );
+        for (n, (name, points)) in lines.iter().take(COLORS.len()).enumerate() {
+            let color = COLORS[n];
+            let path: Vec<String> = points
+                .iter()
+                .map(|(t, y)| {
+                    format!(
+                        "{:.1},{:.1}",
+                        px + (t - start) / (end - start) * pw,
+                        py + ph - y / top * ph
+                    )
+                })
+                .collect();
+            svg += &format!(
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{}"/><rect x="{}" y="{}" width="10" height="3" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+                path.join(" "),
+                px + (n % 2) as f64 * pw / 2.0,
+                py + ph + 14.0 + (n / 2) as f64 * 14.0,
+                px + 14.0 + (n % 2) as f64 * pw / 2.0,
+                py + ph + 18.0 + (n / 2) as f64 * 14.0,
+                xml(name)
+            );
+        }
+    }
+    svg += "</svg>\n";
+    std::fs::write(path, svg).unwrap();
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
