@@ -45,6 +45,22 @@ pub(super) fn read_back_decides(code: Option<u16>) -> bool {
     }
 }
 
+/// Whether the request never reached the server: the connection could not
+/// be made (refused, unreachable), so nothing was written and there is
+/// nothing to read back — unlike an answer lost on the way back.
+pub(super) fn never_sent(e: &kube::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(|h| h.is_connect())
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 pub(super) fn status(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(s) => Some(s.code),

@@ -60,7 +60,7 @@ mod traffic;
 mod walk;
 
 pub use error::ClusterError;
-use error::{classify, read_back_decides, status};
+use error::{classify, never_sent, read_back_decides, status};
 pub use options::ClusterOptions;
 pub use traffic::Traffic;
 

@@ -374,7 +374,10 @@ impl Inner {
     ) -> Result<Option<RailBlock>, (ClusterError, bool)> {
         let code = status(&e);
         self.count_conflict(code);
-        if !read_back_decides(code) {
+        // A request that never left (no connection) wrote nothing: the
+        // block is as we know it, and reading it back would fail the same
+        // way, leaving the pool in doubt for nothing.
+        if !read_back_decides(code) || never_sent(&e) {
             return Err((classify(e), false));
         }
         match self.get(name).await {
