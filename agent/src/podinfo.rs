@@ -325,9 +325,18 @@ impl PodInfo {
 /// Writes `rails.json` and `nccl.env` of the pod directory `dir` from its
 /// rail records `rails`.
 fn write_pod_files(dir: &Path, rails: &[RailInfo]) -> io::Result<()> {
+    // The pod's name is for the node's metrics: the pod knows who it is,
+    // and its own view (`railnetctl pod-info`) has no such field.
+    let shown: Vec<RailInfo> = rails
+        .iter()
+        .map(|r| RailInfo {
+            pod: String::new(),
+            ..r.clone()
+        })
+        .collect();
     write_atomically(
         &dir.join("rails.json"),
-        &serde_json::to_vec_pretty(rails).map_err(io::Error::other)?,
+        &serde_json::to_vec_pretty(&shown).map_err(io::Error::other)?,
     )?;
     write_atomically(&dir.join("nccl.env"), nccl_env(rails).as_bytes())
 }
