@@ -224,28 +224,22 @@ fn rdma_counters(
                  counters: Vec<(String, u64)>| {
         /// `enum ib_port_state`'s IB_PORT_ACTIVE.
         const ACTIVE: u8 = 4;
+        // The port's labels, once: its state and each counter carry them.
+        let labels: Labels = vec![
+            ("node".into(), node.to_owned()),
+            ("device".into(), device.to_owned()),
+            ("port".into(), port.port.to_string()),
+            ("netdev".into(), port.netdev.clone().unwrap_or_default()),
+            ("pod".into(), holder.pod.clone()),
+            ("interface".into(), holder.interface.clone()),
+        ];
         active
-            .get_or_create(&vec![
-                ("node".into(), node.to_owned()),
-                ("device".into(), device.to_owned()),
-                ("port".into(), port.port.to_string()),
-                ("netdev".into(), port.netdev.clone().unwrap_or_default()),
-                ("pod".into(), holder.pod.clone()),
-                ("interface".into(), holder.interface.clone()),
-            ])
+            .get_or_create(&labels)
             .set(i64::from(port.state == Some(ACTIVE)));
         for (name, value) in counters {
-            family
-                .get_or_create(&vec![
-                    ("node".into(), node.to_owned()),
-                    ("device".into(), device.to_owned()),
-                    ("port".into(), port.port.to_string()),
-                    ("netdev".into(), port.netdev.clone().unwrap_or_default()),
-                    ("pod".into(), holder.pod.clone()),
-                    ("interface".into(), holder.interface.clone()),
-                    ("counter".into(), name),
-                ])
-                .inc_by(value);
+            let mut with_counter = labels.clone();
+            with_counter.push(("counter".into(), name));
+            family.get_or_create(&with_counter).inc_by(value);
         }
     };
     let holders = crate::sriov::holders(records);
