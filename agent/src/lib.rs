@@ -27,6 +27,7 @@ pub mod netns;
 pub mod node_label;
 pub mod podinfo;
 pub mod rail;
+pub mod railcheck;
 pub mod rdma;
 pub mod rtnl;
 pub mod server;

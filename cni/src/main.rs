@@ -7,14 +7,14 @@
 use std::{
     fs::File,
     io::{IsTerminal, Read, Write},
-    os::{fd::AsFd, unix::net::UnixStream},
+    os::fd::AsFd,
     path::Path,
     process::ExitCode,
     time::Duration,
 };
 
 use railnet_wire::{
-    api::{self, API_VERSION, ApiError, Attachment, GcRequest, Op, Request, Response, code},
+    api::{self, ApiError, Attachment, GcRequest, Op, Response, code},
     netconf::{NetConf, SUPPORTED_VERSIONS},
 };
 
@@ -361,17 +361,7 @@ pub(crate) fn call(
     op: Op,
     netns: Option<&File>,
 ) -> Result<Response, api::WireError> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(AGENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(AGENT_TIMEOUT))?;
-    let req = Request {
-        api: API_VERSION,
-        client: env!("CARGO_PKG_VERSION").into(),
-        op,
-    };
-    api::send(&mut stream, &req, netns.map(|f| f.as_fd()))?;
-    let (resp, _) = api::recv::<Response>(&mut stream)?;
-    Ok(resp)
+    api::call(socket, op, netns.map(|f| f.as_fd()), AGENT_TIMEOUT)
 }
 
 /// `railnet doctor` moved to the operator tool; say where.

@@ -170,7 +170,52 @@ fn defaults_install_an_agent_on_every_node_and_no_networks() {
         // The uninstall hook's (its own test).
         .filter(|r| r["metadata"]["annotations"]["helm.sh/hook"].is_null())
         .collect();
-    assert_eq!(roles.len(), 2, "the controller's and the agent's");
+    assert_eq!(
+        roles.len(),
+        3,
+        "the controller's, the agent's and the checker's"
+    );
+    // `railnetctl check`'s roles, bound to no one: list NADs anywhere;
+    // list and exec into pods only in railnet's own namespace.
+    let checker = roles
+        .iter()
+        .find(|r| {
+            r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-checker")
+        })
+        .expect("the checker ClusterRole");
+    assert_eq!(
+        checker["rules"],
+        serde_json::json!([{"apiGroups": ["k8s.cni.cncf.io"], "resources": ["network-attachment-definitions"], "verbs": ["list"]}])
+    );
+    let role = of_kind(&objects, "Role")
+        .into_iter()
+        .find(|r| {
+            r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-checker")
+        })
+        .expect("the checker Role");
+    assert_eq!(role["metadata"]["namespace"], "railnet");
+    assert!(
+        of_kind(&objects, "RoleBinding")
+            .iter()
+            .chain(of_kind(&objects, "ClusterRoleBinding").iter())
+            .all(|b| !b["roleRef"]["name"].as_str().unwrap().ends_with("-checker")),
+        "the chart binds the checker roles to no one"
+    );
+    let roles: Vec<&Value> = roles
+        .into_iter()
+        .filter(|r| {
+            !r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-checker")
+        })
+        .collect();
     let named = |suffix: &str| {
         *roles
             .iter()
@@ -587,7 +632,15 @@ fn the_webhook_is_served_by_the_controller_under_a_certificate_it_owns() {
         "{exprs}"
     );
     // It may read namespaces (their inject annotation), nothing more.
-    let role = &of_kind(&objects, "ClusterRole")[0];
+    let role = of_kind(&objects, "ClusterRole")
+        .into_iter()
+        .find(|r| {
+            r["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("-controller")
+        })
+        .expect("the controller's ClusterRole");
     assert!(role["rules"].to_string().contains("namespaces"));
 }
 

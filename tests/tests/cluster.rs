@@ -230,6 +230,9 @@ fn railnet_in_a_real_cluster() {
         }
     }
 
+    // An operator checks every rail of every node through the API server.
+    check_stage(&mut c);
+
     // A NAD author cannot move the node's agent: a network naming another
     // socket or tombstone directory is refused, and nothing is made there.
     nad_cannot_move_the_agent(&mut c);
@@ -495,6 +498,70 @@ fn railnet_in_a_real_cluster() {
 
 /// CapEff of every railnet-agent process of this test's cluster (found by
 /// its cgroup, named after this process).
+/// `railnetctl check` from the control plane's netns with an operator's
+/// own identity: refused (exit 2, saying what was forbidden) until bound
+/// to the chart's checker roles; then every node's probe runs in its
+/// agent through `pods/exec` and every rail of both nodes passes.
+fn check_stage(c: &mut Cluster) {
+    let ctl = railnet_tests::binary("RAILNET_CTL_BIN", "railnetctl");
+    let kubeconfig = c.pki.client("checker", "rail-checker", &[]);
+    let run = |c: &Cluster| {
+        c.cp.command(&ctl)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["check", "-n", NS, "-o", "json"])
+            .output()
+            .expect("railnetctl")
+    };
+    let refused = run(c);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "unbound checker: {said}");
+    assert!(said.contains("forbidden"), "unbound checker: {said}");
+    c.kubectl_ok(&[
+        "create",
+        "clusterrolebinding",
+        "rail-checker",
+        "--clusterrole=railnet-checker",
+        "--user=rail-checker",
+    ]);
+    c.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "rail-checker",
+        "-n",
+        NS,
+        "--role=railnet-checker",
+        "--user=rail-checker",
+    ]);
+    // The authorizer sees new bindings within a moment.
+    let mut out = run(c);
+    for _ in 0..20 {
+        if out.status.code() != Some(2) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        out = run(c);
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let matrix: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("railnetctl check -o json: {e}: {said}"));
+    assert_eq!(matrix["nodes"], json!(["node0", "node1"]), "{matrix:#}");
+    for k in 1..=RAILS {
+        assert!(
+            matrix["networks"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(format!("rail{k}"))),
+            "{matrix:#}"
+        );
+    }
+    assert_eq!(matrix["ok"], true, "{matrix:#}\n{said}");
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        matrix["echoes"].as_u64().unwrap() >= 2 * 2 * u64::from(RAILS),
+        "{matrix:#}"
+    );
+}
+
 fn agent_capabilities() -> Vec<u64> {
     let mine = format!("railnet-cluster-{}-", std::process::id());
     std::fs::read_dir("/proc")

@@ -448,6 +448,28 @@ pub fn send<T: Serialize>(
     Ok(())
 }
 
+/// One request to the agent at `socket` and its answer, with `netns`
+/// attached: what the CNI does for each call, and `railnetctl check` for
+/// its probe's rails. Each side of the exchange waits at most `timeout`.
+pub fn call(
+    socket: &std::path::Path,
+    op: Op,
+    netns: Option<BorrowedFd<'_>>,
+    timeout: std::time::Duration,
+) -> Result<Response, WireError> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let req = Request {
+        api: API_VERSION,
+        client: env!("CARGO_PKG_VERSION").into(),
+        op,
+    };
+    send(&mut stream, &req, netns)?;
+    let (resp, _) = recv::<Response>(&mut stream)?;
+    Ok(resp)
+}
+
 /// Closes the descriptors of the first `SCM_RIGHTS` message in a control
 /// buffer the kernel truncated (those that fitted were installed).
 fn close_truncated_rights(buf: &[u8]) {

@@ -238,7 +238,7 @@ fn main() {
             if pins_left { "LEFT BEHIND" } else { "removed" }
         );
     }
-    drop((a, b, agent_a, agent_b, fabric));
+    drop((a, b));
 
     if apiserver_bin().is_file() {
         kubernetes_mode();
@@ -247,7 +247,45 @@ fn main() {
             "\n(Kubernetes mode skipped: `cargo xtask setup` builds the CRD API server it needs)"
         );
     }
+
+    rail_check(&fabric, &[&agent_a, &agent_b]);
+    drop((agent_a, agent_b, fabric));
     println!("cleanup: agents and API server stopped, namespaces and pins removed");
+}
+
+/// Day two: `railnetctl check` over the fabric, clean and then with a
+/// cable pulled.
+fn rail_check(fabric: &RailFabric, agents: &[&Agent]) {
+    let dir = ScratchDir::new("demo-check");
+    let mut cmd = std::process::Command::new(binary("RAILNET_CTL_BIN", "railnetctl"));
+    cmd.arg("check");
+    for k in 1..=RAILS {
+        let path = dir.path().join(format!("rail{k}.json"));
+        std::fs::write(&path, fabric.netconf(k, agents[0], "ebpf").to_string())
+            .expect("scratch dir");
+        cmd.arg("--conf").arg(path);
+    }
+    for (n, agent) in agents.iter().enumerate() {
+        let name = ["nodeA", "nodeB"][n];
+        cmd.arg("--node")
+            .arg(format!("{name}={}", agent.socket.display()));
+    }
+    let show = |cmd: &mut std::process::Command| {
+        let out = cmd.output().expect("railnetctl check");
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("{}", format!("  {line}").trim_end());
+        }
+        println!("  (exit {})", out.status.code().unwrap_or(-1));
+    };
+    println!(
+        "\nday two: `railnetctl check` — each agent wires a throwaway probe as a pod, which echoes\n  \
+         every other node on its rail at full MTU with DF set, and one other rail across the spine:"
+    );
+    show(&mut cmd);
+    println!("\nnodeB's rail-3 cable pulled (its router port down), checked again:");
+    fabric.router(3).ip(&["link", "set", "n1", "down"]);
+    show(&mut cmd);
+    fabric.router(3).ip(&["link", "set", "n1", "up"]);
 }
 
 /// Two nodes, one RailPool, the API server as the only store.

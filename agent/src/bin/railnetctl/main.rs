@@ -10,13 +10,15 @@
 //! - `railnetctl import spiderpool FILE…`: SpiderIPPools and
 //!   SpiderMultusConfigs as RailPools and RailNetworks.
 //!
-//! Operator commands that come later (rail validation across nodes) are
-//! subcommands here.
+//! - `railnetctl check`: every rail of every node, probed as a pod would
+//!   use it (reachability, gateway, full MTU with DF, cabling): a matrix.
 
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod check;
+mod check_kube;
 mod import;
 mod pod_info;
 
@@ -48,6 +50,12 @@ enum Command {
         #[arg(long, default_value = railnet_agent::webhook::RAIL_INFO_PATH)]
         out: PathBuf,
     },
+    /// Every rail of every node probed as a pod uses it: each node's
+    /// agent wires a throwaway netns, which echoes every other node on
+    /// each rail at the rail's MTU with DF set and one other rail across
+    /// the spine. Prints a matrix (rows nodes, columns rail networks);
+    /// exit 1 on any fault, 2 if the check could not run.
+    Check(check::Check),
     /// Turns another tool's objects into railnet's, on stdout as YAML;
     /// what could not be mapped goes to stderr with why (exit 1).
     Import {
@@ -68,6 +76,7 @@ fn main() -> ExitCode {
         Command::Doctor { expect } => doctor(expect),
         Command::PodInfo { out } => pod_info::run(&out),
         Command::Import { from } => import::run(from),
+        Command::Check(args) => check::run(args),
     }
 }
 
