@@ -411,6 +411,43 @@ fn traffic_outside_the_rdma_cidrs_is_left_to_the_main_table() {
     a.del(&fabric, &agent, "ebpf");
 }
 
+/// A pulled cable on the rail whose RDMA-CIDR route has the lowest metric
+/// must not take the other rails' routed traffic with it: the kernel
+/// sends a rail-2 packet to a destination outside every rail's subnet out
+/// of the lowest-metric rail first (where the program steers it to rail
+/// 2), so with rail 1's link down and its gateway's neighbour entry gone
+/// the packet would wait on an ARP that can never be answered. The pod's
+/// rails ignore routes through a link without carrier, so the kernel
+/// picks the next rail's route and the program steers as before.
+#[test]
+fn a_dead_rail_does_not_take_the_other_rails_routed_traffic_with_it() {
+    let fabric = RailFabric::new(1, 3);
+    let agent = Agent::start(&fabric.nodes[0], &fabric.pools(0));
+    let a = RailedPod::new(&fabric, 0, &agent, "ebpf");
+    // A GPU in another scalable unit: in the RDMA CIDR, in no rail's
+    // subnet, reached through the rails' gateways and the spine.
+    const FAR: &str = "172.16.200.1";
+    fabric
+        .spine
+        .ip(&["addr", "add", &format!("{FAR}/32"), "dev", "lo"]);
+    assert_eq!(kernel_choice(&a, FAR, a.ip(2)), 1);
+    assert!(a.pod.ns.ping(a.ip(2), FAR, 3, 56), "rail 2 to {FAR} before");
+
+    // Rail 1's cable pulled at the switch; the pod's neighbour entries
+    // age out (flushed here, as minutes would).
+    fabric.router(1).ip(&["link", "set", "n0", "down"]);
+    a.pod.ns.ip(&["neigh", "flush", "dev", "net1"]);
+    let before = fabric.rails_rx(0);
+    assert!(
+        a.pod.ns.ping(a.ip(2), FAR, PINGS, 56),
+        "rail 2's traffic to {FAR} died with rail 1's link (kernel picks net{})",
+        kernel_choice(&a, FAR, a.ip(2))
+    );
+    assert_on_rail(&deltas(&before, &fabric.rails_rx(0)), 2, PINGS);
+    fabric.router(1).ip(&["link", "set", "n0", "up"]);
+    a.del(&fabric, &agent, "ebpf");
+}
+
 #[test]
 fn every_rail_resolves_via_its_own_gateway_when_bound_to_its_device() {
     for routing in ["ebpf", "rules"] {

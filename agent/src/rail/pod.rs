@@ -178,6 +178,19 @@ impl PodRail {
             // otherwise, seen on Linux 6.1).
             (format!("net/ipv4/conf/{ifname}/arp_ignore"), "1"),
             (format!("net/ipv4/conf/{ifname}/arp_announce"), "2"),
+            // A rail whose link has no carrier drops out of route
+            // selection: the kernel sends routed rail traffic out of the
+            // lowest-metric rail first (the program then steers it to its
+            // own rail), and through a dead rail it would wait on an ARP
+            // no one answers — one pulled cable stopping every rail.
+            (
+                format!("net/ipv4/conf/{ifname}/ignore_routes_with_linkdown"),
+                "1",
+            ),
+            (
+                format!("net/ipv6/conf/{ifname}/ignore_routes_with_linkdown"),
+                "1",
+            ),
             (format!("net/ipv6/conf/{ifname}/accept_ra"), "0"),
             (format!("net/ipv6/conf/{ifname}/autoconf"), "0"),
             // Without DAD the link-local address is valid at once, so the
