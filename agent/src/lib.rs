@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod doctor;
 pub mod garp;
+pub mod host_rules;
 pub mod http;
 pub mod ipam;
 pub mod kube_api;

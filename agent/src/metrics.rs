@@ -40,6 +40,8 @@ pub struct Metrics {
     latency: Family<Labels, Histogram, fn() -> Histogram>,
     /// Addresses the sweep released (their pods' DEL never came).
     swept: Counter,
+    /// With `--host-rules`: the host rules and routes railnet keeps.
+    host_rules: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -48,6 +50,7 @@ impl Default for Metrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             swept: Counter::default(),
+            host_rules: Family::default(),
         }
     }
 }
@@ -68,6 +71,15 @@ impl Metrics {
         self.latency
             .get_or_create(&vec![("op".into(), op.into())])
             .observe(seconds);
+    }
+
+    /// The host rules and routes kept now (`--host-rules`).
+    pub fn host_rules(&self, rules: usize, routes: usize) {
+        for (kind, n) in [("rule", rules), ("route", routes)] {
+            self.host_rules
+                .get_or_create(&vec![("kind".into(), kind.into())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Counts addresses the sweep released.
@@ -109,6 +121,11 @@ impl Metrics {
             "ipam_pool_capacity_addresses",
             "Addresses a pool can hand out",
             capacity,
+        );
+        registry.register(
+            "host_rules",
+            "With --host-rules: the host's not-to-RDMA-CIDR and per-rail-address rules and their routes railnet keeps",
+            self.host_rules.clone(),
         );
         registry.register(
             "sweep_released_addresses",

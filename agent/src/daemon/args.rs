@@ -60,6 +60,13 @@ pub struct Args {
     /// whose netns is gone without a DEL.
     #[arg(long, env = "RAILNET_SWEEP_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub sweep_interval: u64,
+    /// Keep the host side of the not-to-RDMA-CIDR rule (the guides'
+    /// `setRdmaRule.sh` and `setNicAddr.sh` policy routes): `not to <CIDR>
+    /// lookup main`, and per host rail address a table with its pool's
+    /// gateway and a `from` rule. Checked every sweep interval; removed
+    /// only by the node's uninstall step.
+    #[arg(long, env = "RAILNET_HOST_RULES_RDMA_CIDR", value_name = "IPV4_CIDR")]
+    pub host_rules: Option<ipnet::Ipv4Net>,
     /// Where addresses are claimed: `local` (the redb file of `--state`, one
     /// node on its own) or `kubernetes` (RailBlock objects in the API
     /// server, shared by every node; needs the chart's CRDs and RBAC).

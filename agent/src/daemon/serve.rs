@@ -47,6 +47,17 @@ pub(super) async fn serve(args: Args, service: Arc<RailService>) -> u8 {
         ))
         .abort_handle(),
     ];
+    if let Some(cidr) = args.host_rules {
+        tasks.push(
+            tokio::spawn(upkeep::keep_host_rules(
+                service.clone(),
+                metrics.clone(),
+                cidr,
+                std::time::Duration::from_secs(args.sweep_interval),
+            ))
+            .abort_handle(),
+        );
+    }
     // The rail programs' rare events, with the pod and rail they concern.
     match dataplane::log::open(&args.pin_root) {
         Ok(logger) => tasks.push(tokio::spawn(dataplane::log::forward(logger)).abort_handle()),
@@ -145,6 +156,21 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
     match gone {
         Ok(true) => {
             crate::uninstall::remove_cni_binaries(dir, held);
+            if args.host_rules.is_some() {
+                // rtnetlink on a blocking thread: `with_rtnl` runs its own loop.
+                let removed = tokio::task::spawn_blocking(|| {
+                    crate::rtnl::with_rtnl(|h| async move { crate::host_rules::remove(&h).await })
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                match removed {
+                    Ok(Ok(removed)) => info!(?removed, "host rules removed"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %crate::rtnl::describe(&e), "host rules stay")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "host rules stay"),
+                }
+            }
             if held == 0
                 && let Err(e) = dataplane::log::unpin(&args.pin_root)
             {

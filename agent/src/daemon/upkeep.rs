@@ -135,3 +135,56 @@ pub(super) async fn sweep_loop(
         }
     }
 }
+
+/// With `--host-rules`: brings the host's rules and routes to the plan for
+/// its NICs' addresses and the pools every `every`, saying what changed
+/// and what it left out (each once).
+pub(super) async fn keep_host_rules(
+    service: Arc<RailService>,
+    metrics: Arc<crate::metrics::Metrics>,
+    cidr: ipnet::Ipv4Net,
+    every: std::time::Duration,
+) {
+    use crate::host_rules;
+    let mut tick = tokio::time::interval(every);
+    let mut said = std::collections::BTreeSet::new();
+    loop {
+        tick.tick().await;
+        let pools: Vec<(ipnet::Ipv4Net, Option<std::net::Ipv4Addr>)> = service
+            .ipam
+            .pools()
+            .values()
+            .filter_map(|p| match (p.subnet, p.gateway) {
+                (ipnet::IpNet::V4(s), Some(std::net::IpAddr::V4(g))) => Some((s, Some(g))),
+                (ipnet::IpNet::V4(s), _) => Some((s, None)),
+                _ => None,
+            })
+            .collect();
+        // rtnetlink on a blocking thread: `with_rtnl` runs its own loop.
+        let done = tokio::task::spawn_blocking(move || {
+            crate::rtnl::with_rtnl(|h| async move {
+                let nics = host_rules::nics(&h).await?;
+                let plan = host_rules::plan(&nics, cidr, &pools);
+                let changes = host_rules::reconcile(&h, &plan).await?;
+                Ok::<_, rtnetlink::Error>((plan, changes))
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match done {
+            Ok(Ok((plan, changes))) => {
+                metrics.host_rules(plan.rules.len(), plan.routes.len());
+                if !changes.added.is_empty() || !changes.removed.is_empty() {
+                    info!(added = ?changes.added, removed = ?changes.removed, "host rules updated");
+                }
+                let now: std::collections::BTreeSet<String> = plan.skipped.into_iter().collect();
+                for line in now.difference(&said) {
+                    tracing::warn!("host rules: {line}");
+                }
+                said = now;
+            }
+            Ok(Err(e)) => tracing::warn!(error = %crate::rtnl::describe(&e), "host rules not kept"),
+            Err(e) => tracing::warn!(error = %e, "host rules not kept"),
+        }
+    }
+}

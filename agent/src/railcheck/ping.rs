@@ -39,8 +39,20 @@ pub enum Echo {
 }
 
 /// Unique echo identifiers: every raw ICMP socket of the netns sees every
-/// reply from its peer, so each probe knows its own by this.
-static NEXT_ID: AtomicU16 = AtomicU16::new(1);
+/// reply from its peer, so each probe knows its own by this. Started from
+/// the process ID, so two nodes' probes (which send each other echoes at
+/// the same time) do not use the same identifiers in the same order.
+static NEXT_ID: AtomicU16 = AtomicU16::new(0);
+
+fn next_id() -> u16 {
+    let _ = NEXT_ID.compare_exchange(
+        0,
+        (std::process::id() as u16).wrapping_mul(251) | 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// Sends up to [`TRIES`] echo requests of `size` bytes (IP header
 /// included) from `src` to `dst` with DF set.
@@ -56,7 +68,7 @@ pub fn echo(src: Ipv4Addr, dst: Ipv4Addr, size: u32) -> std::io::Result<Echo> {
         libc::IP_MTU_DISCOVER,
         libc::IP_PMTUDISC_DO,
     )?;
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = next_id();
     let payload = (size as usize).saturating_sub(HEADERS).max(8);
     for seq in 0..TRIES as u16 {
         let packet = echo_request(id, seq, payload);

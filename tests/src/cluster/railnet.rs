@@ -62,6 +62,9 @@ pub fn values(nodes: usize) -> Value {
         "k8sServicePort": 6443,
         "agent": {
             "sweepInterval": 5,
+            // The nodes' rail NICs carry host addresses (matchMasterSubnet
+            // reads them): the agents keep the host side of the rule.
+            "hostRules": true,
             // The stand-in VFs are described in a sysfs tree of the node's.
             "extraEnv": [{"name": "RAILNET_SYSFS_ROOT", "value": STAND_IN_SYSFS}],
             "extraVolumes": [{"name": "stand-in-sysfs", "hostPath": {"path": STAND_IN_SYSFS}}],
