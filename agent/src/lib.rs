@@ -16,6 +16,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod dataplane;
+pub mod dcb;
 pub mod doctor;
 pub mod garp;
 pub mod host_rules;

@@ -608,6 +608,26 @@ fn check_stage(c: &mut Cluster) {
         matrix["echoes"].as_u64().unwrap() >= 2 * 2 * u64::from(RAILS),
         "{matrix:#}"
     );
+
+    // The same identity compares the nodes' doctors, run in each agent.
+    // These nodes have no RDMA device: each node's report comes back
+    // (its failure being that) and there is no RoCE NIC to compare.
+    let out =
+        c.cp.command(&ctl)
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["doctor", "--compare", "-n", NS])
+            .output()
+            .expect("railnetctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let said = String::from_utf8_lossy(&out.stderr);
+    for n in 0..2 {
+        assert!(text.contains(&format!("node{n}: 0 ok")), "{text}\n{said}");
+    }
+    assert!(
+        text.contains("no RoCE rail NIC on any node"),
+        "{text}\n{said}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}\n{said}");
 }
 
 fn agent_capabilities() -> Vec<u64> {

@@ -6,9 +6,10 @@
 //! on the agents' pods and `create` on their `pods/exec` (the chart's
 //! `<release>-checker` ClusterRole and Role).
 
+use crate::agents;
 use kube::{
     Api, Client,
-    api::{AttachParams, AttachedProcess, ListParams},
+    api::{AttachedProcess, ListParams},
     core::DynamicObject,
 };
 use railnet_agent::{
@@ -22,74 +23,29 @@ use tokio::io::{
     AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, SimplexStream, WriteHalf,
 };
 
-/// The agents' pods.
-pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=railnet,app.kubernetes.io/component=agent";
-
 /// The sessions (one per running agent) and the networks to check.
 pub type Prepared = (Vec<Box<dyn Session>>, Vec<serde_json::Value>);
 
-/// Finds the networks and the agents, and starts an exec in each agent.
+/// Finds the networks and the agents, and readies an exec in each agent.
 pub fn sessions(namespace: Option<&str>) -> Result<Prepared, String> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let handle = rt.handle().clone();
-    let (networks, sessions) = handle.block_on(async {
-        let client = Client::try_default()
-            .await
-            .map_err(|e| format!("no Kubernetes access (KUBECONFIG or in-cluster): {e}"))?;
-        let networks = networks(&client).await?;
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let agents = pods
-            .list(&ListParams::default().labels(AGENT_SELECTOR))
-            .await
-            .map_err(|e| {
-                let hint = if namespace.is_none() {
-                    " (pass -n with railnet's namespace: the chart's checker Role is namespaced)"
-                } else {
-                    " (bind the chart's <release>-checker Role and ClusterRole to yourself)"
-                };
-                format!("listing railnet's agents ({AGENT_SELECTOR}): {e}{hint}")
-            })?;
-        let mut sessions: Vec<Box<dyn Session>> = Vec::new();
-        for pod in agents.items {
-            let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-            let (Some(name), Some(ns), Some(node)) = (
-                pod.metadata.name.clone(),
-                pod.metadata.namespace.clone(),
-                pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-            ) else {
-                continue;
-            };
-            if !running {
-                eprintln!("railnetctl check: agent {ns}/{name} on {node} is not running: its node is left out");
-                continue;
-            }
-            sessions.push(Box::new(Exec {
-                node,
-                pod: format!("{ns}/{name}"),
-                api: Api::namespaced(client.clone(), &ns),
-                name,
-                handle: handle.clone(),
-                open: None,
-            }));
-        }
-        sessions.sort_by(|a, b| a.node().cmp(b.node()));
-        Ok::<_, String>((networks, sessions))
-    })?;
+    let (rt, client, agents) = agents::find(namespace, "railnetctl check")?;
+    let networks = rt.block_on(networks(&client))?;
     if networks.is_empty() {
         return Err(
             "no railnet network (NAD of type railnet) in the cluster: nothing to check".into(),
         );
     }
-    if sessions.is_empty() {
-        return Err(format!("no running railnet agent ({AGENT_SELECTOR})"));
-    }
+    let handle = rt.handle().clone();
+    let sessions = agents
+        .into_iter()
+        .map(|agent| {
+            Box::new(Exec {
+                agent,
+                handle: handle.clone(),
+                open: None,
+            }) as Box<dyn Session>
+        })
+        .collect();
     // The runtime lives as long as the sessions need it.
     std::mem::forget(rt);
     Ok((sessions, networks))
@@ -121,10 +77,7 @@ async fn networks(client: &Client) -> Result<Vec<serde_json::Value>, String> {
 
 /// One agent's probe, over `pods/exec`.
 struct Exec {
-    node: String,
-    pod: String,
-    name: String,
-    api: Api<k8s_openapi::api::core::v1::Pod>,
+    agent: agents::Agent,
     handle: tokio::runtime::Handle,
     open: Option<Open>,
 }
@@ -155,41 +108,38 @@ impl Exec {
         match got {
             Ok(answer) if !answer.is_empty() => read_line(&mut answer.as_bytes()),
             Ok(_) => Err(self.stderr()),
-            Err(e) => Err(format!("{}: {e}", self.pod)),
+            Err(e) => Err(format!("{}: {e}", self.agent.pod)),
         }
     }
 
     /// What the node's end said before it went away.
     fn stderr(&mut self) -> String {
         let Some(mut err) = self.open.as_mut().and_then(|o| o.process.stderr()) else {
-            return format!("{}: the exec ended", self.pod);
+            return format!("{}: the exec ended", self.agent.pod);
         };
         let mut text = String::new();
         let _ = self.handle.block_on(err.read_to_string(&mut text));
-        format!("{}: {}", self.pod, text.trim())
+        format!("{}: {}", self.agent.pod, text.trim())
     }
 }
 
 impl Session for Exec {
     fn node(&self) -> &str {
-        &self.node
+        &self.agent.node
     }
 
     fn setup(&mut self, plan: &Plan) -> Result<NodeSetup, String> {
-        let params = AttachParams::default()
-            .container("agent")
-            .stdin(true)
-            .stdout(true)
-            .stderr(true);
+        let params = agents::exec_params(true);
         let mut process = self
             .handle
-            .block_on(
-                self.api
-                    .exec(&self.name, ["railnetctl", "check", "node"], &params),
-            )
-            .map_err(|e| format!("exec into {}: {e}", self.pod))?;
+            .block_on(self.agent.api.exec(
+                &self.agent.name,
+                ["railnetctl", "check", "node"],
+                &params,
+            ))
+            .map_err(|e| format!("exec into {}: {e}", self.agent.pod))?;
         let (Some(stdin), Some(stdout)) = (process.stdin(), process.stdout()) else {
-            return Err(format!("exec into {}: no stdin/stdout", self.pod));
+            return Err(format!("exec into {}: no stdin/stdout", self.agent.pod));
         };
         self.open = Some(Open {
             process,
@@ -227,7 +177,7 @@ impl Session for Exec {
             };
             let _ = process.join().await;
             match status.and_then(|s| s.status) {
-                Some(s) if s != "Success" => vec![format!("{}: {}", self.pod, text.trim())],
+                Some(s) if s != "Success" => vec![format!("{}: {}", self.agent.pod, text.trim())],
                 _ => Vec::new(),
             }
         })

@@ -3,7 +3,8 @@
 //! the agent, the controller and the CNI plugin; the CNI binary (`railnet`)
 //! stays what Multus executes and nothing else.
 //!
-//! - `railnetctl doctor`: a node's host checks before it runs RDMA pods.
+//! - `railnetctl doctor`: a node's host checks before it runs RDMA pods
+//!   (with `--compare`, every node's, and what differs between them).
 //! - `railnetctl pod-info`: inside a pod, its `rails.json` and `nccl.env`
 //!   from the records railnet left on its interfaces (the webhook's init
 //!   container runs it).
@@ -17,8 +18,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod agents;
 mod check;
 mod check_kube;
+mod doctor;
 mod import;
 mod pod_info;
 
@@ -41,6 +44,17 @@ enum Command {
         /// Without it the mode is only reported.
         #[arg(long)]
         expect: Option<Mode>,
+        /// Every node's doctor, run in its agent through the API server
+        /// (`pods/exec`, the chart's checker roles): what differs between
+        /// the nodes' rail NICs (PFC, DSCP trust, ECN, ToS), rail by rail.
+        #[arg(long)]
+        compare: bool,
+        /// With `--compare`: the namespace of railnet's agents.
+        #[arg(short, long, requires = "compare")]
+        namespace: Option<String>,
+        /// `text` or `json`.
+        #[arg(short, long, default_value = "text")]
+        output: String,
     },
     /// Inside a pod: writes `<out>/rails.json` and `<out>/nccl.env` from the
     /// records railnet left on the pod's rail interfaces. Needs no
@@ -73,23 +87,36 @@ enum Mode {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Doctor { expect } => doctor(expect),
+        Command::Doctor {
+            expect,
+            compare,
+            namespace,
+            output,
+        } => doctor(expect, compare, namespace.as_deref(), &output),
         Command::PodInfo { out } => pod_info::run(&out),
         Command::Import { from } => import::run(from),
         Command::Check(args) => check::run(args),
     }
 }
 
-fn doctor(expect: Option<Mode>) -> ExitCode {
+fn doctor(expect: Option<Mode>, compare: bool, namespace: Option<&str>, output: &str) -> ExitCode {
     use railnet_agent::rdma::NetnsMode;
-    let report = railnet_agent::doctor::run(expect.map(|m| match m {
-        Mode::Exclusive => NetnsMode::Exclusive,
-        Mode::Shared => NetnsMode::Shared,
-    }));
-    print!("{report}");
-    if report.failed() {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    let json = match output {
+        "json" => true,
+        "text" => false,
+        other => {
+            eprintln!("railnetctl doctor: -o {other:?}: use text or json");
+            return ExitCode::from(2);
+        }
+    };
+    if compare {
+        return doctor::compare_nodes(namespace, json);
     }
+    doctor::here(
+        expect.map(|m| match m {
+            Mode::Exclusive => NetnsMode::Exclusive,
+            Mode::Shared => NetnsMode::Shared,
+        }),
+        json,
+    )
 }

@@ -5,8 +5,12 @@ use std::{fmt, path::Path};
 
 use crate::rdma::{NetnsMode, RdmaNetlink};
 
+pub mod compare;
+pub mod lossless;
+
 /// How one check came out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// As it should be.
     Ok,
@@ -17,7 +21,7 @@ pub enum Outcome {
 }
 
 /// One finding.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     /// How it came out.
     pub outcome: Outcome,
@@ -28,10 +32,14 @@ pub struct Finding {
 }
 
 /// Every finding, in the order checked.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// The findings.
     pub findings: Vec<Finding>,
+    /// Each RoCE rail NIC's lossless settings, by netdev (what
+    /// `--compare` lines up across nodes).
+    #[serde(default)]
+    pub lossless: std::collections::BTreeMap<String, lossless::Lossless>,
 }
 
 impl Report {
@@ -222,6 +230,16 @@ pub fn run(expect: Option<NetnsMode>) -> Report {
                         ),
                         None => {}
                     }
+                    // 2b. Lossless RoCE on it: PFC, DSCP trust, ECN, ToS.
+                    let seen = lossless::check(
+                        &mut report,
+                        &netdev,
+                        &p.device,
+                        p.port,
+                        crate::dcb::ieee_get(&netdev),
+                        &lossless::Sources::default(),
+                    );
+                    report.lossless.insert(netdev.clone(), seen);
                 }
             }
         }
