@@ -154,31 +154,47 @@ fn wait_reply(sock: &Socket, id: u16, seq: u16) -> std::io::Result<bool> {
     let deadline = Instant::now() + WAIT;
     let mut buf = [MaybeUninit::<u8>::uninit(); 65536];
     loop {
+        match recv_before(sock, deadline, &mut buf) {
+            Ok(Some(got)) if is_reply(got, id, seq) => return Ok(true),
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(false),
+            // An ICMP error for an earlier try (the socket is connected);
+            // the path MTU it carried is on the route now.
+            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The next packet `sock` reads before `deadline`; `None` once it passed.
+fn recv_before<'a>(
+    sock: &Socket,
+    deadline: Instant,
+    buf: &'a mut [MaybeUninit<u8>],
+) -> std::io::Result<Option<&'a [u8]>> {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Ok(false);
+            return Ok(None);
         }
         sock.set_read_timeout(Some(left))?;
-        let n = match sock.recv(&mut buf) {
-            Ok(n) => n,
+        match sock.recv(buf) {
+            // SAFETY: recv initialised the first `n` bytes.
+            Ok(n) => {
+                return Ok(Some(unsafe {
+                    std::slice::from_raw_parts(buf.as_ptr().cast(), n)
+                }));
+            }
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Ok(false);
+                return Ok(None);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            // An ICMP error for an earlier try (the socket is connected);
-            // the path MTU it carried is on the route now.
-            Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
-        };
-        // SAFETY: recv initialised the first `n` bytes.
-        let got: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
-        if is_reply(got, id, seq) {
-            return Ok(true);
         }
     }
 }
@@ -223,27 +239,7 @@ pub fn arp_who_answers(
     let mut answered = Vec::new();
     let deadline = Instant::now() + WAIT;
     let mut buf = [MaybeUninit::<u8>::uninit(); 1500];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        sock.set_read_timeout(Some(left))?;
-        let n = match sock.recv(&mut buf) {
-            Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                break;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        // SAFETY: recv initialised the first `n` bytes.
-        let got: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
+    while let Some(got) = recv_before(&sock, deadline, &mut buf)? {
         // A reply (op 2) for IPv4 over Ethernet: sender address at 14..18.
         if got.len() >= 28 && got[6..8] == [0, 2] {
             let sender = Ipv4Addr::new(got[14], got[15], got[16], got[17]);
