@@ -132,8 +132,22 @@ pub struct Changes {
     pub removed: Vec<String>,
 }
 
-/// The node's NICs with their IPv4 networks, as the kernel lists them.
+/// The node's NICs with their IPv4 networks, as the kernel lists them:
+/// one link dump and one address dump, whatever the number of links (a
+/// node with a veth per pod has hundreds).
 pub async fn nics(h: &Handle) -> Result<Vec<Nic>, rtnetlink::Error> {
+    use rtnetlink::packet_route::{address::AddressAttribute, link::LinkAttribute};
+    let mut networks: std::collections::BTreeMap<u32, Vec<Ipv4Net>> = Default::default();
+    let mut addrs = h.address().get().execute();
+    while let Some(msg) = addrs.try_next().await? {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Local(std::net::IpAddr::V4(a)) = attr
+                && let Ok(net) = Ipv4Net::new(*a, msg.header.prefix_len)
+            {
+                networks.entry(msg.header.index).or_default().push(net);
+            }
+        }
+    }
     let mut links = h.link().get().execute();
     let mut out = Vec::new();
     while let Some(link) = links.try_next().await? {
@@ -141,23 +155,15 @@ pub async fn nics(h: &Handle) -> Result<Vec<Nic>, rtnetlink::Error> {
             .attributes
             .iter()
             .find_map(|a| match a {
-                rtnetlink::packet_route::link::LinkAttribute::IfName(n) => Some(n.clone()),
+                LinkAttribute::IfName(n) => Some(n.clone()),
                 _ => None,
             })
             .unwrap_or_default();
         let index = link.header.index;
-        let networks = crate::rtnl::networks(h, index)
-            .await?
-            .into_iter()
-            .filter_map(|n| match n {
-                ipnet::IpNet::V4(v4) => Some(v4),
-                ipnet::IpNet::V6(_) => None,
-            })
-            .collect();
         out.push(Nic {
             name,
             index,
-            networks,
+            networks: networks.remove(&index).unwrap_or_default(),
         });
     }
     Ok(out)
