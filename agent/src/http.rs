@@ -28,8 +28,8 @@ pub struct Limits {
     pub connections: usize,
     /// From accept to a finished TLS handshake.
     pub handshake: Duration,
-    /// To receive a request's whole header, also the first one after an
-    /// idle keep-alive.
+    /// To receive a request's whole header (one request per connection:
+    /// no keep-alive, see [`serve`]).
     pub header: Duration,
     /// From a request's header to its answer (its body read included).
     pub request: Duration,
@@ -141,7 +141,14 @@ where
                     )
                 }
             });
+            // One request per connection (`Connection: close`): an idle
+            // keep-alive connection is closed by the header deadline, and a
+            // client that sends its next request just then (the API server
+            // calling the webhook a few seconds after the last pod) gets
+            // "use of closed network connection" for a POST it will not
+            // retry — a pod refused for nothing. Seen in the cluster test.
             let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .timer(TokioTimer::new())
                 .title_case_headers(true)
                 .header_read_timeout(limits.header)

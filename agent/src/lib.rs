@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod dcb;
 pub mod doctor;
+pub mod dra;
 pub mod garp;
 pub mod host_rules;
 pub mod http;

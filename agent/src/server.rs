@@ -196,6 +196,7 @@ fn dispatch(
     }
     let started = std::time::Instant::now();
     let mut ipam = None;
+    let mut claimed = Vec::new();
     let result = match &req.op {
         Op::Add(att) => match netns {
             Some(ns) => service.add(att, &ns).map(Some),
@@ -220,6 +221,24 @@ fn dispatch(
             None
         }),
         Op::IpamDel(r) => service.ipam_del(r).map(|()| None),
+        Op::AddClaimed(att) => match (netns, service.dra.get()) {
+            (Some(ns), Some(dra)) => {
+                crate::dra::claimed::add(dra, service, att, &ns).map(|rails| {
+                    claimed = rails;
+                    None
+                })
+            }
+            (None, _) => Err(ApiError::new(
+                code::INVALID_ENV,
+                "ADD without a netns",
+                "the CNI must pass CNI_NETNS's fd",
+            )),
+            (_, None) => Err(no_dra()),
+        },
+        Op::DelClaimed(att) => match service.dra.get() {
+            Some(dra) => crate::dra::claimed::del(dra, service, att, netns.as_ref()).map(|()| None),
+            None => Err(no_dra()),
+        },
         Op::Gc(r) => service.gc(r).map(|n| {
             if n > 0 {
                 info!(network = %r.network, released = n, "GC released stale attachments");
@@ -235,6 +254,8 @@ fn dispatch(
         Op::IpamAdd(r) => ("IPAM ADD", format!("{}/{}", r.container_id, r.ifname)),
         Op::IpamDel(r) => ("IPAM DEL", format!("{}/{}", r.container_id, r.ifname)),
         Op::Gc(r) => ("GC", r.network.clone()),
+        Op::AddClaimed(a) => ("DRA ADD", a.container_id.clone()),
+        Op::DelClaimed(a) => ("DRA DEL", a.container_id.clone()),
     };
     metrics.observe(op, result.as_ref().err(), started.elapsed().as_secs_f64());
     match result {
@@ -244,6 +265,7 @@ fn dispatch(
                 api: API_VERSION,
                 result,
                 ipam,
+                rails: claimed,
             }
         }
         Err(e) => {
@@ -251,4 +273,13 @@ fn dispatch(
             Response::Error(e)
         }
     }
+}
+
+/// The DRA network called on an agent that is not a DRA driver.
+fn no_dra() -> ApiError {
+    ApiError::new(
+        code::INVALID_CONFIG,
+        "this node's railnet agent is not a DRA driver",
+        "the DRA network (\"dra\": true) needs the agent started with --dra (chart: dra.enabled=true)",
+    )
 }

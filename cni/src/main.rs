@@ -15,7 +15,7 @@ use std::{
 
 use railnet_wire::{
     api::{self, ApiError, Attachment, GcRequest, Op, Response, code},
-    netconf::{NetConf, SUPPORTED_VERSIONS},
+    netconf::{ClaimedConf, NetConf, SUPPORTED_VERSIONS},
 };
 
 mod install;
@@ -110,6 +110,7 @@ fn run(
             })
             .to_string(),
         )),
+        "ADD" if ClaimedConf::detect(stdin).is_some() => add_claimed(stdin, env),
         "ADD" => {
             let conf = parse(stdin)?;
             let att = attachment(stdin, env, Some(conf.clone()))?;
@@ -147,7 +148,12 @@ fn run(
             let netns = env("CNI_NETNS").and_then(|p| File::open(p).ok());
             let paths = del_paths(stdin, env);
             let socket = paths.socket.clone();
-            match call(&socket, Op::Del(att.clone()), netns.as_ref()) {
+            let op = if ClaimedConf::is_claimed(&att.netconf) {
+                Op::DelClaimed(att.clone())
+            } else {
+                Op::Del(att.clone())
+            };
+            match call(&socket, op, netns.as_ref()) {
                 Ok(Response::Ok { .. }) => Ok(None),
                 Ok(Response::Error(e)) => Err(e),
                 // A pod must never hang in Terminating because the agent is
@@ -271,6 +277,47 @@ fn ask(
         Ok(Response::Ok { .. }) => Ok(None),
         Ok(Response::Error(e)) => Err(e),
         Err(e) => Err(unreachable(unreachable_code, socket, e.to_string())),
+    }
+}
+
+/// ADD of the DRA network: the agent wires every rail the pod's claims
+/// hold and answers with one result per rail, written as one CNI result.
+fn add_claimed(
+    stdin: &[u8],
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let conf = match ClaimedConf::detect(stdin) {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
+            let code = match e {
+                railnet_wire::netconf::NetConfError::Version(_) => code::INCOMPATIBLE_VERSION,
+                _ => code::DECODE,
+            };
+            return Err(ApiError::new(code, "invalid network config", e.to_string()));
+        }
+        None => unreachable!("called for DRA configs only"),
+    };
+    let att = attachment(stdin, env, None)?;
+    let (netns_path, netns) = open_netns(env)?;
+    let socket = paths(stdin, env)?.socket;
+    let resp = call(&socket, Op::AddClaimed(att), Some(&netns)).map_err(|e| {
+        unreachable(
+            code::TRY_AGAIN,
+            &socket,
+            format!("{e}; is the railnet-agent DaemonSet pod running on this node?"),
+        )
+    })?;
+    match resp {
+        Response::Ok { rails, .. } if !rails.is_empty() => Ok(Some(
+            railnet_wire::api::AddResult::to_cni_many(&rails, &conf.cni_version, &netns_path)
+                .to_string(),
+        )),
+        Response::Ok { .. } => Err(ApiError::new(
+            code::DECODE,
+            "the agent answered a DRA ADD without rails",
+            "agent and CNI binary are out of step; reinstall both",
+        )),
+        Response::Error(e) => Err(e),
     }
 }
 

@@ -924,3 +924,77 @@ fn the_chart_readme_lists_every_value_with_its_default() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), readme.trim());
 }
+
+/// `dra.enabled`: the DeviceClasses claims name, the one DRA network the
+/// CNI takes for one (never for a rail network), and the agent's DRA
+/// rights: status only through the associated-node verbs of driver
+/// railnet.io, slices only its own node's (the admission policy); none of
+/// it without the value.
+#[test]
+fn dra_installs_device_classes_the_dra_network_and_node_scoped_rights() {
+    let objects = render(&["--set", "dra.enabled=true"]).unwrap();
+    let classes: Vec<&str> = of_kind(&objects, "DeviceClass")
+        .iter()
+        .filter_map(|c| c["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        classes,
+        [
+            "rail.railnet.io",
+            "macvlan.railnet.io",
+            "ipvlan.railnet.io",
+            "ipoib.railnet.io"
+        ]
+    );
+    let nad = of_kind(&objects, "NetworkAttachmentDefinition")
+        .into_iter()
+        .find(|n| n["metadata"]["name"] == "railnet-dra")
+        .expect("the DRA network");
+    let config = nad["spec"]["config"].as_str().unwrap();
+    let claimed = railnet_agent::netconf::ClaimedConf::detect(config.as_bytes())
+        .expect("the CNI takes it for the DRA network")
+        .expect("and accepts it");
+    assert_eq!(claimed.name, "railnet-dra");
+    let role = of_kind(&objects, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "rn-railnet-agent-dra")
+        .expect("the agent's DRA ClusterRole");
+    let driver_rule = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"] == serde_json::json!(["resourceclaims/driver"]))
+        .expect("the network status rule");
+    assert_eq!(
+        driver_rule["resourceNames"],
+        serde_json::json!(["railnet.io"])
+    );
+    assert_eq!(
+        driver_rule["verbs"],
+        serde_json::json!(["associated-node:patch", "associated-node:update"])
+    );
+    let policy = of_kind(&objects, "ValidatingAdmissionPolicy")
+        .into_iter()
+        .find(|p| p["metadata"]["name"] == "rn-railnet-agent-own-slices")
+        .expect("the own-slices policy");
+    assert!(
+        policy["spec"]["validations"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .contains("spec.nodeName"),
+        "{policy}"
+    );
+    let pod = &of_kind(&objects, "DaemonSet")[0]["spec"]["template"]["spec"];
+    let args = pod["containers"][0]["args"].to_string();
+    assert!(args.contains("\"--dra\""), "{args}");
+    assert!(args.contains("--dra-shared-namespace=railnet"), "{args}");
+
+    let off = render(&[]).unwrap();
+    assert!(of_kind(&off, "DeviceClass").is_empty());
+    assert!(
+        !serde_json::to_string(&off)
+            .unwrap()
+            .contains("resourceslices"),
+        "DRA rights without dra.enabled"
+    );
+}

@@ -12,8 +12,17 @@ use railnet_tests::cluster::{
 };
 use serde_json::json;
 
+mod cluster {
+    pub mod dra;
+}
+
 fn exec(c: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {
-    let mut args = vec!["exec", "-n", "default", pod, "--"];
+    exec_in(c, "default", pod, cmd)
+}
+
+/// Runs `cmd` in pod `ns/pod`.
+fn exec_in(c: &Cluster, ns: &str, pod: &str, cmd: &[&str]) -> Result<String, String> {
+    let mut args = vec!["exec", "-n", ns, pod, "--"];
     args.extend(cmd);
     c.kubectl_try(&args)
 }
@@ -103,7 +112,9 @@ fn railnet_in_a_real_cluster() {
     // every node; the chart's default repository and tag name it). The
     // agent runs on every node; its init container put a static `railnet`
     // into the node's CNI bin dir.
-    let fabric_values = values(2);
+    let mut fabric_values = values(2);
+    // The agents are the nodes' DRA driver too (the DRA stage).
+    fabric_values["dra"] = json!({"enabled": true});
     helm_install(&mut c, false, "values.json", &fabric_values, &[]);
     for node in &c.nodes {
         let cni = node.path("/opt/cni/bin/railnet");
@@ -379,6 +390,10 @@ fn railnet_in_a_real_cluster() {
     // refused, naming where the group is looked up); a pod naming ai's NAD
     // directly is refused by Multus (namespaceIsolation).
     tenants_stage(&mut c);
+
+    // DRA: the scheduler allocates a claim's rails from the agents'
+    // ResourceSlices; the pod naming the DRA network gets exactly those.
+    cluster::dra::dra_stage(&mut c);
 
     // helm upgrade with a changed value that does not roll the controller
     // (an agent setting): the webhook keeps admitting pods (its certificate
@@ -806,16 +821,14 @@ fn nad_cannot_move_the_agent(c: &mut Cluster) {
 /// message contains `containing`; returns that message.
 #[track_caller]
 fn event_of(c: &mut Cluster, pod: &str, containing: &str, what: &str) -> String {
+    event_in(c, "default", pod, containing, what)
+}
+
+/// The first event of pod `ns/pod` whose message holds `containing`.
+fn event_in(c: &mut Cluster, ns: &str, pod: &str, containing: &str, what: &str) -> String {
     let selector = format!("involvedObject.name={pod}");
     c.wait_for(what, Duration::from_secs(60), |c| {
-        let events = c.kubectl_json(&[
-            "get",
-            "events",
-            "-n",
-            "default",
-            "--field-selector",
-            &selector,
-        ]);
+        let events = c.kubectl_json(&["get", "events", "-n", ns, "--field-selector", &selector]);
         events["items"]
             .as_array()
             .into_iter()
@@ -1140,6 +1153,16 @@ fn uninstall(c: &mut Cluster, nodes_with_pods: &[usize]) {
                 &format!("node{n}'s host rules removed"),
                 Duration::from_secs(60),
                 |c| host_rules(c, n).is_empty().then_some(()),
+            );
+            // And its DRA devices: no ResourceSlice offers them any more.
+            let label = format!("railnet.io/node=node{n}");
+            c.wait_for(
+                &format!("node{n}'s ResourceSlices deleted"),
+                Duration::from_secs(60),
+                |c| {
+                    let slices = c.kubectl_json(&["get", "resourceslices", "-l", &label]);
+                    slices["items"].as_array()?.is_empty().then_some(())
+                },
             );
             assert!(
                 pins(c, n).is_empty(),

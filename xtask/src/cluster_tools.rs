@@ -232,19 +232,35 @@ pub fn device_plugin_path(root: &Path) -> PathBuf {
     root.join("target/railnet-test-deviceplugin")
 }
 
+/// Where [`gpu_driver`] puts the tests' GPU driver.
+pub fn gpu_driver_path(root: &Path) -> PathBuf {
+    root.join("target/railnet-test-gpudriver")
+}
+
 /// Builds the cluster tests' own device plugin (`tests/cluster/deviceplugin`,
-/// Go, on kubelet's device plugin API): railnet's source, so it is built
-/// like railnet's, every run (Go's build cache makes that a second), not
-/// cached by version.
+/// Go, on kubelet's device plugin API).
 pub fn device_plugin(root: &Path) -> Result<PathBuf> {
-    let out = device_plugin_path(root);
+    go_test_tool(root, "deviceplugin", device_plugin_path(root))
+}
+
+/// Builds the cluster tests' own GPU driver (`tests/cluster/gpudriver`, Go,
+/// a DRA driver on Kubernetes' kubelet plugin library): stand-in GPUs
+/// the scheduler aligns railnet's rails with.
+pub fn gpu_driver(root: &Path) -> Result<PathBuf> {
+    go_test_tool(root, "gpudriver", gpu_driver_path(root))
+}
+
+/// Builds `tests/cluster/<dir>` into `out`: railnet's source, so it is
+/// built like railnet's, every setup (Go's build cache makes that a
+/// second), not cached by version.
+fn go_test_tool(root: &Path, dir: &str, out: PathBuf) -> Result<PathBuf> {
     run(go()?
-        .current_dir(root.join("tests/cluster/deviceplugin"))
+        .current_dir(root.join("tests/cluster").join(dir))
         .env("CGO_ENABLED", "0")
         .env("GOFLAGS", "-mod=readonly -buildvcs=false")
         .args(["build", "-trimpath", "-o"])
         .arg(&out)
         .arg("."))
-    .context("building the tests' device plugin (tests/cluster/deviceplugin)")?;
+    .with_context(|| format!("building the tests' tests/cluster/{dir}"))?;
     Ok(out)
 }

@@ -842,6 +842,10 @@ fn cluster_env(root: &Path, cmd: &mut Command) {
             "RAILNET_DEVICE_PLUGIN_BIN",
             cluster_tools::device_plugin_path(root),
         )
+        .env(
+            "RAILNET_GPU_DRIVER_BIN",
+            cluster_tools::gpu_driver_path(root),
+        )
         .env("RAILNET_IMAGES_DIR", root.join("target/images"));
 }
 

@@ -402,6 +402,8 @@ pub fn ensure_cluster() -> Result<()> {
     );
     let plugin = crate::cluster_tools::device_plugin(&root)?;
     eprintln!("    the tests' device plugin: {}", plugin.display());
+    let gpus = crate::cluster_tools::gpu_driver(&root)?;
+    eprintln!("    the tests' GPU driver: {}", gpus.display());
     Ok(())
 }
 

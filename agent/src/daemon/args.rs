@@ -140,6 +140,35 @@ pub struct Args {
     /// at /etc/railnet. Default: `pods/` beside the socket.
     #[arg(long, env = "RAILNET_POD_INFO_DIR")]
     pub pod_info_dir: Option<PathBuf>,
+    /// Be the node's DRA driver `railnet.io`: publish its rail devices in
+    /// ResourceSlices, serve the kubelet's DRA plugin API, and wire the
+    /// rails of prepared claims through the DRA network (`"dra": true`).
+    /// Needs API access in either IPAM mode.
+    #[arg(long, env = "RAILNET_DRA")]
+    pub dra: bool,
+    /// DRA: the directory of the driver's socket (`dra.sock`), as the
+    /// kubelet sees it.
+    #[arg(
+        long,
+        env = "RAILNET_DRA_PLUGIN_DIR",
+        default_value = "/var/lib/kubelet/plugins/railnet.io"
+    )]
+    pub dra_plugin_dir: PathBuf,
+    /// DRA: the kubelet's plugin registration directory.
+    #[arg(
+        long,
+        env = "RAILNET_DRA_REGISTRY_DIR",
+        default_value = "/var/lib/kubelet/plugins_registry"
+    )]
+    pub dra_registry_dir: PathBuf,
+    /// DRA: the namespace whose RailNetworks claims of every namespace may
+    /// use (the release namespace); others' serve their own namespace.
+    #[arg(long, env = "RAILNET_DRA_SHARED_NAMESPACE", default_value = "railnet")]
+    pub dra_shared_namespace: String,
+    /// DRA: seconds between reads of the RailNetworks and NICs for the
+    /// ResourceSlices (a slice is written only when its devices change).
+    #[arg(long, env = "RAILNET_DRA_REFRESH", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dra_refresh: u64,
 }
 
 /// `--tc-attach`.

@@ -66,6 +66,15 @@ pub(super) async fn serve(args: Args, service: Arc<RailService>) -> u8 {
     if args.label_node {
         tasks.push(label_node(&args, &service));
     }
+    if args.dra {
+        match start_dra(&args, &service).await {
+            Ok(mut started) => tasks.append(&mut started),
+            Err(e) => {
+                error!(error = %e, "cannot be the node's DRA driver");
+                return exit::FAILURE;
+            }
+        }
+    }
     let uninstalling = Arc::new(AtomicBool::new(false));
     if let Some(task) = watch_uninstall(&args, uninstalling.clone()).await {
         tasks.push(task);
@@ -101,6 +110,51 @@ fn label_node(args: &Args, service: &RailService) -> AbortHandle {
     .abort_handle()
 }
 
+/// `--dra`: the ResourceSlices kept, the kubelet plugin served, the DRA
+/// network's requests answered.
+async fn start_dra(args: &Args, service: &Arc<RailService>) -> Result<Vec<AbortHandle>, String> {
+    let client = kube_api::client(
+        args.kubeconfig.as_deref(),
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| format!("the DRA driver needs the API server: {e}"))?;
+    let dra = Arc::new(crate::dra::Dra {
+        node: service.node_name.clone(),
+        client,
+        store: crate::dra::prepared::Store::new(
+            args.state
+                .parent()
+                .unwrap_or(std::path::Path::new("/var/lib/railnet"))
+                .join("dra"),
+        ),
+        inventory: Default::default(),
+        shared_namespace: args.dra_shared_namespace.clone(),
+        sysfs_root: args.sysfs_root.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    service
+        .dra
+        .set(dra.clone())
+        .map_err(|_| "started twice".to_owned())?;
+    let sockets = crate::dra::plugin::Sockets {
+        plugin: args.dra_plugin_dir.join("dra.sock"),
+        registration: args
+            .dra_registry_dir
+            .join(format!("{}-reg.sock", crate::dra::DRIVER)),
+    };
+    let publisher = tokio::spawn(crate::dra::publish::keep_published(
+        dra.clone(),
+        std::time::Duration::from_secs(args.dra_refresh),
+    ));
+    let plugin = tokio::spawn(async move {
+        if let Err(e) = crate::dra::plugin::serve(dra, sockets, std::future::pending()).await {
+            error!(error = %e, "the DRA plugin stopped serving");
+        }
+    });
+    Ok(vec![publisher.abort_handle(), plugin.abort_handle()])
+}
+
 /// With `--remove-cni-on-uninstall`: watches the DaemonSet for the mark
 /// `helm uninstall`'s hook sets.
 async fn watch_uninstall(args: &Args, flag: Arc<AtomicBool>) -> Option<AbortHandle> {
@@ -131,6 +185,7 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
     // catching up (and shows them to the controller at once).
     // On a plain thread: the store runs its own runtime.
     let held = last.ipam.allocated();
+    let node = last.node_name.clone();
     let flushed = std::thread::spawn(move || last.ipam.flush()).join();
     if let Ok(Err(e)) = flushed {
         tracing::warn!(error = %e, "claims not written before exit; the next agent writes them from its journal");
@@ -156,6 +211,9 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
     match gone {
         Ok(true) => {
             crate::uninstall::remove_cni_binaries(dir, held);
+            if args.dra {
+                unpublish_dra(args, &node).await;
+            }
             if args.host_rules.is_some() {
                 // rtnetlink on a blocking thread: `with_rtnl` runs its own loop.
                 let removed = tokio::task::spawn_blocking(|| {
@@ -181,6 +239,27 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
         Err(e) => {
             tracing::warn!(error = %e, "cannot tell an uninstall from a restart; the CNI binaries stay")
         }
+    }
+}
+
+/// The node's share of an uninstall as DRA driver: its ResourceSlices
+/// deleted (they are the node's, and would otherwise stay with it).
+async fn unpublish_dra(args: &Args, node: &str) {
+    let client = match kube_api::client(
+        args.kubeconfig.as_deref(),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "the node's ResourceSlices stay");
+            return;
+        }
+    };
+    match crate::dra::publish::unpublish(&client, node).await {
+        Ok(n) => info!(slices = n, "the node's ResourceSlices deleted"),
+        Err(e) => tracing::warn!(error = %e, "the node's ResourceSlices stay"),
     }
 }
 

@@ -85,6 +85,7 @@ pub(super) fn start(args: &Args) -> Result<Started, Failure> {
         allowed_masters: args.allowed_masters.clone(),
         tc_attach,
         sysctl_root: args.sysctl_root.clone(),
+        dra: std::sync::OnceLock::new(),
     });
     if let Some((file, cluster)) = file_pools {
         let (service, every) = (

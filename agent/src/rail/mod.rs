@@ -75,6 +75,9 @@ pub struct RailService {
     /// unprivileged container's `/proc/sys` is read-only, so the chart
     /// mounts the node's elsewhere and names it here.
     pub sysctl_root: PathBuf,
+    /// The DRA driver, once started (`--dra`): the DRA network's ADD and
+    /// DEL go to it.
+    pub dra: std::sync::OnceLock<std::sync::Arc<crate::dra::Dra>>,
 }
 
 /// Refuses an ADD for (container, ifname) from another netns than the one

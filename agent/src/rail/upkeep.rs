@@ -101,7 +101,17 @@ impl RailService {
             };
             // The pod's netns is gone or going: only pins and addresses are
             // left to undo.
-            match self.del(&att, None) {
+            let undone = if crate::netconf::ClaimedConf::is_claimed(&att.netconf) {
+                // The DRA network's: its driver knows the rails (not
+                // started yet at the agent's first pass: the next does it).
+                match self.dra.get() {
+                    Some(dra) => crate::dra::claimed::del(dra, self, &att, None),
+                    None => continue,
+                }
+            } else {
+                self.del(&att, None)
+            };
+            match undone {
                 Ok(()) => {
                     // Left in place, it is finished again (a no-op) next time.
                     if let Err(e) = std::fs::remove_file(&path) {

@@ -361,7 +361,7 @@ struct Holder {
 
 impl Holder {
     fn new(netns: &OwnedFd) -> Result<Self, String> {
-        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::os::fd::{AsFd, AsRawFd, FromRawFd};
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -396,10 +396,29 @@ impl Holder {
             }
         }
         drop(read);
-        Ok(Self {
+        let holder = Self {
             pid,
             write: Some(write),
-        })
+        };
+        // Returned only once the child is in the netns: the agent looks
+        // for a process there at the first ADD, and a child still on its
+        // way (fork returned, setns not yet done) would not be found.
+        let want = nix::sys::stat::fstat(netns.as_fd())
+            .map_err(|e| format!("the probe's netns: {e}"))?
+            .st_ino;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let there = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) == want)
+                .unwrap_or(false);
+            if there {
+                return Ok(holder);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err("the probe's netns holder did not enter it within 5 s".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 }
 

@@ -103,6 +103,12 @@ pub enum Op {
     IpamDel(IpamRequest),
     /// CNI GC: release everything of `network` not in `valid`.
     Gc(GcRequest),
+    /// DRA: wire every rail device the pod's prepared ResourceClaims hold
+    /// (the pod is `K8S_POD_UID` of `args`); the netns fd travels with it.
+    /// Answered with one result per rail.
+    AddClaimed(Attachment),
+    /// DRA: undo [`Op::AddClaimed`] for the container.
+    DelClaimed(Attachment),
 }
 
 /// A CNI GC request.
@@ -198,6 +204,9 @@ pub enum Response {
         /// IPAM-only ADD's result.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ipam: Option<IpamResult>,
+        /// [`Op::AddClaimed`]'s results, one per rail, in interface order.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rails: Vec<AddResult>,
     },
     /// Failure, in CNI error terms.
     Error(ApiError),
@@ -347,6 +356,41 @@ impl AddResult {
     /// The result as CNI JSON of `version` (0.3.1 and 0.4.0 carry an IP
     /// `version` field and `interface` index; 1.x drops the former).
     pub fn to_cni(&self, version: &str, sandbox: &str) -> serde_json::Value {
+        Self::to_cni_many(std::slice::from_ref(self), version, sandbox)
+    }
+
+    /// Several rails' results as one CNI result: every interface, each
+    /// address pointing at its own (a DRA pod's rails, wired in one ADD).
+    pub fn to_cni_many(rails: &[AddResult], version: &str, sandbox: &str) -> serde_json::Value {
+        let mut interfaces = Vec::new();
+        let mut ips = Vec::new();
+        let mut routes = Vec::new();
+        for (i, rail) in rails.iter().enumerate() {
+            let one = rail.cni_parts(version, sandbox, i);
+            interfaces.push(one.0);
+            ips.extend(one.1);
+            routes.extend(one.2);
+        }
+        serde_json::json!({
+            "cniVersion": version,
+            "interfaces": interfaces,
+            "ips": ips,
+            "routes": routes,
+        })
+    }
+
+    /// This rail's interface, addresses (pointing at interface `index`)
+    /// and routes, as CNI JSON.
+    fn cni_parts(
+        &self,
+        version: &str,
+        sandbox: &str,
+        index: usize,
+    ) -> (
+        serde_json::Value,
+        Vec<serde_json::Value>,
+        Vec<serde_json::Value>,
+    ) {
         use serde_json::json;
         let ips: Vec<_> = self
             .ips
@@ -354,7 +398,7 @@ impl AddResult {
             .map(|a| {
                 let mut ip = json!({
                     "address": a.address.to_string(),
-                    "interface": 0,
+                    "interface": index,
                 });
                 if let Some(gw) = a.gateway {
                     ip["gateway"] = json!(gw.to_string());
@@ -392,12 +436,7 @@ impl AddResult {
         if !version.starts_with("0.") {
             iface["mtu"] = json!(self.interface.mtu);
         }
-        json!({
-            "cniVersion": version,
-            "interfaces": [iface],
-            "ips": ips,
-            "routes": routes,
-        })
+        (iface, ips, routes)
     }
 }
 

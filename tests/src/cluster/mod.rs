@@ -32,7 +32,7 @@ use std::{
 
 pub use cgroup::NodeCgroup;
 pub use control_plane::{ControlPlane, KUBERNETES_SERVICE_IP, SERVICE_RANGE};
-pub use node::{NODE_PATHS, Node, STAND_IN_SYSFS, tail};
+pub use node::{NODE_PATHS, Node, STAND_IN_GPUS, STAND_IN_SYSFS, stand_in_nic, tail};
 pub use pki::Pki;
 pub use railnet::{
     NS, VF_NETWORK, WORKLOAD, helm_install, networks_pod, rail_addresses, rail_pod, values, vf_pod,
@@ -350,6 +350,8 @@ impl Cluster {
                 &["system:nodes"],
             );
             node.start_kubelet(&cluster.tools, &kubeconfig, &cluster.pki);
+            node.start_gpu_driver(&cluster.tools, &kubeconfig);
+            node.add_stand_in_nics(RAILS);
             let vfs = node.add_stand_in_vfs(
                 &cluster.fabric.nodes[n],
                 cluster.fabric.router(1),

@@ -41,6 +41,30 @@ pub const STAND_IN_SYSFS: &str = "/var/lib/railnet-test-sysfs";
 /// The stand-in PF's PCI address (the node's rail-1 NIC, `eth1`).
 const STAND_IN_PF: &str = "0000:3b:00.0";
 
+/// Rail `k`'s stand-in NIC: its PCIe root complex, PCI address and NUMA
+/// node (rail 1 is [`STAND_IN_PF`], the stand-in VFs' PF). Rails 2k-1 and
+/// 2k share a root, as two NICs behind one PCIe switch beside two GPUs do.
+pub fn stand_in_nic(k: u32) -> (&'static str, String, u32) {
+    let (root, bus) = match (k - 1) / 2 {
+        0 => ("pci0000:3a", 0x3b),
+        1 => ("pci0000:5d", 0x5e),
+        2 => ("pci0000:9a", 0x9b),
+        _ => ("pci0000:c3", 0xc4),
+    };
+    let bdf = format!("0000:{:02x}:00.0", bus + (k - 1) % 2);
+    (root, bdf, u32::from(k > 4))
+}
+
+/// The stand-in GPUs of every node (`gpu0`…, PCIe root and NUMA node), as
+/// an 8-GPU node's driver would publish half of them: one per root
+/// complex, each root shared with two rail NICs ([`stand_in_nic`]).
+pub const STAND_IN_GPUS: &[(&str, u32)] = &[
+    ("pci0000:3a", 0),
+    ("pci0000:5d", 0),
+    ("pci0000:9a", 1),
+    ("pci0000:c3", 1),
+];
+
 /// The reference plugins a node's CNI bin dir holds besides Multus.
 const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "macvlan", "portmap"];
 
@@ -58,6 +82,7 @@ pub struct Node {
     containerd: Option<Child>,
     kubelet: Option<Child>,
     device_plugin: Option<Child>,
+    gpu_driver: Option<Child>,
 }
 
 impl Node {
@@ -95,6 +120,7 @@ impl Node {
             containerd: None,
             kubelet: None,
             device_plugin: None,
+            gpu_driver: None,
         };
         node.wait_holder();
         for (host, dir) in NODE_PATHS {
@@ -353,6 +379,28 @@ nodeStatusUpdateFrequency: 4s
     /// at [`STAND_IN_PF`] (the rail NIC). Returns their PCI addresses and
     /// netdev names.
     #[track_caller]
+    /// Describes the node's rail NICs `eth1`…`eth<rails>` in
+    /// [`STAND_IN_SYSFS`] as PCI functions the way sysfs lays them out on
+    /// an 8-GPU node: two NICs per PCIe root complex
+    /// ([`stand_in_nic`]), the first four rails on NUMA node 0.
+    pub fn add_stand_in_nics(&self, rails: u32) {
+        let sysfs = self.path(STAND_IN_SYSFS);
+        for k in 1..=rails {
+            let (root, bdf, numa) = stand_in_nic(k);
+            let function = sysfs.join("devices").join(root).join(&bdf);
+            std::fs::create_dir_all(&function).unwrap();
+            std::fs::write(function.join("numa_node"), format!("{numa}\n")).unwrap();
+            let bus = sysfs.join("bus/pci/devices");
+            std::fs::create_dir_all(&bus).unwrap();
+            let target = format!("../../../devices/{root}/{bdf}");
+            std::os::unix::fs::symlink(&target, bus.join(&bdf)).unwrap();
+            let class = sysfs.join("class/net").join(format!("eth{k}"));
+            std::fs::create_dir_all(&class).unwrap();
+            std::fs::write(class.join("type"), "1\n").unwrap();
+            std::os::unix::fs::symlink(&target, class.join("device")).unwrap();
+        }
+    }
+
     pub fn add_stand_in_vfs(
         &self,
         net: &Netns,
@@ -397,10 +445,33 @@ nodeStatusUpdateFrequency: 4s
         self.device_plugin = Some(cmd.spawn().expect("the tests' device plugin"));
     }
 
+    /// Starts the tests' GPU driver publishing [`STAND_IN_GPUS`] through
+    /// the kubelet's identity (`kubeconfig`: a node may publish its own
+    /// ResourceSlices and read the claims of its pods).
+    #[track_caller]
+    pub fn start_gpu_driver(&mut self, tools: &Tools, kubeconfig: &Path) {
+        let log = std::fs::File::create(self.root.join("gpu-driver.log")).unwrap();
+        let gpus: Vec<String> = STAND_IN_GPUS
+            .iter()
+            .map(|(root, numa)| format!("{root}:{numa}"))
+            .collect();
+        let mut cmd = self.in_mounts(&tools.gpu_driver);
+        cmd.arg(format!("--node={}", self.name))
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg(format!("--gpus={}", gpus.join(",")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.cgroup.start_inside(&mut cmd);
+        self.gpu_driver = Some(cmd.spawn().expect("the tests' GPU driver"));
+    }
+
     /// Stops kubelet and containerd (pods keep running in their cgroups:
     /// a node whose agents died, as the sweep tests need).
     pub fn stop_kubelet_and_containerd(&mut self) {
         for child in [
+            self.gpu_driver.take(),
             self.device_plugin.take(),
             self.kubelet.take(),
             self.containerd.take(),

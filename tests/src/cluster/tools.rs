@@ -18,6 +18,8 @@ pub struct Tools {
     pub helm: PathBuf,
     /// The tests' device plugin (`tests/cluster/deviceplugin`).
     pub device_plugin: PathBuf,
+    /// The tests' GPU driver (`tests/cluster/gpudriver`, DRA).
+    pub gpu_driver: PathBuf,
     /// OCI archives: railnet.tar (`cargo xtask image`), pause.tar, workload.tar.
     pub images: PathBuf,
     /// Debian's reference CNI plugins (bridge, host-local, loopback, macvlan).
@@ -53,6 +55,7 @@ impl Tools {
             multus: var("RAILNET_MULTUS_BIN", "Multus"),
             helm: var("RAILNET_HELM", "helm"),
             device_plugin: var("RAILNET_DEVICE_PLUGIN_BIN", "the tests' device plugin"),
+            gpu_driver: var("RAILNET_GPU_DRIVER_BIN", "the tests' GPU driver"),
             images: var("RAILNET_IMAGES_DIR", "the images"),
             cni_plugins: PathBuf::from("/usr/lib/cni"),
             whereabouts: std::env::var_os("RAILNET_WHEREABOUTS_BIN").map(PathBuf::from),

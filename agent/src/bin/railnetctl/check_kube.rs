@@ -65,7 +65,9 @@ async fn networks(client: &Client) -> Result<Vec<serde_json::Value>, String> {
         let Ok(conf) = serde_json::from_str::<serde_json::Value>(text) else {
             continue;
         };
-        if conf["type"] == "railnet" {
+        // The DRA network is no rail of its own: its rails are the
+        // RailNetworks' (checked through their NADs).
+        if conf["type"] == "railnet" && !railnet_agent::netconf::ClaimedConf::is_claimed(&conf) {
             out.push(conf);
         }
     }

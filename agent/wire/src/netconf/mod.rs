@@ -9,10 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use railnet_common::MAX_RAIL;
 
+mod claimed;
 mod error;
 mod mode;
 mod vf;
 
+pub use claimed::ClaimedConf;
 pub use error::NetConfError;
 pub use mode::Mode;
 pub use vf::{

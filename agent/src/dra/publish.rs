@@ -1,0 +1,108 @@
+//! Keeps this node's ResourceSlices equal to its rail devices: read the
+//! RailNetworks and the NICs every interval, and when the devices differ
+//! from what was last published, apply the slices (server-side apply,
+//! field manager `railnet.io`) and delete this node's slices of pools that
+//! have no device left.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::{core::v1::Node, resource::v1::ResourceSlice};
+use kube::{
+    Api,
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams},
+};
+use tracing::{info, warn};
+
+use super::{DRIVER, Dra, devices};
+
+/// Publishes every `every`, until aborted.
+pub async fn keep_published(dra: Arc<Dra>, every: Duration) {
+    let mut last: Option<Vec<devices::RailDevice>> = None;
+    let mut left_out_said = Vec::new();
+    loop {
+        match publish_once(&dra, last.as_deref()).await {
+            Ok(inv) => {
+                if inv.left_out != left_out_said {
+                    for why in &inv.left_out {
+                        warn!(network = %why, "RailNetwork not published as a DRA device");
+                    }
+                    left_out_said = inv.left_out.clone();
+                }
+                last = Some(inv.devices.clone());
+                *dra.inventory.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(inv);
+            }
+            Err(e) => warn!(error = %e, "rail devices not published; again in {every:?}"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One pass; the inventory it published (or found already published).
+async fn publish_once(
+    dra: &Dra,
+    last: Option<&[devices::RailDevice]>,
+) -> Result<devices::Inventory, kube::Error> {
+    let networks: Api<DynamicObject> =
+        Api::all_with(dra.client.clone(), &crate::controller::railnetworks());
+    let list = networks.list(&ListParams::default()).await?;
+    let inv = devices::inventory(&dra.node, &list.items, &dra.sysfs_root);
+    if last == Some(inv.devices.as_slice()) {
+        return Ok(inv);
+    }
+    let node_uid = Api::<Node>::all(dra.client.clone())
+        .get(&dra.node)
+        .await?
+        .metadata
+        .uid
+        .unwrap_or_default();
+    // Milliseconds since the epoch: larger with every publication, also
+    // across restarts, as the pool generation must be.
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(1);
+    let slices: Api<ResourceSlice> = Api::all(dra.client.clone());
+    let wanted = devices::slices(&dra.node, &node_uid, &inv, generation);
+    let params = PatchParams::apply(DRIVER).force();
+    for slice in &wanted {
+        let name = slice.metadata.name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(slice).expect("a slice serializes");
+        body["apiVersion"] = "resource.k8s.io/v1".into();
+        body["kind"] = "ResourceSlice".into();
+        slices.patch(&name, &params, &Patch::Apply(&body)).await?;
+    }
+    let ours = slices
+        .list(&ListParams::default().labels(&format!("{DRIVER}/node={}", dra.node)))
+        .await?;
+    for stale in ours
+        .items
+        .iter()
+        .filter(|s| !wanted.iter().any(|w| w.metadata.name == s.metadata.name))
+    {
+        let name = stale.metadata.name.clone().unwrap_or_default();
+        slices.delete(&name, &DeleteParams::default()).await?;
+        info!(slice = %name, "stale ResourceSlice deleted");
+    }
+    info!(
+        devices = ?inv.devices.iter().map(|d| format!("{}/{}={}", d.pool, d.name, d.master)).collect::<Vec<_>>(),
+        "rail devices published"
+    );
+    Ok(inv)
+}
+
+/// Deletes this node's ResourceSlices (the node's share of an uninstall).
+pub async fn unpublish(client: &kube::Client, node: &str) -> Result<usize, kube::Error> {
+    let slices: Api<ResourceSlice> = Api::all(client.clone());
+    let ours = slices
+        .list(&ListParams::default().labels(&format!("{DRIVER}/node={node}")))
+        .await?;
+    for s in &ours.items {
+        slices
+            .delete(
+                &s.metadata.name.clone().unwrap_or_default(),
+                &DeleteParams::default(),
+            )
+            .await?;
+    }
+    Ok(ours.items.len())
+}

@@ -1,0 +1,329 @@
+//! The DRA stage: the agents publish their rail devices, the real
+//! scheduler allocates a claim's rails, the kubelet has railnet prepare
+//! them, and the pod that names the DRA network once gets exactly those
+//! rails — addresses from their pools, routes, program — with the claim's
+//! status saying so; a claim reaching for another namespace's rail network
+//! is refused at prepare and wires nothing; deleting the pod undoes it all.
+
+use std::time::Duration;
+
+use railnet_tests::cluster::{Cluster, NS, RAILS, WORKLOAD, rail_subnet, stand_in_nic};
+use serde_json::{Value, json};
+
+/// The namespace of the stage's claims, pods and RailNetworks.
+const TEAM: &str = "dra-team";
+
+/// A ResourceClaimTemplate in [`TEAM`] asking for one device of each of
+/// `networks` (RailNetwork `ns/name`s), request `nic<i>`.
+fn template(name: &str, networks: &[&str]) -> String {
+    let requests: Vec<Value> = networks
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            json!({"name": format!("nic{i}"), "exactly": {
+                "deviceClassName": "rail.railnet.io",
+                "selectors": [{"cel": {"expression":
+                    format!("device.attributes[\"railnet.io\"].network == \"{n}\"")}}],
+            }})
+        })
+        .collect();
+    json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name, "namespace": TEAM},
+        "spec": {"spec": {"devices": {"requests": requests}}},
+    })
+    .to_string()
+}
+
+/// A pod on `node` (chosen by the scheduler: it must allocate the claim)
+/// with a claim from `template` and the DRA network named once.
+fn pod(name: &str, node: &str, template: &str) -> String {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": TEAM,
+                     "annotations": {"k8s.v1.cni.cncf.io/networks": format!("{NS}/railnet-dra")}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "terminationGracePeriodSeconds": 1,
+            "resourceClaims": [{"name": "rails", "resourceClaimTemplateName": template}],
+            "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
+                            "command": ["sleep", "100000"]}],
+        },
+    })
+    .to_string()
+}
+
+/// The stage (see the module doc). The release runs with `dra.enabled`.
+#[track_caller]
+pub fn dra_stage(c: &mut Cluster) {
+    c.kubectl_ok(&["create", "namespace", TEAM]);
+    c.apply(&crate::rail_networks(TEAM));
+
+    // Each agent publishes its node's devices of TEAM's RailNetworks: one
+    // per rail, placed as sysfs places its NIC.
+    for n in 0..c.nodes.len() {
+        let slice_name = format!("node{n}-railnet-io-{TEAM}");
+        let slice = c.wait_for(
+            &format!("node{n}'s ResourceSlice of {TEAM}'s rails"),
+            Duration::from_secs(60),
+            // All of them: the agent may read the RailNetworks while
+            // `kubectl apply` is still creating them (the next read adds
+            // the rest).
+            |c| {
+                c.kubectl_try(&["get", "resourceslice", &slice_name, "-o", "json"])
+                    .ok()
+                    .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+                    .filter(|s| {
+                        s["spec"]["devices"].as_array().map(Vec::len) == Some(RAILS as usize)
+                    })
+            },
+        );
+        let spec = &slice["spec"];
+        assert_eq!(spec["driver"], "railnet.io");
+        assert_eq!(spec["nodeName"], format!("node{n}"));
+        assert_eq!(spec["pool"]["name"], format!("node{n}/{TEAM}"));
+        let devices = spec["devices"].as_array().unwrap();
+        assert_eq!(devices.len(), RAILS as usize, "{slice}");
+        for d in devices {
+            let rail = d["attributes"]["rail"]["int"].as_u64().unwrap() as u32;
+            let (root, bdf, numa) = stand_in_nic(rail);
+            let a = &d["attributes"];
+            assert_eq!(d["name"], format!("rail{rail}"));
+            assert_eq!(a["netdev"]["string"], format!("eth{rail}"));
+            assert_eq!(a["resource.kubernetes.io/pcieRoot"]["string"], root, "{d}");
+            assert_eq!(a["resource.kubernetes.io/pciBusID"]["string"], bdf.as_str());
+            assert_eq!(a["resource.kubernetes.io/numaNode"]["int"], numa);
+            assert_eq!(a["network"]["string"], format!("{TEAM}/rail{rail}"));
+        }
+    }
+
+    // A pod claiming rails 2 and 5 on node0 gets exactly those two.
+    c.apply(&template(
+        "two-rails",
+        &[&format!("{TEAM}/rail2"), &format!("{TEAM}/rail5")],
+    ));
+    c.apply(&pod("dra-a", "node0", "two-rails"));
+    let running = crate::wait_running(c, TEAM, "dra-a");
+    let addrs = crate::exec_in(c, TEAM, "dra-a", &["ip", "-o", "-4", "addr"]).unwrap();
+    let mut rails: Vec<(String, String)> = addrs
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ifname = f.get(1)?.trim_end_matches(':');
+            let cidr = f.get(3)?;
+            ifname
+                .starts_with("rail")
+                .then(|| (ifname.to_owned(), cidr.to_string()))
+        })
+        .collect();
+    rails.sort();
+    assert_eq!(
+        rails.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["rail2", "rail5"],
+        "the pod's rail interfaces:\n{addrs}"
+    );
+    for (ifname, cidr) in &rails {
+        let k: u32 = ifname[4..].parse().unwrap();
+        let (subnet, _, _) = rail_subnet(k, 0);
+        let prefix = subnet.rsplit_once('.').unwrap().0;
+        assert!(
+            cidr.starts_with(&format!("{prefix}.")),
+            "{ifname} has {cidr}, not an address of rail{k}-node0 ({subnet})"
+        );
+    }
+    let routes = crate::exec_in(c, TEAM, "dra-a", &["ip", "route"]).unwrap();
+    for (ifname, _) in &rails {
+        assert!(
+            routes.contains(&format!("dev {ifname}")),
+            "no route on {ifname}:\n{routes}"
+        );
+    }
+    // Multus's network status lists both, from the one DRA network.
+    let status: Value = serde_json::from_str(
+        running["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let listed: Vec<&str> = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] == format!("{NS}/railnet-dra"))
+        .filter_map(|s| s["interface"].as_str())
+        .collect();
+    assert_eq!(listed, ["rail2", "rail5"], "network-status: {status}");
+
+    // The claim's status carries each device's interface and addresses.
+    let claim_name = running["status"]["resourceClaimStatuses"][0]["resourceClaimName"]
+        .as_str()
+        .expect("the pod's generated claim")
+        .to_owned();
+    let devices = c.wait_for("the claim's network status", Duration::from_secs(30), |c| {
+        let claim = c.kubectl_json(&["get", "resourceclaim", &claim_name, "-n", TEAM]);
+        let devices = claim["status"]["devices"].as_array().cloned()?;
+        (devices.len() == 2).then_some(devices)
+    });
+    for (ifname, cidr) in &rails {
+        let entry = devices
+            .iter()
+            .find(|d| d["networkData"]["interfaceName"] == ifname.as_str())
+            .unwrap_or_else(|| panic!("no status for {ifname}: {devices:?}"));
+        assert_eq!(entry["driver"], "railnet.io");
+        assert_eq!(entry["pool"], format!("node0/{TEAM}"));
+        assert_eq!(entry["device"], ifname.as_str());
+        assert_eq!(entry["networkData"]["ips"], json!([cidr]), "{entry}");
+    }
+
+    // A claim in TEAM reaching for the ai namespace's rail network: the
+    // scheduler allocates it (it knows nothing of tenancy), railnet refuses
+    // to prepare it, the pod never starts and gets no interface.
+    c.apply(&template("borrowed", &["ai/rail1"]));
+    c.apply(&pod("dra-borrower", "node0", "borrowed"));
+    let said = crate::event_in(
+        c,
+        TEAM,
+        "dra-borrower",
+        "may not use",
+        "the kubelet reporting railnet's refusal to prepare another namespace's rail",
+    );
+    assert!(said.contains("belongs to RailNetwork ai/rail1"), "{said}");
+    let borrower = c.kubectl_json(&["get", "pod", "dra-borrower", "-n", TEAM]);
+    assert_ne!(borrower["status"]["phase"], "Running");
+    c.kubectl_ok(&["delete", "pod", "dra-borrower", "-n", TEAM, "--wait=true"]);
+
+    // Deleting the pod undoes it: no record of the claim or the sandbox on
+    // the node, the claim gone with its pod.
+    c.kubectl_ok(&["delete", "pod", "dra-a", "-n", TEAM, "--wait=true"]);
+    c.wait_for(
+        "node0's DRA records gone with the pod",
+        Duration::from_secs(60),
+        |c| {
+            let left: Vec<String> = ["claims", "sandboxes"]
+                .iter()
+                .flat_map(|d| {
+                    std::fs::read_dir(c.nodes[0].path(&format!("/var/lib/railnet/dra/{d}")))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                })
+                .collect();
+            left.is_empty().then_some(())
+        },
+    );
+    c.wait_for("the pod's claim deleted", Duration::from_secs(60), |c| {
+        c.kubectl_try(&["get", "resourceclaim", &claim_name, "-n", TEAM])
+            .is_err()
+            .then_some(())
+    });
+    aligned(c);
+    c.kubectl_ok(&["delete", "namespace", TEAM, "--wait=false"]);
+}
+
+/// A claim for two GPUs and, per GPU, the rail on its PCIe root (one
+/// `matchAttribute` constraint per pair): the scheduler picks, railnet
+/// wires what it picked. And a pairing no node has stays Pending.
+#[track_caller]
+fn aligned(c: &mut Cluster) {
+    c.apply(
+        &json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+            "metadata": {"name": "gpu.test.railnet.io"},
+            "spec": {"selectors": [{"cel": {"expression": "device.driver == \"gpu.test.railnet.io\""}}]},
+        })
+        .to_string(),
+    );
+    // GPUs 1 and 2 (roots pci0000:5d and pci0000:9a: rails 3|4 and 5|6).
+    c.apply(&aligned_template("aligned", &[1, 2], None));
+    c.apply(&pod("dra-aligned", "node1", "aligned"));
+    let running = crate::wait_running(c, TEAM, "dra-aligned");
+    let claim_name = running["status"]["resourceClaimStatuses"][0]["resourceClaimName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let claim = c.kubectl_json(&["get", "resourceclaim", &claim_name, "-n", TEAM]);
+    let results = claim["status"]["allocation"]["devices"]["results"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let device_of = |request: &str| -> String {
+        results
+            .iter()
+            .find(|r| r["request"] == request)
+            .and_then(|r| r["device"].as_str())
+            .unwrap_or_else(|| panic!("no {request} in {results:?}"))
+            .to_owned()
+    };
+    assert_eq!(
+        (device_of("gpu0"), device_of("gpu1")),
+        ("gpu1".into(), "gpu2".into())
+    );
+    let (nic0, nic1) = (device_of("nic0"), device_of("nic1"));
+    assert!(
+        ["rail3", "rail4"].contains(&nic0.as_str()) && ["rail5", "rail6"].contains(&nic1.as_str()),
+        "GPU 1 (pci0000:5d) got {nic0}, GPU 2 (pci0000:9a) got {nic1}: not the rails on their roots"
+    );
+    let addrs = crate::exec_in(c, TEAM, "dra-aligned", &["ip", "-o", "-4", "addr"]).unwrap();
+    let mut wired: Vec<&str> = addrs
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|i| i.starts_with("rail"))
+        .collect();
+    wired.sort();
+    assert_eq!(wired, [nic0.as_str(), nic1.as_str()], "{addrs}");
+    c.kubectl_ok(&["delete", "pod", "dra-aligned", "-n", TEAM, "--wait=true"]);
+
+    // GPU 0 sits on pci0000:3a; rail 5's NIC on pci0000:9a: no node can
+    // pair them. The pod stays Pending with the scheduler's reason.
+    c.apply(&aligned_template("misaligned", &[0], Some(5)));
+    c.apply(&pod("dra-misaligned", "node1", "misaligned"));
+    let why = c.wait_for(
+        "the scheduler's reason for the misaligned claim",
+        Duration::from_secs(60),
+        |c| {
+            let pod = c.kubectl_json(&["get", "pod", "dra-misaligned", "-n", TEAM]);
+            pod["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+                .and_then(|c| c["message"].as_str())
+                .map(str::to_owned)
+        },
+    );
+    assert!(why.contains("cannot allocate all claims"), "{why}");
+    let pod = c.kubectl_json(&["get", "pod", "dra-misaligned", "-n", TEAM]);
+    assert_eq!(pod["status"]["phase"], "Pending");
+    c.kubectl_ok(&["delete", "pod", "dra-misaligned", "-n", TEAM, "--wait=true"]);
+}
+
+/// A template asking for GPUs `gpus` (by index) and, for each, a rail of
+/// TEAM on the same PCIe root (`rail`: that rail only).
+fn aligned_template(name: &str, gpus: &[u32], rail: Option<u32>) -> String {
+    let mut requests = Vec::new();
+    let mut constraints = Vec::new();
+    for (i, g) in gpus.iter().enumerate() {
+        requests.push(json!({"name": format!("gpu{i}"), "exactly": {
+            "deviceClassName": "gpu.test.railnet.io",
+            "selectors": [{"cel": {"expression": format!("device.attributes[\"gpu.test.railnet.io\"].index == {g}")}}],
+        }}));
+        let mut nic = format!("device.attributes[\"railnet.io\"].network.startsWith(\"{TEAM}/\")");
+        if let Some(k) = rail {
+            nic.push_str(&format!(
+                " && device.attributes[\"railnet.io\"].rail == {k}"
+            ));
+        }
+        requests.push(json!({"name": format!("nic{i}"), "exactly": {
+            "deviceClassName": "rail.railnet.io",
+            "selectors": [{"cel": {"expression": nic}}],
+        }}));
+        constraints.push(json!({"requests": [format!("gpu{i}"), format!("nic{i}")],
+                                "matchAttribute": "resource.kubernetes.io/pcieRoot"}));
+    }
+    json!({
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+        "metadata": {"name": name, "namespace": TEAM},
+        "spec": {"spec": {"devices": {"requests": requests, "constraints": constraints}}},
+    })
+    .to_string()
+}
