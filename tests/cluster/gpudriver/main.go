@@ -134,10 +134,15 @@ func main() {
 	client := kubernetes.NewForConfigOrDie(config)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// Both may not exist yet: the driver can start before the kubelet
+	// made its registry directory (the kubelet takes an existing one).
 	dataDir := filepath.Join(*kubeletDir, "plugins", driver)
-	if err := os.MkdirAll(dataDir, 0o750); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+	registryDir := filepath.Join(*kubeletDir, "plugins_registry")
+	for _, dir := range []string{dataDir, registryDir} {
+		if err := os.MkdirAll(dir, 0o750); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	}
 	helper, err := kubeletplugin.Start(ctx, &plugin{hold: *hold},
 		kubeletplugin.DriverName(driver),
@@ -145,7 +150,7 @@ func main() {
 		kubeletplugin.KubeClient(client),
 		kubeletplugin.HealthService(false),
 		kubeletplugin.PluginDataDirectoryPath(dataDir),
-		kubeletplugin.RegistrarDirectoryPath(filepath.Join(*kubeletDir, "plugins_registry")),
+		kubeletplugin.RegistrarDirectoryPath(registryDir),
 	)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "start:", err)
