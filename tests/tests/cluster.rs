@@ -1154,16 +1154,6 @@ fn uninstall(c: &mut Cluster, nodes_with_pods: &[usize]) {
                 Duration::from_secs(60),
                 |c| host_rules(c, n).is_empty().then_some(()),
             );
-            // And its DRA devices: no ResourceSlice offers them any more.
-            let label = format!("railnet.io/node=node{n}");
-            c.wait_for(
-                &format!("node{n}'s ResourceSlices deleted"),
-                Duration::from_secs(60),
-                |c| {
-                    let slices = c.kubectl_json(&["get", "resourceslices", "-l", &label]);
-                    slices["items"].as_array()?.is_empty().then_some(())
-                },
-            );
             assert!(
                 pins(c, n).is_empty(),
                 "node{n} keeps pins after uninstall: {:?}",

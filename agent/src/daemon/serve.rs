@@ -185,7 +185,6 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
     // catching up (and shows them to the controller at once).
     // On a plain thread: the store runs its own runtime.
     let held = last.ipam.allocated();
-    let node = last.node_name.clone();
     let flushed = std::thread::spawn(move || last.ipam.flush()).join();
     if let Ok(Err(e)) = flushed {
         tracing::warn!(error = %e, "claims not written before exit; the next agent writes them from its journal");
@@ -210,10 +209,10 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
     };
     match gone {
         Ok(true) => {
+            // The node's ResourceSlices stay (owned by its Node): by the
+            // time the agent stops, Helm has taken its rights to delete
+            // them. Deleting them when the uninstall mark is seen is next.
             crate::uninstall::remove_cni_binaries(dir, held);
-            if args.dra {
-                unpublish_dra(args, &node).await;
-            }
             if args.host_rules.is_some() {
                 // rtnetlink on a blocking thread: `with_rtnl` runs its own loop.
                 let removed = tokio::task::spawn_blocking(|| {
@@ -239,27 +238,6 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
         Err(e) => {
             tracing::warn!(error = %e, "cannot tell an uninstall from a restart; the CNI binaries stay")
         }
-    }
-}
-
-/// The node's share of an uninstall as DRA driver: its ResourceSlices
-/// deleted (they are the node's, and would otherwise stay with it).
-async fn unpublish_dra(args: &Args, node: &str) {
-    let client = match kube_api::client(
-        args.kubeconfig.as_deref(),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, "the node's ResourceSlices stay");
-            return;
-        }
-    };
-    match crate::dra::publish::unpublish(&client, node).await {
-        Ok(n) => info!(slices = n, "the node's ResourceSlices deleted"),
-        Err(e) => tracing::warn!(error = %e, "the node's ResourceSlices stay"),
     }
 }
 
