@@ -66,8 +66,9 @@ pub(super) async fn serve(args: Args, service: Arc<RailService>) -> u8 {
     if args.label_node {
         tasks.push(label_node(&args, &service));
     }
+    let uninstalling = Arc::new(AtomicBool::new(false));
     if args.dra {
-        match start_dra(&args, &service).await {
+        match start_dra(&args, &service, uninstalling.clone()).await {
             Ok(mut started) => tasks.append(&mut started),
             Err(e) => {
                 error!(error = %e, "cannot be the node's DRA driver");
@@ -75,7 +76,6 @@ pub(super) async fn serve(args: Args, service: Arc<RailService>) -> u8 {
             }
         }
     }
-    let uninstalling = Arc::new(AtomicBool::new(false));
     if let Some(task) = watch_uninstall(&args, uninstalling.clone()).await {
         tasks.push(task);
     }
@@ -112,7 +112,11 @@ fn label_node(args: &Args, service: &RailService) -> AbortHandle {
 
 /// `--dra`: the ResourceSlices kept, the kubelet plugin served, the DRA
 /// network's requests answered.
-async fn start_dra(args: &Args, service: &Arc<RailService>) -> Result<Vec<AbortHandle>, String> {
+async fn start_dra(
+    args: &Args,
+    service: &Arc<RailService>,
+    uninstalling: Arc<AtomicBool>,
+) -> Result<Vec<AbortHandle>, String> {
     let client = kube_api::client(
         args.kubeconfig.as_deref(),
         std::time::Duration::from_secs(10),
@@ -146,6 +150,7 @@ async fn start_dra(args: &Args, service: &Arc<RailService>) -> Result<Vec<AbortH
     let publisher = tokio::spawn(crate::dra::publish::keep_published(
         dra.clone(),
         std::time::Duration::from_secs(args.dra_refresh),
+        uninstalling,
     ));
     let plugin = tokio::spawn(async move {
         if let Err(e) = crate::dra::plugin::serve(dra, sockets, std::future::pending()).await {

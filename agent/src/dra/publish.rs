@@ -15,11 +15,21 @@ use tracing::{info, warn};
 
 use super::{DRIVER, Dra, devices};
 
-/// Publishes every `every`, until aborted.
-pub async fn keep_published(dra: Arc<Dra>, every: Duration) {
+/// Publishes every `every`, until aborted or `uninstalling` is set (the
+/// uninstall's mark seen: Helm is about to take the agent's rights, and a
+/// request after that would only be refused).
+pub async fn keep_published(
+    dra: Arc<Dra>,
+    every: Duration,
+    uninstalling: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut last: Option<Vec<devices::RailDevice>> = None;
     let mut left_out_said = Vec::new();
     loop {
+        if uninstalling.load(std::sync::atomic::Ordering::Relaxed) {
+            info!("uninstalling: rail devices no longer published");
+            return;
+        }
         match publish_once(&dra, last.as_deref()).await {
             Ok(inv) => {
                 if inv.left_out != left_out_said {
