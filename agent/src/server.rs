@@ -32,7 +32,7 @@ pub const MAX_REQUESTS: usize = 128;
 /// runtime runs CNI plugins as root) or the agent's own user. The socket
 /// is root-only (0600) too; this holds if its mode or owner is loosened,
 /// e.g. by a hostPath mount that shares it with a pod.
-fn may_call(uid: u32) -> bool {
+pub(crate) fn may_call(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
 

@@ -41,7 +41,7 @@ pub async fn forward(listener: tokio::net::UnixListener, inner: PathBuf) {
         };
         let allowed = client
             .peer_cred()
-            .is_ok_and(|c| c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw());
+            .is_ok_and(|c| crate::server::may_call(c.uid()));
         if !allowed {
             tracing::warn!(
                 "refused a connection to the DRA registration socket: only root (the kubelet) may call"

@@ -8,7 +8,7 @@
 //! what the API server says the claim was allocated, and only devices of
 //! this node whose RailNetwork the claim's namespace may use.
 
-use std::{os::unix::fs::PermissionsExt, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use k8s_openapi::api::resource::v1::ResourceClaim;
@@ -43,14 +43,14 @@ pub async fn serve(
     sockets: Sockets,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let plugin = bind(&sockets.plugin)?;
+    let plugin = crate::server::bind(&sockets.plugin)?;
     // The registration service itself listens beside the DRA socket; the
     // kubelet reaches it through the forwarder on the registration socket
     // (see `authority`).
     let inner = sockets.plugin.with_file_name("registration.sock");
-    let reg = bind(&inner)?;
+    let reg = crate::server::bind(&inner)?;
     let forwarder = tokio::spawn(super::authority::forward(
-        bind(&sockets.registration)?,
+        crate::server::bind(&sockets.registration)?,
         inner.clone(),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -80,19 +80,6 @@ pub async fn serve(
     a.and(b).map_err(std::io::Error::other)
 }
 
-fn bind(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
 /// The connections of root or the agent's user; others are dropped.
 fn root_only(
     listener: tokio::net::UnixListener,
@@ -100,7 +87,7 @@ fn root_only(
     tokio_stream::wrappers::UnixListenerStream::new(listener).filter_map(|conn| async move {
         match conn {
             Ok(stream) => match stream.peer_cred() {
-                Ok(c) if c.uid() == 0 || c.uid() == nix::unistd::geteuid().as_raw() => {
+                Ok(c) if crate::server::may_call(c.uid()) => {
                     Some(Ok(stream))
                 }
                 Ok(c) => {
