@@ -24,6 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::AddResult;
 
+/// The pod's NCCL topology file, when the scheduler aligned its rails
+/// with its GPUs (`crate::dra::topology`).
+pub const TOPOLOGY: &str = crate::dra::topology::FILE;
+
 /// A rail's RDMA device, as `rails.json` names it.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -257,6 +261,29 @@ impl PodInfo {
         write_pod_files(&dir, &rails_in(&dir))
     }
 
+    /// Writes pod `uid`'s NCCL topology file ([`TOPOLOGY`], what pairs its
+    /// GPUs with their rails) and names it in its `nccl.env`. The pod's
+    /// rails must be recorded first: the file goes with the last of them.
+    pub fn record_topology(&self, uid: &str, xml: &str) -> io::Result<()> {
+        if !valid_uid(uid) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("K8S_POD_UID {uid:?} is not a pod UID"),
+            ));
+        }
+        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = self.dir(uid);
+        let rails = rails_in(&dir);
+        if rails.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("pod {uid} has no rail recorded"),
+            ));
+        }
+        write_atomically(&dir.join(TOPOLOGY), xml.as_bytes())?;
+        write_pod_files(&dir, &rails)
+    }
+
     /// The pod (`namespace/name`) of every attachment recorded, by
     /// container ID.
     pub fn pods(&self) -> std::collections::HashMap<String, String> {
@@ -308,7 +335,7 @@ impl PodInfo {
                 fs::remove_file(dir.join(format!("rail-{}.json", rail.interface)))?;
             }
             if kept.is_empty() {
-                for name in ["rails.json", "nccl.env"] {
+                for name in ["rails.json", "nccl.env", TOPOLOGY] {
                     // Absent already is as good as removed; anything else
                     // shows as the directory's removal failing below.
                     let _ = fs::remove_file(dir.join(name));
@@ -338,7 +365,16 @@ fn write_pod_files(dir: &Path, rails: &[RailInfo]) -> io::Result<()> {
         &dir.join("rails.json"),
         &serde_json::to_vec_pretty(&shown).map_err(io::Error::other)?,
     )?;
-    write_atomically(&dir.join("nccl.env"), nccl_env(rails).as_bytes())
+    let mut env = nccl_env(rails);
+    if dir.join(TOPOLOGY).exists() {
+        // Where the pod sees it: the webhook mounts this directory there.
+        env.push_str(&format!(
+            "# The PCI switches of {TOPOLOGY} pair each GPU with the rail its claim aligned it with.\n\
+             export NCCL_TOPO_FILE={}/{TOPOLOGY}\n",
+            crate::webhook::RAIL_INFO_PATH
+        ));
+    }
+    write_atomically(&dir.join("nccl.env"), env.as_bytes())
 }
 
 fn read_rail(file: &Path) -> Option<RailInfo> {

@@ -441,7 +441,10 @@ fn railnet_in_a_real_cluster() {
     kube_values["ipam"] = json!({"store": "kubernetes"});
     kube_values["controller"]["claimGraceSeconds"] = json!(5);
     kube_values["controller"]["interval"] = json!(2);
+    kube_values["dra"] = json!({"enabled": true});
     helm_install(&mut c, false, "values-kubernetes.json", &kube_values, &[]);
+    // DRA rails draw from the same RailBlocks.
+    cluster::dra::kubernetes_store_stage(&mut c);
     c.apply(&rail_pod("k-a", "node0"));
     c.apply(&rail_pod("k-b", "node1"));
     for p in ["k-a", "k-b"] {
@@ -1084,11 +1087,16 @@ fn pins(c: &Cluster, n: usize) -> Vec<String> {
 
 /// The addresses RailBlocks hold for pod `name` (default namespace).
 fn claims_of(c: &Cluster, name: &str) -> Vec<String> {
+    claims_in(c, "default", name)
+}
+
+/// The addresses RailBlocks hold for pod `ns/name`.
+fn claims_in(c: &Cluster, ns: &str, name: &str) -> Vec<String> {
     let blocks = c.kubectl_json(&["get", "railblocks"]);
     let mut out = Vec::new();
     for b in blocks["items"].as_array().into_iter().flatten() {
         for (addr, claim) in b["spec"]["claims"].as_object().into_iter().flatten() {
-            if claim["podName"] == name && claim["podNamespace"] == "default" {
+            if claim["podName"] == name && claim["podNamespace"] == ns {
                 out.push(addr.clone());
             }
         }

@@ -147,12 +147,21 @@ async fn start_dra(
             .dra_registry_dir
             .join(format!("{}-reg.sock", crate::dra::DRIVER)),
     };
+    let (loaded, first_inventory) = tokio::sync::oneshot::channel();
     let publisher = tokio::spawn(crate::dra::publish::keep_published(
         dra.clone(),
         std::time::Duration::from_secs(args.dra_refresh),
         uninstalling,
+        loaded,
     ));
     let plugin = tokio::spawn(async move {
+        // Registered only once the devices are known: a prepare the
+        // kubelet sends a restarted agent before that would be refused as
+        // "not published here" (it retries, but says so in the pod's
+        // events).
+        if first_inventory.await.is_err() {
+            return;
+        }
         if let Err(e) = crate::dra::plugin::serve(dra, sockets, std::future::pending()).await {
             error!(error = %e, "the DRA plugin stopped serving");
         }

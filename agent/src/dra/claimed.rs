@@ -72,6 +72,13 @@ pub fn add(
             }
         }
     }
+    if let (Some(info), Some(xml)) = (&service.pod_info, super::topology::render(&claims)) {
+        // Without it NCCL still runs, pairing by what it detects.
+        match info.record_topology(&pod, &xml) {
+            Ok(()) => info!(pod_uid = %pod, "NCCL topology written: each GPU paired with its rail"),
+            Err(e) => warn!(pod_uid = %pod, error = %e, "cannot write the pod's NCCL topology"),
+        }
+    }
     info!(pod_uid = %pod, rails = ?wired.rails.iter().map(|r| format!("{}={}/{}", r.ifname, r.pool, r.device)).collect::<Vec<_>>(), "DRA rails wired");
     let (rails, out) = (wired.rails.clone(), results.clone());
     let client = dra.client.clone();
@@ -274,8 +281,11 @@ mod tests {
                     share_id: None,
                     rail: *r,
                     conf: json!({"rail": r}),
+                    placement: Default::default(),
+                    infiniband: false,
                 })
                 .collect(),
+            peers: vec![],
         }
     }
 

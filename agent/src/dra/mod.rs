@@ -26,9 +26,11 @@ pub mod authority;
 pub mod claimed;
 pub mod devices;
 pub mod nic;
+pub mod peers;
 pub mod plugin;
 pub mod prepared;
 pub mod publish;
+pub mod topology;
 
 use std::{
     path::PathBuf,

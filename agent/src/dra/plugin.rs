@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use super::{
     DRIVER, Dra,
     pb::{dra, registration},
-    prepared::{PreparedClaim, PreparedDevice},
+    prepared::{Placement, PreparedClaim, PreparedDevice},
 };
 
 /// The service name the kubelet matches (`v1.DRAPlugin`).
@@ -204,7 +204,8 @@ async fn prepare(dra: &Dra, claim: &dra::Claim) -> Result<Vec<dra::Device>, Stri
             claim.uid
         ));
     }
-    let prepared = plan(dra, &live)?;
+    let mut prepared = plan(dra, &live)?;
+    prepared.peers = super::peers::of(&dra.client, &live).await;
     dra.store
         .save_claim(&prepared)
         .map_err(|e| format!("recording claim {name}: {e}"))?;
@@ -257,6 +258,12 @@ pub fn plan(dra: &Dra, live: &ResourceClaim) -> Result<PreparedClaim, String> {
             share_id: r.share_id.clone(),
             rail: d.rail,
             conf: d.conf.clone(),
+            placement: Placement {
+                pci_bus_id: d.facts.pci_address.clone(),
+                pcie_root: d.facts.pcie_root.clone(),
+                numa_node: d.facts.numa_node,
+            },
+            infiniband: d.facts.link_layer == "infiniband",
         });
     }
     let pods = status
@@ -269,5 +276,6 @@ pub fn plan(dra: &Dra, live: &ResourceClaim) -> Result<PreparedClaim, String> {
         name: live.metadata.name.clone().unwrap_or_default(),
         pods,
         devices,
+        peers: Vec::new(),
     })
 }

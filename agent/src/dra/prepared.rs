@@ -20,6 +20,42 @@ pub struct PreparedClaim {
     pub pods: Vec<String>,
     /// The railnet devices allocated to it, in allocation order.
     pub devices: Vec<PreparedDevice>,
+    /// The other drivers' devices allocated to it (a GPU beside the rail),
+    /// placed as their ResourceSlices say: what pairs a GPU with its NIC
+    /// for NCCL ([`super::topology`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerDevice>,
+}
+
+/// Where a PCI device sits, in the standard attributes' terms
+/// (`resource.kubernetes.io/pciBusID`, `pcieRoot`, `numaNode`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct Placement {
+    /// PCI address (`0000:3b:00.0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci_bus_id: Option<String>,
+    /// Root complex (`pci0000:3a`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pcie_root: Option<String>,
+    /// NUMA node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<i64>,
+}
+
+/// Another driver's device allocated to a claim railnet prepared.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct PeerDevice {
+    /// Its driver (`gpu.nvidia.com`).
+    pub driver: String,
+    /// The claim's request it was allocated for.
+    pub request: String,
+    /// Its pool.
+    pub pool: String,
+    /// Its name.
+    pub device: String,
+    /// Where it sits, when its slice says.
+    #[serde(default)]
+    pub placement: Placement,
 }
 
 /// One allocated rail device of a prepared claim.
@@ -38,6 +74,12 @@ pub struct PreparedDevice {
     pub rail: u32,
     /// The config it is wired with (its RailNetwork's, at prepare time).
     pub conf: serde_json::Value,
+    /// Where its NIC sits.
+    #[serde(default)]
+    pub placement: Placement,
+    /// Whether its link layer is InfiniBand.
+    #[serde(default)]
+    pub infiniband: bool,
 }
 
 /// The rails wired into one pod sandbox.
@@ -190,6 +232,19 @@ mod tests {
                 share_id: Some("s1".into()),
                 rail: 1,
                 conf: serde_json::json!({"name": "rail1"}),
+                placement: Placement {
+                    pci_bus_id: Some("0000:3b:00.0".into()),
+                    pcie_root: Some("pci0000:3a".into()),
+                    numa_node: Some(0),
+                },
+                infiniband: false,
+            }],
+            peers: vec![PeerDevice {
+                driver: "gpu.example.com".into(),
+                request: "gpu0".into(),
+                pool: "node0".into(),
+                device: "gpu0".into(),
+                placement: Placement::default(),
             }],
         };
         store.save_claim(&claim).unwrap();

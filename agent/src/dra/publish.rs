@@ -17,12 +17,15 @@ use super::{DRIVER, Dra, devices};
 
 /// Publishes every `every`, until aborted or `uninstalling` is set (the
 /// uninstall's mark seen: Helm is about to take the agent's rights, and a
-/// request after that would only be refused).
+/// request after that would only be refused). `loaded` is told when the
+/// devices are first known.
 pub async fn keep_published(
     dra: Arc<Dra>,
     every: Duration,
     uninstalling: Arc<std::sync::atomic::AtomicBool>,
+    loaded: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut loaded = Some(loaded);
     let mut last: Option<Vec<devices::RailDevice>> = None;
     let mut left_out_said = Vec::new();
     loop {
@@ -40,6 +43,9 @@ pub async fn keep_published(
                 }
                 last = Some(inv.devices.clone());
                 *dra.inventory.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(inv);
+                if let Some(tell) = loaded.take() {
+                    let _ = tell.send(());
+                }
             }
             Err(e) => warn!(error = %e, "rail devices not published; again in {every:?}"),
         }

@@ -33,19 +33,14 @@ type plugin struct {
 	hold string
 }
 
-// PrepareResourceClaims waits for the hold file (when one is set), then
-// reports the claim's devices of this driver as prepared.
+// PrepareResourceClaims refuses while the hold file exists (the kubelet
+// retries, calling the claim's other drivers again each time, in its own
+// order: so a test can have railnet prepare while the pod cannot start),
+// then reports the claim's devices of this driver as prepared.
 func (p *plugin) PrepareResourceClaims(ctx context.Context, claims []*resourceapi.ResourceClaim) (map[types.UID]kubeletplugin.PrepareResult, error) {
 	if p.hold != "" {
-		for {
-			if _, err := os.Stat(p.hold); err == nil {
-				break
-			}
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(100 * time.Millisecond):
-			}
+		if _, err := os.Stat(p.hold); err == nil {
+			return nil, fmt.Errorf("held: %s exists", p.hold)
 		}
 	}
 	out := map[types.UID]kubeletplugin.PrepareResult{}
@@ -87,20 +82,20 @@ func (p *plugin) HandleError(ctx context.Context, err error, msg string) {
 	fmt.Fprintf(os.Stderr, "%s: %v\n", msg, err)
 }
 
-// gpus parses "root:numa,root:numa,…" into devices gpu0, gpu1, ….
+// gpus parses "root/numa/bdf,…" into devices gpu0, gpu1, …: each GPU's
+// PCIe root, NUMA node and PCI address, published as the standard
+// attributes a GPU driver publishes (resource.kubernetes.io/...).
 func gpus(spec string) ([]resourceapi.Device, error) {
 	var devices []resourceapi.Device
 	for index, part := range strings.Split(spec, ",") {
-		// The root has colons of its own (pci0000:3a): the NUMA node is
-		// after the last.
-		i := strings.LastIndex(part, ":")
-		if i < 0 {
-			return nil, fmt.Errorf("--gpus: %q is not root:numa", part)
+		fields := strings.Split(part, "/")
+		if len(fields) != 3 {
+			return nil, fmt.Errorf("--gpus: %q is not root/numa/bdf", part)
 		}
-		root, numa := part[:i], part[i+1:]
+		root, numa, bdf := fields[0], fields[1], fields[2]
 		n, err := strconv.ParseInt(numa, 10, 64)
 		if err != nil {
-			return nil, fmt.Errorf("--gpus: %q is not root:numa", part)
+			return nil, fmt.Errorf("--gpus: %q: NUMA node %q is not a number", part, numa)
 		}
 		devices = append(devices, resourceapi.Device{
 			Name: fmt.Sprintf("gpu%d", index),
@@ -108,6 +103,7 @@ func gpus(spec string) ([]resourceapi.Device, error) {
 				"index":                           {IntValue: ptr.To(int64(index))},
 				"resource.kubernetes.io/pcieRoot": {StringValue: ptr.To(root)},
 				"resource.kubernetes.io/numaNode": {IntValue: ptr.To(n)},
+				"resource.kubernetes.io/pciBusID": {StringValue: ptr.To(bdf)},
 			},
 		})
 	}
@@ -117,8 +113,8 @@ func gpus(spec string) ([]resourceapi.Device, error) {
 func main() {
 	node := flag.String("node", "", "this node's name")
 	kubeconfig := flag.String("kubeconfig", "", "the node's kubeconfig (the kubelet's: nodes may publish their own slices)")
-	spec := flag.String("gpus", "", "GPUs as root:numa,…")
-	hold := flag.String("hold", "", "prepare waits until this file exists")
+	spec := flag.String("gpus", "", "GPUs as root/numa/bdf,…")
+	hold := flag.String("hold", "", "prepare refuses while this file exists")
 	kubeletDir := flag.String("kubelet-dir", "/var/lib/kubelet", "the kubelet's root directory")
 	flag.Parse()
 	devices, err := gpus(*spec)

@@ -55,15 +55,21 @@ pub fn stand_in_nic(k: u32) -> (&'static str, String, u32) {
     (root, bdf, u32::from(k > 4))
 }
 
-/// The stand-in GPUs of every node (`gpu0`…, PCIe root and NUMA node), as
-/// an 8-GPU node's driver would publish half of them: one per root
-/// complex, each root shared with two rail NICs ([`stand_in_nic`]).
-pub const STAND_IN_GPUS: &[(&str, u32)] = &[
-    ("pci0000:3a", 0),
-    ("pci0000:5d", 0),
-    ("pci0000:9a", 1),
-    ("pci0000:c3", 1),
+/// The stand-in GPUs of every node (`gpu0`…: PCIe root, NUMA node, PCI
+/// address), as an 8-GPU node's driver would publish half of them: one per
+/// root complex, each root shared with two rail NICs ([`stand_in_nic`]),
+/// the GPU two buses past the root's first NIC.
+pub const STAND_IN_GPUS: &[(&str, u32, &str)] = &[
+    ("pci0000:3a", 0, "0000:3d:00.0"),
+    ("pci0000:5d", 0, "0000:60:00.0"),
+    ("pci0000:9a", 1, "0000:9d:00.0"),
+    ("pci0000:c3", 1, "0000:c6:00.0"),
 ];
+
+/// While this file exists (on the node: [`Node::path`] finds it), the
+/// stand-in GPU driver refuses to prepare, so the kubelet cannot start a
+/// pod with a GPU claim; railnet's share of the claim is prepared anyway.
+pub const GPU_HOLD: &str = "/var/lib/kubelet/gpu-hold";
 
 /// The reference plugins a node's CNI bin dir holds besides Multus.
 const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "macvlan", "portmap"];
@@ -453,13 +459,14 @@ nodeStatusUpdateFrequency: 4s
         let log = std::fs::File::create(self.root.join("gpu-driver.log")).unwrap();
         let gpus: Vec<String> = STAND_IN_GPUS
             .iter()
-            .map(|(root, numa)| format!("{root}:{numa}"))
+            .map(|(root, numa, bdf)| format!("{root}/{numa}/{bdf}"))
             .collect();
         let mut cmd = self.in_mounts(&tools.gpu_driver);
         cmd.arg(format!("--node={}", self.name))
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg(format!("--gpus={}", gpus.join(",")))
+            .arg(format!("--hold={GPU_HOLD}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use railnet_tests::cluster::{Cluster, NS, RAILS, WORKLOAD, rail_subnet, stand_in_nic};
+use railnet_tests::cluster::{
+    Cluster, GPU_HOLD, NS, RAILS, WORKLOAD, node_ip, rail_subnet, stand_in_nic,
+};
 use serde_json::{Value, json};
 
 /// The namespace of the stage's claims, pods and RailNetworks.
@@ -38,9 +40,14 @@ fn template(name: &str, networks: &[&str]) -> String {
 /// A pod on `node` (chosen by the scheduler: it must allocate the claim)
 /// with a claim from `template` and the DRA network named once.
 fn pod(name: &str, node: &str, template: &str) -> String {
+    pod_in(TEAM, name, node, template)
+}
+
+/// [`pod`] in namespace `ns`.
+fn pod_in(ns: &str, name: &str, node: &str, template: &str) -> String {
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": TEAM,
+        "metadata": {"name": name, "namespace": ns,
                      "annotations": {"k8s.v1.cni.cncf.io/networks": format!("{NS}/railnet-dra")}},
         "spec": {
             "nodeSelector": {"kubernetes.io/hostname": node},
@@ -138,6 +145,23 @@ pub fn dra_stage(c: &mut Cluster) {
             "no route on {ifname}:\n{routes}"
         );
     }
+    // The NAD path beside it, on the same NICs and pools: rails-a (node0,
+    // eight rails through NADs) keeps its rails, and no address is both
+    // its and dra-a's.
+    let nad = crate::exec_in(c, "default", "rails-a", &["ip", "-o", "-4", "addr"]).unwrap();
+    let nad_rails: Vec<&str> = nad
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|i| i.starts_with("net"))
+        .collect();
+    assert_eq!(nad_rails.len(), RAILS as usize, "rails-a's rails:\n{nad}");
+    for (ifname, cidr) in &rails {
+        let ip = cidr.split('/').next().unwrap();
+        assert!(
+            !nad.contains(&format!("inet {ip}/")),
+            "dra-a's {ifname} got {ip}, which rails-a holds through its NAD:\n{nad}"
+        );
+    }
     // Multus's network status lists both, from the one DRA network.
     let status: Value = serde_json::from_str(
         running["metadata"]["annotations"]["k8s.v1.cni.cncf.io/network-status"]
@@ -218,6 +242,8 @@ pub fn dra_stage(c: &mut Cluster) {
             .then_some(())
     });
     aligned(c);
+    restarts(c);
+    injected(c);
     c.kubectl_ok(&["delete", "namespace", TEAM, "--wait=false"]);
 }
 
@@ -272,6 +298,7 @@ fn aligned(c: &mut Cluster) {
         .collect();
     wired.sort();
     assert_eq!(wired, [nic0.as_str(), nic1.as_str()], "{addrs}");
+    nccl_pairs(c, &running, &[(1, &nic0), (2, &nic1)]);
     c.kubectl_ok(&["delete", "pod", "dra-aligned", "-n", TEAM, "--wait=true"]);
 
     // GPU 0 sits on pci0000:3a; rail 5's NIC on pci0000:9a: no node can
@@ -300,6 +327,11 @@ fn aligned(c: &mut Cluster) {
 /// A template asking for GPUs `gpus` (by index) and, for each, a rail of
 /// TEAM on the same PCIe root (`rail`: that rail only).
 fn aligned_template(name: &str, gpus: &[u32], rail: Option<u32>) -> String {
+    aligned_template_in(TEAM, name, gpus, rail)
+}
+
+/// [`aligned_template`] in (and with the rails of) namespace `ns`.
+fn aligned_template_in(ns: &str, name: &str, gpus: &[u32], rail: Option<u32>) -> String {
     let mut requests = Vec::new();
     let mut constraints = Vec::new();
     for (i, g) in gpus.iter().enumerate() {
@@ -307,7 +339,7 @@ fn aligned_template(name: &str, gpus: &[u32], rail: Option<u32>) -> String {
             "deviceClassName": "gpu.test.railnet.io",
             "selectors": [{"cel": {"expression": format!("device.attributes[\"gpu.test.railnet.io\"].index == {g}")}}],
         }}));
-        let mut nic = format!("device.attributes[\"railnet.io\"].network.startsWith(\"{TEAM}/\")");
+        let mut nic = format!("device.attributes[\"railnet.io\"].network.startsWith(\"{ns}/\")");
         if let Some(k) = rail {
             nic.push_str(&format!(
                 " && device.attributes[\"railnet.io\"].rail == {k}"
@@ -322,8 +354,325 @@ fn aligned_template(name: &str, gpus: &[u32], rail: Option<u32>) -> String {
     }
     json!({
         "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
-        "metadata": {"name": name, "namespace": TEAM},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {"spec": {"devices": {"requests": requests, "constraints": constraints}}},
     })
     .to_string()
+}
+
+/// What railnet writes for NCCL of the pod `running` on node1 (its pod
+/// directory, `/etc/railnet` in the pod): `nccl.env` names the topology
+/// file, and the file puts each GPU `g` of `pairs` in one PCI switch with
+/// its rail device (`railK`) and nothing else — the other rail on the
+/// GPU's root included, which the claim did not give the pod.
+#[track_caller]
+fn nccl_pairs(c: &Cluster, running: &Value, pairs: &[(usize, &str)]) {
+    let uid = running["metadata"]["uid"].as_str().unwrap();
+    let dir = c.nodes[1].path(&format!("/run/railnet/pods/{uid}"));
+    let env = std::fs::read_to_string(dir.join("nccl.env")).unwrap();
+    assert!(
+        env.contains("export NCCL_TOPO_FILE=/etc/railnet/topo.xml"),
+        "{env}"
+    );
+    let topo = std::fs::read_to_string(dir.join("topo.xml")).unwrap();
+    assert!(topo.starts_with("<system version=\"1\">"), "{topo}");
+    // The bus IDs in each switch (a `<pci>` holding `<pci .../>`s).
+    let switches: Vec<Vec<&str>> = topo
+        .split("class=\"0x060400\"")
+        .skip(1)
+        .map(|s| {
+            s.split("</pci>")
+                .next()
+                .unwrap()
+                .split("busid=\"")
+                .skip(1)
+                .map(|b| &b[..12])
+                .collect()
+        })
+        .collect();
+    assert_eq!(switches.len(), pairs.len(), "{topo}");
+    for (g, nic) in pairs {
+        let gpu = railnet_tests::cluster::STAND_IN_GPUS[*g].2;
+        let (_, nic_bdf, _) = stand_in_nic(nic[4..].parse().unwrap());
+        let mut want = vec![gpu, nic_bdf.as_str()];
+        want.sort();
+        assert!(
+            switches.contains(&want),
+            "GPU {g} ({gpu}) is not alone in a switch with {nic} ({nic_bdf}):\n{topo}"
+        );
+    }
+}
+
+/// node1's agent restarts between railnet's prepare of a pod's claim and
+/// the pod's start (the GPU driver holds the pod back), and again while
+/// the pod runs: the pod starts with exactly its claim's rails, keeps
+/// them, and its delete gives every address back and leaves no record.
+#[track_caller]
+fn restarts(c: &mut Cluster) {
+    let hold = c.nodes[1].path(GPU_HOLD);
+    std::fs::write(&hold, b"").unwrap();
+    let held = allocations(c, 1);
+    c.apply(&pod("dra-restart", "node1", "aligned"));
+    // The kubelet retries the held GPU driver, calling railnet's prepare
+    // each time in its own order; railnet's record says it ran.
+    let records = c.nodes[1].path("/var/lib/railnet/dra");
+    let dir_names = |d: &str| -> Vec<String> {
+        std::fs::read_dir(records.join(d))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    c.wait_for(
+        "railnet's prepare of the held pod's claim",
+        Duration::from_secs(180),
+        |_| (!dir_names("claims").is_empty()).then_some(()),
+    );
+    let pod = c.kubectl_json(&["get", "pod", "dra-restart", "-n", TEAM]);
+    assert_ne!(
+        pod["status"]["phase"], "Running",
+        "the GPU driver did not hold the pod"
+    );
+    assert!(
+        dir_names("sandboxes").is_empty(),
+        "wired before the pod could start"
+    );
+
+    restart_agent(c, 1);
+    std::fs::remove_file(&hold).unwrap();
+    let running = crate::wait_running(c, TEAM, "dra-restart");
+    let claim_name = running["status"]["resourceClaimStatuses"][0]["resourceClaimName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let claim = c.kubectl_json(&["get", "resourceclaim", &claim_name, "-n", TEAM]);
+    let mut given: Vec<String> = claim["status"]["allocation"]["devices"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["driver"] == "railnet.io")
+        .map(|r| r["device"].as_str().unwrap().to_owned())
+        .collect();
+    given.sort();
+    let wired = |c: &Cluster| -> Vec<String> {
+        let addrs = crate::exec_in(c, TEAM, "dra-restart", &["ip", "-o", "-4", "addr"]).unwrap();
+        let mut w: Vec<String> = addrs
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(1)
+                    .filter(|i| i.starts_with("rail"))
+                    .map(|i| format!("{} {}", i, f[3]))
+            })
+            .collect();
+        w.sort();
+        w
+    };
+    let before = wired(c);
+    assert_eq!(
+        before
+            .iter()
+            .map(|w| w.split(' ').next().unwrap())
+            .collect::<Vec<_>>(),
+        given,
+        "the pod's rails after the agent restarted between prepare and start"
+    );
+    assert_eq!(
+        allocations(c, 1),
+        held + 2,
+        "addresses held for the pod's two rails"
+    );
+    let nic = |i: usize| given[i].as_str();
+    nccl_pairs(c, &running, &[(1, nic(0)), (2, nic(1))]);
+
+    restart_agent(c, 1);
+    assert_eq!(wired(c), before, "the pod's rails after an agent restart");
+    assert_eq!(
+        allocations(c, 1),
+        held + 2,
+        "addresses held after the restart"
+    );
+
+    c.kubectl_ok(&["delete", "pod", "dra-restart", "-n", TEAM, "--wait=true"]);
+    c.wait_for(
+        "node1's records and addresses of the pod gone",
+        Duration::from_secs(60),
+        |c| {
+            (dir_names("claims").is_empty()
+                && dir_names("sandboxes").is_empty()
+                && allocations(c, 1) == held)
+                .then_some(())
+        },
+    );
+    let uid = running["metadata"]["uid"].as_str().unwrap();
+    assert!(
+        !c.nodes[1]
+            .path(&format!("/run/railnet/pods/{uid}"))
+            .exists()
+    );
+}
+
+/// Addresses node `n`'s agent holds (its `railnet_ipam_allocations`).
+fn allocations(c: &Cluster, n: usize) -> u64 {
+    let url = format!("http://{}:9465/metrics", node_ip(n));
+    let scrape = c.run(c.cp.command("curl").args(["-sf", "--max-time", "10", &url]));
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("railnet_ipam_allocations "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no railnet_ipam_allocations from node{n}:\n{scrape}"))
+}
+
+/// Deletes node `n`'s agent pod and waits for its replacement to be
+/// ready (the DaemonSet makes it).
+#[track_caller]
+fn restart_agent(c: &mut Cluster, n: usize) {
+    let node = format!("spec.nodeName=node{n}");
+    let agent = |c: &mut Cluster| -> Option<(String, bool)> {
+        let pods = c.kubectl_json(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/component=agent",
+            "--field-selector",
+            &node,
+        ]);
+        let p = pods["items"]
+            .as_array()?
+            .iter()
+            .find(|p| p["metadata"]["deletionTimestamp"].is_null())?
+            .clone();
+        let ready = p["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        Some((p["metadata"]["name"].as_str()?.to_owned(), ready))
+    };
+    let (old, _) = agent(c).expect("node's agent pod");
+    c.kubectl_ok(&["delete", "pod", &old, "-n", NS, "--wait=true"]);
+    c.wait_for(
+        &format!("node{n}'s new agent ready"),
+        Duration::from_secs(120),
+        |c| {
+            agent(c)
+                .filter(|(name, ready)| *name != old && *ready)
+                .map(|_| ())
+        },
+    );
+}
+
+/// With the Kubernetes IPAM store (RailBlocks): a pod's DRA rails get
+/// addresses claimed in RailBlocks under the pod's name, and its delete
+/// releases them.
+#[track_caller]
+pub fn kubernetes_store_stage(c: &mut Cluster) {
+    c.kubectl_ok(&["create", "namespace", TEAM]);
+    c.apply(&crate::rail_networks(TEAM));
+    c.wait_for(
+        "node0's ResourceSlice of the rails",
+        Duration::from_secs(60),
+        |c| {
+            let slice = c
+                .kubectl_try(&[
+                    "get",
+                    "resourceslice",
+                    &format!("node0-railnet-io-{TEAM}"),
+                    "-o",
+                    "json",
+                ])
+                .ok()?;
+            let slice: Value = serde_json::from_str(&slice).ok()?;
+            (slice["spec"]["devices"].as_array().map(Vec::len) == Some(RAILS as usize))
+                .then_some(())
+        },
+    );
+    c.apply(&template(
+        "two-rails",
+        &[&format!("{TEAM}/rail2"), &format!("{TEAM}/rail5")],
+    ));
+    c.apply(&pod("dra-k", "node0", "two-rails"));
+    crate::wait_running(c, TEAM, "dra-k");
+    let addrs = crate::exec_in(c, TEAM, "dra-k", &["ip", "-o", "-4", "addr"]).unwrap();
+    let ips: Vec<String> = addrs
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|i| i.starts_with("rail"))
+        })
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .map(|cidr| cidr.split('/').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(ips.len(), 2, "{addrs}");
+    let claims = c.wait_for(
+        "dra-k's claims in RailBlocks",
+        Duration::from_secs(30),
+        |c| {
+            let claims = crate::claims_in(c, TEAM, "dra-k");
+            (claims.len() == 2).then_some(claims)
+        },
+    );
+    for ip in &ips {
+        assert!(
+            claims.contains(ip),
+            "dra-k's {ip} is not claimed: {claims:?}"
+        );
+    }
+    c.kubectl_ok(&["delete", "pod", "dra-k", "-n", TEAM, "--wait=true"]);
+    c.wait_for(
+        "dra-k's claims released by its DEL",
+        Duration::from_secs(30),
+        |c| crate::claims_in(c, TEAM, "dra-k").is_empty().then_some(()),
+    );
+    c.kubectl_ok(&["delete", "namespace", TEAM, "--wait=false"]);
+}
+
+/// A pod of a namespace the webhook injects (ai, group gpu) that claims
+/// its rail through DRA: it keeps the DRA network (the group's eight NADs
+/// are not added), gets just its claim's rail, and reads its rail info —
+/// the NCCL topology pairing its GPU with that rail — at /etc/railnet.
+#[track_caller]
+fn injected(c: &mut Cluster) {
+    c.apply(&aligned_template_in("ai", "one-aligned", &[1], None));
+    let said = c
+        .kubectl_stdin(
+            &["apply", "-f", "-"],
+            &pod_in("ai", "dra-injected", "node1", "one-aligned"),
+        )
+        .unwrap_or_else(|e| panic!("the webhook refused a DRA pod of an injected namespace: {e}"));
+    let running = crate::wait_running(c, "ai", "dra-injected");
+    assert_eq!(
+        running["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"],
+        format!("{NS}/railnet-dra"),
+        "the webhook replaced the DRA pod's networks ({said})"
+    );
+    let links = crate::exec_in(c, "ai", "dra-injected", &["ip", "-o", "link"]).unwrap();
+    let names: Vec<&str> = links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap())
+        .filter(|n| *n != "lo" && *n != "eth0")
+        .collect();
+    assert!(
+        names.len() == 1 && ["rail3", "rail4"].contains(&names[0]),
+        "the DRA pod's interfaces: {names:?} (GPU 1's rail only, no group NADs)"
+    );
+    let env = crate::exec_in(c, "ai", "dra-injected", &["cat", "/etc/railnet/nccl.env"])
+        .unwrap_or_else(|e| panic!("no rail info in the DRA pod: {e}"));
+    assert!(
+        env.contains("NCCL_TOPO_FILE=/etc/railnet/topo.xml"),
+        "{env}"
+    );
+    let topo = crate::exec_in(c, "ai", "dra-injected", &["cat", "/etc/railnet/topo.xml"]).unwrap();
+    let (_, nic, _) = stand_in_nic(names[0][4..].parse().unwrap());
+    let gpu = railnet_tests::cluster::STAND_IN_GPUS[1].2;
+    assert!(
+        topo.contains(&format!("busid=\"{nic}\"")) && topo.contains(&format!("busid=\"{gpu}\"")),
+        "{topo}"
+    );
+    c.kubectl_ok(&["delete", "pod", "dra-injected", "-n", "ai", "--wait=true"]);
 }
