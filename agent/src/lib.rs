@@ -40,3 +40,4 @@ pub mod uninstall;
 pub mod webhook;
 pub mod webhook_cache;
 pub mod webhook_cert;
+pub mod webhook_dra;

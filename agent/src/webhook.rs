@@ -182,15 +182,7 @@ pub fn inject(
         None => 0,
     };
     let c = &containers[index];
-    match rail_info {
-        Some(RailInfoSource::NodeDir(dir)) => {
-            mount_rail_info(pod, c, index, dir, &mut out.patch);
-        }
-        Some(RailInfoSource::InitContainer(image)) => {
-            rail_info_init(pod, c, index, image, &mut out.patch);
-        }
-        None => {}
-    }
+    rail_info_patch(pod, c, index, rail_info, &mut out.patch);
     let wanted: Vec<&str> = members
         .iter()
         .filter_map(|n| n["spec"]["resourceName"].as_str())
@@ -228,6 +220,22 @@ pub fn inject(
         }
     }
     Ok(out)
+}
+
+/// Gives container `index` (`c`) of `pod` its rail info at
+/// [`RAIL_INFO_PATH`] from `rail_info` (nothing when `None`).
+pub fn rail_info_patch(
+    pod: &Value,
+    c: &Value,
+    index: usize,
+    rail_info: Option<&RailInfoSource>,
+    patch: &mut Vec<Value>,
+) {
+    match rail_info {
+        Some(RailInfoSource::NodeDir(dir)) => mount_rail_info(pod, c, index, dir, patch),
+        Some(RailInfoSource::InitContainer(image)) => rail_info_init(pod, c, index, image, patch),
+        None => {}
+    }
 }
 
 /// Mounts the pod's own directory of `dir` (on its node) read-only at
@@ -314,13 +322,16 @@ fn rail_info_init(pod: &Value, c: &Value, index: usize, image: &str, patch: &mut
 /// The AdmissionReview answer for `review`, with `networks` RailNetworks
 /// (of the pod's namespace and `shared`, the shared namespace; any others
 /// are ignored), `namespace_group` the pod namespace's inject annotation,
-/// if any, and `rail_info` as [`inject`] takes it.
+/// if any, `rail_info` as [`inject`] takes it, and `dra_network`
+/// railnet's DRA network (`namespace/name`; a pod naming it keeps its
+/// networks: [`crate::webhook_dra`]).
 pub fn answer(
     review: &Value,
     networks: &[Value],
     namespace_group: Option<&str>,
     shared: Option<&str>,
     rail_info: Option<&RailInfoSource>,
+    dra_network: Option<&str>,
 ) -> Value {
     let uid = review["request"]["uid"].clone();
     let pod = &review["request"]["object"];
@@ -332,13 +343,20 @@ pub fn answer(
         .get(INJECT)
         .and_then(Value::as_str)
         .or(namespace_group);
-    let response = match group.map(|g| inject(pod, g, networks, scope, rail_info)) {
+    let dra = dra_network.filter(|d| crate::webhook_dra::names_network(pod, scope.pod, d));
+    let response = match group.map(|g| match dra {
+        Some(d) => crate::webhook_dra::inject(pod, g, d, rail_info),
+        None => inject(pod, g, networks, scope, rail_info),
+    }) {
         None => json!({"uid": uid, "allowed": true}),
         Some(Ok(inj)) => {
-            let patch = base64::engine::general_purpose::STANDARD
-                .encode(Value::from(inj.patch).to_string());
-            let mut r =
-                json!({"uid": uid, "allowed": true, "patchType": "JSONPatch", "patch": patch});
+            let mut r = json!({"uid": uid, "allowed": true});
+            if !inj.patch.is_empty() {
+                r["patchType"] = "JSONPatch".into();
+                r["patch"] = base64::engine::general_purpose::STANDARD
+                    .encode(Value::from(inj.patch).to_string())
+                    .into();
+            }
             if !inj.warnings.is_empty() {
                 r["warnings"] = inj.warnings.into();
             }
@@ -376,6 +394,7 @@ async fn handle(
     cache: &Cache,
     rail_info: Option<&RailInfoSource>,
     shared: Option<&str>,
+    dra_network: Option<&str>,
     req: Request<hyper::body::Incoming>,
 ) -> (Response<Full<Bytes>>, Option<&'static str>) {
     let reply = |code: u16, body: String| {
@@ -440,7 +459,10 @@ async fn handle(
     };
     if !asks && ns_group.is_none() {
         return (
-            reply(200, answer(&review, &[], None, None, None).to_string()),
+            reply(
+                200,
+                answer(&review, &[], None, None, None, None).to_string(),
+            ),
             Some("unchanged"),
         );
     }
@@ -449,7 +471,14 @@ async fn handle(
     if let Some(shared) = shared.filter(|s| *s != ns) {
         networks.extend(cache.networks_in(shared));
     }
-    let a = answer(&review, &networks, ns_group.as_deref(), shared, rail_info);
+    let a = answer(
+        &review,
+        &networks,
+        ns_group.as_deref(),
+        shared,
+        rail_info,
+        dra_network,
+    );
     let result = match (&a["response"]["allowed"], a["response"].get("patch")) {
         (Value::Bool(false), _) => "denied",
         (_, Some(_)) => "patched",
@@ -463,7 +492,8 @@ async fn handle(
 /// reach the webhook's Service); `client` watches RailNetworks and
 /// namespaces (a client without a read timeout: see
 /// [`crate::kube_api::watch_client`]); `rail_info` as [`inject`]
-/// takes it, `shared` the shared networks' namespace ([`Scope`]).
+/// takes it, `shared` the shared networks' namespace ([`Scope`]),
+/// `dra_network` railnet's DRA network ([`answer`]).
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -471,9 +501,11 @@ pub async fn serve(
     metrics: Arc<crate::controller::Metrics>,
     rail_info: Option<RailInfoSource>,
     shared: Option<String>,
+    dra_network: Option<String>,
 ) {
     let rail_info: Option<Arc<RailInfoSource>> = rail_info.map(Arc::new);
     let shared: Option<Arc<str>> = shared.map(Into::into);
+    let dra_network: Option<Arc<str>> = dra_network.map(Into::into);
     let cache = Cache::start(&client);
     // Serving before the first lists are in would only refuse pods.
     if !cache.wait_ready(Duration::from_secs(30)).await {
@@ -484,9 +516,16 @@ pub async fn serve(
     let handler = move |req| {
         let (cache, metrics) = (cache.clone(), metrics.clone());
         let (rail_info, shared) = (rail_info.clone(), shared.clone());
+        let dra_network = dra_network.clone();
         async move {
-            let (response, result) =
-                handle(&cache, rail_info.as_deref(), shared.as_deref(), req).await;
+            let (response, result) = handle(
+                &cache,
+                rail_info.as_deref(),
+                shared.as_deref(),
+                dra_network.as_deref(),
+                req,
+            )
+            .await;
             if let Some(r) = result {
                 metrics.webhook_answer(r);
             }
@@ -544,6 +583,7 @@ mod tests {
             Some("ns-group"),
             Some("railnet"),
             None,
+            None,
         );
         assert!(networks_of(&from_ns).contains("a1"));
         let own = answer(
@@ -552,10 +592,28 @@ mod tests {
             Some("ns-group"),
             Some("railnet"),
             None,
+            None,
         );
         assert!(networks_of(&own).contains("b1"));
-        let none = answer(&review(json!({})), &nets, None, Some("railnet"), None);
+        let none = answer(&review(json!({})), &nets, None, Some("railnet"), None, None);
         assert!(none["response"].get("patch").is_none());
+        // A pod of the namespace naming the DRA network keeps it.
+        let dra = answer(
+            &review(json!({NETWORKS: "railnet/railnet-dra"})),
+            &nets,
+            Some("ns-group"),
+            Some("railnet"),
+            None,
+            Some("railnet/railnet-dra"),
+        );
+        assert_eq!(dra["response"]["allowed"], true);
+        assert!(dra["response"].get("patch").is_none(), "{dra}");
+        assert!(
+            dra["response"]["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("DRA network")
+        );
     }
 
     #[test]

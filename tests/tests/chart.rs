@@ -988,6 +988,20 @@ fn dra_installs_device_classes_the_dra_network_and_node_scoped_rights() {
     let args = pod["containers"][0]["args"].to_string();
     assert!(args.contains("\"--dra\""), "{args}");
     assert!(args.contains("--dra-shared-namespace=railnet"), "{args}");
+    // The webhook knows the DRA network (a pod naming it keeps it).
+    let with_webhook = render(&[
+        "--set",
+        "dra.enabled=true",
+        "--set",
+        "controller.webhook.enabled=true",
+    ])
+    .unwrap();
+    let controller = of_kind(&with_webhook, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "rn-railnet-controller")
+        .expect("the controller");
+    let args = controller["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--dra-network=railnet/railnet-dra"), "{args}");
 
     let off = render(&[]).unwrap();
     assert!(of_kind(&off, "DeviceClass").is_empty());

@@ -507,7 +507,7 @@ fn a_namespace_annotation_injects_its_group_into_every_pod_in_it() {
             let client = kube::Client::new(service, "default");
             let metrics = Arc::new(railnet_agent::controller::Metrics::default());
             tokio::select! {
-                _ = railnet_agent::webhook::serve(listener, tls, client, metrics, None, Some("railnet".into())) => {}
+                _ = railnet_agent::webhook::serve(listener, tls, client, metrics, None, Some("railnet".into()), None) => {}
                 _ = stopped => {}
             }
         })

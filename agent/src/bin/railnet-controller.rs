@@ -92,6 +92,12 @@ struct Args {
     /// it, a pod's group is resolved only in its own namespace.
     #[arg(long, env = "RAILNET_SHARED_NETWORKS_NAMESPACE")]
     shared_networks_namespace: Option<String>,
+    /// railnet's DRA network (`namespace/name`, the chart's
+    /// `railnet-dra`): a pod the webhook would inject that names it keeps
+    /// its networks (its rails come from its ResourceClaims) and gets only
+    /// its rail info.
+    #[arg(long, value_parser = namespaced_name)]
+    dra_network: Option<String>,
     /// Clean up for `helm uninstall` and exit (the chart's pre-delete
     /// hook): delete the NADs rendered from RailNetworks and the RailBlocks
     /// no pod holds an address in; name the blocks kept and why.
@@ -142,6 +148,18 @@ fn host_dir(s: &str) -> Result<String, String> {
     match s.trim_end_matches('/') {
         "" => Err("\"/\" would mount the node's root; give the agents' --pod-info-dir, e.g. /run/railnet/pods".into()),
         dir => Ok(dir.to_owned()),
+    }
+}
+
+/// A `namespace/name` (`--dra-network`).
+fn namespaced_name(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(s.to_owned())
+        }
+        _ => Err(format!(
+            "{s:?} is not namespace/name; give the DRA network's NAD, e.g. railnet/railnet-dra"
+        )),
     }
 }
 
@@ -300,6 +318,7 @@ async fn start_webhook(
         metrics,
         rail_info,
         args.shared_networks_namespace.clone(),
+        args.dra_network.clone(),
     ));
     Ok(())
 }
