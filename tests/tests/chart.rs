@@ -988,6 +988,29 @@ fn dra_installs_device_classes_the_dra_network_and_node_scoped_rights() {
     let args = pod["containers"][0]["args"].to_string();
     assert!(args.contains("\"--dra\""), "{args}");
     assert!(args.contains("--dra-shared-namespace=railnet"), "{args}");
+    // The uninstall's cleanup deletes the agents' slices (they cannot).
+    let job = of_kind(&objects, "Job")
+        .into_iter()
+        .find(|j| j["metadata"]["name"] == "rn-railnet-cleanup")
+        .expect("the cleanup Job");
+    let command = job["spec"]["template"]["spec"]["containers"][0]["command"].to_string();
+    assert!(
+        command.contains("--delete-slices-of=railnet.io"),
+        "{command}"
+    );
+    let cleanup = of_kind(&objects, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "rn-railnet-cleanup")
+        .expect("the cleanup ClusterRole");
+    assert!(
+        cleanup["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"] == serde_json::json!(["resourceslices"])
+                && r["verbs"] == serde_json::json!(["list", "delete"])),
+        "{cleanup}"
+    );
     // The webhook knows the DRA network (a pod naming it keeps it).
     let with_webhook = render(&[
         "--set",

@@ -1140,6 +1140,18 @@ fn uninstall(c: &mut Cluster, nodes_with_pods: &[usize]) {
             refused_to_railnet(c)
         );
     }
+    // No rail device is left published for a scheduler to allocate.
+    let slices = c.kubectl_json(&[
+        "get",
+        "resourceslices",
+        "--field-selector",
+        "spec.driver=railnet.io",
+    ]);
+    assert_eq!(
+        slices["items"].as_array().map_or(0, Vec::len),
+        0,
+        "railnet.io ResourceSlices left after uninstall: {slices}"
+    );
     // Per node: where no pod holds a rail any more, no pin is left and the
     // agent removed the CNI binaries as it stopped; where a pod still runs,
     // the binary stays for that pod's DEL.

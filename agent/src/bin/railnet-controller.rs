@@ -103,6 +103,11 @@ struct Args {
     /// no pod holds an address in; name the blocks kept and why.
     #[arg(long)]
     uninstall: bool,
+    /// With --uninstall: delete this DRA driver's ResourceSlices (the
+    /// agents' own, which they cannot delete as they stop: Helm has taken
+    /// their rights by then).
+    #[arg(long, requires = "uninstall")]
+    delete_slices_of: Option<String>,
     /// With --uninstall: the controller Deployment (in --lease-namespace)
     /// to stop first, so it does not render the deleted NADs again.
     #[arg(long, requires = "uninstall")]
@@ -255,6 +260,14 @@ async fn uninstall_cleanup(client: &kube::Client, args: &Args) -> Result<(), Sto
         railnet_agent::controller::mark_uninstalling(client, &args.lease_namespace, ds)
             .await
             .map_err(failed(format!("marking DaemonSet {ds}")))?;
+    }
+    if let Some(driver) = &args.delete_slices_of {
+        let n = railnet_agent::controller::delete_slices(client, driver)
+            .await
+            .map_err(failed(format!(
+                "deleting DRA driver {driver}'s ResourceSlices"
+            )))?;
+        println!("railnet uninstall: deleted {n} ResourceSlice(s) of DRA driver {driver}");
     }
     let done = railnet_agent::controller::uninstall(client)
         .await

@@ -26,7 +26,7 @@ pub use leader::Leader;
 pub use metrics::{Metrics, serve_metrics};
 pub use pool_status::pool_status;
 pub use sweep::{BlockSweeper, ClaimSweeper, node_names, pod_uids};
-pub use uninstall::{Uninstalled, mark_uninstalling, stop_controller, uninstall};
+pub use uninstall::{Uninstalled, delete_slices, mark_uninstalling, stop_controller, uninstall};
 
 /// `railnetworks.railnet.io/v1alpha1`.
 pub fn railnetworks() -> ApiResource {

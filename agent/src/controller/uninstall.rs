@@ -155,3 +155,30 @@ pub async fn uninstall(client: &Client) -> Result<Uninstalled, kube::Error> {
     }
     Ok(done)
 }
+
+/// Deletes the ResourceSlices of DRA driver `driver` (the agents'): they
+/// are owned by their Nodes, so nothing else removes them, and by the time
+/// the agents stop their rights to are gone. The agents stop publishing
+/// when they see the uninstall mark, which comes first.
+pub async fn delete_slices(client: &Client, driver: &str) -> Result<usize, kube::Error> {
+    use k8s_openapi::api::resource::v1::ResourceSlice;
+    use kube::api::DeleteParams;
+
+    let slices: Api<ResourceSlice> = Api::all(client.clone());
+    let mut deleted = 0;
+    for s in slices
+        .list(&ListParams::default().fields(&format!("spec.driver={driver}")))
+        .await?
+        .items
+    {
+        let Some(name) = s.metadata.name else {
+            continue;
+        };
+        match slices.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => deleted += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}

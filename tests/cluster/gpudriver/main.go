@@ -29,20 +29,11 @@ import (
 
 const driver = "gpu.test.railnet.io"
 
-type plugin struct {
-	hold string
-}
+type plugin struct{}
 
-// PrepareResourceClaims refuses while the hold file exists (the kubelet
-// retries, calling the claim's other drivers again each time, in its own
-// order: so a test can have railnet prepare while the pod cannot start),
-// then reports the claim's devices of this driver as prepared.
+// PrepareResourceClaims reports the claim's devices of this driver as
+// prepared.
 func (p *plugin) PrepareResourceClaims(ctx context.Context, claims []*resourceapi.ResourceClaim) (map[types.UID]kubeletplugin.PrepareResult, error) {
-	if p.hold != "" {
-		if _, err := os.Stat(p.hold); err == nil {
-			return nil, fmt.Errorf("held: %s exists", p.hold)
-		}
-	}
 	out := map[types.UID]kubeletplugin.PrepareResult{}
 	for _, claim := range claims {
 		var devices []kubeletplugin.Device
@@ -114,7 +105,6 @@ func main() {
 	node := flag.String("node", "", "this node's name")
 	kubeconfig := flag.String("kubeconfig", "", "the node's kubeconfig (the kubelet's: nodes may publish their own slices)")
 	spec := flag.String("gpus", "", "GPUs as root/numa/bdf,…")
-	hold := flag.String("hold", "", "prepare refuses while this file exists")
 	kubeletDir := flag.String("kubelet-dir", "/var/lib/kubelet", "the kubelet's root directory")
 	flag.Parse()
 	devices, err := gpus(*spec)
@@ -140,7 +130,7 @@ func main() {
 			os.Exit(1)
 		}
 	}
-	helper, err := kubeletplugin.Start(ctx, &plugin{hold: *hold},
+	helper, err := kubeletplugin.Start(ctx, &plugin{},
 		kubeletplugin.DriverName(driver),
 		kubeletplugin.NodeName(*node),
 		kubeletplugin.KubeClient(client),

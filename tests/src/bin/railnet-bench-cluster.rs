@@ -5,9 +5,14 @@
 //! rail); and the same pods with no rails, so the cost railnet adds to a
 //! pod's start shows. Figures and ratios only; nothing passes or fails.
 //!
+//! railnet's 8 rails come two ways: through 8 NADs, and through DRA — one
+//! ResourceClaim per pod (from a template) holding one device per rail,
+//! allocated by the scheduler and wired by one ADD of the DRA network.
+//!
 //! `RAILNET_BENCH_PODS` (default 100) pods per variant, spread over both
-//! nodes. Times are seen by polling the API server once a second, as a
-//! user watching `kubectl get pods` would.
+//! nodes by a node selector (so every variant goes through the scheduler,
+//! which DRA needs). Times are seen by polling the API server once a
+//! second, as a user watching `kubectl get pods` would.
 
 use std::time::{Duration, Instant};
 
@@ -42,7 +47,57 @@ fn values() -> Value {
         "pools": pools,
         "networkDefaults": {"rdmaCIDRs": ["172.16.0.0/16"]},
         "networks": networks,
+        "dra": {"enabled": true},
     })
+}
+
+/// RailNetworks of namespace default on the same pools (what DRA devices
+/// are made of), and the claim template asking for one device of each.
+fn dra_networks() -> String {
+    let mut out: Vec<String> = (1..=RAILS)
+        .map(|k| {
+            json!({"apiVersion": "railnet.io/v1alpha1", "kind": "RailNetwork",
+                   "metadata": {"name": format!("rail{k}"), "namespace": "default"},
+                   "spec": {"rail": k, "type": "macvlan", "master": format!("eth{k}"),
+                            "ippools": {"ipv4": [format!("rail{k}-*")]},
+                            "rdmaCIDRs": ["172.16.0.0/16"]}})
+            .to_string()
+        })
+        .collect();
+    let requests: Vec<Value> = (1..=RAILS)
+        .map(|k| {
+            json!({"name": format!("rail{k}"), "exactly": {
+                "deviceClassName": "rail.railnet.io",
+                "selectors": [{"cel": {"expression":
+                    format!("device.attributes[\"railnet.io\"].network == \"default/rail{k}\"")}}]}})
+        })
+        .collect();
+    out.push(
+        json!({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+               "metadata": {"name": "eight-rails", "namespace": "default"},
+               "spec": {"spec": {"devices": {"requests": requests}}}})
+        .to_string(),
+    );
+    out.join("\n---\n")
+}
+
+/// Waits until both nodes publish their 8 rail devices of namespace default.
+fn wait_for_slices(c: &mut Cluster) {
+    for n in 0..2 {
+        let name = format!("node{n}-railnet-io-default");
+        c.wait_for(
+            &format!("{name}'s 8 devices"),
+            Duration::from_secs(120),
+            |c| {
+                let s = c
+                    .kubectl_try(&["get", "resourceslice", &name, "-o", "json"])
+                    .ok()?;
+                let s: Value = serde_json::from_str(&s).ok()?;
+                (s["spec"]["devices"].as_array().map(Vec::len) == Some(RAILS as usize))
+                    .then_some(())
+            },
+        );
+    }
 }
 
 /// The reference stack's NADs: reference macvlan on each rail NIC with
@@ -120,7 +175,16 @@ subjects:
     c.apply(&nads.join("\n---\n"));
 }
 
-fn pods(tag: &str, n: usize, networks: Option<&str>) -> String {
+/// How a variant's pods get their rails.
+struct Variant {
+    tag: &'static str,
+    /// The networks annotation.
+    networks: Option<String>,
+    /// A ResourceClaimTemplate each pod claims from.
+    claim_template: Option<&'static str>,
+}
+
+fn pods(tag: &str, n: usize, networks: Option<&str>, claim_template: Option<&str>) -> String {
     (0..n)
         .map(|i| {
             let mut meta = json!({"name": format!("{tag}-{i}"), "namespace": "default",
@@ -128,11 +192,15 @@ fn pods(tag: &str, n: usize, networks: Option<&str>) -> String {
             if let Some(nets) = networks {
                 meta["annotations"] = json!({"k8s.v1.cni.cncf.io/networks": nets});
             }
-            json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta,
-                   "spec": {"nodeName": format!("node{}", i % 2), "terminationGracePeriodSeconds": 0,
-                            "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
-                                            "command": ["sleep", "100000"]}]}})
-            .to_string()
+            let mut spec = json!({
+                "nodeSelector": {"kubernetes.io/hostname": format!("node{}", i % 2)},
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
+                                "command": ["sleep", "100000"]}]});
+            if let Some(t) = claim_template {
+                spec["resourceClaims"] = json!([{"name": "rails", "resourceClaimTemplateName": t}]);
+            }
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}).to_string()
         })
         .collect::<Vec<_>>()
         .join("\n---\n")
@@ -155,8 +223,9 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn run_batch(c: &Cluster, tag: &str, n: usize, networks: Option<&str>) -> Batch {
-    let manifest = pods(tag, n, networks);
+fn run_batch(c: &Cluster, v: &Variant, n: usize) -> Batch {
+    let tag = v.tag;
+    let manifest = pods(tag, n, v.networks.as_deref(), v.claim_template);
     let start = Instant::now();
     c.kubectl_stdin(&["apply", "-f", "-"], &manifest)
         .unwrap_or_else(|e| panic!("kubectl apply: {e}"));
@@ -213,24 +282,37 @@ fn main() {
     c.apply(&reference_nads());
     let railnet_nets: Vec<String> = (1..=RAILS).map(|k| format!("railnet/rail{k}")).collect();
     let reference_nets: Vec<String> = (1..=RAILS).map(|k| format!("ref-rail{k}")).collect();
-    let mut variants: Vec<(&str, Option<String>)> = vec![
-        ("none", None),
-        ("railnet", Some(railnet_nets.join(","))),
-        ("reference", Some(reference_nets.join(","))),
+    c.apply(&dra_networks());
+    wait_for_slices(&mut c);
+    let variant = |tag, networks: Option<String>| Variant {
+        tag,
+        networks,
+        claim_template: None,
+    };
+    let mut variants = vec![
+        variant("none", None),
+        variant("railnet", Some(railnet_nets.join(","))),
+        variant("reference", Some(reference_nets.join(","))),
+        Variant {
+            tag: "railnet-dra",
+            networks: Some("railnet/railnet-dra".into()),
+            claim_template: Some("eight-rails"),
+        },
     ];
     if c.tools.whereabouts.is_some() {
         setup_whereabouts(&c);
         let nets: Vec<String> = (1..=RAILS).map(|k| format!("wb-rail{k}")).collect();
-        variants.push(("whereabouts", Some(nets.join(","))));
+        variants.push(variant("whereabouts", Some(nets.join(","))));
     }
     println!(
         "cluster start-up: {n} pods over 2 nodes, 8 rails each (no rails for 'none'), kubectl apply → all Running, then delete → all gone"
     );
     let mut results = Vec::new();
-    for (tag, nets) in &variants {
-        let b = run_batch(&c, tag, n, nets.as_deref());
+    for v in &variants {
+        let b = run_batch(&c, v, n);
         println!(
-            "  {tag:<10} per pod p50 {:>6.1} s  p99 {:>6.1} s   all Running {:>6.1} s   all deleted {:>6.1} s{}",
+            "  {:<11} per pod p50 {:>6.1} s  p99 {:>6.1} s   all Running {:>6.1} s   all deleted {:>6.1} s{}",
+            v.tag,
             percentile(&b.up, 0.5),
             percentile(&b.up, 0.99),
             b.up_total,
@@ -243,8 +325,15 @@ fn main() {
         );
         results.push(b);
     }
-    let (none, railnet, reference) = (&results[0], &results[1], &results[2]);
-    if let Some(wb) = results.get(3) {
+    let (none, railnet, reference, dra) = (&results[0], &results[1], &results[2], &results[3]);
+    println!(
+        "  ratio railnet DRA / railnet NADs: all Running {:.2}, p50 {:.2}, p99 {:.2}, all deleted {:.2}",
+        dra.up_total / railnet.up_total,
+        percentile(&dra.up, 0.5) / percentile(&railnet.up, 0.5),
+        percentile(&dra.up, 0.99) / percentile(&railnet.up, 0.99),
+        dra.down_total / railnet.down_total,
+    );
+    if let Some(wb) = results.get(4) {
         println!(
             "  ratio railnet / whereabouts (cluster-wide IPAM): all Running {:.2}, p50 {:.2}, all deleted {:.2}",
             railnet.up_total / wb.up_total,

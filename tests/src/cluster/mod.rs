@@ -32,7 +32,7 @@ use std::{
 
 pub use cgroup::NodeCgroup;
 pub use control_plane::{ControlPlane, KUBERNETES_SERVICE_IP, SERVICE_RANGE};
-pub use node::{GPU_HOLD, NODE_PATHS, Node, STAND_IN_GPUS, STAND_IN_SYSFS, stand_in_nic, tail};
+pub use node::{NODE_PATHS, Node, STAND_IN_GPUS, STAND_IN_SYSFS, stand_in_nic, tail};
 pub use pki::Pki;
 pub use railnet::{
     NS, VF_NETWORK, WORKLOAD, helm_install, networks_pod, rail_addresses, rail_pod, values, vf_pod,

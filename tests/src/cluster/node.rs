@@ -66,11 +66,6 @@ pub const STAND_IN_GPUS: &[(&str, u32, &str)] = &[
     ("pci0000:c3", 1, "0000:c6:00.0"),
 ];
 
-/// While this file exists (on the node: [`Node::path`] finds it), the
-/// stand-in GPU driver refuses to prepare, so the kubelet cannot start a
-/// pod with a GPU claim; railnet's share of the claim is prepared anyway.
-pub const GPU_HOLD: &str = "/var/lib/kubelet/gpu-hold";
-
 /// The reference plugins a node's CNI bin dir holds besides Multus.
 const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "loopback", "macvlan", "portmap"];
 
@@ -466,7 +461,6 @@ nodeStatusUpdateFrequency: 4s
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg(format!("--gpus={}", gpus.join(",")))
-            .arg(format!("--hold={GPU_HOLD}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

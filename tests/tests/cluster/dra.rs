@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use railnet_tests::cluster::{
-    Cluster, GPU_HOLD, NS, RAILS, WORKLOAD, node_ip, rail_subnet, stand_in_nic,
-};
+use railnet_tests::cluster::{Cluster, NS, RAILS, WORKLOAD, node_ip, rail_subnet, stand_in_nic};
 use serde_json::{Value, json};
 
 /// The namespace of the stage's claims, pods and RailNetworks.
@@ -404,17 +402,20 @@ fn nccl_pairs(c: &Cluster, running: &Value, pairs: &[(usize, &str)]) {
 }
 
 /// node1's agent restarts between railnet's prepare of a pod's claim and
-/// the pod's start (the GPU driver holds the pod back), and again while
-/// the pod runs: the pod starts with exactly its claim's rails, keeps
-/// them, and its delete gives every address back and leaves no record.
+/// the pod's start, and again while the pod runs: the pod starts with
+/// exactly its claim's rails, keeps them, and its delete gives every
+/// address back and leaves no record. The pod is held back after prepare
+/// by its network: it names a DRA NAD that does not exist yet, so Multus
+/// fails its sandbox (the kubelet retries) until the test makes it.
 #[track_caller]
 fn restarts(c: &mut Cluster) {
-    let hold = c.nodes[1].path(GPU_HOLD);
-    std::fs::write(&hold, b"").unwrap();
+    const HELD: &str = "held-dra";
     let held = allocations(c, 1);
-    c.apply(&pod("dra-restart", "node1", "aligned"));
-    // The kubelet retries the held GPU driver, calling railnet's prepare
-    // each time in its own order; railnet's record says it ran.
+    let mut p: Value = serde_json::from_str(&pod("dra-restart", "node1", "aligned")).unwrap();
+    p["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] = json!(HELD);
+    c.apply(&p.to_string());
+    // railnet's record says its prepare ran (deterministically: the
+    // kubelet prepares every claim before it makes the sandbox).
     let records = c.nodes[1].path("/var/lib/railnet/dra");
     let dir_names = |d: &str| -> Vec<String> {
         std::fs::read_dir(records.join(d))
@@ -426,13 +427,20 @@ fn restarts(c: &mut Cluster) {
     };
     c.wait_for(
         "railnet's prepare of the held pod's claim",
-        Duration::from_secs(180),
+        Duration::from_secs(60),
         |_| (!dir_names("claims").is_empty()).then_some(()),
+    );
+    crate::event_in(
+        c,
+        TEAM,
+        "dra-restart",
+        HELD,
+        "Multus failing the sandbox for the DRA NAD not made yet",
     );
     let pod = c.kubectl_json(&["get", "pod", "dra-restart", "-n", TEAM]);
     assert_ne!(
         pod["status"]["phase"], "Running",
-        "the GPU driver did not hold the pod"
+        "the pod was not held back"
     );
     assert!(
         dir_names("sandboxes").is_empty(),
@@ -440,8 +448,23 @@ fn restarts(c: &mut Cluster) {
     );
 
     restart_agent(c, 1);
-    std::fs::remove_file(&hold).unwrap();
-    let running = crate::wait_running(c, TEAM, "dra-restart");
+    c.apply(
+        &json!({
+            "apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": HELD, "namespace": TEAM},
+            "spec": {"config": json!({"cniVersion": "1.0.0", "name": HELD, "type": "railnet", "dra": true}).to_string()},
+        })
+        .to_string(),
+    );
+    // The kubelet's next try, after its back-off (over a minute by now).
+    let running = c.wait_for(
+        "pod dra-team/dra-restart Running",
+        Duration::from_secs(300),
+        |c| {
+            let pod = c.kubectl_json(&["get", "pod", "dra-restart", "-n", TEAM]);
+            (pod["status"]["phase"] == "Running").then_some(pod)
+        },
+    );
     let claim_name = running["status"]["resourceClaimStatuses"][0]["resourceClaimName"]
         .as_str()
         .unwrap()
