@@ -243,16 +243,21 @@ impl PodInfo {
         self.root.join(uid)
     }
 
-    /// Records `rail` for pod `uid` and rewrites the pod's files.
-    pub fn record(&self, uid: &str, rail: &RailInfo) -> io::Result<()> {
+    /// The directory of pod `uid`, if `uid` is one.
+    fn pod_dir(&self, uid: &str) -> io::Result<PathBuf> {
         if !valid_uid(uid) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("K8S_POD_UID {uid:?} is not a pod UID"),
             ));
         }
+        Ok(self.dir(uid))
+    }
+
+    /// Records `rail` for pod `uid` and rewrites the pod's files.
+    pub fn record(&self, uid: &str, rail: &RailInfo) -> io::Result<()> {
+        let dir = self.pod_dir(uid)?;
         let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = self.dir(uid);
         fs::create_dir_all(&dir)?;
         write_atomically(
             &dir.join(format!("rail-{}.json", rail.interface)),
@@ -265,14 +270,8 @@ impl PodInfo {
     /// GPUs with their rails) and names it in its `nccl.env`. The pod's
     /// rails must be recorded first: the file goes with the last of them.
     pub fn record_topology(&self, uid: &str, xml: &str) -> io::Result<()> {
-        if !valid_uid(uid) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("K8S_POD_UID {uid:?} is not a pod UID"),
-            ));
-        }
+        let dir = self.pod_dir(uid)?;
         let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = self.dir(uid);
         let rails = rails_in(&dir);
         if rails.is_empty() {
             return Err(io::Error::new(

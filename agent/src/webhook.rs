@@ -169,19 +169,7 @@ pub fn inject(
     }
     // The resources: one per network that names one, in the container the
     // pod names, else the first.
-    let containers = pod["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let index = match annotations.get(CONTAINER).and_then(Value::as_str) {
-        Some(name) => containers
-            .iter()
-            .position(|c| c["name"] == name)
-            .ok_or_else(|| format!("{CONTAINER}: the pod has no container {name:?}"))?,
-        None if containers.is_empty() => return Err("the pod has no containers".into()),
-        None => 0,
-    };
-    let c = &containers[index];
+    let (index, c) = target_container(pod)?;
     rail_info_patch(pod, c, index, rail_info, &mut out.patch);
     let wanted: Vec<&str> = members
         .iter()
@@ -220,6 +208,27 @@ pub fn inject(
         }
     }
     Ok(out)
+}
+
+/// The container that gets the resources and rail info: the one the pod
+/// names ([`CONTAINER`]), else the first; with its index.
+pub fn target_container(pod: &Value) -> Result<(usize, &Value), String> {
+    let containers = pod["spec"]["containers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let index = match pod["metadata"]["annotations"]
+        .get(CONTAINER)
+        .and_then(Value::as_str)
+    {
+        Some(name) => containers
+            .iter()
+            .position(|c| c["name"] == name)
+            .ok_or_else(|| format!("{CONTAINER}: the pod has no container {name:?}"))?,
+        None if containers.is_empty() => return Err("the pod has no containers".into()),
+        None => 0,
+    };
+    Ok((index, &containers[index]))
 }
 
 /// Gives container `index` (`c`) of `pod` its rail info at

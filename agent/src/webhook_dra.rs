@@ -10,7 +10,7 @@
 
 use serde_json::Value;
 
-use crate::webhook::{CONTAINER, INJECT, Injection, NETWORKS, RailInfoSource};
+use crate::webhook::{INJECT, Injection, NETWORKS, RailInfoSource};
 
 /// Whether `pod` (in namespace `ns`) names `network` (`namespace/name`)
 /// in its networks annotation, in either of Multus's forms: a comma list
@@ -64,22 +64,8 @@ pub fn inject(
         "{INJECT} ({group}) was not applied: the pod names railnet's DRA network {network}, so its rails \
          are the ones its ResourceClaims were allocated, not the group's networks"
     ));
-    let containers = pod["spec"]["containers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let index = match pod["metadata"]["annotations"]
-        .get(CONTAINER)
-        .and_then(Value::as_str)
-    {
-        Some(name) => containers
-            .iter()
-            .position(|c| c["name"] == name)
-            .ok_or_else(|| format!("{CONTAINER}: the pod has no container {name:?}"))?,
-        None if containers.is_empty() => return Err("the pod has no containers".into()),
-        None => 0,
-    };
-    crate::webhook::rail_info_patch(pod, &containers[index], index, rail_info, &mut out.patch);
+    let (index, c) = crate::webhook::target_container(pod)?;
+    crate::webhook::rail_info_patch(pod, c, index, rail_info, &mut out.patch);
     Ok(out)
 }
 
@@ -88,6 +74,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::webhook::CONTAINER;
 
     const DRA: &str = "railnet/railnet-dra";
 

@@ -685,20 +685,10 @@ fn node_labels_stage(c: &mut Cluster) {
             },
         );
     }
-    let agents = c.kubectl_json(&[
-        "get",
-        "pods",
-        "-n",
-        NS,
-        "-l",
-        "app.kubernetes.io/component=agent",
-        "--field-selector",
-        "spec.nodeName=node0",
-    ]);
-    let pod = agents["items"][0]["metadata"]["name"]
-        .as_str()
-        .expect("node0's agent pod")
-        .to_owned();
+    let pod = agent_pods(c, 0)
+        .into_iter()
+        .find_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+        .expect("node0's agent pod");
     let token = c.kubectl_ok(&[
         "create",
         "token",
@@ -1083,6 +1073,21 @@ fn pins(c: &Cluster, n: usize) -> Vec<String> {
         .collect();
     pins.sort();
     pins
+}
+
+/// The agent pods on node `n` (more than one while one is going).
+fn agent_pods(c: &Cluster, n: usize) -> Vec<serde_json::Value> {
+    let pods = c.kubectl_json(&[
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "--field-selector",
+        &format!("spec.nodeName=node{n}"),
+    ]);
+    pods["items"].as_array().cloned().unwrap_or_default()
 }
 
 /// The addresses RailBlocks hold for pod `name` (default namespace).

@@ -551,23 +551,10 @@ fn allocations(c: &Cluster, n: usize) -> u64 {
 /// ready (the DaemonSet makes it).
 #[track_caller]
 fn restart_agent(c: &mut Cluster, n: usize) {
-    let node = format!("spec.nodeName=node{n}");
     let agent = |c: &mut Cluster| -> Option<(String, bool)> {
-        let pods = c.kubectl_json(&[
-            "get",
-            "pods",
-            "-n",
-            NS,
-            "-l",
-            "app.kubernetes.io/component=agent",
-            "--field-selector",
-            &node,
-        ]);
-        let p = pods["items"]
-            .as_array()?
-            .iter()
-            .find(|p| p["metadata"]["deletionTimestamp"].is_null())?
-            .clone();
+        let p = crate::agent_pods(c, n)
+            .into_iter()
+            .find(|p| p["metadata"]["deletionTimestamp"].is_null())?;
         let ready = p["status"]["conditions"]
             .as_array()
             .into_iter()
