@@ -114,7 +114,9 @@ fn railnet_in_a_real_cluster() {
     // into the node's CNI bin dir.
     let mut fabric_values = values(2);
     // The agents are the nodes' DRA driver too (the DRA stage).
-    fabric_values["dra"] = json!({"enabled": true});
+    // Refreshing once an hour: the RailNetworks the DRA stage makes are
+    // published within its minute only through the agents' watch.
+    fabric_values["dra"] = json!({"enabled": true, "refreshSeconds": 3600});
     helm_install(&mut c, false, "values.json", &fabric_values, &[]);
     for node in &c.nodes {
         let cni = node.path("/opt/cni/bin/railnet");

@@ -166,7 +166,8 @@ pub struct Args {
     #[arg(long, env = "RAILNET_DRA_SHARED_NAMESPACE", default_value = "railnet")]
     pub dra_shared_namespace: String,
     /// DRA: seconds between reads of the RailNetworks and NICs for the
-    /// ResourceSlices (a slice is written only when its devices change).
+    /// ResourceSlices (a slice is written only when its devices change); a
+    /// RailNetwork change is published at once (they are watched).
     #[arg(long, env = "RAILNET_DRA_REFRESH", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub dra_refresh: u64,
 }

@@ -148,11 +148,25 @@ async fn start_dra(
             .join(format!("{}-reg.sock", crate::dra::DRIVER)),
     };
     let (loaded, first_inventory) = tokio::sync::oneshot::channel();
+    let changed = Arc::new(tokio::sync::Notify::new());
+    // Its own client: the watch idles longer than any read timeout.
+    let watching = kube_api::watch_client(
+        args.kubeconfig.as_deref(),
+        std::time::Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| format!("the DRA driver's watch client: {e}"))?;
+    let watcher = tokio::spawn(crate::dra::publish::watch_networks(
+        watching,
+        changed.clone(),
+        uninstalling.clone(),
+    ));
     let publisher = tokio::spawn(crate::dra::publish::keep_published(
         dra.clone(),
         std::time::Duration::from_secs(args.dra_refresh),
         uninstalling,
         loaded,
+        changed,
     ));
     let plugin = tokio::spawn(async move {
         // Registered only once the devices are known: a prepare the
@@ -166,7 +180,11 @@ async fn start_dra(
             error!(error = %e, "the DRA plugin stopped serving");
         }
     });
-    Ok(vec![publisher.abort_handle(), plugin.abort_handle()])
+    Ok(vec![
+        watcher.abort_handle(),
+        publisher.abort_handle(),
+        plugin.abort_handle(),
+    ])
 }
 
 /// With `--remove-cni-on-uninstall`: watches the DaemonSet for the mark

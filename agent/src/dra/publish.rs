@@ -15,15 +15,18 @@ use tracing::{info, warn};
 
 use super::{DRIVER, Dra, devices};
 
-/// Publishes every `every`, until aborted or `uninstalling` is set (the
-/// uninstall's mark seen: Helm is about to take the agent's rights, and a
-/// request after that would only be refused). `loaded` is told when the
-/// devices are first known.
+/// Publishes when `changed` is woken (a RailNetwork changed:
+/// [`watch_networks`]) and every `every` (NICs come and go without a
+/// word), until aborted or `uninstalling` is set (the uninstall's mark
+/// seen: Helm is about to take the agent's rights, and a request after
+/// that would only be refused). `loaded` is told when the devices are
+/// first known.
 pub async fn keep_published(
     dra: Arc<Dra>,
     every: Duration,
     uninstalling: Arc<std::sync::atomic::AtomicBool>,
     loaded: tokio::sync::oneshot::Sender<()>,
+    changed: Arc<tokio::sync::Notify>,
 ) {
     let mut loaded = Some(loaded);
     let mut last: Option<Vec<devices::RailDevice>> = None;
@@ -49,7 +52,51 @@ pub async fn keep_published(
             }
             Err(e) => warn!(error = %e, "rail devices not published; again in {every:?}"),
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = changed.notified() => {}
+        }
+    }
+}
+
+/// Wakes `changed` whenever a RailNetwork is made, changed or deleted, so
+/// its device is published (or withdrawn) at once rather than at the next
+/// refresh, until `uninstalling` is set (as the publisher: no request
+/// once Helm takes the rights). `client` must have no read timeout (a
+/// watch idles for minutes); the watch resumes after errors with back-off.
+pub async fn watch_networks(
+    client: kube::Client,
+    changed: Arc<tokio::sync::Notify>,
+    uninstalling: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let api: Api<DynamicObject> = Api::all_with(client, &crate::controller::railnetworks());
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut look = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = look.tick() => {
+                if uninstalling.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else { return };
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                changed.notify_one()
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "watching RailNetworks; the periodic refresh still publishes")
+            }
+        }
     }
 }
 

@@ -411,6 +411,7 @@ fn nccl_pairs(c: &Cluster, running: &Value, pairs: &[(usize, &str)]) {
 fn restarts(c: &mut Cluster) {
     const HELD: &str = "held-dra";
     let held = allocations(c, 1);
+    let pins = crate::pins(c, 1);
     let mut p: Value = serde_json::from_str(&pod("dra-restart", "node1", "aligned")).unwrap();
     p["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] = json!(HELD);
     c.apply(&p.to_string());
@@ -506,6 +507,12 @@ fn restarts(c: &mut Cluster) {
         held + 2,
         "addresses held for the pod's two rails"
     );
+    // The pod's program is pinned (what keeps its rails steered).
+    let pinned = crate::pins(c, 1);
+    assert!(
+        pinned.iter().any(|p| !pins.contains(p)),
+        "no pin for the DRA pod's program: {pinned:?}"
+    );
     let nic = |i: usize| given[i].as_str();
     nccl_pairs(c, &running, &[(1, nic(0)), (2, nic(1))]);
 
@@ -534,6 +541,11 @@ fn restarts(c: &mut Cluster) {
             .path(&format!("/run/railnet/pods/{uid}"))
             .exists()
     );
+    let left: Vec<String> = crate::pins(c, 1)
+        .into_iter()
+        .filter(|p| !pins.contains(p))
+        .collect();
+    assert!(left.is_empty(), "the DRA pod's pins outlived it: {left:?}");
 }
 
 /// Addresses node `n`'s agent holds (its `railnet_ipam_allocations`).
