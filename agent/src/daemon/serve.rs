@@ -241,9 +241,8 @@ async fn on_the_way_out(args: &Args, last: Arc<RailService>, uninstalling: bool)
     };
     match gone {
         Ok(true) => {
-            // The node's ResourceSlices stay (owned by its Node): by the
-            // time the agent stops, Helm has taken its rights to delete
-            // them. Deleting them when the uninstall mark is seen is next.
+            // The node's ResourceSlices are the cleanup Job's to delete:
+            // by the time the agent stops, Helm has taken its rights.
             crate::uninstall::remove_cni_binaries(dir, held);
             if args.host_rules.is_some() {
                 // rtnetlink on a blocking thread: `with_rtnl` runs its own loop.

@@ -152,20 +152,3 @@ async fn publish_once(
     );
     Ok(inv)
 }
-
-/// Deletes this node's ResourceSlices (the node's share of an uninstall).
-pub async fn unpublish(client: &kube::Client, node: &str) -> Result<usize, kube::Error> {
-    let slices: Api<ResourceSlice> = Api::all(client.clone());
-    let ours = slices
-        .list(&ListParams::default().labels(&format!("{DRIVER}/node={node}")))
-        .await?;
-    for s in &ours.items {
-        slices
-            .delete(
-                &s.metadata.name.clone().unwrap_or_default(),
-                &DeleteParams::default(),
-            )
-            .await?;
-    }
-    Ok(ours.items.len())
-}

@@ -58,6 +58,26 @@ fn pod_in(ns: &str, name: &str, node: &str, template: &str) -> String {
     .to_string()
 }
 
+/// The pod's rail interfaces (`rail…`) with their IPv4 address and prefix,
+/// sorted, and `ip -o -4 addr` as the pod printed it (for messages).
+#[track_caller]
+fn rail_addrs(c: &Cluster, ns: &str, pod: &str) -> (Vec<(String, String)>, String) {
+    let addrs = crate::exec_in(c, ns, pod, &["ip", "-o", "-4", "addr"]).unwrap();
+    let mut rails: Vec<(String, String)> = addrs
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ifname = f.get(1)?.trim_end_matches(':');
+            let cidr = f.get(3)?;
+            ifname
+                .starts_with("rail")
+                .then(|| (ifname.to_owned(), cidr.to_string()))
+        })
+        .collect();
+    rails.sort();
+    (rails, addrs)
+}
+
 /// The stage (see the module doc). The release runs with `dra.enabled`.
 #[track_caller]
 pub fn dra_stage(c: &mut Cluster) {
@@ -109,19 +129,7 @@ pub fn dra_stage(c: &mut Cluster) {
     ));
     c.apply(&pod("dra-a", "node0", "two-rails"));
     let running = crate::wait_running(c, TEAM, "dra-a");
-    let addrs = crate::exec_in(c, TEAM, "dra-a", &["ip", "-o", "-4", "addr"]).unwrap();
-    let mut rails: Vec<(String, String)> = addrs
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let ifname = f.get(1)?.trim_end_matches(':');
-            let cidr = f.get(3)?;
-            ifname
-                .starts_with("rail")
-                .then(|| (ifname.to_owned(), cidr.to_string()))
-        })
-        .collect();
-    rails.sort();
+    let (rails, addrs) = rail_addrs(c, TEAM, "dra-a");
     assert_eq!(
         rails.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
         ["rail2", "rail5"],
@@ -288,13 +296,8 @@ fn aligned(c: &mut Cluster) {
         ["rail3", "rail4"].contains(&nic0.as_str()) && ["rail5", "rail6"].contains(&nic1.as_str()),
         "GPU 1 (pci0000:5d) got {nic0}, GPU 2 (pci0000:9a) got {nic1}: not the rails on their roots"
     );
-    let addrs = crate::exec_in(c, TEAM, "dra-aligned", &["ip", "-o", "-4", "addr"]).unwrap();
-    let mut wired: Vec<&str> = addrs
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|i| i.starts_with("rail"))
-        .collect();
-    wired.sort();
+    let (rails, addrs) = rail_addrs(c, TEAM, "dra-aligned");
+    let wired: Vec<&str> = rails.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(wired, [nic0.as_str(), nic1.as_str()], "{addrs}");
     nccl_pairs(c, &running, &[(1, &nic0), (2, &nic1)]);
     c.kubectl_ok(&["delete", "pod", "dra-aligned", "-n", TEAM, "--wait=true"]);
@@ -479,26 +482,10 @@ fn restarts(c: &mut Cluster) {
         .map(|r| r["device"].as_str().unwrap().to_owned())
         .collect();
     given.sort();
-    let wired = |c: &Cluster| -> Vec<String> {
-        let addrs = crate::exec_in(c, TEAM, "dra-restart", &["ip", "-o", "-4", "addr"]).unwrap();
-        let mut w: Vec<String> = addrs
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.get(1)
-                    .filter(|i| i.starts_with("rail"))
-                    .map(|i| format!("{} {}", i, f[3]))
-            })
-            .collect();
-        w.sort();
-        w
-    };
+    let wired = |c: &Cluster| rail_addrs(c, TEAM, "dra-restart").0;
     let before = wired(c);
     assert_eq!(
-        before
-            .iter()
-            .map(|w| w.split(' ').next().unwrap())
-            .collect::<Vec<_>>(),
+        before.iter().map(|w| w.0.as_str()).collect::<Vec<_>>(),
         given,
         "the pod's rails after the agent restarted between prepare and start"
     );
@@ -618,16 +605,10 @@ pub fn kubernetes_store_stage(c: &mut Cluster) {
     ));
     c.apply(&pod("dra-k", "node0", "two-rails"));
     crate::wait_running(c, TEAM, "dra-k");
-    let addrs = crate::exec_in(c, TEAM, "dra-k", &["ip", "-o", "-4", "addr"]).unwrap();
-    let ips: Vec<String> = addrs
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|i| i.starts_with("rail"))
-        })
-        .filter_map(|l| l.split_whitespace().nth(3))
-        .map(|cidr| cidr.split('/').next().unwrap().to_owned())
+    let (rails, addrs) = rail_addrs(c, TEAM, "dra-k");
+    let ips: Vec<String> = rails
+        .iter()
+        .map(|(_, cidr)| cidr.split('/').next().unwrap().to_owned())
         .collect();
     assert_eq!(ips.len(), 2, "{addrs}");
     let claims = c.wait_for(
