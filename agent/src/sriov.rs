@@ -255,6 +255,30 @@ pub fn pf_of(sysfs: &Path, bdf: &str) -> Result<(String, u32), String> {
     Ok((pf, vf))
 }
 
+/// The VFs of PF `pf_bdf`, by VF number: its `virtfn<N>` links under
+/// `<sysfs>/bus/pci/devices/<pf_bdf>/`, each naming a VF's PCI function.
+/// None when the function has no VFs (or is no PF).
+pub fn vfs_of(sysfs: &Path, pf_bdf: &str) -> Vec<(u32, String)> {
+    let dir = sysfs.join("bus/pci/devices").join(pf_bdf);
+    let mut vfs: Vec<(u32, String)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("virtfn")?
+                .parse::<u32>()
+                .ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((n, target.file_name()?.to_string_lossy().into_owned()))
+        })
+        .collect();
+    vfs.sort();
+    vfs
+}
+
 /// The netdev of PCI function `bdf`, from `<sysfs>/bus/pci/devices/<bdf>/net/`.
 /// `sysfs` is `/sys` on a node; tests point it at a tree of their own.
 pub fn vf_netdev(sysfs: &Path, bdf: &str) -> Result<String, String> {

@@ -118,6 +118,8 @@ pub fn inject(
     let mut members: Vec<&Value> = networks
         .iter()
         .filter(|n| n["spec"]["group"].as_str() == Some(group) && scope.admits(n))
+        // VFs allocated through DRA claims have no NAD to name.
+        .filter(|n| !crate::controller::dra_vfs(&n["spec"]))
         .collect();
     if members.is_empty() {
         return Err(format!(
@@ -555,9 +557,9 @@ mod tests {
     use super::*;
 
     fn net(name: &str, rail: u64, group: &str, resource: Option<&str>) -> Value {
-        let mut spec = json!({"rail": rail, "type": "sriov", "group": group});
+        let mut spec = json!({"rail": rail, "type": "macvlan", "master": "eth1", "group": group});
         if let Some(r) = resource {
-            spec["resourceName"] = r.into();
+            spec = json!({"rail": rail, "type": "sriov", "group": group, "resourceName": r});
         }
         json!({"metadata": {"name": name, "namespace": "railnet"}, "spec": spec})
     }
@@ -568,6 +570,21 @@ mod tests {
         pod: "ai",
         shared: Some("railnet"),
     };
+
+    #[test]
+    fn vfs_allocated_through_dra_are_not_injected_as_networks() {
+        let mut dra_vfs = net("vf2", 2, "g", None);
+        dra_vfs["spec"] = json!({"rail": 2, "type": "sriov", "master": "eth2", "group": "g"});
+        let nets = [net("r1", 1, "g", Some("r/a")), dra_vfs];
+        let pod = json!({"metadata": {}, "spec": {"containers": [{"name": "c"}]}});
+        let got = inject(&pod, "g", &nets, SCOPE, None).unwrap();
+        let value = got.patch[0]["value"].to_string();
+        assert!(value.contains("r1"), "{value}");
+        assert!(
+            !value.contains("vf2"),
+            "a DRA VF network has no NAD: {value}"
+        );
+    }
 
     #[test]
     fn a_namespace_annotation_applies_unless_the_pod_names_its_own_group() {

@@ -943,7 +943,9 @@ fn dra_installs_device_classes_the_dra_network_and_node_scoped_rights() {
             "rail.railnet.io",
             "macvlan.railnet.io",
             "ipvlan.railnet.io",
-            "ipoib.railnet.io"
+            "ipoib.railnet.io",
+            "sriov.railnet.io",
+            "ib-sriov.railnet.io"
         ]
     );
     let nad = of_kind(&objects, "NetworkAttachmentDefinition")
@@ -988,6 +990,16 @@ fn dra_installs_device_classes_the_dra_network_and_node_scoped_rights() {
     let args = pod["containers"][0]["args"].to_string();
     assert!(args.contains("\"--dra\""), "{args}");
     assert!(args.contains("--dra-shared-namespace=railnet"), "{args}");
+    // CDI specs of claimed VFs' RDMA devices, where the runtime reads them.
+    assert!(args.contains("--dra-cdi-dir=/var/run/cdi"), "{args}");
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["hostPath"]["path"] == "/var/run/cdi"),
+        "{pod}"
+    );
     // The uninstall's cleanup deletes the agents' slices (they cannot).
     let job = of_kind(&objects, "Job")
         .into_iter()

@@ -14,6 +14,7 @@ use serde_json::json;
 
 mod cluster {
     pub mod dra;
+    pub mod dra_vf;
 }
 
 fn exec(c: &Cluster, pod: &str, cmd: &[&str]) -> Result<String, String> {

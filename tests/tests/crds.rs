@@ -171,8 +171,23 @@ fn rail_networks_refuse_what_railnet_would_refuse() {
     bad(
         "no-resource",
         json!({"rail": 2, "type": "sriov", "ippools": {"ipv4": ["p"]}}),
-        "without it Multus passes no deviceID",
+        "need one of resourceName",
     );
+    bad(
+        "both-servers",
+        json!({"rail": 2, "type": "sriov", "resourceName": "nvidia.com/rail2", "master": "eno4np1",
+               "ippools": {"ipv4": ["p"]}}),
+        "not both",
+    );
+    // The PF named instead: its VFs are DRA devices.
+    let (code, body) = api.post(
+        NETWORKS,
+        &network(
+            "dra-vfs",
+            json!({"rail": 2, "type": "sriov", "master": "eno4np1", "ippools": {"ipv4": ["p"]}}),
+        ),
+    );
+    assert_eq!(code, 201, "{body}");
     bad(
         "isolated-macvlan",
         json!({"rail": 2, "type": "macvlan", "master": "eno4np1", "rdmaIsolation": true, "ippools": {"ipv4": ["p"]}}),
@@ -208,5 +223,5 @@ fn rail_networks_refuse_what_railnet_would_refuse() {
             "Age"
         ]
     );
-    assert_eq!(table["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(table["rows"].as_array().unwrap().len(), 3, "{table}");
 }

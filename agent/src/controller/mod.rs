@@ -128,6 +128,14 @@ pub fn render(spec: &Value) -> Result<(Value, BTreeMap<String, String>), String>
     Ok((conf, annotations))
 }
 
+/// Whether a RailNetwork's VFs are DRA devices (a VF type naming its PF
+/// in `master`, no device plugin `resourceName`): pods claim them through
+/// ResourceClaims, and it has no NAD — Multus would pass no `deviceID`.
+pub fn dra_vfs(spec: &Value) -> bool {
+    matches!(spec["type"].as_str(), Some("sriov" | "ib-sriov"))
+        && spec.get("resourceName").is_none_or(Value::is_null)
+}
+
 /// What the NAD for RailNetwork `net` must be (name, namespace, owner,
 /// labels, annotations, config).
 pub fn desired_nad(net: &DynamicObject) -> Result<DynamicObject, String> {
@@ -285,6 +293,12 @@ async fn reconcile_one(
     let name = net.metadata.name.clone().unwrap_or_default();
     let ns = net.metadata.namespace.clone().unwrap_or_default();
     let status = match desired_nad(net) {
+        Ok(_) if dra_vfs(&net.data["spec"]) => {
+            json!({"conditions": [
+                {"type": "Ready", "status": "True", "reason": "DRADevices",
+                 "message": "its VFs are published as DRA devices (DeviceClass sriov.railnet.io or ib-sriov.railnet.io): \
+                             pods claim them through ResourceClaims and name the railnet-dra network; it has no NetworkAttachmentDefinition"}]})
+        }
         Ok(want) => {
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &nads());
             match api.get_opt(&name).await? {

@@ -165,6 +165,11 @@ pub struct Args {
     /// use (the release namespace); others' serve their own namespace.
     #[arg(long, env = "RAILNET_DRA_SHARED_NAMESPACE", default_value = "railnet")]
     pub dra_shared_namespace: String,
+    /// DRA: where the container runtime reads CDI specs (containerd's and
+    /// CRI-O's default `/var/run/cdi`): the RDMA character devices of a
+    /// claim's VFs are handed to the runtime there.
+    #[arg(long, env = "RAILNET_DRA_CDI_DIR", default_value = "/var/run/cdi")]
+    pub dra_cdi_dir: PathBuf,
     /// DRA: seconds between reads of the RailNetworks and NICs for the
     /// ResourceSlices (a slice is written only when its devices change); a
     /// RailNetwork change is published at once (they are watched).

@@ -135,6 +135,7 @@ async fn start_dra(
         inventory: Default::default(),
         shared_namespace: args.dra_shared_namespace.clone(),
         sysfs_root: args.sysfs_root.clone(),
+        cdi_dir: args.dra_cdi_dir.clone(),
         runtime: tokio::runtime::Handle::current(),
     });
     service

@@ -14,6 +14,12 @@
 //! serves them all and the scheduler still sees one NIC per PCIe root to
 //! align with a GPU. Counted slots would put an arbitrary cap on pods per
 //! NIC and 8 × N devices per node into every scheduling decision.
+//!
+//! VF kinds (sriov, ib-sriov) are one device per VF, allocated to one
+//! claim at a time: a VF moves into its pod whole. A VF RailNetwork names
+//! its PF in `master` and no `resourceName`; one with `resourceName` is
+//! the SR-IOV device plugin's, and publishing its VFs here as well would
+//! let the scheduler give one VF to two pods.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -43,9 +49,13 @@ pub struct RailDevice {
     pub rail: u32,
     /// The RailNetwork's type (`macvlan`, `ipvlan`, `ipoib`).
     pub kind: String,
-    /// The master NIC.
+    /// The master NIC (a VF's PF).
     pub master: String,
-    /// What sysfs says of the master.
+    /// The VF's number on its PF, for a VF device; `None` for a device
+    /// many pods share (the master itself).
+    pub vf: Option<u32>,
+    /// What sysfs says of the device's PCI function (the master's, or the
+    /// VF's).
     pub facts: NicFacts,
     /// The network config an allocated device is wired with (the
     /// RailNetwork rendered as its NAD would carry it).
@@ -77,9 +87,8 @@ pub fn inventory(node: &str, networks: &[DynamicObject], sysfs: &Path) -> Invent
     for net in networks {
         let ns = net.metadata.namespace.clone().unwrap_or_default();
         let name = net.metadata.name.clone().unwrap_or_default();
-        match device(node, &ns, &name, &net.data["spec"], sysfs) {
-            Ok(Some(d)) => inv.devices.push(d),
-            Ok(None) => {}
+        match devices(node, &ns, &name, &net.data["spec"], sysfs) {
+            Ok(d) => inv.devices.extend(d),
             Err(why) => inv.left_out.push(format!("{ns}/{name}: {why}")),
         }
     }
@@ -100,25 +109,35 @@ pub fn inventory(node: &str, networks: &[DynamicObject], sysfs: &Path) -> Invent
     inv
 }
 
-/// One RailNetwork's device on this node: `None` when the node lacks its
-/// master (not every node has every rail); an error when it cannot be one.
-fn device(
+/// One RailNetwork's devices on this node: none when the node lacks its
+/// master (not every node has every rail); an error when it cannot have
+/// any.
+fn devices(
     node: &str,
     ns: &str,
     name: &str,
     spec: &Value,
     sysfs: &Path,
-) -> Result<Option<RailDevice>, String> {
+) -> Result<Vec<RailDevice>, String> {
     let kind = spec["type"].as_str().unwrap_or_default();
-    if !matches!(kind, "macvlan" | "ipvlan" | "ipoib") {
-        return Err(format!(
-            "type {kind:?} is not published for DRA yet (its VFs are the device plugin's); \
-             pods attach it through its NetworkAttachmentDefinition"
-        ));
+    let vfs = matches!(kind, "sriov" | "ib-sriov");
+    if vfs && spec.get("resourceName").is_some_and(|r| !r.is_null()) {
+        return Err(
+            "its VFs are the device plugin's (spec.resourceName): pods attach it through its \
+             NetworkAttachmentDefinition; name the PF in spec.master instead of resourceName to \
+             have its VFs allocated through DRA claims"
+                .into(),
+        );
+    }
+    if !vfs && !matches!(kind, "macvlan" | "ipvlan" | "ipoib") {
+        return Err(format!("type {kind:?} is not published for DRA"));
     }
     let master = spec["master"].as_str().unwrap_or_default();
+    if vfs && master.is_empty() {
+        return Err("spec.master (the PF whose VFs are the devices) is not set".into());
+    }
     let Some(facts) = crate::dra::nic::read(sysfs, master) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     let rail = spec["rail"]
         .as_u64()
@@ -126,7 +145,7 @@ fn device(
         .ok_or("spec.rail is not a rail number")?;
     let (mut conf, _) = crate::controller::render(spec)?;
     conf["name"] = Value::String(name.to_owned());
-    Ok(Some(RailDevice {
+    let shared = RailDevice {
         pool: format!("{node}/{ns}"),
         name: label(name),
         namespace: ns.to_owned(),
@@ -134,9 +153,44 @@ fn device(
         rail,
         kind: kind.to_owned(),
         master: master.to_owned(),
+        vf: None,
         facts,
         conf,
-    }))
+    };
+    if !vfs {
+        return Ok(vec![shared]);
+    }
+    let pf = shared.facts.pci_address.clone().ok_or_else(|| {
+        format!("master {master} is no PCI function here: it has no VFs to publish")
+    })?;
+    let listed = crate::sriov::vfs_of(sysfs, &pf);
+    if listed.is_empty() {
+        return Err(format!(
+            "PF {master} ({pf}) has no VFs: create them (sriov_numvfs) or remove this RailNetwork"
+        ));
+    }
+    let link_layer = if kind == "ib-sriov" {
+        "infiniband"
+    } else {
+        shared.facts.link_layer
+    };
+    Ok(listed
+        .into_iter()
+        .map(|(n, bdf)| {
+            let mut d = shared.clone();
+            let suffix = format!("-vf{n}");
+            d.name.truncate(63 - suffix.len());
+            d.name = format!("{}{suffix}", d.name.trim_end_matches('-'));
+            d.vf = Some(n);
+            d.facts = crate::dra::nic::function(sysfs, &bdf, link_layer);
+            // The VF is the device: what Multus's deviceID would say.
+            if let Some(o) = d.conf.as_object_mut() {
+                o.remove("master");
+                o.insert("deviceID".into(), Value::String(bdf));
+            }
+            d
+        })
+        .collect())
 }
 
 /// A RailNetwork name (a DNS subdomain) as a device name (a DNS label).
@@ -216,6 +270,9 @@ fn api_device(d: &RailDevice) -> Device {
         ("netdev".to_owned(), text(&d.master)),
         ("linkLayer".to_owned(), text(d.facts.link_layer)),
     ]);
+    if let Some(n) = d.vf {
+        attrs.insert("vf".into(), int(i64::from(n)));
+    }
     if let Some(r) = &d.facts.rdma_device {
         attrs.insert("rdmaDevice".into(), text(r));
     }
@@ -231,7 +288,8 @@ fn api_device(d: &RailDevice) -> Device {
     Device {
         name: d.name.clone(),
         attributes: Some(attrs),
-        allow_multiple_allocations: Some(true),
+        // A VF moves into one pod; a master serves any number.
+        allow_multiple_allocations: d.vf.is_none().then_some(true),
         ..Default::default()
     }
 }
@@ -277,8 +335,8 @@ mod tests {
             network(
                 "railnet",
                 "vfs",
-                json!({"rail": 4, "type": "sriov", "master": "eth1",
-                                              "ippools": {"ipv4": ["x"]}}),
+                json!({"rail": 4, "type": "sriov", "resourceName": "nvidia.com/rail4",
+                       "ippools": {"ipv4": ["x"]}}),
             ),
         ];
         let inv = inventory("node0", &nets, &sysfs);
@@ -296,7 +354,11 @@ mod tests {
             ]
         );
         assert_eq!(inv.left_out.len(), 1, "{:?}", inv.left_out);
-        assert!(inv.left_out[0].starts_with("railnet/vfs: type \"sriov\""));
+        assert!(
+            inv.left_out[0].starts_with("railnet/vfs: its VFs are the device plugin's"),
+            "{:?}",
+            inv.left_out
+        );
         assert_eq!(inv.devices[0].conf["name"], "rail1");
         assert_eq!(inv.devices[0].conf["master"], "eth1");
 
@@ -332,6 +394,84 @@ mod tests {
             s["spec"]["devices"][1]["attributes"]
                 .get("rdmaDevice")
                 .is_none()
+        );
+        let _ = std::fs::remove_dir_all(&sysfs);
+    }
+
+    #[test]
+    fn each_vf_of_a_dra_vf_network_is_a_device_of_its_own_for_one_claim() {
+        let sysfs = tempfile_dir();
+        fake_nic(&sysfs, "eth2", "pci0000:3a", "0000:3c:00.0", 0, None);
+        for n in 0..2 {
+            let bdf = format!("0000:3c:00.{}", n + 1);
+            let function = sysfs.join("devices/pci0000:3a").join(&bdf);
+            std::fs::create_dir_all(function.join("infiniband").join(format!("mlx5_{n}"))).unwrap();
+            std::os::unix::fs::symlink(
+                format!("../../../devices/pci0000:3a/{bdf}"),
+                sysfs.join("bus/pci/devices").join(&bdf),
+            )
+            .unwrap();
+            std::os::unix::fs::symlink(
+                format!("../{bdf}"),
+                sysfs
+                    .join("devices/pci0000:3a/0000:3c:00.0")
+                    .join(format!("virtfn{n}")),
+            )
+            .unwrap();
+        }
+        let nets = [
+            network(
+                "team-a",
+                "vf2",
+                json!({"rail": 2, "type": "sriov", "master": "eth2",
+                       "ippools": {"ipv4": ["rail2"]}}),
+            ),
+            // No VFs on this PF: said, not silently nothing.
+            network(
+                "team-a",
+                "novf",
+                json!({"rail": 3, "type": "ib-sriov", "master": "eth1",
+                       "ippools": {"ipv4": ["rail3"]}}),
+            ),
+        ];
+        fake_nic(&sysfs, "eth1", "pci0000:5d", "0000:5e:00.0", 0, None);
+        let inv = inventory("node0", &nets, &sysfs);
+        let got: Vec<_> = inv
+            .devices
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {} {}",
+                    d.name,
+                    d.conf["deviceID"].as_str().unwrap(),
+                    d.facts.rdma_device.clone().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            ["vf2-vf0 0000:3c:00.1 mlx5_0", "vf2-vf1 0000:3c:00.2 mlx5_1"]
+        );
+        assert!(inv.devices[0].conf.get("master").is_none());
+        assert_eq!(inv.left_out.len(), 1, "{:?}", inv.left_out);
+        assert!(inv.left_out[0].contains("has no VFs"), "{:?}", inv.left_out);
+
+        let slices = slices("node0", "uid-1", &inv, 1);
+        let d = serde_json::to_value(&slices[0]).unwrap()["spec"]["devices"][1].clone();
+        assert_eq!(d["name"], "vf2-vf1");
+        assert!(
+            d.get("allowMultipleAllocations").is_none(),
+            "a VF goes to one claim"
+        );
+        assert_eq!(d["attributes"]["vf"], json!({"int": 1}));
+        assert_eq!(d["attributes"]["kind"], json!({"string": "sriov"}));
+        assert_eq!(
+            d["attributes"]["resource.kubernetes.io/pciBusID"],
+            json!({"string": "0000:3c:00.2"})
+        );
+        assert_eq!(
+            d["attributes"]["resource.kubernetes.io/pcieRoot"],
+            json!({"string": "pci0000:3a"})
         );
         let _ = std::fs::remove_dir_all(&sysfs);
     }

@@ -23,6 +23,7 @@
 //! once per rail: how many rails it gets is the claim's business.
 
 pub mod authority;
+pub mod cdi;
 pub mod claimed;
 pub mod devices;
 pub mod nic;
@@ -69,6 +70,8 @@ pub struct Dra {
     pub shared_namespace: String,
     /// sysfs (`--sysfs-root`).
     pub sysfs_root: PathBuf,
+    /// Where the runtime reads CDI specs (`--dra-cdi-dir`).
+    pub cdi_dir: PathBuf,
     /// The agent's runtime, for API calls from request threads.
     pub runtime: tokio::runtime::Handle,
 }

@@ -38,24 +38,30 @@ pub fn read(sysfs: &Path, netdev: &str) -> Option<NicFacts> {
         .ok()
         .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
         .filter(|bdf| is_bdf(bdf));
-    let Some(bdf) = pci_address else {
-        return Some(NicFacts {
+    Some(match pci_address {
+        Some(bdf) => function(sysfs, &bdf, link_layer),
+        None => NicFacts {
             link_layer,
             ..NicFacts::default()
-        });
-    };
-    let function = sysfs.join("bus/pci/devices").join(&bdf);
-    let numa_node = std::fs::read_to_string(function.join("numa_node"))
+        },
+    })
+}
+
+/// The facts of PCI function `bdf` (a NIC's, or one of its VFs'), whose
+/// netdevs' link layer is `link_layer`.
+pub fn function(sysfs: &Path, bdf: &str, link_layer: &'static str) -> NicFacts {
+    let dir = sysfs.join("bus/pci/devices").join(bdf);
+    let numa_node = std::fs::read_to_string(dir.join("numa_node"))
         .ok()
         .and_then(|n| n.trim().parse::<i64>().ok())
         .filter(|n| *n >= 0);
-    Some(NicFacts {
-        pcie_root: pcie_root(sysfs, &bdf),
+    NicFacts {
+        pcie_root: pcie_root(sysfs, bdf),
         numa_node,
-        rdma_device: crate::rdma::devices_of_pci(sysfs, &bdf).into_iter().next(),
-        pci_address: Some(bdf),
+        rdma_device: crate::rdma::devices_of_pci(sysfs, bdf).into_iter().next(),
+        pci_address: Some(bdf.to_owned()),
         link_layer,
-    })
+    }
 }
 
 /// The root complex of PCI function `bdf`: the `pci<domain>:<bus>`

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::{
-    DRIVER, Dra,
+    DRIVER, Dra, cdi,
     pb::{dra, registration},
     prepared::{Placement, PreparedClaim, PreparedDevice},
 };
@@ -172,7 +172,9 @@ impl dra::dra_plugin_server::DraPlugin for Plugin {
     ) -> Result<Response<dra::NodeUnprepareResourcesResponse>, Status> {
         let mut claims = std::collections::HashMap::new();
         for claim in req.into_inner().claims {
-            let error = match self.dra.store.forget_claim(&claim.uid) {
+            let forgotten = cdi::remove(&self.dra.cdi_dir, &claim.uid)
+                .and_then(|()| self.dra.store.forget_claim(&claim.uid));
+            let error = match forgotten {
                 Ok(()) => {
                     info!(claim = %format!("{}/{}", claim.namespace, claim.name), "claim unprepared");
                     String::new()
@@ -206,6 +208,26 @@ async fn prepare(dra: &Dra, claim: &dra::Claim) -> Result<Vec<dra::Device>, Stri
     }
     let mut prepared = plan(dra, &live)?;
     prepared.peers = super::peers::of(&dra.client, &live).await;
+    // The RDMA character devices of the claim's VFs, for the runtime.
+    let nodes: Vec<(String, Vec<cdi::DeviceNode>)> = prepared
+        .devices
+        .iter()
+        .map(|d| {
+            let vf = d.conf["deviceID"].as_str().unwrap_or_default();
+            let nodes = if vf.is_empty() {
+                Vec::new()
+            } else {
+                cdi::rdma_nodes(&dra.sysfs_root, vf)
+            };
+            (d.device.clone(), nodes)
+        })
+        .collect();
+    cdi::write(&dra.cdi_dir, &prepared.uid, &nodes).map_err(|e| {
+        format!(
+            "writing the CDI spec of claim {name} in {}: {e}",
+            dra.cdi_dir.display()
+        )
+    })?;
     dra.store
         .save_claim(&prepared)
         .map_err(|e| format!("recording claim {name}: {e}"))?;
@@ -213,11 +235,16 @@ async fn prepare(dra: &Dra, claim: &dra::Claim) -> Result<Vec<dra::Device>, Stri
     Ok(prepared
         .devices
         .iter()
-        .map(|d| dra::Device {
+        .zip(&nodes)
+        .map(|(d, (_, nodes))| dra::Device {
             request_names: vec![d.request.clone()],
             pool_name: d.pool.clone(),
             device_name: d.device.clone(),
-            cdi_device_ids: vec![],
+            cdi_device_ids: if nodes.is_empty() {
+                vec![]
+            } else {
+                vec![cdi::device_id(&prepared.uid, &d.device)]
+            },
             share_id: d.share_id.clone(),
         })
         .collect())

@@ -54,6 +54,9 @@ pub const RAILS: u32 = 8;
 pub const VF_RESOURCE: &str = "railnet.io/rail1-vf";
 /// Stand-in VFs per node.
 pub const VFS_PER_NODE: usize = 2;
+/// The rail whose NIC's VFs (as many as rail 1's, with RDMA devices) no
+/// device plugin serves: the DRA stage claims them.
+pub const DRA_VF_RAIL: u32 = 2;
 /// The prefix of every cgroup a test cluster makes (leftovers are found by it).
 const CGROUP_PREFIX: &str = "railnet-cluster-";
 /// Kernel settings kubelet rewrites at start (a kernel oops would then
@@ -358,6 +361,16 @@ impl Cluster {
                 n,
                 1,
                 VFS_PER_NODE,
+                false,
+            );
+            // Rail 2's VFs are no device plugin's: DRA claims them.
+            node.add_stand_in_vfs(
+                &cluster.fabric.nodes[n],
+                cluster.fabric.router(DRA_VF_RAIL),
+                n,
+                DRA_VF_RAIL,
+                VFS_PER_NODE,
+                true,
             );
             let bdfs: Vec<String> = vfs.into_iter().map(|(bdf, _)| bdf).collect();
             node.start_device_plugin(&cluster.tools, VF_RESOURCE, &bdfs);

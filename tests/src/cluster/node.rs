@@ -28,6 +28,8 @@ pub const NODE_PATHS: &[(&str, &str)] = &[
     ("/run/containerd", "run-containerd"),
     // containerd pins pod netns here; the agent watches it.
     ("/run/netns", "run-netns"),
+    // CDI specs, where containerd reads them (/var/run/cdi).
+    ("/run/cdi", "run-cdi"),
     // The stand-in VFs' sysfs tree (see `Node::add_stand_in_vfs`).
     (STAND_IN_SYSFS, "stand-in-sysfs"),
 ];
@@ -38,12 +40,9 @@ pub const NODE_PATHS: &[(&str, &str)] = &[
 /// (`RAILNET_SYSFS_ROOT`, through the chart's `agent.extraEnv`).
 pub const STAND_IN_SYSFS: &str = "/var/lib/railnet-test-sysfs";
 
-/// The stand-in PF's PCI address (the node's rail-1 NIC, `eth1`).
-const STAND_IN_PF: &str = "0000:3b:00.0";
-
 /// Rail `k`'s stand-in NIC: its PCIe root complex, PCI address and NUMA
-/// node (rail 1 is [`STAND_IN_PF`], the stand-in VFs' PF). Rails 2k-1 and
-/// 2k share a root, as two NICs behind one PCIe switch beside two GPUs do.
+/// node. Rails 2k-1 and 2k share a root, as two NICs behind one PCIe
+/// switch beside two GPUs do.
 pub fn stand_in_nic(k: u32) -> (&'static str, String, u32) {
     let (root, bus) = match (k - 1) / 2 {
         0 => ("pci0000:3a", 0x3b),
@@ -53,6 +52,21 @@ pub fn stand_in_nic(k: u32) -> (&'static str, String, u32) {
     };
     let bdf = format!("0000:{:02x}:00.0", bus + (k - 1) % 2);
     (root, bdf, u32::from(k > 4))
+}
+
+/// Lays PCI function `bdf` out under `sysfs` as the kernel does: its
+/// directory under its root complex (with its NUMA node), and
+/// `bus/pci/devices/<bdf>` linking there. Returns the link's target,
+/// relative to a directory three levels under `sysfs` (as `class/net/<dev>`).
+fn stand_in_function(sysfs: &Path, root: &str, bdf: &str, numa: u32) -> String {
+    let function = sysfs.join("devices").join(root).join(bdf);
+    std::fs::create_dir_all(&function).unwrap();
+    std::fs::write(function.join("numa_node"), format!("{numa}\n")).unwrap();
+    let bus = sysfs.join("bus/pci/devices");
+    std::fs::create_dir_all(&bus).unwrap();
+    let target = format!("../../../devices/{root}/{bdf}");
+    std::os::unix::fs::symlink(&target, bus.join(bdf)).unwrap();
+    target
 }
 
 /// The stand-in GPUs of every node (`gpu0`…: PCIe root, NUMA node, PCI
@@ -373,13 +387,6 @@ nodeStatusUpdateFrequency: 4s
         self.kubelet = Some(cmd.spawn().expect("kubelet"));
     }
 
-    /// Makes `count` stand-in VFs of the node's rail-`rail` NIC: veths
-    /// named `r<rail>vf<i>` in the node whose other ends are ports of the
-    /// rail router's bridge (where a VF's traffic reaches the rail switch),
-    /// described in [`STAND_IN_SYSFS`] as VFs `0000:3b:00.<i+1>` of a PF
-    /// at [`STAND_IN_PF`] (the rail NIC). Returns their PCI addresses and
-    /// netdev names.
-    #[track_caller]
     /// Describes the node's rail NICs `eth1`…`eth<rails>` in
     /// [`STAND_IN_SYSFS`] as PCI functions the way sysfs lays them out on
     /// an 8-GPU node: two NICs per PCIe root complex
@@ -388,13 +395,7 @@ nodeStatusUpdateFrequency: 4s
         let sysfs = self.path(STAND_IN_SYSFS);
         for k in 1..=rails {
             let (root, bdf, numa) = stand_in_nic(k);
-            let function = sysfs.join("devices").join(root).join(&bdf);
-            std::fs::create_dir_all(&function).unwrap();
-            std::fs::write(function.join("numa_node"), format!("{numa}\n")).unwrap();
-            let bus = sysfs.join("bus/pci/devices");
-            std::fs::create_dir_all(&bus).unwrap();
-            let target = format!("../../../devices/{root}/{bdf}");
-            std::os::unix::fs::symlink(&target, bus.join(&bdf)).unwrap();
+            let target = stand_in_function(&sysfs, root, &bdf, numa);
             let class = sysfs.join("class/net").join(format!("eth{k}"));
             std::fs::create_dir_all(&class).unwrap();
             std::fs::write(class.join("type"), "1\n").unwrap();
@@ -402,6 +403,17 @@ nodeStatusUpdateFrequency: 4s
         }
     }
 
+    /// Makes `count` stand-in VFs of the node's rail-`rail` NIC: veths
+    /// named `r<rail>vf<i>` in the node whose other ends are ports of the
+    /// rail router's bridge (where a VF's traffic reaches the rail switch),
+    /// described in [`STAND_IN_SYSFS`] as sysfs lays VFs out: functions
+    /// `<NIC's bus>:00.<i+1>` under the NIC's root complex, each with its
+    /// netdev under `net/` and a `physfn` link, the NIC with `virtfn<i>`
+    /// links. With `rdma`, each VF also has an RDMA device
+    /// `mlx5_<10·rail+i>` and its verbs device `uverbs<10·rail+i>` (char
+    /// 231:192+…), and the node an `rdma_cm` (char 10:58), as a node with
+    /// mlx5 VFs does. Returns their PCI addresses and netdev names.
+    #[track_caller]
     pub fn add_stand_in_vfs(
         &self,
         net: &Netns,
@@ -409,21 +421,35 @@ nodeStatusUpdateFrequency: 4s
         index: usize,
         rail: u32,
         count: usize,
+        rdma: bool,
     ) -> Vec<(String, String)> {
-        let devices = self.path(STAND_IN_SYSFS).join("bus/pci/devices");
-        let pf = devices.join(STAND_IN_PF);
-        std::fs::create_dir_all(pf.join("net").join(format!("eth{rail}"))).unwrap();
+        let sysfs = self.path(STAND_IN_SYSFS);
+        let (root, pf, numa) = stand_in_nic(rail);
+        let pf_dir = sysfs.join("devices").join(root).join(&pf);
+        std::fs::create_dir_all(pf_dir.join("net").join(format!("eth{rail}"))).unwrap();
         let mut vfs = Vec::new();
         for i in 0..count {
-            let bdf = format!("0000:3b:00.{}", i + 1);
+            let bdf = format!("{}.{}", &pf[..pf.len() - 2], i + 1);
             let vf = format!("r{rail}vf{i}");
             let port = format!("n{index}r{rail}vf{i}");
             crate::veth_between(net, &vf, router, &port);
             router.ip(&["link", "set", &port, "master", "br0", "up"]);
-            let dev = devices.join(&bdf);
-            std::fs::create_dir_all(dev.join("net").join(&vf)).unwrap();
-            std::os::unix::fs::symlink(format!("../{STAND_IN_PF}"), dev.join("physfn")).unwrap();
-            std::os::unix::fs::symlink(format!("../{bdf}"), pf.join(format!("virtfn{i}"))).unwrap();
+            stand_in_function(&sysfs, root, &bdf, numa);
+            let dir = sysfs.join("devices").join(root).join(&bdf);
+            std::fs::create_dir_all(dir.join("net").join(&vf)).unwrap();
+            std::os::unix::fs::symlink(format!("../{pf}"), dir.join("physfn")).unwrap();
+            std::os::unix::fs::symlink(format!("../{bdf}"), pf_dir.join(format!("virtfn{i}")))
+                .unwrap();
+            if rdma {
+                let n = 10 * rail + i as u32;
+                std::fs::create_dir_all(dir.join("infiniband").join(format!("mlx5_{n}"))).unwrap();
+                let verbs = dir.join("infiniband_verbs").join(format!("uverbs{n}"));
+                std::fs::create_dir_all(&verbs).unwrap();
+                std::fs::write(verbs.join("dev"), format!("231:{}\n", 192 + n)).unwrap();
+                let cm = sysfs.join("class/misc/rdma_cm");
+                std::fs::create_dir_all(&cm).unwrap();
+                std::fs::write(cm.join("dev"), "10:58\n").unwrap();
+            }
             vfs.push((bdf, vf));
         }
         // The router's ports forward once a pod sets its VF up (no carrier

@@ -11,7 +11,7 @@ use railnet_tests::cluster::{Cluster, NS, RAILS, WORKLOAD, node_ip, rail_subnet,
 use serde_json::{Value, json};
 
 /// The namespace of the stage's claims, pods and RailNetworks.
-const TEAM: &str = "dra-team";
+pub const TEAM: &str = "dra-team";
 
 /// A ResourceClaimTemplate in [`TEAM`] asking for one device of each of
 /// `networks` (RailNetwork `ns/name`s), request `nic<i>`.
@@ -250,6 +250,7 @@ pub fn dra_stage(c: &mut Cluster) {
     aligned(c);
     restarts(c);
     injected(c);
+    super::dra_vf::vf_stage(c);
     c.kubectl_ok(&["delete", "namespace", TEAM, "--wait=false"]);
 }
 
