@@ -980,17 +980,7 @@ fn tenants_stage(c: &mut Cluster) {
 /// The SR-IOV stage (see its call).
 #[track_caller]
 fn sriov_stage(c: &mut Cluster) {
-    let node = &c.fabric.nodes[0];
-    let vfs: Vec<(String, String)> = (0..VFS_PER_NODE)
-        .map(|i| {
-            let vf = format!("r1vf{i}");
-            let mac = node.ip_json(&["link", "show", "dev", &vf])[0]["address"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            (vf, mac)
-        })
-        .collect();
+    let vfs = stand_in_vfs(c, 1);
     c.apply(&vf_pod("vf-a", "node0"));
     let pod = wait_running(c, "default", "vf-a");
     let rails = rail_addresses(&pod);
@@ -1034,6 +1024,21 @@ fn sriov_stage(c: &mut Cluster) {
     assert!(node.has_link(&vf), "{vf} did not come back to node0");
     let back = &node.ip_json(&["link", "show", "dev", &vf])[0];
     assert_eq!(back["address"], mac.as_str(), "{vf}'s MAC not restored");
+}
+
+/// node0's stand-in VFs of rail `rail`: netdev names and their MACs.
+fn stand_in_vfs(c: &Cluster, rail: u32) -> Vec<(String, String)> {
+    let node = &c.fabric.nodes[0];
+    (0..VFS_PER_NODE)
+        .map(|i| {
+            let vf = format!("r{rail}vf{i}");
+            let mac = node.ip_json(&["link", "show", "dev", &vf])[0]["address"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            (vf, mac)
+        })
+        .collect()
 }
 
 /// A counter of the controller's /metrics (`railnet_controller_<name>_total`),

@@ -455,6 +455,23 @@ mod tests {
         assert!(render(&bad).unwrap_err().contains("ib.linkState"));
     }
 
+    /// A VF network names its VFs' server: the device plugin
+    /// (`resourceName`, a NAD) or DRA (`master`, the PF; no NAD).
+    #[test]
+    fn vf_networks_naming_their_pf_are_dra_devices() {
+        let dra = json!({"rail": 2, "type": "sriov", "master": "eth2", "ippools": {"ipv4": ["p"]}});
+        assert!(dra_vfs(&dra));
+        let ib =
+            json!({"rail": 2, "type": "ib-sriov", "master": "ib0", "ippools": {"ipv4": ["p"]}});
+        assert!(dra_vfs(&ib));
+        let plugin = json!({"rail": 2, "type": "sriov", "resourceName": "nvidia.com/rail2",
+                            "ippools": {"ipv4": ["p"]}});
+        assert!(!dra_vfs(&plugin));
+        let macvlan =
+            json!({"rail": 2, "type": "macvlan", "master": "eth2", "ippools": {"ipv4": ["p"]}});
+        assert!(!dra_vfs(&macvlan));
+    }
+
     /// An ib-sriov RailNetwork (the seeds' InfiniBand rails) renders into a
     /// NAD railnet's parser takes: the VF's resource, isolation, and the
     /// `ib` settings under ib-sriov-cni's keys.

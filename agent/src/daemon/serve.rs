@@ -136,6 +136,11 @@ async fn start_dra(
         shared_namespace: args.dra_shared_namespace.clone(),
         sysfs_root: args.sysfs_root.clone(),
         cdi_dir: args.dra_cdi_dir.clone(),
+        // Switching the mode needs a reboot or a node without pods: read
+        // once.
+        rdma_exclusive: crate::rdma::RdmaNetlink::open()
+            .and_then(|mut r| r.netns_mode())
+            .is_ok_and(|m| m == crate::rdma::NetnsMode::Exclusive),
         runtime: tokio::runtime::Handle::current(),
     });
     service

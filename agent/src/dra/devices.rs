@@ -80,14 +80,27 @@ impl Inventory {
     }
 }
 
-/// The devices `node` has for `networks` (RailNetworks, any namespace),
-/// reading the masters under `sysfs`.
-pub fn inventory(node: &str, networks: &[DynamicObject], sysfs: &Path) -> Inventory {
+/// What of the node the devices depend on.
+#[derive(Clone, Copy, Debug)]
+pub struct Host<'a> {
+    /// The node's name.
+    pub node: &'a str,
+    /// sysfs, where the masters and VFs are read.
+    pub sysfs: &'a Path,
+    /// Whether the node's RDMA netns mode is exclusive: VFs whose RDMA
+    /// device moves into the pod (`rdmaIsolation`) are published only
+    /// then, so the scheduler never places such a claim where its ADD
+    /// must fail.
+    pub rdma_exclusive: bool,
+}
+
+/// The devices `host` has for `networks` (RailNetworks, any namespace).
+pub fn inventory(host: Host<'_>, networks: &[DynamicObject]) -> Inventory {
     let mut inv = Inventory::default();
     for net in networks {
         let ns = net.metadata.namespace.clone().unwrap_or_default();
         let name = net.metadata.name.clone().unwrap_or_default();
-        match devices(node, &ns, &name, &net.data["spec"], sysfs) {
+        match devices(host, &ns, &name, &net.data["spec"]) {
             Ok(d) => inv.devices.extend(d),
             Err(why) => inv.left_out.push(format!("{ns}/{name}: {why}")),
         }
@@ -112,13 +125,8 @@ pub fn inventory(node: &str, networks: &[DynamicObject], sysfs: &Path) -> Invent
 /// One RailNetwork's devices on this node: none when the node lacks its
 /// master (not every node has every rail); an error when it cannot have
 /// any.
-fn devices(
-    node: &str,
-    ns: &str,
-    name: &str,
-    spec: &Value,
-    sysfs: &Path,
-) -> Result<Vec<RailDevice>, String> {
+fn devices(host: Host<'_>, ns: &str, name: &str, spec: &Value) -> Result<Vec<RailDevice>, String> {
+    let (node, sysfs) = (host.node, host.sysfs);
     let kind = spec["type"].as_str().unwrap_or_default();
     let vfs = matches!(kind, "sriov" | "ib-sriov");
     if vfs && spec.get("resourceName").is_some_and(|r| !r.is_null()) {
@@ -131,6 +139,14 @@ fn devices(
     }
     if !vfs && !matches!(kind, "macvlan" | "ipvlan" | "ipoib") {
         return Err(format!("type {kind:?} is not published for DRA"));
+    }
+    if vfs && spec["rdmaIsolation"] == true && !host.rdma_exclusive {
+        return Err(
+            "its VFs' RDMA devices move into pods (rdmaIsolation), and this node's RDMA netns mode \
+             is not exclusive: not published here (`railnetctl doctor --expect exclusive` says how \
+             to switch the node)"
+                .into(),
+        );
     }
     let master = spec["master"].as_str().unwrap_or_default();
     if vfs && master.is_empty() {
@@ -309,6 +325,14 @@ mod tests {
         .unwrap()
     }
 
+    fn host(sysfs: &Path, rdma_exclusive: bool) -> Host<'_> {
+        Host {
+            node: "node0",
+            sysfs,
+            rdma_exclusive,
+        }
+    }
+
     fn macvlan(rail: u32, master: &str) -> Value {
         json!({"rail": rail, "type": "macvlan", "master": master,
                "ippools": {"ipv4": [format!("rail{rail}")]}})
@@ -339,7 +363,7 @@ mod tests {
                        "ippools": {"ipv4": ["x"]}}),
             ),
         ];
-        let inv = inventory("node0", &nets, &sysfs);
+        let inv = inventory(host(&sysfs, false), &nets);
         let names: Vec<_> = inv
             .devices
             .iter()
@@ -435,7 +459,7 @@ mod tests {
             ),
         ];
         fake_nic(&sysfs, "eth1", "pci0000:5d", "0000:5e:00.0", 0, None);
-        let inv = inventory("node0", &nets, &sysfs);
+        let inv = inventory(host(&sysfs, false), &nets);
         let got: Vec<_> = inv
             .devices
             .iter()
@@ -473,6 +497,25 @@ mod tests {
             d["attributes"]["resource.kubernetes.io/pcieRoot"],
             json!({"string": "pci0000:3a"})
         );
+
+        // VFs whose RDMA device moves into the pod: only where the node's
+        // RDMA netns mode allows it.
+        let isolated = [network(
+            "team-a",
+            "vf2",
+            json!({"rail": 2, "type": "sriov", "master": "eth2", "rdmaIsolation": true,
+                   "ippools": {"ipv4": ["rail2"]}}),
+        )];
+        let shared = inventory(host(&sysfs, false), &isolated);
+        assert!(shared.devices.is_empty());
+        assert!(
+            shared.left_out[0].contains("not exclusive"),
+            "{:?}",
+            shared.left_out
+        );
+        let exclusive = inventory(host(&sysfs, true), &isolated);
+        assert_eq!(exclusive.devices.len(), 2, "{:?}", exclusive.left_out);
+        assert_eq!(exclusive.devices[0].conf["rdmaIsolation"], true);
         let _ = std::fs::remove_dir_all(&sysfs);
     }
 }

@@ -72,6 +72,8 @@ pub struct Dra {
     pub sysfs_root: PathBuf,
     /// Where the runtime reads CDI specs (`--dra-cdi-dir`).
     pub cdi_dir: PathBuf,
+    /// Whether the node's RDMA netns mode is exclusive (read at start).
+    pub rdma_exclusive: bool,
     /// The agent's runtime, for API calls from request threads.
     pub runtime: tokio::runtime::Handle,
 }

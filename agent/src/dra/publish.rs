@@ -108,7 +108,12 @@ async fn publish_once(
     let networks: Api<DynamicObject> =
         Api::all_with(dra.client.clone(), &crate::controller::railnetworks());
     let list = networks.list(&ListParams::default()).await?;
-    let inv = devices::inventory(&dra.node, &list.items, &dra.sysfs_root);
+    let host = devices::Host {
+        node: &dra.node,
+        sysfs: &dra.sysfs_root,
+        rdma_exclusive: dra.rdma_exclusive,
+    };
+    let inv = devices::inventory(host, &list.items);
     if last == Some(inv.devices.as_slice()) {
         return Ok(inv);
     }

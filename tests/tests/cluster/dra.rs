@@ -307,11 +307,22 @@ fn aligned(c: &mut Cluster) {
     // pair them. The pod stays Pending with the scheduler's reason.
     c.apply(&aligned_template("misaligned", &[0], Some(5)));
     c.apply(&pod("dra-misaligned", "node1", "misaligned"));
-    let why = c.wait_for(
-        "the scheduler's reason for the misaligned claim",
+    let why = unschedulable(c, "dra-misaligned");
+    assert!(why.contains("cannot allocate all claims"), "{why}");
+    let pod = c.kubectl_json(&["get", "pod", "dra-misaligned", "-n", TEAM]);
+    assert_eq!(pod["status"]["phase"], "Pending");
+    c.kubectl_ok(&["delete", "pod", "dra-misaligned", "-n", TEAM, "--wait=true"]);
+}
+
+/// Why the scheduler cannot place pod `name` of [`TEAM`] (its
+/// `PodScheduled=False` message), waited for up to a minute.
+#[track_caller]
+pub fn unschedulable(c: &mut Cluster, name: &str) -> String {
+    c.wait_for(
+        &format!("the scheduler's reason for not placing {name}"),
         Duration::from_secs(60),
         |c| {
-            let pod = c.kubectl_json(&["get", "pod", "dra-misaligned", "-n", TEAM]);
+            let pod = c.kubectl_json(&["get", "pod", name, "-n", TEAM]);
             pod["status"]["conditions"]
                 .as_array()?
                 .iter()
@@ -319,11 +330,7 @@ fn aligned(c: &mut Cluster) {
                 .and_then(|c| c["message"].as_str())
                 .map(str::to_owned)
         },
-    );
-    assert!(why.contains("cannot allocate all claims"), "{why}");
-    let pod = c.kubectl_json(&["get", "pod", "dra-misaligned", "-n", TEAM]);
-    assert_eq!(pod["status"]["phase"], "Pending");
-    c.kubectl_ok(&["delete", "pod", "dra-misaligned", "-n", TEAM, "--wait=true"]);
+    )
 }
 
 /// A template asking for GPUs `gpus` (by index) and, for each, a rail of

@@ -3,7 +3,8 @@
 //! allocated to one claim at a time. The pod's claim gets a VF moved in
 //! whole, with an address of the rail's pool, and the VF's RDMA character
 //! devices reach its container through the CDI spec railnet wrote at
-//! prepare; deleting the pod puts the VF back and removes the spec.
+//! prepare; deleting the pod puts the VF back and removes the spec. The
+//! chart's example claims are checked against the API server.
 
 use std::time::Duration;
 
@@ -66,17 +67,7 @@ fn cdi_specs(c: &Cluster) -> Vec<String> {
 #[track_caller]
 pub fn vf_stage(c: &mut Cluster) {
     let (root, pf, _) = stand_in_nic(DRA_VF_RAIL);
-    let node = &c.fabric.nodes[0];
-    let vfs: Vec<(String, String)> = (0..VFS_PER_NODE)
-        .map(|i| {
-            let vf = format!("r{DRA_VF_RAIL}vf{i}");
-            let mac = node.ip_json(&["link", "show", "dev", &vf])[0]["address"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            (vf, mac)
-        })
-        .collect();
+    let vfs = crate::stand_in_vfs(c, DRA_VF_RAIL);
     c.apply(
         &json!({
             "apiVersion": "railnet.io/v1alpha1", "kind": "RailNetwork",
@@ -231,19 +222,7 @@ pub fn vf_stage(c: &mut Cluster) {
     // While it holds one, a claim for both VFs cannot be allocated.
     c.apply(&template("both-vfs", 2));
     c.apply(&pod("vf-both", "both-vfs"));
-    let why = c.wait_for(
-        "the scheduler's reason for the second VF claim",
-        Duration::from_secs(60),
-        |c| {
-            let pod = c.kubectl_json(&["get", "pod", "vf-both", "-n", TEAM]);
-            pod["status"]["conditions"]
-                .as_array()?
-                .iter()
-                .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
-                .and_then(|c| c["message"].as_str())
-                .map(str::to_owned)
-        },
-    );
+    let why = super::dra::unschedulable(c, "vf-both");
     assert!(why.contains("cannot allocate all claims"), "{why}");
     c.kubectl_ok(&["delete", "pod", "vf-both", "-n", TEAM, "--wait=true"]);
 
@@ -258,4 +237,17 @@ pub fn vf_stage(c: &mut Cluster) {
     assert!(node.has_link(&vf), "{vf} did not come back to node0");
     let back = &node.ip_json(&["link", "show", "dev", &vf])[0];
     assert_eq!(back["address"], mac.as_str(), "{vf}'s MAC not restored");
+
+    // The chart's example claims (one device per rail, GPUs with their
+    // rails, a GPU with its VF) are what this API server accepts.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/railnet/examples/dra-claims.yaml");
+    c.kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-n",
+        TEAM,
+        "-f",
+        examples.to_str().unwrap(),
+    ]);
 }
