@@ -345,6 +345,9 @@ struct Passes {
     leading: bool,
     metrics: std::sync::Arc<railnet_agent::controller::Metrics>,
     pool_status: bool,
+    /// The namespace whose VF networks are DRA devices (the DRA
+    /// network's): another namespace's are said not to be.
+    vf_namespace: Option<String>,
     /// `None`: sweeps off (`--claim-grace-seconds 0`).
     sweepers: Option<(ClaimSweeper, BlockSweeper)>,
     pods_unlisted: bool,
@@ -375,6 +378,11 @@ impl Passes {
             leading: false,
             metrics,
             pool_status: args.pool_status,
+            vf_namespace: args
+                .dra_network
+                .as_deref()
+                .and_then(|n| n.split_once('/'))
+                .map(|(ns, _)| ns.to_owned()),
             sweepers: (args.claim_grace_seconds > 0)
                 .then(|| (ClaimSweeper::new(grace), BlockSweeper::new(grace))),
             pods_unlisted: false,
@@ -434,7 +442,7 @@ impl Passes {
 
     /// Renders every RailNetwork's NAD, counting what it did.
     async fn render(&self) {
-        let result = reconcile(&self.client).await;
+        let result = reconcile(&self.client, self.vf_namespace.as_deref()).await;
         match &result {
             Ok(pass) => {
                 self.metrics.record(pass);

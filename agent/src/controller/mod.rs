@@ -264,14 +264,16 @@ pub struct Pass {
 }
 
 /// Renders every RailNetwork once: creates missing NADs, repairs drifted
-/// ones, writes each RailNetwork's status.
-pub async fn reconcile(client: &Client) -> Result<Pass, kube::Error> {
+/// ones, writes each RailNetwork's status. `vf_namespace`: the namespace
+/// whose VF networks the agents publish as DRA devices (the release's,
+/// when DRA is on).
+pub async fn reconcile(client: &Client, vf_namespace: Option<&str>) -> Result<Pass, kube::Error> {
     let nets: Api<DynamicObject> = Api::all_with(client.clone(), &railnetworks());
     let mut pass = Pass::default();
     for net in nets.list(&ListParams::default()).await?.items {
         // One network the API server refuses (a NAD another tool holds, a
         // namespace being deleted, a conflict) must not stop the others.
-        if let Err(e) = reconcile_one(client, &net, &mut pass).await {
+        if let Err(e) = reconcile_one(client, &net, vf_namespace, &mut pass).await {
             pass.failed += 1;
             tracing::warn!(
                 network = net.metadata.name.as_deref().unwrap_or_default(),
@@ -288,17 +290,22 @@ pub async fn reconcile(client: &Client) -> Result<Pass, kube::Error> {
 async fn reconcile_one(
     client: &Client,
     net: &DynamicObject,
+    vf_namespace: Option<&str>,
     pass: &mut Pass,
 ) -> Result<(), kube::Error> {
     let name = net.metadata.name.clone().unwrap_or_default();
     let ns = net.metadata.namespace.clone().unwrap_or_default();
     let status = match desired_nad(net) {
-        Ok(_) if dra_vfs(&net.data["spec"]) => {
-            json!({"conditions": [
+        Ok(_) if dra_vfs(&net.data["spec"]) => match vf_namespace {
+            Some(admin) if admin != ns => json!({"conditions": [
+                {"type": "Ready", "status": "False", "reason": "NotPublished",
+                 "message": format!("VFs move into pods whole: only VF networks of namespace {admin} (the administrator's) \
+                                     are published as DRA devices; create it there (claims of every namespace may use it)")}]}),
+            _ => json!({"conditions": [
                 {"type": "Ready", "status": "True", "reason": "DRADevices",
                  "message": "its VFs are published as DRA devices (DeviceClass sriov.railnet.io or ib-sriov.railnet.io): \
-                             pods claim them through ResourceClaims and name the railnet-dra network; it has no NetworkAttachmentDefinition"}]})
-        }
+                             pods claim them through ResourceClaims and name the railnet-dra network; it has no NetworkAttachmentDefinition"}]}),
+        },
         Ok(want) => {
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &nads());
             match api.get_opt(&name).await? {
@@ -406,7 +413,9 @@ mod tests {
                 )
             }
         });
-        let pass = reconcile(&Client::new(service, "default")).await.unwrap();
+        let pass = reconcile(&Client::new(service, "default"), None)
+            .await
+            .unwrap();
         assert_eq!((pass.created, pass.failed), (1, 1), "{pass:?}");
         let seen = seen.lock().unwrap();
         assert!(

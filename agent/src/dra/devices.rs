@@ -92,6 +92,12 @@ pub struct Host<'a> {
     /// then, so the scheduler never places such a claim where its ADD
     /// must fail.
     pub rdma_exclusive: bool,
+    /// The administrator's namespace (`--dra-shared-namespace`): only its
+    /// VF networks are published. A VF moves into a pod whole, so naming
+    /// a PF hands out node hardware; whoever may write a RailNetwork in
+    /// their own namespace is not trusted with that (a shared kind only
+    /// hangs an interface off a NIC).
+    pub admin_namespace: &'a str,
 }
 
 /// The devices `host` has for `networks` (RailNetworks, any namespace).
@@ -139,6 +145,13 @@ fn devices(host: Host<'_>, ns: &str, name: &str, spec: &Value) -> Result<Vec<Rai
     }
     if !vfs && !matches!(kind, "macvlan" | "ipvlan" | "ipoib") {
         return Err(format!("type {kind:?} is not published for DRA"));
+    }
+    if vfs && ns != host.admin_namespace {
+        return Err(format!(
+            "VFs move into pods whole: only VF networks of namespace {} (the administrator's) are \
+             published as DRA devices; create it there (claims of every namespace may use it)",
+            host.admin_namespace
+        ));
     }
     if vfs && spec["rdmaIsolation"] == true && !host.rdma_exclusive {
         return Err(
@@ -330,6 +343,7 @@ mod tests {
             node: "node0",
             sysfs,
             rdma_exclusive,
+            admin_namespace: "railnet",
         }
     }
 
@@ -445,14 +459,21 @@ mod tests {
         }
         let nets = [
             network(
-                "team-a",
+                "railnet",
                 "vf2",
+                json!({"rail": 2, "type": "sriov", "master": "eth2",
+                       "ippools": {"ipv4": ["rail2"]}}),
+            ),
+            // A tenant naming the same PF hands out nothing.
+            network(
+                "team-a",
+                "mine",
                 json!({"rail": 2, "type": "sriov", "master": "eth2",
                        "ippools": {"ipv4": ["rail2"]}}),
             ),
             // No VFs on this PF: said, not silently nothing.
             network(
-                "team-a",
+                "railnet",
                 "novf",
                 json!({"rail": 3, "type": "ib-sriov", "master": "eth1",
                        "ippools": {"ipv4": ["rail3"]}}),
@@ -477,8 +498,13 @@ mod tests {
             ["vf2-vf0 0000:3c:00.1 mlx5_0", "vf2-vf1 0000:3c:00.2 mlx5_1"]
         );
         assert!(inv.devices[0].conf.get("master").is_none());
-        assert_eq!(inv.left_out.len(), 1, "{:?}", inv.left_out);
-        assert!(inv.left_out[0].contains("has no VFs"), "{:?}", inv.left_out);
+        assert_eq!(inv.left_out.len(), 2, "{:?}", inv.left_out);
+        assert!(
+            inv.left_out[0].starts_with("team-a/mine: VFs move into pods whole"),
+            "{:?}",
+            inv.left_out
+        );
+        assert!(inv.left_out[1].contains("has no VFs"), "{:?}", inv.left_out);
 
         let slices = slices("node0", "uid-1", &inv, 1);
         let d = serde_json::to_value(&slices[0]).unwrap()["spec"]["devices"][1].clone();
@@ -501,7 +527,7 @@ mod tests {
         // VFs whose RDMA device moves into the pod: only where the node's
         // RDMA netns mode allows it.
         let isolated = [network(
-            "team-a",
+            "railnet",
             "vf2",
             json!({"rail": 2, "type": "sriov", "master": "eth2", "rdmaIsolation": true,
                    "ippools": {"ipv4": ["rail2"]}}),

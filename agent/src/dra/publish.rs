@@ -112,6 +112,7 @@ async fn publish_once(
         node: &dra.node,
         sysfs: &dra.sysfs_root,
         rdma_exclusive: dra.rdma_exclusive,
+        admin_namespace: &dra.shared_namespace,
     };
     let inv = devices::inventory(host, &list.items);
     if last == Some(inv.devices.as_slice()) {

@@ -1,6 +1,7 @@
-//! DRA's VF devices: a RailNetwork that names a PF (and no device plugin
-//! resource) has each of the PF's VFs published as a device of its own,
-//! allocated to one claim at a time. The pod's claim gets a VF moved in
+//! DRA's VF devices: a RailNetwork of the administrator's namespace that
+//! names a PF (and no device plugin resource) has each of the PF's VFs
+//! published as a device of its own, allocated to one claim at a time (a
+//! tenant's naming the same PF publishes nothing). The pod's claim gets a VF moved in
 //! whole, with an address of the rail's pool, and the VF's RDMA character
 //! devices reach its container through the CDI spec railnet wrote at
 //! prepare; deleting the pod puts the VF back and removes the spec. The
@@ -27,7 +28,7 @@ fn template(name: &str, count: u32) -> String {
             "deviceClassName": "sriov.railnet.io",
             "allocationMode": "ExactCount", "count": count,
             "selectors": [{"cel": {"expression":
-                format!("device.attributes[\"railnet.io\"].network == \"{TEAM}/{NETWORK}\"")}}],
+                format!("device.attributes[\"railnet.io\"].network == \"{NS}/{NETWORK}\"")}}],
         }}]}}},
     })
     .to_string()
@@ -68,39 +69,49 @@ fn cdi_specs(c: &Cluster) -> Vec<String> {
 pub fn vf_stage(c: &mut Cluster) {
     let (root, pf, _) = stand_in_nic(DRA_VF_RAIL);
     let vfs = crate::stand_in_vfs(c, DRA_VF_RAIL);
-    c.apply(
-        &json!({
+    // The administrator's VF network, in the release's namespace; a
+    // tenant's naming the same PF.
+    let vf_network = |ns: &str, name: &str| {
+        json!({
             "apiVersion": "railnet.io/v1alpha1", "kind": "RailNetwork",
-            "metadata": {"name": NETWORK, "namespace": TEAM},
+            "metadata": {"name": name, "namespace": ns},
             "spec": {"rail": DRA_VF_RAIL, "type": "sriov", "master": format!("eth{DRA_VF_RAIL}"),
                      "ippools": {"ipv4": [format!("rail{DRA_VF_RAIL}-*")]}},
         })
-        .to_string(),
-    );
+        .to_string()
+    };
+    c.apply(&vf_network(NS, NETWORK));
+    c.apply(&vf_network(TEAM, "my-vfs"));
 
     // The controller renders no NAD for it (Multus would pass no deviceID)
-    // and says why.
-    let ready = c.wait_for(
-        "the VF RailNetwork's status",
-        Duration::from_secs(60),
-        |c| {
-            let net = c.kubectl_json(&["get", "railnetwork", NETWORK, "-n", TEAM]);
-            net["status"]["conditions"][0]
-                .get("reason")
-                .is_some()
-                .then(|| net["status"]["conditions"][0].clone())
-        },
-    );
-    assert_eq!(ready["reason"], "DRADevices", "{ready}");
-    assert_eq!(ready["status"], "True", "{ready}");
+    // and says why; the tenant's is said not to be published.
+    let ready = |c: &mut Cluster, ns: &str, name: &str| {
+        c.wait_for(
+            &format!("RailNetwork {ns}/{name}'s status"),
+            Duration::from_secs(60),
+            |c| {
+                let net = c.kubectl_json(&["get", "railnetwork", name, "-n", ns]);
+                net["status"]["conditions"][0]
+                    .get("reason")
+                    .is_some()
+                    .then(|| net["status"]["conditions"][0].clone())
+            },
+        )
+    };
+    let admin = ready(c, NS, NETWORK);
+    assert_eq!(admin["reason"], "DRADevices", "{admin}");
+    assert_eq!(admin["status"], "True", "{admin}");
     assert!(
-        c.kubectl_try(&["get", "net-attach-def", NETWORK, "-n", TEAM])
+        c.kubectl_try(&["get", "net-attach-def", NETWORK, "-n", NS])
             .is_err(),
         "a NAD for DRA's VFs"
     );
+    let tenant = ready(c, TEAM, "my-vfs");
+    assert_eq!(tenant["reason"], "NotPublished", "{tenant}");
 
-    // node0 publishes each VF as a device of its own, for one claim.
-    let slice_name = format!("node0-railnet-io-{TEAM}");
+    // node0 publishes each VF as a device of its own, for one claim; none
+    // of the tenant's.
+    let slice_name = format!("node0-railnet-io-{NS}");
     let devices = c.wait_for("node0's VF devices of vf2", Duration::from_secs(60), |c| {
         let slice = c.kubectl_json(&["get", "resourceslice", &slice_name]);
         let vfs: Vec<Value> = slice["spec"]["devices"]
@@ -111,6 +122,17 @@ pub fn vf_stage(c: &mut Cluster) {
             .collect();
         (vfs.len() == VFS_PER_NODE).then_some(vfs)
     });
+    let tenants = c.kubectl_try(&[
+        "get",
+        "resourceslice",
+        &format!("node0-railnet-io-{TEAM}"),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        !tenants.as_deref().unwrap_or_default().contains("my-vfs"),
+        "a tenant's VF network was published: {tenants:?}"
+    );
     for (i, d) in devices.iter().enumerate() {
         let a = &d["attributes"];
         assert_eq!(d["name"], format!("vf2-vf{i}"));
@@ -250,4 +272,5 @@ pub fn vf_stage(c: &mut Cluster) {
         "-f",
         examples.to_str().unwrap(),
     ]);
+    c.kubectl_ok(&["delete", "railnetwork", NETWORK, "-n", NS]);
 }
