@@ -359,8 +359,9 @@ fn uninstall_deletes_what_railnet_made_and_keeps_addresses_pods_still_hold() {
 
 /// Changes reach the NADs through watches, not the periodic pass: with
 /// passes an hour apart, a RailNetwork created after the first pass gets
-/// its NAD, a NAD edited by hand is put back, and a RailNetwork's
-/// spec change (a new MTU) reaches its NAD — each within seconds.
+/// its NAD, a NAD edited by hand is put back, a RailNetwork's spec
+/// change (a new MTU) reaches its NAD, and a VF network handed from the
+/// device plugin to DRA loses its NAD — each within seconds.
 #[test]
 fn changes_are_rendered_when_they_happen_not_at_the_next_interval() {
     let api = server();
@@ -398,4 +399,27 @@ fn changes_are_rendered_when_they_happen_not_at_the_next_interval() {
         let conf: Value = serde_json::from_str(nad("rail4")?["spec"]["config"].as_str()?).ok()?;
         (conf["mtu"] == 9000).then_some(())
     });
+    // The device plugin's VFs (resourceName) are named through a NAD;
+    // once the network names its PF instead, its VFs are DRA devices and
+    // a pod naming the old NAD would get a VF-less ADD.
+    let spec = json!({"rail": 5, "type": "sriov", "resourceName": "nvidia.com/rail5",
+                      "ippools": {"ipv4": ["rail5"]}});
+    let (code, body) = api.post(NETS, &network("rail5", spec));
+    assert_eq!(code, 201, "{body}");
+    eventually("NAD rail5 rendered", &logs, || nad("rail5"));
+    let (_, mut net) = api.get(&format!("{NETS}/rail5"));
+    net["spec"].as_object_mut().unwrap().remove("resourceName");
+    net["spec"]["master"] = "ens5f0np0".into();
+    let (code, body) = api.put(&format!("{NETS}/rail5"), &net);
+    assert_eq!(code, 200, "{body}");
+    eventually(
+        "NAD rail5 deleted, rail5's status DRADevices",
+        &logs,
+        || {
+            let (_, net) = api.get(&format!("{NETS}/rail5"));
+            (nad("rail5").is_none() && net["status"]["conditions"][0]["reason"] == "DRADevices")
+                .then_some(())
+        },
+    );
+    assert!(nad("rail4").is_some(), "another network's NAD went too");
 }

@@ -455,10 +455,13 @@ impl Passes {
             }
         }
         match result {
-            Ok(pass) if pass.created + pass.repaired + pass.refused + pass.failed > 0 => {
+            Ok(pass)
+                if pass.created + pass.repaired + pass.removed + pass.refused + pass.failed > 0 =>
+            {
                 info!(
                     created = pass.created,
                     repaired = pass.repaired,
+                    removed = pass.removed,
                     refused = pass.refused,
                     failed = pass.failed,
                     "pass"

@@ -256,6 +256,8 @@ pub struct Pass {
     pub created: usize,
     /// NADs put back after they drifted.
     pub repaired: usize,
+    /// NADs deleted because their network's VFs became DRA devices.
+    pub removed: usize,
     /// RailNetworks that cannot be rendered (status says why).
     pub refused: usize,
     /// RailNetworks whose NAD or status the API server did not take this
@@ -286,6 +288,43 @@ pub async fn reconcile(client: &Client, vf_namespace: Option<&str>) -> Result<Pa
     Ok(pass)
 }
 
+/// Deletes the NAD rendered from `net` while it was a device plugin's
+/// network, now that its VFs are DRA devices: a pod naming it would get
+/// no `deviceID` from Multus. Only railnet's own (labelled, owned by this
+/// RailNetwork) — a NAD of that name someone else made stays.
+async fn remove_rendered_nad(
+    client: &Client,
+    net: &DynamicObject,
+    pass: &mut Pass,
+) -> Result<(), kube::Error> {
+    let (Some(name), Some(ns)) = (&net.metadata.name, &net.metadata.namespace) else {
+        return Ok(());
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &nads());
+    let Some(live) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let ours = live
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY))
+        .is_some_and(|v| v == "railnet");
+    let owned = live
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "RailNetwork" && Some(&o.uid) == net.metadata.uid.as_ref());
+    if ours && owned {
+        api.delete(name, &Default::default()).await?;
+        tracing::info!(network = %name, namespace = %ns,
+            "deleted the NetworkAttachmentDefinition of a network whose VFs are now DRA devices");
+        pass.removed += 1;
+    }
+    Ok(())
+}
+
 /// Renders one RailNetwork: its NAD, then its status.
 async fn reconcile_one(
     client: &Client,
@@ -296,16 +335,19 @@ async fn reconcile_one(
     let name = net.metadata.name.clone().unwrap_or_default();
     let ns = net.metadata.namespace.clone().unwrap_or_default();
     let status = match desired_nad(net) {
-        Ok(_) if dra_vfs(&net.data["spec"]) => match vf_namespace {
-            Some(admin) if admin != ns => json!({"conditions": [
+        Ok(_) if dra_vfs(&net.data["spec"]) => {
+            remove_rendered_nad(client, net, pass).await?;
+            match vf_namespace {
+                Some(admin) if admin != ns => json!({"conditions": [
                 {"type": "Ready", "status": "False", "reason": "NotPublished",
                  "message": format!("VFs move into pods whole: only VF networks of namespace {admin} (the administrator's) \
                                      are published as DRA devices; create it there (claims of every namespace may use it)")}]}),
-            _ => json!({"conditions": [
+                _ => json!({"conditions": [
                 {"type": "Ready", "status": "True", "reason": "DRADevices",
                  "message": "its VFs are published as DRA devices (DeviceClass sriov.railnet.io or ib-sriov.railnet.io): \
                              pods claim them through ResourceClaims and name the railnet-dra network; it has no NetworkAttachmentDefinition"}]}),
-        },
+            }
+        }
         Ok(want) => {
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &nads());
             match api.get_opt(&name).await? {
