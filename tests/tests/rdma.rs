@@ -701,10 +701,11 @@ fn exclusive_an_ib_vf_whose_device_cannot_move_is_refused_with_nothing_changed()
 /// In shared mode a VF's RDMA device stays in the host while its netdev
 /// goes to the pod (mode sriov): the device's counters carry the pod and
 /// interface holding it — found by PCI address (sysfs) in the VF records —
-/// and lose them when DEL gives the VF back.
+/// and lose them when DEL gives the VF back. Every pod sees every VF's
+/// device in shared mode, so the pod's NCCL settings name its own.
 #[test]
 #[ignore = "needs a kernel with RDMA: cargo xtask test runs it under qemu"]
-fn shared_a_vf_s_rdma_counters_carry_the_pod_holding_it() {
+fn shared_a_vf_s_rdma_device_is_the_pod_s_for_nccl_and_its_counters() {
     const BDF: &str = "0000:3b:00.3";
     let fabric = RailFabric::new(1, 1);
     let node = &fabric.nodes[0];
@@ -722,6 +723,9 @@ fn shared_a_vf_s_rdma_counters_carry_the_pod_holding_it() {
     std::fs::create_dir_all(pci.join("net/ens1f0v3")).unwrap();
     std::fs::create_dir_all(sysfs.path().join("bus/pci/devices/0000:3b:00.0")).unwrap();
     std::os::unix::fs::symlink("../0000:3b:00.0", pci.join("physfn")).unwrap();
+    // Both ways, as sysfs has them: the function's device, the device's
+    // function.
+    std::fs::create_dir_all(pci.join("infiniband/rxevf3")).unwrap();
     let ib = sysfs.path().join("class/infiniband/rxevf3");
     std::fs::create_dir_all(&ib).unwrap();
     std::os::unix::fs::symlink(&pci, ib.join("device")).unwrap();
@@ -774,6 +778,12 @@ fn shared_a_vf_s_rdma_counters_carry_the_pod_holding_it() {
     assert!(
         held.contains("pod=\"default/demo\"") && held.contains("interface=\"net1\""),
         "{held}"
+    );
+    let env = std::fs::read_to_string(agent.pod_info("uid-vf-rdma").join("nccl.env")).unwrap();
+    assert!(
+        env.contains("export NCCL_IB_HCA='=rxevf3:1'\n"),
+        "the pod's NCCL settings do not name its VF's RDMA device:\n{env}\n{}",
+        agent.log()
     );
     assert!(cni("DEL", &conf, "vf-rdma", Some(&pod.ns.path()), "net1").ok);
     let back = labels();

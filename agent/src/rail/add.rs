@@ -181,16 +181,32 @@ impl<'a> Adding<'a> {
     pub(super) fn finish(mut self) -> AddResult {
         let mut result = self.result.take().expect("the pod side was configured");
         result.rdma = self.rdma_result(&result);
-        if let (RdmaPlan::Shared(_), Some(r)) = (&self.rdma, &result.rdma) {
-            tracing::info!(
-                container = %self.rail.att.container_id,
-                ifname = %self.rail.att.ifname,
+        let (container, ifname) = (&self.rail.att.container_id, &self.rail.att.ifname);
+        match (&self.rdma, &result.rdma) {
+            (RdmaPlan::Shared(_), Some(r)) => tracing::info!(
+                container = %container,
+                ifname = %ifname,
                 device = %r.device,
                 port = r.port,
                 gid_index = ?r.gid_index,
                 master = %self.conf.master,
                 "pod shares the master's RDMA device"
-            );
+            ),
+            (RdmaPlan::Vf(bdf), Some(r)) => tracing::info!(
+                container = %container,
+                ifname = %ifname,
+                device = %r.device,
+                gid_index = ?r.gid_index,
+                vf = %bdf,
+                "pod uses its VF's RDMA device, left in the host (shared mode)"
+            ),
+            (RdmaPlan::Vf(bdf), None) => tracing::warn!(
+                container = %container,
+                ifname = %ifname,
+                vf = %bdf,
+                "the pod's VF has no RDMA device (is it bound to its RDMA driver, mlx5_ib?): this rail carries TCP only"
+            ),
+            _ => {}
         }
         result
     }
@@ -209,6 +225,22 @@ impl<'a> Adding<'a> {
                 gid_index: v4.and_then(|a| rdma::roce_gid_index(&port.device, port.port, a)),
                 isolated: false,
             }),
+            RdmaPlan::Vf(bdf) => {
+                let device = rdma::devices_of_pci(&self.rail.service.sysfs_root, bdf)
+                    .into_iter()
+                    .next()?;
+                Some(RailRdma {
+                    // A VF's device has one port. The host's sysfs shows
+                    // it: in shared mode it stays there.
+                    gid_index: v4
+                        .filter(|_| self.rail.kind.ethernet())
+                        .and_then(|a| rdma::roce_gid_index(&device, 1, a)),
+                    device,
+                    port: 1,
+                    pci_address: Some(bdf.clone()),
+                    isolated: false,
+                })
+            }
             RdmaPlan::Isolate(dev) => Some(RailRdma {
                 device: dev.name.clone(),
                 port: 1,

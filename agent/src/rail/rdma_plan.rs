@@ -1,5 +1,6 @@
-//! What an ADD does about RDMA: share the master's device, move the VF's
-//! own device into the pod, or nothing (a node without RDMA).
+//! What an ADD does about RDMA: share the master's device, use the VF's
+//! own device where it stays (shared mode), move it into the pod
+//! (exclusive mode), or nothing (a node without RDMA).
 
 use std::path::Path;
 
@@ -18,6 +19,12 @@ pub(super) enum RdmaPlan {
     None,
     /// The pod shares the master's device (macvlan/ipvlan, shared mode).
     Shared(RdmaPort),
+    /// The pod's VF (at this PCI address) keeps its own device in the host
+    /// (shared mode), where every pod of the node sees it — and every
+    /// other pod's VF too: the pod's NCCL settings must name its own.
+    /// Looked up when the ADD answers, since taking an InfiniBand VF
+    /// rebinds it, which makes its RDMA device anew.
+    Vf(String),
     /// The VF's device moves into the pod (exclusive mode).
     Isolate(RdmaDevice),
 }
@@ -84,10 +91,13 @@ pub(super) fn rdma_plan(
         return Ok(RdmaPlan::Isolate(dev));
     }
     if !link.shares_master_rdma() {
-        // The earlier plugin's interface, or a VF whose RDMA device (if
-        // any) stays in the host in shared mode: nothing to check against
-        // a master.
-        return Ok(RdmaPlan::None);
+        // A VF (railnet's, or the earlier plugin's with Multus's deviceID)
+        // whose RDMA device, if any, stays in the host; otherwise nothing
+        // to check against a master.
+        return Ok(match &conf.device_id {
+            Some(bdf) if !bdf.is_empty() => RdmaPlan::Vf(bdf.clone()),
+            _ => RdmaPlan::None,
+        });
     }
     let links = nl.links().map_err(|e| dp("listing RDMA devices", e))?;
     if links.is_empty() {
