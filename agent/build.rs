@@ -29,10 +29,14 @@ fn main() {
     }
 }
 
-/// The DRA plugin and plugin registration services (server and client:
-/// the tests dial the agent as the kubelet would).
+/// The DRA plugin, its device health and plugin registration services
+/// (server and client: the tests dial the agent as the kubelet would).
 fn kubelet_services() {
-    let protos = ["proto/dra_v1.proto", "proto/pluginregistration_v1.proto"];
+    let protos = [
+        "proto/dra_v1.proto",
+        "proto/dra_health_v1.proto",
+        "proto/pluginregistration_v1.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

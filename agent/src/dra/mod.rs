@@ -16,6 +16,9 @@
 //!    device's interface, addresses and MAC into the claim's status;
 //! 5. DEL undoes the rails; `NodeUnprepareResources` forgets the claim.
 //!
+//! Meanwhile [`health`] streams each device's health to the kubelet (its
+//! NIC's carrier), which shows it in the status of the pods holding it.
+//!
 //! Why the wiring waits for the CNI ADD: at prepare time the pod's netns
 //! does not exist yet, and the CNI ADD is where the pod's netns, its
 //! sandbox's container ID (what DEL, GC and the sweep key on) and Multus's
@@ -26,6 +29,7 @@ pub mod authority;
 pub mod cdi;
 pub mod claimed;
 pub mod devices;
+pub mod health;
 pub mod nic;
 pub mod peers;
 pub mod plugin;
@@ -47,6 +51,10 @@ pub mod pb {
     /// The DRA plugin service, v1.
     pub mod dra {
         tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1");
+    }
+    /// Device health, v1.
+    pub mod health {
+        tonic::include_proto!("v1");
     }
     /// Plugin registration.
     pub mod registration {

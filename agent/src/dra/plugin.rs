@@ -1,6 +1,7 @@
 //! The kubelet plugin: the registration socket the kubelet's plugin
 //! watcher finds (`<registry dir>/railnet.io-reg.sock`), and the DRA
-//! service it then dials (`<plugin dir>/dra.sock`).
+//! service it then dials (`<plugin dir>/dra.sock`), with the device health
+//! service beside it.
 //!
 //! Who may call: root (the kubelet) or the agent's own user — checked on
 //! each connection's peer credentials, as on the CNI socket; both sockets
@@ -57,8 +58,12 @@ pub async fn serve(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let health = super::pb::health::dra_resource_health_server::DraResourceHealthServer::new(
+        super::health::Health { dra: dra.clone() },
+    );
     let dra_server = tonic::transport::Server::builder()
         .add_service(dra::dra_plugin_server::DraPluginServer::new(Plugin { dra }))
+        .add_service(health)
         .serve_with_incoming_shutdown(root_only(plugin), wait(stop_rx.clone()));
     let registrar = tonic::transport::Server::builder()
         .add_service(registration::registration_server::RegistrationServer::new(
@@ -118,7 +123,9 @@ impl registration::registration_server::Registration for Registrar {
             r#type: "DRAPlugin".into(),
             name: DRIVER.into(),
             endpoint: self.endpoint.clone(),
-            supported_versions: vec![DRA_SERVICE.into()],
+            // The health service is optional: listing it is how the
+            // kubelet learns to open its stream.
+            supported_versions: vec![DRA_SERVICE.into(), super::health::HEALTH_SERVICE.into()],
         }))
     }
 

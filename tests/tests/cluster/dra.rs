@@ -51,11 +51,36 @@ fn pod_in(ns: &str, name: &str, node: &str, template: &str) -> String {
             "nodeSelector": {"kubernetes.io/hostname": node},
             "terminationGracePeriodSeconds": 1,
             "resourceClaims": [{"name": "rails", "resourceClaimTemplateName": template}],
+            // Naming the claim is what shows its devices' health in the
+            // container's status.
             "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
-                            "command": ["sleep", "100000"]}],
+                            "command": ["sleep", "100000"],
+                            "resources": {"claims": [{"name": "rails"}]}}],
         },
     })
     .to_string()
+}
+
+/// The health the kubelet shows for each of pod `name`'s rail devices
+/// (`allocatedResourcesStatus` of its container, claim `rails`): device
+/// name → (health, message).
+fn device_health(c: &Cluster, name: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    let pod = c.kubectl_json(&["get", "pod", name, "-n", TEAM]);
+    pod["status"]["containerStatuses"][0]["allocatedResourcesStatus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "claim:rails")
+        .flat_map(|s| s["resources"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| {
+            let device = r["resourceID"].as_str()?.rsplit('/').next()?.to_owned();
+            let health = r["health"].as_str()?.to_owned();
+            Some((
+                device,
+                (health, r["message"].as_str().unwrap_or("").to_owned()),
+            ))
+        })
+        .collect()
 }
 
 /// The pod's rail interfaces (`rail…`) with their IPv4 address and prefix,
@@ -204,6 +229,31 @@ pub fn dra_stage(c: &mut Cluster) {
         assert_eq!(entry["device"], ifname.as_str());
         assert_eq!(entry["networkData"]["ips"], json!([cidr]), "{entry}");
     }
+
+    // Each device's health, as the kubelet shows it in the pod's status:
+    // rail5's NIC losing its carrier makes rail5 Unhealthy, and saying
+    // why; rail2 stays Healthy; the link back, rail5 is Healthy again.
+    c.wait_for("dra-a's devices Healthy", Duration::from_secs(60), |c| {
+        let h = device_health(c, "dra-a");
+        (h.len() == 2 && h.values().all(|(s, _)| s == "Healthy")).then_some(())
+    });
+    c.fabric.nodes[0].ip(&["link", "set", "eth5", "down"]);
+    let down = c.wait_for(
+        "rail5 Unhealthy in dra-a's status",
+        Duration::from_secs(60),
+        |c| {
+            let h = device_health(c, "dra-a");
+            (h.get("rail5")?.0 == "Unhealthy").then_some(h)
+        },
+    );
+    c.fabric.nodes[0].ip(&["link", "set", "eth5", "up"]);
+    assert!(down["rail5"].1.contains("eth5 has no carrier"), "{down:?}");
+    assert_eq!(down["rail2"].0, "Healthy", "{down:?}");
+    c.wait_for(
+        "rail5 Healthy again in dra-a's status",
+        Duration::from_secs(60),
+        |c| (device_health(c, "dra-a").get("rail5")?.0 == "Healthy").then_some(()),
+    );
 
     // A claim in TEAM reaching for the ai namespace's rail network: the
     // scheduler allocates it (it knows nothing of tenancy), railnet refuses
