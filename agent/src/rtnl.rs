@@ -12,6 +12,19 @@ use rtnetlink::{
     },
 };
 
+/// Each link of the calling thread's netns and whether it has carrier
+/// (`IFF_RUNNING`: up, and the link detected). Every link has an
+/// `AF_PACKET` entry, addresses or not.
+pub fn carriers() -> std::collections::HashMap<String, bool> {
+    use nix::net::if_::InterfaceFlags;
+    let mut all = std::collections::HashMap::new();
+    for a in nix::ifaddrs::getifaddrs().into_iter().flatten() {
+        let running = a.flags.contains(InterfaceFlags::IFF_RUNNING);
+        *all.entry(a.interface_name).or_insert(false) |= running;
+    }
+    all
+}
+
 /// Runs `work` with an rtnetlink handle whose socket is in the calling
 /// thread's netns. This runs on a dedicated thread (a request's, or a netns
 /// job's, see [`crate::netns`]), never on the agent's tokio workers. Within
@@ -572,6 +585,13 @@ mod tests {
     use rtnetlink::packet_route::link::{InfoData, InfoIpoib, InfoKind, IpoibMode, LinkInfo};
 
     use super::*;
+
+    #[test]
+    fn the_loopback_is_read_with_its_carrier() {
+        // Every netns has `lo`, up (IFF_RUNNING) unless someone took it
+        // down: the carrier read sees links without addresses too.
+        assert_eq!(carriers().get("lo"), Some(&true));
+    }
 
     /// An IPoIB parent as the kernel describes it (kind "ipoib", its
     /// partition and mode) is recognised after a round trip through the

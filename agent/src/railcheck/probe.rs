@@ -472,12 +472,9 @@ fn look_at(link: &OwnLink, gateways: &[(String, Ipv4Addr)]) -> (bool, bool, Vec<
 /// Whether `ifname` has carrier (`IFF_RUNNING`), waiting a little for a
 /// fresh interface.
 fn wait_carrier(ifname: &str) -> bool {
-    use nix::net::if_::InterfaceFlags;
     let deadline = Instant::now() + CARRIER_WAIT;
     loop {
-        let running = nix::ifaddrs::getifaddrs().is_ok_and(|mut all| {
-            all.any(|a| a.interface_name == ifname && a.flags.contains(InterfaceFlags::IFF_RUNNING))
-        });
+        let running = crate::rtnl::carriers().get(ifname) == Some(&true);
         if running || Instant::now() >= deadline {
             return running;
         }
