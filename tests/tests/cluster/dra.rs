@@ -42,7 +42,7 @@ fn pod(name: &str, node: &str, template: &str) -> String {
 }
 
 /// [`pod`] in namespace `ns`.
-fn pod_in(ns: &str, name: &str, node: &str, template: &str) -> String {
+pub fn pod_in(ns: &str, name: &str, node: &str, template: &str) -> String {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns,
@@ -51,8 +51,9 @@ fn pod_in(ns: &str, name: &str, node: &str, template: &str) -> String {
             "nodeSelector": {"kubernetes.io/hostname": node},
             "terminationGracePeriodSeconds": 1,
             "resourceClaims": [{"name": "rails", "resourceClaimTemplateName": template}],
-            // Naming the claim is what shows its devices' health in the
-            // container's status.
+            // The container names the claim: the kubelet shows its
+            // devices' health, and hands its CDI devices (a VF's RDMA
+            // nodes), only to the containers that use the claim.
             "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
                             "command": ["sleep", "100000"],
                             "resources": {"claims": [{"name": "rails"}]}}],

@@ -9,9 +9,7 @@
 
 use std::time::Duration;
 
-use railnet_tests::cluster::{
-    Cluster, DRA_VF_RAIL, NS, VFS_PER_NODE, WORKLOAD, rail_subnet, stand_in_nic,
-};
+use railnet_tests::cluster::{Cluster, DRA_VF_RAIL, NS, VFS_PER_NODE, rail_subnet, stand_in_nic};
 use serde_json::{Value, json};
 
 use super::dra::TEAM;
@@ -30,26 +28,6 @@ fn template(name: &str, count: u32) -> String {
             "selectors": [{"cel": {"expression":
                 format!("device.attributes[\"railnet.io\"].network == \"{NS}/{NETWORK}\"")}}],
         }}]}}},
-    })
-    .to_string()
-}
-
-/// A pod on node0 with a claim from `template`, naming the DRA network.
-fn pod(name: &str, template: &str) -> String {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": TEAM,
-                     "annotations": {"k8s.v1.cni.cncf.io/networks": format!("{NS}/railnet-dra")}},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": "node0"},
-            "terminationGracePeriodSeconds": 1,
-            "resourceClaims": [{"name": "vfs", "resourceClaimTemplateName": template}],
-            // The container names the claim: the kubelet hands CDI
-            // devices only to the containers that use the claim.
-            "containers": [{"name": "w", "image": WORKLOAD, "imagePullPolicy": "Never",
-                            "command": ["sleep", "100000"],
-                            "resources": {"claims": [{"name": "vfs"}]}}],
-        },
     })
     .to_string()
 }
@@ -155,7 +133,7 @@ pub fn vf_stage(c: &mut Cluster) {
     // pod's rail2, with an address of rail2-node0.
     let before = cdi_specs(c);
     c.apply(&template("one-vf", 1));
-    c.apply(&pod("vf-claim", "one-vf"));
+    c.apply(&super::dra::pod_in(TEAM, "vf-claim", "node0", "one-vf"));
     let running = crate::wait_running(c, TEAM, "vf-claim");
     let claim_name = running["status"]["resourceClaimStatuses"][0]["resourceClaimName"]
         .as_str()
@@ -243,7 +221,7 @@ pub fn vf_stage(c: &mut Cluster) {
 
     // While it holds one, a claim for both VFs cannot be allocated.
     c.apply(&template("both-vfs", 2));
-    c.apply(&pod("vf-both", "both-vfs"));
+    c.apply(&super::dra::pod_in(TEAM, "vf-both", "node0", "both-vfs"));
     let why = super::dra::unschedulable(c, "vf-both");
     assert!(why.contains("cannot allocate all claims"), "{why}");
     c.kubectl_ok(&["delete", "pod", "vf-both", "-n", TEAM, "--wait=true"]);
